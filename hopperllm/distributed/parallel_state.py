@@ -1,0 +1,40 @@
+"""The tensor-parallel group a model is built for. Passed explicitly to layers (no global state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TPGroup:
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # torch.distributed ProcessGroup when world_size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate each rank's x along the last dimension (rank order)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def shard(self, size: int, what: str) -> int:
+        if size % self.world_size:
+            raise ValueError(
+                f"{what} ({size}) is not divisible by tensor_parallel_size ({self.world_size}): choose another size"
+            )
+        return size // self.world_size
+
+
+SINGLE = TPGroup()

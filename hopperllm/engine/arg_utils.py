@@ -1,0 +1,126 @@
+"""EngineArgs: the user-facing engine options (LLM kwargs and CLI flags, vLLM's spelling)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from hopperllm.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_dtype,
+)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    seed: int = 0
+    device: str = "auto"
+    max_waiting_requests: int | None = None
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        g = p.add_argument_group("engine")
+        g.add_argument(
+            "--model",
+            default=None,
+            help="HF directory, .gguf file or dummy:<preset> (default: SmolLM2-135M-Instruct)",
+        )
+        g.add_argument(
+            "--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"
+        )
+        g.add_argument(
+            "--quantization", "-q", default=None, choices=["fp8"], help="quantize weights on the fly"
+        )
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "fp8", "fp8_e4m3"])
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+        g.add_argument("--block-size", type=int, default=d.block_size)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size in blocks")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])
+        return p
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def resolve_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is available")
+        return self.device
+
+    def create_engine_config(self):
+        """Returns (EngineConfig, ModelSource). Reads the model's config, not its weights."""
+        from hopperllm.loader.fp8_checkpoints import kv_cache_is_fp8
+        from hopperllm.loader.model_loader import resolve_model
+
+        device = self.resolve_device()
+        src = resolve_model(self.model)
+        mc = ModelConfig.from_hf_dict(src.hf_config)
+        dtype = resolve_dtype(self.dtype, device)
+        if self.quantization is not None and self.quantization != "fp8":
+            raise ValueError(f"unknown quantization {self.quantization!r}: use fp8")
+        max_len = self.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings and not mc.rope_scaling:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's max_position_embeddings {mc.max_position_embeddings}"
+            )
+        kv_dtype = self.kv_cache_dtype
+        if kv_dtype == "auto" and kv_cache_is_fp8(src.hf_config.get("quantization_config")):
+            kv_dtype = "fp8"
+        cfg = EngineConfig(
+            model=self.model,
+            model_config=mc,
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_dtype=kv_dtype,
+                num_kv_blocks=self.num_kv_blocks,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=max(self.max_num_batched_tokens, 1),
+                max_model_len=max_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                max_waiting_requests=self.max_waiting_requests,
+            ),
+            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            dtype=dtype,
+            quantization=self.quantization,
+            device=device,
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+        )
+        return cfg, src

@@ -1,0 +1,169 @@
+"""AsyncLLMEngine: an asyncio front for LLMEngine that streams per-request outputs.
+
+One background task owns the engine: it applies queued adds and aborts between steps and runs each
+`step()` in a worker thread, so the event loop (HTTP server) stays responsive while the model runs.
+Requests are validated on the caller's side (ValueError -> HTTP 400) before they are queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from hopperllm.engine.llm_engine import LLMEngine, PromptType, QueueFullError
+from hopperllm.outputs import RequestOutput
+from hopperllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+_ABORTED = object()  # ends a stream that was aborted from the server side
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; no request can complete."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending_adds: list = []
+        self._pending_aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self.step_count = 0
+
+    @classmethod
+    def from_engine_args(cls, args, max_waiting_requests: int | None = None, show_progress: bool = True):
+        return cls(LLMEngine.from_engine_args(args, show_progress=show_progress), max_waiting_requests)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done() and self._dead is None
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting; let in-flight requests finish for up to drain_timeout_s, then abort them."""
+        self._stopping = True
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
+        while self._streams and asyncio.get_running_loop().time() < deadline and self.is_running:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            await self.abort(rid)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._loop_task = None
+        self.engine.shutdown()
+
+    # -- requests ---------------------------------------------------------------------------
+    def num_pending(self) -> int:
+        return len(self._pending_adds) + self.engine.scheduler.num_waiting
+
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutputs (cumulative text plus delta fields) until the request finishes.
+        If the consumer stops iterating (client disconnect), the request is aborted."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine failed: {self._dead}")
+        if self._stopping:
+            raise QueueFullError("the server is shutting down")
+        if self.max_waiting_requests is not None and self.num_pending() >= self.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = self.engine.prepare_request(request_id, prompt, params)  # ValueError on bad input
+        self.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._pending_adds.append(req)
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _ABORTED:
+                    return
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine failed: {item}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._abort_nowait(request_id)
+
+    def _abort_nowait(self, request_id: str) -> None:
+        self._pending_aborts.append(request_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def abort(self, request_id: str) -> None:
+        q = self._streams.pop(request_id, None)
+        self._abort_nowait(request_id)
+        if q is not None:
+            q.put_nowait(_ABORTED)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        aborts, self._pending_aborts = set(self._pending_aborts), []
+        for req in adds:
+            if req.request_id in aborts:
+                continue
+            try:
+                self.engine.commit_request(req)
+            except Exception as e:  # e.g. duplicate id racing another add
+                q = self._streams.get(req.request_id)
+                if q is not None:
+                    q.put_nowait(e)
+        if aborts:
+            self.engine.abort_request(list(aborts))
+
+    async def _run_loop(self) -> None:
+        try:
+            while True:
+                self._apply_pending()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.clear()
+                    if not self._pending_adds and not self._pending_aborts:
+                        await self._wakeup.wait()
+                    continue
+                outputs = await asyncio.to_thread(self.engine.step)
+                self.step_count += 1
+                for out in outputs:
+                    q = self._streams.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+                await asyncio.sleep(0)  # let handlers run between steps
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a model failure: every waiting client gets an error, not a hang
+            logger.exception("engine loop failed")
+            self._dead = e
+            for q in self._streams.values():
+                q.put_nowait(e)

@@ -1,0 +1,316 @@
+"""LLMEngine: tokenize, schedule, step the model, check stops, detokenize, report outputs.
+
+One `step()` = one scheduler decision + one model forward over the flat batch + sampling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from hopperllm.config import EngineConfig
+from hopperllm.engine.detokenizer import IncrementalDetokenizer
+from hopperllm.engine.scheduler import Scheduler
+from hopperllm.engine.sequence import Sequence, SequenceStatus
+from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from hopperllm.sampling_params import SamplingParams
+from hopperllm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict | list[int]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    arrival_time: float
+    sent_tokens: list[int] = field(default_factory=list)  # per seq: tokens already reported
+    finished: bool = False
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0  # cumulative, computed prompt tokens
+    num_generation_tokens: int = 0  # cumulative
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, executor, log_stats: bool = False):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.executor = executor
+        self.num_kv_blocks = executor.num_kv_blocks
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_kv_blocks)
+        mc = config.model_config
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_to_req: dict[str, str] = {}
+        self._counter = itertools.count()
+        self.num_generation_tokens = 0
+        self.num_prompt_tokens = 0
+        self.log_stats = log_stats
+
+    @classmethod
+    def from_engine_args(cls, args, show_progress: bool = True) -> LLMEngine:
+        from hopperllm.loader.model_loader import load_tokenizer
+        from hopperllm.worker.executor import make_executor
+
+        config, src = args.create_engine_config()
+        tokenizer = load_tokenizer(src, config.model_config)
+        executor = make_executor(config, src, show_progress=show_progress)
+        return cls(config, tokenizer, executor)
+
+    # -- requests ---------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler_config.max_model_len
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.config.model_config.vocab_size
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is out of range [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, which leaves no room to generate within max_model_len "
+                f"{self.max_model_len}: shorten the prompt or raise max_model_len"
+            )
+        need_blocks = -(-(n + 1) // self.config.cache_config.block_size)
+        if need_blocks > self.num_kv_blocks:
+            raise ValueError(
+                f"the prompt has {n} tokens and needs {need_blocks} KV-cache blocks, but the cache has only "
+                f"{self.num_kv_blocks}: shorten the prompt or give the cache more memory"
+            )
+
+    def prepare_request(
+        self,
+        request_id: str | None,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> _Request:
+        """Tokenize and validate (raising ValueError for bad input) without touching the scheduler."""
+        params = params or SamplingParams()
+        params.verify()
+        if request_id is None:
+            request_id = f"req-{next(self._counter)}"
+        prompt_text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs, detoks = [], []
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seqs.append(Sequence(seq_id, token_ids, params, arrival, request_id=request_id, index=i))
+            detoks.append(
+                IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
+            )
+        return _Request(request_id, prompt_text, token_ids, params, seqs, detoks, arrival, [0] * params.n)
+
+    def commit_request(self, req: _Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        for seq in req.seqs:
+            self._seq_to_req[seq.seq_id] = req.request_id
+            self.scheduler.add_seq(seq)
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        limit = self.config.scheduler_config.max_waiting_requests
+        if limit is not None and self.scheduler.num_waiting >= limit:
+            raise QueueFullError(f"the waiting queue is full ({limit} requests)")
+        req = self.prepare_request(request_id, prompt, params, arrival_time)
+        self.commit_request(req)
+        return req.request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        seq_ids = []
+        for rid in ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            seq_ids += [s.seq_id for s in req.seqs]
+        aborted = self.scheduler.abort_seqs(seq_ids)
+        for s in seq_ids:
+            self._seq_to_req.pop(s, None)
+        self.executor.release(seq_ids)
+        del aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        if sched.scheduled:
+            out = self.executor.execute_model(sched, self.eos_token_ids)
+            now = time.monotonic()
+            for item in sched.scheduled:
+                seq = item.seq
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+                if seq.num_computed_tokens < seq.num_prompt_tokens:
+                    self.num_prompt_tokens += min(
+                        item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
+                    )
+            self.scheduler.update_after_step(sched)
+            for i, (seq_id, token) in enumerate(zip(out.seq_ids, out.token_ids, strict=True)):
+                req = self.requests.get(self._seq_to_req.get(seq_id, ""))
+                if req is None:
+                    continue
+                seq = req.seqs[0] if len(req.seqs) == 1 else next(s for s in req.seqs if s.seq_id == seq_id)
+                lp = out.logprobs[i] if out.logprobs is not None else None
+                self._process_token(req, seq, token, lp, now)
+                touched[req.request_id] = req
+        for seq in sched.finished:  # the scheduler gave up on these (cache too small)
+            req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
+            if req is not None:
+                seq.finished_time = now
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            ro = self._make_output(req)
+            outputs.append(ro)
+            if ro.finished:
+                self._free_request(req)
+        return outputs
+
+    def _process_token(self, req: _Request, seq: Sequence, token: int, lp, now: float) -> None:
+        seq.append_token(token)
+        self.num_generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        if lp is not None:
+            chosen, top = lp
+            entry = dict(top)
+            entry[token] = chosen
+            seq.output_logprobs.append(entry)
+            seq.cumulative_logprob += chosen
+        p = seq.sampling_params
+        status = None
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif token in (p.stop_token_ids or ()):
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        detok = req.detoks[seq.index]
+        if detok is not None:
+            stop_str = detok.update([token], stop_terminated=status is not None)
+            if stop_str is not None:
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
+        if status is None:
+            max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
+            if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+                status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            seq.finished_time = now
+            self.scheduler.finish_seq(seq, status)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for i, seq in enumerate(req.seqs):
+            detok = req.detoks[i]
+            finished = seq.is_finished
+            ids = seq.output_token_ids
+            delta_ids = ids[req.sent_tokens[i] :]
+            req.sent_tokens[i] = len(ids)
+            delta_text = detok.get_next_delta(finished) if detok is not None else ""
+            text = detok.output_text if detok is not None else ""
+            p = seq.sampling_params
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(ids),
+                    cumulative_logprob=seq.cumulative_logprob if p.logprobs is not None else None,
+                    logprobs=list(seq.output_logprobs) if p.logprobs is not None else None,
+                    finish_reason=seq.status.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    delta_text=delta_text,
+                    delta_token_ids=delta_ids,
+                )
+            )
+        finished = all(s.is_finished for s in req.seqs)
+        s0 = req.seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=s0.first_scheduled_time,
+            first_token_time=min((s.first_token_time for s in req.seqs if s.first_token_time), default=None),
+            last_token_time=max((s.last_token_time for s in req.seqs if s.last_token_time), default=None),
+            finished_time=max((s.finished_time or 0 for s in req.seqs), default=None) if finished else None,
+            num_cached_tokens=s0.num_cached_tokens,
+        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
+
+    def _free_request(self, req: _Request) -> None:
+        self.requests.pop(req.request_id, None)
+        for s in req.seqs:
+            self._seq_to_req.pop(s.seq_id, None)
+        self.executor.release([s.seq_id for s in req.seqs])
+
+    # -- stats ------------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.get_stats()
+        bm = self.scheduler.block_manager
+        return EngineStats(
+            num_running=s["num_running"],
+            num_waiting=s["num_waiting"],
+            kv_cache_usage=s["kv_cache_usage"],
+            prefix_cache_hit_rate=s["prefix_cache_hit_rate"],
+            num_preemptions=s["num_preemptions"],
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_total_blocks,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at max_waiting_requests; retry later (HTTP 429/503)."""

@@ -1,0 +1,202 @@
+"""Continuous-batching scheduler, vLLM v1 style: one token budget per step, no prefill/decode phases.
+
+Each step gives every running sequence (oldest first) `min(uncomputed tokens, budget left)` new tokens
+-- a decode is 1, a prompt is split into chunks -- then admits waiting sequences first come, first
+served. When the KV cache runs out, the newest running sequence is preempted: its blocks are freed and
+it is recomputed later (its prefix may still hit the cache). Pure Python: no tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hopperllm.engine.block_manager import BlockManager
+from hopperllm.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from hopperllm.config import CacheConfig, SchedulerConfig
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # computes token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
+    sample: bool = False  # the step reaches the end of token_ids: sample the next token from its logits
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # batch order
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)  # moved back to waiting this step
+    finished: list[Sequence] = field(default_factory=list)  # finished by the scheduler (cannot fit)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        return [s.seq for s in self.scheduled if s.sample]
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int):
+        self.config = scheduler_config
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.block_manager = BlockManager(
+            num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest admission first
+        self.num_preemptions = 0
+        self._unfinished: dict[str, Sequence] = {}
+
+    # -- queue management ---------------------------------------------------------------------
+    def add_seq(self, seq: Sequence) -> None:
+        if seq.seq_id in self._unfinished:
+            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled: ids must be unique")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self._unfinished[seq.seq_id] = seq
+
+    def abort_seqs(self, seq_ids: Iterable[str]) -> list[Sequence]:
+        """Finish the given unfinished sequences as aborted; unknown or finished ids are ignored."""
+        aborted = []
+        for seq_id in seq_ids:
+            seq = self._unfinished.get(seq_id)
+            if seq is not None:
+                self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+                aborted.append(seq)
+        return aborted
+
+    def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
+        assert status.is_finished, status
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = status
+        self.block_manager.free(seq)
+        self._unfinished.pop(seq.seq_id, None)
+
+    def has_unfinished_seqs(self) -> bool:
+        return bool(self._unfinished)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- the step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Running sequences, oldest first; preempt the newest when the cache is full.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new == 0 or (not self.enable_chunked_prefill and num_new < seq.num_uncomputed_tokens):
+                i += 1
+                continue
+            while not bm.allocate_slots(seq, num_new):
+                if len(self.running) == 1:
+                    # Alone, it has every block it could ever get: it needs more than the cache holds.
+                    self._finish_unfittable(out, seq)
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self._add_scheduled(out, seq, num_new)
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting sequences, first come first served, unless this step had to preempt.
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if bm.num_blocks_for(seq.num_tokens) > bm.num_total_blocks:
+                self._finish_unfittable(out, seq)
+                continue
+            computed_blocks, num_computed = bm.get_computed_blocks(seq)
+            num_uncomputed = seq.num_tokens - num_computed
+            num_new = min(num_uncomputed, budget)
+            if not self.enable_chunked_prefill and num_new < num_uncomputed:
+                if num_uncomputed > self.max_num_batched_tokens:
+                    self._finish_unfittable(out, seq)
+                    continue
+                break
+            seq.num_computed_tokens = num_computed
+            if not bm.allocate_slots(seq, num_new, computed_blocks):
+                seq.num_computed_tokens = 0
+                if not self.running:  # every block is free and still too few
+                    self._finish_unfittable(out, seq)
+                    continue
+                break
+            self.waiting.popleft()
+            bm.record_prefix_lookup(seq.num_tokens, num_computed)
+            seq.num_cached_tokens = num_computed
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            self._add_scheduled(out, seq, num_new)
+            budget -= num_new
+        return out
+
+    def _add_scheduled(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        sample = seq.num_computed_tokens + num_new == seq.num_tokens
+        out.scheduled.append(ScheduledSeq(seq, num_new, sample))
+        out.num_batched_tokens += num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _finish_unfittable(self, out: SchedulerOutput, seq: Sequence) -> None:
+        self.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)
+        out.finished.append(seq)
+
+    def update_after_step(self, out: SchedulerOutput) -> list[Sequence]:
+        """Record that the model computed the scheduled tokens; returns the sequences to sample for.
+
+        Sequences finished while the step ran (aborted) are skipped.
+        """
+        sampled = []
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if s.sample:
+                sampled.append(seq)
+        return sampled
+
+    def get_stats(self) -> dict[str, Any]:
+        return {
+            "num_running": self.num_running,
+            "num_waiting": self.num_waiting,
+            "kv_cache_usage": self.block_manager.usage,
+            "prefix_cache_hit_rate": self.block_manager.prefix_cache_hit_rate,
+            "num_preemptions": self.num_preemptions,
+        }

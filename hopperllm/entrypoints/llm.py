@@ -1,0 +1,147 @@
+"""The offline `LLM` API (vLLM's names): `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from hopperllm.engine.arg_utils import EngineArgs
+from hopperllm.engine.llm_engine import LLMEngine, PromptType
+from hopperllm.outputs import RequestOutput
+from hopperllm.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        device: str = "auto",
+        enable_chunked_prefill: bool = True,
+        show_progress: bool = True,
+    ):
+        import torch
+
+        torch.manual_seed(seed)
+        args = EngineArgs(
+            model=model,
+            dtype=dtype,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+            num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            device=device,
+        )
+        self.engine = LLMEngine.from_engine_args(args, show_progress=show_progress)
+        self._next_id = 0
+        self.last_summary: dict[str, float] = {}
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | list[PromptType],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt as one continuous batch; outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # one prompt (text, dict, or a list of token ids)
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                rid = f"llm-{self._next_id}"
+                self._next_id += 1
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)  # nothing half-added stays behind
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [
+            {
+                "prompt": None,
+                "prompt_token_ids": tok.encode_chat(c, add_generation_prompt=add_generation_prompt),
+            }
+            for c in convs
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", unit="req", disable=not use_tqdm or len(ids) < 2)
+        t0 = time.perf_counter()
+        n_in = n_out = 0
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        n_in += len(out.prompt_token_ids)
+                        n_out += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        elapsed = time.perf_counter() - t0
+                        bar.set_postfix_str(f"in {n_in / elapsed:.0f} tok/s, out {n_out / elapsed:.0f} tok/s")
+        except BaseException:
+            self.engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        self.last_summary = {
+            "num_requests": len(ids),
+            "elapsed_s": elapsed,
+            "requests_per_s": len(ids) / elapsed if elapsed else 0.0,
+            "input_tokens_per_s": n_in / elapsed if elapsed else 0.0,
+            "output_tokens_per_s": n_out / elapsed if elapsed else 0.0,
+        }
+        if use_tqdm and len(ids) > 1:
+            s = self.last_summary
+            print(
+                f"{len(ids)} requests in {elapsed:.2f} s: {s['requests_per_s']:.2f} req/s, "
+                f"{s['input_tokens_per_s']:.0f} input tok/s, {s['output_tokens_per_s']:.0f} output tok/s"
+            )
+        return [done[i] for i in ids]

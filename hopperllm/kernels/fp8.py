@@ -1,0 +1,440 @@
+"""FP8 (e4m3) quantization and the skinny FP8 GEMM used for decode, each beside its torch reference.
+
+Conventions (shared by every kernel that produces FP8):
+- activations: per-token dynamic scale[t] = max(amax(x[t]) * (1 / 448), 1e-12) (float32 [T, 1]), or one
+  static float32 scale [1]; x_fp8 = clamp(x / scale, -448, 448) rounded to nearest even. (The scale
+  multiplies by the float32 reciprocal because that is what torch computes for `amax / 448` on CUDA;
+  written this way the reference gives the same bits on the CPU and the GPU, and so do the kernels.)
+- weights: w_fp8 [N, K] with w_scale float32 [1] (per tensor) or [N] / [N, 1] (per output channel).
+- y = (x_fp8 * x_scale) @ (w_fp8 * w_scale).T, accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1e-12
+FP8_MAX_INV = 1.0 / FP8_MAX
+
+# fp8_gemv serves the decode batch; above this many rows torch._scaled_mm (cuBLASLt) is faster.
+GEMV_MAX_M = 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch references
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ref_per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x_fp8 [..., K], scale float32 [..., 1])."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * FP8_MAX_INV).clamp(min=FP8_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def ref_static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def ref_fp8_matmul(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dequantize both operands to float32, multiply, cast: the meaning of every FP8 GEMM here."""
+    x = x_fp8.float() * x_scale.float()
+    w = w_fp8.float() * w_scale.float().reshape(-1, 1)
+    return (x @ w.T).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared Triton helpers (norm, activation and rotary import these so all FP8 producers round alike)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def fp8_scale_from_amax(amax):
+    # The same float32 reciprocal (1 / 448 rounded once) as the torch reference: identical bits.
+    return tl.maximum(amax * (1.0 / 448.0), 1e-12)
+
+
+@triton.jit
+def quantize_fp8(v, scale):
+    """float32 v -> e4m3, saturating; v / scale with IEEE division so the codes match torch's."""
+    q = tl.div_rn(v, scale)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(tl.float8e4nv)
+
+
+def _use_rne_in_triton_interpreter() -> None:
+    """Make TRITON_INTERPRET=1 round float downcasts like the GPU does.
+
+    Triton's CPU interpreter truncates float32 -> bfloat16 and rounds float32 -> e4m3 half-up without
+    carrying into the exponent (7.75 becomes 4.0); the GPU rounds to nearest even (cvt.rn[.satfinite]).
+    Kernel tests compare against torch bit for bit, so route those conversions through torch, which rounds
+    like the hardware. Only ever active under the interpreter.
+    """
+    from triton.runtime import interpreter
+
+    if getattr(interpreter._convert_float, "_hopperllm_rne", False):
+        return
+    original = interpreter._convert_float
+    torch_dtypes = {
+        tl.float32: (torch.float32, torch.int32),
+        tl.bfloat16: (torch.bfloat16, torch.int16),
+        tl.float16: (torch.float16, torch.int16),
+        tl.float8e4nv: (FP8_DTYPE, torch.uint8),
+    }
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        src, dst = torch_dtypes.get(input_dtype), torch_dtypes.get(output_dtype)
+        downcast = input_dtype.primitive_bitwidth > output_dtype.primitive_bitwidth
+        if src is None or dst is None or not downcast or rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ:
+            return original(data, input_dtype, output_dtype, rounding_mode)
+        bits = torch.from_numpy(data.copy()).view(src[1]).view(src[0]).float()
+        if output_dtype == tl.float8e4nv:
+            bits = bits.clamp(-FP8_MAX, FP8_MAX)  # cvt.rn.satfinite saturates instead of making NaN
+        out = bits.to(dst[0]).view(dst[1]).numpy()
+        return out.view(f"uint{output_dtype.primitive_bitwidth}").reshape(data.shape)
+
+    convert._hopperllm_rne = True
+    interpreter._convert_float = convert
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _use_rne_in_triton_interpreter()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation quantization
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
+                            SINGLE_PASS: tl.constexpr):  # fmt: skip
+    # One program per row. Floor: read K * sizeof(x) + write K bytes per row.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    if SINGLE_PASS:  # the whole row in registers
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_row + offs, quantize_fp8(x, scale), mask=offs < K)
+    else:  # pass 1 finds amax, pass 2 re-reads the row (now L2-resident) and quantizes
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+        scale = fp8_scale_from_amax(tl.max(amax, axis=0))
+        tl.store(scale_ptr + row, scale)
+        for start in range(0, K, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            tl.store(q_row + offs, quantize_fp8(x, scale), mask=offs < K)
+
+
+def row_launch(n: int, max_single: int = 16384) -> dict:
+    """Launch parameters for a one-program-per-row kernel over n columns: the whole row in registers when
+    it fits (BLOCK = next_power_of_2(n) <= max_single), else 4096-wide chunks in two passes."""
+    block = triton.next_power_of_2(n)
+    if block <= max_single:
+        return {"BLOCK": block, "SINGLE_PASS": True, "num_warps": min(max(block // 512, 1), 16)}
+    return {"BLOCK": 4096, "SINGLE_PASS": False, "num_warps": 8}
+
+
+@triton.jit
+def _static_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.store(q_ptr + row * stride_q + offs, quantize_fp8(x, scale), mask=offs < K)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """View x as [rows, last_dim] with a unit inner stride."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x_fp8 [..., K], scale float32 [..., 1]); matches ref_per_token_quant_fp8 bit for bit."""
+    x2 = _rows(x)
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M > 0:
+        _per_token_quant_kernel[(M,)](x2, q, scale, K, x2.stride(0), q.stride(0), **row_launch(K))
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] / scale (float32 [1]) -> x_fp8 [..., K]; matches ref_static_quant_fp8 bit for bit."""
+    if scale.numel() != 1:
+        raise ValueError(f"static_quant_fp8 takes one float32 scale, got shape {tuple(scale.shape)}")
+    x2 = _rows(x)
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+    if M > 0:
+        block = min(triton.next_power_of_2(K), 2048)
+        grid = (M, triton.cdiv(K, block))
+        _static_quant_kernel[grid](
+            x2, q, scale.float(), K, x2.stride(0), q.stride(0), BLOCK=block, num_warps=4
+        )
+    return q.view(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skinny FP8 GEMM (decode)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wn, stride_om,
+    X_SCALE_PER_ROW: tl.constexpr,
+    W_SCALE_PER_CHANNEL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,
+):  # fmt: skip
+    # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
+    # The product is formed transposed, W_tile [BLOCK_N, BLOCK_K] @ X_tile^T [BLOCK_K, BLOCK_M], so the
+    # weight tile fills the MMA's M side (64/128) and the few tokens sit on its N side (16): fp8 tensor-core
+    # MMAs with both operands K-major, no conversion of the weights. Each weight row segment is BLOCK_K
+    # contiguous bytes (>= 128: whole 16-byte vectors). Floor: N * K bytes of weights over memory
+    # bandwidth (x and out are M * (K + 2N) bytes, noise for M <= 16): 16.8 MB at 3.35 TB/s = 5 us for
+    # a 4096x4096 matrix.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Out-of-range rows of the last tile re-read valid rows (no mask on the hot weight stream); the
+    # store below drops them.
+    rows_n = (offs_n % N).to(tl.int64)
+    rows_m = (offs_m % M).to(tl.int64)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_mask = (k + offs_k) < k_end
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        # Hopper's fp8 MMA adds into a reduced-precision accumulator; Triton's default lets it run over the
+        # whole K (errors ~1e-3 relative). MAX_IMPRECISE_ACC = 32 moves the partial sums into the float32
+        # accumulator after every MMA k-step, as cuBLAS does without fast accumulation.
+        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    # Scales factor out of the K sum, so they are applied once, to the accumulator.
+    if W_SCALE_PER_CHANNEL:
+        acc *= tl.load(w_scale_ptr + rows_n)[:, None]
+    else:
+        acc *= tl.load(w_scale_ptr)
+    if X_SCALE_PER_ROW:
+        acc *= tl.load(x_scale_ptr + rows_m)[None, :]
+    else:
+        acc *= tl.load(x_scale_ptr)
+
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
+    """Block sizes and split-K for fp8_gemv (a small explicit table; tune on the GPU with the benchmark).
+
+    Aim for at least ~2 waves of programs so every SM streams weights, while keeping each program's K
+    slice long enough (>= 4 BLOCK_K chunks) for the software pipeline to reach steady state.
+    """
+    block_m = max(16, triton.next_power_of_2(min(M, 64)))
+    block_n, block_k = 64, 256
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    k_chunks = triton.cdiv(K, block_k)
+    split_k = 1
+    while tiles * split_k < 2 * num_sms and k_chunks >= 8 * split_k:
+        split_k *= 2
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "SPLIT_K": split_k,
+        "num_warps": 4,
+        "num_stages": 4,
+        "MAX_IMPRECISE_ACC": 32,
+    }
+
+
+def _check_weight(w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if w_fp8.dtype != FP8_DTYPE or w_fp8.dim() != 2 or w_fp8.stride(1) != 1:
+        raise ValueError(
+            f"w_fp8 must be a row-major float8_e4m3fn [N, K] matrix, got {w_fp8.dtype} "
+            f"{tuple(w_fp8.shape)} strides {w_fp8.stride()}"
+        )
+    if w_scale.numel() not in (1, w_fp8.shape[0]):
+        raise ValueError(f"w_scale must have 1 or N={w_fp8.shape[0]} elements, got {tuple(w_scale.shape)}")
+
+
+def fp8_gemv(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
+
+    `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
+    MAX_IMPRECISE_ACC).
+    With SPLIT_K > 1 the K slices are atomically added into a float32 buffer, then cast.
+    """
+    _check_weight(w_fp8, w_scale)
+    if x_fp8.dim() != 2 or x_fp8.dtype != FP8_DTYPE or x_fp8.stride(1) != 1:
+        raise ValueError(
+            f"x_fp8 must be a float8_e4m3fn [M, K] matrix with unit inner stride, got "
+            f"{x_fp8.dtype} {tuple(x_fp8.shape)}"
+        )
+    M, K = x_fp8.shape
+    N = w_fp8.shape[0]
+    if w_fp8.shape[1] != K:
+        raise ValueError(f"x_fp8 has K={K} but w_fp8 has K={w_fp8.shape[1]}")
+    if x_scale.numel() not in (1, M):
+        raise ValueError(f"x_scale must have 1 or M={M} elements, got {tuple(x_scale.shape)}")
+    if M == 0:
+        return torch.empty((0, N), dtype=out_dtype, device=x_fp8.device)
+    num_sms = _num_sms(x_fp8.device.index or 0) if x_fp8.is_cuda else 132
+    cfg = dict(fp8_gemv_config(M, N, K, num_sms))
+    cfg.update(config or {})
+    split_k = cfg.pop("SPLIT_K")
+    block_k = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty K slices
+    even_k = K % block_k == 0
+    if split_k == 1:
+        out = torch.empty((M, N), dtype=out_dtype, device=x_fp8.device)
+    else:
+        out = torch.zeros((M, N), dtype=torch.float32, device=x_fp8.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
+    _fp8_gemv_kernel[grid](
+        x_fp8, x_scale.float(), w_fp8, w_scale.float(), out,
+        M, N, K, k_per_split,
+        x_fp8.stride(0), w_fp8.stride(0), out.stride(0),
+        X_SCALE_PER_ROW=x_scale.numel() != 1,
+        W_SCALE_PER_CHANNEL=w_scale.numel() != 1,
+        SPLIT_K=split_k,
+        EVEN_K=even_k,
+        **cfg,
+    )  # fmt: skip
+    return out if split_k == 1 else out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FP8 linear: quantize the activation, then the GEMM that suits the shape and device
+# ----------------------------------------------------------------------------------------------------------
+
+
+def scaled_mm(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """torch._scaled_mm (cuBLASLt / CUTLASS) with our scale shapes; needs K and N multiples of 16.
+
+    torch 2.9-2.13 take (a row-major [M, K], b column-major [K, N], scale_a, scale_b, bias, scale_result,
+    out_dtype, use_fast_accum) and return one tensor. Scales are either both single-element tensors
+    (tensor-wise) or float32 [M, 1] and [1, N] (row-wise). Row-wise produces bfloat16 only, so a mixed
+    pair is expanded to row-wise and other output dtypes are cast afterwards.
+    """
+    M, N = x_fp8.shape[0], w_fp8.shape[0]
+    if x_scale.numel() == 1 and w_scale.numel() == 1:
+        scale_a = x_scale.float().reshape(())
+        scale_b = w_scale.float().reshape(())
+        mm_dtype = out_dtype
+    else:
+        scale_a = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
+        scale_b = w_scale.float().reshape(1, -1).expand(1, N).contiguous()
+        mm_dtype = torch.bfloat16
+    y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype)
+    if isinstance(y, tuple):  # torch < 2.5 also returned amax
+        y = y[0]
+    return y if mm_dtype == out_dtype else y.to(out_dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y = x @ (w_fp8 * w_scale).T + bias with x quantized to FP8 (per token, or static with input_scale).
+
+    CUDA: fp8_gemv for up to GEMV_MAX_M tokens, torch._scaled_mm above (when K, N are multiples of 16).
+    CPU (and odd shapes): dequantize both operands to float32 and multiply; this emulation is the
+    reference the GPU paths match within float32 accumulation-order rounding.
+    """
+    _check_weight(w_fp8, w_scale)
+    out_dtype = out_dtype or x.dtype
+    N, K = w_fp8.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {K}")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if x.is_cuda:
+        if input_scale is None:
+            x_fp8, x_scale = per_token_quant_fp8(x2)
+        else:
+            x_fp8, x_scale = static_quant_fp8(x2, input_scale), input_scale
+        if M <= GEMV_MAX_M:
+            y = fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+        elif K % 16 == 0 and N % 16 == 0:
+            y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+        else:
+            y = ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+    else:
+        if input_scale is None:
+            x_fp8, x_scale = ref_per_token_quant_fp8(x2)
+        else:
+            x_fp8, x_scale = ref_static_quant_fp8(x2, input_scale), input_scale
+        y = ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+    if bias is not None:
+        y = y + bias.to(out_dtype)
+    return y.view(*x.shape[:-1], N)

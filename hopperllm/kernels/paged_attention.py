@@ -1,0 +1,644 @@
+"""Causal attention over the paged KV cache.
+
+Layout (docs/interfaces.md): per layer `kv_cache` [2, num_blocks, block_size, num_kv_heads, head_dim],
+`k_cache = kv_cache[0]`, `v_cache = kv_cache[1]`; dtype = the model dtype, or float8_e4m3fn with float32
+per-layer `k_scale` / `v_scale` tensors of shape [1] (dequantized = stored.float() * scale).
+
+For sequence b, `q_len = cu_seqlens_q[b+1] - cu_seqlens_q[b]` new queries sit at absolute positions
+`seq_lens[b] - q_len ... seq_lens[b] - 1`, and query i sees keys `0 .. seq_lens[b] - q_len + i`. The new
+tokens' K/V are already in the cache, so every key is read through `block_tables`. One shape of call covers
+prefill, chunked prefill, prefix-cache hits and decode.
+
+- `ref_paged_attention`: plain torch, float32 math; the reference for everything below.
+- `paged_decode_attention`: q_len == 1 for every sequence. Flash-decoding: stage 1 splits each context
+  into `num_splits` slices, one program per (sequence, kv head, slice) computing all query heads of the
+  kv-head group at once; stage 2 merges the slices by their log-sum-exp.
+- `paged_prefill_attention`: ragged batch of query tiles, each program one tile of one sequence and one
+  kv-head group (the group's query heads are folded into the tile's rows), online softmax in float32.
+- `paged_attention`: the one entry point the attention layer calls.
+
+FP8 caches: K/V are converted to q's dtype (exact for e4m3 into fp16/bf16) for tl.dot, and the scales are
+folded into the score scale (k_scale) and the output (v_scale), so the inner loop does no extra multiply.
+Scales are read on the device: no host sync, CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+# Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
+# and a cap on splits (the workspace and stage 2 grow with it).
+_MIN_TOKENS_PER_SPLIT = 256
+_MAX_SPLITS = 32
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------
+
+
+def ref_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] over the paged cache, in float32; returns [T, Hq, D] in q's dtype."""
+    _, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    out = torch.empty_like(q)
+    for b, seq_len in enumerate(lens):
+        q_start, q_end = cu[b], cu[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        blocks = block_tables[b, : -(-seq_len // block_size)].long()
+        k = k_cache[blocks].float().reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = v_cache[blocks].float().reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        if k_scale is not None:
+            k = k * k_scale.float()
+        if v_scale is not None:
+            v = v * v_scale.float()
+        k = k.repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared inner loop
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_key_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,  # [BLOCK_M] absolute position of each row's query
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row,
+    kvh,
+    k_start,
+    k_end,
+    qk_scale,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,  # False: every key in [k_start, k_end) is visible to every row
+    FP8_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
+
+    Keys are gathered through the block table a BLOCK_N tile at a time (a tile may span cache blocks);
+    with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(k_start, k_end, BLOCK_N):
+        pos = start_n + offs_n
+        if CAUSAL_MASK:
+            mask_n = pos < k_end
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        else:
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE).to(tl.int64)
+        in_block = pos % PAGE_SIZE
+        k_offs = block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt + kvh * stride_kh
+        v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
+        if CAUSAL_MASK:
+            k = tl.load(k_cache_ptr + k_offs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
+            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if CAUSAL_MASK:
+            visible = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decode (flash-decoding, split-K)
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,
+    block_tables_ptr,  # int32 [B, max_blocks]
+    seq_lens_ptr,  # int32 [B]
+    k_scale_ptr,  # float32 [1] (FP8_KV only)
+    v_scale_ptr,
+    out_ptr,  # [B, Hq, D], written when NUM_SPLITS == 1
+    part_out_ptr,  # float32 [B, Hq, NUM_SPLITS, D], written when NUM_SPLITS > 1
+    part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS] (log2 domain)
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # tokens per cache block
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # GROUP padded to >= 16 rows for tl.dot
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    FP8_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
+    # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
+    # whole decode step reads sum_b(seq_len_b) * Hkv * D * 2 * elem_bytes (+ q, out, workspace: small).
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_q_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    # Slices are whole BLOCK_N tiles; trailing slices of a short context are empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_h = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0
+    )
+    if FP8_KV:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)  # the new token sees the whole slice
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION,
+    )  # fmt: skip
+
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr)
+    # An empty slice (or seq_len == 0) has l_i == 0: write zeros and lse = -inf, which stage 2 weighs 0.
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:
+        out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+    else:
+        row = (b * num_q_heads + heads) * NUM_SPLITS + split
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(part_lse_ptr + row, lse, mask=mask_h)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_h[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,  # float32 [B, Hq, NUM_SPLITS, D]
+    part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS]
+    out_ptr,  # [B, Hq, D]
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+):
+    # One program: sequence b, query head h. Floor: NUM_SPLITS * (D + 1) * 4 bytes read, D written.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < NUM_SPLITS
+    rows = (b * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
+
+    lse = tl.load(part_lse_ptr + rows, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every slice empty (seq_len == 0): output zeros
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, 0)
+    denom = tl.where(denom == 0.0, 1.0, denom)
+    parts = tl.load(
+        part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None], other=0.0
+    )
+    o = tl.sum(parts * w[:, None], 0) / denom
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence so that stage 1 has about two programs per SM, each with >= 256 keys.
+
+    Depends only on host ints, so the model runner can call it once per captured batch size and pass
+    the result as `num_splits` (fixed grid for CUDA graphs).
+    """
+    programs = max(batch * num_kv_heads, 1)
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    cap = max(triton.cdiv(max_context, _MIN_TOKENS_PER_SPLIT), 1)
+    return max(1, min(want, cap, _MAX_SPLITS))
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
+    """Validates shapes/dtypes shared by both kernels; returns whether the cache is FP8."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_q_heads = q.shape[1]
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q head_dim {q.shape[2]} != cache head_dim {head_dim}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        if v_cache.dtype != k_cache.dtype or k_scale is None or v_scale is None:
+            raise ValueError("an FP8 KV cache needs both caches in float8_e4m3fn and k_scale, v_scale")
+    elif k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"KV cache dtype {k_cache.dtype} must match q dtype {q.dtype} (or be float8_e4m3fn)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    return fp8
+
+
+def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """(block, token, head) strides of K then V, in the kernels' argument order."""
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    # fp32 operands: exact products (the CPU interpreter, tests); fp16/bf16 ignore the setting.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+) -> torch.Tensor:
+    """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
+
+    No host read of device tensors: with `num_splits` unset it is chosen from the batch, the SM count
+    and `max_seqlen_k` (or, without it, the block-table width * block_size), so the call is capturable in
+    a CUDA graph either way; pass a fixed `num_splits` to keep the grid identical across replays.
+    """
+    fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if num_splits is None:
+        max_context = max_seqlen_k if max_seqlen_k is not None else block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel
+    dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
+    block_h = max(16, triton.next_power_of_2(group))
+    block_n = 64 if q.is_cuda else 16
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        k_scale if fp8 else dummy_scale,
+        v_scale if fp8 else dummy_scale,
+        out,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        *_cache_strides(k_cache, v_cache),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=block_size,
+        NUM_SPLITS=num_splits,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        FP8_KV=fp8,
+        DOT_PRECISION=_dot_precision(q),
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(batch, num_q_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prefill (ragged batch, causal, chunked prefill and prefix hits)
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,
+    out_ptr,  # [T, Hq, D]
+    cu_seqlens_q_ptr,  # int32 [B + 1]
+    seq_lens_ptr,  # int32 [B]
+    block_tables_ptr,  # int32 [B, max_blocks]
+    k_scale_ptr,  # float32 [1] (FP8_KV only)
+    v_scale_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile = BLOCK_Q queries x GROUP heads (+ padding)
+    BLOCK_Q: tl.constexpr,  # queries per tile (BLOCK_M // GROUP)
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    FP8_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program: query tile `tile` of sequence b, all GROUP query heads of kv head kvh (row r is query
+    # r // GROUP, head r % GROUP), so each K/V tile is loaded once per group.
+    # Floor: q + out once (2 * T * Hq * D * elem_bytes), plus each program's K/V prefix up to its causal
+    # limit: sum over tiles of (ctx + tile_end) * Hkv * D * 2 * elem_bytes -- prefill is compute-bound
+    # (~4 * D FLOPs per visible (query, key, head)), the K/V re-reads mostly hit L2.
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    first_q = tile * BLOCK_Q
+    if first_q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len  # keys cached before this step's queries
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_idx = first_q + offs_m // GROUP
+    heads = kvh * GROUP + offs_m % GROUP
+    mask_m = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    tok = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None],
+        other=0.0,
+    )
+    q_pos = ctx_len + q_idx
+    if FP8_KV:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Keys below ctx_len + first_q + 1 are visible to every row: whole BLOCK_N tiles of them run unmasked;
+    # the rest up to the tile's last query (the diagonal) run with the causal mask; keys beyond are skipped.
+    last_q = tl.minimum(first_q + BLOCK_Q, q_len) - 1
+    k_end = ctx_len + last_q + 1
+    full_end = (ctx_len + first_q + 1) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION,
+    )  # fmt: skip
+
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr)
+    acc = acc / l_i[:, None]  # every valid row sees at least key 0
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None],
+    )
+
+
+def _prefill_config(head_dim: int, group: int, is_cuda: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) -- a starting point to tune on H100/H200."""
+    if not is_cuda:  # the interpreter: small tiles so tests cross tile and diagonal boundaries
+        return max(16, triton.next_power_of_2(group)), 16, 1, 1
+    block_m = max(128, triton.next_power_of_2(group))
+    if head_dim <= 64:
+        return block_m, 64, 4, 3
+    return block_m, 64, 8, 3
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ragged causal attention: q [T, Hq, D] (sequences concatenated per cu_seqlens_q) -> [T, Hq, D].
+
+    `max_seqlen_q` (a host int) only sizes the grid; tiles past a sequence's q_len exit at once.
+    """
+    fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    batch = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != batch + 1 or block_tables.shape[0] < batch:
+        raise ValueError(
+            f"cu_seqlens_q needs B+1 entries and block_tables B rows for B={batch} sequences, got "
+            f"{tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}"
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
+        return out
+
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda)
+    block_q = block_m // group
+    dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
+    grid = (triton.cdiv(max_seqlen_q, block_q), batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        k_scale if fp8 else dummy_scale,
+        v_scale if fp8 else dummy_scale,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        *_cache_strides(k_cache, v_cache),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        FP8_KV=fp8,
+        DOT_PRECISION=_dot_precision(q),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    decode_only: bool = False,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of the step's queries over the paged cache (see the module docstring).
+
+    decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
+    (`num_splits`, `max_seqlen_k` go to it); otherwise the ragged prefill kernel runs.
+    """
+    if decode_only:
+        return paged_decode_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
+            num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k,
+        )  # fmt: skip
+    return paged_prefill_attention(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, k_scale, v_scale,
+        out=out,
+    )  # fmt: skip
+
+
+__all__ = [
+    "choose_num_splits",
+    "paged_attention",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "ref_paged_attention",
+]

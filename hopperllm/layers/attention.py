@@ -1,0 +1,200 @@
+"""Attention over the paged KV cache, behind one backend interface.
+
+A step's new tokens from every sequence form one flat batch (docs/interfaces.md). The layer first
+rotates q/k and writes k/v into the cache at `slot_mapping`, then attends over the cache. Backends:
+`TorchAttentionBackend` (plain torch, any device: the reference and the CPU path) and
+`TritonAttentionBackend` (fused rotary + cache write, flash-decoding and varlen prefill kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hopperllm.layers.rotary import apply_rotary_native
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+@dataclass
+class AttentionMetadata:
+    cu_seqlens_q: torch.Tensor  # int32 [B+1]
+    seq_lens: torch.Tensor  # int32 [B], context after this step
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    decode_only: bool
+    # host copies, for backends that loop over sequences (never read on the GPU fast path)
+    query_lens_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
+    num_splits: int | None = None  # flash-decoding splits fixed by the runner (CUDA graphs)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class AttentionBackend:
+    name = "base"
+
+    def forward(
+        self,
+        layer: Attention,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def write_kv_native(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> None:
+    """Store k/v [T, Hkv, D] at their slots; FP8 caches store x / scale, saturated."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
+    k_flat = kv_cache[0].view(nb * bs, hkv, d)
+    v_flat = kv_cache[1].view(nb * bs, hkv, d)
+    if kv_cache.dtype == FP8_DTYPE:
+        k = (k.float() / k_scale).clamp(-FP8_MAX, FP8_MAX)
+        v = (v.float() / v_scale).clamp(-FP8_MAX, FP8_MAX)
+    k_flat.index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention_native(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached keys (loops over sequences)."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    hq = q.shape[1]
+    out = torch.empty_like(q)
+    q_lens = meta.query_lens_cpu
+    seq_lens = meta.seq_lens_cpu
+    if q_lens is None or seq_lens is None:
+        cu = meta.cu_seqlens_q.tolist()
+        q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+        seq_lens = meta.seq_lens.tolist()
+    k_flat = kv_cache[0].view(nb * bs, hkv, d)
+    v_flat = kv_cache[1].view(nb * bs, hkv, d)
+    start = 0
+    for b, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        nblk = -(-sl // bs)
+        blocks = meta.block_tables[b, :nblk].long()
+        # token slots of this sequence, in order: block_id * bs + offset
+        slots = (blocks[:, None] * bs + torch.arange(bs, device=q.device)[None, :]).reshape(-1)[:sl]
+        k = k_flat.index_select(0, slots)
+        v = v_flat.index_select(0, slots)
+        if kv_cache.dtype == FP8_DTYPE:
+            k = (k.float() * k_scale).to(q.dtype)
+            v = (v.float() * v_scale).to(q.dtype)
+        qb = q[start : start + ql]
+        mask = None
+        if ql > 1:
+            # query i sits at position sl - ql + i and sees keys 0 .. sl - ql + i
+            qpos = torch.arange(sl - ql, sl, device=q.device)
+            mask = torch.arange(sl, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(
+            qb.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=hq != hkv,
+        )
+        out[start : start + ql] = o.transpose(0, 1)
+        start += ql
+    return out
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, layer, positions, q, k, v, kv_cache, meta):
+        q = apply_rotary_native(q, positions, layer.cos_sin_cache)
+        k = apply_rotary_native(k, positions, layer.cos_sin_cache)
+        write_kv_native(k, v, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale)
+        return paged_attention_native(q, kv_cache, meta, layer.scale, layer.k_scale, layer.v_scale)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Fused rotary + cache write, then flash-decoding (decode-only steps) or varlen prefill."""
+
+    name = "triton"
+
+    def forward(self, layer, positions, q, k, v, kv_cache, meta):
+        from hopperllm.kernels.paged_attention import paged_attention
+        from hopperllm.kernels.rotary import rotary_kv_write
+
+        rotary_kv_write(
+            q, k, v, positions, layer.cos_sin_cache, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale
+        )
+        if meta.decode_only:
+            qd = q.view(meta.num_seqs, q.shape[1], q.shape[2]) if q.shape[0] == meta.num_seqs else q
+        else:
+            qd = q
+        return paged_attention(
+            qd,
+            kv_cache[0],
+            kv_cache[1],
+            meta.cu_seqlens_q,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_seqlen_q,
+            layer.scale,
+            layer.k_scale,
+            layer.v_scale,
+            decode_only=meta.decode_only,
+            num_splits=meta.num_splits,
+        )
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}: use torch or triton")
+
+
+class Attention(nn.Module):
+    """Rotary + KV-cache write + paged attention for one layer. Holds the per-layer FP8 KV scales."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cos_sin_cache: torch.Tensor):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
+        self.k_scale = nn.Parameter(torch.ones(1, dtype=torch.float32), requires_grad=False)
+        self.v_scale = nn.Parameter(torch.ones(1, dtype=torch.float32), requires_grad=False)
+        self.backend: AttentionBackend = TorchAttentionBackend()
+
+    def forward(self, positions, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(self, positions, q, k, v, kv_cache, meta)
+        return out.reshape(t, self.num_heads * self.head_dim)

@@ -1,0 +1,156 @@
+"""Linear layers: bf16/fp32 or FP8 weights, tensor-parallel slicing in each layer's weight loader.
+
+FP8 layers keep `weight` as float8_e4m3fn [N, K], `weight_scale` float32 [N] (per output channel: a
+per-tensor checkpoint scale is expanded to its rows, which dequantizes to the same values) and an
+optional static `input_scale` [1]; without it activations are quantized per token at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hopperllm.distributed.parallel_state import SINGLE, TPGroup
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (fp8 [N, K], float32 scale [N]) with each row's amax mapped to 448."""
+    w32 = w.float()
+    amax = w32.abs().amax(dim=1).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+class LinearBase(nn.Module):
+    """y = x W^T over this rank's slice. Subclasses say how checkpoint tensors are sliced."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        quantization: str | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        tp: TPGroup = SINGLE,
+    ):
+        super().__init__()
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"unknown quantization {quantization!r}: use fp8 or none")
+        self.input_size = input_size  # local sizes
+        self.output_size = output_size
+        self.quantization = quantization
+        self.tp = tp
+        self.params_dtype = params_dtype
+        wdtype = FP8_DTYPE if quantization == "fp8" else params_dtype
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=wdtype), requires_grad=False)
+        if quantization == "fp8":
+            self.weight_scale = nn.Parameter(
+                torch.ones(output_size, dtype=torch.float32), requires_grad=False
+            )
+            self.input_scale: nn.Parameter | None = None  # static activation scale, set by a checkpoint
+        self.bias = (
+            nn.Parameter(torch.zeros(output_size, dtype=params_dtype), requires_grad=False) if bias else None
+        )
+
+    # -- loading ----------------------------------------------------------------------------
+    def _load_rows(self, kind: str, loaded: torch.Tensor, row_offset: int, num_rows: int) -> None:
+        """Copy an already-sliced checkpoint tensor into rows [row_offset, row_offset + num_rows)."""
+        if kind == "weight":
+            if self.quantization == "fp8" and loaded.dtype != FP8_DTYPE:
+                q, s = quantize_weight_per_channel(loaded.to(self.weight.device))
+                self.weight.data[row_offset : row_offset + num_rows].copy_(q)
+                self.weight_scale.data[row_offset : row_offset + num_rows].copy_(s)
+            else:
+                if loaded.shape != (num_rows, self.input_size):
+                    raise ValueError(
+                        f"weight shape {tuple(loaded.shape)} != expected {(num_rows, self.input_size)}"
+                    )
+                self.weight.data[row_offset : row_offset + num_rows].copy_(loaded)
+        elif kind == "weight_scale":
+            if self.quantization != "fp8":
+                raise ValueError("checkpoint has FP8 weight scales but the layer is not FP8")
+            s = loaded.float().reshape(-1)
+            self.weight_scale.data[row_offset : row_offset + num_rows].copy_(
+                s.expand(num_rows) if s.numel() == 1 else s
+            )
+        elif kind == "input_scale":
+            s = loaded.float().reshape(1).to(self.weight.device)
+            # One activation feeds every merged shard: keep the largest scale (no shard saturates).
+            if self.input_scale is None:
+                self.input_scale = nn.Parameter(s.clone(), requires_grad=False)
+            else:
+                self.input_scale.data.copy_(torch.maximum(self.input_scale.data, s))
+        elif kind == "bias":
+            if self.bias is None:
+                raise ValueError("checkpoint has a bias the model config does not declare")
+            self.bias.data[row_offset : row_offset + num_rows].copy_(loaded)
+        else:
+            raise ValueError(f"unknown linear tensor kind {kind!r}")
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantization == "fp8":
+            from hopperllm.kernels.fp8 import fp8_linear
+
+            y = fp8_linear(
+                x,
+                self.weight,
+                self.weight_scale,
+                input_scale=self.input_scale,
+                bias=self.bias,
+                out_dtype=x.dtype,
+            )
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output dimension split across ranks. `output_sizes` lists the logical matrices merged into
+    this one (e.g. [I, I] for gate_up); each is split separately so a rank holds its slice of each."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], **kw):
+        tp: TPGroup = kw.get("tp", SINGLE)
+        self.output_sizes = list(output_sizes)
+        self.local_sizes = [tp.shard(s, "output size") for s in output_sizes]
+        super().__init__(input_size, sum(self.local_sizes), **kw)
+
+    def load_shard(self, kind: str, loaded: torch.Tensor, shard: int = 0) -> None:
+        size = self.local_sizes[shard]
+        offset = sum(self.local_sizes[:shard])
+        if kind in ("weight", "bias") or (kind == "weight_scale" and loaded.numel() > 1):
+            loaded = loaded.narrow(0, self.tp.rank * size, size)
+        self._load_rows(kind, loaded, offset, size)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, **kw):
+        tp: TPGroup = kw.get("tp", SINGLE)
+        tp.shard(num_heads, "number of attention heads")
+        tp.shard(num_kv_heads, "number of key/value heads")
+        super().__init__(
+            hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], **kw
+        )
+
+
+class RowParallelLinear(LinearBase):
+    """Input dimension split across ranks; partial results are summed with an all-reduce."""
+
+    def __init__(self, input_size: int, output_size: int, **kw):
+        tp: TPGroup = kw.get("tp", SINGLE)
+        super().__init__(tp.shard(input_size, "input size"), output_size, **kw)
+
+    def load_shard(self, kind: str, loaded: torch.Tensor, shard: int = 0) -> None:
+        if kind == "weight":
+            loaded = loaded.narrow(1, self.tp.rank * self.input_size, self.input_size)
+        if kind == "bias" and self.tp.rank != 0:
+            loaded = torch.zeros_like(loaded)  # added once, not once per rank
+        self._load_rows(kind, loaded, 0, self.output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(super().forward(x))

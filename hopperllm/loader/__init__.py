@@ -1,0 +1,1 @@
+"""Checkpoint loaders: HF safetensors directories, GGUF files, dummy (random) weights, FP8 checkpoints."""

@@ -1,0 +1,44 @@
+"""A byte-level tokenizer for dummy models: one token per UTF-8 byte, plus <unk>, <s>, </s>.
+
+Dummy presets have real shapes but no vocabulary; this lets text prompts, streaming and stop strings
+run on them end to end (token ids 3..258 are the bytes 0..255)."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from hopperllm.tokenizer import Tokenizer
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the one ByteLevel pre-tokenization uses."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+def byte_tokenizer() -> Tokenizer:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b, ch in _bytes_to_unicode().items():
+        vocab[ch] = 3 + b
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return Tokenizer(tok, bos_token="<s>", eos_token="</s>", chat_template=_CHAT_TEMPLATE, add_bos_token=True)

@@ -1,0 +1,200 @@
+"""Llama (2, 3, SmolLM2, ...) as a plain nn.Module over the flat token batch.
+
+Reads top to bottom: MLP, attention, decoder layer, model, causal-LM head, weight loading.
+Input is the step's flat token batch (no padding): `input_ids` [T], `positions` [T], one KV-cache
+tensor per layer and the step's AttentionMetadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from hopperllm.config import ModelConfig
+from hopperllm.distributed.parallel_state import SINGLE, TPGroup
+from hopperllm.layers.attention import Attention, AttentionMetadata
+from hopperllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from hopperllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from hopperllm.layers.norm import RMSNorm
+from hopperllm.layers.rotary import build_cos_sin_cache
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        from hopperllm.kernels.activation import silu_and_mul as fused
+
+        return fused(x)
+    half = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :half]) * x[..., half:]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, tp: TPGroup):
+        super().__init__()
+        kw = dict(bias=cfg.mlp_bias, quantization=quantization, params_dtype=dtype, tp=tp)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, **kw)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        quantization: str | None,
+        tp: TPGroup,
+        cos_sin: torch.Tensor,
+    ):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads // tp.world_size
+        self.num_kv_heads = cfg.num_key_value_heads // tp.world_size
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        kw = dict(bias=cfg.attention_bias, quantization=quantization, params_dtype=dtype, tp=tp)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, **kw
+        )
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, dtype, quantization, tp, cos_sin):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype, quantization, tp, cos_sin)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, dtype, quantization, tp)
+
+    def forward(self, positions, hidden, residual, kv_cache, meta):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, tp: TPGroup, max_pos: int
+    ):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        cos_sin = build_cos_sin_cache(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, dtype, quantization, tp, cos_sin) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+# checkpoint name piece -> (our module name piece, shard index)
+_STACKED = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        quantization: str | None = None,
+        tp: TPGroup = SINGLE,
+        max_position: int | None = None,
+    ):
+        super().__init__()
+        self.config = cfg
+        self.tp = tp
+        max_pos = max(max_position or 0, cfg.max_position_embeddings)
+        self.model = LlamaModel(cfg, dtype, quantization, tp, max_pos)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    # -- weights ----------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, FP8 `weight_scale`,
+        `input_scale`, `k_scale`/`v_scale`, ...). Returns the set of our parameter names loaded."""
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue  # tied: the embedding is the head
+            # KV-cache scales: `...self_attn.k_proj.k_scale` (compressed-tensors), `...self_attn.k_scale`
+            # or ModelOpt's `...self_attn.k_proj.k_scale` / `...kv_cache_scale`.
+            if name.endswith((".k_scale", ".v_scale")):
+                layer_prefix = name[: name.index(".self_attn.") + len(".self_attn")]
+                attn = modules.get(layer_prefix + ".attn")
+                if attn is None:
+                    raise ValueError(f"unexpected tensor {name!r} in checkpoint")
+                which = "k_scale" if name.endswith(".k_scale") else "v_scale"
+                getattr(attn, which).data.copy_(tensor.float().reshape(-1)[:1])
+                loaded.add(f"{layer_prefix}.attn.{which}")
+                continue
+            module_name, _, kind = name.rpartition(".")
+            shard = 0
+            for ckpt_piece, (ours, idx) in _STACKED.items():
+                if ckpt_piece in module_name + ".":
+                    module_name = (module_name + ".").replace(ckpt_piece, ours)[:-1]
+                    shard = idx
+                    break
+            module = modules.get(module_name)
+            if module is None:
+                raise ValueError(f"checkpoint tensor {name!r} matches no layer of the Llama model")
+            if hasattr(module, "load_shard"):
+                module.load_shard(kind, tensor, shard)
+            else:  # norms: plain parameters
+                param = getattr(module, kind, None)
+                if param is None or param.shape != tensor.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                        f"{None if param is None else tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor)
+            loaded.add(f"{module_name}.{kind}")
+        return loaded
+
+    def required_weight_names(self) -> set[str]:
+        names = set()
+        for name, _ in self.named_parameters(remove_duplicate=True):
+            if name.endswith((".k_scale", ".v_scale", ".weight_scale", ".input_scale")):
+                continue  # optional: default 1.0 / computed on the fly
+            names.add(name)
+        return names

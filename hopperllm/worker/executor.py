@@ -1,0 +1,47 @@
+"""Executors run the model for the engine behind one interface: one process (this file's
+UniprocExecutor), or one worker process per GPU for tensor parallelism (multiproc_executor.py)."""
+
+from __future__ import annotations
+
+from hopperllm.config import EngineConfig
+from hopperllm.engine.scheduler import SchedulerOutput
+from hopperllm.loader.model_loader import ModelSource
+from hopperllm.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+
+class Executor:
+    num_kv_blocks: int
+
+    def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
+        raise NotImplementedError
+
+    def release(self, seq_ids) -> None:
+        """Forget per-sequence state (RNGs) of finished sequences."""
+
+    def shutdown(self) -> None:
+        pass
+
+
+class UniprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, src: ModelSource, show_progress: bool = True):
+        self.runner = ModelRunner(config, src, show_progress=show_progress)
+        self.num_kv_blocks = self.runner.determine_num_kv_blocks()
+        self.runner.init_kv_cache(self.num_kv_blocks)
+        if self.runner.device.type == "cuda" and not config.enforce_eager:
+            from hopperllm.worker.cuda_graphs import capture_decode_graphs
+
+            self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
+
+    def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
+        return self.runner.execute_model(sched, eos_ids)
+
+    def release(self, seq_ids) -> None:
+        self.runner.release(seq_ids)
+
+
+def make_executor(config: EngineConfig, src: ModelSource, show_progress: bool = True) -> Executor:
+    if config.parallel_config.tensor_parallel_size > 1:
+        from hopperllm.worker.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config, src, show_progress=show_progress)
+    return UniprocExecutor(config, src, show_progress=show_progress)

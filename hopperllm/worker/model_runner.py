@@ -1,0 +1,313 @@
+"""The model runner: turns a SchedulerOutput into the flat batch, runs the model, samples.
+
+Owns the model, the KV cache tensors, the attention backend, per-request RNGs and (on CUDA) the
+decode CUDA graphs. Knows nothing of policy: the scheduler decided what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hopperllm.config import EngineConfig
+from hopperllm.distributed.parallel_state import SINGLE, TPGroup
+from hopperllm.engine.scheduler import SchedulerOutput
+from hopperllm.engine.sequence import Sequence
+from hopperllm.layers.attention import AttentionMetadata, get_attention_backend
+from hopperllm.layers.sampler import Sampler, SamplingMetadata
+from hopperllm.loader.model_loader import ModelSource, build_model
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@dataclass
+class ModelRunnerOutput:
+    seq_ids: list[str] = field(default_factory=list)  # the sequences that sampled, in order
+    token_ids: list[int] = field(default_factory=list)
+    # per sampled seq: (chosen token logprob, {token_id: logprob} of the top-k) or None
+    logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+
+
+def kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    if cache_dtype.startswith("fp8"):
+        return FP8_DTYPE
+    if cache_dtype == "auto":
+        return model_dtype
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cache_dtype]
+
+
+class ModelRunner:
+    def __init__(
+        self, config: EngineConfig, src: ModelSource, tp: TPGroup = SINGLE, show_progress: bool = True
+    ):
+        self.config = config
+        self.device = torch.device(
+            config.device if config.device != "cuda" else f"cuda:{torch.cuda.current_device()}"
+        )
+        self.tp = tp
+        mc = config.model_config
+        t0 = time.perf_counter()
+        self.model = build_model(
+            src,
+            mc,
+            config.dtype,
+            config.quantization,
+            self.device,
+            tp,
+            max_model_len=config.scheduler_config.max_model_len,
+            seed=config.seed,
+            show_progress=show_progress,
+        )
+        self.load_time_s = time.perf_counter() - t0
+        self.vocab_size = mc.vocab_size
+        self.block_size = config.cache_config.block_size
+        self.kv_dtype = kv_cache_dtype(config.cache_config.kv_cache_dtype, config.dtype)
+        self.num_kv_heads = mc.num_key_value_heads // tp.world_size
+        self.head_dim = mc.head_dim
+        backend = get_attention_backend("triton" if self.device.type == "cuda" else "torch")
+        for attn in self.model.attention_layers():
+            attn.backend = backend
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_kv_blocks = 0
+        self.max_blocks_per_seq = -(-config.scheduler_config.max_model_len // self.block_size)
+        self.graph_runner = None  # CUDA graphs for decode, set up by capture_cuda_graphs()
+
+    # -- KV cache ---------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        layers = self.config.model_config.num_hidden_layers
+        return 2 * layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def determine_num_kv_blocks(self) -> int:
+        cc = self.config.cache_config
+        if cc.num_kv_blocks is not None:
+            return cc.num_kv_blocks
+        if self.device.type != "cuda":
+            # CPU: room for 16k tokens, at most 2 GiB
+            want = -(-16384 // self.block_size)
+            return max(1, min(want, (2 << 30) // self.bytes_per_block()))
+        return self._profile_num_kv_blocks()
+
+    @torch.inference_mode()
+    def _profile_num_kv_blocks(self) -> int:
+        """Run the largest step the scheduler may send with a scratch cache, then give the KV cache
+        whatever gpu_memory_utilization leaves beside the weights and that step's peak."""
+        sc = self.config.scheduler_config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = min(sc.max_num_batched_tokens, sc.max_model_len * sc.max_num_seqs)
+        scratch_blocks = -(-num_tokens // self.block_size) + 1
+        self.kv_caches = self._alloc_kv(scratch_blocks)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device) % sc.max_model_len
+        nseq = -(-num_tokens // sc.max_model_len)
+        lens = [min(sc.max_model_len, num_tokens - i * sc.max_model_len) for i in range(nseq)]
+        meta = self._dummy_meta(lens, scratch_blocks)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        self.model.compute_logits(hidden[-min(sc.max_num_seqs, num_tokens) :])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        scratch = sum(t.numel() * t.element_size() for t in self.kv_caches)
+        self.kv_caches = []
+        del hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        # memory other processes hold is outside our budget too
+        others = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.cache_config.gpu_memory_utilization - (peak - scratch) - max(others, 0)
+        n = int(budget // self.bytes_per_block())
+        if n < self.max_blocks_per_seq // 4 or n < 1:
+            raise ValueError(
+                f"the model does not leave room for a KV cache: weights and activations take "
+                f"{(peak - scratch) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB at gpu_memory_utilization "
+                f"{self.config.cache_config.gpu_memory_utilization}; {n} blocks of {self.block_size} tokens fit. "
+                "Lower max_model_len or max_num_batched_tokens, quantize (fp8), or add GPUs"
+            )
+        return n
+
+    def _dummy_meta(self, lens: list[int], num_blocks: int) -> AttentionMetadata:
+        bs = self.block_size
+        max_blocks = max(-(-x // bs) for x in lens)
+        tables = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+        slots = []
+        nxt = 0
+        for i, n in enumerate(lens):
+            nb = -(-n // bs)
+            tables[i, :nb] = torch.arange(nxt, nxt + nb) % num_blocks
+            slots += [int(tables[i, j // bs]) * bs + j % bs for j in range(n)]
+            nxt += nb
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        d = self.device
+        return AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=d),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=d),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=d),
+            block_tables=tables.to(d),
+            max_seqlen_q=max(lens),
+            max_seqlen_k=max(lens),
+            decode_only=False,
+            query_lens_cpu=lens,
+            seq_lens_cpu=lens,
+        )
+
+    def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return [
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            for _ in range(self.config.model_config.num_hidden_layers)
+        ]
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.num_kv_blocks = num_blocks
+        self.kv_caches = self._alloc_kv(num_blocks)
+
+    # -- one step ---------------------------------------------------------------------------
+    def _prepare(self, sched: SchedulerOutput):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        seq_lens: list[int] = []
+        q_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_idx: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for item in sched.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            bt = seq.block_table
+            slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
+            cu.append(cu[-1] + n)
+            q_lens.append(n)
+            seq_lens.append(end)
+            tables.append(bt)
+            if end == seq.num_tokens:
+                sample_idx.append(cu[-1] - 1)
+                sample_seqs.append(seq)
+        max_blocks = max(len(t) for t in tables)
+        table = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        d = self.device
+        pin = d.type == "cuda"
+
+        def to_dev(x, dtype):
+            t = torch.tensor(x, dtype=dtype)
+            return t.pin_memory().to(d, non_blocking=True) if pin else t
+
+        meta = AttentionMetadata(
+            cu_seqlens_q=to_dev(cu, torch.int32),
+            seq_lens=to_dev(seq_lens, torch.int32),
+            slot_mapping=to_dev(slots, torch.long),
+            block_tables=table.pin_memory().to(d, non_blocking=True) if pin else table,
+            max_seqlen_q=max(q_lens),
+            max_seqlen_k=max(seq_lens),
+            decode_only=max(q_lens) == 1,
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return (
+            to_dev(input_ids, torch.long),
+            to_dev(positions, torch.long),
+            meta,
+            to_dev(sample_idx, torch.long),
+            sample_seqs,
+        )
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        seed = seq.sampling_params.seed
+        if seed is None or seq.sampling_params.greedy:
+            return None
+        g = self.generators.get(seq.seq_id)
+        if g is None:
+            # each of a request's n completions draws its own stream from the one seed
+            g = torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * seq.index)
+            self.generators[seq.seq_id] = g
+        return g
+
+    def release(self, seq_ids) -> None:
+        for s in seq_ids:
+            self.generators.pop(s, None)
+
+    def sampling_metadata(self, seqs: list[Sequence], eos_ids) -> SamplingMetadata:
+        params = [s.sampling_params for s in seqs]
+        stop_ids = []
+        for s in seqs:
+            p = s.sampling_params
+            if s.num_output_tokens < p.min_tokens:
+                stop_ids.append(
+                    sorted(set(p.stop_token_ids or []) | (set() if p.ignore_eos else set(eos_ids)))
+                )
+            else:
+                stop_ids.append([])
+        return SamplingMetadata.build(
+            params,
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [self._generator(s) for s in seqs],
+            stop_ids,
+            self.vocab_size,
+            self.device,
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
+        input_ids, positions, meta, sample_idx, sample_seqs = self._prepare(sched)
+        if self.graph_runner is not None and self.graph_runner.can_run(meta):
+            hidden = self.graph_runner.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_seqs:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
+        smeta = self.sampling_metadata(sample_seqs, eos_ids)
+        out = self.sampler(logits, smeta)
+        token_ids = out.sampled_token_ids.tolist()  # the one host sync of the step
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = _logprobs_to_lists(out.logprobs, [s.sampling_params.logprobs for s in sample_seqs])
+        return ModelRunnerOutput([s.seq_id for s in sample_seqs], token_ids, logprobs)
+
+    def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
+        """Full-sequence logits [T, V] for one prompt, in float32, through the paged path (tests, eval)."""
+        from hopperllm.engine.scheduler import ScheduledSeq
+        from hopperllm.sampling_params import SamplingParams
+
+        n = len(token_ids)
+        nb = -(-n // self.block_size)
+        if nb > self.num_kv_blocks:
+            raise ValueError(f"{n} tokens need {nb} KV blocks; the cache has {self.num_kv_blocks}")
+        seq = Sequence("__logits__", token_ids, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(nb))
+        sched = SchedulerOutput(scheduled=[ScheduledSeq(seq, n)], num_batched_tokens=n)
+        input_ids, positions, meta, _, _ = self._prepare(sched)
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            return self.model.compute_logits(hidden).float()
+
+
+def _logprobs_to_lists(lp, wanted: list[int | None]):
+    """LogprobsTensors (column 0 the sampled token, then the top-k) -> per row (chosen, {id: logprob})."""
+    ids = lp.token_ids.tolist()
+    vals = lp.logprobs.tolist()
+    res = []
+    for i, k in enumerate(wanted):
+        if k is None:
+            res.append(None)
+            continue
+        top = {int(t): float(v) for t, v in zip(ids[i][1 : 1 + k], vals[i][1 : 1 + k], strict=True)}
+        res.append((float(vals[i][0]), top))
+    return res

@@ -1,0 +1,147 @@
+"""The engine end to end on CPU: continuous batching, preemption, chunked prefill and prefix caching
+must not change greedy outputs; every block comes back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hopperllm import LLM, SamplingParams
+from hopperllm.engine.llm_engine import LLMEngine
+from tests.helpers import make_hf_llama_dir
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_hf_llama_dir(str(tmp_path_factory.mktemp("engine_model")), seed=3)
+
+
+def _prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 2, 5, 9, 15, 16, 17, 31, 33, 40, 47, 64, 70, 3, 25, 50][:n]
+    return [torch.randint(3, 290, (n_,), generator=g).tolist() for n_ in lens]
+
+
+def _llm(model_dir, **kw) -> LLM:
+    kw.setdefault("num_kv_blocks", 128)
+    return LLM(model=model_dir, dtype="float32", device="cpu", show_progress=False, **kw)
+
+
+def _run(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def alone(model_dir) -> list[list[int]]:
+    """Reference: each prompt run by itself in a fresh engine state without prefix caching."""
+    llm = _llm(model_dir, enable_prefix_caching=False)
+    res = [_run(llm, [p])[0] for p in _prompts()]
+    assert len({tuple(r) for r in res}) > 8, "random model too degenerate for a meaningful test"
+    return res
+
+
+def _assert_all_blocks_free(llm: LLM) -> None:
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_batched_equals_alone(model_dir, alone):
+    llm = _llm(model_dir)
+    assert _run(llm, _prompts()) == alone
+    _assert_all_blocks_free(llm)
+
+
+def test_preemption_keeps_outputs(model_dir, alone):
+    llm = _llm(model_dir, num_kv_blocks=12, enable_prefix_caching=False)
+    assert _run(llm, _prompts()) == alone
+    assert llm.engine.get_stats().num_preemptions > 0
+    _assert_all_blocks_free(llm)
+
+
+def test_chunked_prefill_keeps_outputs(model_dir, alone):
+    llm = _llm(model_dir, max_num_batched_tokens=7, max_num_seqs=4)
+    assert _run(llm, _prompts()) == alone
+    _assert_all_blocks_free(llm)
+
+
+def test_prefix_cache_hits_keep_outputs(model_dir):
+    system = list(range(10, 58))  # 48 tokens: three full blocks shared by every prompt
+    prompts = [system + p for p in _prompts(8, seed=5)]
+    ref_llm = _llm(model_dir, enable_prefix_caching=False)
+    ref = [_run(ref_llm, [p])[0] for p in prompts]
+    llm = _llm(model_dir, enable_prefix_caching=True)
+    _run(llm, prompts[:1])  # warm the cache with the shared prefix
+    assert _run(llm, prompts) == ref
+    stats = llm.engine.get_stats()
+    assert stats.prefix_cache_hit_rate > 0
+    assert llm.engine.scheduler.block_manager.prefix_cache_hits > 0
+    _assert_all_blocks_free(llm)
+
+
+def test_abort_mid_generation_returns_blocks(model_dir):
+    llm = _llm(model_dir)
+    eng: LLMEngine = llm.engine
+    total = eng.scheduler.block_manager.num_free_blocks
+    for i, p in enumerate(_prompts(6)):
+        eng.add_request(f"r{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    assert eng.scheduler.block_manager.num_free_blocks < total
+    eng.abort_request(["r0", "r2", "r4"])
+    eng.abort_request("unknown-id")  # ignored
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.scheduler.block_manager.num_free_blocks == total
+
+
+def test_request_that_can_never_fit_is_rejected(model_dir):
+    llm = _llm(model_dir, num_kv_blocks=4, max_model_len=512)
+    with pytest.raises(ValueError, match="KV-cache blocks"):
+        llm.generate({"prompt_token_ids": list(range(3, 100))}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        _llm(model_dir, max_model_len=32).generate(
+            {"prompt_token_ids": list(range(3, 40))}, GREEDY, use_tqdm=False
+        )
+    _assert_all_blocks_free(llm)
+
+
+def test_generation_stops_at_cache_capacity_instead_of_hanging(model_dir):
+    # 2 blocks = 32 tokens of cache: a 20-token prompt asking for 100 tokens must end, not wait forever
+    llm = _llm(model_dir, num_kv_blocks=2, max_model_len=512)
+    out = llm.generate(
+        {"prompt_token_ids": list(range(3, 23))},
+        SamplingParams(max_tokens=100, ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert out[0].outputs[0].finish_reason == "length"
+    assert 0 < len(out[0].outputs[0].token_ids) <= 13
+    _assert_all_blocks_free(llm)
+
+
+def test_seeded_sampling_is_batch_independent(model_dir):
+    llm = _llm(model_dir)
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
+    prompt = _prompts(1)[0]
+    alone_ = _run(llm, [prompt], params)[0]
+    batched = _run(llm, [prompt] + _prompts(5, seed=9), params)[0]
+    assert alone_ == batched
+
+
+def test_n_completions_differ_and_stream_deltas_add_up(model_dir):
+    llm = _llm(model_dir)
+    eng = llm.engine
+    eng.add_request("a", "hello there", SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=7))
+    deltas = {0: [], 1: []}
+    final = None
+    while eng.has_unfinished_requests():
+        for ro in eng.step():
+            for c in ro.outputs:
+                deltas[c.index] += c.delta_token_ids
+            final = ro
+    assert final.finished
+    assert [deltas[0], deltas[1]] == [c.token_ids for c in final.outputs]
+    assert final.outputs[0].token_ids != final.outputs[1].token_ids

@@ -1,0 +1,178 @@
+"""Paged attention kernels vs `ref_paged_attention` at real shapes on the GPU (bf16 and FP8 caches).
+
+Llama-2-7B: 32 query / 32 kv heads; Llama-3-8B: 32 / 8; head_dim 128; contexts up to 4096; batch 1..64.
+Run with `pytest tests/gpu/test_gpu_attention.py -s` to also see the decode bandwidth report.
+"""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from hopperllm.kernels import paged_attention as pa  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+MODELS = {"llama-2-7b": (32, 32), "llama-3-8b": (32, 8)}
+HEAD_DIM = 128
+SCALE = HEAD_DIM**-0.5
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_paged_case(
+    q_lens, seq_lens, num_q_heads, num_kv_heads, block_size=16, kv_dtype=torch.bfloat16, seed=0
+):
+    """Random bf16 q and a shuffled paged cache (bf16, or FP8 with scales); slots no sequence owns hold NaN.
+
+    Returns q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale.
+    """
+    torch.manual_seed(seed)
+    dev = "cuda"
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 7
+    perm = torch.randperm(num_blocks, device=dev).to(torch.int32)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 2, dtype=torch.int32, device=dev)
+    kv = torch.full((2, num_blocks, block_size, num_kv_heads, HEAD_DIM), float("nan"), device=dev)
+    used = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        ids = perm[used : used + nb]
+        used += nb
+        block_tables[b, :nb] = ids
+        keys = torch.randn(2, nb * block_size, num_kv_heads, HEAD_DIM, device=dev)
+        keys[:, n:] = float("nan")
+        kv[:, ids.long()] = keys.reshape(2, nb, block_size, num_kv_heads, HEAD_DIM)
+    k_scale = v_scale = None
+    if kv_dtype == FP8:
+        k_scale = torch.tensor([4.5 / 448.0], device=dev)
+        v_scale = torch.tensor([4.0 / 448.0], device=dev)
+        kv = torch.stack([(kv[0] / k_scale).clamp(-448, 448), (kv[1] / v_scale).clamp(-448, 448)]).to(FP8)
+    else:
+        kv = kv.to(kv_dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    q = torch.randn(sum(q_lens), num_q_heads, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    return q, kv[0], kv[1], cu, lens, block_tables, k_scale, v_scale
+
+
+def ragged(batch: int, max_len: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    lens[0] = max_len
+    return lens
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (8, 2048), (64, 1024)])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_decode(kv_dtype, model, batch, max_len, num_splits):
+    hq, hkv = MODELS[model]
+    seq_lens = ragged(batch, max_len, seed=batch)
+    q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=kv_dtype)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=num_splits, out=out)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    ref = pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-2
+
+
+# (q_lens, seq_lens): ragged full prefills; chunked prefill / prefix hits; a mixed prefill + decode batch.
+PREFILL_CASES = {
+    "prefill": ([1, 17, 300, 2048], [1, 17, 300, 2048]),
+    "chunked": ([512, 37, 129], [4096, 1000, 129]),
+    "mixed": ([1, 1, 1, 700, 64], [3000, 17, 4096, 1500, 64]),
+}
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill(kv_dtype, model, case):
+    hq, hkv = MODELS[model]
+    q_lens, seq_lens = PREFILL_CASES[case]
+    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=kv_dtype)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
+    ref = pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_other_block_sizes(block_size):
+    q, k, v, cu, lens, bt, ks, vs = make_paged_case([5, 1, 90], [77, 300, 90], 32, 8, block_size=block_size)
+    ref = pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE)
+    assert rel_err(pa.paged_prefill_attention(q, k, v, cu, lens, bt, 90, SCALE), ref) < 2e-2
+    qd = q[cu[1:].long() - 1].contiguous()
+    cud = torch.arange(4, dtype=torch.int32, device="cuda")
+    ref = pa.ref_paged_attention(qd, k, v, cud, lens, bt, SCALE)
+    assert rel_err(pa.paged_decode_attention(qd, k, v, bt, lens, SCALE, num_splits=3), ref) < 2e-2
+
+
+def test_decode_cuda_graph_replay():
+    # Fixed num_splits and block-table width: capture once, then change q, seq_lens and block tables in
+    # place and replay; the kernels must read them on the device (no host sync, no stale lengths).
+    hq, hkv = MODELS["llama-3-8b"]
+    batch = 8
+    q, k, v, _, lens, bt, _, _ = make_paged_case([1] * batch, ragged(batch, 2048, 1), hq, hkv, seed=1)
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pa.paged_decode_attention(q, k, v, bt, lens, SCALE, num_splits=8, out=out)  # compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pa.paged_decode_attention(q, k, v, bt, lens, SCALE, num_splits=8, out=out)
+
+    # Permute the sequences (rows of the block table with their lengths) and shorten some of them.
+    perm = torch.randperm(batch, device="cuda")
+    new_lens = (lens[perm] - torch.randint(0, 300, (batch,), device="cuda", dtype=torch.int32)).clamp_min(1)
+    new_bt = bt[perm]
+    lens.copy_(new_lens)
+    bt.copy_(new_bt)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    ref = pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_decode_zero_length_rows():
+    q, k, v, _, lens, bt, _, _ = make_paged_case([1, 1], [100, 1], 32, 8)
+    lens[1] = 0
+    for num_splits in (1, 4):
+        out = pa.paged_decode_attention(q, k, v, bt, lens, SCALE, num_splits=num_splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_decode_bandwidth_report(kv_dtype):
+    """Prints achieved bandwidth of decode vs its floor (the K/V bytes); asserts only correctness."""
+    hq, hkv = MODELS["llama-3-8b"]
+    for batch, ctx in [(1, 4096), (16, 4096), (64, 2048)]:
+        q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, [ctx] * batch, hq, hkv, kv_dtype=kv_dtype)
+        args = (q, k, v, bt, lens, SCALE, ks, vs)
+        pa.paged_decode_attention(*args)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        iters = 50
+        start.record()
+        for _ in range(iters):
+            pa.paged_decode_attention(*args)
+        end.record()
+        torch.cuda.synchronize()
+        t_s = start.elapsed_time(end) / 1e3 / iters
+        floor_bytes = batch * ctx * hkv * HEAD_DIM * 2 * k.element_size()
+        splits = pa.choose_num_splits(batch, hkv, bt.shape[1] * k.shape[1], q.device)  # the launcher's pick
+        print(
+            f"\ndecode {kv_dtype} B={batch} ctx={ctx} splits={splits}: {t_s * 1e6:.1f} us, "
+            f"{floor_bytes / t_s / 1e9:.0f} GB/s of K/V"
+        )
+        assert t_s > 0

@@ -1,0 +1,173 @@
+"""FP8 quantization kernels, fp8_gemv and fp8_linear vs their torch references on small random inputs.
+
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel module
+is imported: `triton.jit` reads it when it decorates). With CUDA the same tests run compiled on the GPU;
+tests/gpu/test_gpu_fused_kernels.py covers real shapes.
+"""
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from hopperllm.kernels import fp8  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not isinstance(fp8._fp8_gemv_kernel, InterpretedFunction):
+    fp8 = importlib.reload(fp8)  # imported before TRITON_INTERPRET was set: decorate again
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled tensors, so an output element a kernel never wrote shows up."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def codes(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+def random_rows(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Mixed magnitudes per row, as real activations have.
+    x = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g).mul(20).add(0.1)
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (5, 300), (3, 17000)])  # 17000: the two-pass path
+def test_per_token_quant_matches_ref(poisoned_empty, dtype, shape):
+    x = random_rows(shape, dtype, seed=shape[1])
+    x[0, :3] = torch.tensor([448.0 * 3, -7.75, 0.0], dtype=dtype)  # saturation edge, a rounding carry
+    if shape[0] > 2:
+        x[2] = 0  # all-zero row: the scale floor 1e-12
+    q, scale = fp8.per_token_quant_fp8(x)
+    ref_q, ref_scale = fp8.ref_per_token_quant_fp8(x)
+    assert scale.shape == (shape[0], 1) and q.dtype == FP8
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(codes(q), codes(ref_q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_quant_matches_ref(poisoned_empty, dtype):
+    x = random_rows((4, 2100), dtype, seed=1)
+    scale = torch.tensor([0.013], device=DEVICE)
+    q = fp8.static_quant_fp8(x, scale)
+    assert torch.equal(codes(q), codes(fp8.ref_static_quant_fp8(x, scale)))
+    assert q.float().abs().max() == 448.0  # some values saturate
+
+
+def make_weight(n, k, per_channel, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.05)
+    w_scale = w.abs().amax(dim=1) / 448.0 if per_channel else w.abs().amax().reshape(1) / 448.0
+    w_fp8 = (w / w_scale.reshape(-1, 1)).clamp(-448, 448).to(FP8)
+    return w_fp8.to(DEVICE), w_scale.to(DEVICE)
+
+
+GEMV_CASES = [
+    # M, N, K, config override
+    (1, 96, 512, None),
+    (3, 96, 1000, {"SPLIT_K": 1, "BLOCK_K": 128}),  # ragged K tail
+    (3, 96, 1000, {"SPLIT_K": 3, "BLOCK_K": 128}),  # split-K with a short last slice
+    (16, 80, 512, {"SPLIT_K": 2, "BLOCK_N": 32}),
+    (20, 64, 256, {"SPLIT_K": 4, "BLOCK_K": 128}),  # more rows than BLOCK_M: a second row block
+]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("M", "N", "K", "config"), GEMV_CASES)
+def test_fp8_gemv_matches_ref(poisoned_empty, M, N, K, config, per_channel):
+    w_fp8, w_scale = make_weight(N, K, per_channel, seed=M)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=K))
+    out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=config)
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    assert out.shape == (M, N) and not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_fp8_gemv_static_input_scale_and_out_dtype(poisoned_empty, out_dtype):
+    w_fp8, w_scale = make_weight(128, 384, per_channel=True, seed=7)
+    x_scale = torch.tensor([0.02], device=DEVICE)
+    x_fp8 = fp8.ref_static_quant_fp8(random_rows((2, 384), torch.float32, seed=3), x_scale)
+    out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    assert out.dtype == out_dtype
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_fp8_gemv_rejects_bad_shapes():
+    w_fp8, w_scale = make_weight(64, 128, per_channel=True, seed=0)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((2, 96), torch.float32, seed=0))
+    with pytest.raises(ValueError, match="K="):
+        fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale)
+    with pytest.raises(ValueError, match="w_scale"):
+        fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale[:3])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 33])
+def test_fp8_linear_close_to_float_linear(M, static, per_channel):
+    """The FP8 linear equals the float linear up to e4m3 rounding of both operands (3 mantissa bits)."""
+    K, N = 256, 128
+    g = torch.Generator().manual_seed(M)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(DEVICE)
+    x = torch.randn(2, M, K, generator=g).to(DEVICE)
+    bias = torch.randn(N, generator=g).to(DEVICE)
+    w_scale = w.abs().amax(dim=1) / 448.0 if per_channel else w.abs().amax().reshape(1) / 448.0
+    w_fp8 = (w / w_scale.reshape(-1, 1)).to(FP8)
+    input_scale = x.abs().amax().reshape(1) / 448.0 if static else None
+    y = fp8.fp8_linear(x, w_fp8, w_scale, input_scale=input_scale, bias=bias, out_dtype=torch.float32)
+    ref = x @ w.T + bias
+    assert y.shape == (2, M, N)
+    # e4m3 rounds each operand by up to 2^-4 relative (rms ~2.5%): the product's error norm is a few %.
+    assert rel_err(y - bias, ref - bias) < 0.06
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU emulation path")
+def test_fp8_linear_cpu_path_is_dequantized_matmul():
+    w_fp8, w_scale = make_weight(48, 64, per_channel=True, seed=1)
+    x = random_rows((3, 64), torch.bfloat16, seed=2)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(x)
+    y = fp8.fp8_linear(x, w_fp8, w_scale)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_scaled_mm_wrapper_matches_ref(per_channel, static):
+    """Our torch._scaled_mm call convention (column-major weight, scale shapes) on whatever device has it."""
+    w_fp8, w_scale = make_weight(64, 128, per_channel, seed=5)
+    x = random_rows((32, 128), torch.float32, seed=6)
+    if static:
+        x_scale = x.abs().amax().reshape(1) / 448.0
+        x_fp8 = fp8.ref_static_quant_fp8(x, x_scale)
+    else:
+        x_fp8, x_scale = fp8.ref_per_token_quant_fp8(x)
+    try:
+        out = fp8.scaled_mm(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:  # CPU builds without FP8 GEMMs
+        pytest.skip(f"torch._scaled_mm unavailable here: {e}")
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

@@ -1,0 +1,247 @@
+"""Paged attention kernels vs `ref_paged_attention` on small random problems.
+
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel module
+is imported: `triton.jit` reads it when it decorates). With CUDA the same tests run compiled on the GPU.
+The interpreter's tl.dot is wrong for bfloat16 (Triton 3.9), so CPU tests use float32 / float16; the GPU
+tests (tests/gpu/test_gpu_attention.py) cover bfloat16.
+"""
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from hopperllm.kernels import paged_attention as pa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    if not isinstance(tl.sum, InterpretedFunction):
+        # triton's own @jit helpers (tl.sum, tl.max, tl.cdiv) were decorated before the variable was set;
+        # they cannot be re-decorated from here.
+        pytest.fail(
+            "triton was imported before TRITON_INTERPRET=1 was set: set it in the environment or in "
+            "tests/conftest.py when CUDA is unavailable",
+            pytrace=False,
+        )
+    if not isinstance(pa._decode_split_kernel, InterpretedFunction):
+        pa = importlib.reload(pa)  # imported earlier, before TRITON_INTERPRET was set: decorate again
+
+FP8 = torch.float8_e4m3fn
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def make_paged_case(
+    q_lens: list[int],
+    seq_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+):
+    """Random q, a shuffled paged cache holding each sequence's keys, and the metadata.
+
+    Cache slots no sequence owns (unused blocks, the tail of each last block) hold NaN, so a kernel that
+    reads past a sequence's length without masking the load produces NaN.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    max_blocks = max(blocks_per_seq) + 1  # a spare column, 0-filled like the model runner's
+    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
+    used = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        ids = perm[used : used + nb]
+        used += nb
+        block_tables[b, :nb] = ids
+        keys = torch.randn(2, nb * block_size, num_kv_heads, head_dim, generator=gen)
+        keys[:, n:] = float("nan")
+        kv_cache[:, ids.long()] = keys.reshape(2, nb, block_size, num_kv_heads, head_dim)
+    cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=gen)
+    return (
+        q.to(dtype).to(DEVICE),
+        kv_cache.to(dtype).to(DEVICE),
+        cu_seqlens_q.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables.to(DEVICE),
+    )
+
+
+def quantize_fp8(kv_cache: torch.Tensor, k_amax: float, v_amax: float):
+    """Per-tensor FP8 e4m3 (stores x / scale, saturated to +-448) as the cache writer does."""
+    k_scale = torch.tensor([k_amax / 448.0], dtype=torch.float32, device=kv_cache.device)
+    v_scale = torch.tensor([v_amax / 448.0], dtype=torch.float32, device=kv_cache.device)
+    k = (kv_cache[0].float() / k_scale).clamp(-448, 448)
+    v = (kv_cache[1].float() / v_scale).clamp(-448, 448)
+    return torch.stack([k, v]).to(FP8), k_scale, v_scale
+
+
+def poisoned_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def test_interpreter_active_without_cuda():
+    if DEVICE == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert isinstance(pa._decode_split_kernel, InterpretedFunction)
+        assert isinstance(pa._prefill_kernel, InterpretedFunction)
+        assert isinstance(tl.sum, InterpretedFunction)
+
+
+# Ragged batch: full prefill, chunked prefill / prefix hit (q_len < seq_len), a decode row inside a mixed
+# batch, a prompt spanning several query tiles, and chunks whose diagonal starts just before / at a key-tile
+# boundary (16 keys per tile in the interpreter); lengths not multiples of the block size.
+PREFILL_Q_LENS = [7, 5, 1, 19, 3, 2]
+PREFILL_SEQ_LENS = [7, 29, 18, 19, 17, 18]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_prefill_matches_reference(dtype, num_q_heads, num_kv_heads, block_size):
+    q, kv, cu, seq_lens, bt = make_paged_case(
+        PREFILL_Q_LENS, PREFILL_SEQ_LENS, num_q_heads, num_kv_heads, 32, block_size, dtype
+    )
+    scale = 32**-0.5
+    out = pa.paged_prefill_attention(
+        q, kv[0], kv[1], cu, seq_lens, bt, max(PREFILL_Q_LENS), scale, out=poisoned_like(q)
+    )
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, scale)
+    assert torch.isfinite(out).all(), "some outputs were not written (or read unmasked NaN slots)"
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_prefill_large_group_and_head_dim_64():
+    # GROUP=8 folds 8 heads into each tile's rows (2 queries per 16-row tile in the interpreter).
+    q, kv, cu, seq_lens, bt = make_paged_case([3, 6], [10, 6], 8, 1, 64, 16, torch.float32, seed=1)
+    out = pa.paged_prefill_attention(q, kv[0], kv[1], cu, seq_lens, bt, 6, 0.125, out=poisoned_like(q))
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.125)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_prefill_skips_empty_sequences():
+    # A sequence with q_len == 0 (nothing scheduled for it this step) is legal in the flat batch.
+    q, kv, cu, seq_lens, bt = make_paged_case([4, 0, 3], [9, 5, 3], 4, 2, 32, 8, torch.float32, seed=2)
+    out = pa.paged_prefill_attention(q, kv[0], kv[1], cu, seq_lens, bt, 4, 0.2, out=poisoned_like(q))
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.2)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-4
+
+
+DECODE_SEQ_LENS = [1, 17, 40, 33]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_decode_matches_reference(dtype, num_q_heads, num_kv_heads, num_splits):
+    batch = len(DECODE_SEQ_LENS)
+    q, kv, cu, seq_lens, bt = make_paged_case(
+        [1] * batch, DECODE_SEQ_LENS, num_q_heads, num_kv_heads, 32, 8, dtype
+    )
+    scale = 32**-0.5
+    out = pa.paged_decode_attention(
+        q, kv[0], kv[1], bt, seq_lens, scale, num_splits=num_splits, out=poisoned_like(q)
+    )
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, scale)
+    assert torch.isfinite(out).all(), "some outputs were not written (or read unmasked NaN slots)"
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decode_large_group_more_splits_than_tiles():
+    # 5 splits over contexts of 1..3 tiles: most slices are empty and must weigh zero in the merge.
+    seq_lens = [3, 20, 47]
+    q, kv, cu, sl, bt = make_paged_case([1] * 3, seq_lens, 8, 1, 64, 16, torch.float32, seed=3)
+    out = pa.paged_decode_attention(q, kv[0], kv[1], bt, sl, 0.125, num_splits=5, out=poisoned_like(q))
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, sl, bt, 0.125)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_zero_length_padding_rows_give_zeros(num_splits):
+    # CUDA-graph padding rows carry seq_len 0: they must come out finite (zeros), not NaN.
+    q, kv, cu, seq_lens, bt = make_paged_case([1, 1], [12, 1], 4, 2, 32, 8, torch.float32, seed=4)
+    seq_lens[1] = 0
+    out = pa.paged_decode_attention(
+        q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits, out=poisoned_like(q)
+    )
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = pa.ref_paged_attention(q[:1], kv[0], kv[1], cu[:2], seq_lens[:1], bt[:1], 0.2)
+    assert rel_err(out[:1], ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_kv_decode_and_prefill(dtype):
+    q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 4, 2, 32, 8, dtype, seed=5)
+    kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    scale = 32**-0.5
+    k8, v8 = kv8[0], kv8[1]
+    max_q = max(PREFILL_Q_LENS)
+    out = pa.paged_prefill_attention(
+        q, k8, v8, cu, seq_lens, bt, max_q, scale, k_scale, v_scale, out=poisoned_like(q)
+    )
+    ref = pa.ref_paged_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    # Quantization itself stays close to the unquantized attention.
+    assert rel_err(ref, pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, scale)) < 0.1
+
+    qd = q[cu[1:].long() - 1].contiguous()  # last query of each sequence: a decode step
+    cud = torch.arange(len(PREFILL_SEQ_LENS) + 1, dtype=torch.int32, device=DEVICE)
+    out = pa.paged_decode_attention(
+        qd, kv8[0], kv8[1], bt, seq_lens, scale, k_scale, v_scale, num_splits=3, out=poisoned_like(qd)
+    )
+    ref = pa.ref_paged_attention(qd, kv8[0], kv8[1], cud, seq_lens, bt, scale, k_scale, v_scale)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_entry_point_dispatch():
+    q, kv, cu, seq_lens, bt = make_paged_case([2, 1], [9, 4], 4, 2, 32, 8, torch.float32, seed=6)
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)
+    out = pa.paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 2, 0.3)
+    assert rel_err(out, ref) < 1e-4
+
+    qd = q[cu[1:].long() - 1].contiguous()
+    cud = torch.arange(3, dtype=torch.int32, device=DEVICE)
+    ref = pa.ref_paged_attention(qd, kv[0], kv[1], cud, seq_lens, bt, 0.3)
+    out = pa.paged_attention(qd, kv[0], kv[1], cud, seq_lens, bt, 1, 0.3, decode_only=True, num_splits=2)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_choose_num_splits(monkeypatch):
+    cpu = torch.device("cpu")
+    assert pa.choose_num_splits(1, 8, 100, cpu) == 1  # short context: one split
+    monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
+    assert pa.choose_num_splits(1, 8, 4096, cpu) == 16  # capped by 4096 / 256 tokens per split
+    assert pa.choose_num_splits(1, 32, 4096, cpu) == 9  # ~2 programs per SM
+    assert pa.choose_num_splits(64, 8, 4096, cpu) == 1  # the batch already fills the GPU
+    assert pa.choose_num_splits(1, 1, 1 << 20, cpu) == 32  # capped
+
+
+def test_invalid_inputs_raise_value_error():
+    q, kv, cu, seq_lens, bt = make_paged_case([1], [5], 4, 2, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        pa.paged_decode_attention(q.half(), kv[0], kv[1], bt, seq_lens, 0.2)
+    with pytest.raises(ValueError, match="multiple"):
+        pa.paged_decode_attention(q[:, :3], kv[0], kv[1], bt, seq_lens, 0.2)
+    kv8, k_scale, _ = quantize_fp8(kv, 4.0, 4.0)
+    with pytest.raises(ValueError, match="k_scale"):
+        pa.paged_prefill_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, 1, 0.2, k_scale=k_scale)
