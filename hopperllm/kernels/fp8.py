@@ -203,7 +203,7 @@ def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn, stride_om,
     X_SCALE_PER_ROW: tl.constexpr,
@@ -267,7 +267,35 @@ def _fp8_gemv_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+        # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
+        # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
+        # SPLIT_K partials in slice order (deterministic), writes the output and re-arms the counter.
+        slice_stride = M.to(tl.int64) * N
+        partial_ptrs = partial_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(partial_ptrs + pid_k * slice_stride, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptrs + s * slice_stride, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+
+
+# Split-K arrival counters, one int32 per output tile, per device. They are zero between launches (each
+# launch re-arms the ones it used), so the buffer is allocated and zeroed once, not per call. Like a
+# cuBLAS workspace it assumes fp8_gemv launches on one device do not overlap on different streams.
+_split_k_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    counters = _split_k_counters.get(device)
+    if counters is None or counters.numel() < num_tiles:
+        counters = torch.zeros(max(num_tiles, 4096), dtype=torch.int32, device=device)
+        _split_k_counters[device] = counters
+    return counters
 
 
 @functools.lru_cache(maxsize=8)
@@ -278,15 +306,16 @@ def _num_sms(device_index: int) -> int:
 def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     """Block sizes and split-K for fp8_gemv (a small explicit table; tune on the GPU with the benchmark).
 
-    Aim for at least ~2 waves of programs so every SM streams weights, while keeping each program's K
-    slice long enough (>= 4 BLOCK_K chunks) for the software pipeline to reach steady state.
+    Every SM must stream weights: narrow tiles (BLOCK_N = 32) unless the matrix is tall enough for 64,
+    and split K while there is less than one program per SM, keeping >= 8 BLOCK_K chunks per slice.
     """
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
-    block_n, block_k = 64, 256
+    block_n = 32 if N <= 16384 else 64
+    block_k = 256
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_chunks = triton.cdiv(K, block_k)
     split_k = 1
-    while tiles * split_k < 2 * num_sms and k_chunks >= 8 * split_k:
+    while tiles * split_k < num_sms and k_chunks >= 16 * split_k:
         split_k *= 2
     return {
         "BLOCK_M": block_m,
@@ -321,7 +350,8 @@ def fp8_gemv(
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
     MAX_IMPRECISE_ACC).
-    With SPLIT_K > 1 the K slices are atomically added into a float32 buffer, then cast.
+    With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
+    so results are deterministic) in the same launch.
     """
     _check_weight(w_fp8, w_scale)
     if x_fp8.dim() != 2 or x_fp8.dtype != FP8_DTYPE or x_fp8.stride(1) != 1:
@@ -345,13 +375,15 @@ def fp8_gemv(
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty K slices
     even_k = K % block_k == 0
-    if split_k == 1:
-        out = torch.empty((M, N), dtype=out_dtype, device=x_fp8.device)
-    else:
-        out = torch.zeros((M, N), dtype=torch.float32, device=x_fp8.device)
+    out = torch.empty((M, N), dtype=out_dtype, device=x_fp8.device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
+    if split_k > 1:
+        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x_fp8.device)
+        counters = _tile_counters(x_fp8.device, grid[0] * grid[1])
+    else:
+        partials = counters = out  # unused
     _fp8_gemv_kernel[grid](
-        x_fp8, x_scale.float(), w_fp8, w_scale.float(), out,
+        x_fp8, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters,
         M, N, K, k_per_split,
         x_fp8.stride(0), w_fp8.stride(0), out.stride(0),
         X_SCALE_PER_ROW=x_scale.numel() != 1,
@@ -360,7 +392,7 @@ def fp8_gemv(
         EVEN_K=even_k,
         **cfg,
     )  # fmt: skip
-    return out if split_k == 1 else out.to(out_dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -73,8 +73,11 @@ def write_kv_native(
     if kv_cache.dtype == FP8_DTYPE:
         k = (k.float() / k_scale).clamp(-FP8_MAX, FP8_MAX)
         v = (v.float() / v_scale).clamp(-FP8_MAX, FP8_MAX)
-    k_flat.index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    v_flat.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    if kv_cache.dtype == FP8_DTYPE:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
+        k_flat, v_flat, k, v = (t.view(torch.uint8) for t in (k_flat, v_flat, k, v))
+    k_flat.index_copy_(0, slot_mapping, k)
+    v_flat.index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_native(

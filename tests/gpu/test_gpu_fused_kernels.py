@@ -140,6 +140,25 @@ def test_fp8_gemv_vs_ref_and_scaled_mm(N, K, M, per_channel):
     assert rel_err(out, mm) < 4e-3
 
 
+def test_fp8_gemv_split_k_replays_in_cuda_graph():
+    """Decode runs under CUDA graphs: the split-K fix-up must re-arm its counters on every replay."""
+    (N, K), M = LLAMA2_7B_MATRICES[3], 4
+    w_fp8, w_scale = make_weight(N, K, per_channel=True, seed=11)
+    static_x = torch.empty(M, K, dtype=FP8, device="cuda")
+    static_scale = torch.empty(M, 1, device="cuda")
+    fp8.fp8_gemv(static_x, static_scale.fill_(1.0), w_fp8, w_scale, config={"SPLIT_K": 4})  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8.fp8_gemv(static_x, static_scale, w_fp8, w_scale, torch.float32, config={"SPLIT_K": 4})
+    for seed in range(3):
+        x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=seed))
+        static_x.copy_(x_fp8)
+        static_scale.copy_(x_scale)
+        graph.replay()
+        ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("M", [1, 16, 17, 512])
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_linear_gpu_paths_match_cpu_emulation(M, static):

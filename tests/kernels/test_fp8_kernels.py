@@ -100,6 +100,19 @@ def test_fp8_gemv_matches_ref(poisoned_empty, M, N, K, config, per_channel):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
+def test_fp8_gemv_split_k_rearms_its_counters(poisoned_empty):
+    """The split-K fix-up leaves its arrival counters at zero, so the next call (or graph replay) works."""
+    w_fp8, w_scale = make_weight(200, 1024, per_channel=True, seed=2)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((4, 1024), torch.float32, seed=4))
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    for _ in range(2):
+        out = fp8.fp8_gemv(
+            x_fp8, x_scale, w_fp8, w_scale, torch.float32, config={"SPLIT_K": 4, "BLOCK_K": 128}
+        )
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+        assert not fp8._split_k_counters[x_fp8.device].any()
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_fp8_gemv_static_input_scale_and_out_dtype(poisoned_empty, out_dtype):
     w_fp8, w_scale = make_weight(128, 384, per_channel=True, seed=7)

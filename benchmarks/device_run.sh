@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one script for the device machine: installs carried wheels, runs the GPU tests and benchmarks,
+# writes logs and JSON under $OUT. Usage (from the repo root): bash benchmarks/device_run.sh [steps...]
+# steps: info tests smoke kernels latency throughput (default: info tests smoke)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+steps=${*:-info tests smoke}
+for step in $steps; do
+  echo "=== $step ==="
+  case $step in
+    info)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/info.txt"
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/info.txt"
+      git rev-parse HEAD 2>/dev/null | tee -a "$OUT/info.txt" ;;
+    tests)
+      timeout 420 python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    tests-all)
+      timeout 540 python3 -m pytest -q tests/gpu tests/kernels tests/layers -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    smoke)
+      timeout 300 python3 benchmarks/smoke_latency.py --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8 \
+        --output-json "$OUT/smoke_7b_fp8.json" 2>&1 | tee "$OUT/smoke.log" | tail -15 ;;
+    kernels)
+      timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
