@@ -97,7 +97,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if (
+        if add_special_tokens and not self.add_bos_token and self._post_processor_adds_bos and ids[:1] == [
+            self.bos_token_id
+        ]:
+            ids = ids[1:]  # tokenizer_config.json says add_bos_token: false (transformers drops it too)
+        elif (
             add_special_tokens
             and self.add_bos_token
             and not self._post_processor_adds_bos

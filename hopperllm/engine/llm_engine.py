@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hopperllm.config import EngineConfig
 from hopperllm.engine.detokenizer import IncrementalDetokenizer
 from hopperllm.engine.scheduler import Scheduler
-from hopperllm.engine.sequence import Sequence, SequenceStatus
+from hopperllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from hopperllm.sampling_params import SamplingParams
 from hopperllm.tokenizer import Tokenizer
@@ -64,6 +64,10 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.num_prompt_tokens = 0
         self.log_stats = log_stats
+        # Overlap host work with the device (on by default where the executor supports it on a GPU).
+        self.async_scheduling = config.device == "cuda"
+        self._pending = None  # (StepLaunch, [(seq, position of its placeholder)]) of the in-flight step
+        self._num_penalty_requests = 0
 
     @classmethod
     def from_engine_args(cls, args, show_progress: bool = True) -> LLMEngine:
@@ -141,6 +145,7 @@ class LLMEngine:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
+        self._num_penalty_requests += _uses_penalties(req.params)
         for seq in req.seqs:
             self._seq_to_req[seq.seq_id] = req.request_id
             self.scheduler.add_seq(seq)
@@ -166,6 +171,7 @@ class LLMEngine:
             req = self.requests.pop(rid, None)
             if req is None:
                 continue
+            self._num_penalty_requests -= _uses_penalties(req.params)
             seq_ids += [s.seq_id for s in req.seqs]
         aborted = self.scheduler.abort_seqs(seq_ids)
         for s in seq_ids:
@@ -174,18 +180,34 @@ class LLMEngine:
         del aborted
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._pending is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
     # -- the step ---------------------------------------------------------------------------
+    def _async_ok(self) -> bool:
+        # penalties read the exact output history when the step is built: they need every token on the host
+        return self.async_scheduling and self.executor.supports_async and self._num_penalty_requests == 0
+
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        now = time.monotonic()
+        """Schedule and launch one step; read back the previous one.
+
+        With async scheduling the device runs step N while the host reads back step N-1's tokens, checks
+        stops, detokenizes and prepares step N+1: the host never leaves the device idle. A token sampled
+        by an in-flight step is a PLACEHOLDER on the host until read back (the model runner feeds it to the
+        next step from device memory). A sequence that stops is found one step late; that step's token
+        for it is dropped."""
         touched: dict[str, _Request] = {}
+        use_async = self._async_ok()
+        if not use_async and self._pending is not None:
+            self._finish_pending(touched)
+        sched = self.scheduler.schedule()
+        launch = None
+        sampled: list[tuple[Sequence, int]] = []
         if sched.scheduled:
-            out = self.executor.execute_model(sched, self.eos_token_ids)
+            prev = self._pending[0] if self._pending is not None else None
+            launch = self.executor.launch(sched, self.eos_token_ids, prev)
             now = time.monotonic()
             for item in sched.scheduled:
                 seq = item.seq
@@ -195,15 +217,25 @@ class LLMEngine:
                     self.num_prompt_tokens += min(
                         item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens
                     )
+                if item.sample:
+                    pos = seq.num_tokens
+                    sampled.append((seq, pos))
+                    if use_async:
+                        seq.append_token(PLACEHOLDER)
+                        seq.num_placeholders += 1
+                        p = seq.sampling_params
+                        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
+                        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+                            seq.hold = True
+        if self._pending is not None:
+            self._finish_pending(touched)  # fills the placeholders before the blocks are hashed below
+        if launch is not None:
             self.scheduler.update_after_step(sched)
-            for i, (seq_id, token) in enumerate(zip(out.seq_ids, out.token_ids, strict=True)):
-                req = self.requests.get(self._seq_to_req.get(seq_id, ""))
-                if req is None:
-                    continue
-                seq = req.seqs[0] if len(req.seqs) == 1 else next(s for s in req.seqs if s.seq_id == seq_id)
-                lp = out.logprobs[i] if out.logprobs is not None else None
-                self._process_token(req, seq, token, lp, now)
-                touched[req.request_id] = req
+            if use_async:
+                self._pending = (launch, sampled)
+            else:
+                self._process_launch(launch, sampled, touched)
+        now = time.monotonic()
         for seq in sched.finished:  # the scheduler gave up on these (cache too small)
             req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
             if req is not None:
@@ -217,8 +249,30 @@ class LLMEngine:
                 self._free_request(req)
         return outputs
 
-    def _process_token(self, req: _Request, seq: Sequence, token: int, lp, now: float) -> None:
-        seq.append_token(token)
+    def _finish_pending(self, touched: dict[str, _Request]) -> None:
+        launch, sampled = self._pending
+        self._pending = None
+        self._process_launch(launch, sampled, touched)
+
+    def _process_launch(
+        self, launch, sampled: list[tuple[Sequence, int]], touched: dict[str, _Request]
+    ) -> None:
+        out = self.executor.collect(launch)
+        now = time.monotonic()
+        for i, ((seq, pos), token) in enumerate(zip(sampled, out.token_ids, strict=True)):
+            req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
+            if req is None or seq.is_finished:  # aborted while the step ran
+                continue
+            lp = out.logprobs[i] if out.logprobs is not None else None
+            self._process_token(req, seq, token, lp, now, pos)
+            touched[req.request_id] = req
+
+    def _process_token(self, req: _Request, seq: Sequence, token: int, lp, now: float, pos: int) -> None:
+        if pos == seq.num_tokens:
+            seq.append_token(token)
+        else:  # fill the placeholder of an async step
+            seq.token_ids[pos] = token
+            seq.num_placeholders -= 1
         self.num_generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -231,7 +285,7 @@ class LLMEngine:
             seq.cumulative_logprob += chosen
         p = seq.sampling_params
         status = None
-        n_out = seq.num_output_tokens
+        n_out = pos + 1 - seq.num_prompt_tokens
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 status = SequenceStatus.FINISHED_STOPPED
@@ -244,9 +298,12 @@ class LLMEngine:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
         if status is None:
             max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
-            if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+            if n_out >= max_tokens or pos + 1 >= self.max_model_len:
                 status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            if len(seq.token_ids) > pos + 1:  # drop the token of a step launched after this one
+                del seq.token_ids[pos + 1 :]
+                seq.num_placeholders = 0
             seq.finished_time = now
             self.scheduler.finish_seq(seq, status)
 
@@ -287,7 +344,8 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
 
     def _free_request(self, req: _Request) -> None:
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is not None:
+            self._num_penalty_requests -= _uses_penalties(req.params)
         for s in req.seqs:
             self._seq_to_req.pop(s.seq_id, None)
         self.executor.release([s.seq_id for s in req.seqs])
@@ -314,3 +372,7 @@ class LLMEngine:
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting_requests; retry later (HTTP 429/503)."""
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

@@ -7,6 +7,8 @@ import time
 
 from hopperllm.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a sampled token still on the GPU (async scheduling); never given to the model as is
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
@@ -63,6 +65,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
         self.num_preemptions = 0
+        # Async scheduling: the step that samples the next token is in flight. Its token is appended as
+        # PLACEHOLDER (counted, so the next step can be scheduled) and filled in when the step is read back.
+        self.num_placeholders = 0
+        self.hold = False  # its in-flight token ends it (max_tokens / max_model_len): schedule no more
         self.stop_reason: int | str | None = None
         # timing, filled by the engine
         self.first_scheduled_time: float | None = None
@@ -84,10 +90,12 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Known output tokens (without a trailing in-flight placeholder)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_placeholders]
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens, counting an in-flight one."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property

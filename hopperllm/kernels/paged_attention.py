@@ -284,6 +284,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Launch parameters of the decode kernel on the GPU (benchmarks/tune_attention.py sweeps them).
+DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per sequence so that stage 1 has about two programs per SM, each with >= 256 keys.
 
@@ -376,7 +380,8 @@ def paged_decode_attention(
         part_out = part_lse = out  # unused by the kernel
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
     block_h = max(16, triton.next_power_of_2(group))
-    block_n = 64 if q.is_cuda else 16
+    cfg = DECODE_CONFIG if q.is_cuda else {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    block_n = cfg["BLOCK_N"]
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -403,8 +408,8 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
-        num_warps=4,
-        num_stages=2,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](

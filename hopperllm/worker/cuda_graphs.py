@@ -47,7 +47,10 @@ class DecodeGraphRunner:
 
         if bs not in self.num_splits:
             self.num_splits[bs] = choose_num_splits(
-                bs, self.runner.num_kv_heads, self.runner.config.scheduler_config.max_model_len, self.runner.device
+                bs,
+                self.runner.num_kv_heads,
+                self.runner.config.scheduler_config.max_model_len,
+                self.runner.device,
             )
         return AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
@@ -65,8 +68,12 @@ class DecodeGraphRunner:
         t0 = time.perf_counter()
         model, kv = self.runner.model, self.runner.kv_caches
         pool = None
-        for bs in tqdm(sorted(self.sizes, reverse=True), desc="Capturing CUDA graphs", disable=not show_progress,
-                       leave=False):
+        for bs in tqdm(
+            sorted(self.sizes, reverse=True),
+            desc="Capturing CUDA graphs",
+            disable=not show_progress,
+            leave=False,
+        ):
             meta = self._meta(bs)
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
                 model(self.input_ids[:bs], self.positions[:bs], kv, meta)

@@ -11,9 +11,17 @@ from hopperllm.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 class Executor:
     num_kv_blocks: int
+    supports_async: bool = False  # launch()/collect() overlap host work with the device
 
     def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
         raise NotImplementedError
+
+    def launch(self, sched: SchedulerOutput, eos_ids=(), prev=None):
+        """Start a step; the default runs it to completion (executors without overlap)."""
+        return self.execute_model(sched, eos_ids)
+
+    def collect(self, launch) -> ModelRunnerOutput:
+        return launch
 
     def release(self, seq_ids) -> None:
         """Forget per-sequence state (RNGs) of finished sequences."""
@@ -32,8 +40,16 @@ class UniprocExecutor(Executor):
 
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
 
+    supports_async = True
+
     def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
         return self.runner.execute_model(sched, eos_ids)
+
+    def launch(self, sched: SchedulerOutput, eos_ids=(), prev=None):
+        return self.runner.launch(sched, eos_ids, prev)
+
+    def collect(self, launch) -> ModelRunnerOutput:
+        return self.runner.collect(launch)
 
     def release(self, seq_ids) -> None:
         self.runner.release(seq_ids)

@@ -33,6 +33,18 @@ class ModelRunnerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None] | None = None
 
 
+@dataclass
+class StepLaunch:
+    """A step enqueued on the device whose sampled tokens have not been read back yet."""
+
+    seq_ids: list[str]
+    token_ids_dev: torch.Tensor | None = None
+    token_ids_host: torch.Tensor | None = None
+    logprobs: object = None
+    wanted_logprobs: list[int | None] | None = None
+    event: torch.cuda.Event | None = None
+
+
 def kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     if cache_dtype.startswith("fp8"):
         return FP8_DTYPE
@@ -264,22 +276,69 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
+    def launch(self, sched: SchedulerOutput, eos_ids=(), prev: StepLaunch | None = None) -> StepLaunch:
+        """Enqueue the step's forward and sampling on the device; returns without waiting for them.
+
+        Tokens that are still PLACEHOLDERs on the host (sampled by `prev`, not yet read back) are taken
+        from `prev`'s device tensor, so the host never waits between steps."""
         input_ids, positions, meta, sample_idx, sample_seqs = self._prepare(sched)
+        if prev is not None and prev.token_ids_dev is not None:
+            self._fill_placeholders(sched, input_ids, prev)
         if self.graph_runner is not None and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        launch = StepLaunch([s.seq_id for s in sample_seqs])
         if not sample_seqs:
-            return ModelRunnerOutput()
+            return launch
         logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
         smeta = self.sampling_metadata(sample_seqs, eos_ids)
         out = self.sampler(logits, smeta)
-        token_ids = out.sampled_token_ids.tolist()  # the one host sync of the step
-        logprobs = None
+        launch.token_ids_dev = out.sampled_token_ids
+        launch.wanted_logprobs = [s.sampling_params.logprobs for s in sample_seqs]
+        cuda = self.device.type == "cuda"
+        launch.token_ids_host = torch.empty(len(sample_seqs), dtype=torch.long, pin_memory=cuda)
+        launch.token_ids_host.copy_(out.sampled_token_ids, non_blocking=cuda)
         if out.logprobs is not None:
-            logprobs = _logprobs_to_lists(out.logprobs, [s.sampling_params.logprobs for s in sample_seqs])
-        return ModelRunnerOutput([s.seq_id for s in sample_seqs], token_ids, logprobs)
+            launch.logprobs = out.logprobs
+        if cuda:
+            launch.event = torch.cuda.Event()
+            launch.event.record()
+        return launch
+
+    def _fill_placeholders(self, sched: SchedulerOutput, input_ids: torch.Tensor, prev: StepLaunch) -> None:
+        rows = {sid: i for i, sid in enumerate(prev.seq_ids)}
+        flat, src = [], []
+        offset = 0
+        for item in sched.scheduled:
+            seq = item.seq
+            if seq.num_placeholders:
+                pos = seq.num_tokens - 1  # the placeholder is always the last token
+                start = seq.num_computed_tokens
+                if start <= pos < start + item.num_new_tokens and seq.seq_id in rows:
+                    flat.append(offset + pos - start)
+                    src.append(rows[seq.seq_id])
+            offset += item.num_new_tokens
+        if flat:
+            d = self.device
+            idx = torch.tensor(flat, dtype=torch.long).to(d, non_blocking=True)
+            srcs = torch.tensor(src, dtype=torch.long).to(d, non_blocking=True)
+            input_ids.index_copy_(0, idx, prev.token_ids_dev.index_select(0, srcs))
+
+    def collect(self, launch: StepLaunch) -> ModelRunnerOutput:
+        """Wait for a launched step and read its sampled tokens back."""
+        if launch.token_ids_host is None:
+            return ModelRunnerOutput(launch.seq_ids, [], None)
+        if launch.event is not None:
+            launch.event.synchronize()
+        token_ids = launch.token_ids_host.tolist()
+        logprobs = None
+        if launch.logprobs is not None:
+            logprobs = _logprobs_to_lists(launch.logprobs, launch.wanted_logprobs)
+        return ModelRunnerOutput(launch.seq_ids, token_ids, logprobs)
+
+    def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
+        return self.collect(self.launch(sched, eos_ids))
 
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
         """Full-sequence logits [T, V] for one prompt, in float32, through the paged path (tests, eval)."""

@@ -24,9 +24,14 @@ def _prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 290, (n_,), generator=g).tolist() for n_ in lens]
 
 
-def _llm(model_dir, **kw) -> LLM:
+def _llm(model_dir, async_scheduling: bool = False, **kw) -> LLM:
     kw.setdefault("num_kv_blocks", 128)
-    return LLM(model=model_dir, dtype="float32", device="cpu", show_progress=False, **kw)
+    llm = LLM(model=model_dir, dtype="float32", device="cpu", show_progress=False, **kw)
+    llm.engine.async_scheduling = async_scheduling  # on CPU it is off by default; both modes must agree
+    return llm
+
+
+both_modes = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 
 
 def _run(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
@@ -49,31 +54,35 @@ def _assert_all_blocks_free(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_batched_equals_alone(model_dir, alone):
-    llm = _llm(model_dir)
+@both_modes
+def test_batched_equals_alone(model_dir, alone, async_scheduling):
+    llm = _llm(model_dir, async_scheduling)
     assert _run(llm, _prompts()) == alone
     _assert_all_blocks_free(llm)
 
 
-def test_preemption_keeps_outputs(model_dir, alone):
-    llm = _llm(model_dir, num_kv_blocks=12, enable_prefix_caching=False)
+@both_modes
+def test_preemption_keeps_outputs(model_dir, alone, async_scheduling):
+    llm = _llm(model_dir, async_scheduling, num_kv_blocks=12, enable_prefix_caching=False)
     assert _run(llm, _prompts()) == alone
     assert llm.engine.get_stats().num_preemptions > 0
     _assert_all_blocks_free(llm)
 
 
-def test_chunked_prefill_keeps_outputs(model_dir, alone):
-    llm = _llm(model_dir, max_num_batched_tokens=7, max_num_seqs=4)
+@both_modes
+def test_chunked_prefill_keeps_outputs(model_dir, alone, async_scheduling):
+    llm = _llm(model_dir, async_scheduling, max_num_batched_tokens=7, max_num_seqs=4)
     assert _run(llm, _prompts()) == alone
     _assert_all_blocks_free(llm)
 
 
-def test_prefix_cache_hits_keep_outputs(model_dir):
+@both_modes
+def test_prefix_cache_hits_keep_outputs(model_dir, async_scheduling):
     system = list(range(10, 58))  # 48 tokens: three full blocks shared by every prompt
     prompts = [system + p for p in _prompts(8, seed=5)]
     ref_llm = _llm(model_dir, enable_prefix_caching=False)
     ref = [_run(ref_llm, [p])[0] for p in prompts]
-    llm = _llm(model_dir, enable_prefix_caching=True)
+    llm = _llm(model_dir, async_scheduling, enable_prefix_caching=True)
     _run(llm, prompts[:1])  # warm the cache with the shared prefix
     assert _run(llm, prompts) == ref
     stats = llm.engine.get_stats()
@@ -82,8 +91,9 @@ def test_prefix_cache_hits_keep_outputs(model_dir):
     _assert_all_blocks_free(llm)
 
 
-def test_abort_mid_generation_returns_blocks(model_dir):
-    llm = _llm(model_dir)
+@both_modes
+def test_abort_mid_generation_returns_blocks(model_dir, async_scheduling):
+    llm = _llm(model_dir, async_scheduling)
     eng: LLMEngine = llm.engine
     total = eng.scheduler.block_manager.num_free_blocks
     for i, p in enumerate(_prompts(6)):
@@ -109,9 +119,10 @@ def test_request_that_can_never_fit_is_rejected(model_dir):
     _assert_all_blocks_free(llm)
 
 
-def test_generation_stops_at_cache_capacity_instead_of_hanging(model_dir):
+@both_modes
+def test_generation_stops_at_cache_capacity_instead_of_hanging(model_dir, async_scheduling):
     # 2 blocks = 32 tokens of cache: a 20-token prompt asking for 100 tokens must end, not wait forever
-    llm = _llm(model_dir, num_kv_blocks=2, max_model_len=512)
+    llm = _llm(model_dir, async_scheduling, num_kv_blocks=2, max_model_len=512)
     out = llm.generate(
         {"prompt_token_ids": list(range(3, 23))},
         SamplingParams(max_tokens=100, ignore_eos=True),
@@ -122,8 +133,9 @@ def test_generation_stops_at_cache_capacity_instead_of_hanging(model_dir):
     _assert_all_blocks_free(llm)
 
 
-def test_seeded_sampling_is_batch_independent(model_dir):
-    llm = _llm(model_dir)
+@both_modes
+def test_seeded_sampling_is_batch_independent(model_dir, async_scheduling):
+    llm = _llm(model_dir, async_scheduling)
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
     prompt = _prompts(1)[0]
     alone_ = _run(llm, [prompt], params)[0]
@@ -131,8 +143,9 @@ def test_seeded_sampling_is_batch_independent(model_dir):
     assert alone_ == batched
 
 
-def test_n_completions_differ_and_stream_deltas_add_up(model_dir):
-    llm = _llm(model_dir)
+@both_modes
+def test_n_completions_differ_and_stream_deltas_add_up(model_dir, async_scheduling):
+    llm = _llm(model_dir, async_scheduling)
     eng = llm.engine
     eng.add_request("a", "hello there", SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=7))
     deltas = {0: [], 1: []}
@@ -145,3 +158,30 @@ def test_n_completions_differ_and_stream_deltas_add_up(model_dir):
     assert final.finished
     assert [deltas[0], deltas[1]] == [c.token_ids for c in final.outputs]
     assert final.outputs[0].token_ids != final.outputs[1].token_ids
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stops_and_limits_in_both_modes(model_dir, async_scheduling):
+    """EOS / stop ids / max_tokens / max_model_len end a sequence at the same token in both modes."""
+    llm = _llm(model_dir, async_scheduling, max_model_len=40)
+    prompts = _prompts(6)
+    free = _run(_llm(model_dir), prompts, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    stop_ids = [f[3] for f in free]  # the 4th generated token of each prompt ends it
+    for p, f, sid in zip(prompts, free, stop_ids, strict=True):
+        out = llm.generate(
+            {"prompt_token_ids": p},
+            SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[sid], ignore_eos=True),
+            use_tqdm=False,
+        )[0].outputs[0]
+        assert out.token_ids == f[: f.index(sid) + 1]
+        assert out.finish_reason == "stop" and out.stop_reason == sid
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+        use_tqdm=False,
+    )
+    for p, o in zip(prompts, outs, strict=True):
+        assert len(p) + len(o.outputs[0].token_ids) == min(40, len(p) + 30)
+        assert o.outputs[0].finish_reason == "length"
+        assert -1 not in o.outputs[0].token_ids
+    _assert_all_blocks_free(llm)

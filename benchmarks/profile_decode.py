@@ -1,0 +1,119 @@
+"""Where does a batch-1 decode step go? GPU time of the captured graph vs the whole engine step,
+the host phases of a step, and the top kernels of one eager forward.
+
+    python benchmarks/profile_decode.py --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from hopperllm import LLM, SamplingParams
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="dummy:llama-2-7b")
+    p.add_argument("--quantization", default="fp8")
+    p.add_argument("--kv-cache-dtype", default="fp8")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+    llm = LLM(
+        model=a.model,
+        quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
+        max_num_seqs=max(8, a.batch_size),
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=0.85,
+    )
+    eng = llm.engine
+    runner = eng.executor.runner
+    res: dict = {"model": a.model, "batch_size": a.batch_size, "context": a.context}
+    g = torch.Generator().manual_seed(0)
+    for i in range(a.batch_size):
+        ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()
+        eng.add_request(
+            f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+        )
+    for _ in range(3):
+        eng.step()  # prefill + first decodes
+    # 1) host phases of steady-state decode steps
+    phases = defaultdict(float)
+    orig_exec = runner.execute_model
+    orig_prep = runner._prepare
+    orig_sched = eng.scheduler.schedule
+
+    def timed(name, fn):
+        def w(*args, **kw):
+            torch.cuda.synchronize() if name == "execute_model" else None
+            t = time.perf_counter()
+            r = fn(*args, **kw)
+            phases[name] += time.perf_counter() - t
+            return r
+
+        return w
+
+    runner.execute_model = timed("execute_model", orig_exec)
+    runner._prepare = timed("prepare", orig_prep)
+    eng.scheduler.schedule = timed("schedule", orig_sched)
+    n = 50
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        eng.step()
+    step_ms = (time.perf_counter() - t0) / n * 1e3
+    res["engine_step_ms"] = step_ms
+    res["host_phases_ms"] = {k: v / n * 1e3 for k, v in phases.items()}
+    runner.execute_model, runner._prepare, eng.scheduler.schedule = orig_exec, orig_prep, orig_sched
+    # 2) pure GPU time of the captured graph at this batch size
+    gr = runner.graph_runner
+    if gr is not None:
+        bs = next(s for s in gr.sizes if s >= a.batch_size)
+        gr.seq_lens[: a.batch_size].fill_(a.context)
+        graph = gr.graphs[bs]
+        for _ in range(5):
+            graph.replay()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(100):
+            graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        res["graph_replay_ms"] = s.elapsed_time(e) / 100
+    # 3) kernels of one eager decode forward
+    from torch.profiler import ProfilerActivity, profile
+
+    meta = gr._meta(bs)
+    with torch.inference_mode():
+        for _ in range(3):
+            runner.model(gr.input_ids[:bs], gr.positions[:bs], runner.kv_caches, meta)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.model(gr.input_ids[:bs], gr.positions[:bs], runner.kv_caches, meta)
+            torch.cuda.synchronize()
+    agg = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            agg[ev.name][0] += 1
+            agg[ev.name][1] += (
+                ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            )
+    top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:15]
+    res["eager_kernels_us"] = {k[:80]: {"count": c, "total_us": t} for k, (c, t) in top}
+    res["eager_kernel_sum_us"] = sum(t for _, (c, t) in agg.items())
+    print(json.dumps(res, indent=1))
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

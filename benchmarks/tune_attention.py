@@ -1,0 +1,89 @@
+"""Sweep the paged decode-attention launch parameters at the decode shapes that matter and print the
+time against the floor (K/V bytes over the measured copy bandwidth).
+
+    python benchmarks/tune_attention.py --output-json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+
+from hopperllm.kernels import paged_attention as pa
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+    bw = copy_bandwidth()
+    rows = []
+    shapes = [  # (name, batch, Hq, Hkv, D, context)
+        ("llama2-7b b1", 1, 32, 32, 128, 2048),
+        ("llama3-8b b1", 1, 32, 8, 128, 2048),
+        ("llama2-7b b32", 32, 32, 32, 128, 2048),
+        ("llama3-8b b64", 64, 32, 8, 128, 2176),
+    ]
+    bs = 16
+    for name, B, hq, hkv, d, ctx in shapes:
+        nblk_per_seq = -(-ctx // bs)
+        nb = B * nblk_per_seq + 8
+        # several caches so that repeated calls do not read L2-resident data
+        caches = [torch.randn(2, nb, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn) for _ in range(3)]
+        tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: B * nblk_per_seq].view(B, -1)
+        seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        one = torch.ones(1, device="cuda")
+        kv_bytes = B * ctx * hkv * d * 2
+        floor_us = kv_bytes / bw * 1e6
+        best = None
+        split_choices = [4, 8, 16, 32] if B == 1 else [1, 2]
+        for splits, bn, nw, ns in itertools.product(split_choices, [32, 64, 128], [4], [2, 3]):
+            if splits > 1 and ctx // splits < bn:
+                continue
+            pa.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
+            i = [0]
+
+            def run():
+                c = caches[i[0] % 3]
+                i[0] += 1
+                pa.paged_decode_attention(q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits)
+
+            try:
+                us = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median") * 1e3
+            except Exception as e:  # noqa: BLE001 (a config the compiler rejects)
+                print("skip", splits, bn, nw, ns, type(e).__name__)
+                continue
+            row = {
+                "shape": name,
+                "splits": splits,
+                "BLOCK_N": bn,
+                "num_warps": nw,
+                "num_stages": ns,
+                "us": us,
+                "floor_us": floor_us,
+                "pct_of_floor": 100 * floor_us / us,
+            }
+            rows.append(row)
+            if best is None or us < best["us"]:
+                best = row
+        print(f"{name}: floor {floor_us:.1f} us; best {best}")
+    res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
