@@ -132,6 +132,41 @@ def bench_silu_and_mul(rec: Recorder, l2: int) -> None:
             rec.add("silu_and_mul" + ("_fp8" if out_fp8 else ""), f"T={T} I={inter} bf16", ms, per_set)
 
 
+def bench_silu_fp8_variants(rec: Recorder, l2: int) -> None:
+    """The fused SwiGLU + per-token FP8 kernel's launch shapes against the unfused pair of kernels."""
+    variants = [
+        {"BLOCK": 16384, "SINGLE_PASS": True, "num_warps": 16},
+        {"BLOCK": 16384, "SINGLE_PASS": True, "num_warps": 8},
+        {"BLOCK": 4096, "SINGLE_PASS": False, "num_warps": 8},
+        {"BLOCK": 2048, "SINGLE_PASS": False, "num_warps": 4},
+        {"BLOCK": 1024, "SINGLE_PASS": False, "num_warps": 4},
+    ]
+    for T, inter in [(16, 11008), (256, 11008), (8192, 11008)]:
+        per_set = T * 2 * inter * 2 + T * inter
+        sets = [(randn(T, 2 * inter),) for _ in range(num_sets(per_set, l2))]
+        out = torch.empty(T, inter, dtype=FP8, device="cuda")
+        scale = torch.empty(T, 1, device="cuda")
+        for v in variants:
+
+            def fused(x, v=v, out=out, scale=scale, grid=(T,), inter=inter):
+                activation._silu_and_mul_fp8_kernel[grid](
+                    x, out, scale, inter, x.stride(0), out.stride(0), **v
+                )
+
+            rec.add("silu_fp8_fused", f"T={T} I={inter} {v}", median_ms(fused, sets), per_set)
+        unfused = median_ms(lambda x: fp8.per_token_quant_fp8(activation.silu_and_mul(x)), sets)
+        rec.add("silu_fp8_unfused", f"T={T} I={inter}", unfused, per_set)
+        # the same launch shapes for plain per-token quantization of an 11008-wide row
+        per_set = T * inter * 3
+        sets = [(randn(T, inter),) for _ in range(num_sets(per_set, l2))]
+        for v in variants:
+
+            def quant(x, v=v, out=out, scale=scale, grid=(T,), inter=inter):
+                fp8._per_token_quant_kernel[grid](x, out, scale, inter, x.stride(0), out.stride(0), **v)
+
+            rec.add("per_token_quant_variant", f"T={T} K={inter} {v}", median_ms(quant, sets), per_set)
+
+
 def bench_quant(rec: Recorder, l2: int) -> None:
     for T, K in [(16, 4096), (8192, 4096)]:
         per_set = T * K * 3
@@ -210,7 +245,7 @@ def main() -> None:
     )
     parser.add_argument("--output-json", default=None, help="write all rows and the device info here")
     parser.add_argument("--tune", action="store_true", help="also sweep fp8_gemv configs")
-    parser.add_argument("--only", default=None, help="comma list of: norm,rotary,silu,quant,gemv")
+    parser.add_argument("--only", default=None, help="comma list of: norm,rotary,silu,silu_fp8,quant,gemv")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -224,7 +259,7 @@ def main() -> None:
           f"device-to-device copy {copy_gbps:.0f} GB/s (read + write)")  # fmt: skip
     rec = Recorder(copy_gbps)
     benches = {"norm": bench_rms_norm, "rotary": bench_rotary, "silu": bench_silu_and_mul,
-               "quant": bench_quant, "gemv": bench_fp8_gemv}  # fmt: skip
+               "silu_fp8": bench_silu_fp8_variants, "quant": bench_quant, "gemv": bench_fp8_gemv}  # fmt: skip
     for key in args.only.split(",") if args.only else benches:
         benches[key](rec, l2)
         torch.cuda.empty_cache()

@@ -55,7 +55,7 @@ def main():
             pa.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
             i = [0]
 
-            def run():
+            def run(caches=caches, i=i, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 c = caches[i[0] % 3]
                 i[0] += 1
                 pa.paged_decode_attention(q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits)

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from hopperllm.kernels.fp8 import (
     FP8_DTYPE,
+    fp8_inv_scale,
     fp8_scale_from_amax,
     quantize_fp8,
     ref_per_token_quant_fp8,
@@ -32,8 +33,9 @@ def _silu_and_mul_chunk(x_row, offs, inter):
     mask = offs < inter
     gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) = g / (1 + exp(-g)), as g * sigmoid(g) with IEEE division to stay close to torch.
-    y = gate * tl.div_rn(1.0, 1.0 + tl.exp(-gate)) * up
+    # silu(g) = g / (1 + exp(-g)) with the fast (approximate) division: a few float32 ulps from torch's
+    # sigmoid, invisible after rounding to bf16 (an IEEE division here made the FP8 variant ALU-bound).
+    y = gate / (1.0 + tl.exp(-gate)) * up
     return y.to(x_row.dtype.element_ty).to(tl.float32)
 
 
@@ -59,17 +61,19 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, inter, stride_x, stride_
         y = _silu_and_mul_chunk(x_row, offs, inter)
         scale = fp8_scale_from_amax(tl.max(tl.abs(y), axis=0))
         tl.store(scale_ptr + row, scale)
-        tl.store(out_row + offs, quantize_fp8(y, scale), mask=offs < inter)
+        inv_scale = fp8_inv_scale(scale)
+        tl.store(out_row + offs, quantize_fp8(y, inv_scale), mask=offs < inter)
     else:  # pass 1 computes amax, pass 2 recomputes from the row (now L2-resident) and quantizes
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, inter, BLOCK):
             amax = tl.maximum(amax, tl.abs(_silu_and_mul_chunk(x_row, start + tl.arange(0, BLOCK), inter)))
         scale = fp8_scale_from_amax(tl.max(amax, axis=0))
         tl.store(scale_ptr + row, scale)
+        inv_scale = fp8_inv_scale(scale)
         for start in range(0, inter, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             y = _silu_and_mul_chunk(x_row, offs, inter)
-            tl.store(out_row + offs, quantize_fp8(y, scale), mask=offs < inter)
+            tl.store(out_row + offs, quantize_fp8(y, inv_scale), mask=offs < inter)
 
 
 def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,10 @@
 
 Conventions (shared by every kernel that produces FP8):
 - activations: per-token dynamic scale[t] = max(amax(x[t]) * (1 / 448), 1e-12) (float32 [T, 1]), or one
-  static float32 scale [1]; x_fp8 = clamp(x / scale, -448, 448) rounded to nearest even. (The scale
-  multiplies by the float32 reciprocal because that is what torch computes for `amax / 448` on CUDA;
-  written this way the reference gives the same bits on the CPU and the GPU, and so do the kernels.)
+  static float32 scale [1]; x_fp8 = clamp(x * (1 / scale), -448, 448) rounded to nearest even.
+  Both divisions are written as products with a float32 reciprocal (torch computes `amax / 448` that
+  way on CUDA, and one IEEE reciprocal per row beats a division per element): the torch references
+  then give the same bits on the CPU and the GPU, and the kernels match them bit for bit.
 - weights: w_fp8 [N, K] with w_scale float32 [1] (per tensor) or [N] / [N, 1] (per output channel).
 - y = (x_fp8 * x_scale) @ (w_fp8 * w_scale).T, accumulated in float32.
 """
@@ -36,11 +37,12 @@ def ref_per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """x [..., K] -> (x_fp8 [..., K], scale float32 [..., 1])."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) * FP8_MAX_INV).clamp(min=FP8_MIN_SCALE)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return ref_static_quant_fp8(xf, scale), scale
 
 
 def ref_static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """x -> e4m3 codes of x * (1 / scale), saturated; scale float32, broadcastable to x."""
+    return (x.float() * scale.float().reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def ref_fp8_matmul(
@@ -68,10 +70,15 @@ def fp8_scale_from_amax(amax):
 
 
 @triton.jit
-def quantize_fp8(v, scale):
-    """float32 v -> e4m3, saturating; v / scale with IEEE division so the codes match torch's."""
-    q = tl.div_rn(v, scale)
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+def fp8_inv_scale(scale):
+    # IEEE reciprocal, as torch's Tensor.reciprocal(): once per row (or per tensor), not per element.
+    return tl.div_rn(1.0, scale)
+
+
+@triton.jit
+def quantize_fp8(v, inv_scale):
+    """float32 v -> e4m3 of v * inv_scale, saturated to +-448 (cvt.rn.satfinite rounds to nearest even)."""
+    q = tl.minimum(tl.maximum(v * inv_scale, -448.0), 448.0)
     return q.to(tl.float8e4nv)
 
 
@@ -131,7 +138,7 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOC
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
         tl.store(scale_ptr + row, scale)
-        tl.store(q_row + offs, quantize_fp8(x, scale), mask=offs < K)
+        tl.store(q_row + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=offs < K)
     else:  # pass 1 finds amax, pass 2 re-reads the row (now L2-resident) and quantizes
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, K, BLOCK):
@@ -139,10 +146,11 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOC
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
         scale = fp8_scale_from_amax(tl.max(amax, axis=0))
         tl.store(scale_ptr + row, scale)
+        inv_scale = fp8_inv_scale(scale)
         for start in range(0, K, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            tl.store(q_row + offs, quantize_fp8(x, scale), mask=offs < K)
+            tl.store(q_row + offs, quantize_fp8(x, inv_scale), mask=offs < K)
 
 
 def row_launch(n: int, max_single: int = 16384) -> dict:
@@ -160,7 +168,7 @@ def _static_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: 
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-    tl.store(q_ptr + row * stride_q + offs, quantize_fp8(x, scale), mask=offs < K)
+    tl.store(q_ptr + row * stride_q + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=offs < K)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +212,7 @@ def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, K_PER_SPLIT,
+    M, N, K, K_PER_SPLIT, SLICE_STRIDE,
     stride_xm, stride_wn, stride_om,
     X_SCALE_PER_ROW: tl.constexpr,
     W_SCALE_PER_CHANNEL: tl.constexpr,
@@ -270,16 +278,16 @@ def _fp8_gemv_kernel(
         # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
         # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
         # SPLIT_K partials in slice order (deterministic), writes the output and re-arms the counter.
-        slice_stride = M.to(tl.int64) * N
         partial_ptrs = partial_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-        tl.store(partial_ptrs + pid_k * slice_stride, acc, mask=mask)
+        tl.store(partial_ptrs + pid_k.to(tl.int64) * SLICE_STRIDE, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the release below
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(partial_ptrs + s * slice_stride, mask=mask, other=0.0, cache_modifier=".cg")
+            for _ in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                partial_ptrs += SLICE_STRIDE
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
 
@@ -306,16 +314,20 @@ def _num_sms(device_index: int) -> int:
 def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     """Block sizes and split-K for fp8_gemv (a small explicit table; tune on the GPU with the benchmark).
 
-    Every SM must stream weights: narrow tiles (BLOCK_N = 32) unless the matrix is tall enough for 64,
-    and split K while there is less than one program per SM, keeping >= 8 BLOCK_K chunks per slice.
+    Every SM must stream weights. Measured on an H100 (benchmarks/bench_kernels.py --tune) with the
+    Llama-2-7B decode matrices: M == 1 runs best on 64-row tiles split along K up to ~1.5 waves of
+    programs; M > 1 on 32-row tiles (64 for tall matrices) split only below one wave.
     """
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
-    block_n = 32 if N <= 16384 else 64
     block_k = 256
+    if M == 1:
+        block_n, waves, min_chunks_per_slice = 64, 1.5, 4
+    else:
+        block_n, waves, min_chunks_per_slice = (32 if N <= 16384 else 64), 1.0, 8
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_chunks = triton.cdiv(K, block_k)
     split_k = 1
-    while tiles * split_k < num_sms and k_chunks >= 16 * split_k:
+    while tiles * split_k < waves * num_sms and k_chunks >= min_chunks_per_slice * 2 * split_k:
         split_k *= 2
     return {
         "BLOCK_M": block_m,
@@ -384,7 +396,7 @@ def fp8_gemv(
         partials = counters = out  # unused
     _fp8_gemv_kernel[grid](
         x_fp8, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters,
-        M, N, K, k_per_split,
+        M, N, K, k_per_split, M * N,
         x_fp8.stride(0), w_fp8.stride(0), out.stride(0),
         X_SCALE_PER_ROW=x_scale.numel() != 1,
         W_SCALE_PER_CHANNEL=w_scale.numel() != 1,

@@ -10,7 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_scale_from_amax, quantize_fp8, ref_per_token_quant_fp8
+from hopperllm.kernels.fp8 import (
+    FP8_DTYPE,
+    fp8_inv_scale,
+    fp8_scale_from_amax,
+    quantize_fp8,
+    ref_per_token_quant_fp8,
+    ref_static_quant_fp8,
+)
 
 
 def ref_rms_norm(
@@ -36,7 +43,7 @@ def ref_rms_norm_fp8(
     out = ref_rms_norm(x, weight, eps, residual).float()
     if static_scale is None:
         return ref_per_token_quant_fp8(out)
-    return (out / static_scale).clamp(-448.0, 448.0).to(FP8_DTYPE), static_scale
+    return ref_static_quant_fp8(out, static_scale), static_scale
 
 
 @triton.jit
@@ -70,7 +77,7 @@ def _rms_norm_kernel(
         else:
             scale = fp8_scale_from_amax(tl.max(tl.abs(outf), axis=0))
             tl.store(scale_ptr + row, scale)
-        tl.store(out_ptr + row * stride_out + offs, quantize_fp8(outf, scale), mask=mask)
+        tl.store(out_ptr + row * stride_out + offs, quantize_fp8(outf, fp8_inv_scale(scale)), mask=mask)
     else:
         tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 

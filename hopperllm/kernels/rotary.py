@@ -3,7 +3,7 @@
 cos_sin_cache: float32 [max_position, head_dim] = cat(cos, sin) over the head_dim / 2 frequencies.
 For a head x = [x1, x2] (halves): out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin], float32 math rounded
 to the input dtype. KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]; FP8 caches
-store x / scale saturated to +-448.
+store x * (1 / scale) saturated to +-448 (see kernels/fp8.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
+from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, quantize_fp8, ref_static_quant_fp8
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
@@ -70,8 +70,7 @@ def ref_apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: to
 
 def _to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     if cache_dtype == FP8_DTYPE:
-        scale = 1.0 if scale is None else scale.float()
-        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return ref_static_quant_fp8(x, torch.ones(1, device=x.device) if scale is None else scale)
     return x.to(cache_dtype)
 
 
@@ -152,12 +151,12 @@ def _rotary_kv_write_kernel(
         k_dst = kv_ptr + cache_offset + hk[:, None] * stride_kv_head + d[None, :]
         v_dst = k_dst + stride_kv_kind
         if KV_FP8:
-            k_scale = tl.load(k_scale_ptr)
-            v_scale = tl.load(v_scale_ptr)
-            tl.store(k_dst, quantize_fp8(k1.to(tl.float32), k_scale), mask=kv_mask)
-            tl.store(k_dst + HALF, quantize_fp8(k2.to(tl.float32), k_scale), mask=kv_mask)
-            tl.store(v_dst, quantize_fp8(v1.to(tl.float32), v_scale), mask=kv_mask)
-            tl.store(v_dst + HALF, quantize_fp8(v2.to(tl.float32), v_scale), mask=kv_mask)
+            k_inv_scale = fp8_inv_scale(tl.load(k_scale_ptr))
+            v_inv_scale = fp8_inv_scale(tl.load(v_scale_ptr))
+            tl.store(k_dst, quantize_fp8(k1.to(tl.float32), k_inv_scale), mask=kv_mask)
+            tl.store(k_dst + HALF, quantize_fp8(k2.to(tl.float32), k_inv_scale), mask=kv_mask)
+            tl.store(v_dst, quantize_fp8(v1.to(tl.float32), v_inv_scale), mask=kv_mask)
+            tl.store(v_dst + HALF, quantize_fp8(v2.to(tl.float32), v_inv_scale), mask=kv_mask)
         else:
             tl.store(k_dst, k1.to(kv_ptr.dtype.element_ty), mask=kv_mask)
             tl.store(k_dst + HALF, k2.to(kv_ptr.dtype.element_ty), mask=kv_mask)

@@ -18,10 +18,14 @@ FP8_MAX = 448.0
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (fp8 [N, K], float32 scale [N]) with each row's amax mapped to 448."""
+    """[N, K] float -> (fp8 [N, K], float32 scale [N]) with each row's amax mapped to 448.
+
+    The scale multiplies by the float32 reciprocal of 448, as the activation kernels do: torch's CUDA
+    division by a scalar does exactly that, its CPU division does not, and the scales must not depend on
+    the device the weights were loaded on (hopperllm.quant.fp8.quantize_weight gives the same bits)."""
     w32 = w.float()
-    amax = w32.abs().amax(dim=1).clamp(min=1e-12)
-    scale = amax / FP8_MAX
+    amax = w32.abs().amax(dim=1)
+    scale = (amax * (1.0 / FP8_MAX)).clamp(min=1e-12)
     q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

@@ -22,7 +22,9 @@ def checkpoint_fp8_format(qc: dict[str, Any]) -> str | None:
         return "fp8"
     if method == "modelopt":
         algo = str(qc.get("quant_algo") or qc.get("quantization", {}).get("quant_algo", "")).upper()
-        if algo != "FP8":
+        # FP8: per-tensor weight scales (+ static input scales); FP8_PER_CHANNEL_PER_TOKEN: per-channel
+        # weight scales, dynamic per-token activations. Both load as per-channel scales here.
+        if algo not in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
             raise ValueError(f"ModelOpt quant_algo {algo!r} is not supported: hopperllm loads FP8")
         return "modelopt"
     if method == "compressed-tensors":
@@ -41,27 +43,60 @@ def checkpoint_fp8_format(qc: dict[str, Any]) -> str | None:
 
 
 def kv_cache_is_fp8(qc: dict[str, Any] | None) -> bool:
-    """Whether the checkpoint was calibrated for an FP8 KV cache (it then carries k/v scales)."""
+    """Whether the checkpoint was calibrated for an FP8 KV cache (it then carries k/v scales).
+
+    ModelOpt says so with `kv_cache_quant_algo: FP8` (flat in config.json, or nested under
+    `quantization` as in hf_quant_config.json) or `kv_cache_scheme: "FP8"`; compressed-tensors with a
+    `kv_cache_scheme` {type: float, num_bits: 8}."""
     if not qc:
         return False
-    if str(qc.get("kv_cache_quant_algo", "")).upper() == "FP8":
-        return True
+    nested = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else {}
+    for algo in (qc.get("kv_cache_quant_algo"), nested.get("kv_cache_quant_algo")):
+        if str(algo or "").upper() == "FP8":
+            return True
     kv = qc.get("kv_cache_scheme")
-    return bool(kv) and kv.get("type") == "float" and int(kv.get("num_bits", 0)) == 8
+    if isinstance(kv, str):
+        return kv.strip().upper() in ("FP8", "FLOAT8")
+    return isinstance(kv, dict) and kv.get("type") == "float" and int(kv.get("num_bits", 0)) == 8
+
+
+def dynamic_activations(qc: dict[str, Any]) -> bool:
+    """Whether the checkpoint asks for dynamic (per-token) activation scales; any `input_scale` tensors it
+    holds are then not used (as in vLLM)."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "fp8":
+        return str(qc.get("activation_scheme", "dynamic")).lower() == "dynamic"
+    if method == "compressed-tensors":
+        groups = (qc.get("config_groups") or {}).values()
+        acts = [g.get("input_activations") for g in groups]
+        return bool(acts) and all(a is not None and bool(a.get("dynamic")) for a in acts)
+    if method == "modelopt":
+        algo = str(qc.get("quant_algo") or qc.get("quantization", {}).get("quant_algo", "")).upper()
+        return algo == "FP8_PER_CHANNEL_PER_TOKEN"
+    return False
 
 
 def normalize_fp8_checkpoint(
     weights: Iterator[tuple[str, torch.Tensor]], qc: dict[str, Any]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Map each format's tensor names to ours and drop what carries no information for FP8 e4m3."""
+    drop_input_scales = dynamic_activations(qc)
     for name, t in weights:
         if name.endswith(("_zero_point", ".weight_g_idx")):
             continue  # symmetric float quantization: zero points are 0
-        if name.endswith(".kv_cache_scale"):  # older ModelOpt exports: one scale for K and V
-            base = name[: -len(".kv_cache_scale")]
+        if drop_input_scales and name.endswith(".input_scale"):
+            continue
+        if name.endswith((".kv_cache_scale", ".kv_scale")):  # older exports: one scale for K and V
+            base = name.rsplit(".", 1)[0]
             yield base + ".k_scale", t
             yield base + ".v_scale", t
             continue
+        # compressed-tensors before kv_cache_scheme had its own names: k_proj / v_proj.output_scale
+        if name.endswith((".k_proj.output_scale", ".v_proj.output_scale")):
+            yield name.rsplit(".", 2)[0] + (".k_scale" if ".k_proj." in name else ".v_scale"), t
+            continue
+        if name.endswith((".output_scale", ".q_scale", ".prob_scale")):
+            continue  # query / attention-probability scales: FP8 attention math hopperllm does not do
         if name.endswith(".weight_scale") and t.dim() == 2:
             t = t.reshape(-1)  # [N, 1] per channel -> [N]
         yield name, t
