@@ -1,0 +1,189 @@
+"""`hopperllm bench throughput`: offline throughput, every prompt submitted at once.
+
+    hopperllm bench throughput --model dummy:llama-3-8b --quantization fp8 \
+        --input-len 1024 --output-len 256 --num-prompts 1000 --output-json benchmarks/results/throughput.json
+
+Prompts are `--num-prompts` random token-id prompts of `--input-len` (each with `--output-len`), or the
+rows of `--dataset` (JSONL: "prompt" text or "prompt_token_ids", optional "output_len"; `--output-len`
+when a row has none). All go to the engine at once, as `LLM.generate` does, and run as one continuous
+batch (greedy, `ignore_eos`). One short request runs first to warm up (compile and allocate), untimed.
+
+`results` in the JSON:
+    elapsed_time, num_requests, total_num_tokens, requests_per_second, tokens_per_second  (vLLM's keys)
+    total_input_tokens, total_output_tokens, input_tokens_per_second, output_tokens_per_second
+    baseline (with --baseline hf)   {name, hf_dtype, max_batch_size, elapsed_time, requests_per_second,
+                                     output_tokens_per_second, tokens_per_second}
+    speedup_vs_hf                   our total tokens/s / HF's (above 1: we are faster)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from hopperllm.bench import common
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    from hopperllm.engine.arg_utils import EngineArgs
+
+    p.add_argument("--input-len", type=int, default=None, help="random prompts: tokens each (default 1024)")
+    p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
+    p.add_argument("--num-prompts", type=int, default=1000, help="requests to run")
+    p.add_argument("--dataset", "--dataset-path", dest="dataset", default=None, help="JSONL prompts")
+    p.add_argument("--n", type=int, default=1, help="sequences per request (SamplingParams.n)")
+    p.add_argument("--disable-detokenize", action="store_true", help="skip detokenizing the outputs")
+    p.add_argument("--baseline", choices=["hf"], default=None, help="also time HF transformers' generate")
+    p.add_argument("--hf-max-batch-size", type=int, default=16, help="batch size of the HF baseline")
+    p.add_argument("--output-json", default=None, help="write the record (env, args, figures) here")
+    EngineArgs.add_cli_args(p)
+
+
+def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, int]]:
+    """[(prompt, output_len)] from --dataset, or random token ids."""
+    out_default = args.output_len or 128
+    if args.dataset:
+        if args.input_len is not None:
+            raise ValueError("--input-len is for random prompts: drop it or --dataset")
+        rows = common.take(common.read_dataset(args.dataset), args.num_prompts)
+        reqs = []
+        for row in rows:
+            if "prompt_token_ids" in row:
+                prompt = {"prompt_token_ids": list(row["prompt_token_ids"])}
+            else:
+                prompt = {"prompt": row["prompt"], "prompt_token_ids": engine.tokenizer.encode(row["prompt"])}
+            reqs.append((prompt, int(row.get("output_len", out_default))))
+        return reqs
+    input_len = args.input_len or 1024
+    common.check_positive("--input-len", input_len)
+    ids = common.random_token_ids(rng, args.num_prompts, input_len, common.prompt_vocab_size(engine))
+    return [({"prompt_token_ids": p}, out_default) for p in ids]
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from hopperllm.sampling_params import SamplingParams
+
+    common.check_positive("--num-prompts", args.num_prompts)
+    common.check_positive("--output-len", args.output_len, allow_none=True)
+    common.check_positive("--n", args.n)
+    if not args.dataset:
+        common.check_fits(args, args.input_len or 1024, args.output_len or 128)
+    engine = common.build_engine(args)
+    try:
+        rng = np.random.default_rng(args.seed)
+        reqs = make_requests(args, engine, rng)
+
+        def params(n_out: int) -> SamplingParams:
+            return SamplingParams(
+                n=args.n,
+                temperature=0.0,
+                ignore_eos=True,
+                max_tokens=n_out,
+                detokenize=not args.disable_detokenize,
+            )
+
+        # validate everything before the clock starts, so a bad row fails fast and nothing is half-added
+        prepared = [engine.prepare_request(f"tp-{i}", p, params(n)) for i, (p, n) in enumerate(reqs)]
+        warm_len = min(16, len(reqs[0][0]["prompt_token_ids"]))
+        engine.add_request(
+            "warmup", {"prompt_token_ids": reqs[0][0]["prompt_token_ids"][:warm_len]}, params(4)
+        )
+        common.run_to_completion(engine)
+
+        bar = tqdm(total=len(prepared), desc="Processed prompts", unit="req")
+        n_in = n_out = 0
+
+        def seen(out, now):
+            nonlocal n_in, n_out
+            if out.finished:
+                n_in += len(out.prompt_token_ids)
+                n_out += sum(len(c.token_ids) for c in out.outputs)
+                bar.update(1)
+
+        t0 = time.perf_counter()
+        for req in prepared:
+            engine.commit_request(req)
+        common.run_to_completion(engine, seen)
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        fields = common.engine_fields(engine)
+        dtype, device = engine.config.dtype, engine.config.device
+        prompt_ids = [r.prompt_token_ids for r in prepared]
+    finally:
+        engine.shutdown()
+    total = n_in + n_out
+    results = {
+        "elapsed_time": elapsed,
+        "num_requests": len(prepared),
+        "total_num_tokens": total,
+        "requests_per_second": len(prepared) / elapsed,
+        "tokens_per_second": total / elapsed,
+        "total_input_tokens": n_in,
+        "total_output_tokens": n_out,
+        "input_tokens_per_second": n_in / elapsed,
+        "output_tokens_per_second": n_out / elapsed,
+    }
+    del engine
+    common.free_memory()
+    if args.baseline == "hf":
+        results["baseline"] = _hf_baseline(args, dtype, device, prompt_ids, [n for _, n in reqs])
+        results["speedup_vs_hf"] = results["tokens_per_second"] / results["baseline"]["tokens_per_second"]
+    _print_summary(results, fields)
+    common.write_json(args.output_json, common.make_record("throughput", args, results, **fields))
+    return 0
+
+
+def _hf_baseline(args, dtype, device, prompts: list[list[int]], output_lens: list[int]) -> dict:
+    from hopperllm.bench import hf_baseline
+
+    common.check_positive("--hf-max-batch-size", args.hf_max_batch_size)
+    model = hf_baseline.load_hf_model(args.model, dtype, device)
+    # HF has no n: each of a request's n sequences is its own row
+    prompts = [p for p in prompts for _ in range(args.n)]
+    output_lens = [n for n in output_lens for _ in range(args.n)]
+    hf_baseline.generate_timed(model, [prompts[0][:16]], 4)  # warm up, untimed
+    elapsed, n_in, n_out = hf_baseline.hf_throughput(model, prompts, output_lens, args.hf_max_batch_size)
+    del model
+    n_in //= args.n  # each prompt counts once, as ours do
+    return {
+        "name": "hf",
+        "hf_dtype": str(dtype).removeprefix("torch."),
+        "max_batch_size": args.hf_max_batch_size,
+        "elapsed_time": elapsed,
+        "requests_per_second": len(prompts) / args.n / elapsed,
+        "output_tokens_per_second": n_out / elapsed,
+        "tokens_per_second": (n_in + n_out) / elapsed,
+    }
+
+
+def _print_summary(r: dict, fields: dict) -> None:
+    rows: list[tuple[str, object]] = [
+        ("Model", fields["model"]),
+        (
+            "dtype / quantization / KV cache",
+            f"{fields['dtype']} / {fields['quantization']} / {fields['kv_cache_dtype']}",
+        ),
+        ("Requests", r["num_requests"]),
+        ("Duration (s)", r["elapsed_time"]),
+        ("Total input tokens", r["total_input_tokens"]),
+        ("Total generated tokens", r["total_output_tokens"]),
+        ("Request throughput (req/s)", r["requests_per_second"]),
+        ("Input token throughput (tok/s)", r["input_tokens_per_second"]),
+        ("Output token throughput (tok/s)", r["output_tokens_per_second"]),
+        ("Total token throughput (tok/s)", r["tokens_per_second"]),
+    ]
+    if "baseline" in r:
+        b = r["baseline"]
+        rows.append(("-- HF transformers baseline (static cache) --", None))
+        rows += [
+            ("HF batch size", b["max_batch_size"]),
+            ("HF request throughput (req/s)", b["requests_per_second"]),
+            ("HF output token throughput (tok/s)", b["output_tokens_per_second"]),
+            ("HF total token throughput (tok/s)", b["tokens_per_second"]),
+            ("Speedup vs HF (x)", r["speedup_vs_hf"]),
+        ]
+    common.print_table("Throughput Benchmark Result", rows)
