@@ -25,6 +25,14 @@ for step in $steps; do
     smoke)
       timeout 300 python3 benchmarks/smoke_latency.py --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8 \
         --output-json "$OUT/smoke_7b_fp8.json" 2>&1 | tee "$OUT/smoke.log" | tail -15 ;;
+    tune-attn)
+      timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
+    profile)
+      timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60 ;;
+    latency)
+      timeout 400 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
+        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 2 --num-iters 5 \
+        --max-num-seqs 16 --baseline hf --output-json "$OUT/latency-llama-2-7b-fp8-h100.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/latency.log" | tail -30 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
