@@ -285,7 +285,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Launch parameters of the decode kernel on the GPU (benchmarks/tune_attention.py sweeps them).
-DECODE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}  # best on an H100 (tune_attention.py)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:

@@ -30,6 +30,16 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
+def _fp8_prequantized(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
+    from hopperllm.kernels.fp8 import GEMV_MAX_M, fp8_gemv, scaled_mm
+
+    if x_fp8.shape[0] <= GEMV_MAX_M:
+        y = fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+    else:
+        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+    return y if bias is None else y + bias.to(out_dtype)
+
+
 class LinearBase(nn.Module):
     """y = x W^T over this rank's slice. Subclasses say how checkpoint tensors are sliced."""
 
@@ -97,21 +107,22 @@ class LinearBase(nn.Module):
             raise ValueError(f"unknown linear tensor kind {kind!r}")
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8_input(self) -> bool:
+        return self.quantization == "fp8"
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x is an activation, or for FP8 layers on CUDA an already quantized (x_fp8, scale) pair from a
+        fused norm / activation kernel."""
+        if isinstance(x, tuple):
+            return _fp8_prequantized(x[0], x[1], self.weight, self.weight_scale, self.bias, self.params_dtype)
         if self.quantization == "fp8":
             from hopperllm.kernels.fp8 import fp8_linear
 
-            y = fp8_linear(
-                x,
-                self.weight,
-                self.weight_scale,
-                input_scale=self.input_scale,
-                bias=self.bias,
-                out_dtype=x.dtype,
+            return fp8_linear(
+                x, self.weight, self.weight_scale, input_scale=self.input_scale, bias=self.bias, out_dtype=x.dtype
             )
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        return y
+        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):

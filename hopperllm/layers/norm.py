@@ -23,12 +23,18 @@ class RMSNorm(nn.Module):
         out = self.weight * x32.to(dtype)
         return out if residual is None else (out, residual)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        quant_fp8: bool = False,
+        static_scale: torch.Tensor | None = None,
+    ):
+        """With quant_fp8 on CUDA, the output is (x_fp8, scale) for the next FP8 GEMM (one kernel instead
+        of norm + quantize); elsewhere the plain output (the FP8 linear layer quantizes it)."""
         if x.is_cuda:
             from hopperllm.kernels.norm import rms_norm
 
-            if residual is None:
-                return rms_norm(x, self.weight, self.eps)
-            out = rms_norm(x, self.weight, self.eps, residual=residual)
-            return out, residual  # the kernel wrote x + residual into `residual`
+            out = rms_norm(x, self.weight, self.eps, residual=residual, out_fp8=quant_fp8, static_scale=static_scale)
+            return out if residual is None else (out, residual)  # the kernel wrote x + residual into it
         return self.forward_native(x, residual)

@@ -21,13 +21,19 @@ from hopperllm.layers.norm import RMSNorm
 from hopperllm.layers.rotary import build_cos_sin_cache
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, quant_fp8: bool = False):
+    """SiLU(gate) * up; with quant_fp8 on CUDA, (x_fp8, per-token scale) for the next FP8 GEMM."""
     if x.is_cuda:
         from hopperllm.kernels.activation import silu_and_mul as fused
 
-        return fused(x)
+        return fused(x, out_fp8=quant_fp8)
     half = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :half]) * x[..., half:]
+
+
+def _fuse_quant(linear) -> tuple[bool, torch.Tensor | None]:
+    """Whether the kernel before `linear` should emit FP8 for it, and the static scale to use."""
+    return linear.takes_fp8_input, linear.input_scale if linear.takes_fp8_input else None
 
 
 class LlamaMLP(nn.Module):
@@ -37,8 +43,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, **kw)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x) -> torch.Tensor:
+        # SiLU-mul emits per-token FP8 only; a static down_proj input scale takes the unfused path
+        quant = self.down_proj.takes_fp8_input and self.down_proj.input_scale is None
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant))
 
 
 class LlamaAttention(nn.Module):
@@ -78,13 +86,16 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype, quantization, tp)
 
     def forward(self, positions, hidden, residual, kv_cache, meta):
+        # On CUDA the norms emit FP8 (+ scale) straight for FP8 GEMMs; on CPU they return activations.
+        q1, s1 = _fuse_quant(self.self_attn.qkv_proj)
+        q2, s2 = _fuse_quant(self.mlp.gate_up_proj)
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.input_layernorm(hidden, quant_fp8=q1, static_scale=s1)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, quant_fp8=q1, static_scale=s1)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, quant_fp8=q2, static_scale=s2)
         return self.mlp(hidden), residual
 
 

@@ -1,0 +1,128 @@
+"""`hopperllm quantize`: calibrate a model on text, quantize it to FP8, write a ModelOpt-style checkpoint.
+
+    hopperllm quantize --output smollm2-fp8                          # default model, per-channel weights
+    hopperllm quantize --model DIR --output OUT --kv-cache-dtype fp8 --static-activations --per-tensor
+
+The written directory loads back with `--model OUT` (the FP8 format and KV-cache dtype are detected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model to FP8 and write a ModelOpt-style HF checkpoint",
+        description="Run the unquantized model over calibration text (default: the first 80%% of Python's "
+        "pydoc_data.topics), take activation and K/V ranges, quantize the linear layers to FP8 (e4m3) "
+        "and write an HF checkpoint in NVIDIA ModelOpt's format.",
+    )
+    p.add_argument("--model", default=None, help="HF directory, .gguf file or dummy:<preset> (default: SmolLM2)")
+    p.add_argument("--output", "-o", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3"],
+        help="fp8: calibrate and write per-layer k_scale / v_scale (the checkpoint then runs an FP8 KV cache)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_true",
+        default=True,
+        help="one weight scale per output channel (default)",
+    )
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per matrix")
+    p.add_argument(
+        "--static-activations",
+        action="store_true",
+        help="calibrated per-tensor input scales (default: dynamic per-token scales at run time)",
+    )
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    p.add_argument("--calib-file", default=None, help="a UTF-8 text file to calibrate on instead")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the unquantized tensors written (embeddings, norms, LM head; default bfloat16)",
+    )
+    p.add_argument(
+        "--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from hopperllm.config import resolve_dtype
+    from hopperllm.loader.model_loader import resolve_model
+    from hopperllm.quant.calibrate import calibrate, calibration_text, chunk_tokens
+    from hopperllm.quant.checkpoint import FP8Scheme, write_modelopt_checkpoint
+    from hopperllm.quant.eval import load_llm, runner_of
+
+    if args.calib_tokens < 1:
+        raise ValueError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
+    if args.calib_seq_len < 2:
+        raise ValueError(f"--calib-seq-len must be at least 2, got {args.calib_seq_len}")
+    if args.max_shard_size <= 0:
+        raise ValueError("--max-shard-size must be positive")
+    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
+        raise ValueError(f"output {args.output!r} exists and is not an empty directory: choose a new path")
+    text = None
+    if args.calib_file is not None:
+        if not os.path.isfile(args.calib_file):
+            raise ValueError(f"calibration file {args.calib_file!r} does not exist")
+        with open(args.calib_file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    scheme = FP8Scheme(
+        per_channel=args.per_channel,
+        static_activations=args.static_activations,
+        kv_cache_fp8=args.kv_cache_dtype.startswith("fp8"),
+    )
+    show = sys.stderr.isatty()
+    t0 = time.perf_counter()
+    llm = load_llm(args.model, dtype="auto", device=args.device, context_len=args.calib_seq_len, show_progress=show)
+    if any(p.dtype == torch.float8_e4m3fn for p in runner_of(llm).model.parameters()):
+        raise ValueError("the model is already FP8-quantized: quantize starts from bf16/fp32 weights")
+    tok = llm.get_tokenizer()
+    ids = tok.encode(text if text is not None else calibration_text(), add_special_tokens=False)
+    ids = ids[: args.calib_tokens]
+    chunks = chunk_tokens(ids, args.calib_seq_len, min_len=1)
+    if not chunks:
+        raise ValueError("the calibration text is empty")
+    runner = runner_of(llm)
+    stats = calibrate(runner.model, runner.logits_for_tokens, chunks, show_progress=show)
+    src = llm.engine.config.model
+    source_dir = src if src is not None and os.path.isdir(src) else None
+    hf_config = resolve_model(src).hf_config  # the source's config.json (or the one a GGUF implies)
+    summary = write_modelopt_checkpoint(
+        runner.model,
+        hf_config,
+        tok,
+        args.output,
+        scheme,
+        stats,
+        dtype=resolve_dtype(args.dtype, "cpu"),
+        source_dir=source_dir,
+        max_shard_bytes=int(args.max_shard_size * 2**30),
+    )
+    elapsed = time.perf_counter() - t0
+    kv = "FP8 KV cache scales" if scheme.kv_cache_fp8 else "no KV-cache scales"
+    print(
+        f"wrote {summary['output']}: {summary['quant_algo']} "
+        f"({'per-channel' if scheme.per_channel else 'per-tensor'} weights, "
+        f"{'static' if scheme.static_activations else 'dynamic'} activations, {kv}), "
+        f"{summary['num_tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB in {len(summary['files'])} file(s); "
+        f"calibrated on {stats.num_tokens} tokens in {elapsed:.1f} s"
+    )
+    return 0
+

@@ -1,0 +1,144 @@
+"""Prometheus metrics for the server, with vLLM's names, on a registry of its own (one per app).
+
+Engine-wide numbers (running/waiting requests, KV-cache use, token counters) are read from the engine
+when `/metrics` is scraped; per-request latencies are observed as each request's outputs stream by.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hopperllm.engine.async_engine import AsyncLLMEngine
+from hopperllm.outputs import RequestOutput
+
+# vLLM's buckets
+TTFT_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+TPOT_BUCKETS_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+E2E_BUCKETS_S = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0]
+
+
+class _EngineStatsCollector(Collector):
+    """Reads `LLMEngine.get_stats()` at scrape time, so gauges are never stale."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+        self._engine = engine
+        self._labels = [model_name]
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._engine.engine.get_stats()
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(self._labels, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=["model_name"])  # exposed as <name>_total
+            c.add_metric(self._labels, value)
+            return c
+
+        yield gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running
+        )
+        yield gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            self._engine.num_pending(),
+        )
+        yield gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage
+        )
+        yield gauge(
+            "vllm:prefix_cache_hit_rate",
+            "Prefix-cache hit rate over all lookups so far.",
+            s.prefix_cache_hit_rate,
+        )
+        yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", s.num_preemptions)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.num_prompt_tokens)
+        yield counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", s.num_generation_tokens
+        )
+        yield gauge("hopperllm:kv_cache_free_blocks", "Free KV-cache blocks.", s.num_free_blocks)
+        yield gauge("hopperllm:kv_cache_total_blocks", "KV-cache blocks in all.", s.num_total_blocks)
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+
+        def histogram(name: str, doc: str, buckets: list[float]):
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(
+                model_name
+            )
+
+        self.time_to_first_token = histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS_S
+        )
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token (inter-token latency) in seconds.",
+            TPOT_BUCKETS_S,
+        )
+        self.e2e_request_latency = histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of end-to-end request latency in seconds.",
+            E2E_BUCKETS_S,
+        )
+        self.request_success = Counter(
+            "vllm:request_success",
+            "Count of finished requests (one per choice), by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineStatsCollector(engine, model_name))
+
+    def tracker(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Observes one engine request as its outputs arrive: time to first token once, the latency between
+    steps that add tokens, and at the end its end-to-end latency and each choice's finish reason."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._m = metrics
+        self._last_token_time: float | None = None
+        self._done = False
+
+    def observe(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        new_tokens = max((len(c.delta_token_ids) for c in out.outputs), default=0)
+        if new_tokens:
+            if self._last_token_time is None:
+                ttft = out.metrics.ttft_s if out.metrics is not None else None
+                if ttft is not None:
+                    self._m.time_to_first_token.observe(ttft)
+            else:
+                per_token = (now - self._last_token_time) / new_tokens
+                for _ in range(new_tokens):
+                    self._m.time_per_output_token.observe(per_token)
+            self._last_token_time = now
+        if out.finished and not self._done:
+            self._done = True
+            if out.metrics is not None:
+                e2e = out.metrics.e2e_latency_s
+                self._m.e2e_request_latency.observe(
+                    e2e if e2e is not None else now - out.metrics.arrival_time
+                )
+            for c in out.outputs:
+                self._m.request_success.labels(self._m.model_name, c.finish_reason or "abort").inc()
+
+    def aborted(self, num_choices: int) -> None:
+        """The request ended without finishing (client gone, or aborted at shutdown)."""
+        if not self._done:
+            self._done = True
+            self._m.request_success.labels(self._m.model_name, "abort").inc(num_choices)

@@ -1,0 +1,732 @@
+"""Serving the OpenAI API: request models -> engine requests -> JSON bodies or Server-Sent Events.
+
+An HTTP request becomes one engine request per prompt (each with its n choices). Every engine request
+is queued and its first output awaited before any response byte is sent, so a bad prompt or a full
+queue is an HTTP status, not a broken stream. A watcher task aborts the engine requests when the
+client disconnects, which frees their KV blocks at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from hopperllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from hopperllm.engine.llm_engine import QueueFullError
+from hopperllm.entrypoints.openai.metrics import RequestTracker, ServerMetrics
+from hopperllm.entrypoints.openai.protocol import (
+    ChatChoiceLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogProb,
+    ChatLogProbsContent,
+    ChatMessage,
+    ChatResponseMessage,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+    UsageInfo,
+    error_payload,
+    now_s,
+    random_id,
+    sse_event,
+)
+from hopperllm.outputs import RequestOutput
+from hopperllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+MIN_LOGPROB = -9999.0  # what -inf becomes in JSON (vLLM's choice)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ABORTED_AT_SHUTDOWN = "the request was aborted: the server is shutting down"
+
+
+class APIError(Exception):
+    """An error with an HTTP status, sent in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: int | str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            error_payload(self.status, self.message, self.param, self.code), self.status, headers=self.headers
+        )
+
+
+@dataclass
+class _EngineRequest:
+    """One prompt of an HTTP request in the engine: its output stream and what has come out of it."""
+
+    request_id: str
+    prompt_text: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: AsyncIterator[RequestOutput]
+    tracker: RequestTracker | None
+    first: RequestOutput | None = None
+    latest: RequestOutput | None = None
+    final: RequestOutput | None = None
+
+
+class _DisconnectWatcher:
+    """Waits for the client's `http.disconnect` and then runs `on_disconnect` (which aborts the engine
+    requests). Uvicorn delivers the disconnect to every pending `receive()`, so this works beside
+    Starlette's own listener in StreamingResponse."""
+
+    def __init__(self, raw: Request, on_disconnect: Callable[[], Awaitable[None]]):
+        self._raw = raw
+        self._on_disconnect = on_disconnect
+        self._task: asyncio.Task | None = None
+        self.disconnected = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._raw.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        await self._on_disconnect()
+
+    def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+async def _first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    return await anext(stream, None)
+
+
+async def _merge(
+    streams: list[tuple[int, AsyncIterator[RequestOutput]]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Items of several streams as they arrive, tagged with their stream's index."""
+    if len(streams) == 1:
+        i, stream = streams[0]
+        async for item in stream:
+            yield i, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+            queue.put_nowait((i, done))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class OpenAIServing:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        served_model_names: list[str],
+        metrics: ServerMetrics | None = None,
+        log_requests: bool = False,
+        max_log_len: int | None = None,
+        is_draining: Callable[[], bool] = lambda: False,
+    ):
+        if not served_model_names:
+            raise ValueError("give at least one served model name")
+        self.engine = engine
+        self.served_model_names = list(served_model_names)
+        self.metrics = metrics
+        self.log_requests = log_requests
+        self.max_log_len = max_log_len
+        self.is_draining = is_draining
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.config.scheduler_config.max_model_len
+        self.vocab_size = engine.config.model_config.vocab_size
+        self._token_strs: dict[int, str] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    # -- small endpoints --------------------------------------------------------------------------
+    def show_models(self) -> ModelList:
+        root = self.engine.config.model
+        return ModelList(
+            data=[
+                ModelCard(id=name, root=root, max_model_len=self.max_model_len)
+                for name in self.served_model_names
+            ]
+        )
+
+    def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        self._check_model(req.model)
+        try:
+            if isinstance(req, TokenizeChatRequest):
+                ids = self._encode_chat(req.messages, req.add_generation_prompt)
+            else:
+                ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    def tokenizer_info(self) -> TokenizerInfoResponse:
+        tok = self.tokenizer
+        return TokenizerInfoResponse(
+            tokenizer_class=type(tok).__name__,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            chat_template=tok.chat_template,
+            model_max_length=self.max_model_len,
+        )
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(req.model)
+        self._check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
+
+    # -- completions -------------------------------------------------------------------------------
+    async def create_completion(self, req: CompletionRequest, raw: Request) -> Response:
+        self._check_model(req.model)
+        self._check_stream_options(req)
+        if req.echo and req.logprobs is not None:
+            raise APIError(
+                400,
+                "echo with logprobs needs prompt logprobs, which this server does not compute: drop one of them",
+                param="echo",
+            )
+        prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
+        request_id = random_id("cmpl")
+        reqs = [
+            self._engine_request(f"{request_id}-{i}", text, ids, req, req.max_tokens, req.logprobs, "prompt")
+            for i, (text, ids) in enumerate(prompts)
+        ]
+        watcher = await self._start(raw, reqs)
+        model = req.model or self.model_name
+        if req.stream:
+            return _sse_response(self._completion_events(req, reqs, watcher, request_id, model))
+        aborted = await self._run_to_end(reqs, watcher)
+        if aborted is not None:
+            return aborted
+        choices = []
+        for i, r in enumerate(reqs):
+            for c in r.final.outputs:
+                text = (self._echo_text(r) + c.text) if req.echo else c.text
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs(c.token_ids, c.logprobs or [], 0)[0]
+                choices.append(
+                    CompletionResponseChoice(
+                        index=i * req.n + c.index,
+                        text=text,
+                        logprobs=lp,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        usage = _usage(reqs)
+        body = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _completion_events(
+        self,
+        req: CompletionRequest,
+        reqs: list[_EngineRequest],
+        watcher: _DisconnectWatcher,
+        request_id: str,
+        model: str,
+    ) -> AsyncIterator[str]:
+        created = now_s()
+        num_choices = len(reqs) * req.n
+        echo_pending = [req.echo] * num_choices
+        finished = [False] * num_choices
+        text_offsets = [0] * num_choices
+        include_usage, continuous_usage = _usage_options(req)
+        outputs = self._outputs(reqs)
+        try:
+            async for i, out in outputs:
+                choices = []
+                for c in out.outputs:
+                    idx = i * req.n + c.index
+                    if finished[idx]:
+                        continue
+                    finished[idx] = c.finish_reason is not None
+                    text = c.delta_text
+                    if echo_pending[idx]:
+                        text = self._echo_text(reqs[i]) + text
+                        echo_pending[idx] = False
+                    lp = None
+                    if req.logprobs is not None and c.delta_token_ids:
+                        new_entries = (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
+                        lp, text_offsets[idx] = self._completion_logprobs(
+                            c.delta_token_ids, new_entries, text_offsets[idx]
+                        )
+                    if not text and lp is None and c.finish_reason is None:
+                        continue  # the new tokens do not decode to text yet
+                    choices.append(
+                        CompletionResponseChoice(
+                            index=idx,
+                            text=text,
+                            logprobs=lp,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    )
+                if choices:
+                    usage = _usage(reqs) if continuous_usage else None
+                    yield sse_event(
+                        CompletionResponse(
+                            id=request_id, created=created, model=model, choices=choices, usage=usage
+                        )
+                    )
+            if self._aborted(reqs):
+                if not watcher.disconnected:
+                    yield sse_event(error_payload(503, ABORTED_AT_SHUTDOWN))
+                return
+            if include_usage:
+                yield sse_event(
+                    CompletionResponse(
+                        id=request_id, created=created, model=model, choices=[], usage=_usage(reqs)
+                    )
+                )
+            yield sse_event("[DONE]")
+        except EngineDeadError as e:
+            yield sse_event(error_payload(500, str(e)))
+            yield sse_event("[DONE]")
+        finally:
+            watcher.stop()
+            await outputs.aclose()
+            await _close(reqs)
+            self._aborted(reqs)  # counts a stream cut short by the client
+
+    def _completion_prompts(
+        self, prompt: str | list[str] | list[int] | list[list[int]], add_special_tokens: bool
+    ) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) per prompt; text is None for prompts given as token ids."""
+        items: list = (
+            [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        )
+        if not items:
+            raise APIError(
+                400, "the prompt is empty: give a string, a list of strings or token ids", "prompt"
+            )
+        res = []
+        for item in items:
+            if not item:
+                raise APIError(400, "the prompt is empty: give at least one character or token", "prompt")
+            if isinstance(item, str):
+                res.append((item, self.tokenizer.encode(item, add_special_tokens=add_special_tokens)))
+            else:
+                self._check_token_ids(item, "prompt")
+                res.append((None, list(item)))
+        return res
+
+    def _echo_text(self, r: _EngineRequest) -> str:
+        if r.prompt_text is None:
+            r.prompt_text = self.tokenizer.decode(r.prompt_token_ids)
+        return r.prompt_text
+
+    def _completion_logprobs(
+        self, token_ids: list[int], entries: list[dict[int, float]], text_offset: int
+    ) -> tuple[CompletionLogProbs, int]:
+        """OpenAI's legacy logprobs for these tokens (top_logprobs also holds the sampled token, as
+        in vLLM) and the text offset after them."""
+        lp = CompletionLogProbs()
+        for tid, entry in zip(token_ids, entries, strict=False):
+            s = self._token_str(tid)
+            lp.tokens.append(s)
+            lp.token_logprobs.append(_clamp(entry.get(tid)))
+            lp.text_offset.append(text_offset)
+            text_offset += len(s)
+            top: dict[str, float] = {}
+            for t, v in sorted(entry.items(), key=lambda kv: -kv[1]):
+                top.setdefault(self._token_str(t), _clamp(v))
+            lp.top_logprobs.append(top)
+        return lp, text_offset
+
+    # -- chat ------------------------------------------------------------------------------------
+    async def create_chat_completion(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        self._check_model(req.model)
+        self._check_stream_options(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        try:
+            ids = self._encode_chat(req.messages, req.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        request_id = random_id("chatcmpl")
+        r = self._engine_request(request_id, None, ids, req, max_tokens, logprobs, "messages")
+        reqs = [r]
+        watcher = await self._start(raw, reqs)
+        model = req.model or self.model_name
+        if req.stream:
+            return _sse_response(self._chat_events(req, r, watcher, request_id, model))
+        aborted = await self._run_to_end(reqs, watcher)
+        if aborted is not None:
+            return aborted
+        choices = [
+            ChatCompletionResponseChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], req.top_logprobs or 0)
+                if req.logprobs
+                else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in r.final.outputs
+        ]
+        body = ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(reqs))
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _chat_events(
+        self,
+        req: ChatCompletionRequest,
+        r: _EngineRequest,
+        watcher: _DisconnectWatcher,
+        request_id: str,
+        model: str,
+    ) -> AsyncIterator[str]:
+        created = now_s()
+        finished = [False] * req.n
+        include_usage, continuous_usage = _usage_options(req)
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse_event(
+                ChatCompletionStreamResponse(
+                    id=request_id, created=created, model=model, choices=choices, usage=usage
+                )
+            )
+
+        outputs = self._outputs([r])
+        try:
+            for i in range(req.n):  # the role comes first, once per choice
+                yield chunk(
+                    [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
+                )
+            async for _, out in outputs:
+                choices = []
+                for c in out.outputs:
+                    if finished[c.index]:
+                        continue
+                    finished[c.index] = c.finish_reason is not None
+                    lp = None
+                    if req.logprobs and c.delta_token_ids:
+                        new_entries = (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
+                        lp = self._chat_logprobs(c.delta_token_ids, new_entries, req.top_logprobs or 0)
+                    if not c.delta_text and lp is None and c.finish_reason is None:
+                        continue
+                    delta = DeltaMessage(content=c.delta_text) if c.delta_text else DeltaMessage()
+                    choices.append(
+                        ChatCompletionStreamChoice(
+                            index=c.index,
+                            delta=delta,
+                            logprobs=lp,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    )
+                if choices:
+                    yield chunk(choices, _usage([r]) if continuous_usage else None)
+            if self._aborted([r]):
+                if not watcher.disconnected:
+                    yield sse_event(error_payload(503, ABORTED_AT_SHUTDOWN))
+                return
+            if include_usage:
+                yield chunk([], _usage([r]))
+            yield sse_event("[DONE]")
+        except EngineDeadError as e:
+            yield sse_event(error_payload(500, str(e)))
+            yield sse_event("[DONE]")
+        finally:
+            watcher.stop()
+            await outputs.aclose()
+            await _close([r])
+            self._aborted([r])  # counts a stream cut short by the client
+
+    def _encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        if not messages:
+            raise APIError(400, "messages is empty: give at least one message", param="messages")
+        dicts = []
+        for m in messages:
+            d = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.type != "text" or part.text is None:
+                        raise APIError(
+                            400,
+                            f"message content of type {part.type!r} is not supported: send text parts",
+                            param="messages",
+                        )
+                    texts.append(part.text)
+                d["content"] = "\n".join(texts)
+            dicts.append(d)
+        return self.tokenizer.encode_chat(dicts, add_generation_prompt=add_generation_prompt)
+
+    def _chat_logprobs(
+        self, token_ids: list[int], entries: list[dict[int, float]], top_n: int
+    ) -> ChatChoiceLogProbs:
+        content = []
+        for tid, entry in zip(token_ids, entries, strict=False):
+            s = self._token_str(tid)
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+            content.append(
+                ChatLogProbsContent(
+                    token=s,
+                    logprob=_clamp(entry.get(tid)),
+                    bytes=list(s.encode("utf-8")),
+                    top_logprobs=[
+                        ChatLogProb(
+                            token=self._token_str(t),
+                            logprob=_clamp(v),
+                            bytes=list(self._token_str(t).encode()),
+                        )
+                        for t, v in top
+                    ],
+                )
+            )
+        return ChatChoiceLogProbs(content=content)
+
+    # -- shared: engine requests ------------------------------------------------------------------
+    def _engine_request(
+        self,
+        request_id: str,
+        prompt_text: str | None,
+        token_ids: list[int],
+        req: SamplingRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> _EngineRequest:
+        """Check the prompt against max_model_len and build the engine request. With no max_tokens the
+        request may use all the room left in max_model_len (vLLM's rule)."""
+        n = len(token_ids)
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if n >= self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request "
+                f"has {n} input tokens. Please reduce the length of the input.",
+                param=prompt_param,
+            )
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        elif n + max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the input, {max_tokens} in the completion). Please reduce "
+                "the length of the input or completion.",
+                param="max_tokens",
+            )
+        try:
+            params = req.to_sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        if self.log_requests:
+            cut = self.max_log_len
+            logger.info(
+                "Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",
+                request_id,
+                prompt_text[:cut] if prompt_text is not None and cut is not None else prompt_text,
+                params,
+                token_ids[:cut] if cut is not None else token_ids,
+            )
+        prompt = {"prompt": prompt_text, "prompt_token_ids": token_ids}
+        stream = self.engine.generate(prompt, params, request_id)
+        tracker = self.metrics.tracker() if self.metrics is not None else None
+        return _EngineRequest(request_id, prompt_text, token_ids, params, stream, tracker)
+
+    async def _start(self, raw: Request, reqs: list[_EngineRequest]) -> _DisconnectWatcher:
+        """Queue every engine request and wait for its first output, so that errors the engine finds
+        (a token id out of range, a full queue) become an HTTP status before the response starts."""
+
+        async def abort_all() -> None:
+            for r in reqs:
+                await self.engine.abort(r.request_id)
+
+        watcher = _DisconnectWatcher(raw, abort_all)
+        watcher.start()
+        try:
+            firsts = await asyncio.gather(*(_first_output(r.stream) for r in reqs), return_exceptions=True)
+            error = next((f for f in firsts if isinstance(f, BaseException)), None)
+            if error is not None:
+                raise self._engine_error(error)
+        except BaseException:
+            watcher.stop()
+            await _close(reqs)
+            raise
+        for r, first in zip(reqs, firsts, strict=True):
+            r.first = first
+        return watcher
+
+    def _engine_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, QueueFullError):
+            status = 503 if self.is_draining() else 429
+            return APIError(status, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
+        if isinstance(e, EngineDeadError):
+            return APIError(500, str(e))
+        if isinstance(e, ValueError):
+            return APIError(400, str(e))
+        return e
+
+    async def _outputs(self, reqs: list[_EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every output of the engine requests (the primed first ones, then the rest as they come),
+        tagged with the request's index; metrics observe each one."""
+
+        def note(r: _EngineRequest, out: RequestOutput) -> None:
+            if r.tracker is not None:
+                r.tracker.observe(out)
+            r.latest = out
+            if out.finished:
+                r.final = out
+
+        for i, r in enumerate(reqs):
+            if r.first is not None:
+                note(r, r.first)
+                yield i, r.first
+        live = [(i, r.stream) for i, r in enumerate(reqs) if r.first is not None and not r.first.finished]
+        if not live:
+            return
+        merged = _merge(live)
+        try:
+            async for i, out in merged:
+                note(reqs[i], out)
+                yield i, out
+        finally:
+            await merged.aclose()
+
+    async def _run_to_end(self, reqs: list[_EngineRequest], watcher: _DisconnectWatcher) -> Response | None:
+        """Drain every output (non-streaming); returns the response to send instead if a request was
+        aborted."""
+        try:
+            async for _ in self._outputs(reqs):
+                pass
+        except EngineDeadError as e:
+            raise APIError(500, str(e)) from None
+        finally:
+            watcher.stop()
+            await _close(reqs)
+        if not self._aborted(reqs):
+            return None
+        if watcher.disconnected:
+            return Response(status_code=499)  # nobody is listening
+        raise APIError(503, ABORTED_AT_SHUTDOWN, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @staticmethod
+    def _aborted(reqs: list[_EngineRequest]) -> bool:
+        """Did any request end without finishing (client gone, or aborted at shutdown)? Counts them."""
+        aborted = False
+        for r in reqs:
+            if r.final is None:
+                aborted = True
+                if r.tracker is not None:
+                    r.tracker.aborted(r.params.n)
+        return aborted
+
+    # -- checks and helpers ----------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist: this server serves {', '.join(self.served_model_names)}",
+                param="model",
+            )
+
+    @staticmethod
+    def _check_stream_options(req: SamplingRequest) -> None:
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options can only be given with stream=true", param="stream_options")
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range [0, {self.vocab_size})", param=param)
+
+    def _token_str(self, token_id: int) -> str:
+        s = self._token_strs.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_strs[token_id] = s
+        return s
+
+
+def _clamp(logprob: float | None) -> float | None:
+    if logprob is None:
+        return None
+    return max(logprob, MIN_LOGPROB)
+
+
+def _usage(reqs: list[_EngineRequest]) -> UsageInfo:
+    prompt = sum(len(r.prompt_token_ids) for r in reqs)
+    completion = 0
+    for r in reqs:
+        if r.latest is not None:
+            completion += sum(len(c.token_ids) for c in r.latest.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _usage_options(req: SamplingRequest) -> tuple[bool, bool]:
+    opts = req.stream_options
+    return (bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+
+
+async def _close(reqs: list[_EngineRequest]) -> None:
+    """Close the engine streams; one that had not finished aborts its request (freeing its blocks)."""
+    for r in reqs:
+        try:
+            await r.stream.aclose()
+        except RuntimeError:  # still running in a merge task that is being cancelled
+            pass
