@@ -28,7 +28,10 @@ for step in $steps; do
     tune-attn)
       timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
     profile)
-      timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60 ;;
+      timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60
+      timeout 200 python3 benchmarks/profile_decode.py --gemv-m1-like-m4 --output-json "$OUT/profile_m4.json" 2>&1 | grep -v Capturing | tail -60 ;;
+    model-tests)
+      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_model_tests.log" | tail -30 ;;
     latency)
       timeout 400 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 2 --num-iters 5 \

@@ -23,8 +23,14 @@ def main():
     p.add_argument("--kv-cache-dtype", default="fp8")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gemv-m1-like-m4", action="store_true", help="use the M>1 fp8_gemv table at M=1")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
+    if a.gemv_m1_like_m4:
+        from hopperllm.kernels import fp8
+
+        orig = fp8.fp8_gemv_config
+        fp8.fp8_gemv_config = lambda M, N, K, n: orig(max(M, 2), N, K, n) | {"BLOCK_M": 16}
     llm = LLM(
         model=a.model,
         quantization=a.quantization,
@@ -36,7 +42,12 @@ def main():
     )
     eng = llm.engine
     runner = eng.executor.runner
-    res: dict = {"model": a.model, "batch_size": a.batch_size, "context": a.context}
+    res: dict = {
+        "model": a.model,
+        "batch_size": a.batch_size,
+        "context": a.context,
+        "gemv_m1_like_m4": a.gemv_m1_like_m4,
+    }
     g = torch.Generator().manual_seed(0)
     for i in range(a.batch_size):
         ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()

@@ -13,8 +13,15 @@ from hopperllm import LLM, SamplingParams  # noqa: E402
 from hopperllm.layers.attention import TorchAttentionBackend  # noqa: E402
 from tests.helpers import make_hf_llama_dir  # noqa: E402
 
-CFG = dict(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-           num_key_value_heads=4, max_position_embeddings=2048)
+CFG = dict(
+    vocab_size=2048,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +31,26 @@ def model_dir(tmp_path_factory):
 
 def _prompts():
     g = torch.Generator().manual_seed(0)
-    return [{"prompt_token_ids": torch.randint(3, 2000, (n,), generator=g).tolist()} for n in (7, 100, 333, 1000)]
+    return [
+        {"prompt_token_ids": torch.randint(3, 2000, (n,), generator=g).tolist()} for n in (7, 100, 333, 1000)
+    ]
 
 
-def _greedy(llm, n=32):
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
+def _greedy(llm, n=32, logprobs=None):
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+    outs = llm.generate(_prompts(), params, use_tqdm=False)
+    return [o.outputs[0] for o in outs] if logprobs else [o.outputs[0].token_ids for o in outs]
+
+
+def _assert_same_until_near_tie(fast, ref, max_gap: float):
+    """Tokens must agree; where they first differ, the reference's top two must be a near-tie
+    (rounding of a different but valid kernel order can flip those, nothing else)."""
+    for a, b in zip(fast, ref, strict=True):
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+            if x != y:
+                top = sorted(b.logprobs[i].values(), reverse=True)
+                assert top[0] - top[1] < max_gap, (i, x, y, top[:2])
+                break
 
 
 def _reference(model_dir, **kw):
@@ -44,26 +65,35 @@ def _reference(model_dir, **kw):
 def test_bf16_fast_path_greedy_equals_reference(model_dir):
     fast = LLM(model=model_dir, dtype="bfloat16", num_kv_blocks=512, max_num_seqs=8, show_progress=False)
     ref = _reference(model_dir, dtype="bfloat16")
-    a, b = _greedy(fast), _greedy(ref)
-    # bf16 rounding differs between fused kernels and torch ops: allow a late divergence at a near-tie only
-    for x, y in zip(a, b, strict=True):
-        assert x[:8] == y[:8]
-    agree = sum(p == q for x, y in zip(a, b, strict=True) for p, q in zip(x, y, strict=True))
-    assert agree / sum(len(x) for x in a) > 0.9
+    _assert_same_until_near_tie(_greedy(fast, logprobs=2), _greedy(ref, logprobs=2), max_gap=0.05)
 
 
 def test_fp32_fast_path_greedy_equals_reference(model_dir):
     fast = LLM(model=model_dir, dtype="float32", num_kv_blocks=512, max_num_seqs=8, show_progress=False)
     ref = _reference(model_dir, dtype="float32")
-    assert _greedy(fast) == _greedy(ref)
+    _assert_same_until_near_tie(_greedy(fast, logprobs=2), _greedy(ref, logprobs=2), max_gap=1e-3)
 
 
 def test_fp8_fast_path_matches_cpu_emulation(model_dir):
     ids = _prompts()[2]["prompt_token_ids"]
-    gpu = LLM(model=model_dir, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512,
-              max_num_seqs=8, show_progress=False)
-    cpu = LLM(model=model_dir, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", device="cpu",
-              num_kv_blocks=512, show_progress=False)
+    gpu = LLM(
+        model=model_dir,
+        dtype="bfloat16",
+        quantization="fp8",
+        kv_cache_dtype="fp8",
+        num_kv_blocks=512,
+        max_num_seqs=8,
+        show_progress=False,
+    )
+    cpu = LLM(
+        model=model_dir,
+        dtype="bfloat16",
+        quantization="fp8",
+        kv_cache_dtype="fp8",
+        device="cpu",
+        num_kv_blocks=512,
+        show_progress=False,
+    )
     lg = gpu.engine.executor.runner.logits_for_tokens(ids).cpu()
     lc = cpu.engine.executor.runner.logits_for_tokens(ids)
     rel = float((lg - lc).norm() / lc.norm())
