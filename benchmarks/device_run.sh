@@ -10,6 +10,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+# the tree arrives without .git: the caller writes the commit to .commit (git rev-parse HEAD > .commit)
+export HOPPERLLM_GIT_COMMIT=${HOPPERLLM_GIT_COMMIT:-$(cat .commit 2>/dev/null)}
 steps=${*:-info tests smoke}
 for step in $steps; do
   echo "=== $step ==="
@@ -17,7 +19,7 @@ for step in $steps; do
     info)
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/info.txt"
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/info.txt"
-      git rev-parse HEAD 2>/dev/null | tee -a "$OUT/info.txt" ;;
+      echo "commit $HOPPERLLM_GIT_COMMIT" | tee -a "$OUT/info.txt" ;;
     tests)
       timeout 420 python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
     tests-all)

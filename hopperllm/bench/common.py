@@ -56,7 +56,10 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """`git rev-parse HEAD` of the checkout the package runs from, or None outside a checkout."""
+    """`git rev-parse HEAD` of the checkout the package runs from ($HOPPERLLM_GIT_COMMIT where the tree was
+    copied without its history, as on the device machine), or None."""
+    if os.environ.get("HOPPERLLM_GIT_COMMIT"):
+        return os.environ["HOPPERLLM_GIT_COMMIT"]
     pkg_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         r = subprocess.run(

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from hopperllm.config import EngineConfig
@@ -183,8 +184,12 @@ class ModelRunner:
         self.kv_caches = self._alloc_kv(num_blocks)
 
     # -- one step ---------------------------------------------------------------------------
-    def _prepare(self, sched: SchedulerOutput):
+    def _prepare(self, sched: SchedulerOutput, prev_rows: dict[str, int] | None = None):
+        """Host lists -> device tensors. `prev_rows` (seq_id -> row of the in-flight step's samples) lets
+        PLACEHOLDER tokens be filled on the device: returns their flat positions and source rows too."""
         bs = self.block_size
+        fill_pos: list[int] = []
+        fill_src: list[int] = []
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -209,35 +214,63 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_idx.append(cu[-1] - 1)
                 sample_seqs.append(seq)
+            if seq.num_placeholders and prev_rows and seq.seq_id in prev_rows:
+                pos = seq.num_tokens - 1  # a placeholder is always the last token
+                if start <= pos < end:
+                    fill_pos.append(cu[-2] + pos - start)
+                    fill_src.append(prev_rows[seq.seq_id])
         max_blocks = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+        nseq, ntok, nsamp = len(tables), len(input_ids), len(sample_idx)
+        table = np.zeros((nseq, max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        d = self.device
-        pin = d.type == "cuda"
-
-        def to_dev(x, dtype):
-            t = torch.tensor(x, dtype=dtype)
-            return t.pin_memory().to(d, non_blocking=True) if pin else t
-
+            table[i, : len(t)] = t
+        # Two host buffers (int64, int32), each sent to the device in one copy from pinned memory.
+        parts = (input_ids, positions, slots, sample_idx, fill_pos, fill_src)
+        i64 = np.concatenate([np.asarray(v, dtype=np.int64) for v in parts])
+        i32 = np.concatenate(
+            [np.asarray(cu, dtype=np.int32), np.asarray(seq_lens, dtype=np.int32), table.ravel()]
+        )
+        d64, d32 = self._to_device(i64, i32)
+        o = np.cumsum([0, ntok, ntok, ntok, nsamp, len(fill_pos), len(fill_src)])
         meta = AttentionMetadata(
-            cu_seqlens_q=to_dev(cu, torch.int32),
-            seq_lens=to_dev(seq_lens, torch.int32),
-            slot_mapping=to_dev(slots, torch.long),
-            block_tables=table.pin_memory().to(d, non_blocking=True) if pin else table,
+            cu_seqlens_q=d32[: nseq + 1],
+            seq_lens=d32[nseq + 1 : 2 * nseq + 1],
+            slot_mapping=d64[o[2] : o[3]],
+            block_tables=d32[2 * nseq + 1 :].view(nseq, max_blocks),
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(seq_lens),
             decode_only=max(q_lens) == 1,
             query_lens_cpu=q_lens,
             seq_lens_cpu=seq_lens,
         )
-        return (
-            to_dev(input_ids, torch.long),
-            to_dev(positions, torch.long),
-            meta,
-            to_dev(sample_idx, torch.long),
-            sample_seqs,
-        )
+        fill = (d64[o[4] : o[5]], d64[o[5] : o[6]]) if fill_pos else None
+        return d64[o[0] : o[1]], d64[o[1] : o[2]], meta, d64[o[3] : o[4]], sample_seqs, fill
+
+    def _to_device(self, i64: np.ndarray, i32: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type != "cuda":
+            return torch.from_numpy(i64), torch.from_numpy(i32)
+        # Persistent pinned staging buffers (a fresh pinned allocation per step can cost a
+        # cudaHostAlloc and stall the host); two slots, so a slot is reused only after its copy is done.
+        slot = self._staging_slot = (getattr(self, "_staging_slot", 0) + 1) % 2
+        staging = getattr(self, "_staging", None)
+        if staging is None:
+            staging = self._staging = [None, None]
+        buf = staging[slot]
+        if buf is None or buf[0].numel() < i64.size or buf[1].numel() < i32.size:
+            size64, size32 = max(i64.size * 2, 1 << 16), max(i32.size * 2, 1 << 16)
+            buf = staging[slot] = (
+                torch.empty(size64, dtype=torch.int64, pin_memory=True),
+                torch.empty(size32, dtype=torch.int32, pin_memory=True),
+                torch.cuda.Event(),
+            )
+        h64, h32, done = buf
+        done.synchronize()  # the copy that last used this slot (two steps ago) has finished
+        h64[: i64.size].numpy()[:] = i64
+        h32[: i32.size].numpy()[:] = i32
+        d64 = h64[: i64.size].to(self.device, non_blocking=True)
+        d32 = h32[: i32.size].to(self.device, non_blocking=True)
+        done.record()
+        return d64, d32
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.sampling_params.seed
@@ -281,9 +314,12 @@ class ModelRunner:
 
         Tokens that are still PLACEHOLDERs on the host (sampled by `prev`, not yet read back) are taken
         from `prev`'s device tensor, so the host never waits between steps."""
-        input_ids, positions, meta, sample_idx, sample_seqs = self._prepare(sched)
+        prev_rows = None
         if prev is not None and prev.token_ids_dev is not None:
-            self._fill_placeholders(sched, input_ids, prev)
+            prev_rows = {sid: i for i, sid in enumerate(prev.seq_ids)}
+        input_ids, positions, meta, sample_idx, sample_seqs, fill = self._prepare(sched, prev_rows)
+        if fill is not None:
+            input_ids.index_copy_(0, fill[0], prev.token_ids_dev.index_select(0, fill[1]))
         if self.graph_runner is not None and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(input_ids, positions, meta)
         else:
@@ -305,25 +341,6 @@ class ModelRunner:
             launch.event = torch.cuda.Event()
             launch.event.record()
         return launch
-
-    def _fill_placeholders(self, sched: SchedulerOutput, input_ids: torch.Tensor, prev: StepLaunch) -> None:
-        rows = {sid: i for i, sid in enumerate(prev.seq_ids)}
-        flat, src = [], []
-        offset = 0
-        for item in sched.scheduled:
-            seq = item.seq
-            if seq.num_placeholders:
-                pos = seq.num_tokens - 1  # the placeholder is always the last token
-                start = seq.num_computed_tokens
-                if start <= pos < start + item.num_new_tokens and seq.seq_id in rows:
-                    flat.append(offset + pos - start)
-                    src.append(rows[seq.seq_id])
-            offset += item.num_new_tokens
-        if flat:
-            d = self.device
-            idx = torch.tensor(flat, dtype=torch.long).to(d, non_blocking=True)
-            srcs = torch.tensor(src, dtype=torch.long).to(d, non_blocking=True)
-            input_ids.index_copy_(0, idx, prev.token_ids_dev.index_select(0, srcs))
 
     def collect(self, launch: StepLaunch) -> ModelRunnerOutput:
         """Wait for a launched step and read its sampled tokens back."""
@@ -352,7 +369,7 @@ class ModelRunner:
         seq = Sequence("__logits__", token_ids, SamplingParams(max_tokens=1))
         seq.block_table = list(range(nb))
         sched = SchedulerOutput(scheduled=[ScheduledSeq(seq, n)], num_batched_tokens=n)
-        input_ids, positions, meta, _, _ = self._prepare(sched)
+        input_ids, positions, meta, _, _, _ = self._prepare(sched)
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
             return self.model.compute_logits(hidden).float()
