@@ -31,13 +31,26 @@ for step in $steps; do
       timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
     profile)
       timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60
-      timeout 200 python3 benchmarks/profile_decode.py --gemv-m1-like-m4 --output-json "$OUT/profile_m4.json" 2>&1 | grep -v Capturing | tail -60 ;;
+ ;;
     model-tests)
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_model_tests.log" | tail -30 ;;
     latency)
       timeout 400 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 2 --num-iters 5 \
         --max-num-seqs 16 --baseline hf --output-json "$OUT/latency-llama-2-7b-fp8-h100.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/latency.log" | tail -30 ;;
+    latency-quick)
+      timeout 300 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
+        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 2 --num-iters 5 \
+        --max-num-seqs 16 --output-json "$OUT/latency-llama-2-7b-fp8.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/latency.log" | tail -22 ;;
+    throughput)
+      timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
+        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 \
+        --output-json "$OUT/throughput-llama-3-8b-fp8.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/throughput.log" | tail -22 ;;
+    latency-70b)
+      timeout 500 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b --quantization fp8 \
+        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 1 --num-iters 3 \
+        --max-num-seqs 8 --gpu-memory-utilization 0.95 --output-json "$OUT/latency-llama-2-70b-fp8.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70.log" | tail -22 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
