@@ -112,7 +112,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
             # uniform fp8 codes in [-448, 448]; scale so that values have about `std` spread
             tmp = torch.empty(p.shape, dtype=torch.bfloat16, device=gen_device)
             tmp.normal_(0.0, 448.0 / 4, generator=g).clamp_(-448, 448)
-            p.data.copy_(tmp.to(torch.float8_e4m3fn))
+            p.data.copy_(tmp)  # casts in place: no second full-size temporary
             del tmp
             owner = model.get_submodule(name.rsplit(".", 1)[0])
             owner.weight_scale.data.fill_(std * 4 / 448.0)

@@ -76,14 +76,15 @@ def load_tokenizer(src: ModelSource, model_config: ModelConfig) -> Tokenizer:
     return Tokenizer.from_dir(src.path, extra_eos_token_ids=model_config.eos_token_ids)
 
 
-def _weights(src: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+def _weights(src: ModelSource, sharded: bool = False) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     if src.kind == "gguf":
         from hopperllm.loader.gguf import count_gguf_tensors, iter_gguf_tensors
 
         return iter_gguf_tensors(src.reader or src.path), count_gguf_tensors(src.reader or src.path)
     from hopperllm.loader.hf_safetensors import count_safetensors_tensors, iter_safetensors
 
-    return iter_safetensors(src.path), count_safetensors_tensors(src.path)
+    # sharded: each tensor-parallel rank reads only its slices (see LazyTensor)
+    return iter_safetensors(src.path, lazy=sharded), count_safetensors_tensors(src.path)
 
 
 def build_model(
@@ -111,7 +112,7 @@ def build_model(
 
         init_dummy_weights(model, seed=seed)
         return model.eval()
-    weights, total = _weights(src)
+    weights, total = _weights(src, sharded=tp.world_size > 1)
     if ckpt_quant:
         from hopperllm.loader.fp8_checkpoints import normalize_fp8_checkpoint
 

@@ -26,12 +26,22 @@ class Executor:
     def release(self, seq_ids) -> None:
         """Forget per-sequence state (RNGs) of finished sequences."""
 
+    def logits_for_tokens(self, token_ids: list[int]):
+        """Full-sequence logits [T, V] (float32) for one prompt, through the paged path (tests, eval)."""
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         pass
 
 
 class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, src: ModelSource, show_progress: bool = True):
+        if config.device == "cuda":  # a clear error, not an out-of-memory traceback half-way through loading
+            import torch
+
+            from hopperllm.worker.worker import check_weights_fit
+
+            check_weights_fit(config, src, 1, torch.device("cuda", torch.cuda.current_device()))
         self.runner = ModelRunner(config, src, show_progress=show_progress)
         self.num_kv_blocks = self.runner.determine_num_kv_blocks()
         self.runner.init_kv_cache(self.num_kv_blocks)
@@ -53,6 +63,9 @@ class UniprocExecutor(Executor):
 
     def release(self, seq_ids) -> None:
         self.runner.release(seq_ids)
+
+    def logits_for_tokens(self, token_ids: list[int]):
+        return self.runner.logits_for_tokens(token_ids)
 
 
 def make_executor(config: EngineConfig, src: ModelSource, show_progress: bool = True) -> Executor:
