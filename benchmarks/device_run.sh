@@ -32,6 +32,10 @@ for step in $steps; do
     profile)
       timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60
  ;;
+    profile-8b)
+      timeout 200 python3 benchmarks/profile_decode.py --model dummy:llama-3-8b --prefill --output-json "$OUT/profile_8b.json" 2>&1 | grep -v Capturing | grep -v '"\(count\|total_us\)"' | tail -40 ;;
+    tp-1gpu)
+      timeout 400 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k "70b or too_large" -p no:cacheprovider 2>&1 | tee "$OUT/tp_1gpu.log" | tail -15 ;;
     model-tests)
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_model_tests.log" | tail -30 ;;
     latency)

@@ -24,6 +24,7 @@ def main():
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gemv-m1-like-m4", action="store_true", help="use the M>1 fp8_gemv table at M=1")
+    p.add_argument("--prefill", action="store_true", help="also profile one 8192-token prefill step")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     if a.gemv_m1_like_m4:
@@ -120,6 +121,31 @@ def main():
     top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:15]
     res["eager_kernels_us"] = {k[:80]: {"count": c, "total_us": t} for k, (c, t) in top}
     res["eager_kernel_sum_us"] = sum(t for _, (c, t) in agg.items())
+    # 4) kernels of one 8192-token prefill step (4 prompts of 2048), the throughput benchmark's shape
+    if a.prefill:
+        lens = [2048] * 4
+        nblk = sum(-(-n // runner.block_size) for n in lens)
+        pmeta = runner._dummy_meta(lens, min(nblk + 1, runner.num_kv_blocks))
+        ids = torch.randint(100, 30000, (sum(lens),), device=runner.device)
+        pos = torch.cat([torch.arange(n, device=runner.device) for n in lens])
+        with torch.inference_mode():
+            for _ in range(2):
+                runner.model(ids, pos, runner.kv_caches, pmeta)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.model(ids, pos, runner.kv_caches, pmeta)
+            torch.cuda.synchronize()
+            res["prefill_8192_ms"] = (time.perf_counter() - t0) * 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runner.model(ids, pos, runner.kv_caches, pmeta)
+                torch.cuda.synchronize()
+        agg = defaultdict(lambda: [0, 0.0])
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                agg[ev.name][0] += 1
+                agg[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:12]
+        res["prefill_kernels_ms"] = {k[:70]: round(t / 1e3, 2) for k, (c, t) in top}
     print(json.dumps(res, indent=1))
     if a.output_json:
         with open(a.output_json, "w") as f:
