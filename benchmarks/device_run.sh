@@ -29,6 +29,10 @@ for step in $steps; do
         --output-json "$OUT/smoke_7b_fp8.json" 2>&1 | tee "$OUT/smoke.log" | tail -15 ;;
     tune-attn)
       timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
+    tune-prefill)
+      timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
+    gpu-final)
+      timeout 500 python3 -m pytest -q tests/gpu -k "not 70b" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     profile)
       timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60
  ;;

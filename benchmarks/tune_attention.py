@@ -25,6 +25,8 @@ def copy_bandwidth() -> float:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--prefill", action="store_true", help="also sweep the prefill kernel (4 x 2048 tokens)")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -36,7 +38,7 @@ def main():
         ("llama3-8b b64", 64, 32, 8, 128, 2176),
     ]
     bs = 16
-    for name, B, hq, hkv, d, ctx in shapes:
+    for name, B, hq, hkv, d, ctx in shapes if a.decode else []:
         nblk_per_seq = -(-ctx // bs)
         nb = B * nblk_per_seq + 8
         # several caches so that repeated calls do not read L2-resident data
@@ -79,10 +81,45 @@ def main():
             if best is None or us < best["us"]:
                 best = row
         print(f"{name}: floor {floor_us:.1f} us; best {best}")
+    if a.prefill:
+        rows += tune_prefill()
     res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
     if a.output_json:
         with open(a.output_json, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def tune_prefill() -> list[dict]:
+    """The throughput benchmark's prefill step: 4 prompts of 2048 tokens, Llama-3-8B heads, FP8 cache."""
+    rows = []
+    bs, B, ctx, hq, hkv, d = 16, 4, 2048, 32, 8, 128
+    nblk = B * ctx // bs
+    cache = torch.randn(2, nblk + 8, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn)
+    tables = torch.arange(nblk, device="cuda", dtype=torch.int32).view(B, -1)
+    seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    cu = torch.arange(0, B * ctx + 1, ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(B * ctx, hq, d, device="cuda", dtype=torch.bfloat16)
+    one = torch.ones(1, device="cuda")
+    flops = 4 * B * (ctx * ctx / 2) * hq * d
+    best = None
+    for bm, bn, nw, ns in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]):
+        pa.PREFILL_CONFIG = (bm, bn, nw, ns)
+        try:
+            ms = triton.testing.do_bench(
+                lambda: pa.paged_prefill_attention(q, cache[0], cache[1], cu, seq_lens, tables, ctx, 0.088, one, one),
+                warmup=10, rep=40, return_mode="median",
+            )
+        except Exception as e:  # noqa: BLE001 (a config the compiler rejects, e.g. out of shared memory)
+            print("skip prefill", bm, bn, nw, ns, type(e).__name__)
+            continue
+        row = {"shape": "prefill llama3-8b 4x2048", "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw,
+               "num_stages": ns, "us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
+        rows.append(row)
+        if best is None or row["us"] < best["us"]:
+            best = row
+    pa.PREFILL_CONFIG = None
+    print(f"prefill: best {best}")
+    return rows
 
 
 if __name__ == "__main__":

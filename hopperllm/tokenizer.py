@@ -11,6 +11,21 @@ from typing import Any
 from tokenizers import Tokenizer as _HFTokenizer
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (the one ByteLevel pre-tokenization uses): every byte as a printable char."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
 def _token_content(tok: Any) -> str | None:
     if tok is None:
         return None
@@ -97,9 +112,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and not self.add_bos_token and self._post_processor_adds_bos and ids[:1] == [
-            self.bos_token_id
-        ]:
+        if (
+            add_special_tokens
+            and not self.add_bos_token
+            and self._post_processor_adds_bos
+            and ids[:1] == [self.bos_token_id]
+        ):
             ids = ids[1:]  # tokenizer_config.json says add_bos_token: false (transformers drops it too)
         elif (
             add_special_tokens

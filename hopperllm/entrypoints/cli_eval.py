@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
         "path; with --reference-model, also the fraction of positions whose argmax token matches the "
         "reference's.",
     )
-    pp.add_argument("--model", default=None, help="HF directory, .gguf file or dummy:<preset> (default: SmolLM2)")
+    pp.add_argument(
+        "--model", default=None, help="HF directory, .gguf file or dummy:<preset> (default: SmolLM2)"
+    )
     pp.add_argument(
         "--quantization",
         "-q",
@@ -36,7 +38,9 @@ def add_parser(sub) -> None:
         "activations unquantized (emulation). FP8 checkpoints are detected without it",
     )
     pp.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
-    pp.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    pp.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"
+    )
     pp.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     pp.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192)")
     pp.add_argument("--context-len", type=int, default=512, help="tokens per chunk (default 512)")
@@ -48,15 +52,14 @@ def add_parser(sub) -> None:
         default=None,
         help="model to compare top-1 agreement with ('same' or no value: --model unquantized)",
     )
-    pp.add_argument(
-        "--reference-quantization", default=None, choices=["none", "fp8", "fp8-weight-only"]
-    )
+    pp.add_argument("--reference-quantization", default=None, choices=["none", "fp8", "fp8-weight-only"])
     pp.add_argument("--reference-kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+    pp.add_argument("--reference-dtype", default=None, help="dtype of the reference run (default: --dtype)")
     pp.add_argument("--output-json", default=None, help="write the results to this JSON file")
     pp.set_defaults(func=cmd_perplexity)
 
 
-def _describe(args, model, quantization, kv_cache_dtype, llm) -> dict:
+def _describe(model, quantization, llm) -> dict:
     cfg = llm.engine.config
     quant = quantization or ("fp8 (checkpoint)" if cfg.quantization is None and _is_fp8(llm) else "none")
     return {
@@ -99,17 +102,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             text = f.read()
     show = sys.stderr.isatty()
 
-    def run(model, quantization, kv_cache_dtype, desc):
+    def run(model, quantization, kv_cache_dtype, dtype, desc):
         t0 = time.perf_counter()
-        llm = load_llm(model, quantization, kv_cache_dtype, args.dtype, args.device, args.context_len, show)
+        llm = load_llm(model, quantization, kv_cache_dtype, dtype, args.device, args.context_len, show)
         ids = eval_token_ids(llm.get_tokenizer(), args.max_tokens, text)
         res = perplexity(llm, ids, args.context_len, show_progress=show, desc=desc)
-        info = _describe(args, model, quantization, kv_cache_dtype, llm)
+        info = _describe(model, quantization, llm)
         info.update(res.summary(), elapsed_s=round(time.perf_counter() - t0, 2))
         del llm
         return ids, res, info
 
-    ids, res, info = run(args.model, args.quantization, args.kv_cache_dtype, "Perplexity")
+    ids, res, info = run(args.model, args.quantization, args.kv_cache_dtype, args.dtype, "Perplexity")
     report = {
         "hopperllm": __version__,
         "eval": text_source("held-out") if text is None else {"text": args.text_file},
@@ -121,17 +124,19 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     line = f"perplexity {res.perplexity:.4f} over {res.num_scored_tokens} tokens (context {args.context_len})"
     if args.reference_model is not None:
         ref_model = args.model if args.reference_model == "same" else args.reference_model
+        ref_dtype = args.reference_dtype or args.dtype
         ref_ids, ref, ref_info = run(
-            ref_model, args.reference_quantization, args.reference_kv_cache_dtype, "Reference"
+            ref_model, args.reference_quantization, args.reference_kv_cache_dtype, ref_dtype, "Reference"
         )
         if ref_ids != ids:
-            raise ValueError("the reference model tokenizes the text differently: top-1 agreement needs one vocabulary")
+            raise ValueError(
+                "the reference model tokenizes the text differently: top-1 agreement needs one vocabulary"
+            )
         agreement = top1_agreement(res, ref)
         delta = res.perplexity / ref.perplexity - 1
         report.update(reference=ref_info, top1_agreement=agreement, perplexity_delta=delta)
         line += (
-            f"; reference {ref.perplexity:.4f} ({delta * 100:+.2f}%); "
-            f"top-1 agreement {agreement * 100:.2f}%"
+            f"; reference {ref.perplexity:.4f} ({delta * 100:+.2f}%); top-1 agreement {agreement * 100:.2f}%"
         )
     print(line)
     if args.output_json:

@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
         "pydoc_data.topics), take activation and K/V ranges, quantize the linear layers to FP8 (e4m3) "
         "and write an HF checkpoint in NVIDIA ModelOpt's format.",
     )
-    p.add_argument("--model", default=None, help="HF directory, .gguf file or dummy:<preset> (default: SmolLM2)")
+    p.add_argument(
+        "--model", default=None, help="HF directory, .gguf file or dummy:<preset> (default: SmolLM2)"
+    )
     p.add_argument("--output", "-o", required=True, help="directory to write (must not exist or be empty)")
     p.add_argument(
         "--kv-cache-dtype",
@@ -38,14 +40,18 @@ def add_parser(sub) -> None:
         default=True,
         help="one weight scale per output channel (default)",
     )
-    g.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per matrix")
+    g.add_argument(
+        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per matrix"
+    )
     p.add_argument(
         "--static-activations",
         action="store_true",
         help="calibrated per-tensor input scales (default: dynamic per-token scales at run time)",
     )
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    p.add_argument(
+        "--calib-seq-len", type=int, default=512, help="tokens per calibration chunk (default 512)"
+    )
     p.add_argument("--calib-file", default=None, help="a UTF-8 text file to calibrate on instead")
     p.add_argument(
         "--dtype",
@@ -53,9 +59,7 @@ def add_parser(sub) -> None:
         choices=["bfloat16", "float16", "float32"],
         help="dtype of the unquantized tensors written (embeddings, norms, LM head; default bfloat16)",
     )
-    p.add_argument(
-        "--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)"
-    )
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.set_defaults(func=cmd_quantize)
 
@@ -90,7 +94,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     show = sys.stderr.isatty()
     t0 = time.perf_counter()
-    llm = load_llm(args.model, dtype="auto", device=args.device, context_len=args.calib_seq_len, show_progress=show)
+    llm = load_llm(
+        args.model, dtype="auto", device=args.device, context_len=args.calib_seq_len, show_progress=show
+    )
     if any(p.dtype == torch.float8_e4m3fn for p in runner_of(llm).model.parameters()):
         raise ValueError("the model is already FP8-quantized: quantize starts from bf16/fp32 weights")
     tok = llm.get_tokenizer()
@@ -125,4 +131,3 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"calibrated on {stats.num_tokens} tokens in {elapsed:.1f} s"
     )
     return 0
-

@@ -530,10 +530,16 @@ def _prefill_config(head_dim: int, group: int, is_cuda: bool) -> tuple[int, int,
     """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) -- a starting point to tune on H100/H200."""
     if not is_cuda:  # the interpreter: small tiles so tests cross tile and diagonal boundaries
         return max(16, triton.next_power_of_2(group)), 16, 1, 1
+    if PREFILL_CONFIG is not None:  # set by benchmarks/tune_attention.py --prefill
+        bm, bn, nw, ns = PREFILL_CONFIG
+        return max(bm, triton.next_power_of_2(group)), bn, nw, ns
     block_m = max(128, triton.next_power_of_2(group))
     if head_dim <= 64:
         return block_m, 64, 4, 3
     return block_m, 64, 8, 3
+
+
+PREFILL_CONFIG: tuple[int, int, int, int] | None = None
 
 
 def paged_prefill_attention(

@@ -8,55 +8,15 @@ store x * (1 / scale) saturated to +-448 (see kernels/fp8.py).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, quantize_fp8, ref_static_quant_fp8
 
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
-    # Same arithmetic, in the same order, as transformers' _compute_llama3_parameters.
-    factor = rope_scaling["factor"]
-    low_freq_factor = rope_scaling["low_freq_factor"]
-    high_freq_factor = rope_scaling["high_freq_factor"]
-    old_context_len = rope_scaling["original_max_position_embeddings"]
-
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-
-    wavelen = 2 * math.pi / inv_freq
-    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
-    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
-
-
-def build_cos_sin_cache(
-    head_dim: int, max_position: int, rope_theta: float, rope_scaling: dict | None = None
-) -> torch.Tensor:
-    """float32 [max_position, head_dim] = cat(cos(p * inv_freq), sin(p * inv_freq)) for p < max_position.
-
-    rope_scaling is HF's `rope_scaling` / `rope_parameters` dict: None or rope_type "default", "linear"
-    (factor) or "llama3" (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
-    """
-    if head_dim % 2:
-        raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
-    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = "default"
-    if rope_scaling:
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if rope_type == "linear":
-        inv_freq = inv_freq / rope_scaling["factor"]
-    elif rope_type == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
-    elif rope_type != "default":
-        raise ValueError(f"unsupported rope_scaling type {rope_type!r}: use default, linear or llama3")
-    freqs = torch.arange(max_position, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+# The cos/sin table is plain torch shared with the CPU path (which must not need triton): it lives with the
+# rotary layer and is re-exported here for the kernel's callers and tests.
+from hopperllm.layers.rotary import build_cos_sin_cache  # noqa: F401
 
 
 def ref_apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,19 @@ def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]
         smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, inv_freq_llama)
-    raise ValueError(f"unsupported rope scaling {rtype!r}")
+    raise ValueError(f"unsupported rope_scaling type {rtype!r}: use default, linear or llama3")
 
 
 def build_cos_sin_cache(
     head_dim: int, max_position: int, rope_theta: float, rope_scaling: dict[str, Any] | None = None
 ) -> torch.Tensor:
-    """float32 [max_position, head_dim] = cat(cos, sin) over the head_dim/2 frequencies."""
+    """float32 [max_position, head_dim] = cat(cos(p * inv_freq), sin(p * inv_freq)) for p < max_position.
+
+    rope_scaling is HF's `rope_scaling` / `rope_parameters` dict: None or rope_type "default", "linear"
+    (factor) or "llama3" (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
     inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling)
     t = torch.arange(max_position, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)

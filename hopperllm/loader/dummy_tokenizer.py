@@ -8,7 +8,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from hopperllm.tokenizer import Tokenizer
+from hopperllm.tokenizer import Tokenizer, bytes_to_unicode
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -16,26 +16,9 @@ _CHAT_TEMPLATE = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, the one ByteLevel pre-tokenization uses."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def byte_tokenizer() -> Tokenizer:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b, ch in _bytes_to_unicode().items():
+    for b, ch in bytes_to_unicode().items():
         vocab[ch] = 3 + b
     tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -30,7 +30,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from hopperllm.tokenizer import Tokenizer
+from hopperllm.tokenizer import Tokenizer, bytes_to_unicode
 
 GGUFSource = str | os.PathLike[str] | GGUFReader
 
@@ -308,21 +308,6 @@ def _iter_tensors(
 # with `GPT2Tokenizer` / `LlamaTokenizer`), written directly against `tokenizers`.
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: every byte spelled as a printable character."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 # `tokenizer.ggml.pre` names whose split regex differs from GPT-2's (transformers' table).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -358,7 +343,7 @@ _PRE_TOKENIZER_SPLITS = {
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> HFTokenizer:
     """`tokenizer.ggml.model == "gpt2"`: byte-level BPE over the file's vocabulary and merges."""
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {
         tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
@@ -468,7 +453,7 @@ def load_gguf_tokenizer(source: GGUFSource) -> Tokenizer:
 
     # CONTROL tokens are special: matched whole and skipped by `decode(skip_special_tokens=True)`. In a
     # byte-level vocabulary a "control" token spelled outside the byte alphabet is a llama.cpp mislabel.
-    alphabet = set(_bytes_to_unicode().values()) if model_type == "gpt2" else None
+    alphabet = set(bytes_to_unicode().values()) if model_type == "gpt2" else None
     control = [
         tok
         for tok, kind in zip(tokens, token_types, strict=False)

@@ -49,6 +49,7 @@ from hopperllm.entrypoints.openai.serving import RETRY_AFTER_S, APIError, OpenAI
 logger = logging.getLogger(__name__)
 
 from hopperllm.entrypoints.cli_serve import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
+
 # open without an API key: probes, scrapers and the API's own description
 UNAUTHENTICATED_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"})
 # answered while draining (the rest get 503): /health itself reports 503 then
