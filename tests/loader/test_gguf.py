@@ -157,7 +157,7 @@ CHAT_TEMPLATE = (
 
 def add_byte_level_vocab(w: gguf.GGUFWriter) -> None:
     """A Llama-3-style byte-level BPE vocabulary: 256 bytes, a few merges, control and user tokens."""
-    from hopperllm.loader.gguf import _bytes_to_unicode
+    from hopperllm.tokenizer import bytes_to_unicode as _bytes_to_unicode
 
     alphabet = list(_bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "Ġa n", "Ġan d", "1 2", "12 3", "Ċ Ċ", "Ġ Ġ"]
