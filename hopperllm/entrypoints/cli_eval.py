@@ -60,8 +60,10 @@ def add_parser(sub) -> None:
 
 
 def _describe(model, quantization, llm) -> dict:
+    from hopperllm.quant.eval import has_fp8_weights
+
     cfg = llm.engine.config
-    quant = quantization or ("fp8 (checkpoint)" if cfg.quantization is None and _is_fp8(llm) else "none")
+    quant = quantization or ("fp8 (checkpoint)" if has_fp8_weights(llm) else "none")
     return {
         "model": model or "default (SmolLM2-135M-Instruct GGUF)",
         "quantization": quant,
@@ -69,12 +71,6 @@ def _describe(model, quantization, llm) -> dict:
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "device": _device_name(cfg.device),
     }
-
-
-def _is_fp8(llm) -> bool:
-    from hopperllm.quant.eval import _checkpoint_is_quantized
-
-    return _checkpoint_is_quantized(llm)
 
 
 def _device_name(device: str) -> str:

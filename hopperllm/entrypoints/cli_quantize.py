@@ -65,13 +65,11 @@ def add_parser(sub) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
     from hopperllm.config import resolve_dtype
     from hopperllm.loader.model_loader import resolve_model
     from hopperllm.quant.calibrate import calibrate, calibration_text, chunk_tokens
     from hopperllm.quant.checkpoint import FP8Scheme, write_modelopt_checkpoint
-    from hopperllm.quant.eval import load_llm, runner_of
+    from hopperllm.quant.eval import has_fp8_weights, load_llm, runner_of
 
     if args.calib_tokens < 1:
         raise ValueError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
@@ -97,7 +95,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     llm = load_llm(
         args.model, dtype="auto", device=args.device, context_len=args.calib_seq_len, show_progress=show
     )
-    if any(p.dtype == torch.float8_e4m3fn for p in runner_of(llm).model.parameters()):
+    if has_fp8_weights(llm):
         raise ValueError("the model is already FP8-quantized: quantize starts from bf16/fp32 weights")
     tok = llm.get_tokenizer()
     ids = tok.encode(text if text is not None else calibration_text(), add_special_tokens=False)

@@ -83,13 +83,14 @@ def load_llm(
         show_progress=show_progress,
     )
     if weight_only:
-        if llm.engine.config.quantization is not None or _checkpoint_is_quantized(llm):
+        if has_fp8_weights(llm):
             raise ValueError("fp8-weight-only emulates FP8 weights from an unquantized checkpoint")
         fake_quantize_weights_(runner_of(llm).model)
     return llm
 
 
-def _checkpoint_is_quantized(llm) -> bool:
+def has_fp8_weights(llm) -> bool:
+    """Whether the LLM's linear layers run FP8 (quantized on load, or an FP8 checkpoint)."""
     from hopperllm.layers.linear import LinearBase
 
     return any(

@@ -102,11 +102,12 @@ def fp8_linear_emulated(
 ) -> torch.Tensor:
     """y = quantize(x) @ (w_fp8 * w_scale).T + bias, emulated in float32 (x per token, or static).
 
-    Equals what `torch._scaled_mm(x_fp8, w_fp8.t(), scale_a, scale_b)` computes up to float32 accumulation
-    order: both take the same e4m3 codes and scales, the product of two e4m3 values is exact in float32,
-    and both sum in float32 and apply the scales to the accumulated dot product (scale_a[m] * scale_b[n]
-    * sum_k x[m, k] w[n, k]); here the scales are applied before summing, which differs only by float32
-    rounding (~1e-6 relative). The CPU path of `hopperllm.kernels.fp8.fp8_linear` is this computation.
+    Equals what `torch._scaled_mm(x_fp8, w_fp8.t(), scale_a, scale_b)` computes before its cast to the
+    output dtype, up to float32 accumulation order: both take the same e4m3 codes and scales, the product
+    of two e4m3 values is exact in float32, and cuBLASLt sums in float32 and scales the accumulated dot
+    product (scale_a[m] * scale_b[n] * sum_k x[m, k] w[n, k]); here the scales are applied to the operands
+    before summing, which differs only by float32 rounding (~1e-6 relative). The CPU path of
+    `hopperllm.kernels.fp8.fp8_linear` is this computation; the GPU side is checked in tests/gpu/.
     """
     K = w_fp8.shape[1]
     x2 = x.reshape(-1, K)
