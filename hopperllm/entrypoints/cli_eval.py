@@ -83,19 +83,14 @@ def _device_name(device: str) -> str:
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from hopperllm import __version__
-    from hopperllm.quant.calibrate import text_source
+    from hopperllm.quant.calibrate import read_text_file, text_source
     from hopperllm.quant.eval import eval_token_ids, load_llm, perplexity, top1_agreement
 
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.context_len < 2:
         raise ValueError(f"--context-len must be at least 2, got {args.context_len}")
-    text = None
-    if args.text_file is not None:
-        if not os.path.isfile(args.text_file):
-            raise ValueError(f"text file {args.text_file!r} does not exist")
-        with open(args.text_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+    text = read_text_file(args.text_file)
     show = sys.stderr.isatty()
 
     def run(model, quantization, kv_cache_dtype, dtype, desc):

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "quantize",
         help="quantize a model to FP8 and write a ModelOpt-style HF checkpoint",
-        description="Run the unquantized model over calibration text (default: the first 80%% of Python's "
+        description="Run the unquantized model over calibration text (default: the first 80% of Python's "
         "pydoc_data.topics), take activation and K/V ranges, quantize the linear layers to FP8 (e4m3) "
         "and write an HF checkpoint in NVIDIA ModelOpt's format.",
     )
@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from hopperllm.config import resolve_dtype
     from hopperllm.loader.model_loader import resolve_model
-    from hopperllm.quant.calibrate import calibrate, calibration_text, chunk_tokens
+    from hopperllm.quant.calibrate import calibrate, calibration_text, chunk_tokens, read_text_file
     from hopperllm.quant.checkpoint import FP8Scheme, write_modelopt_checkpoint
     from hopperllm.quant.eval import has_fp8_weights, load_llm, runner_of
 
@@ -79,12 +79,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError("--max-shard-size must be positive")
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise ValueError(f"output {args.output!r} exists and is not an empty directory: choose a new path")
-    text = None
-    if args.calib_file is not None:
-        if not os.path.isfile(args.calib_file):
-            raise ValueError(f"calibration file {args.calib_file!r} does not exist")
-        with open(args.calib_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+    text = read_text_file(args.calib_file, "calibration file")
     scheme = FP8Scheme(
         per_channel=args.per_channel,
         static_activations=args.static_activations,

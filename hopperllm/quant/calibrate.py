@@ -15,6 +15,7 @@ paged path that serves requests, with forward pre-hooks that keep running absolu
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,16 @@ def text_source(split: str) -> dict[str, object]:
         "topics": f"{names[0]} .. {names[-1]} ({len(names)} of {len(calib) + len(held_out)}, sorted)",
         "python": sys.version.split()[0],
     }
+
+
+def read_text_file(path: str | None, what: str = "text file") -> str | None:
+    """The UTF-8 text of a user-given file (None for no file); a missing file is the user's ValueError."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def chunk_tokens(token_ids: list[int], chunk_len: int, min_len: int = 2) -> list[list[int]]:

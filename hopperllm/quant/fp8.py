@@ -76,21 +76,22 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tenso
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """float32 x_fp8 * scale. A weight scale [N] applies per row of [N, K]; [..., 1] or [1] broadcast."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x_fp8.device)
-    if s.dim() == 1 and s.numel() > 1 and x_fp8.dim() == 2 and s.numel() == x_fp8.shape[0]:
-        s = s[:, None]
-    return x_fp8.float() * s
+    return x_fp8.float() * _broadcast_scale(scale, x_fp8)
+
+
+def _broadcast_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if s.dim() == 1 and s.numel() > 1 and x.dim() == 2 and s.numel() == x.shape[0]:
+        s = s[:, None]  # one scale per row
+    return s
 
 
 def roundtrip_bound(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Elementwise bound on |dequantize(quantize(x)) - x| for x within the scale's range (module docstring).
 
     `scale` broadcasts like in `dequantize`. A little float32 slack covers the rounding of x / scale."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    if s.dim() == 1 and s.numel() > 1 and x.dim() == 2 and s.numel() == x.shape[0]:
-        s = s[:, None]
-    xf = x.float().abs()
-    return torch.maximum(E4M3_REL_ERR * xf, E4M3_SUBNORMAL_ERR * s) * (1 + 1e-6) + 1e-30
+    s = _broadcast_scale(scale, x)
+    return torch.maximum(E4M3_REL_ERR * x.float().abs(), E4M3_SUBNORMAL_ERR * s) * (1 + 1e-6) + 1e-30
 
 
 def fp8_linear_emulated(
