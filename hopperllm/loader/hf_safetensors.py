@@ -22,6 +22,16 @@ def read_hf_config(path: str) -> dict[str, Any]:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path} does not hold a JSON object")
+    hq_path = os.path.join(path, "hf_quant_config.json")
+    if "quantization_config" not in cfg and os.path.isfile(hq_path):
+        # Older NVIDIA ModelOpt exports describe the quantization only in hf_quant_config.json.
+        try:
+            with open(hq_path) as f:
+                hq = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{hq_path} is not valid JSON: {e}") from e
+        if isinstance(hq, dict) and isinstance(hq.get("quantization"), dict):
+            cfg["quantization_config"] = {"quant_method": "modelopt", **hq["quantization"]}
     return cfg
 
 

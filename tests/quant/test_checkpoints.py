@@ -221,3 +221,20 @@ def test_on_the_fly_fp8_from_fp32_weights(src):
         if name.endswith("_proj.weight"):
             ckpt[name], ckpt[name[: -len("weight")] + "weight_scale"] = quantize_weight(t, per_channel=True)
     assert rel_err(_logits(llm), reference_logits(src, ckpt, IDS)) < MATCH_TOL
+
+
+def test_modelopt_export_with_only_hf_quant_config_loads(src, tmp_path):
+    """Older ModelOpt exports carry no quantization_config in config.json, only hf_quant_config.json."""
+    out = str(tmp_path / "out")
+    argv = ["quantize", "--model", src, "--output", out, "--kv-cache-dtype", "fp8", "--static-activations"]
+    assert main(argv + ["--calib-tokens", "200", "--calib-seq-len", "100", "--dtype", "float32"]) == 0
+    ref = _logits(_llm(out))
+    cfg_path = os.path.join(out, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    del cfg["quantization_config"]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    llm = _llm(out)
+    assert llm.engine.config.cache_config.kv_cache_dtype == "fp8"
+    assert torch.equal(_logits(llm), ref)
