@@ -100,3 +100,25 @@ def normalize_fp8_checkpoint(
         if name.endswith(".weight_scale") and t.dim() == 2:
             t = t.reshape(-1)  # [N, 1] per channel -> [N]
         yield name, t
+
+
+def ignored_module_patterns(qc: dict[str, Any]) -> list[str]:
+    """The modules a checkpoint keeps unquantized: compressed-tensors `ignore` (names or `re:` regexes),
+    the fp8 method's `ignored_layers`, ModelOpt's `exclude_modules` (shell wildcards)."""
+    pats = qc.get("ignore") or qc.get("ignored_layers") or qc.get("exclude_modules")
+    if pats is None and isinstance(qc.get("quantization"), dict):
+        pats = qc["quantization"].get("exclude_modules")
+    return [str(p) for p in (pats or [])]
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    import fnmatch
+    import re
+
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or fnmatch.fnmatchcase(name, p):
+            return True
+    return False

@@ -107,6 +107,8 @@ def build_model(
     quant = quantization or ckpt_quant
     with torch.device(device):
         model = LlamaForCausalLM(model_config, dtype, quant, tp, max_position=max_model_len)
+    if ckpt_quant:
+        _keep_ignored_layers_unquantized(model, src.hf_config["quantization_config"])
     if src.kind == "dummy":
         from hopperllm.loader.dummy import init_dummy_weights
 
@@ -126,3 +128,36 @@ def build_model(
         some = ", ".join(sorted(missing)[:4])
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors the model needs (e.g. {some})")
     return model.eval()
+
+
+# our merged module -> the checkpoint modules it is made of
+_MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _keep_ignored_layers_unquantized(model: LlamaForCausalLM, qc: dict) -> None:
+    """Layers a checkpoint lists as not quantized (its ignore list) stay in the model dtype."""
+    from hopperllm.layers.linear import LinearBase
+    from hopperllm.loader.fp8_checkpoints import ignored_module_patterns, is_ignored
+
+    patterns = [p for p in ignored_module_patterns(qc) if p != "lm_head"]  # our LM head is never FP8
+    if not patterns:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase) or module.quantization is None:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        parts = [f"{prefix}.{p}" for p in _MERGED.get(leaf, (leaf,))]
+        hits = [is_ignored(p, patterns) for p in parts]
+        if any(hits) and not all(hits):
+            raise ValueError(
+                f"the checkpoint quantizes only some of {', '.join(parts)}, which hopperllm runs as one "
+                f"fused layer: quantize all of them or none"
+            )
+        if all(hits):
+            module.quantization = None
+            module.weight = torch.nn.Parameter(
+                torch.empty(module.weight.shape, dtype=module.params_dtype, device=module.weight.device),
+                requires_grad=False,
+            )
+            del module.weight_scale
+            module.input_scale = None

@@ -238,3 +238,48 @@ def test_modelopt_export_with_only_hf_quant_config_loads(src, tmp_path):
     llm = _llm(out)
     assert llm.engine.config.cache_config.kv_cache_dtype == "fp8"
     assert torch.equal(_logits(llm), ref)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
+def test_ignored_layers_stay_unquantized(src, tmp_path, fmt):
+    """A layer on the checkpoint's ignore list is stored in high precision and must be run that way."""
+    from safetensors.torch import load_file, save_file
+
+    out = str(tmp_path / fmt)
+    make_fp8_checkpoint(src, out, fmt, per_channel=True, static=False, calib_ids=CALIB_IDS)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    srcw = load_file(os.path.join(src, "model.safetensors"))
+    ignored = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    for m in ignored:
+        tensors[m + ".weight"] = srcw[m + ".weight"]
+        tensors.pop(m + ".weight_scale", None)
+        tensors.pop(m + ".input_scale", None)
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+    cfg_path = os.path.join(out, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    key = "ignore" if fmt == "compressed-tensors" else "exclude_modules"
+    if fmt == "compressed-tensors":  # exact names or re: regexes
+        pats = ["lm_head", "re:model\\.layers\\.1\\.mlp\\.(gate|up)_proj"]
+    else:  # ModelOpt: shell wildcards
+        pats = ["lm_head", "model.layers.1.mlp.gate_proj", "*.layers.1.mlp.up_proj"]
+    cfg["quantization_config"][key] = pats
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    llm = _llm(out)
+    layers = llm.engine.executor.runner.model.model.layers
+    gate_up = layers[1].mlp.gate_up_proj
+    assert gate_up.quantization is None and gate_up.weight.dtype == torch.float32
+    assert torch.equal(
+        gate_up.weight[: gate_up.weight.shape[0] // 2], srcw["model.layers.1.mlp.gate_proj.weight"]
+    )
+    assert layers[1].mlp.down_proj.weight.dtype == FP8_DTYPE  # not ignored
+    assert layers[0].mlp.gate_up_proj.weight.dtype == FP8_DTYPE
+    assert torch.isfinite(_logits(llm)).all()
+
+    # only one of a fused pair ignored: a clear error
+    cfg["quantization_config"][key] = ["model.layers.1.mlp.gate_proj"]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="fused layer"):
+        _llm(out)
