@@ -140,13 +140,21 @@ class ModelConfig:
         return d
 
     @property
+    def linear_params(self) -> int:
+        """Parameters of the attention and MLP projections over all layers (no biases)."""
+        h, q = self.hidden_size, self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        return self.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size)
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        """K and V elements one token keeps in the cache over all layers: 2 * layers * kv_heads * head_dim."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+    @property
     def num_params(self) -> int:
-        h, i, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
-        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
-        o = self.num_attention_heads * self.head_dim * h
-        per_layer = qkv + o + 3 * h * i + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return L * per_layer + emb + h
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.linear_params + emb + (2 * self.num_hidden_layers + 1) * self.hidden_size
 
 
 @dataclass(frozen=True)

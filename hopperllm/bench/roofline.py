@@ -83,16 +83,13 @@ class Phase:
 
 def kv_bytes_per_token(mc: ModelConfig, kv_bytes_per_elem: float) -> float:
     """K and V of one token over all layers: 2 * layers * kv_heads * head_dim * bytes."""
-    return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * kv_bytes_per_elem
+    return mc.kv_elems_per_token * kv_bytes_per_elem
 
 
 def param_counts(mc: ModelConfig) -> dict[str, int]:
     """Parameters by role: linear (attention + MLP projections), lm_head, embedding, norms."""
     h, L = mc.hidden_size, mc.num_hidden_layers
-    qkv = h * (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim
-    o = mc.num_attention_heads * mc.head_dim * h
-    mlp = 3 * h * mc.intermediate_size
-    linear = L * (qkv + o + mlp)
+    linear = mc.linear_params
     lm_head = mc.vocab_size * h
     embed = 0 if mc.tie_word_embeddings else mc.vocab_size * h
     norms = (2 * L + 1) * h

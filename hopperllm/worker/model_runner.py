@@ -54,6 +54,14 @@ def kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cache_dtype]
 
 
+def kv_block_bytes(config: EngineConfig, tp_size: int = 1) -> int:
+    """Bytes of one KV-cache block on one rank (its share of the KV heads), over all layers."""
+    elem = torch.empty(
+        (), dtype=kv_cache_dtype(config.cache_config.kv_cache_dtype, config.dtype)
+    ).element_size()
+    return config.cache_config.block_size * (config.model_config.kv_elems_per_token // tp_size) * elem
+
+
 class ModelRunner:
     def __init__(
         self, config: EngineConfig, src: ModelSource, tp: TPGroup = SINGLE, show_progress: bool = True
@@ -94,9 +102,7 @@ class ModelRunner:
 
     # -- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        layers = self.config.model_config.num_hidden_layers
-        return 2 * layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return kv_block_bytes(self.config, self.tp.world_size)
 
     def determine_num_kv_blocks(self) -> int:
         cc = self.config.cache_config

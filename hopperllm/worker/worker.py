@@ -24,7 +24,7 @@ from hopperllm.distributed.process_group import all_reduce_min, destroy_tp_group
 from hopperllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hopperllm.engine.sequence import Sequence
 from hopperllm.loader.model_loader import ModelSource
-from hopperllm.worker.model_runner import ModelRunner, ModelRunnerOutput, kv_cache_dtype
+from hopperllm.worker.model_runner import ModelRunner, ModelRunnerOutput, kv_block_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def weight_bytes_per_rank(config: EngineConfig, quantization: str | None, tp_siz
     elem = torch.empty((), dtype=config.dtype).element_size()
     h, inter, layers = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
     q, kv = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
-    linear_params = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+    linear_params = mc.linear_params
     out_rows = layers * ((q + 2 * kv) + h + 2 * inter + h)
     if quantization == "fp8":
         linear = linear_params + 4 * out_rows
@@ -54,10 +54,7 @@ def weight_bytes_per_rank(config: EngineConfig, quantization: str | None, tp_siz
     embeddings = local_vocab * h * elem * (1 if mc.tie_word_embeddings else 2)
     norms = (2 * layers + 1) * h * elem
     weights = (linear + bias) // tp_size + embeddings + norms
-    kv_dtype = kv_cache_dtype(config.cache_config.kv_cache_dtype, config.dtype)
-    kv_elem = torch.empty((), dtype=kv_dtype).element_size()
-    block = 2 * layers * config.cache_config.block_size * (kv // tp_size) * kv_elem
-    return weights, block
+    return weights, kv_block_bytes(config, tp_size)
 
 
 def check_weights_fit(config: EngineConfig, src: ModelSource, tp_size: int, device: torch.device) -> None:
