@@ -36,19 +36,12 @@ class Executor:
 
 class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, src: ModelSource, show_progress: bool = True):
-        if config.device == "cuda":  # a clear error, not an out-of-memory traceback half-way through loading
-            import torch
+        from hopperllm.worker.worker import Worker
 
-            from hopperllm.worker.worker import check_weights_fit
-
-            check_weights_fit(config, src, 1, torch.device("cuda", torch.cuda.current_device()))
-        self.runner = ModelRunner(config, src, show_progress=show_progress)
-        self.num_kv_blocks = self.runner.determine_num_kv_blocks()
-        self.runner.init_kv_cache(self.num_kv_blocks)
-        if self.runner.device.type == "cuda" and not config.enforce_eager:
-            from hopperllm.worker.cuda_graphs import capture_decode_graphs
-
-            self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
+        # a world of one: the same start-up as each tensor-parallel rank (fit check, runner, KV cache, graphs)
+        worker = Worker(config, src, show_progress=show_progress)
+        self.runner: ModelRunner = worker.runner
+        self.num_kv_blocks = worker.num_kv_blocks
 
     supports_async = True
 
