@@ -223,10 +223,7 @@ class LLMEngine:
                     if use_async:
                         seq.append_token(PLACEHOLDER)
                         seq.num_placeholders += 1
-                        p = seq.sampling_params
-                        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
-                        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
-                            seq.hold = True
+                        seq.hold = self._ends_by_length(seq, pos)
         if self._pending is not None:
             self._finish_pending(touched)  # fills the placeholders before the blocks are hashed below
         if launch is not None:
@@ -248,6 +245,12 @@ class LLMEngine:
             if ro.finished:
                 self._free_request(req)
         return outputs
+
+    def _ends_by_length(self, seq: Sequence, pos: int) -> bool:
+        """Whether the token sampled into position `pos` reaches max_tokens or max_model_len."""
+        p = seq.sampling_params
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
+        return pos + 1 - seq.num_prompt_tokens >= max_tokens or pos + 1 >= self.max_model_len
 
     def _finish_pending(self, touched: dict[str, _Request]) -> None:
         launch, sampled = self._pending
@@ -296,10 +299,8 @@ class LLMEngine:
             stop_str = detok.update([token], stop_terminated=status is not None)
             if stop_str is not None:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
-        if status is None:
-            max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
-            if n_out >= max_tokens or pos + 1 >= self.max_model_len:
-                status = SequenceStatus.FINISHED_LENGTH
+        if status is None and self._ends_by_length(seq, pos):
+            status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             if len(seq.token_ids) > pos + 1:  # drop the token of a step launched after this one
                 del seq.token_ids[pos + 1 :]
