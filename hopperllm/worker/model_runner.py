@@ -99,6 +99,9 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.max_blocks_per_seq = -(-config.scheduler_config.max_model_len // self.block_size)
         self.graph_runner = None  # CUDA graphs for decode, set up by capture_cuda_graphs()
+        # pinned host staging buffers for _prepare's two copies per step (CUDA only), used in turn
+        self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
+        self._staging_slot = 0
 
     # -- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -257,10 +260,8 @@ class ModelRunner:
             return torch.from_numpy(i64), torch.from_numpy(i32)
         # Persistent pinned staging buffers (a fresh pinned allocation per step can cost a
         # cudaHostAlloc and stall the host); two slots, so a slot is reused only after its copy is done.
-        slot = self._staging_slot = (getattr(self, "_staging_slot", 0) + 1) % 2
-        staging = getattr(self, "_staging", None)
-        if staging is None:
-            staging = self._staging = [None, None]
+        slot = self._staging_slot = (self._staging_slot + 1) % 2
+        staging = self._staging
         buf = staging[slot]
         if buf is None or buf[0].numel() < i64.size or buf[1].numel() < i32.size:
             size64, size32 = max(i64.size * 2, 1 << 16), max(i32.size * 2, 1 << 16)
