@@ -33,6 +33,9 @@ class AttentionMetadata:
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
     num_splits: int | None = None  # flash-decoding splits fixed by the runner (CUDA graphs)
+    # Leading sequences with one query each (decodes, which the scheduler puts first): a mixed step
+    # sends them to the flash-decoding kernel and only the rest to the prefill kernel.
+    num_decodes: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -154,6 +157,8 @@ class TritonAttentionBackend(AttentionBackend):
         )
         if meta.decode_only:
             qd = q.view(meta.num_seqs, q.shape[1], q.shape[2]) if q.shape[0] == meta.num_seqs else q
+        elif meta.num_decodes:
+            return self._mixed(layer, q, kv_cache, meta)
         else:
             qd = q
         return paged_attention(
@@ -170,6 +175,28 @@ class TritonAttentionBackend(AttentionBackend):
             decode_only=meta.decode_only,
             num_splits=meta.num_splits,
         )
+
+
+    @staticmethod
+    def _mixed(layer, q, kv_cache, meta):
+        """Decodes and prefills in one step: the first `num_decodes` sequences (one query each) through
+        flash-decoding, the others through the prefill kernel. The prefill kernel run over one-query
+        sequences would spend a whole BLOCK_M-row tile of MMAs per kv head on one row and walk the
+        context in one program; at 256 decodes of 2k context that is most of a mixed step's attention."""
+        from hopperllm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+
+        nd = meta.num_decodes
+        out = torch.empty_like(q)
+        paged_decode_attention(
+            q[:nd], kv_cache[0], kv_cache[1], meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
+            layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k,
+        )  # fmt: skip
+        # Token offsets stay absolute (cu_seqlens_q[nd:] indexes the whole q and out).
+        paged_prefill_attention(
+            q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q[nd:], meta.seq_lens[nd:], meta.block_tables[nd:],
+            meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out,
+        )  # fmt: skip
+        return out
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -46,6 +46,14 @@ class StepLaunch:
     event: torch.cuda.Event | None = None
 
 
+def _leading_ones(q_lens: list[int]) -> int:
+    """How many sequences at the front of the step have one query (decodes): AttentionMetadata.num_decodes."""
+    n = 0
+    while n < len(q_lens) and q_lens[n] == 1:
+        n += 1
+    return n
+
+
 def kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     if cache_dtype.startswith("fp8"):
         return FP8_DTYPE
@@ -251,6 +259,7 @@ class ModelRunner:
             decode_only=max(q_lens) == 1,
             query_lens_cpu=q_lens,
             seq_lens_cpu=seq_lens,
+            num_decodes=_leading_ones(q_lens),
         )
         fill = (d64[o[4] : o[5]], d64[o[5] : o[6]]) if fill_pos else None
         return d64[o[0] : o[1]], d64[o[1] : o[2]], meta, d64[o[3] : o[4]], sample_seqs, fill
