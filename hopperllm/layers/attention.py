@@ -176,7 +176,6 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=meta.num_splits,
         )
 
-
     @staticmethod
     def _mixed(layer, q, kv_cache, meta):
         """Decodes and prefills in one step: the first `num_decodes` sequences (one query each) through

@@ -23,12 +23,24 @@ def test_triton_backend_matches_torch_backend(kv_cache_dtype, monkeypatch):
     mixed_steps = []
     mixed = TritonAttentionBackend._mixed
     monkeypatch.setattr(
-        TritonAttentionBackend, "_mixed", staticmethod(lambda *a: mixed_steps.append(a[-1].num_decodes) or mixed(*a))
+        TritonAttentionBackend,
+        "_mixed",
+        staticmethod(lambda *a: mixed_steps.append(a[-1].num_decodes) or mixed(*a)),
     )
-    llm = LLM(model="dummy:tiny", dtype="float32", device="cpu", num_kv_blocks=32, kv_cache_dtype=kv_cache_dtype,
-              show_progress=False, max_num_batched_tokens=24, enable_prefix_caching=False)
-    prompts = [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()}
-               for n in (5, 19, 40)]
+    llm = LLM(
+        model="dummy:tiny",
+        dtype="float32",
+        device="cpu",
+        num_kv_blocks=32,
+        kv_cache_dtype=kv_cache_dtype,
+        show_progress=False,
+        max_num_batched_tokens=24,
+        enable_prefix_caching=False,
+    )
+    prompts = [
+        {"prompt_token_ids": torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()}
+        for n in (5, 19, 40)
+    ]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     ids = prompts[1]["prompt_token_ids"]
     runner = llm.engine.executor.runner
