@@ -59,6 +59,10 @@ for step in $steps; do
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 1 --num-iters 3 \
         --max-num-seqs 8 --gpu-memory-utilization 0.95 --output-json "$OUT/latency-llama-2-70b-fp8.json" 2>&1 \
         | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70.log" | tail -22 ;;
+    ab-decode)
+      timeout 300 python3 benchmarks/ab_decode.py --output-json "$OUT/ab_decode.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
+    ab-decode-70b)
+      timeout 400 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4 --output-json "$OUT/ab_decode_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     *) echo "unknown step $step" ;;

@@ -14,6 +14,7 @@ from hopperllm.kernels.fp8 import (
     ref_per_token_quant_fp8,
     row_launch,
 )
+from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
 def ref_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,10 @@ def _silu_and_mul_chunk(x_row, offs, inter):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl_prologue(USE_PDL)
     # Program (row, c) writes columns [c * BLOCK, (c + 1) * BLOCK) of one row.
     # Floor: read 2I and write I elements per row.
     row = tl.program_id(0).to(tl.int64)
@@ -51,7 +55,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr,
-                             SINGLE_PASS: tl.constexpr):  # fmt: skip
+                             SINGLE_PASS: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_prologue(USE_PDL)
     # One program per row (the scale needs the whole row's amax). Floor: read 2I elements, write I bytes.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -94,12 +99,19 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
         if T > 0:
             block = min(triton.next_power_of_2(inter), 1024)
             _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
-                x2, out, inter, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4
+                x2,
+                out,
+                inter,
+                x2.stride(0),
+                out.stride(0),
+                BLOCK=block,
+                num_warps=4,
+                **pdl_kwargs(out.device),
             )
         return out.view(out_shape)
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
     if T > 0:
         _silu_and_mul_fp8_kernel[(T,)](
-            x2, out, scale, inter, x2.stride(0), out.stride(0), **row_launch(inter)
+            x2, out, scale, inter, x2.stride(0), out.stride(0), **row_launch(inter), **pdl_kwargs(out.device)
         )
     return out.view(out_shape), scale.view(*x.shape[:-1], 1)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FP8_MIN_SCALE = 1e-12
@@ -27,6 +29,10 @@ FP8_MAX_INV = 1.0 / FP8_MAX
 # fp8_linear sends batches of up to this many tokens to fp8_gemv (1.2-1.9x faster than torch._scaled_mm
 # on the Llama-2-7B decode matrices at M = 1..16 on an H100), larger ones to torch._scaled_mm (cuBLASLt).
 GEMV_MAX_M = 16
+
+# fp8_gemv prefetches this many 128-byte lines of each weight row of its K slice into L2 before its PDL
+# wait (a power of two; 0 turns it off). HOPPERLLM_GEMV_PREFETCH overrides it for A/B runs.
+GEMV_PREFETCH_LINES = int(os.environ.get("HOPPERLLM_GEMV_PREFETCH", "4"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,7 +135,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 @triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
-                            SINGLE_PASS: tl.constexpr):  # fmt: skip
+                            SINGLE_PASS: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_prologue(USE_PDL)
     # One program per row. Floor: read K * sizeof(x) + write K bytes per row.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -164,7 +171,10 @@ def row_launch(n: int, max_single: int = 16384) -> dict:
 
 
 @triton.jit
-def _static_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+def _static_quant_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr)
@@ -185,7 +195,9 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M > 0:
-        _per_token_quant_kernel[(M,)](x2, q, scale, K, x2.stride(0), q.stride(0), **row_launch(K))
+        _per_token_quant_kernel[(M,)](
+            x2, q, scale, K, x2.stride(0), q.stride(0), **row_launch(K), **pdl_kwargs(x2.device)
+        )
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
@@ -200,7 +212,15 @@ def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         block = min(triton.next_power_of_2(K), 2048)
         grid = (M, triton.cdiv(K, block))
         _static_quant_kernel[grid](
-            x2, q, scale.float(), K, x2.stride(0), q.stride(0), BLOCK=block, num_warps=4
+            x2,
+            q,
+            scale.float(),
+            K,
+            x2.stride(0),
+            q.stride(0),
+            BLOCK=block,
+            num_warps=4,
+            **pdl_kwargs(x2.device),
         )
     return q.view(x.shape)
 
@@ -208,6 +228,14 @@ def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Skinny FP8 GEMM (decode)
 # ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    # prefetch.global.L2 per address (a hint: no register result, no fault on the fetched line)
+    tl.inline_asm_elementwise(
+        "mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -223,6 +251,8 @@ def _fp8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     MAX_IMPRECISE_ACC: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
     # The product is formed transposed, W_tile [BLOCK_N, BLOCK_K] @ X_tile^T [BLOCK_K, BLOCK_M], so the
@@ -244,6 +274,13 @@ def _fp8_gemv_kernel(
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
+    if PREFETCH_LINES > 0:
+        # The weights are never written by an earlier kernel, so they may be touched before the PDL wait:
+        # pull the first PREFETCH_LINES 128-byte lines of each of this program's rows into L2 while the
+        # previous kernel (often a one-program norm or quantize) still runs.
+        offs_p = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * 128, k_end - 1)
+        _prefetch_l2(w_ptr + rows_n[:, None] * stride_wn + offs_p[None, :])
+    pdl_prologue(USE_PDL)
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -363,7 +400,7 @@ def fp8_gemv(
     """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
-    MAX_IMPRECISE_ACC).
+    MAX_IMPRECISE_ACC, PREFETCH_LINES).
     With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
     so results are deterministic) in the same launch.
     """
@@ -384,6 +421,10 @@ def fp8_gemv(
     num_sms = _num_sms(x_fp8.device.index or 0) if x_fp8.is_cuda else 132
     cfg = dict(fp8_gemv_config(M, N, K, num_sms))
     cfg.update(config or {})
+    if not x_fp8.is_cuda:
+        cfg["PREFETCH_LINES"] = 0  # inline PTX: GPU only
+    else:
+        cfg.setdefault("PREFETCH_LINES", GEMV_PREFETCH_LINES)
     split_k = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
@@ -405,6 +446,7 @@ def fp8_gemv(
         SPLIT_K=split_k,
         EVEN_K=even_k,
         **cfg,
+        **pdl_kwargs(x_fp8.device),
     )  # fmt: skip
     return out
 

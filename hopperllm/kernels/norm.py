@@ -18,6 +18,7 @@ from hopperllm.kernels.fp8 import (
     ref_per_token_quant_fp8,
     ref_static_quant_fp8,
 )
+from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
 def ref_rms_norm(
@@ -54,7 +55,9 @@ def _rms_norm_kernel(
     OUT_FP8: tl.constexpr,
     STATIC_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(USE_PDL)
     # One program per row, the whole row in registers. Floor: read x (and residual, and write it back),
     # write out: (2 or 4) * H * sizeof(x) + H * sizeof(out) bytes per row.
     row = tl.program_id(0).to(tl.int64)
@@ -131,6 +134,7 @@ def rms_norm(
             STATIC_SCALE=static_scale is not None,
             BLOCK=block,
             num_warps=min(max(block // 512, 1), 16),
+            **pdl_kwargs(x2.device),
         )  # fmt: skip
     out = out.view(x.shape)
     if not out_fp8:

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
+
 _LOG2E = 1.4426950408889634
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
@@ -193,7 +195,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
     # whole decode step reads sum_b(seq_len_b) * Hkv * D * 2 * elem_bytes (+ q, out, workspace: small).
@@ -254,8 +258,10 @@ def _decode_merge_kernel(
     stride_oh,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     # One program: sequence b, query head h. Floor: NUM_SPLITS * (D + 1) * 4 bytes read, D written.
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -410,6 +416,7 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **pdl_kwargs(q.device),
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](
@@ -422,6 +429,7 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4 if head_dim >= 128 else 2,
+            **pdl_kwargs(out.device),
         )
     return out
 
@@ -462,7 +470,9 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_prologue(USE_PDL)
     # One program: query tile `tile` of sequence b, all GROUP query heads of kv head kvh (row r is query
     # r // GROUP, head r % GROUP), so each K/V tile is loaded once per group.
     # Floor: q + out once (2 * T * Hq * D * elem_bytes), plus each program's K/V prefix up to its causal
@@ -608,6 +618,7 @@ def paged_prefill_attention(
         DOT_PRECISION=_dot_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_kwargs(q.device),
     )
     return out
 

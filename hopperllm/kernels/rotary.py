@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, quantize_fp8, ref_static_quant_fp8
+from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 # The cos/sin table is plain torch shared with the CPU path (which must not need triton): it lives with the
 # rotary layer and is re-exported here for the kernel's callers and tests.
@@ -76,7 +77,9 @@ def _rotary_kv_write_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(USE_PDL)
     # One program per token: rotate all its q heads in place, then rotate k and store k, v at the token's
     # cache slot. Floor: read q, k, v and write q, k, v once: (2 * Hq + 3 * Hkv) * D elements per token.
     t = tl.program_id(0).to(tl.int64)
@@ -182,4 +185,5 @@ def rotary_kv_write(
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         KV_FP8=kv_fp8,
         num_warps=min(max(block_hq * block_half // 256, 1), 8),
+        **pdl_kwargs(q.device),
     )  # fmt: skip

@@ -95,3 +95,23 @@ def test_fp8_fast_path_matches_cpu_emulation(model_dir):
     top1_gpu = float((lg.argmax(-1) == lx.argmax(-1)).float().mean())
     top1_cpu = float((lc.argmax(-1) == lx.argmax(-1)).float().mean())
     assert top1_gpu > top1_cpu - 0.05, (top1_gpu, top1_cpu)
+
+
+def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
+    """PDL only lets a kernel start early and wait (griddepcontrol.wait) before touching memory: with it on
+    and off, the FP8 fast path with CUDA graphs and async scheduling gives identical tokens and logprobs."""
+    from hopperllm.kernels.pdl import pdl_enabled
+
+    kw = dict(
+        dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512, max_num_seqs=8,
+        show_progress=False,
+    )  # fmt: skip
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("HOPPERLLM_PDL", flag)
+        assert pdl_enabled(torch.device("cuda")) == (flag == "1" and torch.cuda.get_device_capability()[0] >= 9)
+        llm = LLM(model=model_dir, **kw)
+        outs[flag] = [(o.token_ids, o.logprobs) for o in _greedy(llm, logprobs=2)]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs["1"] == outs["0"]

@@ -1,0 +1,96 @@
+"""A/B of launch-level decode options on one loaded model: the batch-1 decode graph is re-captured for each
+variant (PDL on/off, fp8_gemv L2 prefetch lines) and its replay timed; logits must not change.
+
+    python benchmarks/ab_decode.py --model dummy:llama-2-7b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from hopperllm import LLM, SamplingParams
+from hopperllm.kernels import fp8
+from hopperllm.worker.cuda_graphs import DecodeGraphRunner
+
+
+def _variant(name: str) -> dict[str, str]:
+    out = {}
+    for part in name.split("-"):
+        if part.startswith("pdl"):
+            out["HOPPERLLM_PDL"] = part[3:]
+        elif part.startswith("pf"):
+            out["prefetch"] = part[2:]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="dummy:llama-2-7b")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--variants", nargs="+", default=["pdl0-pf0", "pdl1-pf0", "pdl1-pf4", "pdl1-pf8", "pdl0-pf4"]
+    )
+    p.add_argument("--replays", type=int, default=200)
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+    llm = LLM(
+        model=a.model, quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=8, max_model_len=4096,
+        enable_prefix_caching=False, gpu_memory_utilization=0.85,
+    )  # fmt: skip
+    eng, runner = llm.engine, llm.engine.executor.runner
+    g = torch.Generator().manual_seed(0)
+    for i in range(a.batch_size):
+        ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()
+        eng.add_request(f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    gr0 = runner.graph_runner
+    res = {"model": a.model, "context": a.context, "batch_size": a.batch_size, "variants": {}}
+    ref_out = None
+    for name in a.variants:
+        v = _variant(name)
+        os.environ["HOPPERLLM_PDL"] = v.get("HOPPERLLM_PDL", "1")
+        fp8.GEMV_PREFETCH_LINES = int(v.get("prefetch", "4"))
+        try:
+            gr = DecodeGraphRunner(runner, [a.batch_size])
+            gr.block_tables.copy_(gr0.block_tables[: gr.max_bs])
+            gr.seq_lens[: a.batch_size].fill_(a.context)
+            gr.slot_mapping.fill_(-1)  # no cache writes: every replay sees the same cache
+            gr.capture(show_progress=False)
+            graph = gr.graphs[a.batch_size]
+            for _ in range(10):
+                graph.replay()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(3):
+                s.record()
+                for _ in range(a.replays):
+                    graph.replay()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e) / a.replays)
+            out = gr.outputs[a.batch_size].float().clone()
+            same = None if ref_out is None else bool(torch.equal(out, ref_out))
+            ref_out = out if ref_out is None else ref_out
+            res["variants"][name] = {"replay_ms": min(times), "replay_ms_all": times, "same_output": same}
+            print(
+                f"{name:12s} replay {min(times):.3f} ms  (runs {', '.join(f'{t:.3f}' for t in times)})  same={same}"
+            )
+            del gr, graph
+        except Exception as exc:  # a variant that does not compile here is reported, not fatal
+            res["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{name:12s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        torch.cuda.synchronize()
+    print(json.dumps(res, indent=1))
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

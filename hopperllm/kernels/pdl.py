@@ -1,0 +1,52 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels, on Hopper and newer.
+
+A kernel launched with PDL may start while the kernel before it in the stream is still running: its
+programs get resident and wait in `griddepcontrol.wait` until the previous grid has finished and its
+memory is visible. The previous kernel lets it launch early with `griddepcontrol.launch_dependents`.
+What this buys in a decode step: about 300 short kernels run back to back, and each boundary costs the
+launch latency plus the ramp of the next grid; with PDL those overlap the previous kernel's tail.
+
+Rule for every kernel here (`pdl_prologue` is their first statement): wait before the first global
+memory access, then release the next kernel. Waiting first keeps every read-after-write and
+write-after-read ordering of the plain stream; releasing right after means the chain overlaps by one
+kernel at most (kernel N+2 cannot launch before kernel N has finished, because N+1 releases only after
+its own wait). Kernels from torch or cuBLAS between ours are launched without PDL and order as usual.
+CUDA graph capture records these launches as programmatic edges, so the same overlap happens on replay.
+
+Off on CPU (the interpreter), before sm_90, and with HOPPERLLM_PDL=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pdl_prologue(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _device_supports_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels launched on `device` use PDL (CUDA sm_90+, unless HOPPERLLM_PDL=0)."""
+    if device.type != "cuda" or os.environ.get("HOPPERLLM_PDL", "1") == "0":
+        return False
+    return _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_kwargs(device: torch.device) -> dict[str, bool]:
+    """Launch keyword arguments for a kernel that takes USE_PDL: the constexpr and Triton's launch flag."""
+    if pdl_enabled(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
