@@ -63,6 +63,12 @@ for step in $steps; do
       timeout 300 python3 benchmarks/ab_decode.py --output-json "$OUT/ab_decode.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
     ab-decode-70b)
       timeout 400 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4 --output-json "$OUT/ab_decode_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
+    profile-tput)
+      timeout 300 python3 benchmarks/profile_throughput.py --output-json "$OUT/profile_tput.json" 2>&1 | tail -40 ;;
+    profile-tput-nopdl)
+      HOPPERLLM_PDL=0 timeout 300 python3 benchmarks/profile_throughput.py --output-json "$OUT/profile_tput_nopdl.json" 2>&1 | tail -40 ;;
+    profile-b256)
+      timeout 300 python3 benchmarks/profile_decode.py --model dummy:llama-3-8b --batch-size 256 --output-json "$OUT/profile_b256.json" 2>&1 | grep -v Capturing | grep -v '"\(count\|total_us\)"' | tail -40 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     *) echo "unknown step $step" ;;

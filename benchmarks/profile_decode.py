@@ -55,8 +55,9 @@ def main():
         eng.add_request(
             f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
         )
-    for _ in range(3):
-        eng.step()  # prefill + first decodes
+    budget = eng.scheduler.max_num_batched_tokens
+    for _ in range(3 + -(-a.batch_size * a.context // budget)):
+        eng.step()  # prefill (in budget-sized chunks) + first decodes
     # 1) host phases of steady-state decode steps
     phases = defaultdict(float)
     orig_exec = runner.execute_model

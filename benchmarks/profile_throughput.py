@@ -1,0 +1,89 @@
+"""Where does a throughput run's time go? Runs N requests of input/output length through the engine
+(as `hopperllm bench throughput` does) and classifies every engine step by what it scheduled: pure
+decode, pure prefill, or mixed; reports the count, the total and mean wall time of each class, and the
+batch shapes. With async scheduling a step's wall time is the loop period, i.e. what the GPU step costs
+when the host keeps up.
+
+    python benchmarks/profile_throughput.py --model dummy:llama-3-8b --num-prompts 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from hopperllm import LLM, SamplingParams
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="dummy:llama-3-8b")
+    p.add_argument("--num-prompts", type=int, default=600)
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+    llm = LLM(
+        model=a.model, quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, show_progress=False,
+    )  # fmt: skip
+    eng = llm.engine
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=a.output_len)
+    eng.add_request("warm", {"prompt_token_ids": [5] * 16}, SamplingParams(max_tokens=4))
+    while eng.has_unfinished_requests():
+        eng.step()
+    for i in range(a.num_prompts):
+        ids = rng.integers(100, 30000, a.input_len).tolist()
+        eng.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
+    last = {}
+    orig = eng.scheduler.schedule
+
+    def schedule():
+        out = orig()
+        nd = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
+        npf = sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1)
+        last["kind"] = "decode" if npf == 0 and nd else ("prefill" if nd == 0 else "mixed")
+        last["nd"], last["npf"] = nd, npf
+        return out
+
+    eng.scheduler.schedule = schedule
+    stats = defaultdict(lambda: {"steps": 0, "s": 0.0, "decodes": 0, "prefill_tokens": 0})
+    t_start = t = time.perf_counter()
+    while eng.has_unfinished_requests():
+        last.clear()
+        eng.step()
+        now = time.perf_counter()
+        k = last.get("kind", "empty")
+        st = stats[k]
+        st["steps"] += 1
+        st["s"] += now - t
+        st["decodes"] += last.get("nd", 0)
+        st["prefill_tokens"] += last.get("npf", 0)
+        t = now
+    total = time.perf_counter() - t_start
+    res = {
+        "model": a.model, "num_prompts": a.num_prompts, "input_len": a.input_len, "output_len": a.output_len,
+        "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
+        "elapsed_s": total, "output_tok_per_s": a.num_prompts * a.output_len / total, "classes": {},
+    }  # fmt: skip
+    for k, st in stats.items():
+        n = max(st["steps"], 1)
+        res["classes"][k] = {
+            "steps": st["steps"], "total_s": round(st["s"], 3), "mean_ms": round(st["s"] / n * 1e3, 2),
+            "mean_decodes": round(st["decodes"] / n, 1), "mean_prefill_tokens": round(st["prefill_tokens"] / n, 1),
+        }  # fmt: skip
+    print(json.dumps(res, indent=1))
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
