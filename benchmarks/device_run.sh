@@ -64,7 +64,9 @@ for step in $steps; do
     ab-decode-70b)
       timeout 400 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4 --output-json "$OUT/ab_decode_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
     profile-tput)
-      timeout 300 python3 benchmarks/profile_throughput.py --output-json "$OUT/profile_tput.json" 2>&1 | tail -40 ;;
+      timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --output-json "$OUT/profile_tput.json" 2>&1 | tail -80 ;;
+    scaled-mm-m)
+      timeout 120 python3 benchmarks/bench_scaled_mm_m.py 2>&1 | tee "$OUT/scaled_mm_m.log" | tail -12 ;;
     profile-tput-nopdl)
       HOPPERLLM_PDL=0 timeout 300 python3 benchmarks/profile_throughput.py --output-json "$OUT/profile_tput_nopdl.json" 2>&1 | tail -40 ;;
     profile-b256)

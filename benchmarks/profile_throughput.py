@@ -27,6 +27,9 @@ def main():
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--profile-steps", type=int, default=3, help="torch-profile this many mixed steps (0: none)"
+    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = LLM(
@@ -56,9 +59,30 @@ def main():
     eng.scheduler.schedule = schedule
     stats = defaultdict(lambda: {"steps": 0, "s": 0.0, "decodes": 0, "prefill_tokens": 0})
     t_start = t = time.perf_counter()
+    prof_kernels: dict = {}
+    prof_cpu: dict = {}
+    profiled = 0
     while eng.has_unfinished_requests():
         last.clear()
-        eng.step()
+        if profiled < a.profile_steps and stats["mixed"]["steps"] >= 20:
+            # profile one whole step (host + GPU) once mixed steps are the steady state
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                eng.step()
+                torch.cuda.synchronize()
+            profiled += 1
+            for ev in prof.key_averages():
+                dev_us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+                if dev_us:
+                    prof_kernels[ev.key[:90]] = prof_kernels.get(ev.key[:90], 0) + dev_us / 1e3
+                if ev.self_cpu_time_total:
+                    prof_cpu[ev.key[:90]] = prof_cpu.get(ev.key[:90], 0) + ev.self_cpu_time_total / 1e3
+            print(f"profiled step kind={last.get('kind')} decodes={last.get('nd')} prefill={last.get('npf')}")
+        else:
+            eng.step()
         now = time.perf_counter()
         k = last.get("kind", "empty")
         st = stats[k]
@@ -79,6 +103,13 @@ def main():
             "steps": st["steps"], "total_s": round(st["s"], 3), "mean_ms": round(st["s"] / n * 1e3, 2),
             "mean_decodes": round(st["decodes"] / n, 1), "mean_prefill_tokens": round(st["prefill_tokens"] / n, 1),
         }  # fmt: skip
+    if profiled:
+        top = sorted(prof_kernels.items(), key=lambda kv: -kv[1])[:25]
+        res["profiled_steps"] = profiled
+        res["gpu_ms_per_profiled_step"] = {k: round(v / profiled, 2) for k, v in top}
+        res["gpu_ms_total_per_step"] = round(sum(prof_kernels.values()) / profiled, 2)
+        top = sorted(prof_cpu.items(), key=lambda kv: -kv[1])[:20]
+        res["cpu_self_ms_per_profiled_step"] = {k: round(v / profiled, 2) for k, v in top}
     print(json.dumps(res, indent=1))
     if a.output_json:
         with open(a.output_json, "w") as f:
