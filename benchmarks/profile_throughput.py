@@ -30,6 +30,7 @@ def main():
     p.add_argument(
         "--profile-steps", type=int, default=3, help="torch-profile this many mixed steps (0: none)"
     )
+    p.add_argument("--cprofile-steps", type=int, default=0, help="cProfile this many mixed steps (host time)")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = LLM(
@@ -62,6 +63,7 @@ def main():
     prof_kernels: dict = {}
     prof_cpu: dict = {}
     profiled = 0
+    cprof_done = False
     while eng.has_unfinished_requests():
         last.clear()
         if profiled < a.profile_steps and stats["mixed"]["steps"] >= 20:
@@ -81,6 +83,23 @@ def main():
                 if ev.self_cpu_time_total:
                     prof_cpu[ev.key[:90]] = prof_cpu.get(ev.key[:90], 0) + ev.self_cpu_time_total / 1e3
             print(f"profiled step kind={last.get('kind')} decodes={last.get('nd')} prefill={last.get('npf')}")
+        elif a.cprofile_steps and stats["mixed"]["steps"] >= 20 and not cprof_done:
+            import cProfile
+            import io
+            import pstats
+
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(a.cprofile_steps):
+                eng.step()
+            pr.disable()
+            cprof_done = True
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
+            print(buf.getvalue()[-9000:])
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+            print(buf.getvalue()[-6000:])
         else:
             eng.step()
         now = time.perf_counter()
