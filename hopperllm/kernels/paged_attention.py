@@ -163,7 +163,9 @@ def _attend_key_range(
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (Triton would compile a variant per
+# divisibility class, ~1 s each, in the middle of serving): the block-table width, the first sequence.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -295,7 +297,7 @@ DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}  # best on an 
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Splits per sequence so that stage 1 has about two programs per SM, each with >= 256 keys.
+    """Splits per sequence so that stage 1 has one to two programs per SM, each with >= 256 keys.
 
     Depends only on host ints, so the model runner can call it once per captured batch size and pass
     the result as `num_splits` (fixed grid for CUDA graphs).
@@ -303,7 +305,11 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     programs = max(batch * num_kv_heads, 1)
     want = triton.cdiv(2 * _num_sms(device), programs)
     cap = max(triton.cdiv(max_context, _MIN_TOKENS_PER_SPLIT), 1)
-    return max(1, min(want, cap, _MAX_SPLITS))
+    # A power of two (rounded down): NUM_SPLITS is a compile-time constant, and the few values this leaves
+    # (1..32) are all compiled while the decode graphs are captured -- batch 1 picks the largest --
+    # instead of one ~1 s compile per new decode count in a mixed step while serving.
+    n = max(1, min(want, cap, _MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
@@ -439,7 +445,7 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "first_seq"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -451,6 +457,7 @@ def _prefill_kernel(
     k_scale_ptr,  # float32 [1] (FP8_KV only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
+    first_seq,  # grid row 0 is sequence first_seq (mixed steps: the decodes before it run elsewhere)
     stride_qt,
     stride_qh,
     stride_kb,
@@ -479,7 +486,7 @@ def _prefill_kernel(
     # limit: sum over tiles of (ctx + tile_end) * Hkv * D * 2 * elem_bytes -- prefill is compute-bound
     # (~4 * D FLOPs per visible (query, key, head)), the K/V re-reads mostly hit L2.
     tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1) + first_seq
     kvh = tl.program_id(2)
 
     q_start = tl.load(cu_seqlens_q_ptr + b)
@@ -567,10 +574,13 @@ def paged_prefill_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    first_seq: int = 0,
 ) -> torch.Tensor:
     """Ragged causal attention: q [T, Hq, D] (sequences concatenated per cu_seqlens_q) -> [T, Hq, D].
 
     `max_seqlen_q` (a host int) only sizes the grid; tiles past a sequence's q_len exit at once.
+    `first_seq` skips the first sequences (their rows of `out` are left as they are): a mixed step runs
+    its decodes through flash-decoding and the rest here, on the same metadata tensors.
     """
     fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -582,15 +592,17 @@ def paged_prefill_attention(
             f"cu_seqlens_q needs B+1 entries and block_tables B rows for B={batch} sequences, got "
             f"{tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}"
         )
+    if not 0 <= first_seq <= batch:
+        raise ValueError(f"first_seq must be in [0, {batch}], got {first_seq}")
     if out is None:
         out = torch.empty_like(q)
-    if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
+    if num_tokens == 0 or batch == first_seq or max_seqlen_q <= 0:
         return out
 
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
-    grid = (triton.cdiv(max_seqlen_q, block_q), batch, num_kv_heads)
+    grid = (triton.cdiv(max_seqlen_q, block_q), batch - first_seq, num_kv_heads)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -602,6 +614,7 @@ def paged_prefill_attention(
         k_scale if fp8 else dummy_scale,
         v_scale if fp8 else dummy_scale,
         scale * _LOG2E,
+        first_seq,
         q.stride(0),
         q.stride(1),
         *_cache_strides(k_cache, v_cache),

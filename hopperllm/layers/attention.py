@@ -190,10 +190,9 @@ class TritonAttentionBackend(AttentionBackend):
             q[:nd], kv_cache[0], kv_cache[1], meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
             layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k,
         )  # fmt: skip
-        # Token offsets stay absolute (cu_seqlens_q[nd:] indexes the whole q and out).
         paged_prefill_attention(
-            q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q[nd:], meta.seq_lens[nd:], meta.block_tables[nd:],
-            meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out,
+            q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+            meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
         )  # fmt: skip
         return out
 

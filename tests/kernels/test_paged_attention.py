@@ -226,12 +226,31 @@ def test_entry_point_dispatch():
     assert rel_err(out, ref) < 1e-4
 
 
+def test_mixed_step_split_between_decode_and_prefill_kernels():
+    """A mixed step's leading one-query sequences through flash-decoding and the rest through the prefill
+    kernel with first_seq (same metadata tensors) give the reference for every row."""
+    q_lens, seq_lens_ = [1, 1, 5, 3], [7, 20, 9, 3]
+    q, kv, cu, seq_lens, bt = make_paged_case(q_lens, seq_lens_, 4, 2, 32, 8, torch.float32, seed=9)
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)
+    out = poisoned_like(q)
+    pa.paged_decode_attention(q[:2], kv[0], kv[1], bt, seq_lens[:2], 0.3, num_splits=2, out=out[:2])
+    pa.paged_prefill_attention(q, kv[0], kv[1], cu, seq_lens, bt, max(q_lens), 0.3, out=out, first_seq=2)
+    assert rel_err(out, ref) < 1e-4
+    with pytest.raises(ValueError, match="first_seq"):
+        pa.paged_prefill_attention(q, kv[0], kv[1], cu, seq_lens, bt, 5, 0.3, first_seq=5)
+
+
 def test_choose_num_splits(monkeypatch):
     cpu = torch.device("cpu")
     assert pa.choose_num_splits(1, 8, 100, cpu) == 1  # short context: one split
     monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
     assert pa.choose_num_splits(1, 8, 4096, cpu) == 16  # capped by 4096 / 256 tokens per split
-    assert pa.choose_num_splits(1, 32, 4096, cpu) == 9  # ~2 programs per SM
+    assert (
+        pa.choose_num_splits(1, 32, 4096, cpu) == 8
+    )  # 1-2 programs per SM (9 rounded down to a power of two)
+    assert all(
+        pa.choose_num_splits(b, h, 4096, cpu) in (1, 2, 4, 8, 16) for b in range(1, 300) for h in (1, 8, 32)
+    )
     assert pa.choose_num_splits(64, 8, 4096, cpu) == 1  # the batch already fills the GPU
     assert pa.choose_num_splits(1, 1, 1 << 20, cpu) == 32  # capped
 
