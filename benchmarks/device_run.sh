@@ -64,7 +64,7 @@ for step in $steps; do
     ab-decode-70b)
       timeout 400 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4 --output-json "$OUT/ab_decode_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
     profile-tput)
-      timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --output-json "$OUT/profile_tput.json" 2>&1 | tail -80 ;;
+      timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --profile-steps 0 --output-json "$OUT/profile_tput.json" 2>&1 | tail -80 ;;
     cprofile-tput)
       timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --profile-steps 0 --cprofile-steps 5 2>&1 | tail -150 ;;
     scaled-mm-m)

@@ -58,6 +58,24 @@ def main():
         return out
 
     eng.scheduler.schedule = schedule
+    # host time inside launch (enqueue) and collect (wait for the device + read back), per step
+    phase = {"launch": 0.0, "collect": 0.0}
+
+    def timed(name, fn):
+        def w(*args, **kw):
+            t0 = time.perf_counter()
+            r = fn(*args, **kw)
+            phase[name] += time.perf_counter() - t0
+            return r
+
+        return w
+
+    eng.executor.launch = timed("launch", eng.executor.launch)
+    eng.executor.collect = timed("collect", eng.executor.collect)
+    import torch
+
+    mem0 = torch.cuda.memory_stats()
+    walls = defaultdict(list)
     stats = defaultdict(lambda: {"steps": 0, "s": 0.0, "decodes": 0, "prefill_tokens": 0})
     t_start = t = time.perf_counter()
     prof_kernels: dict = {}
@@ -109,6 +127,12 @@ def main():
         st["s"] += now - t
         st["decodes"] += last.get("nd", 0)
         st["prefill_tokens"] += last.get("npf", 0)
+        st.setdefault("launch_s", 0.0)
+        st.setdefault("collect_s", 0.0)
+        st["launch_s"] += phase["launch"]
+        st["collect_s"] += phase["collect"]
+        phase["launch"] = phase["collect"] = 0.0
+        walls[k].append((now - t) * 1e3)
         t = now
     total = time.perf_counter() - t_start
     res = {
@@ -116,9 +140,20 @@ def main():
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
         "elapsed_s": total, "output_tok_per_s": a.num_prompts * a.output_len / total, "classes": {},
     }  # fmt: skip
+    mem1 = torch.cuda.memory_stats()
+    res["allocator"] = {
+        k: mem1.get(k, 0) - mem0.get(k, 0)
+        for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    }
     for k, st in stats.items():
         n = max(st["steps"], 1)
+        w = np.array(walls[k]) if walls[k] else np.zeros(1)
         res["classes"][k] = {
+            "wall_ms_p10_p50_p90_max": [round(float(np.percentile(w, q)), 1) for q in (10, 50, 90, 100)],
+            "launch_ms_mean": round(st.get("launch_s", 0.0) / n * 1e3, 2),
+            "collect_ms_mean": round(st.get("collect_s", 0.0) / n * 1e3, 2),
+        }
+        res["classes"][k] |= {
             "steps": st["steps"], "total_s": round(st["s"], 3), "mean_ms": round(st["s"] / n * 1e3, 2),
             "mean_decodes": round(st["decodes"] / n, 1), "mean_prefill_tokens": round(st["prefill_tokens"] / n, 1),
         }  # fmt: skip
