@@ -46,6 +46,16 @@ class StepLaunch:
     event: torch.cuda.Event | None = None
 
 
+def _aligned_offsets(lengths: list[int], multiple: int) -> list[int]:
+    """Start offsets of parts laid end to end, each rounded up to `multiple` elements; the last entry is
+    the total length."""
+    out, pos = [], 0
+    for n in lengths:
+        out.append(pos)
+        pos += -(-n // multiple) * multiple
+    return out + [pos]
+
+
 def _leading_ones(q_lens: list[int]) -> int:
     """How many sequences at the front of the step have one query (decodes): AttentionMetadata.num_decodes."""
     n = 0
@@ -237,23 +247,30 @@ class ModelRunner:
                     fill_pos.append(cu[-2] + pos - start)
                     fill_src.append(prev_rows[seq.seq_id])
         max_blocks = max(len(t) for t in tables)
-        nseq, ntok, nsamp = len(tables), len(input_ids), len(sample_idx)
+        nseq = len(tables)
         table = np.zeros((nseq, max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
             table[i, : len(t)] = t
-        # Two host buffers (int64, int32), each sent to the device in one copy from pinned memory.
-        parts = (input_ids, positions, slots, sample_idx, fill_pos, fill_src)
-        i64 = np.concatenate([np.asarray(v, dtype=np.int64) for v in parts])
-        i32 = np.concatenate(
-            [np.asarray(cu, dtype=np.int32), np.asarray(seq_lens, dtype=np.int32), table.ravel()]
-        )
+        # Two host buffers (int64, int32), each sent to the device in one copy from pinned memory. Every
+        # part starts on a 16-byte boundary: Triton specializes kernels on pointer alignment, and parts at
+        # offsets that depend on the batch would compile new kernel variants (~1 s each) while serving.
+        parts64 = (input_ids, positions, slots, sample_idx, fill_pos, fill_src)
+        o = _aligned_offsets([len(v) for v in parts64], 2)
+        i64 = np.zeros(o[-1], dtype=np.int64)
+        for v, a in zip(parts64, o, strict=False):
+            i64[a : a + len(v)] = v
+        parts32 = (cu, seq_lens, table.ravel())
+        o32 = _aligned_offsets([len(v) for v in parts32], 4)
+        i32 = np.zeros(o32[-1], dtype=np.int32)
+        for v, a in zip(parts32, o32, strict=False):
+            i32[a : a + len(v)] = v
         d64, d32 = self._to_device(i64, i32)
-        o = np.cumsum([0, ntok, ntok, ntok, nsamp, len(fill_pos), len(fill_src)])
+        o = [(a, a + len(v)) for v, a in zip(parts64, o, strict=False)]
         meta = AttentionMetadata(
-            cu_seqlens_q=d32[: nseq + 1],
-            seq_lens=d32[nseq + 1 : 2 * nseq + 1],
-            slot_mapping=d64[o[2] : o[3]],
-            block_tables=d32[2 * nseq + 1 :].view(nseq, max_blocks),
+            cu_seqlens_q=d32[o32[0] : o32[0] + nseq + 1],
+            seq_lens=d32[o32[1] : o32[1] + nseq],
+            slot_mapping=d64[o[2][0] : o[2][1]],
+            block_tables=d32[o32[2] : o32[2] + nseq * max_blocks].view(nseq, max_blocks),
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(seq_lens),
             decode_only=max(q_lens) == 1,
@@ -261,8 +278,8 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             num_decodes=_leading_ones(q_lens),
         )
-        fill = (d64[o[4] : o[5]], d64[o[5] : o[6]]) if fill_pos else None
-        return d64[o[0] : o[1]], d64[o[1] : o[2]], meta, d64[o[3] : o[4]], sample_seqs, fill
+        fill = (d64[o[4][0] : o[4][1]], d64[o[5][0] : o[5][1]]) if fill_pos else None
+        return d64[o[0][0] : o[0][1]], d64[o[1][0] : o[1][1]], meta, d64[o[3][0] : o[3][1]], sample_seqs, fill
 
     def _to_device(self, i64: np.ndarray, i32: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type != "cuda":
