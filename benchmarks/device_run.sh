@@ -54,6 +54,10 @@ for step in $steps; do
       timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 \
         --output-json "$OUT/throughput-llama-3-8b-fp8.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/throughput.log" | tail -22 ;;
+    throughput-16k)
+      timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
+        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 --max-num-batched-tokens 16384 \
+        --max-num-seqs 512 --output-json "$OUT/throughput-llama-3-8b-fp8-16k.json" 2>&1 | grep -v "Capturing\|it/s\]" | tail -12 ;;
     latency-70b)
       timeout 500 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 1 --num-iters 3 \
