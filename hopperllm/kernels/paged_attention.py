@@ -36,7 +36,7 @@ _LOG2E = 1.4426950408889634
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
-_MIN_TOKENS_PER_SPLIT = 256
+_MIN_TOKENS_PER_SPLIT = 128  # one BLOCK_N tile: GQA models at batch 1 need 16 splits of 2k keys to fill the SMs
 _MAX_SPLITS = 32
 
 

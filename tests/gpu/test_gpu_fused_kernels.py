@@ -140,6 +140,16 @@ def test_fp8_gemv_vs_ref_and_scaled_mm(N, K, M, per_channel):
     assert rel_err(out, mm) < 4e-3
 
 
+@pytest.mark.parametrize(("N", "K"), sorted(fp8.GEMV_M1_TUNED))
+def test_fp8_gemv_tuned_batch1_configs(N, K):
+    """Every shape with a tuned batch-1 config (70B shapes too) against the float32 reference."""
+    w_fp8, w_scale = make_weight(N, K, True, seed=N + K)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(1, K, seed=1))
+    out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 def test_fp8_gemv_split_k_replays_in_cuda_graph():
     """Decode runs under CUDA graphs: the split-K fix-up must re-arm its counters on every replay."""
     (N, K), M = LLAMA2_7B_MATRICES[3], 4

@@ -244,12 +244,14 @@ def test_choose_num_splits(monkeypatch):
     cpu = torch.device("cpu")
     assert pa.choose_num_splits(1, 8, 100, cpu) == 1  # short context: one split
     monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
-    assert pa.choose_num_splits(1, 8, 4096, cpu) == 16  # capped by 4096 / 256 tokens per split
+    assert pa.choose_num_splits(1, 8, 2048, cpu) == 16  # capped by 2048 / 128 tokens per split
     assert (
         pa.choose_num_splits(1, 32, 4096, cpu) == 8
     )  # 1-2 programs per SM (9 rounded down to a power of two)
     assert all(
-        pa.choose_num_splits(b, h, 4096, cpu) in (1, 2, 4, 8, 16) for b in range(1, 300) for h in (1, 8, 32)
+        pa.choose_num_splits(b, h, 4096, cpu) in (1, 2, 4, 8, 16, 32)
+        for b in range(1, 300)
+        for h in (1, 8, 32)
     )
     assert pa.choose_num_splits(64, 8, 4096, cpu) == 1  # the batch already fills the GPU
     assert pa.choose_num_splits(1, 1, 1 << 20, cpu) == 32  # capped
