@@ -106,12 +106,19 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
                 out.stride(0),
                 BLOCK=block,
                 num_warps=4,
-                **pdl_kwargs(out.device),
+                **pdl_kwargs(out.device, T),
             )
         return out.view(out_shape)
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
     if T > 0:
         _silu_and_mul_fp8_kernel[(T,)](
-            x2, out, scale, inter, x2.stride(0), out.stride(0), **row_launch(inter), **pdl_kwargs(out.device)
+            x2,
+            out,
+            scale,
+            inter,
+            x2.stride(0),
+            out.stride(0),
+            **row_launch(inter),
+            **pdl_kwargs(out.device, T),
         )
     return out.view(out_shape), scale.view(*x.shape[:-1], 1)

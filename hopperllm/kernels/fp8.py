@@ -196,7 +196,7 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M > 0:
         _per_token_quant_kernel[(M,)](
-            x2, q, scale, K, x2.stride(0), q.stride(0), **row_launch(K), **pdl_kwargs(x2.device)
+            x2, q, scale, K, x2.stride(0), q.stride(0), **row_launch(K), **pdl_kwargs(x2.device, M)
         )
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
@@ -220,7 +220,7 @@ def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             q.stride(0),
             BLOCK=block,
             num_warps=4,
-            **pdl_kwargs(x2.device),
+            **pdl_kwargs(x2.device, M),
         )
     return q.view(x.shape)
 

@@ -134,7 +134,7 @@ def rms_norm(
             STATIC_SCALE=static_scale is not None,
             BLOCK=block,
             num_warps=min(max(block // 512, 1), 16),
-            **pdl_kwargs(x2.device),
+            **pdl_kwargs(x2.device, T),
         )  # fmt: skip
     out = out.view(x.shape)
     if not out_fp8:

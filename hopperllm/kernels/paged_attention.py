@@ -36,7 +36,9 @@ _LOG2E = 1.4426950408889634
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
-_MIN_TOKENS_PER_SPLIT = 128  # one BLOCK_N tile: GQA models at batch 1 need 16 splits of 2k keys to fill the SMs
+_MIN_TOKENS_PER_SPLIT = (
+    128  # one BLOCK_N tile: GQA models at batch 1 need 16 splits of 2k keys to fill the SMs
+)
 _MAX_SPLITS = 32
 
 
@@ -422,7 +424,7 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        **pdl_kwargs(q.device),
+        **pdl_kwargs(q.device, batch),
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](
@@ -435,7 +437,7 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4 if head_dim >= 128 else 2,
-            **pdl_kwargs(out.device),
+            **pdl_kwargs(out.device, batch),
         )
     return out
 
@@ -631,7 +633,7 @@ def paged_prefill_attention(
         DOT_PRECISION=_dot_precision(q),
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_kwargs(q.device),
+        **pdl_kwargs(q.device, num_tokens),
     )
     return out
 

@@ -185,5 +185,5 @@ def rotary_kv_write(
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         KV_FP8=kv_fp8,
         num_warps=min(max(block_hq * block_half // 256, 1), 8),
-        **pdl_kwargs(q.device),
+        **pdl_kwargs(q.device, T),
     )  # fmt: skip
