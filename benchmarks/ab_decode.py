@@ -7,10 +7,10 @@ variant (PDL on/off, fp8_gemv L2 prefetch lines) and its replay timed; logits mu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
 from hopperllm.kernels import fp8
@@ -86,10 +86,7 @@ def main():
             res["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"{name:12s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.synchronize()
-    print(json.dumps(res, indent=1))
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, a.output_json)
 
 
 if __name__ == "__main__":

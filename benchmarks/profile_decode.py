@@ -7,11 +7,11 @@ the host phases of a step, and the top kernels of one eager forward.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
 
@@ -144,13 +144,12 @@ def main():
         for ev in prof.events():
             if ev.device_type == torch.autograd.DeviceType.CUDA:
                 agg[ev.name][0] += 1
-                agg[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+                agg[ev.name][1] += (
+                    ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+                )
         top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:12]
         res["prefill_kernels_ms"] = {k[:70]: round(t / 1e3, 2) for k, (c, t) in top}
-    print(json.dumps(res, indent=1))
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, a.output_json)
 
 
 if __name__ == "__main__":

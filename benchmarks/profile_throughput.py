@@ -10,11 +10,11 @@ when the host keeps up.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
 import numpy as np
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
 
@@ -164,10 +164,7 @@ def main():
         res["gpu_ms_total_per_step"] = round(sum(prof_kernels.values()) / profiled, 2)
         top = sorted(prof_cpu.items(), key=lambda kv: -kv[1])[:20]
         res["cpu_self_ms_per_profiled_step"] = {k: round(v / profiled, 2) for k, v in top}
-    print(json.dumps(res, indent=1))
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(res, f, indent=1)
+    emit(res, a.output_json)
 
 
 if __name__ == "__main__":

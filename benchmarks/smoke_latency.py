@@ -44,18 +44,33 @@ def main():
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     t0 = time.perf_counter()
-    llm = LLM(model=a.model, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
-              enforce_eager=a.enforce_eager, max_num_seqs=8, max_model_len=4096, enable_prefix_caching=False,
-              gpu_memory_utilization=0.85)
+    llm = LLM(
+        model=a.model,
+        quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
+        enforce_eager=a.enforce_eager,
+        max_num_seqs=8,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=0.85,
+    )
     init_s = time.perf_counter() - t0
     runner = llm.engine.executor.runner
     cap = runner.graph_runner.capture_time_s if runner.graph_runner else 0.0
     run_once(llm, a.input_len, a.output_len, 0)  # warm-up
     res = [run_once(llm, a.input_len, a.output_len, i + 1) for i in range(a.iters)]
     med = {k: sorted(r[k] for r in res)[len(res) // 2] for k in res[0]}
-    out = {"model": a.model, "quantization": a.quantization, "kv_cache_dtype": a.kv_cache_dtype,
-           "eager": a.enforce_eager, "init_s": init_s, "graph_capture_s": cap,
-           "num_kv_blocks": runner.num_kv_blocks, "device": torch.cuda.get_device_name(), **med}
+    out = {
+        "model": a.model,
+        "quantization": a.quantization,
+        "kv_cache_dtype": a.kv_cache_dtype,
+        "eager": a.enforce_eager,
+        "init_s": init_s,
+        "graph_capture_s": cap,
+        "num_kv_blocks": runner.num_kv_blocks,
+        "device": torch.cuda.get_device_name(),
+        **med,
+    }
     print(json.dumps(out))
     if a.output_json:
         with open(a.output_json, "w") as f:

@@ -106,14 +106,25 @@ def tune_prefill() -> list[dict]:
         pa.PREFILL_CONFIG = (bm, bn, nw, ns)
         try:
             ms = triton.testing.do_bench(
-                lambda: pa.paged_prefill_attention(q, cache[0], cache[1], cu, seq_lens, tables, ctx, 0.088, one, one),
-                warmup=10, rep=40, return_mode="median",
+                lambda: pa.paged_prefill_attention(
+                    q, cache[0], cache[1], cu, seq_lens, tables, ctx, 0.088, one, one
+                ),
+                warmup=10,
+                rep=40,
+                return_mode="median",
             )
         except Exception as e:  # noqa: BLE001 (a config the compiler rejects, e.g. out of shared memory)
             print("skip prefill", bm, bn, nw, ns, type(e).__name__)
             continue
-        row = {"shape": "prefill llama3-8b 4x2048", "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw,
-               "num_stages": ns, "us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
+        row = {
+            "shape": "prefill llama3-8b 4x2048",
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "num_warps": nw,
+            "num_stages": ns,
+            "us": ms * 1e3,
+            "tflops": flops / (ms * 1e-3) / 1e12,
+        }
         rows.append(row)
         if best is None or row["us"] < best["us"]:
             best = row
