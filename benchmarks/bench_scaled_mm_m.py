@@ -11,7 +11,9 @@ for M in (8192, 8021, 8020, 8000, 7936, 4096, 4000, 256, 197):
         b = torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn)
         sa = torch.rand(M, 1, device="cuda") + 0.5
         sb = torch.rand(1, N, device="cuda") + 0.5
-        f = lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+        f = lambda a=a, b=b, sa=sa, sb=sb: torch._scaled_mm(
+            a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16
+        )  # noqa: E731
         for _ in range(3):
             f()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
