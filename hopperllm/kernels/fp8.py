@@ -331,17 +331,22 @@ def _fp8_gemv_kernel(
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
 
 
-# Split-K arrival counters, one int32 per output tile, per device. They are zero between launches (each
-# launch re-arms the ones it used), so the buffer is allocated and zeroed once, not per call. Like a
-# cuBLAS workspace it assumes fp8_gemv launches on one device do not overlap on different streams.
-_split_k_counters: dict[torch.device, torch.Tensor] = {}
+# Arrival counters for in-launch fix-ups (fp8_gemv's split-K, decode attention's merge), one int32 per
+# output tile, per device and user. They are zero between launches (each launch re-arms the ones it used),
+# so a buffer is allocated and zeroed once, not per call. Like a cuBLAS workspace it assumes launches of
+# one user on one device do not overlap on different streams. A buffer that grows is kept alive: CUDA
+# graphs captured earlier still point at it.
+_counters: dict[tuple[torch.device, str], torch.Tensor] = {}
+_retired_counters: list[torch.Tensor] = []
 
 
-def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    counters = _split_k_counters.get(device)
+def tile_counters(device: torch.device, num_tiles: int, user: str = "fp8_gemv") -> torch.Tensor:
+    counters = _counters.get((device, user))
     if counters is None or counters.numel() < num_tiles:
+        if counters is not None:
+            _retired_counters.append(counters)
         counters = torch.zeros(max(num_tiles, 4096), dtype=torch.int32, device=device)
-        _split_k_counters[device] = counters
+        _counters[(device, user)] = counters
     return counters
 
 
@@ -452,7 +457,7 @@ def fp8_gemv(
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
     if split_k > 1:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x_fp8.device)
-        counters = _tile_counters(x_fp8.device, grid[0] * grid[1])
+        counters = tile_counters(x_fp8.device, grid[0] * grid[1])
     else:
         partials = counters = out  # unused
     _fp8_gemv_kernel[grid](

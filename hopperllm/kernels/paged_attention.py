@@ -12,7 +12,8 @@ prefill, chunked prefill, prefix-cache hits and decode.
 - `ref_paged_attention`: plain torch, float32 math; the reference for everything below.
 - `paged_decode_attention`: q_len == 1 for every sequence. Flash-decoding: stage 1 splits each context
   into `num_splits` slices, one program per (sequence, kv head, slice) computing all query heads of the
-  kv-head group at once; stage 2 merges the slices by their log-sum-exp.
+  kv-head group at once; the last slice of each (sequence, kv head) to finish merges the slices by their
+  log-sum-exp in the same launch, and can quantize the output row to FP8 per token (the o_proj input).
 - `paged_prefill_attention`: ragged batch of query tiles, each program one tile of one sequence and one
   kv-head group (the group's query heads are folded into the tile's rows), online softmax in float32.
 - `paged_attention`: the one entry point the attention layer calls.
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, fp8_scale_from_amax, quantize_fp8, tile_counters
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 _LOG2E = 1.4426950408889634
@@ -176,9 +178,12 @@ def _decode_split_kernel(
     seq_lens_ptr,  # int32 [B]
     k_scale_ptr,  # float32 [1] (FP8_KV only)
     v_scale_ptr,
-    out_ptr,  # [B, Hq, D], written when NUM_SPLITS == 1
+    out_ptr,  # [B, Hq, D] (rows contiguous when QUANT_OUT)
     part_out_ptr,  # float32 [B, Hq, NUM_SPLITS, D], written when NUM_SPLITS > 1
     part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS] (log2 domain)
+    counter_ptr,  # int32 [B * Hkv + B], zero between launches: arrivals per (b, kv head), then per b
+    q8_ptr,  # QUANT_OUT: e4m3 [B, Hq * D], the output quantized per token
+    q8_scale_ptr,  # QUANT_OUT: float32 [B], its scales
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -199,16 +204,22 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
+    QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
     # whole decode step reads sum_b(seq_len_b) * Hkv * D * 2 * elem_bytes (+ q, out, workspace: small).
+    # The merge of the slices happens in the same launch: the last slice of (b, kvh) to finish merges
+    # them (an arrival counter, as fp8_gemv's split-K fix-up), and with QUANT_OUT the last kv head of b
+    # to finish quantizes the whole output row: one kernel per layer instead of three.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    num_q_heads = tl.num_programs(1) * GROUP
+    num_kv_heads = tl.num_programs(1)
+    num_q_heads = num_kv_heads * GROUP
 
     seq_len = tl.load(seq_lens_ptr + b)
     # Slices are whole BLOCK_N tiles; trailing slices of a short context are empty.
@@ -243,48 +254,61 @@ def _decode_split_kernel(
     # An empty slice (or seq_len == 0) has l_i == 0: write zeros and lse = -inf, which stage 2 weighs 0.
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+        if QUANT_OUT:
+            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                               num_q_heads * HEAD_DIM, QUANT_BLOCK)  # fmt: skip
     else:
         row = (b * num_q_heads + heads) * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(part_lse_ptr + row, lse, mask=mask_h)
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_h[:, None])
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        tile = b * num_kv_heads + kvh
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            # Merge by log-sum-exp (as ref: an empty slice has lse -inf and weight 0; all empty -> zeros).
+            rows0 = (b * num_q_heads + heads) * NUM_SPLITS
+            m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+            for s_ in tl.static_range(NUM_SPLITS):
+                m = tl.maximum(m, tl.load(part_lse_ptr + rows0 + s_, mask=mask_h, other=float("-inf"),
+                                          cache_modifier=".cg"))  # fmt: skip
+            m = tl.where(m == float("-inf"), 0.0, m)
+            denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+            o = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+            for s_ in tl.static_range(NUM_SPLITS):
+                w = tl.exp2(tl.load(part_lse_ptr + rows0 + s_, mask=mask_h, other=float("-inf"),
+                                    cache_modifier=".cg") - m)  # fmt: skip
+                part = tl.load(part_out_ptr + (rows0 + s_)[:, None] * HEAD_DIM + offs_d[None, :],
+                               mask=mask_h[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                denom += w
+                o += part * w[:, None]
+            o = o / tl.where(denom == 0.0, 1.0, denom)[:, None]
+            tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+            if QUANT_OUT:
+                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                                   num_q_heads * HEAD_DIM, QUANT_BLOCK)  # fmt: skip
 
 
 @triton.jit
-def _decode_merge_kernel(
-    part_out_ptr,  # float32 [B, Hq, NUM_SPLITS, D]
-    part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS]
-    out_ptr,  # [B, Hq, D]
-    stride_ob,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two,
-    USE_PDL: tl.constexpr,
-):
-    pdl_prologue(USE_PDL)
-    # One program: sequence b, query head h. Floor: NUM_SPLITS * (D + 1) * 4 bytes read, D written.
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = offs_s < NUM_SPLITS
-    rows = (b * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
-
-    lse = tl.load(part_lse_ptr + rows, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every slice empty (seq_len == 0): output zeros
-    w = tl.exp2(lse - m)
-    denom = tl.sum(w, 0)
-    denom = tl.where(denom == 0.0, 1.0, denom)
-    parts = tl.load(
-        part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None], other=0.0
-    )
-    o = tl.sum(parts * w[:, None], 0) / denom
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob, row_len,
+                       QUANT_BLOCK: tl.constexpr):  # fmt: skip
+    """Called by the program that completed kv head group (b, kvh): the last of b's kv heads quantizes b's
+    whole output row per token, reading back the rounded outputs (bit for bit per_token_quant_fp8)."""
+    tl.debug_barrier()  # every thread's output store is done before the release below
+    slot = tl.num_programs(0) * num_kv_heads + b
+    arrived = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
+    if arrived == num_kv_heads - 1:
+        offs = tl.arange(0, QUANT_BLOCK)
+        mask = offs < row_len
+        x = tl.load(out_ptr + b * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
+        tl.store(q8_scale_ptr + b, scale)
+        tl.store(q8_ptr + b.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=mask)
+        tl.atomic_xchg(counter_ptr + slot, 0, sem="relaxed")
 
 
 @functools.cache
@@ -366,12 +390,15 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
-) -> torch.Tensor:
+    quant_out: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
     No host read of device tensors: with `num_splits` unset it is chosen from the batch, the SM count
     and `max_seqlen_k` (or, without it, the block-table width * block_size), so the call is capturable in
     a CUDA graph either way; pass a fixed `num_splits` to keep the grid identical across replays.
+    `quant_out`: return (out_fp8 [B, Hq * D], scale float32 [B, 1]) instead, the output quantized per
+    token as per_token_quant_fp8 would (same bits), in the same launch.
     """
     fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
@@ -383,15 +410,27 @@ def paged_decode_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif quant_out and (out.stride(2) != 1 or out.stride(1) != head_dim):
+        raise ValueError("quant_out needs an output whose rows are contiguous")
+    row_len = num_q_heads * head_dim
+    if quant_out:
+        q8 = torch.empty((batch, row_len), dtype=FP8_DTYPE, device=q.device)
+        q8_scale = torch.empty((batch, 1), dtype=torch.float32, device=q.device)
+    else:
+        q8 = q8_scale = out  # unused by the kernel
     if batch == 0:
-        return out
+        return (q8, q8_scale) if quant_out else out
 
     if num_splits > 1:
         part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel
+    if num_splits > 1 or quant_out:
+        counters = tile_counters(q.device, batch * num_kv_heads + batch, "decode_attention")
+    else:
+        counters = out  # unused
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
     block_h = max(16, triton.next_power_of_2(group))
     cfg = DECODE_CONFIG if q.is_cuda else {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
@@ -407,6 +446,9 @@ def paged_decode_attention(
         out,
         part_out,
         part_lse,
+        counters,
+        q8,
+        q8_scale,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -422,24 +464,13 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
+        QUANT_OUT=quant_out,
+        QUANT_BLOCK=triton.next_power_of_2(row_len),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_kwargs(q.device, batch),
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(batch, num_q_heads)](
-            part_out,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if head_dim >= 128 else 2,
-            **pdl_kwargs(out.device, batch),
-        )
-    return out
+    return (q8, q8_scale) if quant_out else out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -658,17 +689,20 @@ def paged_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
-) -> torch.Tensor:
+    quant_out: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the step's queries over the paged cache (see the module docstring).
 
     decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
-    (`num_splits`, `max_seqlen_k` go to it); otherwise the ragged prefill kernel runs.
+    (`num_splits`, `max_seqlen_k`, `quant_out` go to it); otherwise the ragged prefill kernel runs.
     """
     if decode_only:
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
-            num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k,
+            num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out,
         )  # fmt: skip
+    if quant_out:
+        raise ValueError("quant_out is for decode steps only")
     return paged_prefill_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, k_scale, v_scale,
         out=out,

@@ -54,7 +54,11 @@ class AttentionBackend:
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        quant_out: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention output [T, Hq, D]; with `quant_out` a backend may instead return it quantized per
+        token for an FP8 o_proj, (e4m3 [T, Hq * D], float32 scale [T, 1]), when it can do so in the same
+        kernel (the Triton backend in decode steps); otherwise it returns the activations."""
         raise NotImplementedError
 
 
@@ -136,7 +140,7 @@ def paged_attention_native(
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, layer, positions, q, k, v, kv_cache, meta):
+    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         q = apply_rotary_native(q, positions, layer.cos_sin_cache)
         k = apply_rotary_native(k, positions, layer.cos_sin_cache)
         write_kv_native(k, v, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale)
@@ -148,7 +152,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def forward(self, layer, positions, q, k, v, kv_cache, meta):
+    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
@@ -174,6 +178,7 @@ class TritonAttentionBackend(AttentionBackend):
             layer.v_scale,
             decode_only=meta.decode_only,
             num_splits=meta.num_splits,
+            quant_out=quant_out and meta.decode_only,
         )
 
     @staticmethod
@@ -219,10 +224,16 @@ class Attention(nn.Module):
         self.v_scale = nn.Parameter(torch.ones(1, dtype=torch.float32), requires_grad=False)
         self.backend: AttentionBackend = TorchAttentionBackend()
 
-    def forward(self, positions, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, positions, q, k, v, kv_cache, meta: AttentionMetadata, quant_out: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[T, Hq * D] activations, or with `quant_out` possibly their per-token FP8 (out, scale) pair
+        (see AttentionBackend.forward): either is a valid input of an FP8 o_proj."""
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(self, positions, q, k, v, kv_cache, meta)
+        out = self.backend.forward(self, positions, q, k, v, kv_cache, meta, quant_out=quant_out)
+        if isinstance(out, tuple):
+            return out
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -74,7 +74,9 @@ class LlamaAttention(nn.Module):
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta))
+        # decode attention can hand an FP8 o_proj its per-token quantized input from the same kernel
+        quant = self.o_proj.takes_fp8_input and self.o_proj.input_scale is None and qkv.is_cuda
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -80,6 +80,35 @@ def test_decode(kv_dtype, model, batch, max_len, num_splits):
     assert rel_err(out, ref) < 2e-2
 
 
+@pytest.mark.parametrize("model,hq,hkv", [("llama-2-7b", 32, 32), ("llama-2-70b", 64, 8)])
+@pytest.mark.parametrize("batch,max_len", [(1, 2048), (8, 2048), (64, 1024)])
+def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_len):
+    """The merge and the per-token FP8 quantize of the output in the decode launch (arrival counters in
+    global memory, out-of-order programs on the GPU) give the bits of the separate steps, also replayed
+    in a CUDA graph."""
+    from hopperllm.kernels import fp8
+
+    seq_lens = ragged(batch, max_len, seed=batch + 1)
+    q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=FP8)
+    splits = pa.choose_num_splits(batch, hkv, max_len, q.device)
+    out = pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits)
+    ref_q8, ref_scale = fp8.per_token_quant_fp8(out.reshape(batch, -1))
+    q8, scale = pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits, quant_out=True)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q8.view(torch.uint8), ref_q8.view(torch.uint8))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gq8, gscale = pa.paged_decode_attention(
+            q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits, quant_out=True
+        )
+    for _ in range(3):
+        gq8.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gq8.view(torch.uint8), ref_q8.view(torch.uint8))
+        assert torch.equal(gscale, ref_scale)
+
+
 # (q_lens, seq_lens): ragged full prefills; chunked prefill / prefix hits; a mixed prefill + decode batch.
 PREFILL_CASES = {
     "prefill": ([1, 17, 300, 2048], [1, 17, 300, 2048]),

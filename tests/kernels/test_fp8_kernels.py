@@ -113,7 +113,7 @@ def test_fp8_gemv_split_k_rearms_its_counters(poisoned_empty):
             x_fp8, x_scale, w_fp8, w_scale, torch.float32, config={"SPLIT_K": 4, "BLOCK_K": 128}
         )
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=GEMV_ATOL * ref.abs().max().item())
-        assert not fp8._split_k_counters[x_fp8.device].any()
+        assert not fp8._counters[(x_fp8.device, "fp8_gemv")].any()
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

@@ -174,6 +174,26 @@ def test_decode_large_group_more_splits_than_tiles():
     assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+def test_decode_quant_out_equals_separate_quantize(dtype, num_splits):
+    """quant_out: the same launch merges the slices and quantizes each output row per token, bit for bit
+    what per_token_quant_fp8 gives on the unquantized output; the arrival counters are re-armed."""
+    from hopperllm.kernels import fp8
+
+    seq_lens_ = DECODE_SEQ_LENS + [0]  # a zero-length (graph padding) row too
+    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), [max(n, 1) for n in seq_lens_], 8, 2,
+                                              32, 8, dtype, seed=7)  # fmt: skip
+    seq_lens[-1] = 0
+    out = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits)
+    q8, scale = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits,
+                                          quant_out=True)  # fmt: skip
+    ref_q8, ref_scale = fp8.ref_per_token_quant_fp8(out.reshape(out.shape[0], -1))
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q8.view(torch.uint8), ref_q8.view(torch.uint8))
+    assert not fp8._counters[(q.device, "decode_attention")].any()
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_zero_length_padding_rows_give_zeros(num_splits):
     # CUDA-graph padding rows carry seq_len 0: they must come out finite (zeros), not NaN.
