@@ -80,7 +80,7 @@ def test_decode(kv_dtype, model, batch, max_len, num_splits):
     assert rel_err(out, ref) < 2e-2
 
 
-@pytest.mark.parametrize("model,hq,hkv", [("llama-2-7b", 32, 32), ("llama-2-70b", 64, 8)])
+@pytest.mark.parametrize("model,hq,hkv", [("mha-32", 32, 32), ("gqa-64-8", 64, 8)])
 @pytest.mark.parametrize("batch,max_len", [(1, 2048), (8, 2048), (64, 1024)])
 def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_len):
     """The merge and the per-token FP8 quantize of the output in the decode launch (arrival counters in
