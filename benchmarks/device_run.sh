@@ -36,6 +36,8 @@ for step in $steps; do
     profile)
       timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60
  ;;
+    profile-70b)
+      timeout 400 python3 benchmarks/profile_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 --output-json "$OUT/profile_70b.json" 2>&1 | grep -v Capturing | tail -70 ;;
     profile-8b)
       timeout 200 python3 benchmarks/profile_decode.py --model dummy:llama-3-8b --prefill --output-json "$OUT/profile_8b.json" 2>&1 | grep -v Capturing | grep -v '"\(count\|total_us\)"' | tail -40 ;;
     tp-1gpu)

@@ -25,6 +25,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gemv-m1-like-m4", action="store_true", help="use the M>1 fp8_gemv table at M=1")
     p.add_argument("--prefill", action="store_true", help="also profile one 8192-token prefill step")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     if a.gemv_m1_like_m4:
@@ -39,7 +40,7 @@ def main():
         max_num_seqs=max(8, a.batch_size),
         max_model_len=4096,
         enable_prefix_caching=False,
-        gpu_memory_utilization=0.85,
+        gpu_memory_utilization=a.gpu_memory_utilization,
     )
     eng = llm.engine
     runner = eng.executor.runner
@@ -119,7 +120,7 @@ def main():
             agg[ev.name][1] += (
                 ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             )
-    top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:15]
+    top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:20]
     res["eager_kernels_us"] = {k[:80]: {"count": c, "total_us": t} for k, (c, t) in top}
     res["eager_kernel_sum_us"] = sum(t for _, (c, t) in agg.items())
     # 4) kernels of one 8192-token prefill step (4 prompts of 2048), the throughput benchmark's shape
