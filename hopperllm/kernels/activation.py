@@ -81,6 +81,45 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, inter, stride_x, stride_
             tl.store(out_row + offs, quantize_fp8(y, inv_scale), mask=offs < inter)
 
 
+@triton.jit
+def _silu_and_mul_amax_kernel(x_ptr, y_ptr, amax_ptr, inter, stride_x, NUM_CHUNKS, BLOCK: tl.constexpr,
+                              USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_prologue(USE_PDL)
+    # Few long rows, step 1 of 2: program (row, c) writes silu(gate) * up for columns [c * BLOCK, ...)
+    # in x's dtype and the chunk's amax.
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    y = _silu_and_mul_chunk(x_ptr + row * stride_x, offs, inter)
+    tl.store(y_ptr + row * inter + offs, y.to(y_ptr.dtype.element_ty), mask=offs < inter)
+    tl.store(amax_ptr + row * NUM_CHUNKS + c, tl.max(tl.abs(y), axis=0))
+
+
+@triton.jit
+def _quant_chunks_kernel(y_ptr, amax_ptr, q_ptr, scale_ptr, inter, NUM_CHUNKS, BLOCK: tl.constexpr,
+                         BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    pdl_prologue(USE_PDL)
+    # Step 2 of 2: every program of a row reduces the row's chunk maxima (a few floats) to the scale and
+    # quantizes its own chunk. Floor: read I elements of x's dtype, write I bytes.
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    amax = tl.max(tl.load(amax_ptr + row * NUM_CHUNKS + offs_c, mask=offs_c < NUM_CHUNKS, other=0.0), axis=0)
+    scale = fp8_scale_from_amax(amax)
+    if c == 0:
+        tl.store(scale_ptr + row, scale)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + row * inter + offs, mask=offs < inter, other=0.0).to(tl.float32)
+    tl.store(q_ptr + row * inter + offs, quantize_fp8(y, fp8_inv_scale(scale)), mask=offs < inter)
+
+
+# FP8 SiLU-mul of at most this many rows whose row does not fit one program's registers runs as two
+# row-parallel launches (chunk values + maxima, then quantize) instead of one program per row looping
+# over the row twice: at batch 1 on Llama-2-70B (I = 28672) that loop took 37 us a layer on one SM.
+SPLIT_ROW_MAX_ROWS = 256
+SPLIT_ROW_CHUNK = 2048
+
+
 def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [..., 2I] -> silu(x[..., :I]) * x[..., I:] in x.dtype, or with out_fp8 (y_fp8, scale [..., 1]).
 
@@ -110,7 +149,20 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
             )
         return out.view(out_shape)
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
-    if T > 0:
+    launch = row_launch(inter)
+    if 0 < T <= SPLIT_ROW_MAX_ROWS and not launch["SINGLE_PASS"]:
+        chunks = triton.cdiv(inter, SPLIT_ROW_CHUNK)
+        y = torch.empty((T, inter), dtype=x.dtype, device=x.device)
+        amax = torch.empty((T, chunks), dtype=torch.float32, device=x.device)
+        _silu_and_mul_amax_kernel[(T, chunks)](
+            x2, y, amax, inter, x2.stride(0), chunks, BLOCK=SPLIT_ROW_CHUNK, num_warps=4,
+            **pdl_kwargs(out.device, T),
+        )  # fmt: skip
+        _quant_chunks_kernel[(T, chunks)](
+            y, amax, out, scale, inter, chunks, BLOCK=SPLIT_ROW_CHUNK, BLOCK_C=triton.next_power_of_2(chunks),
+            num_warps=4, **pdl_kwargs(out.device, T),
+        )  # fmt: skip
+    elif T > 0:
         _silu_and_mul_fp8_kernel[(T,)](
             x2,
             out,
@@ -118,7 +170,7 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
             inter,
             x2.stride(0),
             out.stride(0),
-            **row_launch(inter),
+            **launch,
             **pdl_kwargs(out.device, T),
         )
     return out.view(out_shape), scale.view(*x.shape[:-1], 1)

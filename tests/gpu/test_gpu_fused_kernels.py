@@ -93,8 +93,8 @@ def test_rotary_kv_write_real_shapes(T, num_q_heads, num_kv_heads, kv_dtype):
         assert torch.equal(cache.isnan(), ref_cache.isnan())
 
 
-@pytest.mark.parametrize("T", [1, 16, 8192])
-@pytest.mark.parametrize("inter", [11008, 14336])
+@pytest.mark.parametrize("T", [1, 16, 300, 8192])
+@pytest.mark.parametrize("inter", [11008, 14336, 28672])  # 28672 (Llama-2-70B): two launches up to 256 rows
 def test_silu_and_mul_real_shapes(T, inter):
     x = randn(T, 2 * inter, scale=3, seed=5)
     out = activation.silu_and_mul(x)

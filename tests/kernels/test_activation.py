@@ -58,8 +58,12 @@ def test_silu_and_mul_matches_ref(poisoned_empty, T, inter, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("T", "inter"), [(1, 8), (3, 100), (2, 17000)])  # 17000: the two-pass path
-def test_silu_and_mul_fp8_equals_quantized_output(poisoned_empty, T, inter, dtype):
+@pytest.mark.parametrize(
+    ("T", "inter", "split_rows"),
+    [(1, 8, 256), (3, 100, 256), (2, 17000, 256), (2, 17000, 0)],  # 17000: two launches / the two-pass loop
+)
+def test_silu_and_mul_fp8_equals_quantized_output(poisoned_empty, T, inter, split_rows, dtype, monkeypatch):
+    monkeypatch.setattr(activation, "SPLIT_ROW_MAX_ROWS", split_rows)
     x = make_input(T, inter, dtype, seed=inter + 1)
     q, scale = activation.silu_and_mul(x, out_fp8=True)
     ref_q, ref_scale = fp8.ref_per_token_quant_fp8(activation.silu_and_mul(x))
