@@ -13,7 +13,7 @@ import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
-from hopperllm.kernels import fp8
+from hopperllm.kernels import activation, fp8, paged_attention
 from hopperllm.worker.cuda_graphs import DecodeGraphRunner
 
 
@@ -24,6 +24,10 @@ def _variant(name: str) -> dict[str, str]:
             out["HOPPERLLM_PDL"] = part[3:]
         elif part.startswith("pf"):
             out["prefetch"] = part[2:]
+        elif part.startswith("ck"):  # FP8 SiLU-mul chunk of the few-long-rows path
+            out["chunk"] = part[2:]
+        elif part.startswith("mt"):  # fewest keys per decode-attention split
+            out["min_tokens"] = part[2:]
     return out
 
 
@@ -36,11 +40,12 @@ def main():
         "--variants", nargs="+", default=["pdl0-pf0", "pdl1-pf0", "pdl1-pf4", "pdl1-pf8", "pdl0-pf4"]
     )
     p.add_argument("--replays", type=int, default=200)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = LLM(
         model=a.model, quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=8, max_model_len=4096,
-        enable_prefix_caching=False, gpu_memory_utilization=0.85,
+        enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
     )  # fmt: skip
     eng, runner = llm.engine, llm.engine.executor.runner
     g = torch.Generator().manual_seed(0)
@@ -52,10 +57,13 @@ def main():
     gr0 = runner.graph_runner
     res = {"model": a.model, "context": a.context, "batch_size": a.batch_size, "variants": {}}
     ref_out = None
+    defaults = {"chunk": activation.SPLIT_ROW_CHUNK, "min_tokens": paged_attention._MIN_TOKENS_PER_SPLIT}
     for name in a.variants:
         v = _variant(name)
         os.environ["HOPPERLLM_PDL"] = v.get("HOPPERLLM_PDL", "1")
         fp8.GEMV_PREFETCH_LINES = int(v.get("prefetch", "4"))
+        activation.SPLIT_ROW_CHUNK = int(v.get("chunk", defaults["chunk"]))
+        paged_attention._MIN_TOKENS_PER_SPLIT = int(v.get("min_tokens", defaults["min_tokens"]))
         try:
             gr = DecodeGraphRunner(runner, [a.batch_size])
             gr.block_tables.copy_(gr0.block_tables[: gr.max_bs])

@@ -68,7 +68,9 @@ for step in $steps; do
     ab-decode)
       timeout 300 python3 benchmarks/ab_decode.py --output-json "$OUT/ab_decode.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
     ab-decode-70b)
-      timeout 400 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4 --output-json "$OUT/ab_decode_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
+      timeout 500 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 \
+        --variants pdl1-pf4 pdl1-pf4-ck1024 pdl1-pf4-mt256 pdl1-pf4-ck1024-mt256 pdl1-pf4-ck4096 \
+        --output-json "$OUT/ab_decode_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
     profile-tput)
       timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --profile-steps 0 --output-json "$OUT/profile_tput.json" 2>&1 | tail -80 ;;
     cprofile-tput)
