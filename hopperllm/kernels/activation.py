@@ -117,7 +117,7 @@ def _quant_chunks_kernel(y_ptr, amax_ptr, q_ptr, scale_ptr, inter, NUM_CHUNKS, B
 # row-parallel launches (chunk values + maxima, then quantize) instead of one program per row looping
 # over the row twice: at batch 1 on Llama-2-70B (I = 28672) that loop took 37 us a layer on one SM.
 SPLIT_ROW_MAX_ROWS = 256
-SPLIT_ROW_CHUNK = 2048
+SPLIT_ROW_CHUNK = 1024  # ab-decode-70b: 0.03 ms per 70B step faster than 2048, 0.16 faster than 4096
 
 
 def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

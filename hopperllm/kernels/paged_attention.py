@@ -38,9 +38,9 @@ _LOG2E = 1.4426950408889634
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
-_MIN_TOKENS_PER_SPLIT = (
-    128  # one BLOCK_N tile: GQA models at batch 1 need 16 splits of 2k keys to fill the SMs
-)
+# 256 measured best with the in-launch merge (ab-decode-70b: 128 keys per split cost 0.05 ms more per
+# 70B step; v9 had picked 128 with a separate merge kernel).
+_MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 32
 
 

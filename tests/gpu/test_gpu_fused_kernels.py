@@ -201,3 +201,14 @@ def test_scaled_mm_scale_combinations(x_rowwise, w_rowwise, out_dtype):
     out = fp8.scaled_mm(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
     assert out.dtype == out_dtype
     assert rel_err(out, fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)) < 1e-2
+
+
+@pytest.mark.parametrize(("N", "K"), [(32000, 4096), (32000, 8192), (128256, 4096)])
+def test_lm_head_gemv_real_shapes(N, K):
+    from hopperllm.kernels import gemv
+
+    x = randn(1, K, seed=8)
+    w = randn(N, K, scale=0.02, seed=9)
+    out = gemv.gemv(x, w)
+    ref = gemv.ref_gemv(x, w)  # float32 sums in another order: a bf16 ulp where they straddle a rounding
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 * torch.finfo(out.dtype).eps, atol=1e-3)
