@@ -106,6 +106,17 @@ class LinearBase(nn.Module):
         else:
             raise ValueError(f"unknown linear tensor kind {kind!r}")
 
+    def drop_quantization(self, weight: torch.Tensor | None = None) -> None:
+        """Make an FP8 layer an unquantized one in `params_dtype`, holding `weight` [N, K] (default: left
+        uninitialized, for a checkpoint to fill)."""
+        if weight is None:
+            weight = torch.empty(self.weight.shape, dtype=self.params_dtype, device=self.weight.device)
+        self.quantization = None
+        self.weight = nn.Parameter(weight.to(self.params_dtype), requires_grad=False)
+        if hasattr(self, "weight_scale"):
+            del self.weight_scale
+        self.input_scale = None
+
     # -- forward ----------------------------------------------------------------------------
     @property
     def takes_fp8_input(self) -> bool:

@@ -112,6 +112,7 @@ def ignored_module_patterns(qc: dict[str, Any]) -> list[str]:
 
 
 def is_ignored(name: str, patterns: list[str]) -> bool:
+    """Whether checkpoint module `name` matches one of `patterns` (exact names, shell wildcards, `re:`)."""
     import fnmatch
     import re
 
@@ -122,3 +123,36 @@ def is_ignored(name: str, patterns: list[str]) -> bool:
         elif name == p or fnmatch.fnmatchcase(name, p):
             return True
     return False
+
+
+# our merged linear layers -> the checkpoint's modules they are made of, in row order
+MERGED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def checkpoint_module_names(name: str) -> list[str]:
+    """The checkpoint's module names of our linear layer `name` (`...qkv_proj` -> `...q_proj`, `k_proj`, `v_proj`)."""
+    prefix, _, leaf = name.rpartition(".")
+    return [f"{prefix}.{p}" for p in MERGED_LINEARS.get(leaf, (leaf,))]
+
+
+def ignored_linear_layers(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Our linear layers (names) whose checkpoint modules all match `patterns`. A fused layer matched only
+    in part is a ValueError: hopperllm runs it as one layer, so it is quantized whole or not at all."""
+    from hopperllm.layers.linear import LinearBase
+
+    out = []
+    if not patterns:
+        return out
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase):
+            continue
+        parts = checkpoint_module_names(name)
+        hits = [is_ignored(p, patterns) for p in parts]
+        if any(hits) and not all(hits):
+            raise ValueError(
+                f"{', '.join(parts)} run as one fused layer in hopperllm, but only some of them are on the "
+                f"ignore list: keep all of them unquantized or none"
+            )
+        if all(hits):
+            out.append(name)
+    return out

@@ -130,34 +130,13 @@ def build_model(
     return model.eval()
 
 
-# our merged module -> the checkpoint modules it is made of
-_MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def _keep_ignored_layers_unquantized(model: LlamaForCausalLM, qc: dict) -> None:
     """Layers a checkpoint lists as not quantized (its ignore list) stay in the model dtype."""
-    from hopperllm.layers.linear import LinearBase
-    from hopperllm.loader.fp8_checkpoints import ignored_module_patterns, is_ignored
+    from hopperllm.loader.fp8_checkpoints import ignored_linear_layers, ignored_module_patterns
 
     patterns = [p for p in ignored_module_patterns(qc) if p != "lm_head"]  # our LM head is never FP8
-    if not patterns:
-        return
-    for name, module in model.named_modules():
-        if not isinstance(module, LinearBase) or module.quantization is None:
-            continue
-        prefix, _, leaf = name.rpartition(".")
-        parts = [f"{prefix}.{p}" for p in _MERGED.get(leaf, (leaf,))]
-        hits = [is_ignored(p, patterns) for p in parts]
-        if any(hits) and not all(hits):
-            raise ValueError(
-                f"the checkpoint quantizes only some of {', '.join(parts)}, which hopperllm runs as one "
-                f"fused layer: quantize all of them or none"
-            )
-        if all(hits):
-            module.quantization = None
-            module.weight = torch.nn.Parameter(
-                torch.empty(module.weight.shape, dtype=module.params_dtype, device=module.weight.device),
-                requires_grad=False,
-            )
-            del module.weight_scale
-            module.input_scale = None
+    modules = dict(model.named_modules())
+    for name in ignored_linear_layers(model, patterns):
+        module = modules[name]
+        if module.quantization is not None:
+            module.drop_quantization()

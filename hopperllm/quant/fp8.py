@@ -34,12 +34,16 @@ __all__ = [
     "FP8_MAX",
     "scale_from_amax",
     "quantize_weight",
+    "weight_scales",
+    "round_weight",
+    "quantize_merged_weight",
     "quantize_per_token",
     "quantize_static",
     "dequantize",
     "roundtrip_bound",
     "fp8_linear_emulated",
     "fake_quantize_weights_",
+    "linear_sizes",
 ]
 
 # Relative half-step of e4m3 in its normal range, and the absolute half-step of its subnormals (per unit scale).
@@ -60,8 +64,31 @@ def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Te
     w32 = w.float()
     amax = w32.abs().amax(dim=1) if per_channel else w32.abs().amax().reshape(1)
     scale = scale_from_amax(amax)
-    q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    return round_weight(w32, scale), scale
+
+
+def round_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round to nearest: the e4m3 codes of w [N, K] (or one column, [N]) under per-row scales [N] (or [1])."""
+    s = scale[:, None] if w.dim() == 2 else scale
+    return (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def weight_scales(w: torch.Tensor, sizes: list[int], per_channel: bool = True) -> torch.Tensor:
+    """float32 scale [N] of each row of a merged weight [N, K] whose logical matrices (q/k/v, gate/up) have
+    `sizes` rows: the row's own (per channel) or its matrix's (per tensor), as a checkpoint stores them."""
+    w32 = w.float()
+    if per_channel:
+        return scale_from_amax(w32.abs().amax(dim=1))
+    return torch.cat([scale_from_amax(m.abs().amax()).expand(m.shape[0]) for m in w32.split(sizes)])
+
+
+def quantize_merged_weight(
+    w: torch.Tensor, sizes: list[int], per_channel: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest for a merged weight: (codes [N, K], per-row scales [N]); the rows of each logical
+    matrix are bit for bit those `quantize_weight` gives that matrix alone."""
+    scale = weight_scales(w, sizes, per_channel)
+    return round_weight(w, scale), scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,13 +163,13 @@ def fake_quantize_weights_(model: nn.Module, per_channel: bool = True) -> int:
     for module in model.modules():
         if not isinstance(module, LinearBase) or module.quantization is not None:
             continue
-        sizes = getattr(module, "local_sizes", [module.output_size])
         w = module.weight.data
-        start = 0
-        for size in sizes:
-            rows = w[start : start + size]
-            q, s = quantize_weight(rows, per_channel=per_channel)
-            rows.copy_(dequantize(q, s).to(w.dtype))
-            start += size
+        q, s = quantize_merged_weight(w, linear_sizes(module), per_channel)
+        w.copy_(dequantize(q, s).to(w.dtype))
         n += 1
     return n
+
+
+def linear_sizes(module: nn.Module) -> list[int]:
+    """Rows of each logical matrix in a (merged) linear layer: [q, k, v], [gate, up], or [N]."""
+    return list(getattr(module, "local_sizes", [module.output_size]))
