@@ -2,6 +2,7 @@
 
     hopperllm quantize --output smollm2-fp8                          # default model, per-channel weights
     hopperllm quantize --model DIR --output OUT --kv-cache-dtype fp8 --static-activations --per-tensor
+    hopperllm quantize --output OUT --kv-cache-dtype fp8 --algorithm gptq --keep-last-layers 2
 
 The written directory loads back with `--model OUT` (the FP8 format and KV-cache dtype are detected).
 """
@@ -48,6 +49,42 @@ def add_parser(sub) -> None:
         action="store_true",
         help="calibrated per-tensor input scales (default: dynamic per-token scales at run time)",
     )
+    p.add_argument(
+        "--algorithm",
+        default="rtn",
+        help="how weights are rounded to FP8: rtn (round to nearest, default) or gptq (error feedback on "
+        "calibration inputs, layer by layer; same scales and checkpoint format)",
+    )
+    p.add_argument(
+        "--gptq-damp",
+        type=float,
+        default=None,
+        help="GPTQ dampening, a fraction of the Hessian's mean diagonal (default 0.01)",
+    )
+    p.add_argument("--gptq-block-size", type=int, default=None, help="GPTQ columns per block (default 128)")
+    p.add_argument(
+        "--gptq-act-order",
+        action="store_true",
+        default=None,
+        help="GPTQ rounds columns by decreasing activation energy (default: in order)",
+    )
+    p.add_argument(
+        "--ignore",
+        "--exclude-modules",
+        dest="ignore",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="linear layers to keep unquantized: checkpoint names, wildcards ('model.layers.29.*') or "
+        "'re:' regexes; written to the checkpoint's ignore list",
+    )
+    p.add_argument(
+        "--keep-last-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the linear layers of the last N decoder layers unquantized (added to --ignore)",
+    )
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument(
         "--calib-seq-len", type=int, default=512, help="tokens per calibration chunk (default 512)"
@@ -66,10 +103,12 @@ def add_parser(sub) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from hopperllm.config import resolve_dtype
+    from hopperllm.loader.fp8_checkpoints import ignored_linear_layers
     from hopperllm.loader.model_loader import resolve_model
     from hopperllm.quant.calibrate import calibrate, calibration_text, chunk_tokens, read_text_file
-    from hopperllm.quant.checkpoint import FP8Scheme, write_modelopt_checkpoint
+    from hopperllm.quant.checkpoint import FP8Scheme, resolve_ignore, write_modelopt_checkpoint
     from hopperllm.quant.eval import has_fp8_weights, load_llm, runner_of
+    from hopperllm.quant.gptq import GPTQConfig, check_algorithm, gptq_quantize_model
 
     if args.calib_tokens < 1:
         raise ValueError(f"--calib-tokens must be at least 1, got {args.calib_tokens}")
@@ -79,12 +118,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError("--max-shard-size must be positive")
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise ValueError(f"output {args.output!r} exists and is not an empty directory: choose a new path")
+    gptq = check_algorithm(args.algorithm) == "gptq"
+    gptq_args = {
+        "damp": args.gptq_damp,
+        "block_size": args.gptq_block_size,
+        "act_order": args.gptq_act_order,
+    }
+    gptq_args = {k: v for k, v in gptq_args.items() if v is not None}
+    if gptq_args and not gptq:
+        flags = ", ".join(f"--gptq-{k.replace('_', '-')}" for k in gptq_args)
+        raise ValueError(f"{flags} apply to --algorithm gptq only")
+    gptq_config = GPTQConfig(**gptq_args)
     text = read_text_file(args.calib_file, "calibration file")
-    scheme = FP8Scheme(
-        per_channel=args.per_channel,
-        static_activations=args.static_activations,
-        kv_cache_fp8=args.kv_cache_dtype.startswith("fp8"),
-    )
     show = sys.stderr.isatty()
     t0 = time.perf_counter()
     llm = load_llm(
@@ -92,14 +137,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if has_fp8_weights(llm):
         raise ValueError("the model is already FP8-quantized: quantize starts from bf16/fp32 weights")
+    runner = runner_of(llm)
+    scheme = FP8Scheme(
+        per_channel=args.per_channel,
+        static_activations=args.static_activations,
+        kv_cache_fp8=args.kv_cache_dtype.startswith("fp8"),
+        ignore=resolve_ignore(runner.model, args.ignore, args.keep_last_layers),
+    )
     tok = llm.get_tokenizer()
     ids = tok.encode(text if text is not None else calibration_text(), add_special_tokens=False)
     ids = ids[: args.calib_tokens]
     chunks = chunk_tokens(ids, args.calib_seq_len, min_len=1)
     if not chunks:
         raise ValueError("the calibration text is empty")
-    runner = runner_of(llm)
+    # activation and KV-cache ranges of the unquantized model: the same for both algorithms
     stats = calibrate(runner.model, runner.logits_for_tokens, chunks, show_progress=show)
+    codes = None
+    if gptq:
+        skip = ignored_linear_layers(runner.model, list(scheme.ignore))
+        codes = gptq_quantize_model(
+            runner.model, runner.logits_for_tokens, chunks, scheme.per_channel, gptq_config, skip, show
+        )
     src = llm.engine.config.model
     source_dir = src if src is not None and os.path.isdir(src) else None
     hf_config = resolve_model(src).hf_config  # the source's config.json (or the one a GGUF implies)
@@ -113,13 +171,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         dtype=resolve_dtype(args.dtype, "cpu"),
         source_dir=source_dir,
         max_shard_bytes=int(args.max_shard_size * 2**30),
+        codes=codes,
     )
     elapsed = time.perf_counter() - t0
     kv = "FP8 KV cache scales" if scheme.kv_cache_fp8 else "no KV-cache scales"
+    kept = f", {len(scheme.ignore)} linear modules kept unquantized" if scheme.ignore else ""
     print(
         f"wrote {summary['output']}: {summary['quant_algo']} "
-        f"({'per-channel' if scheme.per_channel else 'per-tensor'} weights, "
-        f"{'static' if scheme.static_activations else 'dynamic'} activations, {kv}), "
+        f"({'per-channel' if scheme.per_channel else 'per-tensor'} weights rounded by {args.algorithm}, "
+        f"{'static' if scheme.static_activations else 'dynamic'} activations, {kv}{kept}), "
         f"{summary['num_tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB in {len(summary['files'])} file(s); "
         f"calibrated on {stats.num_tokens} tokens in {elapsed:.1f} s"
     )

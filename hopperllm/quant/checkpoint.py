@@ -6,9 +6,11 @@ Directory layout:
   than the shard size), with HF tensor names: each linear layer's `weight` (float8_e4m3fn [N, K]),
   `weight_scale` (float32: a scalar per tensor, or [N] per output channel), `input_scale` (float32
   scalar, static activations only), per layer `self_attn.k_proj.k_scale` / `self_attn.v_proj.v_scale`
-  (float32 scalars, FP8 KV cache only); embeddings, norms and the LM head unquantized (`dtype`).
+  (float32 scalars, FP8 KV cache only); embeddings, norms, the LM head and the linear layers on the
+  scheme's ignore list unquantized (`dtype`).
 - `config.json`: the model config plus `quantization_config` = {quant_method: modelopt, quant_algo,
-  kv_cache_quant_algo: FP8 | null, exclude_modules: [lm_head], ...};
+  kv_cache_quant_algo: FP8 | null, exclude_modules: [lm_head, ...the ignore list], ignore: the same, ...}
+  (the ignore list by exact module names, which every loader matches);
 - `hf_quant_config.json`: ModelOpt's own file, {producer, quantization: {quant_algo, kv_cache_quant_algo,
   exclude_modules}};
 - tokenizer files: copied from an HF source directory, or written from the loaded tokenizer
@@ -31,14 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from hopperllm.loader.fp8_checkpoints import checkpoint_module_names, ignored_linear_layers, is_ignored
 from hopperllm.quant.calibrate import CalibrationStats
-from hopperllm.quant.fp8 import quantize_weight, scale_from_amax
+from hopperllm.quant.fp8 import linear_sizes, quantize_merged_weight, scale_from_amax
 
-# our merged layers -> the checkpoint's logical matrices, in row order
-_UNMERGED = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
+# FP8 codes [N, K] and per-row float32 scales [N] of a linear layer, keyed by our module name
+WeightCodes = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -55,6 +56,7 @@ class FP8Scheme:
     per_channel: bool = True  # weight scales per output channel (else per tensor)
     static_activations: bool = False  # calibrated input_scale (else per-token at run time)
     kv_cache_fp8: bool = False  # calibrated k_scale / v_scale
+    ignore: tuple[str, ...] = ()  # checkpoint modules kept unquantized (exact names), besides lm_head
 
     @property
     def quant_algo(self) -> str:
@@ -62,14 +64,18 @@ class FP8Scheme:
             return "FP8_PER_CHANNEL_PER_TOKEN"
         return "FP8"
 
+    @property
+    def excluded_modules(self) -> list[str]:
+        return ["lm_head", *self.ignore]
+
     def quantization_config(self, producer: dict[str, str]) -> dict[str, Any]:
         """config.json's `quantization_config` (flat, ModelOpt's config.json form)."""
         qc: dict[str, Any] = {
             "quant_method": "modelopt",
             "quant_algo": self.quant_algo,
             "kv_cache_quant_algo": "FP8" if self.kv_cache_fp8 else None,
-            "exclude_modules": ["lm_head"],
-            "ignore": ["lm_head"],
+            "exclude_modules": self.excluded_modules,
+            "ignore": self.excluded_modules,
             "weight_strategy": "channel" if self.per_channel else "tensor",
             "activation_scheme": "static" if self.static_activations else "dynamic",
             "producer": producer,
@@ -84,7 +90,7 @@ class FP8Scheme:
             "quantization": {
                 "quant_algo": self.quant_algo,
                 "kv_cache_quant_algo": "FP8" if self.kv_cache_fp8 else None,
-                "exclude_modules": ["lm_head"],
+                "exclude_modules": self.excluded_modules,
             },
         }
 
@@ -95,11 +101,51 @@ def _producer() -> dict[str, str]:
     return {"name": "hopperllm", "version": __version__}
 
 
+def resolve_ignore(model: nn.Module, patterns: list[str], keep_last_layers: int = 0) -> tuple[str, ...]:
+    """The checkpoint modules (exact names, in model order) to keep unquantized: those matching `patterns`
+    (names, shell wildcards such as `model.layers.29.*`, or `re:` regexes: llm-compressor's `ignore`,
+    ModelOpt's `exclude_modules`) and every linear layer of the last `keep_last_layers` decoder layers.
+
+    A pattern that matches no linear layer is a ValueError (a typo would otherwise quantize silently);
+    `lm_head` is accepted and changes nothing, the LM head is never quantized."""
+    from hopperllm.layers.linear import LinearBase
+
+    names = [
+        p for n, m in model.named_modules() if isinstance(m, LinearBase) for p in checkpoint_module_names(n)
+    ]
+    num_layers = len(model.model.layers)
+    if not 0 <= keep_last_layers <= num_layers:
+        raise ValueError(
+            f"--keep-last-layers must be between 0 and {num_layers} (the model's decoder layers), "
+            f"got {keep_last_layers}"
+        )
+    last = [f"model.layers.{i}.*" for i in range(num_layers - keep_last_layers, num_layers)]
+    for p in patterns:
+        if not any(is_ignored(n, [p]) for n in [*names, "lm_head"]):
+            raise ValueError(
+                f"--ignore pattern {p!r} matches no linear layer of the model "
+                f"(their names look like {names[0]!r}; wildcards: 'model.layers.29.*', regexes: 're:...')"
+            )
+    kept = [n for n in names if is_ignored(n, [*patterns, *last])]
+    if kept and len(kept) == len(names):
+        raise ValueError("every linear layer is to stay unquantized: there is nothing to quantize")
+    ignored_linear_layers(model, kept)  # a fused layer kept only in part is a ValueError
+    return tuple(kept)
+
+
 def quantized_state_dict(
-    model: nn.Module, scheme: FP8Scheme, stats: CalibrationStats | None, dtype: torch.dtype
+    model: nn.Module,
+    scheme: FP8Scheme,
+    stats: CalibrationStats | None,
+    dtype: torch.dtype,
+    codes: WeightCodes | None = None,
 ) -> dict[str, torch.Tensor]:
     """HF-named CPU tensors of `model` (an unquantized hopperllm LlamaForCausalLM, one rank) with its
-    linear layers quantized to FP8 under `scheme`, using `stats` for static input and KV-cache scales."""
+    linear layers quantized to FP8 under `scheme`, using `stats` for static input and KV-cache scales.
+
+    `codes` holds FP8 codes already chosen for some linear layers (by GPTQ, with the scales round to
+    nearest would use); the others are rounded to nearest here. Layers on `scheme.ignore` are written
+    unquantized, in `dtype`."""
     from hopperllm.layers.attention import Attention
     from hopperllm.layers.linear import LinearBase
 
@@ -110,29 +156,35 @@ def quantized_state_dict(
         raise ValueError("static activation or KV-cache scales need calibration statistics")
     out: dict[str, torch.Tensor] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    kept = set(ignored_linear_layers(model, list(scheme.ignore)))
     done: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
             if module.quantization is not None:
                 raise ValueError(f"{name} is already quantized: quantize starts from bf16/fp32 weights")
-            prefix, _, short = name.rpartition(".")
-            pieces = _UNMERGED.get(short, (short,))
-            sizes = getattr(module, "local_sizes", [module.output_size])
-            input_scale = None
-            if scheme.static_activations:
-                if name not in stats.input_amax:
-                    raise ValueError(f"calibration never ran {name}: no input scale for it")
-                input_scale = scale_from_amax(stats.input_amax[name]).reshape(())
+            w = module.weight.data
+            sizes = linear_sizes(module)
+            q = s = input_scale = None
+            if name not in kept:
+                q, s = (codes or {}).get(name) or quantize_merged_weight(w, sizes, scheme.per_channel)
+                if scheme.static_activations:
+                    if name not in stats.input_amax:
+                        raise ValueError(f"calibration never ran {name}: no input scale for it")
+                    input_scale = scale_from_amax(stats.input_amax[name]).reshape(())
             start = 0
-            for piece, size in zip(pieces, sizes, strict=True):
-                base = f"{prefix}.{piece}"
-                q, s = quantize_weight(module.weight.data[start : start + size], scheme.per_channel)
-                out[f"{base}.weight"] = q.cpu()
-                out[f"{base}.weight_scale"] = (s if scheme.per_channel else s.reshape(())).cpu()
+            # slices are copied: safetensors refuses tensors that share memory
+            for base, size in zip(checkpoint_module_names(name), sizes, strict=True):
+                rows = slice(start, start + size)
+                if q is None:
+                    out[f"{base}.weight"] = w[rows].to("cpu", dtype, copy=True)
+                else:
+                    out[f"{base}.weight"] = q[rows].to("cpu", copy=True)
+                    piece_scale = s[rows] if scheme.per_channel else s[start].reshape(())
+                    out[f"{base}.weight_scale"] = piece_scale.to("cpu", copy=True)
                 if input_scale is not None:
                     out[f"{base}.input_scale"] = input_scale.clone()
                 if module.bias is not None:
-                    out[f"{base}.bias"] = module.bias.data[start : start + size].to(dtype).cpu()
+                    out[f"{base}.bias"] = module.bias.data[rows].to("cpu", dtype, copy=True)
                 start += size
             done.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
         elif isinstance(module, Attention) and scheme.kv_cache_fp8:
@@ -210,14 +262,16 @@ def write_modelopt_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     source_dir: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    codes: WeightCodes | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` under `scheme` and write the checkpoint into `out_dir` (created; must be empty).
 
     `hf_config` is the source's config dict (HF config.json, or the one read from a GGUF); `source_dir` an
-    HF directory to copy tokenizer files from. Returns a summary (files, tensors, bytes)."""
+    HF directory to copy tokenizer files from; `codes` FP8 codes already chosen (`quantized_state_dict`).
+    Returns a summary (files, tensors, bytes)."""
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"output {out_dir!r} exists and is not an empty directory: choose a new path")
-    tensors = quantized_state_dict(model, scheme, stats, dtype)
+    tensors = quantized_state_dict(model, scheme, stats, dtype, codes)
     os.makedirs(out_dir, exist_ok=True)
     files = _save_shards(tensors, out_dir, max_shard_bytes)
     producer = _producer()

@@ -133,13 +133,17 @@ def _quantization_config(fmt: str, per_channel: bool, static: bool, kv: bool) ->
 def reference_logits(src: str, ckpt: dict[str, torch.Tensor], token_ids: list[int]) -> torch.Tensor:
     """transformers' float32 Llama from `src`, with each projection's weight replaced by the dequantized
     checkpoint weight and its input quantized and dequantized (per token, or with the checkpoint's static
-    input_scale), as FP8 execution does; attention and the KV cache in float32."""
+    input_scale), as FP8 execution does; attention and the KV cache in float32. A projection the checkpoint
+    keeps unquantized (no weight_scale) runs its stored weight on unquantized inputs."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     handles = []
     for name, m in model.named_modules():
         if name.split(".")[-1] not in PROJ:
+            continue
+        if name + ".weight_scale" not in ckpt:
+            m.weight.data.copy_(ckpt[name + ".weight"].float())
             continue
         w_scale = ckpt[name + ".weight_scale"]
         m.weight.data.copy_(dequantize(ckpt[name + ".weight"], w_scale.reshape(-1)))

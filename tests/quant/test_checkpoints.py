@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hopperllm import LLM
 from hopperllm.entrypoints.cli import main
-from hopperllm.loader.fp8_checkpoints import checkpoint_fp8_format, kv_cache_is_fp8
+from hopperllm.loader.fp8_checkpoints import checkpoint_fp8_format, checkpoint_module_names, kv_cache_is_fp8
 from hopperllm.quant.fp8 import FP8_DTYPE, quantize_weight
 from tests.helpers import hf_logits, make_hf_llama_dir
 from tests.quant.fp8_helpers import make_fp8_checkpoint, reference_logits, rel_err
@@ -283,3 +283,53 @@ def test_ignored_layers_stay_unquantized(src, tmp_path, fmt):
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="fused layer"):
         _llm(out)
+
+
+LAYER_MODULES = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "kept"),
+    [
+        (
+            ["--keep-last-layers", "1", "--algorithm", "gptq"],
+            [f"model.layers.1.{m}" for m in LAYER_MODULES],
+        ),
+        (  # wildcards and regexes, as llm-compressor's ignore and ModelOpt's exclude_modules take them
+            ["--ignore", "model.layers.0.mlp.*", r"re:model\.layers\.1\.self_attn\.[qkv]_proj", "lm_head"],
+            [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+            + [f"model.layers.1.self_attn.{p}_proj" for p in "qkv"],
+        ),
+    ],
+)
+def test_quantize_keeps_ignored_layers_unquantized(src, tmp_path, flags, kept, capsys):
+    out = str(tmp_path / "out")
+    argv = ["quantize", "--model", src, "--output", out, "--kv-cache-dtype", "fp8", "--static-activations"]
+    assert main([*argv, "--calib-tokens", "200", "--calib-seq-len", "100", "--dtype", "float32", *flags]) == 0
+    assert f"{len(kept)} linear modules kept unquantized" in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    with open(os.path.join(out, "hf_quant_config.json")) as f:
+        hqc = json.load(f)["quantization"]
+    # by exact names, which every loader's matcher (exact, wildcard, regex) takes as they are
+    assert qc["exclude_modules"] == qc["ignore"] == hqc["exclude_modules"] == ["lm_head", *kept]
+    ckpt = load_file(os.path.join(out, "model.safetensors"))
+    srcw = load_file(os.path.join(src, "model.safetensors"))
+    for layer in range(2):
+        for m in LAYER_MODULES:
+            name = f"model.layers.{layer}.{m}"
+            if name in kept:
+                assert torch.equal(ckpt[name + ".weight"], srcw[name + ".weight"])
+                assert name + ".weight_scale" not in ckpt and name + ".input_scale" not in ckpt
+            else:
+                assert ckpt[name + ".weight"].dtype == FP8_DTYPE and name + ".input_scale" in ckpt
+    assert "model.layers.1.self_attn.k_proj.k_scale" in ckpt  # the KV cache is FP8 in every layer
+
+    llm = _llm(out)
+    for name, module in llm.engine.executor.runner.model.named_modules():
+        if name.endswith("_proj") and name.startswith("model.layers."):
+            is_kept = checkpoint_module_names(name)[0] in kept
+            assert (module.quantization is None) == is_kept, name
+            assert module.weight.dtype == (torch.float32 if is_kept else FP8_DTYPE)
+    ours = _logits(_llm(out, kv_cache_dtype="float32"))
+    assert rel_err(ours, reference_logits(src, ckpt, IDS)) < MATCH_TOL

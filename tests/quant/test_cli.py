@@ -45,6 +45,14 @@ def test_quantize_user_errors(src, fp8_dir, tmp_path, capsys):
     _user_error(
         capsys, ["quantize", "--model", src, "--output", out, "--calib-file", missing], "does not exist"
     )
+    q = ["quantize", "--model", src, "--output", out]
+    _user_error(capsys, [*q, "--algorithm", "awq"], "unknown algorithm 'awq': use one of rtn, gptq")
+    _user_error(capsys, [*q, "--gptq-damp", "0.1"], "--gptq-damp apply to --algorithm gptq only")
+    _user_error(capsys, [*q, "--algorithm", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be >= 0")
+    _user_error(capsys, [*q, "--ignore", "model.layers.9.*"], "'model.layers.9.*' matches no linear layer")
+    _user_error(capsys, [*q, "--ignore", "model.layers.0.self_attn.q_proj"], "one fused layer")
+    _user_error(capsys, [*q, "--keep-last-layers", "3"], "--keep-last-layers must be between 0 and 2")
+    _user_error(capsys, [*q, "--keep-last-layers", "2"], "nothing to quantize")
     assert not os.path.exists(out)  # nothing half-written
 
 
