@@ -17,6 +17,8 @@ import time
 
 
 def add_parser(sub) -> None:
+    from hopperllm.quant.eval import EVAL_KV_CACHE_DTYPES, EVAL_QUANTIZATIONS
+
     p = sub.add_parser("eval", help="accuracy evaluations (perplexity, top-1 agreement)")
     esub = p.add_subparsers(dest="eval_command", required=True)
     pp = esub.add_parser(
@@ -33,11 +35,17 @@ def add_parser(sub) -> None:
         "--quantization",
         "-q",
         default=None,
-        choices=["none", "fp8", "fp8-weight-only"],
-        help="fp8: FP8 weights and activations (on the fly); fp8-weight-only: FP8 weights dequantized, "
-        "activations unquantized (emulation). FP8 checkpoints are detected without it",
+        choices=EVAL_QUANTIZATIONS,
+        help="fp8: FP8 weights and activations (on the fly); fp8-weight-only: FP8 weights dequantized (an FP8 "
+        "checkpoint's own), activations unquantized; fp8-activation-only: unquantized weights, FP8 "
+        "per-token activations (both emulations). FP8 checkpoints are detected without it",
     )
-    pp.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+    pp.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=EVAL_KV_CACHE_DTYPES,
+        help="auto: the model dtype, or FP8 for a checkpoint calibrated for it; a dtype overrides that",
+    )
     pp.add_argument(
         "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"
     )
@@ -52,8 +60,8 @@ def add_parser(sub) -> None:
         default=None,
         help="model to compare top-1 agreement with ('same' or no value: --model unquantized)",
     )
-    pp.add_argument("--reference-quantization", default=None, choices=["none", "fp8", "fp8-weight-only"])
-    pp.add_argument("--reference-kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+    pp.add_argument("--reference-quantization", default=None, choices=EVAL_QUANTIZATIONS)
+    pp.add_argument("--reference-kv-cache-dtype", default="auto", choices=EVAL_KV_CACHE_DTYPES)
     pp.add_argument("--reference-dtype", default=None, help="dtype of the reference run (default: --dtype)")
     pp.add_argument("--output-json", default=None, help="write the results to this JSON file")
     pp.set_defaults(func=cmd_perplexity)

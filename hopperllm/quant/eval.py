@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from hopperllm.quant.calibrate import chunk_tokens
 
-# `--quantization` values eval understands: the engine's, plus weight-only emulation
-EVAL_QUANTIZATIONS = ("none", "fp8", "fp8-weight-only")
+# `--quantization` values eval understands: the engine's, plus weight-only and activation-only emulation
+EVAL_QUANTIZATIONS = ("none", "fp8", "fp8-weight-only", "fp8-activation-only")
+# `--kv-cache-dtype` values: a dtype runs an FP8 checkpoint's KV cache unquantized
+EVAL_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -55,17 +57,23 @@ def load_llm(
     context_len: int = 512,
     show_progress: bool = False,
 ):
-    """An LLM sized for one prompt of `context_len` tokens at a time. `quantization="fp8-weight-only"`
-    loads unquantized weights and replaces each linear weight by its FP8 (per-channel) round trip."""
+    """An LLM sized for one prompt of `context_len` tokens at a time. Emulations, activations computed
+    unquantized unless said: `quantization="fp8-weight-only"` replaces each linear weight by its FP8
+    (per-channel) round trip, or for an FP8 checkpoint runs its weights dequantized; "fp8-activation-only"
+    keeps unquantized weights and gives every linear layer's input its per-token FP8 round trip."""
     from hopperllm import LLM
-    from hopperllm.quant.fp8 import fake_quantize_weights_
+    from hopperllm.quant.fp8 import (
+        dequantize_fp8_weights_,
+        fake_quantize_activations_,
+        fake_quantize_weights_,
+    )
 
     if quantization not in (None, *EVAL_QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(EVAL_QUANTIZATIONS)}")
     if context_len < 2:
         raise ValueError(f"--context-len must be at least 2, got {context_len}")
-    weight_only = quantization == "fp8-weight-only"
-    engine_quant = None if quantization in (None, "none") or weight_only else quantization
+    emulated = quantization in ("fp8-weight-only", "fp8-activation-only")
+    engine_quant = None if quantization in (None, "none") or emulated else quantization
     block_size = 16
     llm = LLM(
         model=model,
@@ -82,10 +90,16 @@ def load_llm(
         device=device,
         show_progress=show_progress,
     )
-    if weight_only:
+    net = runner_of(llm).model
+    if quantization == "fp8-weight-only":
+        if not dequantize_fp8_weights_(net):
+            fake_quantize_weights_(net)
+    elif quantization == "fp8-activation-only":
         if has_fp8_weights(llm):
-            raise ValueError("fp8-weight-only emulates FP8 weights from an unquantized checkpoint")
-        fake_quantize_weights_(runner_of(llm).model)
+            raise ValueError(
+                "fp8-activation-only runs unquantized weights: evaluate an unquantized checkpoint"
+            )
+        fake_quantize_activations_(net)
     return llm
 
 

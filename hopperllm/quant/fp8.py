@@ -43,6 +43,8 @@ __all__ = [
     "roundtrip_bound",
     "fp8_linear_emulated",
     "fake_quantize_weights_",
+    "dequantize_fp8_weights_",
+    "fake_quantize_activations_",
     "linear_sizes",
 ]
 
@@ -167,6 +169,37 @@ def fake_quantize_weights_(model: nn.Module, per_channel: bool = True) -> int:
         q, s = quantize_merged_weight(w, linear_sizes(module), per_channel)
         w.copy_(dequantize(q, s).to(w.dtype))
         n += 1
+    return n
+
+
+@torch.no_grad()
+def dequantize_fp8_weights_(model: nn.Module) -> int:
+    """Make every FP8 linear layer an unquantized one holding its dequantized weights: an FP8 checkpoint's
+    weight error alone, with activations unquantized. Returns the number of layers changed."""
+    from hopperllm.layers.linear import LinearBase
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase) and module.quantization is not None:
+            module.drop_quantization(dequantize(module.weight.data, module.weight_scale.data))
+            n += 1
+    return n
+
+
+def fake_quantize_activations_(model: nn.Module) -> int:
+    """Activation-only FP8 emulation: every (unquantized) linear layer's input takes its per-token FP8 round
+    trip (forward pre-hooks, for the model's lifetime); weights stay as they are. Returns the layer count."""
+    from hopperllm.layers.linear import LinearBase
+
+    def hook(module, args):
+        x = args[0]
+        return (dequantize(*quantize_per_token(x)).to(x.dtype),)
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase) and module.quantization is None:
+            module.register_forward_pre_hook(hook)
+            n += 1
     return n
 
 

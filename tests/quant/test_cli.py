@@ -62,7 +62,9 @@ def test_eval_user_errors(src, fp8_dir, tmp_path, capsys):
     _user_error(capsys, [*ppl, "--max-tokens", "1"], "--max-tokens")
     _user_error(capsys, [*ppl, "--context-len", "100000"], "max_model_len")
     _user_error(capsys, [*ppl, "--text-file", str(tmp_path / "none.txt")], "does not exist")
-    _user_error(capsys, ["eval", "perplexity", "--model", fp8_dir, "-q", "fp8-weight-only"], "unquantized")
+    _user_error(
+        capsys, ["eval", "perplexity", "--model", fp8_dir, "-q", "fp8-activation-only"], "unquantized"
+    )
     _user_error(capsys, ["eval", "perplexity", "--model", str(tmp_path / "nope")], "does not exist")
 
 
@@ -87,15 +89,35 @@ def test_eval_perplexity_with_reference_and_json(src, tmp_path, capsys):
     assert 1.0 < ref["perplexity"] < float("inf")
 
 
-def test_weight_only_emulation_sits_between_baseline_and_fp8(src, tmp_path):
+def test_emulations_sit_between_baseline_and_fp8(src, tmp_path):
     def ppl(*extra) -> dict:
-        path = str(tmp_path / f"{len(extra)}.json")
-        argv = ["eval", "perplexity", "--model", src, "--max-tokens", "400", "--context-len", "200"]
+        path = str(tmp_path / "r.json")
+        argv = ["eval", "perplexity", "--max-tokens", "400", "--context-len", "200"]
         assert main([*argv, *extra, "--output-json", path]) == 0
         with open(path) as f:
             return json.load(f)["model"]
 
-    base, weight_only = ppl(), ppl("-q", "fp8-weight-only")
+    base = ppl("--model", src)
+    weight_only = ppl("--model", src, "-q", "fp8-weight-only")
+    act_only = ppl("--model", src, "-q", "fp8-activation-only")
+    fp8 = ppl("--model", src, "-q", "fp8")
     assert weight_only["quantization"] == "fp8-weight-only"
-    assert weight_only["perplexity"] != base["perplexity"]
-    assert abs(weight_only["perplexity"] / base["perplexity"] - 1) < 0.05
+    for emulated in (weight_only, act_only):
+        assert emulated["perplexity"] != base["perplexity"] and emulated["perplexity"] != fp8["perplexity"]
+        assert abs(emulated["perplexity"] / base["perplexity"] - 1) < 0.05
+
+    # an FP8 checkpoint's weights, dequantized: round to nearest per channel, so the same weights as the
+    # emulation's; and its FP8 KV cache turned off by a --kv-cache-dtype
+    ckpt = str(tmp_path / "fp8")
+    assert (
+        main(["quantize", "--model", src, "--output", ckpt, "--dtype", "float32", "--calib-tokens", "64"])
+        == 0
+    )
+    assert ppl("--model", ckpt, "-q", "fp8-weight-only")["perplexity"] == weight_only["perplexity"]
+    assert ppl("--model", ckpt)["perplexity"] == fp8["perplexity"]
+    kv_ckpt = str(tmp_path / "fp8-kv")
+    argv = ["quantize", "--model", src, "--output", kv_ckpt, "--dtype", "float32", "--calib-tokens", "64"]
+    assert main([*argv, "--kv-cache-dtype", "fp8"]) == 0
+    assert ppl("--model", kv_ckpt)["kv_cache_dtype"] == "fp8"
+    no_kv = ppl("--model", kv_ckpt, "--kv-cache-dtype", "float32")
+    assert no_kv["kv_cache_dtype"] == "float32" and no_kv["perplexity"] == fp8["perplexity"]
