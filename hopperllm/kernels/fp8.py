@@ -65,6 +65,22 @@ def ref_fp8_matmul(
     return (x @ w.T).to(out_dtype)
 
 
+def ref_fp8_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """x [M, K] quantized per token (or statically with input_scale), times the FP8 weight: fp8_linear's
+    meaning without the bias, in float32 math (its CPU path)."""
+    if input_scale is None:
+        x_fp8, x_scale = ref_per_token_quant_fp8(x)
+    else:
+        x_fp8, x_scale = ref_static_quant_fp8(x, input_scale), input_scale
+    return ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shared Triton helpers (norm, activation and rotary import these so all FP8 producers round alike)
 # ----------------------------------------------------------------------------------------------------------
@@ -541,11 +557,7 @@ def fp8_linear(
         else:
             y = ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
     else:
-        if input_scale is None:
-            x_fp8, x_scale = ref_per_token_quant_fp8(x2)
-        else:
-            x_fp8, x_scale = ref_static_quant_fp8(x2, input_scale), input_scale
-        y = ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+        y = ref_fp8_linear(x2, w_fp8, w_scale, input_scale, out_dtype)
     if bias is not None:
         y = y + bias.to(out_dtype)
     return y.view(*x.shape[:-1], N)

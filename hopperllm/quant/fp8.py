@@ -24,7 +24,7 @@ from hopperllm.kernels.fp8 import (
     FP8_MAX,
     FP8_MAX_INV,
     FP8_MIN_SCALE,
-    ref_fp8_matmul,
+    ref_fp8_linear,
     ref_per_token_quant_fp8,
     ref_static_quant_fp8,
 )
@@ -140,13 +140,9 @@ def fp8_linear_emulated(
     `hopperllm.kernels.fp8.fp8_linear` is this computation; the GPU side is checked in tests/gpu/.
     """
     K = w_fp8.shape[1]
-    x2 = x.reshape(-1, K)
-    if input_scale is None:
-        x_fp8, x_scale = quantize_per_token(x2)
-    else:
-        x_scale = torch.as_tensor(input_scale, dtype=torch.float32).reshape(1)
-        x_fp8 = quantize_static(x2, x_scale)
-    y = ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=torch.float32)
+    if input_scale is not None:
+        input_scale = torch.as_tensor(input_scale, dtype=torch.float32).reshape(1)
+    y = ref_fp8_linear(x.reshape(-1, K), w_fp8, w_scale, input_scale, out_dtype=torch.float32)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], w_fp8.shape[0])
