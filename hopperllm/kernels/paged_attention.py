@@ -13,7 +13,8 @@ prefill, chunked prefill, prefix-cache hits and decode.
 - `paged_decode_attention`: q_len == 1 for every sequence. Flash-decoding: stage 1 splits each context
   into `num_splits` slices, one program per (sequence, kv head, slice) computing all query heads of the
   kv-head group at once; the last slice of each (sequence, kv head) to finish merges the slices by their
-  log-sum-exp in the same launch, and can quantize the output row to FP8 per token (the o_proj input).
+  log-sum-exp in the same launch, and can quantize the output row to FP8 per token (the o_proj input);
+  given the step's k and v (`NewTokenKV`) it also does the rotary embedding and the cache write first.
 - `paged_prefill_attention`: ragged batch of query tiles, each program one tile of one sequence and one
   kv-head group (the group's query heads are folded into the tile's rows), online softmax in float32.
 - `paged_attention`: the one entry point the attention layer calls.
@@ -26,6 +27,7 @@ Scales are read on the device: no host sync, CUDA-graph safe.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -167,6 +169,14 @@ def _attend_key_range(
 # --------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _rotate(x, x_partner, cos, sin, first):
+    # rotate_half rotary in float32, written as rotary_kv_write's halves: x1 cos - x2 sin, x2 cos + x1 sin
+    x = x.to(tl.float32)
+    x_partner = x_partner.to(tl.float32)
+    return tl.where(first, x * cos - x_partner * sin, x * cos + x_partner * sin)
+
+
 # Ints that change from step to step are not specialized on (Triton would compile a variant per
 # divisibility class, ~1 s each, in the middle of serving): the block-table width, the first sequence.
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -184,6 +194,11 @@ def _decode_split_kernel(
     counter_ptr,  # int32 [B * Hkv + B], zero between launches: arrivals per (b, kv head), then per b
     q8_ptr,  # QUANT_OUT: e4m3 [B, Hq * D], the output quantized per token
     q8_scale_ptr,  # QUANT_OUT: float32 [B], its scales
+    k_new_ptr,  # ROTARY: the step's k [B, Hkv, D] (unrotated)
+    v_new_ptr,  # ROTARY: the step's v [B, Hkv, D]
+    positions_ptr,  # ROTARY: int64 [B]
+    cos_sin_ptr,  # ROTARY: float32 [max_position, D] = cat(cos, sin)
+    slot_ptr,  # ROTARY: int64 [B] cache slot of the new token (< 0: a padding row, nothing to store)
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -196,6 +211,11 @@ def _decode_split_kernel(
     stride_bt,
     stride_ob,
     stride_oh,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_cs,
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,  # tokens per cache block
@@ -206,6 +226,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
+    ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -214,7 +235,10 @@ def _decode_split_kernel(
     # whole decode step reads sum_b(seq_len_b) * Hkv * D * 2 * elem_bytes (+ q, out, workspace: small).
     # The merge of the slices happens in the same launch: the last slice of (b, kvh) to finish merges
     # them (an arrival counter, as fp8_gemv's split-K fix-up), and with QUANT_OUT the last kv head of b
-    # to finish quantizes the whole output row: one kernel per layer instead of three.
+    # to finish quantizes the whole output row: one kernel per layer instead of three. With ROTARY the
+    # rotary embedding and cache write of the step's token (rotary_kv_write) happen here too: every
+    # program rotates its q heads in registers, and the program whose slice holds the last position
+    # stores that position's k and v before it reads its keys.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -232,9 +256,36 @@ def _decode_split_kernel(
     mask_h = offs_h < GROUP
     heads = kvh * GROUP + offs_h
 
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0
-    )
+    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+    if ROTARY:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)  # rotate_half's other element
+        cs_row = cos_sin_ptr + tl.load(positions_ptr + b) * stride_cs
+        cos = tl.load(cs_row + offs_d % HALF)
+        sin = tl.load(cs_row + HALF + offs_d % HALF)
+        q_partner = tl.load(q_ptrs + partner[None, :], mask=mask_h[:, None], other=0.0)
+        q = _rotate(q, q_partner, cos[None, :], sin[None, :], first[None, :]).to(q_ptr.dtype.element_ty)
+        slot = tl.load(slot_ptr + b)
+        if (start < end) & (end == seq_len) & (slot >= 0):
+            k_row = k_new_ptr + b.to(tl.int64) * stride_knb + kvh * stride_knh
+            k_new = _rotate(tl.load(k_row + offs_d), tl.load(k_row + partner), cos, sin, first)
+            k_new = k_new.to(k_new_ptr.dtype.element_ty).to(tl.float32)  # rounded as rotary_kv_write does
+            v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnb + kvh * stride_vnh + offs_d).to(
+                tl.float32
+            )
+            blk = slot // PAGE_SIZE  # the cache row of position seq_len - 1, which the key loop reads
+            in_block = slot % PAGE_SIZE
+            k_dst = k_cache_ptr + blk * stride_kb + in_block * stride_kt + kvh * stride_kh + offs_d
+            v_dst = v_cache_ptr + blk * stride_vb + in_block * stride_vt + kvh * stride_vh + offs_d
+            if FP8_KV:
+                tl.store(k_dst, quantize_fp8(k_new, fp8_inv_scale(tl.load(k_scale_ptr))))
+                tl.store(v_dst, quantize_fp8(v_new, fp8_inv_scale(tl.load(v_scale_ptr))))
+            else:
+                tl.store(k_dst, k_new.to(k_cache_ptr.dtype.element_ty))
+                tl.store(v_dst, v_new.to(v_cache_ptr.dtype.element_ty))
+            tl.debug_barrier()  # every thread's store is visible to the loads of the key loop below
     if FP8_KV:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
 
@@ -368,6 +419,26 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return fp8
 
 
+def _check_new_kv(
+    new_kv: NewTokenKV, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    k, v, positions, cos_sin, slots = new_kv
+    if k.shape != (batch, num_kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(
+            f"new_kv k and v must be [{batch}, {num_kv_heads}, {head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.dtype != dtype or v.dtype != dtype:
+        raise ValueError(f"new_kv k and v must be {dtype} like q, got {k.dtype} and {v.dtype}")
+    if positions.shape != (batch,) or slots.shape != (batch,):
+        raise ValueError(f"new_kv positions and slot_mapping must be [{batch}]")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
+        raise ValueError(
+            f"cos_sin_cache must be float32 [max_position, {head_dim}], got {tuple(cos_sin.shape)}"
+        )
+    if any(t.stride(-1) != 1 for t in (k, v, cos_sin)):
+        raise ValueError("new_kv k, v and cos_sin_cache need a contiguous last dimension")
+
+
 def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
     """(block, token, head) strides of K then V, in the kernels' argument order."""
     return (*k_cache.stride()[:3], *v_cache.stride()[:3])
@@ -376,6 +447,18 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, .
 def _dot_precision(q: torch.Tensor) -> str:
     # fp32 operands: exact products (the CPU interpreter, tests); fp16/bf16 ignore the setting.
     return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+class NewTokenKV(NamedTuple):
+    """The step's own k and v for paged_decode_attention to rotate and store (rotary_kv_write's inputs):
+    k, v [B, Hkv, D] (strided views allowed, contiguous last dim), positions and slot_mapping int64 [B]
+    (slot < 0: nothing stored), cos_sin_cache float32 [max_position, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 def paged_decode_attention(
@@ -391,6 +474,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
+    new_kv: NewTokenKV | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -399,11 +483,16 @@ def paged_decode_attention(
     a CUDA graph either way; pass a fixed `num_splits` to keep the grid identical across replays.
     `quant_out`: return (out_fp8 [B, Hq * D], scale float32 [B, 1]) instead, the output quantized per
     token as per_token_quant_fp8 would (same bits), in the same launch.
+    `new_kv`: q is not yet rotated, and the step's k, v are not yet in the cache: the same launch does
+    what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
+    must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
     """
     fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
+    if new_kv is not None:
+        _check_new_kv(new_kv, batch, num_kv_heads, head_dim, q.dtype)
     if num_splits is None:
         max_context = max_seqlen_k if max_seqlen_k is not None else block_tables.shape[1] * block_size
         num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device)
@@ -432,6 +521,12 @@ def paged_decode_attention(
     else:
         counters = out  # unused
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
+    if new_kv is not None:
+        k_new, v_new, positions, cos_sin, slots = new_kv
+        new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_sin.stride(0))
+    else:
+        k_new = v_new = positions = cos_sin = slots = seq_lens  # unused by the kernel
+        new_strides = (0, 0, 0, 0, 0)
     block_h = max(16, triton.next_power_of_2(group))
     cfg = DECODE_CONFIG if q.is_cuda else {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
     block_n = cfg["BLOCK_N"]
@@ -449,6 +544,11 @@ def paged_decode_attention(
         counters,
         q8,
         q8_scale,
+        k_new,
+        v_new,
+        positions,
+        cos_sin,
+        slots,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -456,6 +556,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        *new_strides,
         GROUP=group,
         HEAD_DIM=head_dim,
         PAGE_SIZE=block_size,
@@ -466,6 +567,7 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q),
         QUANT_OUT=quant_out,
         QUANT_BLOCK=triton.next_power_of_2(row_len),
+        ROTARY=new_kv is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_kwargs(q.device, batch),
@@ -690,19 +792,20 @@ def paged_attention(
     out: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
+    new_kv: NewTokenKV | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the step's queries over the paged cache (see the module docstring).
 
     decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
-    (`num_splits`, `max_seqlen_k`, `quant_out` go to it); otherwise the ragged prefill kernel runs.
+    (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv` go to it); otherwise the ragged prefill kernel runs.
     """
     if decode_only:
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
-            num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out,
+            num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out, new_kv=new_kv,
         )  # fmt: skip
-    if quant_out:
-        raise ValueError("quant_out is for decode steps only")
+    if quant_out or new_kv is not None:
+        raise ValueError("quant_out and new_kv are for decode steps only")
     return paged_prefill_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, k_scale, v_scale,
         out=out,
@@ -710,6 +813,7 @@ def paged_attention(
 
 
 __all__ = [
+    "NewTokenKV",
     "choose_num_splits",
     "paged_attention",
     "paged_decode_attention",

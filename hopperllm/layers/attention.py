@@ -148,25 +148,35 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Fused rotary + cache write, then flash-decoding (decode-only steps) or varlen prefill."""
+    """Decode-only steps: one flash-decoding launch that also does the rotary embedding and the cache
+    write. Other steps: fused rotary + cache write, then varlen prefill (and flash-decoding for a mixed
+    step's decodes)."""
 
     name = "triton"
 
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
-        from hopperllm.kernels.paged_attention import paged_attention
+        from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
-        rotary_kv_write(
-            q, k, v, positions, layer.cos_sin_cache, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale
-        )
-        if meta.decode_only:
-            qd = q.view(meta.num_seqs, q.shape[1], q.shape[2]) if q.shape[0] == meta.num_seqs else q
-        elif meta.num_decodes:
-            return self._mixed(layer, q, kv_cache, meta)
+        new_kv = None
+        if meta.decode_only and q.shape[0] == meta.num_seqs:
+            new_kv = NewTokenKV(k, v, positions, layer.cos_sin_cache, meta.slot_mapping)
         else:
-            qd = q
+            rotary_kv_write(
+                q,
+                k,
+                v,
+                positions,
+                layer.cos_sin_cache,
+                kv_cache,
+                meta.slot_mapping,
+                layer.k_scale,
+                layer.v_scale,
+            )
+        if not meta.decode_only and meta.num_decodes:
+            return self._mixed(layer, q, kv_cache, meta)
         return paged_attention(
-            qd,
+            q,
             kv_cache[0],
             kv_cache[1],
             meta.cu_seqlens_q,
@@ -179,6 +189,7 @@ class TritonAttentionBackend(AttentionBackend):
             decode_only=meta.decode_only,
             num_splits=meta.num_splits,
             quant_out=quant_out and meta.decode_only,
+            new_kv=new_kv,
         )
 
     @staticmethod

@@ -194,6 +194,71 @@ def test_decode_quant_out_equals_separate_quantize(dtype, num_splits):
     assert not fp8._counters[(q.device, "decode_attention")].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fp8_kv", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_new_kv_equals_rotary_kv_write_then_decode(dtype, fp8_kv, num_splits):
+    """new_kv: the decode launch rotates q, stores the step's rotated k and v at their slots (FP8 with the
+    cache's scales) and attends over them: what rotary_kv_write followed by the plain decode gives. The
+    new token's slot is poisoned first; a padding row (seq_len 0, slot -1) stores nothing."""
+    from hopperllm.kernels.rotary import build_cos_sin_cache, rotary_kv_write
+
+    seq_lens_ = [*DECODE_SEQ_LENS, 0]
+    hq, hkv, d, bs = 8, 2, 32, 8
+    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), [max(n, 1) for n in seq_lens_], hq, hkv,
+                                              d, bs, dtype, seed=11)  # fmt: skip
+    seq_lens[-1] = 0
+    k_scale = v_scale = None
+    if fp8_kv:
+        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    gen = torch.Generator().manual_seed(12)
+    qkv = torch.randn(len(seq_lens_), (hq + 2 * hkv) * d, generator=gen).to(dtype).to(DEVICE)
+    k_new = qkv[:, hq * d : (hq + hkv) * d].view(-1, hkv, d)  # strided views, as the layer passes them
+    v_new = qkv[:, (hq + hkv) * d :].view(-1, hkv, d)
+    positions = (seq_lens.long() - 1).clamp(min=0)
+    slots = torch.tensor(
+        [int(bt[b, (n - 1) // bs]) * bs + (n - 1) % bs if n else -1 for b, n in enumerate(seq_lens_)],
+        dtype=torch.int64, device=DEVICE,
+    )  # fmt: skip
+    for slot in slots[:-1].tolist():  # poison the new token's cache row
+        kv.view(torch.uint8)[:, slot // bs, slot % bs] = 0x7F  # NaN in e4m3 and fp16, 3.4e38 in fp32
+    cos_sin = build_cos_sin_cache(d, 64, 10000.0).to(DEVICE)
+    kv_ref, q_ref = kv.clone(), q.clone()
+    rotary_kv_write(q_ref, k_new, v_new, positions, cos_sin, kv_ref, slots, k_scale, v_scale)
+    ref = pa.paged_decode_attention(q_ref, kv_ref[0], kv_ref[1], bt, seq_lens, 0.2, k_scale, v_scale,
+                                    num_splits=num_splits)  # fmt: skip
+    q_before = q.clone()
+    new_kv = pa.NewTokenKV(k_new, v_new, positions, cos_sin, slots)
+    out = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, k_scale, v_scale,
+                                    num_splits=num_splits, out=poisoned_like(q), new_kv=new_kv)  # fmt: skip
+    assert torch.equal(q, q_before)  # q is rotated in registers only
+    if DEVICE == "cpu":  # the interpreter computes both in the same float32 order: the same bits
+        assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+        assert torch.equal(out, ref)
+    else:  # compiled, the two kernels may contract multiply-adds differently: a last-bit difference
+        torch.testing.assert_close(kv.float(), kv_ref.float(), rtol=2**-3 if fp8_kv else 2**-8, atol=1e-3,
+                                   equal_nan=True)  # fmt: skip
+        assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+def test_decode_new_kv_rejects_bad_shapes():
+    q, kv, cu, seq_lens, bt = make_paged_case([1, 1], [5, 9], 4, 2, 32, 8, torch.float32, seed=13)
+    k = torch.zeros(2, 2, 32, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    cos_sin = torch.zeros(16, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="new_kv k and v"):
+        pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2,
+                                  new_kv=pa.NewTokenKV(k[:, :1], k[:, :1], pos, cos_sin, pos))  # fmt: skip
+    with pytest.raises(ValueError, match="cos_sin_cache"):
+        pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2,
+                                  new_kv=pa.NewTokenKV(k, k, pos, cos_sin[:, :16], pos))  # fmt: skip
+    with pytest.raises(ValueError, match="decode steps only"):
+        pa.paged_attention(
+            q, kv[0], kv[1], cu, seq_lens, bt, 1, 0.2, new_kv=pa.NewTokenKV(k, k, pos, cos_sin, pos)
+        )
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_zero_length_padding_rows_give_zeros(num_splits):
     # CUDA-graph padding rows carry seq_len 0: they must come out finite (zeros), not NaN.
