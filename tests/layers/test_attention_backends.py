@@ -8,6 +8,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+if torch.cuda.is_available():  # compiled kernels cannot take this CPU model's tensors
+    pytest.skip("runs the kernels in Triton's interpreter on a CPU model; tests/gpu runs them compiled against "
+                "the reference path", allow_module_level=True)  # fmt: skip
 
 from hopperllm import LLM, SamplingParams  # noqa: E402
 from hopperllm.layers.attention import TorchAttentionBackend, TritonAttentionBackend  # noqa: E402
