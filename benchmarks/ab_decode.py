@@ -1,5 +1,6 @@
 """A/B of launch-level decode options on one loaded model: the batch-1 decode graph is re-captured for each
-variant (PDL on/off, fp8_gemv L2 prefetch lines) and its replay timed; logits must not change.
+variant (PDL on/off, fp8_gemv L2 prefetch lines, SiLU chunk, decode split size, rotary inside the decode
+attention launch) and its replay timed; logits must not change.
 
     python benchmarks/ab_decode.py --model dummy:llama-2-7b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4
 """
@@ -14,6 +15,7 @@ from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
 from hopperllm.kernels import activation, fp8, paged_attention
+from hopperllm.layers.attention import TritonAttentionBackend
 from hopperllm.worker.cuda_graphs import DecodeGraphRunner
 
 
@@ -28,6 +30,8 @@ def _variant(name: str) -> dict[str, str]:
             out["chunk"] = part[2:]
         elif part.startswith("mt"):  # fewest keys per decode-attention split
             out["min_tokens"] = part[2:]
+        elif part.startswith("rot"):  # rotary + cache write inside the decode-attention launch (1) or not (0)
+            out["rotary"] = part[3:]
     return out
 
 
@@ -64,6 +68,7 @@ def main():
         fp8.GEMV_PREFETCH_LINES = int(v.get("prefetch", "4"))
         activation.SPLIT_ROW_CHUNK = int(v.get("chunk", defaults["chunk"]))
         paged_attention._MIN_TOKENS_PER_SPLIT = int(v.get("min_tokens", defaults["min_tokens"]))
+        TritonAttentionBackend.fuse_decode_rotary = v.get("rotary", "1") == "1"
         try:
             gr = DecodeGraphRunner(runner, [a.batch_size])
             gr.block_tables.copy_(gr0.block_tables[: gr.max_bs])

@@ -67,6 +67,12 @@ for step in $steps; do
         | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70.log" | tail -22 ;;
     ab-decode)
       timeout 300 python3 benchmarks/ab_decode.py --output-json "$OUT/ab_decode.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -20 ;;
+    ab-rot)
+      timeout 240 python3 benchmarks/ab_decode.py --variants pdl1-pf4-rot1 pdl1-pf4-rot0 pdl1-pf4-rot1 pdl1-pf4-rot0 \
+        --output-json "$OUT/ab_rot_7b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -8
+      timeout 300 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 \
+        --variants pdl1-pf4-rot1 pdl1-pf4-rot0 pdl1-pf4-rot1 pdl1-pf4-rot0 \
+        --output-json "$OUT/ab_rot_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -8 ;;
     ab-decode-70b)
       timeout 500 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 \
         --variants pdl1-pf4 pdl1-pf4-ck1024 pdl1-pf4-mt256 pdl1-pf4-ck1024-mt256 pdl1-pf4-ck4096 \

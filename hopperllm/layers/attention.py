@@ -153,13 +153,14 @@ class TritonAttentionBackend(AttentionBackend):
     step's decodes)."""
 
     name = "triton"
+    fuse_decode_rotary = True  # False: rotary_kv_write before the decode launch (benchmarks/ab_decode.py)
 
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
         new_kv = None
-        if meta.decode_only and q.shape[0] == meta.num_seqs:
+        if meta.decode_only and q.shape[0] == meta.num_seqs and self.fuse_decode_rotary:
             new_kv = NewTokenKV(k, v, positions, layer.cos_sin_cache, meta.slot_mapping)
         else:
             rotary_kv_write(
