@@ -68,7 +68,7 @@ def main():
         fp8.GEMV_PREFETCH_LINES = int(v.get("prefetch", "4"))
         activation.SPLIT_ROW_CHUNK = int(v.get("chunk", defaults["chunk"]))
         paged_attention._MIN_TOKENS_PER_SPLIT = int(v.get("min_tokens", defaults["min_tokens"]))
-        TritonAttentionBackend.fuse_decode_rotary = v.get("rotary", "1") == "1"
+        TritonAttentionBackend.fuse_decode_rotary = {"1": "all", "0": "none"}.get(v.get("rotary"), "mha")
         try:
             gr = DecodeGraphRunner(runner, [a.batch_size])
             gr.block_tables.copy_(gr0.block_tables[: gr.max_bs])

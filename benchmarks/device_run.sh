@@ -73,6 +73,8 @@ for step in $steps; do
       timeout 300 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 \
         --variants pdl1-pf4-rot1 pdl1-pf4-rot0 pdl1-pf4-rot1 pdl1-pf4-rot0 \
         --output-json "$OUT/ab_rot_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -8 ;;
+    ab-prefill)
+      timeout 300 python3 benchmarks/ab_prefill.py --output-json "$OUT/ab_prefill.json" 2>&1 | grep -v '^ *"\|^ *}\|^{\|^ *\]\|^ *\[' | tail -40 ;;
     ab-decode-70b)
       timeout 500 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 \
         --variants pdl1-pf4 pdl1-pf4-ck1024 pdl1-pf4-mt256 pdl1-pf4-ck1024-mt256 pdl1-pf4-ck4096 \

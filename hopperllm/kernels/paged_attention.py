@@ -612,17 +612,24 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,  # grid (kv heads, sequences, tiles), the last query tiles launched first
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
     # One program: query tile `tile` of sequence b, all GROUP query heads of kv head kvh (row r is query
-    # r // GROUP, head r % GROUP), so each K/V tile is loaded once per group.
+    # r // GROUP, head r % GROUP), so each K/V tile is loaded once per group. A tile's work grows with its
+    # index (its causal prefix): with HEAVY_FIRST the longest tiles of every head start in the first wave
+    # and the short ones fill the tail.
     # Floor: q + out once (2 * T * Hq * D * elem_bytes), plus each program's K/V prefix up to its causal
     # limit: sum over tiles of (ctx + tile_end) * Hkv * D * 2 * elem_bytes -- prefill is compute-bound
     # (~4 * D FLOPs per visible (query, key, head)), the K/V re-reads mostly hit L2.
-    tile = tl.program_id(0)
+    if HEAVY_FIRST:
+        kvh = tl.program_id(0)
+        tile = tl.num_programs(2) - 1 - tl.program_id(2)
+    else:
+        tile = tl.program_id(0)
+        kvh = tl.program_id(2)
     b = tl.program_id(1) + first_seq
-    kvh = tl.program_id(2)
 
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
@@ -695,6 +702,7 @@ def _prefill_config(head_dim: int, group: int, is_cuda: bool) -> tuple[int, int,
 
 
 PREFILL_CONFIG: tuple[int, int, int, int] | None = None
+PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/ab_prefill.py)
 
 
 def paged_prefill_attention(
@@ -737,7 +745,11 @@ def paged_prefill_attention(
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
-    grid = (triton.cdiv(max_seqlen_q, block_q), batch - first_seq, num_kv_heads)
+    tiles = triton.cdiv(max_seqlen_q, block_q)
+    heavy_first = PREFILL_HEAVY_FIRST and tiles <= 65535
+    grid = (
+        (num_kv_heads, batch - first_seq, tiles) if heavy_first else (tiles, batch - first_seq, num_kv_heads)
+    )
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -764,6 +776,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
+        HEAVY_FIRST=heavy_first,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),

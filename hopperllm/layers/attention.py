@@ -153,14 +153,20 @@ class TritonAttentionBackend(AttentionBackend):
     step's decodes)."""
 
     name = "triton"
-    fuse_decode_rotary = True  # False: rotary_kv_write before the decode launch (benchmarks/ab_decode.py)
+    # Rotary + cache write inside the decode-attention launch, for layers without grouped KV heads: on the
+    # H100 (ab-rot in benchmarks/device_run.sh, decode graph replay) Llama-2-7B went 3.511 -> 3.497 ms a
+    # step with it, but Llama-2-70B (8 query heads per KV head) 25.861 -> 25.920 ms, so GQA layers keep
+    # the separate rotary_kv_write. "all" / "none" fuse everywhere / nowhere (benchmarks/ab_decode.py, tests).
+    fuse_decode_rotary = "mha"
 
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
         new_kv = None
-        if meta.decode_only and q.shape[0] == meta.num_seqs and self.fuse_decode_rotary:
+        mode = self.fuse_decode_rotary
+        fuse = mode == "all" or (mode == "mha" and layer.num_heads == layer.num_kv_heads)
+        if meta.decode_only and q.shape[0] == meta.num_seqs and fuse:
             new_kv = NewTokenKV(k, v, positions, layer.cos_sin_cache, meta.slot_mapping)
         else:
             rotary_kv_write(

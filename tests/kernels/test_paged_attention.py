@@ -113,7 +113,9 @@ PREFILL_SEQ_LENS = [7, 29, 18, 19, 17, 18]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 2), (2, 2)])
 @pytest.mark.parametrize("block_size", [8, 16])
-def test_prefill_matches_reference(dtype, num_q_heads, num_kv_heads, block_size):
+@pytest.mark.parametrize("heavy_first", [True, False])
+def test_prefill_matches_reference(dtype, num_q_heads, num_kv_heads, block_size, heavy_first, monkeypatch):
+    monkeypatch.setattr(pa, "PREFILL_HEAVY_FIRST", heavy_first)  # both grid orders cover every tile
     q, kv, cu, seq_lens, bt = make_paged_case(
         PREFILL_Q_LENS, PREFILL_SEQ_LENS, num_q_heads, num_kv_heads, 32, block_size, dtype
     )

@@ -21,8 +21,12 @@ def _set_backend(llm: LLM, backend) -> None:
         attn.backend = backend
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_triton_backend_matches_torch_backend(kv_cache_dtype, monkeypatch):
+@pytest.mark.parametrize(
+    ("kv_cache_dtype", "fuse_rotary"), [("auto", "all"), ("fp8", "all"), ("auto", "none")]
+)
+def test_triton_backend_matches_torch_backend(kv_cache_dtype, fuse_rotary, monkeypatch):
+    # this GQA model's decode steps run rotary inside the attention launch ("all") or before it ("none")
+    monkeypatch.setattr(TritonAttentionBackend, "fuse_decode_rotary", fuse_rotary)
     mixed_steps = []
     mixed = TritonAttentionBackend._mixed
     monkeypatch.setattr(
