@@ -75,6 +75,8 @@ for step in $steps; do
         --output-json "$OUT/ab_rot_70b.json" 2>&1 | grep -v "Capturing\|it/s\]" | grep -v '^ *"\|^ *}\|^{' | tail -8 ;;
     ab-prefill)
       timeout 300 python3 benchmarks/ab_prefill.py --output-json "$OUT/ab_prefill.json" 2>&1 | grep -v '^ *"\|^ *}\|^{\|^ *\]\|^ *\[' | tail -40 ;;
+    ab-scaled-mm)
+      timeout 200 python3 benchmarks/ab_scaled_mm.py --output-json "$OUT/ab_scaled_mm.json" 2>&1 | grep -v '^ *"\|^ *}\|^{\|^ *\]\|^ *\[' | tail -30 ;;
     ab-decode-70b)
       timeout 500 python3 benchmarks/ab_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 \
         --variants pdl1-pf4 pdl1-pf4-ck1024 pdl1-pf4-mt256 pdl1-pf4-ck1024-mt256 pdl1-pf4-ck4096 \
