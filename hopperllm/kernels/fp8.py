@@ -30,6 +30,14 @@ FP8_MAX_INV = 1.0 / FP8_MAX
 # on the Llama-2-7B decode matrices at M = 1..16 on an H100), larger ones to torch._scaled_mm (cuBLASLt).
 GEMV_MAX_M = 16
 
+# torch._scaled_mm with fast FP8 accumulation: on the H100 (benchmarks/ab_scaled_mm.py,
+# results/ab-scaled-mm-fast-accum-h100.json) a Llama-3-8B layer at 8192 tokens 2.85 -> 2.65 ms and a
+# Llama-2-7B layer at 2048 tokens 0.70 -> 0.60 ms, relative error against float64 of the same FP8
+# operands 1.7e-3 -> 2.1e-3 (K = 4096) and 3.3e-3 (K = 14336); at K = 28672 (Llama-2-70B down) it was
+# slower (0.72 -> 0.77 ms) and 4.7e-3, so longer reductions keep float32 promotion.
+FP8_FAST_ACCUM = os.environ.get("HOPPERLLM_FP8_FAST_ACCUM", "1") != "0"
+FAST_ACCUM_MAX_K = 16384
+
 # fp8_gemv prefetches this many 128-byte lines of each weight row of its K slice into L2 before its PDL
 # wait (a power of two; 0 turns it off). HOPPERLLM_GEMV_PREFETCH overrides it for A/B runs.
 GEMV_PREFETCH_LINES = int(os.environ.get("HOPPERLLM_GEMV_PREFETCH", "4"))
@@ -508,6 +516,9 @@ def scaled_mm(
     out_dtype, use_fast_accum) and return one tensor. Scales are either both single-element tensors
     (tensor-wise) or float32 [M, 1] and [1, N] (row-wise). Row-wise produces bfloat16 only, so a mixed
     pair is expanded to row-wise and other output dtypes are cast afterwards.
+
+    Fast FP8 accumulation (no periodic promotion of the tensor-core sums to float32, as vLLM's CUTLASS
+    FP8 kernels and TensorRT-LLM run) for K <= FAST_ACCUM_MAX_K, unless HOPPERLLM_FP8_FAST_ACCUM=0.
     """
     M, N = x_fp8.shape[0], w_fp8.shape[0]
     if x_scale.numel() == 1 and w_scale.numel() == 1:
@@ -518,7 +529,10 @@ def scaled_mm(
         scale_a = x_scale.float().reshape(-1, 1).expand(M, 1).contiguous()
         scale_b = w_scale.float().reshape(1, -1).expand(1, N).contiguous()
         mm_dtype = torch.bfloat16
-    y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype)
+    fast = FP8_FAST_ACCUM and x_fp8.shape[1] <= FAST_ACCUM_MAX_K
+    y = torch._scaled_mm(
+        x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype, use_fast_accum=fast
+    )
     if isinstance(y, tuple):  # torch < 2.5 also returned amax
         y = y[0]
     return y if mm_dtype == out_dtype else y.to(out_dtype)
