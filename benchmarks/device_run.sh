@@ -95,6 +95,26 @@ for step in $steps; do
       timeout 420 python3 benchmarks/tune_gemv.py --output-json "$OUT/tune_gemv.json" 2>&1 | grep -v "^  skip" | tail -50 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    tp2-tests)
+      timeout 420 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k "not 70b" -p no:cacheprovider 2>&1 | tee "$OUT/tp2_tests.log" | tail -25 ;;
+    latency-70b-tp2)
+      timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b --quantization fp8 \
+        --kv-cache-dtype fp8 --tensor-parallel-size 2 --input-len 2048 --output-len 128 --batch-size 1 \
+        --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp2.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp2.log" | tail -22 ;;
+    latency-70b-tp2-nccl)
+      HOPPERLLM_ALLREDUCE=nccl timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
+        --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size 2 --input-len 2048 --output-len 128 --batch-size 1 \
+        --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp2-nccl.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]" | tail -12 ;;
+    profile-tp2)
+      timeout 400 python3 benchmarks/profile_tp.py --model dummy:llama-2-70b -tp 2 --output-json "$OUT/profile-tp2.json" 2>&1 \
+        | grep -v Capturing | python3 -c "import sys; t=sys.stdin.read(); print(t[:6000])" ;;
+    budget-70b-tp2)
+      timeout 560 python3 -m hopperllm.entrypoints.cli bench budget --model dummy:llama-2-70b --quantization fp8 \
+        --kv-cache-dtype fp8 --tensor-parallel-size 2 --input-len 2048 --output-len 128 --budget 2.5 \
+        --batch-sizes 1,2,4,8,16 --num-prompts 48 --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp2.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]\|req/s" | tee "$OUT/budget70tp2.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done

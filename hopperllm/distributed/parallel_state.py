@@ -14,10 +14,15 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when world_size > 1
+    small_all_reduce: Any = None  # SymmMemAllReduce for small CUDA tensors (symm_all_reduce.py), or None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks; in place through NCCL/gloo, or a new tensor from the one-shot kernel:
+        use the return value."""
         if self.world_size == 1:
             return x
+        if self.small_all_reduce is not None and self.small_all_reduce.supports(x):
+            return self.small_all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 

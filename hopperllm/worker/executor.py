@@ -30,6 +30,11 @@ class Executor:
         """Full-sequence logits [T, V] (float32) for one prompt, through the paged path (tests, eval)."""
         raise NotImplementedError
 
+    def collective_rpc(self, fn, *args, reply_all: bool = False, **kwargs):
+        """Call a Worker method (by name) or `fn(worker, *args, **kwargs)` on every rank; rank 0's value,
+        or a list of every rank's with reply_all."""
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         pass
 
@@ -39,7 +44,7 @@ class UniprocExecutor(Executor):
         from hopperllm.worker.worker import Worker
 
         # a world of one: the same start-up as each tensor-parallel rank (fit check, runner, KV cache, graphs)
-        worker = Worker(config, src, show_progress=show_progress)
+        self.worker = worker = Worker(config, src, show_progress=show_progress)
         self.runner: ModelRunner = worker.runner
         self.num_kv_blocks = worker.num_kv_blocks
 
@@ -59,6 +64,14 @@ class UniprocExecutor(Executor):
 
     def logits_for_tokens(self, token_ids: list[int]):
         return self.runner.logits_for_tokens(token_ids)
+
+    def collective_rpc(self, fn, *args, reply_all: bool = False, **kwargs):
+        value = (
+            getattr(self.worker, fn)(*args, **kwargs)
+            if isinstance(fn, str)
+            else fn(self.worker, *args, **kwargs)
+        )
+        return [value] if reply_all else value
 
 
 def make_executor(config: EngineConfig, src: ModelSource, show_progress: bool = True) -> Executor:

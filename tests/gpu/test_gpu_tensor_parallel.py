@@ -91,8 +91,82 @@ def fp8_checkpoint(model_dir, tmp_path_factory) -> str:
 
 
 @needs_2_gpus
-def test_bf16_tp2_matches_tp1(model_dir, bf16_ref):
+@pytest.mark.parametrize("allreduce", ["auto", "nccl"])
+def test_bf16_tp2_matches_tp1(model_dir, bf16_ref, allreduce, monkeypatch):
+    """auto: the one-shot symmetric-memory all-reduce for decode-sized tensors; nccl: NCCL for all."""
+    monkeypatch.setenv("HOPPERLLM_ALLREDUCE", allreduce)  # the spawned ranks inherit it
     _assert_match(_run_engine(model_dir, 2), bf16_ref)
+
+
+def _symm_all_reduce_rank(rank: int, world: int, port: int, errors) -> None:
+    """One rank: the one-shot all-reduce equals NCCL's sum, eagerly and replayed from a CUDA graph."""
+    try:
+        import torch.distributed as dist
+
+        from hopperllm.distributed.process_group import destroy_tp_group, init_tp_group
+
+        tp = init_tp_group(rank, world, "cuda", port, 120.0)
+        assert tp.small_all_reduce is not None, "the symmetric-memory all-reduce did not set up"
+        g = torch.Generator(device="cuda").manual_seed(100 + rank)
+        for shape, dtype in (
+            ((1, 8192), torch.bfloat16),
+            ((7, 5120), torch.bfloat16),
+            ((3, 4096), torch.float32),
+            ((64, 8192), torch.bfloat16),
+            ((1, 1000), torch.float16),
+        ):
+            x = torch.randn(shape, generator=g, device="cuda").to(dtype)
+            ref = x.clone()
+            dist.all_reduce(ref, group=tp.group)
+            assert tp.small_all_reduce.supports(x)
+            got = tp.all_reduce(x.clone())
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        big = torch.randn(1024, 8192, generator=g, device="cuda").to(torch.bfloat16)  # 16 MiB: NCCL
+        assert not tp.small_all_reduce.supports(big)
+        # graph replay: new inputs each replay, the same buffers
+        x = torch.empty(4, 8192, device="cuda", dtype=torch.bfloat16)
+        x.copy_(torch.randn(4, 8192, generator=g, device="cuda"))
+        tp.all_reduce(x.clone())
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [tp.all_reduce(x * (i + 1)) for i in range(3)]
+        for _ in range(5):
+            x.copy_(torch.randn(4, 8192, generator=g, device="cuda"))
+            graph.replay()
+            for i, out in enumerate(outs):
+                ref = x * (i + 1)
+                dist.all_reduce(ref, group=tp.group)
+                torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.cuda.synchronize()
+        del graph
+        destroy_tp_group()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        errors.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
+
+
+@needs_2_gpus
+def test_symm_mem_all_reduce_equals_nccl():
+    import torch.multiprocessing as tmp
+
+    from hopperllm.distributed.process_group import create_rendezvous_store
+
+    store = create_rendezvous_store(120.0)
+    ctx = tmp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_symm_all_reduce_rank, args=(r, 2, store.port, errors)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join(180)
+    msgs = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    for pr in procs:
+        if pr.is_alive():
+            pr.kill()
+    assert not msgs, "\n".join(msgs)
+    assert all(pr.exitcode == 0 for pr in procs), [pr.exitcode for pr in procs]
 
 
 @needs_2_gpus

@@ -1,0 +1,88 @@
+"""Where a tensor-parallel decode step goes: the engine's step time at batch `--batch-size` after a
+`--context`-token prompt, and on every rank the decode graph's replay time, the same forward without its
+all-reduces, the step's all-reduces alone (our implementation and plain NCCL) and one profiled eager
+forward (hopperllm/worker/profiling.py).
+
+    python benchmarks/profile_tp.py --model dummy:llama-2-70b -tp 2 --output-json profile-tp2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
+
+from hopperllm import LLM, SamplingParams
+from hopperllm.worker.profiling import decode_step_profile
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="dummy:llama-2-70b")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=2)
+    p.add_argument("--quantization", default="fp8")
+    p.add_argument("--kv-cache-dtype", default="fp8")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+    llm = LLM(
+        model=a.model,
+        tensor_parallel_size=a.tensor_parallel_size,
+        quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
+        max_num_seqs=max(8, a.batch_size),
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+    )
+    eng = llm.engine
+    g = torch.Generator().manual_seed(0)
+    for i in range(a.batch_size):
+        ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()
+        eng.add_request(
+            f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+        )
+    budget = eng.scheduler.max_num_batched_tokens
+    for _ in range(5 + -(-a.batch_size * a.context // budget)):
+        eng.step()  # prefill (in budget-sized chunks) + first decodes
+    n = 100
+    t0 = time.perf_counter()
+    for _ in range(n):
+        eng.step()
+    res: dict = {
+        "model": a.model,
+        "tensor_parallel_size": a.tensor_parallel_size,
+        "device": torch.cuda.get_device_name(0),
+        "batch_size": a.batch_size,
+        "context": a.context,
+        "engine_step_ms": (time.perf_counter() - t0) / n * 1e3,
+    }
+    ranks = eng.executor.collective_rpc(decode_step_profile, a.batch_size, reply_all=True)
+    r0 = ranks[0]
+    res["summary"] = {
+        k: r0.get(k)
+        for k in (
+            "graph_step_ms",
+            "graph_step_no_allreduce_ms",
+            "allreduce_in_step_ms",
+            "allreduce_share_in_step",
+            "collectives",
+            "allreduce_impl",
+            "allreduce_alone_ms",
+            "allreduce_alone_us_each",
+            "allreduce_alone_nccl_ms",
+            "allreduce_alone_nccl_us_each",
+        )
+    }
+    res["summary"]["allreduce_share_of_engine_step"] = r0["allreduce_in_step_ms"] / res["engine_step_ms"]
+    res["ranks"] = ranks
+    eng.shutdown()
+    emit(res, a.output_json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Rank-side measurements for the profiling benchmarks, called on every rank at once through
+`Executor.collective_rpc(decode_step_profile, ...)`: where a decode step's GPU time goes, and what its
+tensor-parallel all-reduces cost.
+
+Three views of the all-reduces of one decode step (batch `bs`, the captured graph's state as the last
+real step left it):
+
+- in place: the decode graph's replay time against a second graph of the same forward captured with the
+  all-reduces left out (every rank runs it alone: no collective inside). The difference is what the
+  all-reduces add to the step, waits for the other ranks included;
+- alone: a graph of just that step's all-reduces (same count, shapes and implementation), replayed;
+- eager: one profiled eager forward; the collective kernels' share of the kernel time (this includes
+  each rank waiting for the others' launches, so it overstates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+def _timed_replays(graph: torch.cuda.CUDAGraph, iters: int, sync) -> float:
+    """Mean ms per replay over `iters` replays (after warm-up), all ranks starting together."""
+    for _ in range(5):
+        graph.replay()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+@contextlib.contextmanager
+def _patched_collectives(tp, all_reduce, all_gather):
+    """Swap the group's collectives (instance attributes shadow the methods) for the block."""
+    tp.all_reduce, tp.all_gather_last_dim = all_reduce, all_gather
+    try:
+        yield
+    finally:
+        del tp.all_reduce, tp.all_gather_last_dim
+
+
+def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int = 15) -> dict:
+    runner, tp = worker.runner, worker.tp
+    gr = runner.graph_runner
+    if gr is None:
+        raise ValueError("decode_step_profile needs the CUDA graphs (not enforce_eager)")
+    bs = next(s for s in gr.sizes if s >= batch_size)
+    model, kv = runner.model, runner.kv_caches
+    meta = gr._meta(bs)
+
+    def forward():
+        return model(gr.input_ids[:bs], gr.positions[:bs], kv, meta)
+
+    def sync():
+        torch.cuda.synchronize()
+        if tp.world_size > 1:
+            dist.barrier(group=tp.group)
+            torch.cuda.synchronize()
+
+    res: dict = {"rank": tp.rank, "world_size": tp.world_size, "batch_size": bs}
+    res["graph_step_ms"] = _timed_replays(gr.graphs[bs], iters, sync)
+
+    # the step's collectives, as one eager forward calls them
+    calls: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    real_ar, real_ag = tp.all_reduce, tp.all_gather_last_dim
+
+    def rec_ar(x):
+        calls.append(("all_reduce", tuple(x.shape), x.dtype))
+        return real_ar(x)
+
+    def rec_ag(x):
+        calls.append(("all_gather", tuple(x.shape), x.dtype))
+        return real_ag(x)
+
+    with torch.inference_mode():
+        with _patched_collectives(tp, rec_ar, rec_ag):
+            hidden = forward()
+            runner.model.compute_logits(hidden[:batch_size])
+        sync()
+        res["collectives"] = {
+            "all_reduce": sum(c[0] == "all_reduce" for c in calls),
+            "all_gather": sum(c[0] == "all_gather" for c in calls),
+            "bytes_per_all_reduce": sorted(
+                {int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for k, s, d in calls}
+            ),
+        }
+        in_graph = [c for c in calls if c[0] == "all_reduce"]
+
+        # in place: the same forward without its all-reduces, captured and replayed on this rank alone
+        with _patched_collectives(tp, lambda x: x, lambda x: x):
+            for _ in range(2):
+                forward()
+            torch.cuda.synchronize()
+            g_no = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_no):
+                forward()
+        res["graph_step_no_allreduce_ms"] = _timed_replays(g_no, iters, sync)
+        del g_no
+        res["allreduce_in_step_ms"] = res["graph_step_ms"] - res["graph_step_no_allreduce_ms"]
+
+        # alone: just the step's all-reduces, back to back, through the group's implementation
+        if tp.world_size > 1 and in_graph:
+            bufs = [torch.randn(s, device=runner.device).to(d) for _, s, d in in_graph]
+            for b in bufs:
+                tp.all_reduce(b)
+            torch.cuda.synchronize()
+            g_ar = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_ar):
+                for b in bufs:
+                    tp.all_reduce(b)
+            res["allreduce_alone_ms"] = _timed_replays(g_ar, iters, sync)
+            res["allreduce_alone_us_each"] = res["allreduce_alone_ms"] * 1e3 / len(bufs)
+            res["allreduce_impl"] = (
+                "nccl" if tp.small_all_reduce is None else "symm_mem one-shot (small), nccl"
+            )
+            g_nccl = torch.cuda.CUDAGraph()  # the same calls through NCCL alone, for comparison
+            with torch.cuda.graph(g_nccl):
+                for b in bufs:
+                    dist.all_reduce(b, group=tp.group)
+            res["allreduce_alone_nccl_ms"] = _timed_replays(g_nccl, iters, sync)
+            res["allreduce_alone_nccl_us_each"] = res["allreduce_alone_nccl_ms"] * 1e3 / len(bufs)
+            del g_ar, g_nccl, bufs
+        res["allreduce_share_in_step"] = res["allreduce_in_step_ms"] / res["graph_step_ms"]
+
+        # eager: one profiled forward
+        from torch.profiler import ProfilerActivity, profile
+
+        forward()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward()
+            torch.cuda.synchronize()
+    agg: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            agg[ev.name][0] += 1
+            agg[ev.name][1] += t
+    total = sum(t for _, t in agg.values())
+    coll = sum(t for name, (_, t) in agg.items() if "nccl" in name.lower() or "all_reduce" in name.lower())
+    res["eager_kernel_sum_us"] = total
+    res["eager_collective_us"] = coll
+    res["eager_top_kernels_us"] = {
+        k[:80]: {"count": c, "total_us": round(t, 1)}
+        for k, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
+    }
+    return res
