@@ -1,10 +1,18 @@
-"""Tensor parallelism on GPUs (NCCL, CUDA graphs with the all-reduce inside, async scheduling): TP=2 gives
-TP=1's logits and greedy tokens in bf16 and FP8; a model that does not fit is a ValueError naming the
-numbers; Llama-2-70B in FP8 runs on one 80 GB GPU."""
+"""Tensor parallelism on GPUs (NCCL and the one-shot symmetric-memory all-reduce, CUDA graphs with the
+all-reduces inside, async scheduling): TP=2 is as close to the exact (float32) model as TP=1 in bf16 and
+FP8, and its greedy tokens equal TP=1's up to near-ties; a model that does not fit is a ValueError naming
+the numbers; Llama-2-70B in FP8 runs on one 80 GB GPU.
+
+Why not bit-equality: TP=2 rounds each rank's partial sums to the model dtype before the all-reduce where
+TP=1 sums inside one GEMM in float32, and with FP8 activations such a last-bit change flips some roundings
+to e4m3 (a 12.5% step). On a random-weight model these differences grow through the layers, so TP=2 is
+held to TP=1's own distance from the exact model, and its greedy tokens may differ from TP=1's only where
+TP=1's top two choices were closer than the logit noise measured between the two."""
 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,14 +22,18 @@ from tests.helpers import make_hf_llama_dir
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
-GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
 IDS = torch.randint(3, 32000, (200,), generator=torch.Generator().manual_seed(1)).tolist()
-# bf16: TP=2 all-reduces partial sums in bf16 where TP=1 sums inside one GEMM in float32, so a few
-# near-tied greedy choices may flip; the logits agree to a few bf16 ulps.
-LOGITS_TOL = 2e-2
-TOKEN_MATCH = 0.9
 
-Result = tuple[torch.Tensor, list[list[int]]]  # (logits of IDS, greedy tokens of _prompts())
+
+@dataclass
+class Result:
+    logits: torch.Tensor  # [len(IDS), V] float32 on the CPU
+    outputs: list  # CompletionOutput of each of _prompts(): token_ids, logprobs (top 2)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [o.token_ids for o in self.outputs]
 
 
 def _prompts() -> list[list[int]]:
@@ -45,17 +57,17 @@ def model_dir(tmp_path_factory) -> str:
     )
 
 
-def _run_engine(model: str, tp: int, **kw) -> Result:
+def _run_engine(model: str, tp: int, dtype: str = "bfloat16", **kw) -> Result:
     kw.setdefault("num_kv_blocks", 512)
     kw.setdefault("max_model_len", 1024)
     kw.setdefault("max_num_seqs", 16)
-    llm = LLM(model=model, dtype="bfloat16", tensor_parallel_size=tp, show_progress=False, **kw)
+    llm = LLM(model=model, dtype=dtype, tensor_parallel_size=tp, show_progress=False, **kw)
     try:
         if tp > 1:
             assert llm.engine.async_scheduling and llm.engine.executor.supports_async
         logits = llm.engine.executor.logits_for_tokens(IDS).float().cpu()
         outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
-        return logits, [o.outputs[0].token_ids for o in outs]
+        return Result(logits, [o.outputs[0] for o in outs])
     finally:
         llm.engine.shutdown()
         del llm
@@ -67,12 +79,39 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _assert_match(got: Result, ref: Result) -> None:
-    (logits, tokens), (ref_logits, ref_tokens) = got, ref
-    assert _rel_err(logits, ref_logits) < LOGITS_TOL
-    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > TOKEN_MATCH
-    same = sum(a == b for x, y in zip(tokens, ref_tokens, strict=True) for a, b in zip(x, y, strict=True))
-    assert same >= TOKEN_MATCH * sum(len(t) for t in ref_tokens), (tokens, ref_tokens)
+def _assert_same_until_near_tie(got: Result, ref: Result, max_gap: float) -> None:
+    """Greedy tokens agree; where a sequence first differs, the reference's top two were within max_gap."""
+    assert [len(t) for t in got.tokens] == [GREEDY.max_tokens] * len(_prompts())
+    for a, b in zip(got.outputs, ref.outputs, strict=True):
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+            if x != y:
+                top = sorted(b.logprobs[i].values(), reverse=True)
+                assert top[0] - top[1] < max_gap, (i, x, y, top[:2], max_gap)
+                break
+
+
+def _assert_tp2_like_tp1(tp2: Result, tp1: Result, exact: Result, slack: float) -> None:
+    """TP=2 is as close to the exact model as TP=1 (within `slack`), no farther from TP=1 than TP=1 is from
+    the exact model (times `slack`), and flips greedy choices only at near-ties: TP=1's top two closer
+    than 4 standard deviations of the logit difference between TP=2 and TP=1."""
+    e1, e2, d = (
+        _rel_err(tp1.logits, exact.logits),
+        _rel_err(tp2.logits, exact.logits),
+        _rel_err(tp2.logits, tp1.logits),
+    )
+    noise = float((tp2.logits - tp1.logits).pow(2).mean().sqrt())
+    print(
+        f"err(TP1, exact) {e1:.4f}  err(TP2, exact) {e2:.4f}  err(TP2, TP1) {d:.4f}  logit noise {noise:.4f}"
+    )
+    assert e2 < slack * e1
+    assert d < slack * e1
+    assert (tp2.logits.argmax(-1) == tp1.logits.argmax(-1)).float().mean() > 0.9
+    _assert_same_until_near_tie(tp2, tp1, max_gap=4 * noise)
+
+
+@pytest.fixture(scope="module")
+def fp32_ref(model_dir) -> Result:
+    return _run_engine(model_dir, 1, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +131,10 @@ def fp8_checkpoint(model_dir, tmp_path_factory) -> str:
 
 @needs_2_gpus
 @pytest.mark.parametrize("allreduce", ["auto", "nccl"])
-def test_bf16_tp2_matches_tp1(model_dir, bf16_ref, allreduce, monkeypatch):
+def test_bf16_tp2_matches_tp1(model_dir, bf16_ref, fp32_ref, allreduce, monkeypatch):
     """auto: the one-shot symmetric-memory all-reduce for decode-sized tensors; nccl: NCCL for all."""
     monkeypatch.setenv("HOPPERLLM_ALLREDUCE", allreduce)  # the spawned ranks inherit it
-    _assert_match(_run_engine(model_dir, 2), bf16_ref)
+    _assert_tp2_like_tp1(_run_engine(model_dir, 2), bf16_ref, fp32_ref, slack=1.5)
 
 
 def _symm_all_reduce_rank(rank: int, world: int, port: int, errors) -> None:
@@ -108,12 +147,13 @@ def _symm_all_reduce_rank(rank: int, world: int, port: int, errors) -> None:
         tp = init_tp_group(rank, world, "cuda", port, 120.0)
         assert tp.small_all_reduce is not None, "the symmetric-memory all-reduce did not set up"
         g = torch.Generator(device="cuda").manual_seed(100 + rank)
+        half = torch.ones(8, device="cuda", dtype=torch.float16)
+        assert not tp.small_all_reduce.supports(half)  # the one-shot kernel sums bf16 and float32 only
         for shape, dtype in (
             ((1, 8192), torch.bfloat16),
             ((7, 5120), torch.bfloat16),
             ((3, 4096), torch.float32),
             ((64, 8192), torch.bfloat16),
-            ((1, 1000), torch.float16),
         ):
             x = torch.randn(shape, generator=g, device="cuda").to(dtype)
             ref = x.clone()
@@ -170,26 +210,25 @@ def test_symm_mem_all_reduce_equals_nccl():
 
 
 @needs_2_gpus
-def test_fp8_checkpoint_tp2_matches_tp1(fp8_checkpoint):
-    _assert_match(_run_engine(fp8_checkpoint, 2), _run_engine(fp8_checkpoint, 1))
+def test_fp8_checkpoint_tp2_matches_tp1(fp8_checkpoint, fp32_ref):
+    _assert_tp2_like_tp1(_run_engine(fp8_checkpoint, 2), _run_engine(fp8_checkpoint, 1), fp32_ref, slack=1.25)
 
 
 @needs_2_gpus
-def test_fp8_on_load_tp2_matches_tp1_to_fp8_precision(model_dir, bf16_ref):
+def test_fp8_on_load_tp2_matches_tp1_to_fp8_precision(model_dir, fp32_ref):
     """Quantized on load, each rank scales its own slice (row-parallel rows, per-token activations over
-    half the features): TP=2 is another FP8 rounding of the model, as close to bf16 as TP=1's."""
-    ref_logits, _ = _run_engine(model_dir, 1, quantization="fp8")
-    logits, tokens = _run_engine(model_dir, 2, quantization="fp8")
-    quant_err = _rel_err(ref_logits, bf16_ref[0])
-    assert _rel_err(logits, ref_logits) < quant_err
-    assert _rel_err(logits, bf16_ref[0]) < 1.25 * quant_err
-    assert [len(t) for t in tokens] == [GREEDY.max_tokens] * len(_prompts())
+    half the features): TP=2 is another FP8 rounding of the model, as close to it as TP=1's."""
+    tp1 = _run_engine(model_dir, 1, quantization="fp8")
+    _assert_tp2_like_tp1(_run_engine(model_dir, 2, quantization="fp8"), tp1, fp32_ref, slack=1.25)
 
 
 @needs_2_gpus
 def test_tp2_cuda_graphs_match_eager(model_dir):
-    """The decode graphs replay the captured NCCL all-reduces: the same tokens as eager TP=2."""
-    assert _run_engine(model_dir, 2)[1] == _run_engine(model_dir, 2, enforce_eager=True)[1]
+    """The decode graphs replay the captured all-reduces: eager TP=2's tokens, up to near-ties (eager decode
+    splits attention by the actual lengths, the graphs by max_model_len: another summation order)."""
+    _assert_same_until_near_tie(
+        _run_engine(model_dir, 2), _run_engine(model_dir, 2, enforce_eager=True), 0.13
+    )
 
 
 def test_model_too_large_is_a_value_error_naming_the_numbers():
