@@ -90,10 +90,16 @@ def _assert_same_until_near_tie(got: Result, ref: Result, max_gap: float) -> Non
                 break
 
 
+def _top1_agreement(r: Result, exact: Result) -> float:
+    return float((r.logits.argmax(-1) == exact.logits.argmax(-1)).float().mean())
+
+
 def _assert_tp2_like_tp1(tp2: Result, tp1: Result, exact: Result, slack: float) -> None:
     """TP=2 is as close to the exact model as TP=1 (within `slack`), no farther from TP=1 than TP=1 is from
-    the exact model (times `slack`), and flips greedy choices only at near-ties: TP=1's top two closer
-    than 4 standard deviations of the logit difference between TP=2 and TP=1."""
+    the exact model (times `slack`), picks the exact model's top-1 token as often as TP=1 (within 5 points),
+    and flips greedy choices only at near-ties: TP=1's top two closer than 4 standard deviations of the
+    logit difference between TP=2 and TP=1. (Measured on an H200 pair: bf16 is 6.8% from float32 for both
+    TP sizes, FP8 46% for both: this random 4-layer model amplifies rounding.)"""
     e1, e2, d = (
         _rel_err(tp1.logits, exact.logits),
         _rel_err(tp2.logits, exact.logits),
@@ -105,7 +111,9 @@ def _assert_tp2_like_tp1(tp2: Result, tp1: Result, exact: Result, slack: float) 
     )
     assert e2 < slack * e1
     assert d < slack * e1
-    assert (tp2.logits.argmax(-1) == tp1.logits.argmax(-1)).float().mean() > 0.9
+    agree1, agree2 = _top1_agreement(tp1, exact), _top1_agreement(tp2, exact)
+    print(f"top-1 agreement with the exact model: TP1 {agree1:.3f}  TP2 {agree2:.3f}")
+    assert agree2 >= agree1 - 0.05
     _assert_same_until_near_tie(tp2, tp1, max_gap=4 * noise)
 
 
