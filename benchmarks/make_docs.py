@@ -40,6 +40,12 @@ def _ms(stats: dict | None, key: str = "mean") -> str:
     return _f((stats or {}).get(key), ".1f")
 
 
+def _gpus(rec: dict) -> str:
+    """'NVIDIA H200', or '2 x NVIDIA H200 (TP=2)' for a tensor-parallel run."""
+    tp = rec.get("tensor_parallel_size") or 1
+    return f"{tp} x {rec.get('device')} (TP={tp})" if tp > 1 else str(rec.get("device"))
+
+
 def _common(rec: dict, name: str) -> list[str]:
     commit = (rec.get("git_commit") or "")[:8] or "-"
     return [
@@ -214,7 +220,7 @@ def render(results_dir: str, doc_dir: str) -> str:
                 if os.path.isfile(png):
                     rel = os.path.relpath(png, doc_dir).replace(os.sep, "/")
                     lines += [
-                        f"![{os.path.basename(png)}: {rec.get('model')} on {rec.get('device')}]({rel})",
+                        f"![{os.path.basename(png)}: {rec.get('model')} on {_gpus(rec)}]({rel})",
                         "",
                     ]
     if others:

@@ -297,8 +297,10 @@ def main(args: argparse.Namespace) -> int:
         write_csv(csv_path, points)
         results["csv"] = csv_path
     if png_path:
+        tp = fields.get("tensor_parallel_size") or 1
+        where = f"{tp}x {device}, TP={tp}" if tp > 1 else device
         title = (
-            f"{fields['model']} on {device} ({fields['dtype']}, weights {fields['quantization'] or 'unquantized'},"
+            f"{fields['model']} on {where} ({fields['dtype']}, weights {fields['quantization'] or 'unquantized'},"
             f" KV {fields['kv_cache_dtype']}), {args.input_len} in / {args.output_len} out"
         )
         results["plot"] = plot_budget(points, args.budget, png_path, title, best_p99)
