@@ -93,6 +93,8 @@ for step in $steps; do
       timeout 300 python3 benchmarks/profile_decode.py --model dummy:llama-3-8b --batch-size 256 --output-json "$OUT/profile_b256.json" 2>&1 | grep -v Capturing | grep -v '"\(count\|total_us\)"' | tail -40 ;;
     tune-gemv)
       timeout 420 python3 benchmarks/tune_gemv.py --output-json "$OUT/tune_gemv.json" 2>&1 | grep -v "^  skip" | tail -50 ;;
+    tune-gemv-tp)
+      timeout 400 python3 benchmarks/tune_gemv.py --models 70b-tp2 --output-json "$OUT/tune_gemv_tp.json" 2>&1 | grep -v "^  skip" | tail -30 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     tp2-tests)

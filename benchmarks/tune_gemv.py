@@ -25,6 +25,9 @@ from hopperllm.kernels import fp8  # noqa: E402
 MATRICES = {
     "7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)},
     "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
+    # one rank's shard with tensor parallelism: column-parallel N / tp, row-parallel K / tp
+    "70b-tp2": {"gate_up": (28672, 8192), "down": (8192, 14336), "qkv": (5120, 8192), "o": (8192, 4096)},
+    "70b-tp8": {"gate_up": (7168, 8192), "down": (8192, 3584), "qkv": (1280, 8192), "o": (8192, 1024)},
 }
 
 
@@ -83,9 +86,9 @@ def main() -> None:
                       f" {'DEFAULT ' if tag else ''}{ {k: cfg[k] for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_stages', 'num_warps')} }")  # fmt: skip
             del sets
             torch.cuda.empty_cache()
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(res, f, indent=1)
+            if a.output_json:  # after every matrix: a run cut short keeps what it measured
+                with open(a.output_json, "w") as f:
+                    json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
