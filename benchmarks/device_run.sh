@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one script for the device machine: installs carried wheels, runs the GPU tests and benchmarks,
 # writes logs and JSON under $OUT. Usage (from the repo root): bash benchmarks/device_run.sh [steps...]
-# steps: info tests smoke kernels latency throughput (default: info tests smoke)
+# steps: info tests smoke kernels latency throughput (default: info tests smoke); tensor parallelism:
+# tp-tests, and with TP=<size> (default 2): latency-70b-tp, latency-70b-tp-nccl, profile-tp, budget-70b-tp,
+# tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -94,7 +96,31 @@ for step in $steps; do
     tune-gemv)
       timeout 420 python3 benchmarks/tune_gemv.py --output-json "$OUT/tune_gemv.json" 2>&1 | grep -v "^  skip" | tail -50 ;;
     tune-gemv-tp)
-      timeout 400 python3 benchmarks/tune_gemv.py --models 70b-tp2 --output-json "$OUT/tune_gemv_tp.json" 2>&1 | grep -v "^  skip" | tail -30 ;;
+      timeout 400 python3 benchmarks/tune_gemv.py --models 70b-tp${TP:-2} --output-json "$OUT/tune_gemv_tp.json" 2>&1 | grep -v "^  skip" | tail -30 ;;
+    kernels)
+      timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    tp-tests)  # every tensor-parallel size the machine has GPUs for (2, 4, 8)
+      timeout 540 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k "not 70b" -p no:cacheprovider 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
+    latency-70b-tp)  # TP=2 by default; TP=8 bash benchmarks/device_run.sh latency-70b-tp ...
+      timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b --quantization fp8 \
+        --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
+        --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp.log" | tail -22 ;;
+    latency-70b-tp-nccl)
+      HOPPERLLM_ALLREDUCE=nccl timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
+        --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
+        --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}-nccl.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]" | tail -12 ;;
+    profile-tp)
+      timeout 400 python3 benchmarks/profile_tp.py --model dummy:llama-2-70b -tp ${TP:-2} --output-json "$OUT/profile-tp${TP:-2}.json" 2>&1 \
+        | grep -v Capturing | python3 -c "import sys; t=sys.stdin.read(); print(t[:6000])" ;;
+    budget-70b-tp)
+      timeout 560 python3 -m hopperllm.entrypoints.cli bench budget --model dummy:llama-2-70b --quantization fp8 \
+        --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --budget 2.5 \
+        --batch-sizes 1,2,4,8,16 --num-prompts 48 --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
+        | grep -v "Capturing\|it/s\]\|req/s" | tee "$OUT/budget70tp.log" | tail -30 ;;
+    tune-gemv-tp)
+      timeout 400 python3 benchmarks/tune_gemv.py --models 70b-tp${TP:-2} --output-json "$OUT/tune_gemv_tp.json" 2>&1 | grep -v "^  skip" | tail -30 ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     tp2-tests)
