@@ -12,6 +12,7 @@ import functools
 import torch
 import triton
 from _report import emit  # benchmarks/ is on sys.path when run as a script
+from _setup import prefill_problem
 
 from hopperllm.kernels import paged_attention as pa
 
@@ -33,22 +34,26 @@ def main():
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     rows = []
-    bs = 16
     for name, B, ctx, hq, hkv, d in SHAPES:
-        nblk = B * ctx // bs
-        cache = torch.randn(2, nblk + 8, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn)
-        tables = torch.randperm(nblk, device="cuda", dtype=torch.int32).view(B, -1)
-        seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        cu = torch.arange(0, B * ctx + 1, ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(B * ctx, hq, d, device="cuda", dtype=torch.bfloat16)
-        one = torch.ones(1, device="cuda")
-        flops = 4 * B * (ctx * (ctx + 1) / 2) * hq * d
+        pb = prefill_problem(B, ctx, hq, hkv, d, shuffle=True)
+        flops = pb.flops
         ref = None
         for cfg in a.configs:
             pa.PREFILL_CONFIG = None if cfg == "default" else tuple(int(x) for x in cfg.split("-"))
             for heavy in (False, True):
                 pa.PREFILL_HEAVY_FIRST = heavy
-                args = (q, cache[0], cache[1], cu, seq_lens, tables, ctx, d**-0.5, one, one)
+                args = (
+                    pb.q,
+                    pb.cache[0],
+                    pb.cache[1],
+                    pb.cu,
+                    pb.seq_lens,
+                    pb.tables,
+                    ctx,
+                    d**-0.5,
+                    pb.one,
+                    pb.one,
+                )
                 fn = functools.partial(pa.paged_prefill_attention, *args)
                 try:
                     out = fn()

@@ -12,8 +12,7 @@ from collections import defaultdict
 
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
-
-from hopperllm import LLM, SamplingParams
+from _setup import decode_llm, start_decodes
 
 
 def main():
@@ -33,15 +32,7 @@ def main():
 
         orig = fp8.fp8_gemv_config
         fp8.fp8_gemv_config = lambda M, N, K, n: orig(max(M, 2), N, K, n) | {"BLOCK_M": 16}
-    llm = LLM(
-        model=a.model,
-        quantization=a.quantization,
-        kv_cache_dtype=a.kv_cache_dtype,
-        max_num_seqs=max(8, a.batch_size),
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        gpu_memory_utilization=a.gpu_memory_utilization,
-    )
+    llm = decode_llm(a, a.batch_size, a.gpu_memory_utilization)
     eng = llm.engine
     runner = eng.executor.runner
     res: dict = {
@@ -50,15 +41,7 @@ def main():
         "context": a.context,
         "gemv_m1_like_m4": a.gemv_m1_like_m4,
     }
-    g = torch.Generator().manual_seed(0)
-    for i in range(a.batch_size):
-        ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()
-        eng.add_request(
-            f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
-        )
-    budget = eng.scheduler.max_num_batched_tokens
-    for _ in range(3 + -(-a.batch_size * a.context // budget)):
-        eng.step()  # prefill (in budget-sized chunks) + first decodes
+    start_decodes(eng, a.batch_size, a.context)
     # 1) host phases of steady-state decode steps
     phases = defaultdict(float)
     orig_exec = runner.execute_model

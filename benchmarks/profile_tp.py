@@ -13,8 +13,8 @@ import time
 
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
+from _setup import decode_llm, start_decodes
 
-from hopperllm import LLM, SamplingParams
 from hopperllm.worker.profiling import decode_step_profile
 
 
@@ -29,26 +29,9 @@ def main():
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
-    llm = LLM(
-        model=a.model,
-        tensor_parallel_size=a.tensor_parallel_size,
-        quantization=a.quantization,
-        kv_cache_dtype=a.kv_cache_dtype,
-        max_num_seqs=max(8, a.batch_size),
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        gpu_memory_utilization=a.gpu_memory_utilization,
-    )
+    llm = decode_llm(a, a.batch_size, a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size)
     eng = llm.engine
-    g = torch.Generator().manual_seed(0)
-    for i in range(a.batch_size):
-        ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()
-        eng.add_request(
-            f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
-        )
-    budget = eng.scheduler.max_num_batched_tokens
-    for _ in range(5 + -(-a.batch_size * a.context // budget)):
-        eng.step()  # prefill (in budget-sized chunks) + first decodes
+    start_decodes(eng, a.batch_size, a.context, settle_steps=5)
     n = 100
     t0 = time.perf_counter()
     for _ in range(n):

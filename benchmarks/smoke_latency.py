@@ -11,6 +11,7 @@ import json
 import time
 
 import torch
+from _setup import decode_llm  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
 
@@ -44,16 +45,7 @@ def main():
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     t0 = time.perf_counter()
-    llm = LLM(
-        model=a.model,
-        quantization=a.quantization,
-        kv_cache_dtype=a.kv_cache_dtype,
-        enforce_eager=a.enforce_eager,
-        max_num_seqs=8,
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        gpu_memory_utilization=0.85,
-    )
+    llm = decode_llm(a, enforce_eager=a.enforce_eager)
     init_s = time.perf_counter() - t0
     runner = llm.engine.executor.runner
     cap = runner.graph_runner.capture_time_s if runner.graph_runner else 0.0

@@ -12,6 +12,7 @@ import json
 
 import torch
 import triton
+from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm.kernels import paged_attention as pa
 
@@ -92,22 +93,16 @@ def main():
 def tune_prefill() -> list[dict]:
     """The throughput benchmark's prefill step: 4 prompts of 2048 tokens, Llama-3-8B heads, FP8 cache."""
     rows = []
-    bs, B, ctx, hq, hkv, d = 16, 4, 2048, 32, 8, 128
-    nblk = B * ctx // bs
-    cache = torch.randn(2, nblk + 8, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn)
-    tables = torch.arange(nblk, device="cuda", dtype=torch.int32).view(B, -1)
-    seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-    cu = torch.arange(0, B * ctx + 1, ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(B * ctx, hq, d, device="cuda", dtype=torch.bfloat16)
-    one = torch.ones(1, device="cuda")
-    flops = 4 * B * (ctx * ctx / 2) * hq * d
+    B, ctx, hq, hkv, d = 4, 2048, 32, 8, 128
+    pb = prefill_problem(B, ctx, hq, hkv, d)
+    flops = pb.flops
     best = None
     for bm, bn, nw, ns in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]):
         pa.PREFILL_CONFIG = (bm, bn, nw, ns)
         try:
             ms = triton.testing.do_bench(
                 lambda: pa.paged_prefill_attention(
-                    q, cache[0], cache[1], cu, seq_lens, tables, ctx, 0.088, one, one
+                    pb.q, pb.cache[0], pb.cache[1], pb.cu, pb.seq_lens, pb.tables, ctx, 0.088, pb.one, pb.one
                 ),
                 warmup=10,
                 rep=40,
