@@ -10,15 +10,17 @@ import torch
 from hopperllm import LLM, SamplingParams
 
 
-def decode_llm(a, batch_size: int = 1, gpu_memory_utilization: float = 0.85, **kw) -> LLM:
+def decode_llm(
+    a, batch_size: int = 1, gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, **kw
+) -> LLM:
     """An LLM for batch-`batch_size` decode profiling from the scripts' --model / --quantization /
-    --kv-cache-dtype flags: 4096 tokens a sequence, no prefix caching (every prompt is computed)."""
+    --kv-cache-dtype flags: `max_model_len` tokens a sequence, no prefix caching (every prompt is computed)."""
     return LLM(
         model=a.model,
         quantization=a.quantization,
         kv_cache_dtype=a.kv_cache_dtype,
         max_num_seqs=max(8, batch_size),
-        max_model_len=4096,
+        max_model_len=max_model_len,
         enable_prefix_caching=False,
         gpu_memory_utilization=gpu_memory_utilization,
         **kw,
