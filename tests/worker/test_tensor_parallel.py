@@ -281,3 +281,21 @@ def test_sizes_that_do_not_shard_are_a_value_error():
         ValueError, match="key/value heads \\(2\\) is not divisible by tensor_parallel_size 4"
     ):
         _llm("dummy:tiny", 4)
+
+
+def _rank_and_world(worker, offset: int = 0) -> tuple[int, int]:
+    return worker.tp.rank + offset, worker.tp.world_size
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_collective_rpc_reaches_every_rank_through_either_executor(model_dir, tp):
+    """The profiling scripts call rank-side functions through collective_rpc, one process or several."""
+    llm = _llm(model_dir, tp)
+    try:
+        ex = llm.engine.executor
+        assert ex.collective_rpc(_rank_and_world, offset=10) == (10, tp)
+        assert ex.collective_rpc(_rank_and_world, reply_all=True) == [(r, tp) for r in range(tp)]
+        logits = ex.collective_rpc("logits_for_tokens", LOGITS_IDS)
+        assert logits.shape == (len(LOGITS_IDS), llm.engine.config.model_config.vocab_size)
+    finally:
+        llm.engine.shutdown()
