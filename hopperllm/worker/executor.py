@@ -66,11 +66,7 @@ class UniprocExecutor(Executor):
         return self.runner.logits_for_tokens(token_ids)
 
     def collective_rpc(self, fn, *args, reply_all: bool = False, **kwargs):
-        value = (
-            getattr(self.worker, fn)(*args, **kwargs)
-            if isinstance(fn, str)
-            else fn(self.worker, *args, **kwargs)
-        )
+        value = self.worker.call(fn, *args, **kwargs)
         return [value] if reply_all else value
 
 

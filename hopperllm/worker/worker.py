@@ -261,6 +261,10 @@ class Worker:
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
         return self.runner.logits_for_tokens(token_ids).cpu()
 
+    def call(self, fn, *args, **kwargs):
+        """What Executor.collective_rpc runs on each rank: a Worker method by name, or fn(worker, ...)."""
+        return getattr(self, fn)(*args, **kwargs) if isinstance(fn, str) else fn(self, *args, **kwargs)
+
     def close(self) -> None:
         # the graphs hold captured NCCL work: free them before the communicator
         self.runner.graph_runner = None
@@ -315,9 +319,7 @@ def _serve(worker: Worker, tasks, results: Connection) -> None:
             done = worker.flush()
         elif kind == "rpc":
             _, fn, args, kwargs, reply_all = msg
-            value = (
-                getattr(worker, fn)(*args, **kwargs) if isinstance(fn, str) else fn(worker, *args, **kwargs)
-            )
+            value = worker.call(fn, *args, **kwargs)
             results.send(("rpc", value if lead or reply_all else None))
             continue
         elif kind == "shutdown":
