@@ -12,11 +12,13 @@ import os
 
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
+from _setup import start_decodes
 
-from hopperllm import LLM, SamplingParams
+from hopperllm import LLM
 from hopperllm.kernels import activation, fp8, paged_attention
 from hopperllm.layers.attention import TritonAttentionBackend
 from hopperllm.worker.cuda_graphs import DecodeGraphRunner
+from hopperllm.worker.profiling import timed_replays
 
 
 def _variant(name: str) -> dict[str, str]:
@@ -52,12 +54,7 @@ def main():
         enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization,
     )  # fmt: skip
     eng, runner = llm.engine, llm.engine.executor.runner
-    g = torch.Generator().manual_seed(0)
-    for i in range(a.batch_size):
-        ids = torch.randint(100, 30000, (a.context,), generator=g).tolist()
-        eng.add_request(f"r{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=50, ignore_eos=True))
-    for _ in range(3):
-        eng.step()
+    start_decodes(eng, a.batch_size, a.context)
     gr0 = runner.graph_runner
     res = {"model": a.model, "context": a.context, "batch_size": a.batch_size, "variants": {}}
     ref_out = None
@@ -75,18 +72,7 @@ def main():
             gr.seq_lens[: a.batch_size].fill_(a.context)
             gr.slot_mapping.fill_(-1)  # no cache writes: every replay sees the same cache
             gr.capture(show_progress=False)
-            graph = gr.graphs[a.batch_size]
-            for _ in range(10):
-                graph.replay()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(3):
-                s.record()
-                for _ in range(a.replays):
-                    graph.replay()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e) / a.replays)
+            times = [timed_replays(gr.graphs[a.batch_size], a.replays) for _ in range(3)]
             out = gr.outputs[a.batch_size].float().clone()
             same = None if ref_out is None else bool(torch.equal(out, ref_out))
             ref_out = out if ref_out is None else ref_out
@@ -94,7 +80,7 @@ def main():
             print(
                 f"{name:12s} replay {min(times):.3f} ms  (runs {', '.join(f'{t:.3f}' for t in times)})  same={same}"
             )
-            del gr, graph
+            del gr
         except Exception as exc:  # a variant that does not compile here is reported, not fatal
             res["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"{name:12s} FAILED {type(exc).__name__}: {str(exc)[:300]}")

@@ -14,6 +14,8 @@ import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 from _setup import decode_llm, start_decodes
 
+from hopperllm.worker.profiling import kernel_times, timed_replays
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -75,16 +77,7 @@ def main():
     if gr is not None:
         bs = next(s for s in gr.sizes if s >= a.batch_size)
         gr.seq_lens[: a.batch_size].fill_(a.context)
-        graph = gr.graphs[bs]
-        for _ in range(5):
-            graph.replay()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(100):
-            graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        res["graph_replay_ms"] = s.elapsed_time(e) / 100
+        res["graph_replay_ms"] = timed_replays(gr.graphs[bs])
     # 3) kernels of one eager decode forward
     from torch.profiler import ProfilerActivity, profile
 
@@ -96,13 +89,7 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner.model(gr.input_ids[:bs], gr.positions[:bs], runner.kv_caches, meta)
             torch.cuda.synchronize()
-    agg = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            agg[ev.name][0] += 1
-            agg[ev.name][1] += (
-                ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            )
+    agg = kernel_times(prof)
     top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:20]
     res["eager_kernels_us"] = {k[:80]: {"count": c, "total_us": t} for k, (c, t) in top}
     res["eager_kernel_sum_us"] = sum(t for _, (c, t) in agg.items())
@@ -124,13 +111,7 @@ def main():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 runner.model(ids, pos, runner.kv_caches, pmeta)
                 torch.cuda.synchronize()
-        agg = defaultdict(lambda: [0, 0.0])
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                agg[ev.name][0] += 1
-                agg[ev.name][1] += (
-                    ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-                )
+        agg = kernel_times(prof)
         top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:12]
         res["prefill_kernels_ms"] = {k[:70]: round(t / 1e3, 2) for k, (c, t) in top}
     emit(res, a.output_json)

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 
-def _timed_replays(graph: torch.cuda.CUDAGraph, iters: int, sync) -> float:
-    """Mean ms per replay over `iters` replays (after warm-up), all ranks starting together."""
+def timed_replays(graph: torch.cuda.CUDAGraph, iters: int = 100, sync=torch.cuda.synchronize) -> float:
+    """Mean ms per replay over `iters` replays, after 5 untimed ones and `sync` (all ranks start together)."""
     for _ in range(5):
         graph.replay()
     sync()
@@ -34,6 +34,18 @@ def _timed_replays(graph: torch.cuda.CUDAGraph, iters: int, sync) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def kernel_times(prof) -> dict[str, list]:
+    """{kernel name: [launches, total us]} of a torch.profiler run's CUDA events."""
+    agg: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            agg[ev.name][0] += 1
+            agg[ev.name][1] += (
+                ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            )
+    return dict(agg)
 
 
 @contextlib.contextmanager
@@ -65,7 +77,7 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
             torch.cuda.synchronize()
 
     res: dict = {"rank": tp.rank, "world_size": tp.world_size, "batch_size": bs}
-    res["graph_step_ms"] = _timed_replays(gr.graphs[bs], iters, sync)
+    res["graph_step_ms"] = timed_replays(gr.graphs[bs], iters, sync)
 
     # the step's collectives, as one eager forward calls them
     calls: list[tuple[str, tuple[int, ...], torch.dtype]] = []
@@ -84,14 +96,14 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
             hidden = forward()
             runner.model.compute_logits(hidden[:batch_size])
         sync()
+        in_graph = [c for c in calls if c[0] == "all_reduce"]
         res["collectives"] = {
-            "all_reduce": sum(c[0] == "all_reduce" for c in calls),
-            "all_gather": sum(c[0] == "all_gather" for c in calls),
+            "all_reduce": len(in_graph),
+            "all_gather": len(calls) - len(in_graph),
             "bytes_per_all_reduce": sorted(
-                {int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for k, s, d in calls}
+                {torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in in_graph}
             ),
         }
-        in_graph = [c for c in calls if c[0] == "all_reduce"]
 
         # in place: the same forward without its all-reduces, captured and replayed on this rank alone
         with _patched_collectives(tp, lambda x: x, lambda x: x):
@@ -101,7 +113,7 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
             g_no = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g_no):
                 forward()
-        res["graph_step_no_allreduce_ms"] = _timed_replays(g_no, iters, sync)
+        res["graph_step_no_allreduce_ms"] = timed_replays(g_no, iters, sync)
         del g_no
         res["allreduce_in_step_ms"] = res["graph_step_ms"] - res["graph_step_no_allreduce_ms"]
 
@@ -115,7 +127,7 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
             with torch.cuda.graph(g_ar):
                 for b in bufs:
                     tp.all_reduce(b)
-            res["allreduce_alone_ms"] = _timed_replays(g_ar, iters, sync)
+            res["allreduce_alone_ms"] = timed_replays(g_ar, iters, sync)
             res["allreduce_alone_us_each"] = res["allreduce_alone_ms"] * 1e3 / len(bufs)
             res["allreduce_impl"] = (
                 "nccl" if tp.small_all_reduce is None else "symm_mem one-shot (small), nccl"
@@ -124,7 +136,7 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
             with torch.cuda.graph(g_nccl):
                 for b in bufs:
                     dist.all_reduce(b, group=tp.group)
-            res["allreduce_alone_nccl_ms"] = _timed_replays(g_nccl, iters, sync)
+            res["allreduce_alone_nccl_ms"] = timed_replays(g_nccl, iters, sync)
             res["allreduce_alone_nccl_us_each"] = res["allreduce_alone_nccl_ms"] * 1e3 / len(bufs)
             del g_ar, g_nccl, bufs
         res["allreduce_share_in_step"] = res["allreduce_in_step_ms"] / res["graph_step_ms"]
@@ -137,12 +149,7 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             forward()
             torch.cuda.synchronize()
-    agg: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            agg[ev.name][0] += 1
-            agg[ev.name][1] += t
+    agg = kernel_times(prof)
     total = sum(t for _, t in agg.values())
     coll = sum(t for name, (_, t) in agg.items() if "nccl" in name.lower() or "all_reduce" in name.lower())
     res["eager_kernel_sum_us"] = total
