@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 from hopperllm import LLM, SamplingParams  # noqa: E402
 from hopperllm.layers.attention import TorchAttentionBackend  # noqa: E402
-from tests.helpers import make_hf_llama_dir  # noqa: E402
+from tests.helpers import assert_same_until_near_tie, make_hf_llama_dir  # noqa: E402
 
 CFG = dict(
     vocab_size=2048,
@@ -42,17 +42,6 @@ def _greedy(llm, n=32, logprobs=None):
     return [o.outputs[0] for o in outs] if logprobs else [o.outputs[0].token_ids for o in outs]
 
 
-def _assert_same_until_near_tie(fast, ref, max_gap: float):
-    """Tokens must agree; where they first differ, the reference's top two must be a near-tie
-    (rounding of a different but valid kernel order can flip those, nothing else)."""
-    for a, b in zip(fast, ref, strict=True):
-        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
-            if x != y:
-                top = sorted(b.logprobs[i].values(), reverse=True)
-                assert top[0] - top[1] < max_gap, (i, x, y, top[:2])
-                break
-
-
 def _reference(model_dir, **kw):
     """Plain-torch path on the GPU: torch attention, native norms, no graphs, no async."""
     llm = LLM(model=model_dir, enforce_eager=True, num_kv_blocks=512, show_progress=False, **kw)
@@ -66,13 +55,13 @@ def test_bf16_fast_path_greedy_equals_reference(model_dir):
     fast = LLM(model=model_dir, dtype="bfloat16", num_kv_blocks=512, max_num_seqs=8, show_progress=False)
     ref = _reference(model_dir, dtype="bfloat16")
     # bf16 logits near 8 are spaced 1/16 apart: a gap of one or two ulps is a tie at this precision
-    _assert_same_until_near_tie(_greedy(fast, logprobs=2), _greedy(ref, logprobs=2), max_gap=0.13)
+    assert_same_until_near_tie(_greedy(fast, logprobs=2), _greedy(ref, logprobs=2), max_gap=0.13)
 
 
 def test_fp32_fast_path_greedy_equals_reference(model_dir):
     fast = LLM(model=model_dir, dtype="float32", num_kv_blocks=512, max_num_seqs=8, show_progress=False)
     ref = _reference(model_dir, dtype="float32")
-    _assert_same_until_near_tie(_greedy(fast, logprobs=2), _greedy(ref, logprobs=2), max_gap=1e-3)
+    assert_same_until_near_tie(_greedy(fast, logprobs=2), _greedy(ref, logprobs=2), max_gap=1e-3)
 
 
 def test_fp8_fast_path_matches_cpu_emulation(model_dir):
@@ -109,7 +98,9 @@ def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("HOPPERLLM_PDL", flag)
-        assert pdl_enabled(torch.device("cuda")) == (flag == "1" and torch.cuda.get_device_capability()[0] >= 9)
+        assert pdl_enabled(torch.device("cuda")) == (
+            flag == "1" and torch.cuda.get_device_capability()[0] >= 9
+        )
         llm = LLM(model=model_dir, **kw)
         outs[flag] = [(o.token_ids, o.logprobs) for o in _greedy(llm, logprobs=2)]
         del llm
