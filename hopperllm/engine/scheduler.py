@@ -108,7 +108,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if num_new == 0 or seq.hold or (not self.enable_chunked_prefill and num_new < seq.num_uncomputed_tokens):
+            if (
+                num_new == 0
+                or seq.hold
+                or (not self.enable_chunked_prefill and num_new < seq.num_uncomputed_tokens)
+            ):
                 i += 1
                 continue
             while not bm.allocate_slots(seq, num_new):

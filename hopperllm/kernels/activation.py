@@ -13,6 +13,7 @@ from hopperllm.kernels.fp8 import (
     quantize_fp8,
     ref_per_token_quant_fp8,
     row_launch,
+    silu_mul,
 )
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
@@ -34,10 +35,7 @@ def _silu_and_mul_chunk(x_row, offs, inter):
     mask = offs < inter
     gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) = g / (1 + exp(-g)) with the fast (approximate) division: a few float32 ulps from torch's
-    # sigmoid, invisible after rounding to bf16 (an IEEE division here made the FP8 variant ALU-bound).
-    y = gate / (1.0 + tl.exp(-gate)) * up
-    return y.to(x_row.dtype.element_ty).to(tl.float32)
+    return silu_mul(gate, up, x_row.dtype.element_ty)
 
 
 @triton.jit

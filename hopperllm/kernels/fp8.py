@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -111,6 +112,15 @@ def quantize_fp8(v, inv_scale):
     """float32 v -> e4m3 of v * inv_scale, saturated to +-448 (cvt.rn.satfinite rounds to nearest even)."""
     q = tl.minimum(tl.maximum(v * inv_scale, -448.0), 448.0)
     return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def silu_mul(gate, up, OUT_DTYPE: tl.constexpr):
+    """silu(gate) * up of float32 operands, rounded to OUT_DTYPE and returned in float32: the SwiGLU of
+    the SiLU-mul kernels and of fp8_gemv_silu_mul's epilogue (one definition, so both give the same bits).
+    silu(g) = g / (1 + exp(-g)) with the fast (approximate) division: a few float32 ulps from torch's
+    sigmoid, invisible after rounding to bf16 (an IEEE division made the FP8 SiLU-mul ALU-bound)."""
+    return (gate / (1.0 + tl.exp(-gate)) * up).to(OUT_DTYPE).to(tl.float32)
 
 
 def _use_rne_in_triton_interpreter() -> None:
@@ -263,9 +273,23 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
+def _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED: tl.constexpr):
+    out_dtype = out_ptrs.dtype.element_ty
+    if GATED:
+        # The SiLU-mul kernel's input is the bf16 (out dtype) gate/up output: round both halves first.
+        y = silu_mul(acc.to(out_dtype).to(tl.float32), acc_up.to(out_dtype).to(tl.float32), out_dtype)
+        tl.store(out_ptrs, y.to(out_dtype), mask=mask)
+        # This tile's share of each row's amax; the consumer reduces a row's NUM_AMAX pieces to its scale.
+        tile_amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+        tl.store(amax_ptr + offs_m.to(tl.int64) * NUM_AMAX + pid_n, tile_amax, mask=offs_m < M)
+    else:
+        tl.store(out_ptrs, acc.to(out_dtype), mask=mask)
+
+
+@triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, K_PER_SPLIT, SLICE_STRIDE,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
+    M, N, K, K_PER_SPLIT, SLICE_STRIDE, NUM_AMAX,
     stride_xm, stride_wn, stride_om,
     X_SCALE_PER_ROW: tl.constexpr,
     W_SCALE_PER_CHANNEL: tl.constexpr,
@@ -276,6 +300,9 @@ def _fp8_gemv_kernel(
     BLOCK_K: tl.constexpr,
     MAX_IMPRECISE_ACC: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
+    GATED: tl.constexpr,
+    QUANT_X: tl.constexpr,
+    BLOCK_AMAX: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
@@ -286,6 +313,11 @@ def _fp8_gemv_kernel(
     # bandwidth (x and out are M * (K + 2N) bytes, noise for M <= 16): 16.8 MB at 3.35 TB/s = 5 us for
     # a 4096x4096 matrix. Under CUDA graphs on an H100 it reaches 57-86% of the measured copy bandwidth
     # (the small matrices pay the launch and pipeline ramp most).
+    # GATED (fused gate/up + SiLU-mul): the weight has 2N rows, gate [0, N) and up [N, 2N); the program
+    # also multiplies the up rows matching its gate rows and stores silu(gate) * up [M, N] plus its
+    # tile's row maxima amax[M, pid_n]. QUANT_X: x is unquantized (e.g. that SiLU-mul output) and each
+    # row's per-token scale comes from the max of its NUM_AMAX pieces in x_scale_ptr; the program
+    # quantizes x to FP8 as it loads it, with the bits per_token_quant_fp8 would give.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -295,6 +327,7 @@ def _fp8_gemv_kernel(
     # store below drops them.
     rows_n = (offs_n % N).to(tl.int64)
     rows_m = (offs_m % M).to(tl.int64)
+    up_offset = N.to(tl.int64) * stride_wn  # GATED: from a gate row to its up row
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -304,10 +337,22 @@ def _fp8_gemv_kernel(
         # previous kernel (often a one-program norm or quantize) still runs.
         offs_p = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * 128, k_end - 1)
         _prefetch_l2(w_ptr + rows_n[:, None] * stride_wn + offs_p[None, :])
+        if GATED:
+            _prefetch_l2(w_ptr + up_offset + rows_n[:, None] * stride_wn + offs_p[None, :])
     pdl_prologue(USE_PDL)
+    if QUANT_X:
+        offs_a = tl.arange(0, BLOCK_AMAX)
+        pieces = tl.load(
+            x_scale_ptr + rows_m[:, None] * NUM_AMAX + offs_a[None, :],
+            mask=offs_a[None, :] < NUM_AMAX,
+            other=0.0,
+        )
+        x_scale = fp8_scale_from_amax(tl.max(pieces, axis=1))
+        x_inv_scale = fp8_inv_scale(x_scale)
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_begin, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
@@ -316,42 +361,65 @@ def _fp8_gemv_kernel(
             k_mask = (k + offs_k) < k_end
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        if QUANT_X:
+            x = quantize_fp8(x.to(tl.float32), x_inv_scale[:, None])
         # Hopper's fp8 MMA adds into a reduced-precision accumulator; Triton's default lets it run over the
         # whole K (errors ~1e-3 relative). MAX_IMPRECISE_ACC = 32 moves the partial sums into the float32
         # accumulator after every MMA k-step, as cuBLAS does without fast accumulation.
         acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+        if GATED:
+            if EVEN_K:
+                w_up = tl.load(w_ptrs + up_offset)
+            else:
+                w_up = tl.load(w_ptrs + up_offset, mask=k_mask[None, :], other=0.0)
+            acc_up = tl.dot(w_up, tl.trans(x), acc_up, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
     # Scales factor out of the K sum, so they are applied once, to the accumulator.
     if W_SCALE_PER_CHANNEL:
         acc *= tl.load(w_scale_ptr + rows_n)[:, None]
+        if GATED:
+            acc_up *= tl.load(w_scale_ptr + N + rows_n)[:, None]
     else:
         acc *= tl.load(w_scale_ptr)
-    if X_SCALE_PER_ROW:
+        acc_up *= tl.load(w_scale_ptr)
+    if QUANT_X:
+        acc *= x_scale[None, :]
+        acc_up *= x_scale[None, :]
+    elif X_SCALE_PER_ROW:
         acc *= tl.load(x_scale_ptr + rows_m)[None, :]
+        acc_up *= tl.load(x_scale_ptr + rows_m)[None, :]
     else:
         acc *= tl.load(x_scale_ptr)
+        acc_up *= tl.load(x_scale_ptr)
 
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
     else:
         # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
         # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
         # SPLIT_K partials in slice order (deterministic), writes the output and re-arms the counter.
-        partial_ptrs = partial_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        # Partials are [SPLIT_K, M, weight rows]: GATED keeps the up half at column offset N.
+        w_rows = 2 * N if GATED else N
+        partial_ptrs = partial_ptr + offs_m[None, :].to(tl.int64) * w_rows + offs_n[:, None]
         tl.store(partial_ptrs + pid_k.to(tl.int64) * SLICE_STRIDE, acc, mask=mask)
+        if GATED:
+            tl.store(partial_ptrs + N + pid_k.to(tl.int64) * SLICE_STRIDE, acc_up, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the release below
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            total_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for _ in tl.static_range(SPLIT_K):
                 total += tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    total_up += tl.load(partial_ptrs + N, mask=mask, other=0.0, cache_modifier=".cg")
                 partial_ptrs += SLICE_STRIDE
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            _gemv_store(total, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
 
 
@@ -439,6 +507,80 @@ def _check_weight(w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
         raise ValueError(f"w_scale must have 1 or N={w_fp8.shape[0]} elements, got {tuple(w_scale.shape)}")
 
 
+class DeferredQuant(NamedTuple):
+    """An activation its consumer quantizes to FP8 per token while loading it (fp8_gemv_silu_mul's output,
+    fp8_gemv_deferred's input): `values` [M, K] and `amax_parts` float32 [M, C], pieces of each row's
+    max |value| (the row's per-token scale is max(amax_parts[m]) / 448, as per_token_quant_fp8 computes)."""
+
+    values: torch.Tensor
+    amax_parts: torch.Tensor
+
+
+def ref_fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, out_dtype=torch.bfloat16) -> DeferredQuant:
+    """The unfused meaning of fp8_gemv_silu_mul: the gate/up GEMM in out_dtype, then SiLU-mul."""
+    from hopperllm.kernels.activation import ref_silu_and_mul
+
+    y = ref_silu_and_mul(ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype))
+    return DeferredQuant(y, y.float().abs().amax(dim=-1, keepdim=True))
+
+
+def _check_x_fp8(x_fp8: torch.Tensor, x_scale: torch.Tensor, K: int) -> None:
+    if x_fp8.dim() != 2 or x_fp8.dtype != FP8_DTYPE or x_fp8.stride(1) != 1:
+        raise ValueError(
+            f"x_fp8 must be a float8_e4m3fn [M, K] matrix with unit inner stride, got "
+            f"{x_fp8.dtype} {tuple(x_fp8.shape)}"
+        )
+    if x_fp8.shape[1] != K:
+        raise ValueError(f"x_fp8 has K={x_fp8.shape[1]} but w_fp8 has K={K}")
+    if x_scale.numel() not in (1, x_fp8.shape[0]):
+        raise ValueError(f"x_scale must have 1 or M={x_fp8.shape[0]} elements, got {tuple(x_scale.shape)}")
+
+
+def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False):
+    """The launcher behind fp8_gemv, fp8_gemv_silu_mul and fp8_gemv_deferred (inputs already checked).
+    Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces."""
+    M, K = x.shape
+    N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
+    device = x.device
+    num_sms = _num_sms(device.index or 0) if x.is_cuda else 132
+    cfg = dict(fp8_gemv_config(M, w_fp8.shape[0], K, num_sms))
+    if gated:  # a program streams BLOCK_N gate rows and as many up rows: the bytes of the unfused tile
+        cfg["BLOCK_N"] = max(cfg["BLOCK_N"] // 2, 16)
+    cfg.update(config or {})
+    if not x.is_cuda:
+        cfg["PREFETCH_LINES"] = 0  # inline PTX: GPU only
+    else:
+        cfg.setdefault("PREFETCH_LINES", GEMV_PREFETCH_LINES)
+    split_k = cfg.pop("SPLIT_K")
+    block_k = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty K slices
+    out = torch.empty((M, N), dtype=out_dtype, device=device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
+    if split_k > 1:
+        partials = torch.empty((split_k, M, w_fp8.shape[0]), dtype=torch.float32, device=device)
+        counters = tile_counters(device, grid[0] * grid[1])
+    else:
+        partials = counters = out  # unused
+    amax = torch.empty((M, grid[0]), dtype=torch.float32, device=device) if gated else out
+    num_amax = grid[0] if gated else (x_scale.shape[-1] if quant_x else 1)
+    _fp8_gemv_kernel[grid](
+        x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
+        M, N, K, k_per_split, M * w_fp8.shape[0], num_amax,
+        x.stride(0), w_fp8.stride(0), out.stride(0),
+        X_SCALE_PER_ROW=x_scale.numel() != 1,
+        W_SCALE_PER_CHANNEL=w_scale.numel() != 1,
+        SPLIT_K=split_k,
+        EVEN_K=K % block_k == 0,
+        GATED=gated,
+        QUANT_X=quant_x,
+        BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
+        **cfg,
+        **pdl_kwargs(device),
+    )  # fmt: skip
+    return (out, amax) if gated else out
+
+
 def fp8_gemv(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -455,50 +597,59 @@ def fp8_gemv(
     so results are deterministic) in the same launch.
     """
     _check_weight(w_fp8, w_scale)
-    if x_fp8.dim() != 2 or x_fp8.dtype != FP8_DTYPE or x_fp8.stride(1) != 1:
+    _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
+    if x_fp8.shape[0] == 0:
+        return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=x_fp8.device)
+    return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config)
+
+
+def fp8_gemv_silu_mul(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict[str, int] | None = None,
+) -> DeferredQuant:
+    """The merged gate/up projection and SiLU-mul in one launch: w_fp8 [2I, K] (gate rows, then up rows)
+    -> DeferredQuant(silu(gate) * up [M, I] in out_dtype, amax pieces). The values are the bits of
+    silu_and_mul over fp8_gemv's out_dtype output with the same config; no FP8 SiLU-mul launch, and
+    fp8_gemv_deferred quantizes them for the down projection. `config` is the unfused GEMV's (BLOCK_N
+    is halved: a program streams BLOCK_N / 2 gate rows and their up rows)."""
+    _check_weight(w_fp8, w_scale)
+    _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
+    if w_fp8.shape[0] % 2:
+        raise ValueError(f"a gate/up weight has an even number of rows, got {w_fp8.shape[0]}")
+    if x_fp8.shape[0] == 0:
+        empty = torch.empty((0, w_fp8.shape[0] // 2), dtype=out_dtype, device=x_fp8.device)
+        return DeferredQuant(empty, torch.zeros((0, 1), dtype=torch.float32, device=x_fp8.device))
+    if config is not None and "BLOCK_N" in config:
+        config = {**config, "BLOCK_N": max(config["BLOCK_N"] // 2, 16)}
+    return DeferredQuant(*_launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, gated=True))
+
+
+def fp8_gemv_deferred(
+    x: DeferredQuant,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """fp8_gemv of per_token_quant_fp8(x.values), quantizing inside the GEMV's loads: the same result as
+    the two launches (the same FP8 codes and scales), with one launch."""
+    _check_weight(w_fp8, w_scale)
+    values, parts = x
+    M, K = values.shape
+    if values.dim() != 2 or values.stride(1) != 1 or K != w_fp8.shape[1]:
         raise ValueError(
-            f"x_fp8 must be a float8_e4m3fn [M, K] matrix with unit inner stride, got "
-            f"{x_fp8.dtype} {tuple(x_fp8.shape)}"
+            f"deferred values must be a [M, K={w_fp8.shape[1]}] matrix with unit inner stride, got "
+            f"{tuple(values.shape)}"
         )
-    M, K = x_fp8.shape
-    N = w_fp8.shape[0]
-    if w_fp8.shape[1] != K:
-        raise ValueError(f"x_fp8 has K={K} but w_fp8 has K={w_fp8.shape[1]}")
-    if x_scale.numel() not in (1, M):
-        raise ValueError(f"x_scale must have 1 or M={M} elements, got {tuple(x_scale.shape)}")
+    if parts.dim() != 2 or parts.shape[0] != M or parts.dtype != torch.float32:
+        raise ValueError(f"amax_parts must be float32 [M={M}, C], got {parts.dtype} {tuple(parts.shape)}")
     if M == 0:
-        return torch.empty((0, N), dtype=out_dtype, device=x_fp8.device)
-    num_sms = _num_sms(x_fp8.device.index or 0) if x_fp8.is_cuda else 132
-    cfg = dict(fp8_gemv_config(M, N, K, num_sms))
-    cfg.update(config or {})
-    if not x_fp8.is_cuda:
-        cfg["PREFETCH_LINES"] = 0  # inline PTX: GPU only
-    else:
-        cfg.setdefault("PREFETCH_LINES", GEMV_PREFETCH_LINES)
-    split_k = cfg.pop("SPLIT_K")
-    block_k = cfg["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)  # no empty K slices
-    even_k = K % block_k == 0
-    out = torch.empty((M, N), dtype=out_dtype, device=x_fp8.device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
-    if split_k > 1:
-        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x_fp8.device)
-        counters = tile_counters(x_fp8.device, grid[0] * grid[1])
-    else:
-        partials = counters = out  # unused
-    _fp8_gemv_kernel[grid](
-        x_fp8, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters,
-        M, N, K, k_per_split, M * N,
-        x_fp8.stride(0), w_fp8.stride(0), out.stride(0),
-        X_SCALE_PER_ROW=x_scale.numel() != 1,
-        W_SCALE_PER_CHANNEL=w_scale.numel() != 1,
-        SPLIT_K=split_k,
-        EVEN_K=even_k,
-        **cfg,
-        **pdl_kwargs(x_fp8.device),
-    )  # fmt: skip
-    return out
+        return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=values.device)
+    return _launch_fp8_gemv(values, parts.contiguous(), w_fp8, w_scale, out_dtype, config, quant_x=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,9 +31,11 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _fp8_prequantized(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
-    from hopperllm.kernels.fp8 import GEMV_MAX_M, fp8_gemv, scaled_mm
+    from hopperllm.kernels.fp8 import GEMV_MAX_M, DeferredQuant, fp8_gemv, fp8_gemv_deferred, scaled_mm
 
-    if x_fp8.shape[0] <= GEMV_MAX_M:
+    if isinstance(x_fp8, DeferredQuant):  # quantized by the GEMV as it loads it (x_scale unused)
+        y = fp8_gemv_deferred(x_fp8, w_fp8, w_scale, out_dtype)
+    elif x_fp8.shape[0] <= GEMV_MAX_M:
         y = fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
     else:
         y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
@@ -124,14 +126,21 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x is an activation, or for FP8 layers on CUDA an already quantized (x_fp8, scale) pair from a
-        fused norm / activation kernel."""
-        if isinstance(x, tuple):
+        fused norm / activation kernel, or a DeferredQuant from fp8_gemv_silu_mul (FP8, decode sizes)."""
+        if type(x) is tuple:
             return _fp8_prequantized(x[0], x[1], self.weight, self.weight_scale, self.bias, self.params_dtype)
+        if isinstance(x, tuple):  # DeferredQuant
+            return _fp8_prequantized(x, None, self.weight, self.weight_scale, self.bias, self.params_dtype)
         if self.quantization == "fp8":
             from hopperllm.kernels.fp8 import fp8_linear
 
             return fp8_linear(
-                x, self.weight, self.weight_scale, input_scale=self.input_scale, bias=self.bias, out_dtype=x.dtype
+                x,
+                self.weight,
+                self.weight_scale,
+                input_scale=self.input_scale,
+                bias=self.bias,
+                out_dtype=x.dtype,
             )
         return F.linear(x, self.weight, self.bias)
 
@@ -152,6 +161,20 @@ class ColumnParallelLinear(LinearBase):
         if kind in ("weight", "bias") or (kind == "weight_scale" and loaded.numel() > 1):
             loaded = loaded.narrow(0, self.tp.rank * size, size)
         self._load_rows(kind, loaded, offset, size)
+
+
+class MergedGateUpLinear(ColumnParallelLinear):
+    """gate_proj and up_proj in one [2I, K] weight (this rank's gate rows, then its up rows)."""
+
+    def __init__(self, input_size: int, intermediate_size: int, **kw):
+        super().__init__(input_size, [intermediate_size] * 2, **kw)
+
+    def silu_mul_fp8(self, x: tuple[torch.Tensor, torch.Tensor]):
+        """silu(gate) * up of an FP8 (x_fp8, scale) input in one GEMV launch, as a DeferredQuant for an FP8
+        down projection (fp8_gemv_silu_mul); FP8 weights, no bias, decode batch sizes, CUDA."""
+        from hopperllm.kernels.fp8 import fp8_gemv_silu_mul
+
+        return fp8_gemv_silu_mul(x[0], x[1], self.weight, self.weight_scale, self.params_dtype)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -35,6 +35,8 @@ class RMSNorm(nn.Module):
         if x.is_cuda:
             from hopperllm.kernels.norm import rms_norm
 
-            out = rms_norm(x, self.weight, self.eps, residual=residual, out_fp8=quant_fp8, static_scale=static_scale)
+            out = rms_norm(
+                x, self.weight, self.eps, residual=residual, out_fp8=quant_fp8, static_scale=static_scale
+            )
             return out if residual is None else (out, residual)  # the kernel wrote x + residual into it
         return self.forward_native(x, residual)

@@ -7,6 +7,7 @@ tensor per layer and the step's AttentionMetadata.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -16,7 +17,7 @@ from hopperllm.config import ModelConfig
 from hopperllm.distributed.parallel_state import SINGLE, TPGroup
 from hopperllm.layers.attention import Attention, AttentionMetadata
 from hopperllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from hopperllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from hopperllm.layers.linear import MergedGateUpLinear, QKVParallelLinear, RowParallelLinear
 from hopperllm.layers.norm import RMSNorm
 from hopperllm.layers.rotary import build_cos_sin_cache
 
@@ -36,17 +37,36 @@ def _fuse_quant(linear) -> tuple[bool, torch.Tensor | None]:
     return linear.takes_fp8_input, linear.input_scale if linear.takes_fp8_input else None
 
 
+# Decode batches of FP8 models run gate/up + SiLU-mul as one GEMV launch and quantize the down projection's
+# input inside its GEMV (fp8_gemv_silu_mul / fp8_gemv_deferred): one kernel fewer per layer, same bits.
+# HOPPERLLM_FUSED_MLP=0 keeps the three launches (for A/B runs).
+FUSED_MLP = os.environ.get("HOPPERLLM_FUSED_MLP", "1") != "0"
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, tp: TPGroup):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, quantization=quantization, params_dtype=dtype, tp=tp)
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, **kw)
+        self.gate_up_proj = MergedGateUpLinear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x) -> torch.Tensor:
         # SiLU-mul emits per-token FP8 only; a static down_proj input scale takes the unfused path
         quant = self.down_proj.takes_fp8_input and self.down_proj.input_scale is None
+        if quant and self._fused_decode(x):
+            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x))
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant))
+
+    def _fused_decode(self, x) -> bool:
+        from hopperllm.kernels.fp8 import GEMV_MAX_M
+
+        return (
+            FUSED_MLP
+            and type(x) is tuple  # FP8 (x_fp8, scale) from the norm kernel: CUDA, FP8 gate/up
+            and x[0].shape[0] <= GEMV_MAX_M
+            and self.gate_up_proj.bias is None
+            and self.down_proj.bias is None
+        )
 
 
 class LlamaAttention(nn.Module):

@@ -169,6 +169,35 @@ def test_fp8_gemv_split_k_replays_in_cuda_graph():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+# (I, K) of the decode MLPs: Llama-2-7B, Llama-3-8B, Llama-2-70B at TP=2 and TP=1
+MLP_SHAPES = [(11008, 4096), (14336, 4096), (14336, 8192), (28672, 8192)]
+
+
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize(("inter", "K"), MLP_SHAPES)
+def test_fused_silu_mul_gemvs_real_shapes(inter, K, M):
+    """The decode MLP's two fused launches give the bits of the three unfused ones with their own
+    (tuned) configs: gate/up GEMV, FP8 SiLU-mul, down GEMV; also inside a CUDA graph."""
+    w_gu, s_gu = make_weight(2 * inter, K, True, seed=inter)
+    w_down, s_down = make_weight(K, inter, True, seed=K)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=M))
+    gate_up = fp8.fp8_gemv(x_fp8, x_scale, w_gu, s_gu)
+    y_fp8, y_scale = activation.silu_and_mul(gate_up, out_fp8=True)
+    unfused = fp8.fp8_gemv(y_fp8, y_scale, w_down, s_down)
+
+    fused = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_gu, s_gu)
+    assert torch.equal(fused.values, activation.silu_and_mul(gate_up))
+    assert torch.equal(fp8.ref_per_token_quant_fp8(fused.values)[1], y_scale)
+    assert torch.equal(fp8.fp8_gemv_deferred(fused, w_down, s_down), unfused)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8.fp8_gemv_deferred(fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_gu, s_gu), w_down, s_down)
+    out.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(out, unfused)
+
+
 @pytest.mark.parametrize("M", [1, 16, 17, 512])
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_linear_gpu_paths_match_cpu_emulation(M, static):

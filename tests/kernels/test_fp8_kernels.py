@@ -187,3 +187,71 @@ def test_scaled_mm_wrapper_matches_ref(per_channel, static):
         pytest.skip(f"torch._scaled_mm unavailable here: {e}")
     ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+# fp8_gemv_silu_mul / fp8_gemv_deferred: the decode MLP in two launches (gate/up GEMV with the SiLU-mul in
+# its epilogue, then the down GEMV quantizing its input as it loads it) must give the bits of the three
+# unfused launches (fp8_gemv, silu_and_mul's FP8 output, fp8_gemv) with the same configs.
+FUSED_MLP_CASES = [
+    # M, I, K, gate/up config, down config
+    (1, 96, 512, None, None),
+    (
+        3,
+        80,
+        1000,
+        {"SPLIT_K": 1, "BLOCK_K": 128, "BLOCK_N": 64},
+        {"SPLIT_K": 1, "BLOCK_K": 128},
+    ),  # ragged K, N
+    (5, 64, 768, {"SPLIT_K": 3, "BLOCK_K": 128, "BLOCK_N": 32}, {"SPLIT_K": 2, "BLOCK_K": 128}),  # split-K
+    (
+        20,
+        48,
+        256,
+        {"SPLIT_K": 2, "BLOCK_K": 128, "BLOCK_N": 32},
+        {"SPLIT_K": 1, "BLOCK_K": 128},
+    ),  # 2 row blocks
+]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("M", "inter", "K", "cfg_gu", "cfg_down"), FUSED_MLP_CASES)
+def test_fused_silu_mul_gemvs_equal_unfused_launches(
+    poisoned_empty, M, inter, K, cfg_gu, cfg_down, per_channel, out_dtype
+):
+    from hopperllm.kernels.activation import silu_and_mul
+
+    w_gu, s_gu = make_weight(2 * inter, K, per_channel, seed=inter)
+    w_down, s_down = make_weight(K, inter, per_channel, seed=K)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=M))
+
+    fused = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_gu, s_gu, out_dtype, config=cfg_gu)
+    # The unfused GEMV with the fused tile's shape (BLOCK_N / 2): the interpreter's dot is a BLAS matmul,
+    # whose float32 summation order depends on the tile shape (a GPU MMA's does not).
+    cfg = {**fp8.fp8_gemv_config(M, 2 * inter, K, 132), **(cfg_gu or {})}
+    gate_up = fp8.fp8_gemv(
+        x_fp8, x_scale, w_gu, s_gu, out_dtype, config={**cfg, "BLOCK_N": cfg["BLOCK_N"] // 2}
+    )
+    y_fp8, y_scale = silu_and_mul(gate_up, out_fp8=True)
+    assert fused.values.shape == (M, inter) and fused.values.dtype == out_dtype
+    if inter % (cfg["BLOCK_N"] // 2) == 0 or DEVICE == "cuda":
+        assert torch.equal(fused.values, silu_and_mul(gate_up))
+    else:  # the up rows sit in differently aligned tiles of the two launches: BLAS order again (float32)
+        torch.testing.assert_close(fused.values, silu_and_mul(gate_up), rtol=1e-6, atol=0)
+    assert torch.equal(fused.amax_parts.amax(dim=1, keepdim=True), fused.values.float().abs().amax(1, True))
+
+    out = fp8.fp8_gemv_deferred(fused, w_down, s_down, out_dtype, config=cfg_down)
+    assert torch.equal(out, fp8.fp8_gemv(y_fp8, y_scale, w_down, s_down, out_dtype, config=cfg_down))
+
+    # and both against the float32 references (the unfused meaning, up to accumulation order)
+    ref = fp8.ref_fp8_gemv_silu_mul(x_fp8, x_scale, w_gu, s_gu, out_dtype)
+    torch.testing.assert_close(fused.values.float(), ref.values.float(), rtol=2e-2, atol=GEMV_ATOL * 50)
+
+
+def test_fp8_gemv_silu_mul_rejects_odd_rows():
+    w_fp8, w_scale = make_weight(63, 128, per_channel=True, seed=0)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((1, 128), torch.float32, seed=0))
+    with pytest.raises(ValueError, match="even number of rows"):
+        fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale)
+    with pytest.raises(ValueError, match="amax_parts"):
+        fp8.fp8_gemv_deferred(fp8.DeferredQuant(x_fp8.float(), x_scale.double()), w_fp8, w_scale)

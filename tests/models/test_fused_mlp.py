@@ -1,0 +1,54 @@
+"""LlamaMLP's fused decode path (FP8 gate/up GEMV with SiLU-mul in its epilogue, down GEMV quantizing its
+input on load) against the unfused path, on CPU through Triton's interpreter.
+
+On a GPU the norm kernel hands the MLP an (x_fp8, scale) pair; here the test hands it one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hopperllm.config import ModelConfig
+from hopperllm.kernels.fp8 import ref_per_token_quant_fp8
+from hopperllm.layers.linear import quantize_weight_per_channel
+from hopperllm.models import llama
+
+CFG = ModelConfig(
+    vocab_size=64, hidden_size=128, intermediate_size=96, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+)  # fmt: skip
+
+
+def fp8_mlp(seed: int) -> llama.LlamaMLP:
+    mlp = llama.LlamaMLP(CFG, torch.float32, "fp8", llama.SINGLE)
+    g = torch.Generator().manual_seed(seed)
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        q, s = quantize_weight_per_channel(torch.randn(layer.weight.shape, generator=g) * 0.05)
+        layer.weight.data.copy_(q)
+        layer.weight_scale.data.copy_(s)
+    return mlp
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fused_decode_mlp_equals_unfused(monkeypatch, tokens):
+    mlp = fp8_mlp(seed=tokens)
+    x = ref_per_token_quant_fp8(
+        torch.randn(tokens, CFG.hidden_size, generator=torch.Generator().manual_seed(7))
+    )
+    assert mlp._fused_decode(x)
+    fused = mlp(x)
+    monkeypatch.setattr(llama, "FUSED_MLP", False)
+    assert not mlp._fused_decode(x)
+    unfused = mlp(x)  # gate/up GEMV, torch SiLU-mul, FP8 linear (per-token quantize + dequantized matmul)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * unfused.abs().max().item())
+
+
+def test_static_down_input_scale_keeps_the_unfused_path():
+    mlp = fp8_mlp(seed=0)
+    mlp.down_proj.load_shard("input_scale", torch.tensor([0.01]))
+    x = ref_per_token_quant_fp8(torch.randn(1, CFG.hidden_size))
+    calls = []
+    mlp.gate_up_proj.silu_mul_fp8 = lambda x: calls.append(x)
+    mlp(x)
+    assert not calls
