@@ -31,6 +31,12 @@ for step in $steps; do
         --output-json "$OUT/smoke_7b_fp8.json" 2>&1 | tee "$OUT/smoke.log" | tail -15 ;;
     tune-attn)
       timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
+    tune-attn-70b)  # batch-1 decode attention at the 70B's head layouts (TP=1, 2, 8), one GPU
+      timeout 300 python3 benchmarks/tune_attention.py --shapes "llama2-70b b1" "llama2-70b tp2 b1" "llama2-70b tp8 b1" \
+        --output-json "$OUT/tune_attention_70b.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention_70b.log" | tail -8 ;;
+    fused-tests)  # the fused decode kernels (MLP GEMVs, attention) at real shapes
+      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
+        | tee "$OUT/fused_tests.log" | tail -15 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
@@ -119,30 +125,6 @@ for step in $steps; do
         --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --budget 2.5 \
         --batch-sizes 1,2,4,8,16 --num-prompts 48 --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]\|req/s" | tee "$OUT/budget70tp.log" | tail -30 ;;
-    tune-gemv-tp)
-      timeout 400 python3 benchmarks/tune_gemv.py --models 70b-tp${TP:-2} --output-json "$OUT/tune_gemv_tp.json" 2>&1 | grep -v "^  skip" | tail -30 ;;
-    kernels)
-      timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
-    tp2-tests)
-      timeout 420 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k "not 70b" -p no:cacheprovider 2>&1 | tee "$OUT/tp2_tests.log" | tail -25 ;;
-    latency-70b-tp2)
-      timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b --quantization fp8 \
-        --kv-cache-dtype fp8 --tensor-parallel-size 2 --input-len 2048 --output-len 128 --batch-size 1 \
-        --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp2.json" 2>&1 \
-        | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp2.log" | tail -22 ;;
-    latency-70b-tp2-nccl)
-      HOPPERLLM_ALLREDUCE=nccl timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
-        --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size 2 --input-len 2048 --output-len 128 --batch-size 1 \
-        --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp2-nccl.json" 2>&1 \
-        | grep -v "Capturing\|it/s\]" | tail -12 ;;
-    profile-tp2)
-      timeout 400 python3 benchmarks/profile_tp.py --model dummy:llama-2-70b -tp 2 --output-json "$OUT/profile-tp2.json" 2>&1 \
-        | grep -v Capturing | python3 -c "import sys; t=sys.stdin.read(); print(t[:6000])" ;;
-    budget-70b-tp2)
-      timeout 560 python3 -m hopperllm.entrypoints.cli bench budget --model dummy:llama-2-70b --quantization fp8 \
-        --kv-cache-dtype fp8 --tensor-parallel-size 2 --input-len 2048 --output-len 128 --budget 2.5 \
-        --batch-sizes 1,2,4,8,16 --num-prompts 48 --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp2.json" 2>&1 \
-        | grep -v "Capturing\|it/s\]\|req/s" | tee "$OUT/budget70tp2.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done

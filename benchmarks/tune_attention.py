@@ -28,6 +28,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--prefill", action="store_true", help="also sweep the prefill kernel (4 x 2048 tokens)")
     p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--shapes", nargs="*", default=None, help="decode shape names to sweep (default: all)")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -37,8 +38,12 @@ def main():
         ("llama3-8b b1", 1, 32, 8, 128, 2048),
         ("llama2-7b b32", 32, 32, 32, 128, 2048),
         ("llama3-8b b64", 64, 32, 8, 128, 2176),
+        ("llama2-70b b1", 1, 64, 8, 128, 2176),
+        ("llama2-70b tp2 b1", 1, 32, 4, 128, 2176),  # one rank's heads at tensor_parallel_size 2
+        ("llama2-70b tp8 b1", 1, 8, 1, 128, 2176),
     ]
     bs = 16
+    shapes = [s for s in shapes if a.shapes is None or s[0] in a.shapes]
     for name, B, hq, hkv, d, ctx in shapes if a.decode else []:
         nblk_per_seq = -(-ctx // bs)
         nb = B * nblk_per_seq + 8
@@ -51,8 +56,8 @@ def main():
         kv_bytes = B * ctx * hkv * d * 2
         floor_us = kv_bytes / bw * 1e6
         best = None
-        split_choices = [4, 8, 16, 32] if B == 1 else [1, 2]
-        for splits, bn, nw, ns in itertools.product(split_choices, [32, 64, 128], [4], [2, 3]):
+        split_choices = [4, 8, 16, 32, 64] if B == 1 else [1, 2]
+        for splits, bn, nw, ns in itertools.product(split_choices, [16, 32, 64, 128], [4], [2, 3]):
             if splits > 1 and ctx // splits < bn:
                 continue
             pa.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
