@@ -13,6 +13,7 @@ import json
 import torch
 import triton
 from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
+from bench_kernels import median_ms, num_sets
 
 from hopperllm.kernels import paged_attention as pa
 
@@ -47,8 +48,9 @@ def main():
     for name, B, hq, hkv, d, ctx in shapes if a.decode else []:
         nblk_per_seq = -(-ctx // bs)
         nb = B * nblk_per_seq + 8
-        # several caches so that repeated calls do not read L2-resident data
-        caches = [torch.randn(2, nb, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn) for _ in range(3)]
+        # enough caches that repeated calls do not read L2-resident data (a layer's cache is cold in a step)
+        sets = num_sets(2 * nb * bs * hkv * d, torch.cuda.get_device_properties(0).L2_cache_size)
+        caches = [torch.randn(2, nb, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn) for _ in range(sets)]
         tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: B * nblk_per_seq].view(B, -1)
         seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -61,15 +63,14 @@ def main():
             if splits > 1 and ctx // splits < bn:
                 continue
             pa.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
-            i = [0]
 
-            def run(caches=caches, i=i, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
-                c = caches[i[0] % 3]
-                i[0] += 1
+            def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits)
 
             try:
-                us = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median") * 1e3
+                # in a CUDA graph, as decode runs (a batch-1 launch is ~10 us, far below the host's launch
+                # time, which plain do_bench would measure instead)
+                us = median_ms(run, [(c,) for c in caches], rep_ms=50) * 1e3
             except Exception as e:  # noqa: BLE001 (a config the compiler rejects)
                 print("skip", splits, bn, nw, ns, type(e).__name__)
                 continue

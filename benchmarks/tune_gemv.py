@@ -1,6 +1,7 @@
 """Sweep fp8_gemv launch configs at batch 1 for the Llama-2-7B and -70B decode matrices.
 
-Times each config in a CUDA graph with cold weights (benchmarks/bench_kernels.median_ms), against the
+gate_up and down are timed as decode launches them (gate/up with SiLU-mul in its epilogue, down quantizing its
+bf16 input as it loads it; --unfused for plain fp8_gemv). Times each config in a CUDA graph with cold weights (benchmarks/bench_kernels.median_ms), against the
 measured read-only and copy bandwidths, and prints the best configs per matrix next to the default.
 
     python benchmarks/tune_gemv.py --output-json tune-gemv.json [--models 7b,70b]
@@ -38,9 +39,30 @@ def read_bandwidth_gbps() -> float:
     return x.numel() * 4 / ms / 1e6
 
 
+def deferred_input(x_fp8: torch.Tensor, x_scale: torch.Tensor) -> fp8.DeferredQuant:
+    values = (x_fp8.float() * x_scale).to(torch.bfloat16)
+    return fp8.DeferredQuant(values, values.float().abs().amax(dim=1, keepdim=True))
+
+
+def deferred_launch(x, _unused, w, ws, config=None):
+    return fp8.fp8_gemv_deferred(x, w, ws, config=config)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="7b,70b")
+    p.add_argument(
+        "--split-k",
+        default=None,
+        help="comma-separated SPLIT_K values to sweep for every tile config (default: derived per tile, "
+        "~1.5 waves); with it the space keeps BLOCK_K 256 and 4 stages",
+    )
+    p.add_argument(
+        "--unfused",
+        action="store_true",
+        help="time gate_up and down as plain fp8_gemv (default: as decode launches them, the gate/up GEMV "
+        "with SiLU-mul in its epilogue and the down GEMV quantizing its input)",
+    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -48,19 +70,33 @@ def main() -> None:
     copy_gbps, read_gbps = copy_bandwidth_gbps(), read_bandwidth_gbps()
     print(f"copy {copy_gbps:.0f} GB/s, read {read_gbps:.0f} GB/s, L2 {l2 >> 20} MiB, {sms} SMs")
     res = {"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "read_gbps": read_gbps, "rows": []}
-    space = [
-        {"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": nw}
-        for bn, bk, st, nw in itertools.product((32, 64, 128), (256, 512), (4, 6), (4, 8))
-        if bn * bk <= 65536 and not (bn == 32 and nw == 8)
-    ]
+    if a.split_k:
+        space = [
+            {"BLOCK_N": bn, "BLOCK_K": 256, "num_stages": 4, "num_warps": nw, "SPLIT_K": int(sk)}
+            for bn, nw, sk in itertools.product((32, 64, 128), (4, 8), a.split_k.split(","))
+            if not (bn == 32 and nw == 8)
+        ]
+    else:
+        space = [
+            {"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": nw}
+            for bn, bk, st, nw in itertools.product((32, 64, 128), (256, 512), (4, 6), (4, 8))
+            if bn * bk <= 65536 and not (bn == 32 and nw == 8)
+        ]
     for model in a.models.split(","):
         for name, (N, K) in MATRICES[model].items():
             sets, nbytes = gemv_sets(1, N, K, l2)
             default = fp8.fp8_gemv_config(1, N, K, sms)
+            launch = fp8.fp8_gemv
+            if name == "gate_up" and not a.unfused:
+                launch = fp8.fp8_gemv_silu_mul
+            elif name == "down" and not a.unfused:  # its input as the gated GEMV leaves it: bf16 + amax
+                sets = [(deferred_input(x, xs), None, w, ws) for x, xs, w, ws in sets]
+                launch = deferred_launch
             results = []
             for cfg in [{}] + space:
                 full = {**default, **cfg}
-                if cfg:  # re-derive split-K for the block size: ~1.5 waves, >= 4 K chunks per slice
+                if cfg and "SPLIT_K" not in cfg:
+                    # derive split-K for the block size: ~1.5 waves, >= 4 K chunks per slice
                     tiles = triton.cdiv(N, full["BLOCK_N"])
                     chunks = triton.cdiv(K, full["BLOCK_K"])
                     sk = 1
@@ -68,9 +104,7 @@ def main() -> None:
                         sk *= 2
                     full["SPLIT_K"] = sk
                 try:
-                    ms = median_ms(
-                        lambda x, xs, w, ws, c=full: fp8.fp8_gemv(x, xs, w, ws, config=c), sets, 30
-                    )
+                    ms = median_ms(lambda x, xs, w, ws, c=full, f=launch: f(x, xs, w, ws, config=c), sets, 30)
                 except Exception as e:  # out of shared memory and the like
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                     continue
