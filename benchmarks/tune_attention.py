@@ -62,7 +62,8 @@ def main():
         for splits, bn, nw, ns in itertools.product(split_choices, [16, 32, 64, 128], [4], [2, 3]):
             if splits > 1 and ctx // splits < bn:
                 continue
-            pa.DECODE_CONFIG.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
+            for cfg in (pa.DECODE_CONFIG, pa.DECODE_CONFIG_MANY_SPLITS):
+                cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits)

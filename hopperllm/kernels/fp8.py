@@ -457,9 +457,12 @@ GEMV_M1_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     (10240, 8192): (128, 256, 4, 6, 8),  # 70B qkv: 34.4 vs 35.4
     (57344, 8192): (128, 256, 1, 4, 8),  # 70B gate_up: 157.2 vs 160.1
     (8192, 28672): (128, 256, 4, 4, 8),  # 70B down: 82.3 vs 82.8
-    # one rank of the 70B at tensor_parallel_size 2, tuned on an H200 (tune-gemv-70b-tp2-h200.json)
-    (28672, 8192): (128, 256, 1, 4, 8),  # gate_up: 60.4 us vs 65.4 with the rule
-    (8192, 14336): (128, 256, 4, 4, 8),  # down: 34.1 vs 34.6
+    # one rank of the 70B at tensor_parallel_size 2, tuned on an H200 (tune-gemv-70b-tp2-h200.json; qkv, o
+    # and down with explicit split-K and the fused MLP launches: tune-gemv-70b-tp2-splitk-h200.json)
+    (28672, 8192): (128, 256, 1, 4, 8),  # gate_up: 60.4 us vs 65.4 with the rule (fused: 62.2)
+    (8192, 14336): (128, 256, 2, 4, 8),  # down, quantizing its input (fused MLP): 32.8 vs 37.2 at SPLIT_K 4
+    (5120, 8192): (128, 256, 3, 4, 8),  # qkv: 13.9 vs 18.0 with the rule
+    (8192, 4096): (128, 256, 2, 4, 8),  # o: 11.2 vs 12.3
 }
 
 

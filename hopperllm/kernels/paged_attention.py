@@ -40,9 +40,10 @@ _LOG2E = 1.4426950408889634
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
-# 256 measured best with the in-launch merge (ab-decode-70b: 128 keys per split cost 0.05 ms more per
-# 70B step; v9 had picked 128 with a separate merge kernel).
-_MIN_TOKENS_PER_SPLIT = 256
+# 128 (of max_model_len): with page-aligned slices and 32-key tiles, 32 slices of a 2176-key context beat
+# 16 at the 70B's head layouts (tune-attention-70b-h200.json). History: 256 had measured best with
+# 128-key tiles and slices of whole tiles (ab-decode-70b, v11); v9 had picked 128 with a separate merge.
+_MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 32
 
 
@@ -371,8 +372,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Launch parameters of the decode kernel on the GPU (benchmarks/tune_attention.py sweeps them).
-DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}  # best on an H100 (tune_attention.py)
+# Launch parameters of the decode kernel on the GPU (benchmarks/tune_attention.py sweeps them): 128-key
+# tiles for batches (best on an H100), 32-key tiles when a sequence's context is cut into >= 16 slices
+# (batch 1-2 with few kv heads: tune-attention-70b-h200.json, 70B heads at TP=1/2/8, 2176 keys, in CUDA
+# graphs: 32 slices of 32-key tiles 10.7 / 8.9 / 7.8 us against 11.9 / 11.5 / 10.7 with 16 slices of
+# 128-key tiles).
+DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+MANY_SPLITS = 16
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
@@ -530,7 +537,10 @@ def paged_decode_attention(
         k_new = v_new = positions = cos_sin = slots = seq_lens  # unused by the kernel
         new_strides = (0, 0, 0, 0, 0)
     block_h = max(16, triton.next_power_of_2(group))
-    cfg = DECODE_CONFIG if q.is_cuda else {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    if not q.is_cuda:
+        cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    else:
+        cfg = DECODE_CONFIG_MANY_SPLITS if num_splits >= MANY_SPLITS else DECODE_CONFIG
     block_n = cfg["BLOCK_N"]
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,

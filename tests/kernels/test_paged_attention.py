@@ -331,7 +331,8 @@ def test_choose_num_splits(monkeypatch):
     cpu = torch.device("cpu")
     assert pa.choose_num_splits(1, 8, 100, cpu) == 1  # short context: one split
     monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
-    assert pa.choose_num_splits(1, 8, 2048, cpu) == 8  # capped by 2048 / 256 tokens per split
+    assert pa.choose_num_splits(1, 8, 1024, cpu) == 8  # capped by 1024 / 128 tokens per split
+    assert pa.choose_num_splits(1, 4, 4096, cpu) == 32  # 70B at TP=2, batch 1: 66 wanted, capped at 32
     assert (
         pa.choose_num_splits(1, 32, 4096, cpu) == 8
     )  # 1-2 programs per SM (9 rounded down to a power of two)
