@@ -264,35 +264,33 @@ def main(args: argparse.Namespace) -> int:
         def make_prompts(n: int) -> list[list[int]]:
             return common.random_token_ids(rng, n, args.input_len, vocab)
 
-        points = [
-            run_batch(engine, make_prompts, params, b, args.num_iters, args.num_iters_warmup, args.budget)
-            for b in tqdm(batch_sizes, desc="Batch sweep", unit="batch size")
-        ]
+        fields = common.engine_fields(engine)
+        points: list[dict] = []
+
+        def add(point: dict) -> None:
+            # Each point is written as it is measured (the record says complete: false until the end), so a
+            # run stopped by a time limit keeps what it measured.
+            points.append(point)
+            partial = {**summarize(args, points), "complete": False}
+            common.write_json(
+                args.output_json, common.make_record("budget", args, partial, **fields), quiet=True
+            )
+
+        for b in tqdm(batch_sizes, desc="Batch sweep", unit="batch size"):
+            add(
+                run_batch(engine, make_prompts, params, b, args.num_iters, args.num_iters_warmup, args.budget)
+            )
         for k, rate in enumerate(
             tqdm(resolve_rates(args.request_rates, points), desc="Poisson sweep", unit="rate")
         ):
             n = args.num_prompts or (max(1, math.ceil(rate * args.duration)) if args.duration else 64)
             arrivals = arrival_times(rng, n, rate, args.burstiness)
-            points.append(run_poisson(engine, make_prompts(n), params, arrivals, rate, args.budget, f"p{k}"))
-        fields = common.engine_fields(engine)
+            add(run_poisson(engine, make_prompts(n), params, arrivals, rate, args.budget, f"p{k}"))
     finally:
         engine.shutdown()
 
-    best_p99, best_mean = best_point(points, "within_budget_p99"), best_point(points, "within_budget_mean")
-    batch1 = next((p for p in points if p["mode"] == "batch" and p["batch_size"] == 1), None)
     device, _ = common.device_info()
-    results = {
-        "budget_s": args.budget,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "points": points,
-        "best_p99": best_p99,
-        "best_mean": best_mean,
-        "max_qps_within_budget": best_p99["queries_per_s"] if best_p99 else None,
-        "batch1": batch1,
-        "csv": None,
-        "plot": None,
-    }
+    results = {**summarize(args, points), "complete": True}
     if csv_path:
         write_csv(csv_path, points)
         results["csv"] = csv_path
@@ -303,11 +301,27 @@ def main(args: argparse.Namespace) -> int:
             f"{fields['model']} on {where} ({fields['dtype']}, weights {fields['quantization'] or 'unquantized'},"
             f" KV {fields['kv_cache_dtype']}), {args.input_len} in / {args.output_len} out"
         )
-        results["plot"] = plot_budget(points, args.budget, png_path, title, best_p99)
+        results["plot"] = plot_budget(points, args.budget, png_path, title, results["best_p99"])
         print(f"wrote {png_path}")
     _print_summary(args, results, fields)
     common.write_json(args.output_json, common.make_record("budget", args, results, **fields))
     return 0
+
+
+def summarize(args, points: list[dict]) -> dict:
+    best_p99, best_mean = best_point(points, "within_budget_p99"), best_point(points, "within_budget_mean")
+    return {
+        "budget_s": args.budget,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "points": points,
+        "best_p99": best_p99,
+        "best_mean": best_mean,
+        "max_qps_within_budget": best_p99["queries_per_s"] if best_p99 else None,
+        "batch1": next((p for p in points if p["mode"] == "batch" and p["batch_size"] == 1), None),
+        "csv": None,
+        "plot": None,
+    }
 
 
 def _print_summary(args, r: dict, fields: dict) -> None:

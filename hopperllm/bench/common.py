@@ -126,15 +126,18 @@ def args_dict(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def write_json(path: str | None, record: dict[str, Any]) -> None:
+def write_json(path: str | None, record: dict[str, Any], quiet: bool = False) -> None:
     if not path:
         return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:  # written whole, then renamed: a reader never sees half a record
         json.dump(_finite(record), f, indent=2)
         f.write("\n")
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def _finite(x: Any) -> Any:

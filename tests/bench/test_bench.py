@@ -171,7 +171,7 @@ def test_budget_writes_json_csv_png(tmp_path):
     )
     rec = load(out)
     r = rec["results"]
-    assert [p["mode"] for p in r["points"]] == ["batch", "batch", "poisson", "poisson"]
+    assert [p["mode"] for p in r["points"]] == ["batch", "batch", "poisson", "poisson"] and r["complete"]
     assert r["batch1"]["batch_size"] == 1 and r["batch1"]["num_requests"] == 2
     assert r["best_p99"] is not None and r["max_qps_within_budget"] == r["best_p99"]["queries_per_s"]
     assert all(p["within_budget_p99"] for p in r["points"])  # 10 s is plenty for the tiny model
@@ -179,6 +179,24 @@ def test_budget_writes_json_csv_png(tmp_path):
     assert r["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = csv_path.read_text().splitlines()
     assert lines[0].split(",")[:3] == ["mode", "batch_size", "request_rate"] and len(lines) == 5
+
+
+def test_budget_keeps_the_points_of_a_run_cut_short(tmp_path, monkeypatch):
+    """A time limit that stops the Poisson sweep leaves the batch sweep's points in the JSON."""
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(budget, "run_poisson", stopped)
+    out = tmp_path / "budget.json"
+    args = [*TINY, "--input-len", "16", "--output-len", "4", "--batch-sizes", "1,2", "--num-iters", "1"]
+    rc = run_cli(
+        ["budget", *args, "--num-iters-warmup", "0", "--request-rates", "50", "--output-json", str(out)]
+    )
+    assert rc == 130  # the CLI reports the interrupt
+    r = load(out)["results"]
+    assert r["complete"] is False and [p["batch_size"] for p in r["points"]] == [1, 2]
+    assert r["batch1"]["batch_size"] == 1 and not (tmp_path / "budget.json.tmp").exists()
 
 
 def test_budget_helpers():
