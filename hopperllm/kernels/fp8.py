@@ -591,36 +591,23 @@ def fp8_gemv(
     w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     config: dict[str, int] | None = None,
-) -> torch.Tensor:
+    *,
+    silu_mul: bool = False,
+) -> torch.Tensor | DeferredQuant:
     """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
     MAX_IMPRECISE_ACC, PREFETCH_LINES).
     With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
     so results are deterministic) in the same launch.
+    With silu_mul, see fp8_gemv_silu_mul.
     """
     _check_weight(w_fp8, w_scale)
     _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
-    if x_fp8.shape[0] == 0:
-        return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=x_fp8.device)
-    return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config)
-
-
-def fp8_gemv_silu_mul(
-    x_fp8: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_fp8: torch.Tensor,
-    w_scale: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: dict[str, int] | None = None,
-) -> DeferredQuant:
-    """The merged gate/up projection and SiLU-mul in one launch: w_fp8 [2I, K] (gate rows, then up rows)
-    -> DeferredQuant(silu(gate) * up [M, I] in out_dtype, amax pieces). The values are the bits of
-    silu_and_mul over fp8_gemv's out_dtype output with the same config; no FP8 SiLU-mul launch, and
-    fp8_gemv_deferred quantizes them for the down projection. `config` is the unfused GEMV's (BLOCK_N
-    is halved: a program streams BLOCK_N / 2 gate rows and their up rows)."""
-    _check_weight(w_fp8, w_scale)
-    _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
+    if not silu_mul:
+        if x_fp8.shape[0] == 0:
+            return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=x_fp8.device)
+        return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config)
     if w_fp8.shape[0] % 2:
         raise ValueError(f"a gate/up weight has an even number of rows, got {w_fp8.shape[0]}")
     if x_fp8.shape[0] == 0:
@@ -629,6 +616,15 @@ def fp8_gemv_silu_mul(
     if config is not None and "BLOCK_N" in config:
         config = {**config, "BLOCK_N": max(config["BLOCK_N"] // 2, 16)}
     return DeferredQuant(*_launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, gated=True))
+
+
+def fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, *args, **kwargs) -> DeferredQuant:
+    """The merged gate/up projection and SiLU-mul in one launch: w_fp8 [2I, K] (gate rows, then up rows)
+    -> DeferredQuant(silu(gate) * up [M, I] in out_dtype, amax pieces). The values are the bits of
+    silu_and_mul over fp8_gemv's out_dtype output with the same tile shape; no FP8 SiLU-mul launch, and
+    fp8_gemv_deferred quantizes them for the down projection. Arguments as fp8_gemv's; `config` is the
+    unfused GEMV's (BLOCK_N is halved: a program streams BLOCK_N / 2 gate rows and their up rows)."""
+    return fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, *args, silu_mul=True, **kwargs)
 
 
 def fp8_gemv_deferred(
