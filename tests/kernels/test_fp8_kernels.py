@@ -228,7 +228,12 @@ def test_fused_silu_mul_gemvs_equal_unfused_launches(
 
     w_gu, s_gu = make_weight(2 * inter, K, per_channel, seed=inter)
     w_down, s_down = make_weight(K, inter, per_channel, seed=K)
-    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=M))
+    x = random_rows((M, K), torch.float32, seed=M)
+    if per_channel:  # per-token input scales; with per-tensor weights, a static one (a checkpoint's)
+        x_fp8, x_scale = fp8.ref_per_token_quant_fp8(x)
+    else:
+        x_scale = (x.abs().amax() / 448.0).reshape(1)
+        x_fp8 = fp8.ref_static_quant_fp8(x, x_scale)
 
     fused = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_gu, s_gu, out_dtype, config=cfg_gu)
     # The unfused GEMV with the fused tile's shape (BLOCK_N / 2): the interpreter's dot is a BLAS matmul,
