@@ -3,7 +3,8 @@
 # writes logs and JSON under $OUT. Usage (from the repo root): bash benchmarks/device_run.sh [steps...]
 # steps: info tests smoke kernels latency throughput (default: info tests smoke); tensor parallelism:
 # tp-tests, and with TP=<size> (default 2): latency-70b-tp, latency-70b-tp-nccl, profile-tp, budget-70b-tp,
-# tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes)
+# tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes), ab-tp (A/B of environment
+# settings, e.g. AB="- HOPPERLLM_GEMV_PREFETCH=16 HOPPERLLM_FUSED_MLP=0,HOPPERLLM_PDL=1")
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -112,6 +113,14 @@ for step in $steps; do
         --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
         --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp.log" | tail -22 ;;
+    ab-tp)  # the TP latency run under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
+      for v in ${AB:--}; do
+        echo "--- ${v} ---"
+        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
+          --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
+          --num-iters-warmup 2 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/ab-tp${TP:-2}-${v//[^A-Za-z0-9_=]/_}.json" 2>&1 \
+          | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
+      done ;;
     latency-70b-tp-nccl)
       HOPPERLLM_ALLREDUCE=nccl timeout 420 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
         --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
