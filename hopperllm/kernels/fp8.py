@@ -618,6 +618,15 @@ def fp8_gemv(
     return DeferredQuant(*_launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, gated=True))
 
 
+def silu_mul_fusion_pays(M: int, N: int, K: int, device: torch.device) -> bool:
+    """Whether the decode MLP should take fp8_gemv_silu_mul for M tokens and a [N = 2I, K] gate/up weight:
+    where its config gives the fused launch tiles of >= 64 gate rows (wgmma, as the unfused launch), the
+    regime measured to pay (Llama-2-70B at TP=1 and 2, batch 1: v15 in docs/perf-notes.md). Narrower tiles
+    (7B / 8B shapes, batches) keep the three launches until measured."""
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
+    return fp8_gemv_config(M, N, K, num_sms)["BLOCK_N"] >= 128
+
+
 def fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, *args, **kwargs) -> DeferredQuant:
     """The merged gate/up projection and SiLU-mul in one launch: w_fp8 [2I, K] (gate rows, then up rows)
     -> DeferredQuant(silu(gate) * up [M, I] in out_dtype, amax pieces). The values are the bits of

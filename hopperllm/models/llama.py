@@ -38,8 +38,9 @@ def _fuse_quant(linear) -> tuple[bool, torch.Tensor | None]:
 
 
 # Decode batches of FP8 models run gate/up + SiLU-mul as one GEMV launch and quantize the down projection's
-# input inside its GEMV (fp8_gemv_silu_mul / fp8_gemv_deferred): one kernel fewer per layer, same bits.
-# HOPPERLLM_FUSED_MLP=0 keeps the three launches (for A/B runs).
+# input inside its GEMV (fp8_gemv_silu_mul / fp8_gemv_deferred): one kernel fewer per layer, same bits,
+# where the fused tiles are the measured kind (silu_mul_fusion_pays). HOPPERLLM_FUSED_MLP=0 keeps the three
+# launches everywhere (for A/B runs).
 FUSED_MLP = os.environ.get("HOPPERLLM_FUSED_MLP", "1") != "0"
 
 
@@ -58,7 +59,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant))
 
     def _fused_decode(self, x) -> bool:
-        from hopperllm.kernels.fp8 import GEMV_MAX_M
+        from hopperllm.kernels.fp8 import GEMV_MAX_M, silu_mul_fusion_pays
 
         return (
             FUSED_MLP
@@ -66,6 +67,7 @@ class LlamaMLP(nn.Module):
             and x[0].shape[0] <= GEMV_MAX_M
             and self.gate_up_proj.bias is None
             and self.down_proj.bias is None
+            and silu_mul_fusion_pays(x[0].shape[0], *self.gate_up_proj.weight.shape, x[0].device)
         )
 
 

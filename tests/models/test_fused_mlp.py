@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hopperllm.config import ModelConfig
+from hopperllm.kernels import fp8
 from hopperllm.kernels.fp8 import ref_per_token_quant_fp8
 from hopperllm.layers.linear import quantize_weight_per_channel
 from hopperllm.models import llama
@@ -32,6 +33,7 @@ def fp8_mlp(seed: int) -> llama.LlamaMLP:
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_fused_decode_mlp_equals_unfused(monkeypatch, tokens):
+    monkeypatch.setattr(fp8, "silu_mul_fusion_pays", lambda *a: True)  # this tiny MLP's tiles are narrow
     mlp = fp8_mlp(seed=tokens)
     x = ref_per_token_quant_fp8(
         torch.randn(tokens, CFG.hidden_size, generator=torch.Generator().manual_seed(7))
@@ -52,3 +54,12 @@ def test_static_down_input_scale_keeps_the_unfused_path():
     mlp.gate_up_proj.silu_mul_fp8 = lambda x: calls.append(x)
     mlp(x)
     assert not calls
+
+
+def test_fusion_only_where_measured():
+    """The fused MLP runs where its tiles are the measured kind: Llama-2-70B at TP=1/2, batch 1."""
+    cpu = torch.device("cpu")
+    assert fp8.silu_mul_fusion_pays(1, 57344, 8192, cpu) and fp8.silu_mul_fusion_pays(1, 28672, 8192, cpu)
+    assert not fp8.silu_mul_fusion_pays(1, 22016, 4096, cpu)  # Llama-2-7B: 32-row fused tiles
+    assert not fp8.silu_mul_fusion_pays(4, 28672, 8192, cpu)  # batches: the M > 1 rule's narrow tiles
+    assert not fp8_mlp(seed=0)._fused_decode(ref_per_token_quant_fp8(torch.randn(1, CFG.hidden_size)))
