@@ -1,6 +1,7 @@
 """A/B of launch-level decode options on one loaded model: the batch-1 decode graph is re-captured for each
 variant (PDL on/off, fp8_gemv L2 prefetch lines, SiLU chunk, decode split size, rotary inside the decode
-attention launch) and its replay timed; logits must not change.
+attention launch, fused MLP mode) and its replay timed; logits must not change (the fused MLP's may, in
+the last bits of float32 sums: its tiles differ).
 
     python benchmarks/ab_decode.py --model dummy:llama-2-7b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4
 """
@@ -17,6 +18,7 @@ from _setup import start_decodes
 from hopperllm import LLM
 from hopperllm.kernels import activation, fp8, paged_attention
 from hopperllm.layers.attention import TritonAttentionBackend
+from hopperllm.models import llama
 from hopperllm.worker.cuda_graphs import DecodeGraphRunner
 from hopperllm.worker.profiling import timed_replays
 
@@ -34,6 +36,8 @@ def _variant(name: str) -> dict[str, str]:
             out["min_tokens"] = part[2:]
         elif part.startswith("rot"):  # rotary + cache write inside the decode-attention launch (1) or not (0)
             out["rotary"] = part[3:]
+        elif part.startswith("mlp"):  # fused decode MLP: 0 off, 1 where measured (default), 2 everywhere
+            out["mlp"] = part[3:]
     return out
 
 
@@ -66,6 +70,7 @@ def main():
         activation.SPLIT_ROW_CHUNK = int(v.get("chunk", defaults["chunk"]))
         paged_attention._MIN_TOKENS_PER_SPLIT = int(v.get("min_tokens", defaults["min_tokens"]))
         TritonAttentionBackend.fuse_decode_rotary = {"1": "all", "0": "none"}.get(v.get("rotary"), "mha")
+        llama.FUSED_MLP = v.get("mlp", "1")
         try:
             gr = DecodeGraphRunner(runner, [a.batch_size])
             gr.block_tables.copy_(gr0.block_tables[: gr.max_bs])

@@ -539,6 +539,26 @@ def _check_x_fp8(x_fp8: torch.Tensor, x_scale: torch.Tensor, K: int) -> None:
         raise ValueError(f"x_scale must have 1 or M={x_fp8.shape[0]} elements, got {tuple(x_scale.shape)}")
 
 
+# Shared memory a GEMV program may take for its pipeline stages (an H100 / H200 SM has 227 KB).
+_GEMV_SMEM_BYTES = 200 * 1024
+
+
+def gated_config(cfg: dict[str, int]) -> dict[str, int]:
+    """The fused gate/up launch's config from the unfused GEMV's. A program streams BLOCK_N / 2 gate rows
+    and as many up rows (the unfused tile's bytes) while that leaves >= 64 rows (wgmma MMAs, as the
+    unfused tile); a 64-row unfused tile keeps 64 gate rows and doubles SPLIT_K instead (as many programs
+    with as many bytes each). Stages are cut to what fits in shared memory."""
+    g = dict(cfg)
+    if cfg["BLOCK_N"] == 64:
+        g["SPLIT_K"] = cfg["SPLIT_K"] * 2
+    else:
+        g["BLOCK_N"] = max(cfg["BLOCK_N"] // 2, 16)
+    per_stage = (2 * g["BLOCK_N"] + g["BLOCK_M"]) * g["BLOCK_K"]
+    while g["num_stages"] > 2 and g["num_stages"] * per_stage > _GEMV_SMEM_BYTES:
+        g["num_stages"] -= 1
+    return g
+
+
 def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False):
     """The launcher behind fp8_gemv, fp8_gemv_silu_mul and fp8_gemv_deferred (inputs already checked).
     Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces."""
@@ -546,10 +566,9 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
     device = x.device
     num_sms = _num_sms(device.index or 0) if x.is_cuda else 132
-    cfg = dict(fp8_gemv_config(M, w_fp8.shape[0], K, num_sms))
-    if gated:  # a program streams BLOCK_N gate rows and as many up rows: the bytes of the unfused tile
-        cfg["BLOCK_N"] = max(cfg["BLOCK_N"] // 2, 16)
-    cfg.update(config or {})
+    cfg = {**fp8_gemv_config(M, w_fp8.shape[0], K, num_sms), **(config or {})}
+    if gated:
+        cfg = gated_config(cfg)
     if not x.is_cuda:
         cfg["PREFETCH_LINES"] = 0  # inline PTX: GPU only
     else:
@@ -613,16 +632,15 @@ def fp8_gemv(
     if x_fp8.shape[0] == 0:
         empty = torch.empty((0, w_fp8.shape[0] // 2), dtype=out_dtype, device=x_fp8.device)
         return DeferredQuant(empty, torch.zeros((0, 1), dtype=torch.float32, device=x_fp8.device))
-    if config is not None and "BLOCK_N" in config:
-        config = {**config, "BLOCK_N": max(config["BLOCK_N"] // 2, 16)}
     return DeferredQuant(*_launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, gated=True))
 
 
 def silu_mul_fusion_pays(M: int, N: int, K: int, device: torch.device) -> bool:
     """Whether the decode MLP should take fp8_gemv_silu_mul for M tokens and a [N = 2I, K] gate/up weight:
-    where its config gives the fused launch tiles of >= 64 gate rows (wgmma, as the unfused launch), the
-    regime measured to pay (Llama-2-70B at TP=1 and 2, batch 1: v15 in docs/perf-notes.md). Narrower tiles
-    (7B / 8B shapes, batches) keep the three launches until measured."""
+    where the unfused config has tiles of >= 128 rows, so the fused one halves them to >= 64 gate rows, the
+    regime measured to pay (Llama-2-70B at TP=1 and 2, batch 1: v15 in docs/perf-notes.md). The 7B / 8B
+    shapes and batches (64- or 32-row unfused tiles) keep the three launches until measured
+    (HOPPERLLM_FUSED_MLP=2 fuses them too, for that measurement)."""
     num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
     return fp8_gemv_config(M, N, K, num_sms)["BLOCK_N"] >= 128
 
@@ -630,9 +648,9 @@ def silu_mul_fusion_pays(M: int, N: int, K: int, device: torch.device) -> bool:
 def fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, *args, **kwargs) -> DeferredQuant:
     """The merged gate/up projection and SiLU-mul in one launch: w_fp8 [2I, K] (gate rows, then up rows)
     -> DeferredQuant(silu(gate) * up [M, I] in out_dtype, amax pieces). The values are the bits of
-    silu_and_mul over fp8_gemv's out_dtype output with the same tile shape; no FP8 SiLU-mul launch, and
+    silu_and_mul over fp8_gemv's out_dtype output with the same tiles; no FP8 SiLU-mul launch, and
     fp8_gemv_deferred quantizes them for the down projection. Arguments as fp8_gemv's; `config` is the
-    unfused GEMV's (BLOCK_N is halved: a program streams BLOCK_N / 2 gate rows and their up rows)."""
+    unfused GEMV's, from which gated_config derives the fused launch's tiles."""
     return fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, *args, silu_mul=True, **kwargs)
 
 

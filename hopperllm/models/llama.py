@@ -40,8 +40,8 @@ def _fuse_quant(linear) -> tuple[bool, torch.Tensor | None]:
 # Decode batches of FP8 models run gate/up + SiLU-mul as one GEMV launch and quantize the down projection's
 # input inside its GEMV (fp8_gemv_silu_mul / fp8_gemv_deferred): one kernel fewer per layer, same bits,
 # where the fused tiles are the measured kind (silu_mul_fusion_pays). HOPPERLLM_FUSED_MLP=0 keeps the three
-# launches everywhere (for A/B runs).
-FUSED_MLP = os.environ.get("HOPPERLLM_FUSED_MLP", "1") != "0"
+# launches everywhere, =2 fuses at every decode shape (both for A/B runs).
+FUSED_MLP = os.environ.get("HOPPERLLM_FUSED_MLP", "1")
 
 
 class LlamaMLP(nn.Module):
@@ -62,12 +62,15 @@ class LlamaMLP(nn.Module):
         from hopperllm.kernels.fp8 import GEMV_MAX_M, silu_mul_fusion_pays
 
         return (
-            FUSED_MLP
+            FUSED_MLP != "0"
             and type(x) is tuple  # FP8 (x_fp8, scale) from the norm kernel: CUDA, FP8 gate/up
             and x[0].shape[0] <= GEMV_MAX_M
             and self.gate_up_proj.bias is None
             and self.down_proj.bias is None
-            and silu_mul_fusion_pays(x[0].shape[0], *self.gate_up_proj.weight.shape, x[0].device)
+            and (
+                FUSED_MLP == "2"
+                or silu_mul_fusion_pays(x[0].shape[0], *self.gate_up_proj.weight.shape, x[0].device)
+            )
         )
 
 

@@ -182,11 +182,11 @@ def test_fused_silu_mul_gemvs_real_shapes(inter, K, M):
     w_gu, s_gu = make_weight(2 * inter, K, True, seed=inter)
     w_down, s_down = make_weight(K, inter, True, seed=K)
     x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=M))
-    # The fused launch streams BLOCK_N / 2 gate rows and as many up rows. The MMA instruction (wgmma for
-    # >= 64-row tiles, mma.sync below) and so the float32 rounding of its sums follow the tile shape:
-    # at 7B shapes the unfused 64-row tiles and the fused 32-row ones differ in the last bits.
+    # The fused launch's tiles and K slices (gated_config) differ from the unfused launch's; the MMA
+    # instruction (wgmma for >= 64-row tiles, mma.sync below), the split-K sums and so the float32
+    # rounding follow them.
     cfg = fp8.fp8_gemv_config(M, 2 * inter, K, torch.cuda.get_device_properties(0).multi_processor_count)
-    same_tiles = {**cfg, "BLOCK_N": max(cfg["BLOCK_N"] // 2, 16)}
+    same_tiles = fp8.gated_config(cfg)
     gate_up = fp8.fp8_gemv(x_fp8, x_scale, w_gu, s_gu, config=same_tiles)
     y_fp8, y_scale = activation.silu_and_mul(gate_up, out_fp8=True)
     unfused = fp8.fp8_gemv(y_fp8, y_scale, w_down, s_down)

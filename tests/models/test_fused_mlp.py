@@ -40,7 +40,7 @@ def test_fused_decode_mlp_equals_unfused(monkeypatch, tokens):
     )
     assert mlp._fused_decode(x)
     fused = mlp(x)
-    monkeypatch.setattr(llama, "FUSED_MLP", False)
+    monkeypatch.setattr(llama, "FUSED_MLP", "0")
     assert not mlp._fused_decode(x)
     unfused = mlp(x)  # gate/up GEMV, torch SiLU-mul, FP8 linear (per-token quantize + dequantized matmul)
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * unfused.abs().max().item())
@@ -62,4 +62,19 @@ def test_fusion_only_where_measured():
     assert fp8.silu_mul_fusion_pays(1, 57344, 8192, cpu) and fp8.silu_mul_fusion_pays(1, 28672, 8192, cpu)
     assert not fp8.silu_mul_fusion_pays(1, 22016, 4096, cpu)  # Llama-2-7B: 32-row fused tiles
     assert not fp8.silu_mul_fusion_pays(4, 28672, 8192, cpu)  # batches: the M > 1 rule's narrow tiles
-    assert not fp8_mlp(seed=0)._fused_decode(ref_per_token_quant_fp8(torch.randn(1, CFG.hidden_size)))
+    x = ref_per_token_quant_fp8(torch.randn(1, CFG.hidden_size))
+    assert not fp8_mlp(seed=0)._fused_decode(x)
+
+
+def test_fused_mlp_everywhere_on_request(monkeypatch):
+    monkeypatch.setattr(llama, "FUSED_MLP", "2")  # HOPPERLLM_FUSED_MLP=2: fuse at every decode shape
+    assert fp8_mlp(seed=0)._fused_decode(ref_per_token_quant_fp8(torch.randn(2, CFG.hidden_size)))
+
+
+def test_gated_config_keeps_wgmma_tiles_and_fits_shared_memory():
+    base = {"BLOCK_M": 16, "BLOCK_K": 256, "SPLIT_K": 1, "num_stages": 4, "num_warps": 8}
+    g = fp8.gated_config({**base, "BLOCK_N": 128})  # the 70B's: 64 gate + 64 up rows, 4 stages fit
+    assert (g["BLOCK_N"], g["SPLIT_K"], g["num_stages"]) == (64, 1, 4)
+    g = fp8.gated_config({**base, "BLOCK_N": 64, "BLOCK_K": 512})  # the 7B's: keep 64 rows, split K
+    assert (g["BLOCK_N"], g["SPLIT_K"]) == (64, 2) and g["num_stages"] * (2 * 64 + 16) * 512 <= 200 * 1024
+    assert fp8.gated_config({**base, "BLOCK_N": 32})["BLOCK_N"] == 16  # batches: narrow tiles halve
