@@ -8,6 +8,7 @@ rotates q/k and writes k/v into the cache at `slot_mapping`, then attends over t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -156,8 +157,10 @@ class TritonAttentionBackend(AttentionBackend):
     # Rotary + cache write inside the decode-attention launch, for layers without grouped KV heads: on the
     # H100 (ab-rot in benchmarks/device_run.sh, decode graph replay) Llama-2-7B went 3.511 -> 3.497 ms a
     # step with it, but Llama-2-70B (8 query heads per KV head) 25.861 -> 25.920 ms, so GQA layers keep
-    # the separate rotary_kv_write. "all" / "none" fuse everywhere / nowhere (benchmarks/ab_decode.py, tests).
-    fuse_decode_rotary = "mha"
+    # the separate rotary_kv_write. "all" / "none" fuse everywhere / nowhere (benchmarks/ab_decode.py, tests;
+    # HOPPERLLM_DECODE_ROTARY=all|mha|none for A/B runs of whole benchmarks, e.g. tensor parallel ones,
+    # since the decode launch changed: v15's 32 slices of 32-key tiles at the 70B's heads).
+    fuse_decode_rotary = os.environ.get("HOPPERLLM_DECODE_ROTARY", "mha")
 
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
