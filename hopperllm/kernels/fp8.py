@@ -539,6 +539,11 @@ def _check_x_fp8(x_fp8: torch.Tensor, x_scale: torch.Tensor, K: int) -> None:
         raise ValueError(f"x_scale must have 1 or M={x_fp8.shape[0]} elements, got {tuple(x_scale.shape)}")
 
 
+def _gemv_num_sms(device: torch.device) -> int:
+    """The SM count fp8_gemv_config plans for (an H100's 132 off the GPU, where the interpreter runs)."""
+    return _num_sms(device.index or 0) if device.type == "cuda" else 132
+
+
 # Shared memory a GEMV program may take for its pipeline stages (an H100 / H200 SM has 227 KB).
 _GEMV_SMEM_BYTES = 200 * 1024
 
@@ -565,8 +570,7 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     M, K = x.shape
     N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
     device = x.device
-    num_sms = _num_sms(device.index or 0) if x.is_cuda else 132
-    cfg = {**fp8_gemv_config(M, w_fp8.shape[0], K, num_sms), **(config or {})}
+    cfg = {**fp8_gemv_config(M, w_fp8.shape[0], K, _gemv_num_sms(device)), **(config or {})}
     if gated:
         cfg = gated_config(cfg)
     if not x.is_cuda:
@@ -641,8 +645,7 @@ def silu_mul_fusion_pays(M: int, N: int, K: int, device: torch.device) -> bool:
     regime measured to pay (Llama-2-70B at TP=1 and 2, batch 1: v15 in docs/perf-notes.md). The 7B / 8B
     shapes and batches (64- or 32-row unfused tiles) keep the three launches until measured
     (HOPPERLLM_FUSED_MLP=2 fuses them too, for that measurement)."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
-    return fp8_gemv_config(M, N, K, num_sms)["BLOCK_N"] >= 128
+    return fp8_gemv_config(M, N, K, _gemv_num_sms(device))["BLOCK_N"] >= 128
 
 
 def fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, *args, **kwargs) -> DeferredQuant:
@@ -665,12 +668,12 @@ def fp8_gemv_deferred(
     the two launches (the same FP8 codes and scales), with one launch."""
     _check_weight(w_fp8, w_scale)
     values, parts = x
-    M, K = values.shape
-    if values.dim() != 2 or values.stride(1) != 1 or K != w_fp8.shape[1]:
+    if values.dim() != 2 or values.stride(1) != 1 or values.shape[1] != w_fp8.shape[1]:
         raise ValueError(
             f"deferred values must be a [M, K={w_fp8.shape[1]}] matrix with unit inner stride, got "
             f"{tuple(values.shape)}"
         )
+    M = values.shape[0]
     if parts.dim() != 2 or parts.shape[0] != M or parts.dtype != torch.float32:
         raise ValueError(f"amax_parts must be float32 [M={M}, C], got {parts.dtype} {tuple(parts.shape)}")
     if M == 0:

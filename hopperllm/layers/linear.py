@@ -30,15 +30,16 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
-def _fp8_prequantized(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
+def _fp8_prequantized(x: tuple, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
+    """x is an (x_fp8, scale) pair, or a DeferredQuant that the GEMV quantizes as it loads it."""
     from hopperllm.kernels.fp8 import GEMV_MAX_M, DeferredQuant, fp8_gemv, fp8_gemv_deferred, scaled_mm
 
-    if isinstance(x_fp8, DeferredQuant):  # quantized by the GEMV as it loads it (x_scale unused)
-        y = fp8_gemv_deferred(x_fp8, w_fp8, w_scale, out_dtype)
-    elif x_fp8.shape[0] <= GEMV_MAX_M:
-        y = fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+    if isinstance(x, DeferredQuant):
+        y = fp8_gemv_deferred(x, w_fp8, w_scale, out_dtype)
+    elif x[0].shape[0] <= GEMV_MAX_M:
+        y = fp8_gemv(x[0], x[1], w_fp8, w_scale, out_dtype)
     else:
-        y = scaled_mm(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
+        y = scaled_mm(x[0], x[1], w_fp8, w_scale, out_dtype)
     return y if bias is None else y + bias.to(out_dtype)
 
 
@@ -127,10 +128,8 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x is an activation, or for FP8 layers on CUDA an already quantized (x_fp8, scale) pair from a
         fused norm / activation kernel, or a DeferredQuant from fp8_gemv_silu_mul (FP8, decode sizes)."""
-        if type(x) is tuple:
-            return _fp8_prequantized(x[0], x[1], self.weight, self.weight_scale, self.bias, self.params_dtype)
-        if isinstance(x, tuple):  # DeferredQuant
-            return _fp8_prequantized(x, None, self.weight, self.weight_scale, self.bias, self.params_dtype)
+        if isinstance(x, tuple):
+            return _fp8_prequantized(x, self.weight, self.weight_scale, self.bias, self.params_dtype)
         if self.quantization == "fp8":
             from hopperllm.kernels.fp8 import fp8_linear
 
