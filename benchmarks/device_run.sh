@@ -118,7 +118,7 @@ for step in $steps; do
         echo "--- ${v} ---"
         env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
           --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
-          --num-iters-warmup 2 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/ab-tp${TP:-2}-${v//[^A-Za-z0-9_=]/_}.json" 2>&1 \
+          --num-iters-warmup 2 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/ab-tp${TP:-2}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
     latency-70b-tp-nccl)
