@@ -15,6 +15,7 @@ class TPGroup:
     world_size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when world_size > 1
     small_all_reduce: Any = None  # SymmMemAllReduce for small CUDA tensors (symm_all_reduce.py), or None
+    fused_norm: Any = None  # FusedAllReduceNorm (symm_all_reduce.py): all-reduce + add + RMSNorm, or None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks; in place through NCCL/gloo, or a new tensor from the one-shot kernel:

@@ -51,12 +51,13 @@ def init_tp_group(rank: int, world_size: int, device_type: str, port: int, timeo
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
     )
-    small = None
+    small = fused = None
     if device_id is not None:
-        from hopperllm.distributed.symm_all_reduce import make_symm_all_reduce
+        from hopperllm.distributed.symm_all_reduce import make_fused_allreduce_norm, make_symm_all_reduce
 
         small = make_symm_all_reduce(dist.group.WORLD, rank, world_size, device_id)
-    return TPGroup(rank, world_size, dist.group.WORLD, small)
+        fused = make_fused_allreduce_norm(dist.group.WORLD, rank, world_size, device_id)
+    return TPGroup(rank, world_size, dist.group.WORLD, small, fused)
 
 
 def all_reduce_min(tp: TPGroup, value: int, device: torch.device) -> int:

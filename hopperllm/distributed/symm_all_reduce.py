@@ -77,3 +77,91 @@ def make_symm_all_reduce(group, rank: int, world_size: int, device: torch.device
         return None
     logger.info("one-shot symmetric-memory all-reduce for tensors up to %d bytes", max_bytes)
     return ar
+
+
+class FusedAllReduceNorm:
+    """All-reduce + residual add + RMSNorm (+ FP8) in one kernel (kernels/allreduce_norm.py) over its own
+    symmetric-memory buffer and signal pad, for decode-sized tensors. `HOPPERLLM_FUSED_AR_NORM=0` turns
+    it off (the decoder then all-reduces in the row-parallel layers and normalizes separately)."""
+
+    def __init__(
+        self, group, rank: int, world_size: int, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
+    ):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank, self.world_size, self.max_bytes = rank, world_size, max_bytes
+        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        hdl = symm_mem.rendezvous(self.buffer, group.group_name)
+        self.buffer_ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=device)
+        self.signal_pad_ptrs = torch.tensor(list(hdl.signal_pad_ptrs), dtype=torch.int64, device=device)
+        self.max_rows = int(hdl.signal_pad_size) // (4 * world_size)  # one int32 flag per row and rank
+        self._hdl = hdl
+
+    def supports(self, x: torch.Tensor) -> bool:
+        """Whether x [T, H] (this rank's partial sums) fits the buffer and the signal pad."""
+        return (
+            x.is_cuda
+            and x.dim() == 2
+            and x.dtype in DTYPES
+            and x.is_contiguous()
+            and x.shape[0] <= self.max_rows
+            and x.numel() * x.element_size() <= self.max_bytes
+        )
+
+    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
+        """(out, residual): see kernels.allreduce_norm.allreduce_rms_norm (residual updated in place)."""
+        from hopperllm.kernels.allreduce_norm import allreduce_rms_norm
+
+        out = allreduce_rms_norm(
+            x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
+            out_fp8=out_fp8, static_scale=static_scale,
+        )  # fmt: skip
+        return out, residual
+
+
+def make_fused_allreduce_norm(
+    group, rank: int, world_size: int, device: torch.device
+) -> FusedAllReduceNorm | None:
+    """The fused all-reduce + RMSNorm if every rank set it up and it computes the reference's bits, else
+    None (the layers all-reduce, then normalize)."""
+    if (
+        os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1") == "0"
+        or os.environ.get("HOPPERLLM_ALLREDUCE") == "nccl"
+    ):
+        return None
+    from hopperllm.kernels.allreduce_norm import ref_allreduce_rms_norm
+
+    fused, why = None, ""
+    try:
+        fused = FusedAllReduceNorm(group, rank, world_size, device)
+        h = 4096
+        g = torch.Generator(device=device).manual_seed(7)
+        parts = [torch.randn(2, h, generator=g, device=device).to(torch.bfloat16) for _ in range(world_size)]
+        weight = torch.randn(h, generator=g, device=device).to(torch.bfloat16)
+        res = torch.randn(2, h, generator=g, device=device).to(torch.bfloat16)
+        ref_res = res.clone()
+        ref = ref_allreduce_rms_norm(parts, ref_res, weight, 1e-5)
+        ok = True
+        for _ in range(3):  # the flags must come back to zero for the next call
+            r = res.clone()
+            out, r = fused(parts[rank].clone(), r, weight, 1e-5)
+            ok = (
+                ok
+                and bool(torch.equal(r, ref_res))
+                and bool(torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2))
+            )
+        torch.cuda.synchronize(device)
+        if not ok:
+            why = "it computed wrongly"
+    except Exception as e:  # no peer access, old torch or Triton: the unfused path does the work
+        ok, why = False, f"{type(e).__name__}: {e}"
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if not int(flag.item()):
+        logger.warning(
+            "fused all-reduce + RMSNorm unavailable (%s); all-reducing separately",
+            why or "another rank failed",
+        )
+        return None
+    logger.info("fused all-reduce + RMSNorm for up to %d rows", fused.max_rows)
+    return fused

@@ -200,5 +200,8 @@ class RowParallelLinear(LinearBase):
             loaded = torch.zeros_like(loaded)  # added once, not once per rank
         self._load_rows(kind, loaded, 0, self.output_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(super().forward(x))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The sum over the ranks, or with `reduce=False` this rank's partial sums (the caller reduces them:
+        the fused all-reduce + RMSNorm of the next norm)."""
+        y = super().forward(x)
+        return self.tp.all_reduce(y) if reduce else y

@@ -29,9 +29,17 @@ class RMSNorm(nn.Module):
         residual: torch.Tensor | None = None,
         quant_fp8: bool = False,
         static_scale: torch.Tensor | None = None,
+        all_reduce=None,
     ):
         """With quant_fp8 on CUDA, the output is (x_fp8, scale) for the next FP8 GEMM (one kernel instead
-        of norm + quantize); elsewhere the plain output (the FP8 linear layer quantizes it)."""
+        of norm + quantize); elsewhere the plain output (the FP8 linear layer quantizes it).
+
+        `all_reduce` (a `FusedAllReduceNorm`, with a residual): x is this rank's partial sums; the ranks'
+        sum is added to the residual and normalized in the same kernel."""
+        if all_reduce is not None:
+            return all_reduce(
+                x, residual, self.weight, self.eps, out_fp8=quant_fp8, static_scale=static_scale
+            )
         if x.is_cuda:
             from hopperllm.kernels.norm import rms_norm
 

@@ -51,12 +51,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedGateUpLinear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
-    def forward(self, x) -> torch.Tensor:
+    def forward(self, x, reduce: bool = True) -> torch.Tensor:
         # SiLU-mul emits per-token FP8 only; a static down_proj input scale takes the unfused path
         quant = self.down_proj.takes_fp8_input and self.down_proj.input_scale is None
         if quant and self._fused_decode(x):
-            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x))
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant))
+            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x), reduce=reduce)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant), reduce=reduce)
 
     def _fused_decode(self, x) -> bool:
         from hopperllm.kernels.fp8 import GEMV_MAX_M, silu_mul_fusion_pays
@@ -96,12 +96,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # decode attention can hand an FP8 o_proj its per-token quantized input from the same kernel
         quant = self.o_proj.takes_fp8_input and self.o_proj.input_scale is None and qkv.is_cuda
-        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant))
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant), reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -112,7 +112,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype, quantization, tp)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta):
+    def forward(self, positions, hidden, residual, kv_cache, meta, fused_ar=None):
+        """`fused_ar` (a `FusedAllReduceNorm`, tensor-parallel decode): the row-parallel projections return
+        partial sums and each norm all-reduces them in its own kernel; so does the caller's next norm with
+        the MLP's output this returns. The first layer's input (the embedding) is already whole."""
         # On CUDA the norms emit FP8 (+ scale) straight for FP8 GEMMs; on CPU they return activations.
         q1, s1 = _fuse_quant(self.self_attn.qkv_proj)
         q2, s2 = _fuse_quant(self.mlp.gate_up_proj)
@@ -120,10 +123,14 @@ class LlamaDecoderLayer(nn.Module):
             residual = hidden
             hidden = self.input_layernorm(hidden, quant_fp8=q1, static_scale=s1)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual, quant_fp8=q1, static_scale=s1)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual, quant_fp8=q2, static_scale=s2)
-        return self.mlp(hidden), residual
+            hidden, residual = self.input_layernorm(
+                hidden, residual, quant_fp8=q1, static_scale=s1, all_reduce=fused_ar
+            )
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, reduce=fused_ar is None)
+        hidden, residual = self.post_attention_layernorm(
+            hidden, residual, quant_fp8=q2, static_scale=s2, all_reduce=fused_ar
+        )
+        return self.mlp(hidden, reduce=fused_ar is None), residual
 
 
 class LlamaModel(nn.Module):
@@ -131,6 +138,7 @@ class LlamaModel(nn.Module):
         self, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, tp: TPGroup, max_pos: int
     ):
         super().__init__()
+        self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
         cos_sin = build_cos_sin_cache(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
@@ -140,10 +148,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)
+        fused = self.tp.fused_norm
+        if fused is not None and not fused.supports(hidden):  # prefill-sized steps all-reduce apart
+            fused = None
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, fused_ar=fused)
+        hidden, _ = self.norm(hidden, residual, all_reduce=fused)
         return hidden
 
 

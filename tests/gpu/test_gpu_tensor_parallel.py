@@ -199,6 +199,76 @@ def _symm_all_reduce_rank(rank: int, world: int, port: int, errors) -> None:
 @needs_2_gpus
 @tp_sizes
 def test_symm_mem_all_reduce_equals_nccl(tp):
+    _spawn_ranks(_symm_all_reduce_rank, tp)
+
+
+def _fused_ar_norm_rank(rank: int, world: int, port: int, errors) -> None:
+    """One rank: the fused all-reduce + add + RMSNorm equals the all-reduce, then the norm kernel; eagerly,
+    with FP8 output, and replayed from a CUDA graph (the barrier's flags return to zero every call)."""
+    try:
+        from hopperllm.distributed.process_group import destroy_tp_group, init_tp_group
+        from hopperllm.kernels.norm import rms_norm
+
+        tp = init_tp_group(rank, world, "cuda", port, 120.0)
+        fused = tp.fused_norm
+        assert fused is not None, "the fused all-reduce + RMSNorm did not set up"
+        mine = torch.Generator(device="cuda").manual_seed(200 + rank)
+        shared = torch.Generator(device="cuda").manual_seed(300)  # residual and weight: the same everywhere
+        exact = {"rtol": 0, "atol": 0} if world == 2 else {"rtol": 2**-7, "atol": 1e-2}
+
+        def case(T, H, **kw):
+            x = torch.randn(T, H, generator=mine, device="cuda").to(torch.bfloat16)
+            residual = (3 * torch.randn(T, H, generator=shared, device="cuda")).to(torch.bfloat16)
+            weight = (1 + 0.1 * torch.randn(H, generator=shared, device="cuda")).to(torch.bfloat16)
+            return x, residual, weight
+
+        for (T, H), kw in (
+            ((1, 8192), {}),
+            ((7, 5120), {}),
+            ((64, 8192), {}),
+            ((3, 8192), {"out_fp8": True}),
+        ):
+            x, residual, weight = case(T, H)
+            assert fused.supports(x)
+            ref_res = residual.clone()
+            ref = rms_norm(tp.all_reduce(x.clone()), weight, 1e-5, residual=ref_res, **kw)
+            res = residual.clone()
+            out, res = fused(x.clone(), res, weight, 1e-5, **kw)
+            torch.testing.assert_close(res, ref_res, **exact)
+            if kw:
+                (q, s), (rq, rs) = out, ref
+                torch.testing.assert_close(q.float() * s, rq.float() * rs, rtol=2**-3, atol=1e-6)
+            else:
+                torch.testing.assert_close(out, ref, **exact)
+        assert not fused.supports(torch.empty(fused.max_rows + 1, 64, device="cuda", dtype=torch.bfloat16))
+        # graph replay: three calls a replay on fixed buffers, new inputs each replay
+        x, residual, weight = case(4, 8192)
+        res = residual.clone()
+        fused(x.clone(), res, weight, 1e-5)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        res_g = residual.clone()
+        with torch.cuda.graph(graph):
+            outs = [fused(x * (i + 1), res_g, weight, 1e-5)[0] for i in range(3)]
+        for _ in range(5):
+            x.copy_(torch.randn(4, 8192, generator=mine, device="cuda"))
+            res_g.copy_(residual)
+            graph.replay()
+            ref_res = residual.clone()
+            for i, out in enumerate(outs):
+                ref = rms_norm(tp.all_reduce(x * (i + 1)), weight, 1e-5, residual=ref_res)
+                torch.testing.assert_close(out, ref, **exact)
+            torch.testing.assert_close(res_g, ref_res, **exact)
+        torch.cuda.synchronize()
+        del graph
+        destroy_tp_group()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        errors.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
+
+
+def _spawn_ranks(target, tp: int) -> None:
     import torch.multiprocessing as tmp
 
     from hopperllm.distributed.process_group import create_rendezvous_store
@@ -206,7 +276,7 @@ def test_symm_mem_all_reduce_equals_nccl(tp):
     store = create_rendezvous_store(120.0)
     ctx = tmp.get_context("spawn")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=_symm_all_reduce_rank, args=(r, tp, store.port, errors)) for r in range(tp)]
+    procs = [ctx.Process(target=target, args=(r, tp, store.port, errors)) for r in range(tp)]
     for pr in procs:
         pr.start()
     for pr in procs:
@@ -217,6 +287,12 @@ def test_symm_mem_all_reduce_equals_nccl(tp):
             pr.kill()
     assert not msgs, "\n".join(msgs)
     assert all(pr.exitcode == 0 for pr in procs), [pr.exitcode for pr in procs]
+
+
+@needs_2_gpus
+@tp_sizes
+def test_fused_allreduce_norm_equals_unfused(tp):
+    _spawn_ranks(_fused_ar_norm_rank, tp)
 
 
 @pytest.fixture(scope="module")
