@@ -47,10 +47,10 @@ def _flag_handshake(addrs, peers, FROM: tl.constexpr, TO: tl.constexpr, SEM: tl.
     return tl.inline_asm_elementwise(
         f"""
         {{
-        .reg .u32 %tid, %old;
+        .reg .u32 %me, %old;
         .reg .pred %mine, %done;
-        mov.u32 %tid, %tid.x;
-        setp.eq.u32 %mine, %tid, $2;
+        mov.u32 %me, %tid.x;
+        setp.eq.u32 %mine, %me, $2;
         @!%mine bra skip;
         again:
         atom.global.{SEM}.sys.cas.b32 %old, [$1], {FROM}, {TO};
