@@ -3,6 +3,7 @@
     hopperllm quantize --output smollm2-fp8                          # default model, per-channel weights
     hopperllm quantize --model DIR --output OUT --kv-cache-dtype fp8 --static-activations --per-tensor
     hopperllm quantize --output OUT --kv-cache-dtype fp8 --algorithm gptq --keep-last-layers 2
+    hopperllm quantize --output OUT --kv-cache-dtype fp8 --center-v   # V cache centered through biases
 
 The written directory loads back with `--model OUT` (the FP8 format and KV-cache dtype are detected).
 """
@@ -85,6 +86,13 @@ def add_parser(sub) -> None:
         metavar="N",
         help="keep the linear layers of the last N decoder layers unquantized (added to --ignore)",
     )
+    p.add_argument(
+        "--center-v",
+        action="store_true",
+        help="subtract each V channel's calibration mean through v_proj's bias and add it back through "
+        "o_proj's bias (exact: attention weights sum to 1), so the FP8 V cache and o_proj's FP8 input round "
+        "smaller values; writes attention_bias: true",
+    )
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument(
         "--calib-seq-len", type=int, default=512, help="tokens per calibration chunk (default 512)"
@@ -106,6 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from hopperllm.loader.fp8_checkpoints import ignored_linear_layers
     from hopperllm.loader.model_loader import resolve_model
     from hopperllm.quant.calibrate import calibrate, calibration_text, chunk_tokens, read_text_file
+    from hopperllm.quant.center import center_v_cache_, v_means
     from hopperllm.quant.checkpoint import FP8Scheme, resolve_ignore, write_modelopt_checkpoint
     from hopperllm.quant.eval import has_fp8_weights, load_llm, runner_of
     from hopperllm.quant.gptq import GPTQConfig, check_algorithm, gptq_quantize_model
@@ -150,6 +159,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     chunks = chunk_tokens(ids, args.calib_seq_len, min_len=1)
     if not chunks:
         raise ValueError("the calibration text is empty")
+    if args.center_v:  # before the ranges: V and o_proj's input are taken centered
+        centered = center_v_cache_(
+            runner.model, v_means(runner.model, runner.logits_for_tokens, chunks, show)
+        )
     # activation and KV-cache ranges of the unquantized model: the same for both algorithms
     stats = calibrate(runner.model, runner.logits_for_tokens, chunks, show_progress=show)
     codes = None
@@ -161,6 +174,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     src = llm.engine.config.model
     source_dir = src if src is not None and os.path.isdir(src) else None
     hf_config = resolve_model(src).hf_config  # the source's config.json (or the one a GGUF implies)
+    if args.center_v:
+        hf_config = {**hf_config, "attention_bias": True}
     summary = write_modelopt_checkpoint(
         runner.model,
         hf_config,
@@ -176,6 +191,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     kv = "FP8 KV cache scales" if scheme.kv_cache_fp8 else "no KV-cache scales"
     kept = f", {len(scheme.ignore)} linear modules kept unquantized" if scheme.ignore else ""
+    if args.center_v:
+        kept += f", V cache centered in {centered} layers"
     print(
         f"wrote {summary['output']}: {summary['quant_algo']} "
         f"({'per-channel' if scheme.per_channel else 'per-tensor'} weights rounded by {args.algorithm}, "
