@@ -59,6 +59,8 @@ def main():
             "allreduce_alone_us_each",
             "allreduce_alone_nccl_ms",
             "allreduce_alone_nccl_us_each",
+            "fused_ar_norm_alone_us_each",
+            "norm_alone_us_each",
         )
     }
     res["summary"]["allreduce_share_of_engine_step"] = r0["allreduce_in_step_ms"] / res["engine_step_ms"]

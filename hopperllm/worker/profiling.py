@@ -58,6 +58,45 @@ def _patched_collectives(tp, all_reduce, all_gather):
         del tp.all_reduce, tp.all_gather_last_dim
 
 
+@contextlib.contextmanager
+def _patched_fused_norm(tp, fused):
+    """Swap the group's fused all-reduce + RMSNorm (the model reads `tp.fused_norm` every forward)."""
+    saved, tp.fused_norm = tp.fused_norm, fused
+    try:
+        yield
+    finally:
+        tp.fused_norm = saved
+
+
+class _LocalNorm:
+    """The fused all-reduce + RMSNorm without its all-reduce: the add + RMSNorm kernel on this rank's own
+    partial sums (what the step costs with the communication taken out of that kernel)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def supports(self, x):
+        return self.real.supports(x)
+
+    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
+        from hopperllm.kernels.norm import rms_norm
+
+        out = rms_norm(x, weight, eps, residual=residual, out_fp8=out_fp8, static_scale=static_scale)
+        return out, residual
+
+
+class _RecordedNorm(_LocalNorm):
+    """The real fused all-reduce + RMSNorm, recording each call's (shape, dtype)."""
+
+    def __init__(self, real, calls):
+        super().__init__(real)
+        self.calls = calls
+
+    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
+        self.calls.append(("fused_all_reduce_norm", tuple(x.shape), x.dtype))
+        return self.real(x, residual, weight, eps, out_fp8=out_fp8, static_scale=static_scale)
+
+
 def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int = 15) -> dict:
     runner, tp = worker.runner, worker.tp
     gr = runner.graph_runner
@@ -91,22 +130,31 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
         calls.append(("all_gather", tuple(x.shape), x.dtype))
         return real_ag(x)
 
+    fused = getattr(tp, "fused_norm", None)
+    recorded = _RecordedNorm(fused, calls) if fused is not None else None
     with torch.inference_mode():
-        with _patched_collectives(tp, rec_ar, rec_ag):
+        with _patched_collectives(tp, rec_ar, rec_ag), _patched_fused_norm(tp, recorded):
             hidden = forward()
             runner.model.compute_logits(hidden[:batch_size])
         sync()
         in_graph = [c for c in calls if c[0] == "all_reduce"]
+        fused_calls = [c for c in calls if c[0] == "fused_all_reduce_norm"]
         res["collectives"] = {
             "all_reduce": len(in_graph),
-            "all_gather": len(calls) - len(in_graph),
+            "fused_all_reduce_norm": len(fused_calls),
+            "all_gather": len(calls) - len(in_graph) - len(fused_calls),
             "bytes_per_all_reduce": sorted(
-                {torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in in_graph}
+                {
+                    torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
+                    for _, s, d in in_graph + fused_calls
+                }
             ),
         }
 
-        # in place: the same forward without its all-reduces, captured and replayed on this rank alone
-        with _patched_collectives(tp, lambda x: x, lambda x: x):
+        # in place: the same forward without its all-reduces (a fused all-reduce + RMSNorm becomes the
+        # plain add + RMSNorm of this rank's partial sums), captured and replayed on this rank alone
+        local = _LocalNorm(fused) if fused is not None else None
+        with _patched_collectives(tp, lambda x: x, lambda x: x), _patched_fused_norm(tp, local):
             for _ in range(2):
                 forward()
             torch.cuda.synchronize()
@@ -117,9 +165,26 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
         del g_no
         res["allreduce_in_step_ms"] = res["graph_step_ms"] - res["graph_step_no_allreduce_ms"]
 
-        # alone: just the step's all-reduces, back to back, through the group's implementation
-        if tp.world_size > 1 and in_graph:
-            bufs = [torch.randn(s, device=runner.device).to(d) for _, s, d in in_graph]
+        # alone: just the step's all-reduces, back to back, through the group's all-reduce (for the fused
+        # calls: what they would cost unfused), and the fused calls against the plain norms they replace
+        if tp.world_size > 1 and fused_calls:
+            xs = [(0.01 * torch.randn(s, device=runner.device)).to(d) for _, s, d in fused_calls]
+            rs = [torch.zeros_like(x) for x in xs]
+            w = torch.ones(xs[0].shape[-1], device=runner.device, dtype=xs[0].dtype)
+            for name, impl in (("fused_ar_norm", fused), ("norm", _LocalNorm(fused))):
+                for x, r in zip(xs, rs, strict=True):
+                    impl(x, r, w, 1e-5)
+                torch.cuda.synchronize()
+                g_f = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g_f):
+                    for x, r in zip(xs, rs, strict=True):
+                        impl(x, r, w, 1e-5)
+                res[f"{name}_alone_ms"] = timed_replays(g_f, iters, sync)
+                res[f"{name}_alone_us_each"] = res[f"{name}_alone_ms"] * 1e3 / len(xs)
+                del g_f
+            del xs, rs
+        if tp.world_size > 1 and in_graph + fused_calls:
+            bufs = [torch.randn(s, device=runner.device).to(d) for _, s, d in in_graph + fused_calls]
             for b in bufs:
                 tp.all_reduce(b)
             torch.cuda.synchronize()
@@ -131,7 +196,7 @@ def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int 
             res["allreduce_alone_us_each"] = res["allreduce_alone_ms"] * 1e3 / len(bufs)
             res["allreduce_impl"] = (
                 "nccl" if tp.small_all_reduce is None else "symm_mem one-shot (small), nccl"
-            )
+            ) + (", fused all-reduce + RMSNorm (decode)" if fused is not None else "")
             g_nccl = torch.cuda.CUDAGraph()  # the same calls through NCCL alone, for comparison
             with torch.cuda.graph(g_nccl):
                 for b in bufs:
