@@ -82,7 +82,8 @@ def make_symm_all_reduce(group, rank: int, world_size: int, device: torch.device
 class FusedAllReduceNorm:
     """All-reduce + residual add + RMSNorm (+ FP8) in one kernel (kernels/allreduce_norm.py) over its own
     symmetric-memory buffer and signal pad, for decode-sized tensors. `HOPPERLLM_FUSED_AR_NORM=0` turns
-    it off (the decoder then all-reduces in the row-parallel layers and normalizes separately)."""
+    it off (the decoder then all-reduces in the row-parallel layers and normalizes separately); =2 runs it
+    with two barriers a call over one buffer instead of one barrier over two alternating halves."""
 
     def __init__(
         self, group, rank: int, world_size: int, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
@@ -96,6 +97,10 @@ class FusedAllReduceNorm:
         self.signal_pad_ptrs = torch.tensor(list(hdl.signal_pad_ptrs), dtype=torch.int64, device=device)
         self.max_rows = int(hdl.signal_pad_size) // (4 * world_size)  # one int32 flag per row and rank
         self._hdl = hdl
+        # one barrier a call: rows alternate between the buffer's halves by a per-row call count
+        self.double = os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1") != "2"
+        self.counters = torch.zeros(self.max_rows, dtype=torch.int32, device=device) if self.double else None
+        self.data_bytes = max_bytes // 2 if self.double else max_bytes
 
     def supports(self, x: torch.Tensor) -> bool:
         """Whether x [T, H] (this rank's partial sums) fits the buffer and the signal pad."""
@@ -105,7 +110,7 @@ class FusedAllReduceNorm:
             and x.dtype in DTYPES
             and x.is_contiguous()
             and x.shape[0] <= self.max_rows
-            and x.numel() * x.element_size() <= self.max_bytes
+            and x.numel() * x.element_size() <= self.data_bytes
         )
 
     def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
@@ -114,7 +119,8 @@ class FusedAllReduceNorm:
 
         out = allreduce_rms_norm(
             x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
-            out_fp8=out_fp8, static_scale=static_scale,
+            out_fp8=out_fp8, static_scale=static_scale, counters=self.counters,
+            half_elems=self.data_bytes // x.element_size(),
         )  # fmt: skip
         return out, residual
 

@@ -14,7 +14,11 @@ of programmatically dependent launches (`pdl.py`) twice a layer. Here one progra
    back into `residual` and normalized exactly as `norm._rms_norm_kernel` does, emitting the activation
    dtype or FP8 with a per-token (or static) scale,
 4. meets the other ranks again (their reads of this rank's buffer are done before a later call writes
-   it).
+   it); or, with `counters` (the default of `FusedAllReduceNorm`), does not: each row's calls alternate
+   between the two halves of the buffers by a per-row call count kept on the GPU, so a call writes the half
+   the previous call did not read, and the call before that was read completely before this rank could
+   pass the previous call's barrier (the peer signals a call only once its kernel for the call before has
+   finished). One barrier a call instead of two.
 
 The barrier: each program owns one 32-bit flag per rank in every rank's signal pad. To signal rank p,
 a program compare-and-swaps 0 -> 1 into p's flag for (program, this rank); to wait for rank p, it
@@ -85,11 +89,12 @@ def _barrier(signal_pads_ptr, row, RANK: tl.constexpr, WORLD: tl.constexpr, SEND
 
 @triton.jit
 def _allreduce_rms_norm_kernel(
-    x_ptr, buffers_ptr, signal_pads_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-    H, stride_x, stride_res, stride_out, eps,
+    x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
+    H, half_elems, stride_x, stride_res, stride_out, eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     SYNC: tl.constexpr,
+    DOUBLE: tl.constexpr,
     OUT_FP8: tl.constexpr,
     STATIC_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -101,16 +106,22 @@ def _allreduce_rms_norm_kernel(
     mask = offs < H
     dtype = x_ptr.dtype.element_ty
     bufs = buffers_ptr.to(tl.pointer_type(tl.uint64))
+    base = row * H
+    if DOUBLE:  # this row's calls alternate between the buffers' halves (module docstring)
+        n = tl.load(counters_ptr + row)
+        tl.debug_barrier()  # every thread has read the count before any writes the next one
+        tl.store(counters_ptr + row, n + 1)
+        base += (n % 2).to(tl.int64) * half_elems
     own = tl.load(bufs + RANK).to(tl.pointer_type(dtype))
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    tl.store(own + row * H + offs, x, mask=mask)
+    tl.store(own + base + offs, x, mask=mask)
     if SYNC:
         _barrier(signal_pads_ptr, row, RANK, WORLD, "release", "acquire")
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
         peer = tl.load(bufs + r).to(tl.pointer_type(dtype))
-        acc += tl.load(peer + row * H + offs, mask=mask, other=0.0).to(tl.float32)
-    if SYNC:
+        acc += tl.load(peer + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if SYNC and not DOUBLE:
         _barrier(signal_pads_ptr, row, RANK, WORLD, "release", "relaxed")
     reduced = acc.to(dtype)
     res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0)
@@ -157,6 +168,8 @@ def allreduce_rms_norm(
     world_size: int,
     out_fp8: bool = False,
     static_scale: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    half_elems: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """All-reduce this rank's partial sums x [T, H] over the ranks, add the result into `residual` [T, H]
     (in place) and RMS-normalize it (module docstring). Returns out (x.dtype) or with `out_fp8`
@@ -165,7 +178,9 @@ def allreduce_rms_norm(
     buffer_ptrs: int64 [world_size] device addresses of each rank's buffer of at least T * H elements of
     x.dtype (symmetric memory); signal_pad_ptrs: int64 [world_size] addresses of each rank's signal pad,
     at least T * world_size zeroed int32 flags; None runs without the barrier (one process holding every
-    rank's buffer, as the CPU tests do)."""
+    rank's buffer, as the CPU tests do). counters: int32 [>= T] zero-initialized call counts (this rank's
+    own memory, kept between calls) to alternate each row between the buffer's first `half_elems`
+    elements and the next ones with one barrier a call; None: the first half only, two barriers."""
     if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
             f"x must be [T, H] and residual match it, got {tuple(x.shape)} {x.dtype} and "
@@ -180,6 +195,8 @@ def allreduce_rms_norm(
         raise ValueError(
             f"buffer_ptrs must be int64 [{world_size}], got {buffer_ptrs.dtype} {tuple(buffer_ptrs.shape)}"
         )
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < T or half_elems < T * H):
+        raise ValueError(f"counters must be int32 [>= {T}] with half_elems >= {T * H}")
     out = torch.empty((T, H), dtype=FP8_DTYPE if out_fp8 else x.dtype, device=x.device)
     if out_fp8 and static_scale is None:
         scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
@@ -190,11 +207,13 @@ def allreduce_rms_norm(
     block = triton.next_power_of_2(H)
     if T > 0:
         _allreduce_rms_norm_kernel[(T,)](
-            x, buffer_ptrs, buffer_ptrs if signal_pad_ptrs is None else signal_pad_ptrs, residual, weight, out,
-            scale, H, x.stride(0), residual.stride(0), out.stride(0), eps,
+            x, buffer_ptrs, buffer_ptrs if signal_pad_ptrs is None else signal_pad_ptrs,
+            buffer_ptrs if counters is None else counters, residual, weight, out,
+            scale, H, half_elems, x.stride(0), residual.stride(0), out.stride(0), eps,
             RANK=rank,
             WORLD=world_size,
             SYNC=signal_pad_ptrs is not None,
+            DOUBLE=counters is not None,
             OUT_FP8=out_fp8,
             STATIC_SCALE=static_scale is not None,
             BLOCK=block,

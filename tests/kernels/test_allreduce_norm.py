@@ -96,3 +96,30 @@ def test_allreduce_rms_norm_rejects_bad_shapes():
         allreduce_norm.allreduce_rms_norm(parts[0], residual, weight[:32], EPS, ptrs, None, 0, 2)
     with pytest.raises(ValueError, match="buffer_ptrs"):
         allreduce_norm.allreduce_rms_norm(parts[0], residual, weight, EPS, ptrs[:1], None, 0, 2)
+
+
+def test_allreduce_rms_norm_alternates_buffer_halves():
+    """With counters, each row's calls alternate between the buffers' halves (one barrier a call): the
+    second call reads the peers' second half, the third the first half again."""
+    T, H, world, rank = 3, 64, 2, 1
+    half = 4 * T * H  # elements per half, more than T * H
+    counters = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    bufs = [torch.full((2 * half,), float("nan"), dtype=torch.bfloat16, device=DEVICE) for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
+    for call in range(3):
+        parts, weight, residual = _rank_inputs(T, H, world, torch.bfloat16, seed=40 + call)
+        lo = (call % 2) * half
+        bufs[0][lo : lo + T * H].copy_(parts[0].reshape(-1))  # the peer's rows, in this call's half
+        ref_res = residual.clone()
+        ref, _ = _unfused(parts, weight, ref_res)
+        res = residual.clone()
+        out = allreduce_norm.allreduce_rms_norm(
+            parts[rank], res, weight, EPS, ptrs, None, rank, world, counters=counters, half_elems=half
+        )
+        assert torch.equal(bufs[rank][lo : lo + T * H].view(T, H), parts[rank])
+        assert torch.equal(out, ref)
+        assert counters.tolist() == [call + 1] * T
+    with pytest.raises(ValueError, match="counters"):
+        allreduce_norm.allreduce_rms_norm(
+            parts[rank], res, weight, EPS, ptrs, None, rank, world, counters=counters, half_elems=T * H - 1
+        )
