@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, fp8_scale_from_amax, quantize_fp8
+from hopperllm.kernels.fp8 import FP8_DTYPE
+from hopperllm.kernels.norm import rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
@@ -127,21 +128,9 @@ def _allreduce_rms_norm_kernel(
     res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0)
     xr = (reduced.to(tl.float32) + res.to(tl.float32)).to(dtype)
     tl.store(residual_ptr + row * stride_res + offs, xr, mask=mask)
-    xf = xr.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    normed = (xf * rstd).to(dtype).to(tl.float32)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (normed * w).to(dtype)
-    if OUT_FP8:
-        outf = out.to(tl.float32)
-        if STATIC_SCALE:
-            scale = tl.load(scale_ptr)
-        else:
-            scale = fp8_scale_from_amax(tl.max(tl.abs(outf), axis=0))
-            tl.store(scale_ptr + row, scale)
-        tl.store(out_ptr + row * stride_out + offs, quantize_fp8(outf, fp8_inv_scale(scale)), mask=mask)
-    else:
-        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+    rms_norm_row_store(
+        xr, row, offs, mask, H, eps, weight_ptr, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE
+    )
 
 
 def ref_allreduce_rms_norm(

@@ -48,6 +48,32 @@ def ref_rms_norm_fp8(
 
 
 @triton.jit
+def rms_norm_row_store(
+    x, row, offs, mask, H, eps, weight_ptr, out_ptr, scale_ptr, stride_out,
+    OUT_FP8: tl.constexpr,
+    STATIC_SCALE: tl.constexpr,
+):  # fmt: skip
+    """Normalize row `row` (x: its H values in the activation dtype, any residual already added) in float32,
+    round to the activation dtype, scale by the weight, round again (HF's order); store it, or its FP8
+    codes and per-token (or static) scale. Shared by the norm kernels here and in allreduce_norm.py."""
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (normed * w).to(x.dtype)
+    if OUT_FP8:
+        outf = out.to(tl.float32)
+        if STATIC_SCALE:
+            scale = tl.load(scale_ptr)
+        else:
+            scale = fp8_scale_from_amax(tl.max(tl.abs(outf), axis=0))
+            tl.store(scale_ptr + row, scale)
+        tl.store(out_ptr + row * stride_out + offs, quantize_fp8(outf, fp8_inv_scale(scale)), mask=mask)
+    else:
+        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
     H, stride_x, stride_res, stride_out, eps,
@@ -68,21 +94,9 @@ def _rms_norm_kernel(
         res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(residual_ptr + row * stride_res + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (normed * w).to(x_ptr.dtype.element_ty)
-    if OUT_FP8:
-        outf = out.to(tl.float32)
-        if STATIC_SCALE:
-            scale = tl.load(scale_ptr)
-        else:
-            scale = fp8_scale_from_amax(tl.max(tl.abs(outf), axis=0))
-            tl.store(scale_ptr + row, scale)
-        tl.store(out_ptr + row * stride_out + offs, quantize_fp8(outf, fp8_inv_scale(scale)), mask=mask)
-    else:
-        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+    rms_norm_row_store(
+        x, row, offs, mask, H, eps, weight_ptr, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE
+    )
 
 
 def rms_norm(

@@ -144,56 +144,50 @@ def test_bf16_tp_matches_tp1(model_dir, bf16_ref, fp32_ref, allreduce, tp, monke
     _assert_tp_like_tp1(_run_engine(model_dir, tp), bf16_ref, fp32_ref, slack=1.5)
 
 
-def _symm_all_reduce_rank(rank: int, world: int, port: int, errors) -> None:
+def _symm_all_reduce_rank(rank: int, world: int, port: int) -> None:
     """One rank: the one-shot all-reduce equals NCCL's sum, eagerly and replayed from a CUDA graph."""
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        from hopperllm.distributed.process_group import destroy_tp_group, init_tp_group
+    from hopperllm.distributed.process_group import init_tp_group
 
-        tp = init_tp_group(rank, world, "cuda", port, 120.0)
-        assert tp.small_all_reduce is not None, "the symmetric-memory all-reduce did not set up"
-        g = torch.Generator(device="cuda").manual_seed(100 + rank)
-        # two ranks: both sum a + b once, bit for bit; more: NCCL's ring rounds partial sums per hop
-        exact = {"rtol": 0, "atol": 0} if world == 2 else {}
-        half = torch.ones(8, device="cuda", dtype=torch.float16)
-        assert not tp.small_all_reduce.supports(half)  # the one-shot kernel sums bf16 and float32 only
-        for shape, dtype in (
-            ((1, 8192), torch.bfloat16),
-            ((7, 5120), torch.bfloat16),
-            ((3, 4096), torch.float32),
-            ((64, 8192), torch.bfloat16),
-        ):
-            x = torch.randn(shape, generator=g, device="cuda").to(dtype)
-            ref = x.clone()
-            dist.all_reduce(ref, group=tp.group)
-            assert tp.small_all_reduce.supports(x)
-            got = tp.all_reduce(x.clone())
-            torch.testing.assert_close(got, ref, **exact)
-        big = torch.randn(1024, 8192, generator=g, device="cuda").to(torch.bfloat16)  # 16 MiB: NCCL
-        assert not tp.small_all_reduce.supports(big)
-        # graph replay: new inputs each replay, the same buffers
-        x = torch.empty(4, 8192, device="cuda", dtype=torch.bfloat16)
+    tp = init_tp_group(rank, world, "cuda", port, 120.0)
+    assert tp.small_all_reduce is not None, "the symmetric-memory all-reduce did not set up"
+    g = torch.Generator(device="cuda").manual_seed(100 + rank)
+    # two ranks: both sum a + b once, bit for bit; more: NCCL's ring rounds partial sums per hop
+    exact = {"rtol": 0, "atol": 0} if world == 2 else {}
+    half = torch.ones(8, device="cuda", dtype=torch.float16)
+    assert not tp.small_all_reduce.supports(half)  # the one-shot kernel sums bf16 and float32 only
+    for shape, dtype in (
+        ((1, 8192), torch.bfloat16),
+        ((7, 5120), torch.bfloat16),
+        ((3, 4096), torch.float32),
+        ((64, 8192), torch.bfloat16),
+    ):
+        x = torch.randn(shape, generator=g, device="cuda").to(dtype)
+        ref = x.clone()
+        dist.all_reduce(ref, group=tp.group)
+        assert tp.small_all_reduce.supports(x)
+        got = tp.all_reduce(x.clone())
+        torch.testing.assert_close(got, ref, **exact)
+    big = torch.randn(1024, 8192, generator=g, device="cuda").to(torch.bfloat16)  # 16 MiB: NCCL
+    assert not tp.small_all_reduce.supports(big)
+    # graph replay: new inputs each replay, the same buffers
+    x = torch.empty(4, 8192, device="cuda", dtype=torch.bfloat16)
+    x.copy_(torch.randn(4, 8192, generator=g, device="cuda"))
+    tp.all_reduce(x.clone())
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [tp.all_reduce(x * (i + 1)) for i in range(3)]
+    for _ in range(5):
         x.copy_(torch.randn(4, 8192, generator=g, device="cuda"))
-        tp.all_reduce(x.clone())
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [tp.all_reduce(x * (i + 1)) for i in range(3)]
-        for _ in range(5):
-            x.copy_(torch.randn(4, 8192, generator=g, device="cuda"))
-            graph.replay()
-            for i, out in enumerate(outs):
-                ref = x * (i + 1)
-                dist.all_reduce(ref, group=tp.group)
-                torch.testing.assert_close(out, ref, **exact)
-        torch.cuda.synchronize()
-        del graph
-        destroy_tp_group()
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        errors.put(f"rank {rank}: {e!r}\n{traceback.format_exc()}")
+        graph.replay()
+        for i, out in enumerate(outs):
+            ref = x * (i + 1)
+            dist.all_reduce(ref, group=tp.group)
+            torch.testing.assert_close(out, ref, **exact)
+    torch.cuda.synchronize()
+    del graph
 
 
 @needs_2_gpus
@@ -202,65 +196,72 @@ def test_symm_mem_all_reduce_equals_nccl(tp):
     _spawn_ranks(_symm_all_reduce_rank, tp)
 
 
-def _fused_ar_norm_rank(rank: int, world: int, port: int, errors) -> None:
+def _fused_ar_norm_rank(rank: int, world: int, port: int) -> None:
     """One rank: the fused all-reduce + add + RMSNorm equals the all-reduce, then the norm kernel; eagerly,
     with FP8 output, and replayed from a CUDA graph (the barrier's flags return to zero every call)."""
-    try:
-        from hopperllm.distributed.process_group import destroy_tp_group, init_tp_group
-        from hopperllm.kernels.norm import rms_norm
+    from hopperllm.distributed.process_group import init_tp_group
+    from hopperllm.kernels.norm import rms_norm
 
-        tp = init_tp_group(rank, world, "cuda", port, 120.0)
-        fused = tp.fused_norm
-        assert fused is not None, "the fused all-reduce + RMSNorm did not set up"
-        mine = torch.Generator(device="cuda").manual_seed(200 + rank)
-        shared = torch.Generator(device="cuda").manual_seed(300)  # residual and weight: the same everywhere
-        exact = {"rtol": 0, "atol": 0} if world == 2 else {"rtol": 2**-7, "atol": 1e-2}
+    tp = init_tp_group(rank, world, "cuda", port, 120.0)
+    fused = tp.fused_norm
+    assert fused is not None, "the fused all-reduce + RMSNorm did not set up"
+    mine = torch.Generator(device="cuda").manual_seed(200 + rank)
+    shared = torch.Generator(device="cuda").manual_seed(300)  # residual and weight: the same everywhere
+    exact = {"rtol": 0, "atol": 0} if world == 2 else {"rtol": 2**-7, "atol": 1e-2}
 
-        def case(T, H):
-            x = torch.randn(T, H, generator=mine, device="cuda").to(torch.bfloat16)
-            residual = (3 * torch.randn(T, H, generator=shared, device="cuda")).to(torch.bfloat16)
-            weight = (1 + 0.1 * torch.randn(H, generator=shared, device="cuda")).to(torch.bfloat16)
-            return x, residual, weight
+    def case(T, H):
+        x = torch.randn(T, H, generator=mine, device="cuda").to(torch.bfloat16)
+        residual = (3 * torch.randn(T, H, generator=shared, device="cuda")).to(torch.bfloat16)
+        weight = (1 + 0.1 * torch.randn(H, generator=shared, device="cuda")).to(torch.bfloat16)
+        return x, residual, weight
 
-        for (T, H), kw in (
-            ((1, 8192), {}),
-            ((7, 5120), {}),
-            ((32, 8192), {}),
-            ((3, 8192), {"out_fp8": True}),
-        ):
-            x, residual, weight = case(T, H)
-            assert fused.supports(x)
-            ref_res = residual.clone()
-            ref = rms_norm(tp.all_reduce(x.clone()), weight, 1e-5, residual=ref_res, **kw)
-            res = residual.clone()
-            out, res = fused(x.clone(), res, weight, 1e-5, **kw)
-            torch.testing.assert_close(res, ref_res, **exact)
-            if kw:
-                (q, s), (rq, rs) = out, ref
-                torch.testing.assert_close(q.float() * s, rq.float() * rs, rtol=2**-3, atol=1e-6)
-            else:
-                torch.testing.assert_close(out, ref, **exact)
-        assert not fused.supports(torch.empty(fused.max_rows + 1, 64, device="cuda", dtype=torch.bfloat16))
-        # graph replay: three calls a replay on fixed buffers, new inputs each replay
-        x, residual, weight = case(4, 8192)
+    for (T, H), kw in (
+        ((1, 8192), {}),
+        ((7, 5120), {}),
+        ((32, 8192), {}),
+        ((3, 8192), {"out_fp8": True}),
+    ):
+        x, residual, weight = case(T, H)
+        assert fused.supports(x)
+        ref_res = residual.clone()
+        ref = rms_norm(tp.all_reduce(x.clone()), weight, 1e-5, residual=ref_res, **kw)
         res = residual.clone()
-        fused(x.clone(), res, weight, 1e-5)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        res_g = residual.clone()
-        with torch.cuda.graph(graph):
-            outs = [fused(x * (i + 1), res_g, weight, 1e-5)[0] for i in range(3)]
-        for _ in range(5):
-            x.copy_(torch.randn(4, 8192, generator=mine, device="cuda"))
-            res_g.copy_(residual)
-            graph.replay()
-            ref_res = residual.clone()
-            for i, out in enumerate(outs):
-                ref = rms_norm(tp.all_reduce(x * (i + 1)), weight, 1e-5, residual=ref_res)
-                torch.testing.assert_close(out, ref, **exact)
-            torch.testing.assert_close(res_g, ref_res, **exact)
-        torch.cuda.synchronize()
-        del graph
+        out, res = fused(x.clone(), res, weight, 1e-5, **kw)
+        torch.testing.assert_close(res, ref_res, **exact)
+        if kw:
+            (q, s), (rq, rs) = out, ref
+            torch.testing.assert_close(q.float() * s, rq.float() * rs, rtol=2**-3, atol=1e-6)
+        else:
+            torch.testing.assert_close(out, ref, **exact)
+    assert not fused.supports(torch.empty(fused.max_rows + 1, 64, device="cuda", dtype=torch.bfloat16))
+    # graph replay: three calls a replay on fixed buffers, new inputs each replay
+    x, residual, weight = case(4, 8192)
+    res = residual.clone()
+    fused(x.clone(), res, weight, 1e-5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    res_g = residual.clone()
+    with torch.cuda.graph(graph):
+        outs = [fused(x * (i + 1), res_g, weight, 1e-5)[0] for i in range(3)]
+    for _ in range(5):
+        x.copy_(torch.randn(4, 8192, generator=mine, device="cuda"))
+        res_g.copy_(residual)
+        graph.replay()
+        ref_res = residual.clone()
+        for i, out in enumerate(outs):
+            ref = rms_norm(tp.all_reduce(x * (i + 1)), weight, 1e-5, residual=ref_res)
+            torch.testing.assert_close(out, ref, **exact)
+        torch.testing.assert_close(res_g, ref_res, **exact)
+    torch.cuda.synchronize()
+    del graph
+
+
+def _rank_main(target, rank: int, world: int, port: int, errors) -> None:
+    """A spawned rank: run target(rank, world, port), report any failure to the parent, leave the group."""
+    try:
+        target(rank, world, port)
+        from hopperllm.distributed.process_group import destroy_tp_group
+
         destroy_tp_group()
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
@@ -276,7 +277,7 @@ def _spawn_ranks(target, tp: int) -> None:
     store = create_rendezvous_store(120.0)
     ctx = tmp.get_context("spawn")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, tp, store.port, errors)) for r in range(tp)]
+    procs = [ctx.Process(target=_rank_main, args=(target, r, tp, store.port, errors)) for r in range(tp)]
     for pr in procs:
         pr.start()
     for pr in procs:
