@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import FP8_DTYPE
-from hopperllm.kernels.norm import rms_norm_row_store
+from hopperllm.kernels.norm import norm_outputs, rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
@@ -186,13 +185,7 @@ def allreduce_rms_norm(
         )
     if counters is not None and (counters.dtype != torch.int32 or counters.numel() < T or half_elems < T * H):
         raise ValueError(f"counters must be int32 [>= {T}] with half_elems >= {T * H}")
-    out = torch.empty((T, H), dtype=FP8_DTYPE if out_fp8 else x.dtype, device=x.device)
-    if out_fp8 and static_scale is None:
-        scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
-    elif out_fp8:
-        scale = static_scale.float()
-    else:
-        scale = out  # unused
+    out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
         _allreduce_rms_norm_kernel[(T,)](

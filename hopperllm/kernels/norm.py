@@ -99,6 +99,17 @@ def _rms_norm_kernel(
     )
 
 
+def norm_outputs(
+    T: int, H: int, x: torch.Tensor, out_fp8: bool, static_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm kernels' outputs for T rows of H: out (x.dtype, or e4m3 with out_fp8) and the scale
+    argument (float32 [T, 1] per-token scales to fill, the static scale, or an unused placeholder)."""
+    out = torch.empty((T, H), dtype=FP8_DTYPE if out_fp8 else x.dtype, device=x.device)
+    if out_fp8 and static_scale is None:
+        return out, torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    return out, (static_scale.float() if out_fp8 else out)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -131,13 +142,7 @@ def rms_norm(
                 f"{tuple(residual.shape)}, {residual.dtype}"
             )
         res2 = residual.view(-1, H)  # a view, so the in-place update reaches the caller
-    out = torch.empty((T, H), dtype=FP8_DTYPE if out_fp8 else x.dtype, device=x.device)
-    if out_fp8 and static_scale is None:
-        scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
-    elif out_fp8:
-        scale = static_scale.float()
-    else:
-        scale = out  # unused
+    out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
         _rms_norm_kernel[(T,)](
