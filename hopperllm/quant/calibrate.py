@@ -86,19 +86,23 @@ class CalibrationStats:
     input_amax: dict[str, float] = field(default_factory=dict)
     k_amax: dict[str, float] = field(default_factory=dict)
     v_amax: dict[str, float] = field(default_factory=dict)
+    v_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 [num_kv_heads, head_dim]
     num_tokens: int = 0
 
 
 class AmaxObserver:
-    """Forward pre-hooks on a model's linear and attention layers that record running absolute maxima.
+    """Forward pre-hooks on a model's linear and attention layers that record running absolute maxima,
+    and per attention layer the sum of V per KV head and channel (for `center.center_v_cache_`).
 
-    Maxima stay on the model's device until `stats()` (no host sync per layer call)."""
+    Both stay on the model's device until `stats()` (no host sync per layer call)."""
 
     def __init__(self, model: nn.Module):
         from hopperllm.layers.attention import Attention
         from hopperllm.layers.linear import LinearBase
 
         self._amax: dict[tuple[str, str], torch.Tensor] = {}
+        self._v_sum: dict[str, torch.Tensor] = {}
+        self._v_count: dict[str, int] = {}
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, LinearBase):
@@ -129,6 +133,11 @@ class AmaxObserver:
             # The cache stores K after rotary; rotate here so the hook does not depend on the backend.
             self._update(("k", name), apply_rotary_native(k, positions, module.cos_sin_cache))
             self._update(("v", name), v)
+            if t:
+                s = v.detach().reshape(t, module.num_kv_heads, module.head_dim).double().sum(0)
+                prev = self._v_sum.get(name)
+                self._v_sum[name] = s if prev is None else prev + s
+                self._v_count[name] = self._v_count.get(name, 0) + t
 
         return hook
 
@@ -137,6 +146,7 @@ class AmaxObserver:
         by_kind = {"input": out.input_amax, "k": out.k_amax, "v": out.v_amax}
         for (kind, name), a in self._amax.items():
             by_kind[kind][name] = float(a)
+        out.v_mean = {name: s / self._v_count[name] for name, s in self._v_sum.items()}
         return out
 
     def remove(self) -> None:

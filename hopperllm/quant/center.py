@@ -24,61 +24,19 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 
-class VMeanObserver:
-    """Forward pre-hooks on a model's attention layers that sum V per KV head and channel (float64)."""
-
-    def __init__(self, model: nn.Module):
-        from hopperllm.layers.attention import Attention
-
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(name))
-            for name, m in model.named_modules()
-            if isinstance(m, Attention)
-        ]
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module, args):
-            v = args[3]
-            t = v.shape[0]
-            if t == 0:
-                return
-            s = v.detach().reshape(t, module.num_kv_heads, module.head_dim).double().sum(0)
-            prev = self._sums.get(name)
-            self._sums[name] = s if prev is None else prev + s
-            self._counts[name] = self._counts.get(name, 0) + t
-
-        return hook
-
-    def means(self) -> dict[str, torch.Tensor]:
-        """Attention module name -> mean V [num_kv_heads, head_dim], float64."""
-        return {name: s / self._counts[name] for name, s in self._sums.items()}
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-@torch.inference_mode()
 def v_means(
     model: nn.Module,
     run_chunk: Callable[[list[int]], object],
     chunks: Iterable[list[int]],
     show_progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Mean V per attention layer, KV head and channel over the calibration chunks."""
-    obs = VMeanObserver(model)
-    try:
-        for chunk in tqdm(list(chunks), desc="V means", unit="chunk", disable=not show_progress, leave=False):
-            run_chunk(chunk)
-        return obs.means()
-    finally:
-        obs.remove()
+    """Mean V per attention layer, KV head and channel over the calibration chunks (a calibration pass:
+    `calibrate.AmaxObserver` sums V as it takes the ranges)."""
+    from hopperllm.quant.calibrate import calibrate
+
+    return calibrate(model, run_chunk, chunks, show_progress=show_progress).v_mean
 
 
 def _add_bias_(linear: nn.Module, delta: torch.Tensor) -> torch.Tensor:
