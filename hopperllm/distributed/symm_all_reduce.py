@@ -53,29 +53,37 @@ class SymmMemAllReduce:
         return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", self.group_name)
 
 
+def _set_up_on_every_rank(group, device: torch.device, build, what: str, fallback: str):
+    """`build()` -> (the object, "" or why it is wrong) on this rank; any exception counts as a failure.
+    Returns the object only if every rank built it correctly (they must all take the same path), else
+    logs why and returns None."""
+    try:
+        obj, why = build()
+    except Exception as e:  # an unsupported platform (no peer access, old torch or Triton)
+        obj, why = None, f"{type(e).__name__}: {e}"
+    flag = torch.tensor([int(not why)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if not int(flag.item()):
+        logger.warning("%s unavailable (%s); %s", what, why or "another rank failed", fallback)
+        return None
+    return obj
+
+
 def make_symm_all_reduce(group, rank: int, world_size: int, device: torch.device) -> SymmMemAllReduce | None:
     """The one-shot all-reduce if every rank could set it up and it sums correctly, else None (NCCL)."""
     if os.environ.get("HOPPERLLM_ALLREDUCE", "auto") == "nccl" or device.type != "cuda":
         return None
     max_bytes = int(os.environ.get("HOPPERLLM_SYMM_MEM_MAX_BYTES", DEFAULT_MAX_BYTES))
-    ar, why = None, ""
-    try:
+
+    def build():
         ar = SymmMemAllReduce(group, device, max_bytes)
         base = (torch.arange(4096, device=device) % 61).to(torch.bfloat16)  # small integers: exact sums
         expect = base * world_size + world_size * (world_size - 1) // 2
-        ok = bool(torch.equal(ar(base + rank), expect))
-        if not ok:
-            why = "it summed wrongly"
-    except Exception as e:  # an unsupported platform (no peer access, old torch): NCCL does the work
-        ok, why = False, f"{type(e).__name__}: {e}"
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)  # every rank takes the same path
-    if not int(flag.item()):
-        logger.warning(
-            "symmetric-memory all-reduce unavailable (%s); using NCCL", why or "another rank failed"
-        )
-        return None
-    logger.info("one-shot symmetric-memory all-reduce for tensors up to %d bytes", max_bytes)
+        return ar, "" if torch.equal(ar(base + rank), expect) else "it summed wrongly"
+
+    ar = _set_up_on_every_rank(group, device, build, "symmetric-memory all-reduce", "using NCCL")
+    if ar is not None:
+        logger.info("one-shot symmetric-memory all-reduce for tensors up to %d bytes", max_bytes)
     return ar
 
 
@@ -137,8 +145,7 @@ def make_fused_allreduce_norm(
         return None
     from hopperllm.kernels.allreduce_norm import ref_allreduce_rms_norm
 
-    fused, why = None, ""
-    try:
+    def build():
         fused = FusedAllReduceNorm(group, rank, world_size, device)
         h = 4096
         g = torch.Generator(device=device).manual_seed(7)
@@ -149,25 +156,18 @@ def make_fused_allreduce_norm(
         ref = ref_allreduce_rms_norm(parts, ref_res, weight, 1e-5)
         ok = True
         for _ in range(3):  # the flags must come back to zero for the next call
-            r = res.clone()
-            out, r = fused(parts[rank].clone(), r, weight, 1e-5)
+            out, r = fused(parts[rank].clone(), res.clone(), weight, 1e-5)
             ok = (
                 ok
                 and bool(torch.equal(r, ref_res))
                 and bool(torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2))
             )
         torch.cuda.synchronize(device)
-        if not ok:
-            why = "it computed wrongly"
-    except Exception as e:  # no peer access, old torch or Triton: the unfused path does the work
-        ok, why = False, f"{type(e).__name__}: {e}"
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    if not int(flag.item()):
-        logger.warning(
-            "fused all-reduce + RMSNorm unavailable (%s); all-reducing separately",
-            why or "another rank failed",
-        )
-        return None
-    logger.info("fused all-reduce + RMSNorm for up to %d rows", fused.max_rows)
+        return fused, "" if ok else "it computed wrongly"
+
+    fused = _set_up_on_every_rank(
+        group, device, build, "fused all-reduce + RMSNorm", "all-reducing separately"
+    )
+    if fused is not None:
+        logger.info("fused all-reduce + RMSNorm for up to %d rows", fused.max_rows)
     return fused
