@@ -309,6 +309,7 @@ def _fp8_gemv_kernel(
     QUANT_X: tl.constexpr,
     BLOCK_AMAX: tl.constexpr,
     W_TMA: tl.constexpr,
+    W_TILED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
@@ -327,6 +328,8 @@ def _fp8_gemv_kernel(
     # W_TMA: the weight tiles come through the tensor-memory accelerator (w_desc, a [BLOCK_N, BLOCK_K]
     # descriptor over w): one bulk copy a stage instead of a 16-byte load per thread and vector, rows past
     # the matrix read as zeros; the pointer path is the same product (x, scales and stores as before).
+    # W_TILED: w holds the matrix as [N / BLOCK_N, K / BLOCK_K, BLOCK_N, BLOCK_K] blocks (tile_weight), so
+    # that every stage of a program is one contiguous BLOCK_N * BLOCK_K bytes of DRAM.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -340,7 +343,16 @@ def _fp8_gemv_kernel(
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
-    if PREFETCH_LINES > 0:
+    if W_TILED:
+        tile_base = w_ptr + pid_n.to(tl.int64) * BLOCK_N * K + (k_begin // BLOCK_K) * (BLOCK_N * BLOCK_K)
+        w_step = BLOCK_N * BLOCK_K
+    else:
+        w_step = BLOCK_K
+    if PREFETCH_LINES > 0 and W_TILED:
+        _prefetch_l2(tile_base + tl.arange(0, PREFETCH_LINES * BLOCK_N) * 128)
+        if GATED:
+            _prefetch_l2(tile_base + N.to(tl.int64) * K + tl.arange(0, PREFETCH_LINES * BLOCK_N) * 128)
+    elif PREFETCH_LINES > 0:
         # The weights are never written by an earlier kernel, so they may be touched before the PDL wait:
         # pull the first PREFETCH_LINES 128-byte lines of each of this program's rows into L2 while the
         # previous kernel (often a one-program norm or quantize) still runs.
@@ -358,7 +370,10 @@ def _fp8_gemv_kernel(
         )
         x_scale = fp8_scale_from_amax(tl.max(pieces, axis=1))
         x_inv_scale = fp8_inv_scale(x_scale)
-    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
+    if W_TILED:
+        w_ptrs = tile_base + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
+    else:
+        w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -391,7 +406,7 @@ def _fp8_gemv_kernel(
             else:
                 w_up = tl.load(w_ptrs + up_offset, mask=k_mask[None, :], other=0.0)
             acc_up = tl.dot(w_up, tl.trans(x), acc_up, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-        w_ptrs += BLOCK_K
+        w_ptrs += w_step
         x_ptrs += BLOCK_K
 
     # Scales factor out of the K sum, so they are applied once, to the accumulator.
@@ -598,6 +613,9 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     # TMA needs 16-byte aligned rows (K a multiple of 16 FP8 values) and base address.
     tma_ok = w_fp8.stride(0) % 16 == 0 and w_fp8.data_ptr() % 16 == 0
     cfg["W_TMA"] = bool(cfg.get("W_TMA", GEMV_TMA)) and tma_ok
+    cfg["W_TILED"] = bool(cfg.get("W_TILED", False))
+    if cfg["W_TILED"] and (cfg["W_TMA"] or w_fp8.shape[0] % cfg["BLOCK_N"] or K % cfg["BLOCK_K"]):
+        raise ValueError("a tiled weight needs pointer loads and N, K multiples of BLOCK_N, BLOCK_K")
     # (a host-side descriptor: built per call, a few microseconds; decode replays it from its CUDA graph)
     w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if cfg["W_TMA"] else w_fp8
     split_k = cfg.pop("SPLIT_K")
@@ -628,6 +646,14 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         **pdl_kwargs(device),
     )  # fmt: skip
     return (out, amax) if gated else out
+
+
+def tile_weight(w: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """w [N, K] -> the same values as [N / block_n, K / block_k, block_n, block_k] blocks, viewed [N, K]: the
+    layout fp8_gemv reads with config W_TILED (and the same BLOCK_N, BLOCK_K)."""
+    N, K = w.shape
+    tiled = w.view(N // block_n, block_n, K // block_k, block_k).permute(0, 2, 1, 3).contiguous()
+    return tiled.view(N, K)
 
 
 def fp8_gemv(

@@ -293,3 +293,28 @@ def test_fp8_gemv_tma_equals_pointer_loads(poisoned_empty, M, N, K, config):
     w_down, s_down = make_weight(K, N // 2, True, seed=K)
     down = fp8.fp8_gemv_deferred(gated, w_down, s_down, torch.bfloat16, config=tma)
     assert torch.equal(down, fp8.fp8_gemv_deferred(gated, w_down, s_down, torch.bfloat16, config=ptr))
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fp8_gemv_tiled_weight_equals_row_major(poisoned_empty, split_k):
+    """A weight stored as contiguous [BLOCK_N, BLOCK_K] blocks (tile_weight, config W_TILED) gives the bits
+    of the row-major weight: plain, gated and deferred."""
+    M, N, K = 2, 128, 768
+    config = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k}
+    tiled = {**config, "W_TILED": 1}
+    w_fp8, w_scale = make_weight(N, K, True, seed=5)
+    w_tiled = fp8.tile_weight(w_fp8, 32, 128)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=6))
+    out = fp8.fp8_gemv(x_fp8, x_scale, w_tiled, w_scale, torch.float32, config=tiled)
+    assert torch.equal(out, fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=config))
+    gated_n = fp8.gated_config({**fp8.fp8_gemv_config(M, N, K, 132), **config})["BLOCK_N"]  # its tiles
+    w_tiled = fp8.tile_weight(w_fp8, gated_n, 128)
+    gated = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_tiled, w_scale, torch.bfloat16, config=tiled)
+    gated_ref = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16, config=config)
+    assert torch.equal(gated.values, gated_ref.values)
+    w_down, s_down = make_weight(K, N // 2, True, seed=7)
+    down_cfg = {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split_k}
+    down = fp8.fp8_gemv_deferred(
+        gated, fp8.tile_weight(w_down, 64, 64), s_down, config={**down_cfg, "W_TILED": 1}
+    )
+    assert torch.equal(down, fp8.fp8_gemv_deferred(gated, w_down, s_down, config=down_cfg))
