@@ -91,13 +91,16 @@ class FusedAllReduceNorm:
     """All-reduce + residual add + RMSNorm (+ FP8) in one kernel (kernels/allreduce_norm.py) over its own
     symmetric-memory buffer and signal pad, for decode-sized tensors. `HOPPERLLM_FUSED_AR_NORM=0` turns
     it off (the decoder then all-reduces in the row-parallel layers and normalizes separately); =2 runs it
-    with two barriers a call over one buffer instead of one barrier over two alternating halves."""
+    with two barriers a call over one buffer instead of one barrier over two alternating halves; =3 pushes
+    each rank's rows into every rank's buffer and signals one-way (`push` in the kernel's docstring)."""
 
     def __init__(
         self, group, rank: int, world_size: int, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
     ):
         import torch.distributed._symmetric_memory as symm_mem
 
+        if os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1") == "3":
+            max_bytes *= world_size  # push: a slot per rank, each as large as the other modes' rows
         self.rank, self.world_size, self.max_bytes = rank, world_size, max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         hdl = symm_mem.rendezvous(self.buffer, group.group_name)
@@ -106,9 +109,13 @@ class FusedAllReduceNorm:
         self.max_rows = int(hdl.signal_pad_size) // (4 * world_size)  # one int32 flag per row and rank
         self._hdl = hdl
         # one barrier a call: rows alternate between the buffer's halves by a per-row call count
-        self.double = os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1") != "2"
+        mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1")
+        self.double = mode != "2"
+        self.push = mode == "3"
         self.counters = torch.zeros(self.max_rows, dtype=torch.int32, device=device) if self.double else None
-        self.data_bytes = max_bytes // 2 if self.double else max_bytes
+        self.half_bytes = max_bytes // 2 if self.double else max_bytes
+        # bytes of one rank's rows: with push every rank's rows share each half
+        self.data_bytes = self.half_bytes // world_size if self.push else self.half_bytes
 
     def supports(self, x: torch.Tensor) -> bool:
         """Whether x [T, H] (this rank's partial sums) fits the buffer and the signal pad."""
@@ -128,7 +135,7 @@ class FusedAllReduceNorm:
         out = allreduce_rms_norm(
             x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
             out_fp8=out_fp8, static_scale=static_scale, counters=self.counters,
-            half_elems=self.data_bytes // x.element_size(),
+            half_elems=self.half_bytes // x.element_size(), push=self.push,
         )  # fmt: skip
         return out, residual
 
