@@ -137,19 +137,28 @@ def _allreduce_rms_norm_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     dtype = x_ptr.dtype.element_ty
     bufs = buffers_ptr.to(tl.pointer_type(tl.uint64))
+    # Before the PDL wait, what no recent kernel writes (off the critical path after it): the buffer
+    # addresses and the norm weight (constants); this row's call count and residual, last written by the
+    # previous call of this kernel on the row, at least three kernels back in the stream (a decoder layer
+    # runs >= 2 launches between its norms), which has finished: kernel N starts only after kernel N - 1
+    # passed its wait, i.e. after kernel N - 2 finished (pdl.py). Those two are read from L2 (".cg"), the
+    # GPU's point of coherence: an SM's L1 may still hold a line from an earlier call's read.
+    own = tl.load(bufs + RANK).to(tl.pointer_type(dtype))
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0, cache_modifier=".cg")
     base = row * H
     if DOUBLE:  # this row's calls alternate between the buffers' halves (module docstring)
-        n = tl.load(counters_ptr + row)
+        n = tl.load(counters_ptr + row, cache_modifier=".cg")
+        base += (n % 2).to(tl.int64) * half_elems
+    pdl_prologue(USE_PDL)
+    if DOUBLE:
         tl.debug_barrier()  # every thread has read the count before any writes the next one
         tl.store(counters_ptr + row, n + 1)
-        base += (n % 2).to(tl.int64) * half_elems
-    own = tl.load(bufs + RANK).to(tl.pointer_type(dtype))
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if PUSH:
@@ -182,12 +191,9 @@ def _allreduce_rms_norm_kernel(
     if SYNC and not DOUBLE:
         _barrier(signal_pads_ptr, row, RANK, WORLD, "release", "relaxed")
     reduced = acc.to(dtype)
-    res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0)
     xr = (reduced.to(tl.float32) + res.to(tl.float32)).to(dtype)
     tl.store(residual_ptr + row * stride_res + offs, xr, mask=mask)
-    rms_norm_row_store(
-        xr, row, offs, mask, H, eps, weight_ptr, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE
-    )
+    rms_norm_row_store(xr, row, offs, mask, H, eps, w, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE)
 
 
 def ref_allreduce_rms_norm(

@@ -360,7 +360,17 @@ def _fp8_gemv_kernel(
         _prefetch_l2(w_ptr + rows_n[:, None] * stride_wn + offs_p[None, :])
         if GATED:
             _prefetch_l2(w_ptr + up_offset + rows_n[:, None] * stride_wn + offs_p[None, :])
+    # The weight scales are constants too: loaded before the wait, they are not a dependent round trip in
+    # the epilogue; the activation scales (written by the previous kernel) are loaded right after it.
+    if W_SCALE_PER_CHANNEL:
+        w_scale = tl.load(w_scale_ptr + rows_n)[:, None]
+        w_scale_up = tl.load(w_scale_ptr + N + rows_n)[:, None] if GATED else w_scale
+    else:
+        w_scale = tl.load(w_scale_ptr)
+        w_scale_up = w_scale
     pdl_prologue(USE_PDL)
+    if not QUANT_X:
+        x_scale = tl.load(x_scale_ptr + rows_m)[None, :] if X_SCALE_PER_ROW else tl.load(x_scale_ptr)
     if QUANT_X:
         offs_a = tl.arange(0, BLOCK_AMAX)
         pieces = tl.load(
@@ -410,22 +420,14 @@ def _fp8_gemv_kernel(
         x_ptrs += BLOCK_K
 
     # Scales factor out of the K sum, so they are applied once, to the accumulator.
-    if W_SCALE_PER_CHANNEL:
-        acc *= tl.load(w_scale_ptr + rows_n)[:, None]
-        if GATED:
-            acc_up *= tl.load(w_scale_ptr + N + rows_n)[:, None]
-    else:
-        acc *= tl.load(w_scale_ptr)
-        acc_up *= tl.load(w_scale_ptr)
+    acc *= w_scale
+    acc_up *= w_scale_up
     if QUANT_X:
         acc *= x_scale[None, :]
         acc_up *= x_scale[None, :]
-    elif X_SCALE_PER_ROW:
-        acc *= tl.load(x_scale_ptr + rows_m)[None, :]
-        acc_up *= tl.load(x_scale_ptr + rows_m)[None, :]
     else:
-        acc *= tl.load(x_scale_ptr)
-        acc_up *= tl.load(x_scale_ptr)
+        acc *= x_scale
+        acc_up *= x_scale
 
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)

@@ -49,17 +49,17 @@ def ref_rms_norm_fp8(
 
 @triton.jit
 def rms_norm_row_store(
-    x, row, offs, mask, H, eps, weight_ptr, out_ptr, scale_ptr, stride_out,
+    x, row, offs, mask, H, eps, w, out_ptr, scale_ptr, stride_out,
     OUT_FP8: tl.constexpr,
     STATIC_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Normalize row `row` (x: its H values in the activation dtype, any residual already added) in float32,
-    round to the activation dtype, scale by the weight, round again (HF's order); store it, or its FP8
-    codes and per-token (or static) scale. Shared by the norm kernels here and in allreduce_norm.py."""
+    round to the activation dtype, scale by the weight `w` (its H values as float32, loaded by the caller
+    before its PDL wait: a constant), round again (HF's order); store it, or its FP8 codes and per-token
+    (or static) scale. Shared by the norm kernels here and in allreduce_norm.py."""
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = (normed * w).to(x.dtype)
     if OUT_FP8:
         outf = out.to(tl.float32)
@@ -83,20 +83,19 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_prologue(USE_PDL)
     # One program per row, the whole row in registers. Floor: read x (and residual, and write it back),
     # write out: (2 or 4) * H * sizeof(x) + H * sizeof(out) bytes per row.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant: before the wait
+    pdl_prologue(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(residual_ptr + row * stride_res + offs, x, mask=mask)
-    rms_norm_row_store(
-        x, row, offs, mask, H, eps, weight_ptr, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE
-    )
+    rms_norm_row_store(x, row, offs, mask, H, eps, w, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE)
 
 
 def norm_outputs(

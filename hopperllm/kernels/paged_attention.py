@@ -33,7 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, fp8_scale_from_amax, quantize_fp8, tile_counters
+from hopperllm.kernels.fp8 import (
+    FP8_DTYPE,
+    _prefetch_l2,
+    fp8_inv_scale,
+    fp8_scale_from_amax,
+    quantize_fp8,
+    tile_counters,
+)
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 _LOG2E = 1.4426950408889634
@@ -228,9 +235,9 @@ def _decode_split_kernel(
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
+    KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
     USE_PDL: tl.constexpr,
 ):
-    pdl_prologue(USE_PDL)
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
     # whole decode step reads sum_b(seq_len_b) * Hkv * D * 2 * elem_bytes (+ q, out, workspace: small).
@@ -259,8 +266,24 @@ def _decode_split_kernel(
     mask_h = offs_h < GROUP
     heads = kvh * GROUP + offs_h
 
-    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-    q = tl.load(q_ptrs + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+    # Before the PDL wait: what the step's earlier kernels never write, so that only q, the new k / v and
+    # the keys are loaded after it. The lengths, block table, positions and slots are copied in before the
+    # step's first kernel, the cos / sin cache and the KV scales are constants; and the keys of this
+    # slice go into L2 (a hint, coherent with the new token's row the previous kernel may be writing).
+    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    if KV_LINES > 0:
+        pos = start + tl.arange(0, 2 * BLOCK_N)  # the first two key tiles of the slice
+        pmask = pos < end
+        blk = tl.load(block_table_row + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
+        in_blk = pos % PAGE_SIZE
+        lines = tl.arange(0, KV_LINES) * 128
+        k_rows = k_cache_ptr + blk * stride_kb + in_blk * stride_kt + kvh * stride_kh
+        v_rows = v_cache_ptr + blk * stride_vb + in_blk * stride_vt + kvh * stride_vh
+        _prefetch_l2(tl.where(pmask, k_rows, k_cache_ptr)[:, None] + lines[None, :])
+        _prefetch_l2(tl.where(pmask, v_rows, v_cache_ptr)[:, None] + lines[None, :])
+    if FP8_KV:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     if ROTARY:
         HALF: tl.constexpr = HEAD_DIM // 2
         first = offs_d < HALF
@@ -268,9 +291,13 @@ def _decode_split_kernel(
         cs_row = cos_sin_ptr + tl.load(positions_ptr + b) * stride_cs
         cos = tl.load(cs_row + offs_d % HALF)
         sin = tl.load(cs_row + HALF + offs_d % HALF)
+        slot = tl.load(slot_ptr + b)
+    pdl_prologue(USE_PDL)
+    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+    if ROTARY:
         q_partner = tl.load(q_ptrs + partner[None, :], mask=mask_h[:, None], other=0.0)
         q = _rotate(q, q_partner, cos[None, :], sin[None, :], first[None, :]).to(q_ptr.dtype.element_ty)
-        slot = tl.load(slot_ptr + b)
         if (start < end) & (end == seq_len) & (slot >= 0):
             k_row = k_new_ptr + b.to(tl.int64) * stride_knb + kvh * stride_knh
             k_new = _rotate(tl.load(k_row + offs_d), tl.load(k_row + partner), cos, sin, first)
@@ -283,16 +310,15 @@ def _decode_split_kernel(
             k_dst = k_cache_ptr + blk * stride_kb + in_block * stride_kt + kvh * stride_kh + offs_d
             v_dst = v_cache_ptr + blk * stride_vb + in_block * stride_vt + kvh * stride_vh + offs_d
             if FP8_KV:
-                tl.store(k_dst, quantize_fp8(k_new, fp8_inv_scale(tl.load(k_scale_ptr))))
-                tl.store(v_dst, quantize_fp8(v_new, fp8_inv_scale(tl.load(v_scale_ptr))))
+                tl.store(k_dst, quantize_fp8(k_new, fp8_inv_scale(k_scale)))
+                tl.store(v_dst, quantize_fp8(v_new, fp8_inv_scale(v_scale)))
             else:
                 tl.store(k_dst, k_new.to(k_cache_ptr.dtype.element_ty))
                 tl.store(v_dst, v_new.to(v_cache_ptr.dtype.element_ty))
             tl.debug_barrier()  # every thread's store is visible to the loads of the key loop below
     if FP8_KV:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        qk_scale = qk_scale * k_scale
 
-    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
@@ -304,7 +330,7 @@ def _decode_split_kernel(
     )  # fmt: skip
 
     if FP8_KV:
-        acc = acc * tl.load(v_scale_ptr)
+        acc = acc * v_scale
     # An empty slice (or seq_len == 0) has l_i == 0: write zeros and lse = -inf, which stage 2 weighs 0.
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -580,6 +606,7 @@ def paged_decode_attention(
         QUANT_OUT=quant_out,
         QUANT_BLOCK=triton.next_power_of_2(row_len),
         ROTARY=new_kv is not None,
+        KV_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_kwargs(q.device, batch),

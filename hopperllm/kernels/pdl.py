@@ -6,11 +6,17 @@ memory is visible. The previous kernel lets it launch early with `griddepcontrol
 What this buys in a decode step: about 300 short kernels run back to back, and each boundary costs the
 launch latency plus the ramp of the next grid; with PDL those overlap the previous kernel's tail.
 
-Rule for every kernel here (`pdl_prologue` is their first statement): wait before the first global
-memory access, then release the next kernel. Waiting first keeps every read-after-write and
-write-after-read ordering of the plain stream; releasing right after means the chain overlaps by one
-kernel at most (kernel N+2 cannot launch before kernel N has finished, because N+1 releases only after
-its own wait). Kernels from torch or cuBLAS between ours are launched without PDL and order as usual.
+Rule for every kernel here (`pdl_prologue`): wait before the first global memory write and before
+every read of memory an earlier kernel of the step may have written, then release the next kernel.
+That keeps every read-after-write and write-after-read ordering of the plain stream; releasing right
+after means the chain overlaps by one kernel at most (kernel N+2 cannot launch before kernel N has
+finished, because N+1 releases only after its own wait). Reads of what no kernel of the step writes
+(weights, scales, the cos / sin cache; the positions, lengths, slots and block tables the host copies in
+before the step's first kernel) go before the wait, so that they are not dependent round trips after
+it: the decode GEMVs, norms, rotary and attention kernels do that. The fused all-reduce + RMSNorm also
+reads its row's residual and call count there: only that kernel's previous call on the row writes them,
+at least three launches earlier, hence finished (read from L2, past any stale L1 line).
+Kernels from torch or cuBLAS between ours are launched without PDL and order as usual.
 CUDA graph capture records these launches as programmatic edges, so the same overlap happens on replay.
 
 Off on CPU (the interpreter), before sm_90, and with HOPPERLLM_PDL=0.

@@ -79,9 +79,10 @@ def _rotary_kv_write_kernel(
     KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_prologue(USE_PDL)
     # One program per token: rotate all its q heads in place, then rotate k and store k, v at the token's
     # cache slot. Floor: read q, k, v and write q, k, v once: (2 * Hq + 3 * Hkv) * D elements per token.
+    # Before the PDL wait: the positions and slots (copied in before the step's first kernel), the cos /
+    # sin rows and the KV scales (constants); q, k, v come from the previous kernel.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t)
     d = tl.arange(0, BLOCK_HALF)
@@ -90,6 +91,11 @@ def _rotary_kv_write_kernel(
     sin = tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[
         None, :
     ]
+    slot = tl.load(slot_ptr + t)
+    if KV_FP8:
+        k_inv_scale = fp8_inv_scale(tl.load(k_scale_ptr))
+        v_inv_scale = fp8_inv_scale(tl.load(v_scale_ptr))
+    pdl_prologue(USE_PDL)
 
     hq = tl.arange(0, BLOCK_HQ)
     q_mask = (hq < num_q_heads)[:, None] & d_mask[None, :]
@@ -98,7 +104,6 @@ def _rotary_kv_write_kernel(
     tl.store(q_ptrs, q1.to(q_ptr.dtype.element_ty), mask=q_mask)
     tl.store(q_ptrs + HALF, q2.to(q_ptr.dtype.element_ty), mask=q_mask)
 
-    slot = tl.load(slot_ptr + t)
     if slot >= 0:  # slot -1: a padding token (CUDA-graph batch padding); nothing to store
         hk = tl.arange(0, BLOCK_HKV)
         kv_mask = (hk < num_kv_heads)[:, None] & d_mask[None, :]
@@ -114,8 +119,6 @@ def _rotary_kv_write_kernel(
         k_dst = kv_ptr + cache_offset + hk[:, None] * stride_kv_head + d[None, :]
         v_dst = k_dst + stride_kv_kind
         if KV_FP8:
-            k_inv_scale = fp8_inv_scale(tl.load(k_scale_ptr))
-            v_inv_scale = fp8_inv_scale(tl.load(v_scale_ptr))
             tl.store(k_dst, quantize_fp8(k1.to(tl.float32), k_inv_scale), mask=kv_mask)
             tl.store(k_dst + HALF, quantize_fp8(k2.to(tl.float32), k_inv_scale), mask=kv_mask)
             tl.store(v_dst, quantize_fp8(v1.to(tl.float32), v_inv_scale), mask=kv_mask)
