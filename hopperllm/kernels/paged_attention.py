@@ -274,11 +274,11 @@ def _decode_split_kernel(
     if KV_LINES > 0:
         pos = start + tl.arange(0, 2 * BLOCK_N)  # the first two key tiles of the slice
         pmask = pos < end
-        blk = tl.load(block_table_row + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
-        in_blk = pos % PAGE_SIZE
+        pf_blk = tl.load(block_table_row + pos // PAGE_SIZE, mask=pmask, other=0).to(tl.int64)
+        pf_in = pos % PAGE_SIZE
         lines = tl.arange(0, KV_LINES) * 128
-        k_rows = k_cache_ptr + blk * stride_kb + in_blk * stride_kt + kvh * stride_kh
-        v_rows = v_cache_ptr + blk * stride_vb + in_blk * stride_vt + kvh * stride_vh
+        k_rows = k_cache_ptr + pf_blk * stride_kb + pf_in * stride_kt + kvh * stride_kh
+        v_rows = v_cache_ptr + pf_blk * stride_vb + pf_in * stride_vt + kvh * stride_vh
         _prefetch_l2(tl.where(pmask, k_rows, k_cache_ptr)[:, None] + lines[None, :])
         _prefetch_l2(tl.where(pmask, v_rows, v_cache_ptr)[:, None] + lines[None, :])
     if FP8_KV:
