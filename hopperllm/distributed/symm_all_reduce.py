@@ -135,7 +135,7 @@ class FusedAllReduceNorm:
         out = allreduce_rms_norm(
             x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
             out_fp8=out_fp8, static_scale=static_scale, counters=self.counters,
-            half_elems=self.half_bytes // x.element_size(), push=self.push,
+            half_elems=self.half_bytes // residual.element_size(), push=self.push,
         )  # fmt: skip
         return out, residual
 

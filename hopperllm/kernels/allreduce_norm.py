@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.norm import norm_outputs, rms_norm_row_store
+from hopperllm.kernels.fp8 import SplitKPartials
+from hopperllm.kernels.norm import load_row, norm_outputs, rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
@@ -126,7 +127,8 @@ def _barrier(signal_pads_ptr, row, RANK: tl.constexpr, WORLD: tl.constexpr, SEND
 @triton.jit
 def _allreduce_rms_norm_kernel(
     x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-    H, half_elems, stride_x, stride_res, stride_out, eps,
+    H, half_elems, stride_x, stride_res, stride_out, eps, part_stride,
+    X_PARTS: tl.constexpr,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     SYNC: tl.constexpr,
@@ -140,7 +142,7 @@ def _allreduce_rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
-    dtype = x_ptr.dtype.element_ty
+    dtype = residual_ptr.dtype.element_ty  # the activations' (x holds float32 slices with X_PARTS)
     bufs = buffers_ptr.to(tl.pointer_type(tl.uint64))
     # Before the PDL wait, what no recent kernel writes (off the critical path after it): the buffer
     # addresses and the norm weight (constants); this row's call count and residual, last written by the
@@ -159,7 +161,7 @@ def _allreduce_rms_norm_kernel(
     if DOUBLE:
         tl.debug_barrier()  # every thread has read the count before any writes the next one
         tl.store(counters_ptr + row, n + 1)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    x = load_row(x_ptr, row, stride_x, offs, mask, part_stride, X_PARTS, dtype)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if PUSH:
         # the half holds WORLD slots of half_elems // WORLD elements, slot r for rank r's rows
@@ -210,7 +212,7 @@ def ref_allreduce_rms_norm(
 
 
 def allreduce_rms_norm(
-    x: torch.Tensor,
+    x: torch.Tensor | SplitKPartials,
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
@@ -235,10 +237,19 @@ def allreduce_rms_norm(
     own memory, kept between calls) to alternate each row between the buffer's first `half_elems`
     elements and the next ones with one barrier a call; None: the first half only, two barriers.
     push (needs counters): each half holds world_size slots of half_elems // world_size elements; this rank
-    stores its rows into its slot of every rank's buffer and signals the call's number (module docstring)."""
-    if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
+    stores its rows into its slot of every rank's buffer and signals the call's number (module docstring).
+    x may be a split-K GEMV's SplitKPartials [S, T, H]: the kernel sums this rank's slices first, as the
+    GEMV's fix-up would have (same bits)."""
+    parts = None
+    if isinstance(x, SplitKPartials):
+        if x.parts.dim() != 3 or not x.parts.is_contiguous():
+            raise ValueError("split-K partials must be contiguous [S, T, H] float32 slices")
+        parts, act_dtype, x = x.parts, x.dtype, x.parts[0]
+    else:
+        act_dtype = x.dtype
+    if x.dim() != 2 or residual.shape != x.shape or residual.dtype != act_dtype:
         raise ValueError(
-            f"x must be [T, H] and residual match it, got {tuple(x.shape)} {x.dtype} and "
+            f"x must be [T, H] and residual match it, got {tuple(x.shape)} {act_dtype} and "
             f"{tuple(residual.shape)} {residual.dtype}"
         )
     T, H = x.shape
@@ -257,13 +268,15 @@ def allreduce_rms_norm(
         raise ValueError(f"counters must be int32 [>= {T}] with half_elems >= {slots * T * H}")
     if push and counters is None:
         raise ValueError("push needs counters (the call numbers it signals)")
-    out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
+    out, scale = norm_outputs(T, H, residual, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
         _allreduce_rms_norm_kernel[(T,)](
             x, buffer_ptrs, buffer_ptrs if signal_pad_ptrs is None else signal_pad_ptrs,
             buffer_ptrs if counters is None else counters, residual, weight, out,
             scale, H, half_elems, x.stride(0), residual.stride(0), out.stride(0), eps,
+            0 if parts is None else parts.stride(0),
+            X_PARTS=0 if parts is None else parts.shape[0],
             RANK=rank,
             WORLD=world_size,
             SYNC=signal_pad_ptrs is not None,

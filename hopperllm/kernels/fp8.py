@@ -310,6 +310,7 @@ def _fp8_gemv_kernel(
     BLOCK_AMAX: tl.constexpr,
     W_TMA: tl.constexpr,
     W_TILED: tl.constexpr,
+    DEFER_SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
@@ -433,6 +434,11 @@ def _fp8_gemv_kernel(
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
         _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
+    elif DEFER_SPLIT:
+        # The consumer sums the slices (SplitKPartials): store this slice's float32 tile and finish, no
+        # arrival counter and no fix-up by the last slice at the launch's tail.
+        partial_ptrs = partial_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(partial_ptrs + pid_k.to(tl.int64) * SLICE_STRIDE, acc, mask=mask)
     else:
         # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
         # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
@@ -545,6 +551,27 @@ def _check_weight(w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
         raise ValueError(f"w_scale must have 1 or N={w_fp8.shape[0]} elements, got {tuple(w_scale.shape)}")
 
 
+class SplitKPartials(NamedTuple):
+    """A split-K GEMV's output left unreduced for its consumer to sum: `parts` float32 [S, M, N], one
+    slice per K range. The output is the sum over S in slice order, in float32, rounded to `dtype`: the
+    bits fp8_gemv's in-launch fix-up would store. The norm kernels take it in place of their input (the
+    decode GEMVs before a norm then end without the fix-up's arrival counter and last-slice pass)."""
+
+    parts: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts.shape[1:]
+
+    def reduced(self) -> torch.Tensor:
+        """The output the consumer would compute: the slices summed in order, rounded to dtype."""
+        acc = torch.zeros(self.parts.shape[1:], dtype=torch.float32, device=self.parts.device)
+        for part in self.parts:
+            acc += part
+        return acc.to(self.dtype)
+
+
 class DeferredQuant(NamedTuple):
     """An activation its consumer quantizes to FP8 per token while loading it (fp8_gemv_silu_mul's output,
     fp8_gemv_deferred's input): `values` [M, K] and `amax_parts` float32 [M, C], pieces of each row's
@@ -599,9 +626,12 @@ def gated_config(cfg: dict[str, int]) -> dict[str, int]:
     return g
 
 
-def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False):
+def _launch_fp8_gemv(
+    x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False, defer_split=False
+):
     """The launcher behind fp8_gemv, fp8_gemv_silu_mul and fp8_gemv_deferred (inputs already checked).
-    Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces."""
+    Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces;
+    with defer_split (not gated) and a config that splits K, SplitKPartials instead of out."""
     M, K = x.shape
     N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
     device = x.device
@@ -626,7 +656,11 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     split_k = triton.cdiv(K, k_per_split)  # no empty K slices
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
-    if split_k > 1:
+    defer_split = defer_split and split_k > 1 and not gated
+    if defer_split:
+        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=device)
+        counters = out  # unused
+    elif split_k > 1:
         partials = torch.empty((split_k, M, w_fp8.shape[0]), dtype=torch.float32, device=device)
         counters = tile_counters(device, grid[0] * grid[1])
     else:
@@ -644,9 +678,12 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         GATED=gated,
         QUANT_X=quant_x,
         BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
+        DEFER_SPLIT=defer_split,
         **cfg,
         **pdl_kwargs(device),
     )  # fmt: skip
+    if defer_split:
+        return SplitKPartials(partials, out_dtype)
     return (out, amax) if gated else out
 
 
@@ -667,21 +704,23 @@ def fp8_gemv(
     config: dict[str, int] | None = None,
     *,
     silu_mul: bool = False,
-) -> torch.Tensor | DeferredQuant:
+    defer_split: bool = False,
+) -> torch.Tensor | DeferredQuant | SplitKPartials:
     """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
     MAX_IMPRECISE_ACC, PREFETCH_LINES, W_TMA).
     With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
     so results are deterministic) in the same launch.
-    With silu_mul, see fp8_gemv_silu_mul.
+    With silu_mul, see fp8_gemv_silu_mul. With defer_split (not with silu_mul), a launch that splits K
+    returns SplitKPartials for the consumer to sum (one that does not returns out as usual).
     """
     _check_weight(w_fp8, w_scale)
     _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
     if not silu_mul:
         if x_fp8.shape[0] == 0:
             return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=x_fp8.device)
-        return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config)
+        return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, defer_split=defer_split)
     if w_fp8.shape[0] % 2:
         raise ValueError(f"a gate/up weight has an even number of rows, got {w_fp8.shape[0]}")
     if x_fp8.shape[0] == 0:
@@ -714,9 +753,10 @@ def fp8_gemv_deferred(
     w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     config: dict[str, int] | None = None,
-) -> torch.Tensor:
+    defer_split: bool = False,
+) -> torch.Tensor | SplitKPartials:
     """fp8_gemv of per_token_quant_fp8(x.values), quantizing inside the GEMV's loads: the same result as
-    the two launches (the same FP8 codes and scales), with one launch."""
+    the two launches (the same FP8 codes and scales), with one launch. defer_split: as fp8_gemv's."""
     _check_weight(w_fp8, w_scale)
     values, parts = x
     if values.dim() != 2 or values.stride(1) != 1 or values.shape[1] != w_fp8.shape[1]:
@@ -729,7 +769,9 @@ def fp8_gemv_deferred(
         raise ValueError(f"amax_parts must be float32 [M={M}, C], got {parts.dtype} {tuple(parts.shape)}")
     if M == 0:
         return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=values.device)
-    return _launch_fp8_gemv(values, parts.contiguous(), w_fp8, w_scale, out_dtype, config, quant_x=True)
+    return _launch_fp8_gemv(
+        values, parts.contiguous(), w_fp8, w_scale, out_dtype, config, quant_x=True, defer_split=defer_split
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

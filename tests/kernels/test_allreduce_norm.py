@@ -135,6 +135,12 @@ def test_allreduce_rms_norm_push_writes_every_ranks_slot(world):
     counters = torch.zeros(T, dtype=torch.int32, device=DEVICE)
     bufs = [torch.full((2 * half,), float("nan"), dtype=torch.bfloat16, device=DEVICE) for _ in range(world)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
+
+    def push(x, res, weight, half_elems):
+        return allreduce_norm.allreduce_rms_norm(
+            x, res, weight, EPS, ptrs, None, rank, world, counters=counters, half_elems=half_elems, push=True
+        )
+
     for call in range(3):
         parts, weight, residual = _rank_inputs(T, H, world, torch.bfloat16, seed=60 + call)
         lo = (call % 2) * half
@@ -143,35 +149,29 @@ def test_allreduce_rms_norm_push_writes_every_ranks_slot(world):
                 bufs[rank][lo + p * slot : lo + p * slot + T * H].copy_(parts[p].reshape(-1))
         ref, ref_res = _unfused(parts, weight, residual)
         res = residual.clone()
-        out = allreduce_norm.allreduce_rms_norm(
-            parts[rank],
-            res,
-            weight,
-            EPS,
-            ptrs,
-            None,
-            rank,
-            world,
-            counters=counters,
-            half_elems=half,
-            push=True,
-        )
+        out = push(parts[rank], res, weight, half)
         for b in bufs:  # this rank's rows in its slot of every buffer
             assert torch.equal(b[lo + rank * slot : lo + rank * slot + T * H].view(T, H), parts[rank])
         assert torch.equal(out, ref) and torch.equal(res, ref_res)
     with pytest.raises(ValueError, match="half_elems"):
-        allreduce_norm.allreduce_rms_norm(
-            parts[rank],
-            res,
-            weight,
-            EPS,
-            ptrs,
-            None,
-            rank,
-            world,
-            counters=counters,
-            half_elems=T * H,
-            push=True,
-        )
+        push(parts[rank], res, weight, T * H)
     with pytest.raises(ValueError, match="push needs counters"):
         allreduce_norm.allreduce_rms_norm(parts[rank], res, weight, EPS, ptrs, None, rank, world, push=True)
+
+
+def test_allreduce_rms_norm_sums_split_k_slices_first():
+    """This rank's partial sums as a split-K GEMV's SplitKPartials: the kernel sums the slices (the GEMV's
+    fix-up bits), then all-reduces as with the reduced tensor."""
+    T, H, world, rank = 2, 96, 2, 0
+    parts, weight, residual = _rank_inputs(T, H, world, torch.bfloat16, seed=70)
+    g = torch.Generator().manual_seed(71)
+    slices = fp8.SplitKPartials((torch.randn(3, T, H, generator=g) * 2).to(DEVICE), torch.bfloat16)
+    parts[rank] = slices.reduced()
+    ref, ref_res = _unfused(parts, weight, residual)
+    bufs = [torch.full_like(p, float("nan")).reshape(-1) for p in parts]
+    bufs[1].copy_(parts[1].reshape(-1))
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
+    res = residual.clone()
+    out = allreduce_norm.allreduce_rms_norm(slices, res, weight, EPS, ptrs, None, rank, world)
+    assert torch.equal(out, ref) and torch.equal(res, ref_res)
+    assert torch.equal(bufs[rank].view(T, H), parts[rank])  # the reduced row is what the peers read

@@ -318,3 +318,28 @@ def test_fp8_gemv_tiled_weight_equals_row_major(poisoned_empty, split_k):
         gated, fp8.tile_weight(w_down, 64, 64), s_down, config={**down_cfg, "W_TILED": 1}
     )
     assert torch.equal(down, fp8.fp8_gemv_deferred(gated, w_down, s_down, config=down_cfg))
+
+
+def test_fp8_gemv_defer_split_leaves_the_slices_to_sum(poisoned_empty):
+    """defer_split: a launch that splits K returns its float32 slices, whose in-order sum rounded to the
+    output dtype is the bits of the in-launch fix-up; one that does not split returns the output."""
+    M, N, K = 3, 96, 1024
+    w_fp8, w_scale = make_weight(N, K, True, seed=3)
+    x = random_rows((M, K), torch.float32, seed=4)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(x)
+    cfg = {"SPLIT_K": 3, "BLOCK_K": 128}
+    parts = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16, config=cfg, defer_split=True)
+    assert isinstance(parts, fp8.SplitKPartials) and parts.parts.shape == (3, M, N)
+    assert parts.shape == (M, N) and parts.dtype == torch.bfloat16
+    assert torch.equal(
+        parts.reduced(), fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16, config=cfg)
+    )
+    one = {"SPLIT_K": 1, "BLOCK_K": 128}
+    out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16, config=one, defer_split=True)
+    assert isinstance(out, torch.Tensor)
+    # the down projection's form: its input quantized inside the GEMV
+    deferred = fp8.DeferredQuant(
+        x.to(torch.bfloat16), x.to(torch.bfloat16).float().abs().amax(1, keepdim=True)
+    )
+    dparts = fp8.fp8_gemv_deferred(deferred, w_fp8, w_scale, config=cfg, defer_split=True)
+    assert torch.equal(dparts.reduced(), fp8.fp8_gemv_deferred(deferred, w_fp8, w_scale, config=cfg))
