@@ -253,6 +253,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--accum", type=int, default=1, help="chunks averaged into each Adam step")
     ap.add_argument("--l2", type=float, default=0.0, help="weight of mean(delta^2), the pull to the original")
     ap.add_argument("--train-scales", action="store_true", help="also train the per-channel weight scales")
     ap.add_argument("--seed", type=int, default=0)
@@ -297,15 +298,18 @@ def main() -> None:
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         tot = 0.0
-        for n, k in enumerate(torch.randperm(len(train), generator=g).tolist()):
+        order = torch.randperm(len(train), generator=g).tolist()
+        opt.zero_grad()
+        for n, k in enumerate(order):
             ts = time.perf_counter()
             kl, _ = kl_and_nll(student.logits(train[k]), t_train[k], train[k])
             loss = kl
             if args.l2:
                 loss = loss + args.l2 * sum(p.pow(2).sum() for p in params) / sum(p.numel() for p in params)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            (loss / args.accum).backward()
+            if (n + 1) % args.accum == 0 or n + 1 == len(order):
+                opt.step()
+                opt.zero_grad()
             tot += kl.item()
             if epoch == 1 and n < 3:
                 print(f"  step {n}: KL {kl.item():.5f}, {time.perf_counter() - ts:.1f} s")
