@@ -654,16 +654,17 @@ def _launch_fp8_gemv(
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty K slices
-    out = torch.empty((M, N), dtype=out_dtype, device=device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
     defer_split = defer_split and split_k > 1 and not gated
-    if defer_split:
+    if defer_split:  # no out: the consumer sums the slices; a slice stands in for the unused arguments
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=device)
-        counters = out  # unused
+        out = counters = partials[0]
     elif split_k > 1:
+        out = torch.empty((M, N), dtype=out_dtype, device=device)
         partials = torch.empty((split_k, M, w_fp8.shape[0]), dtype=torch.float32, device=device)
         counters = tile_counters(device, grid[0] * grid[1])
     else:
+        out = torch.empty((M, N), dtype=out_dtype, device=device)
         partials = counters = out  # unused
     amax = torch.empty((M, grid[0]), dtype=torch.float32, device=device) if gated else out
     num_amax = grid[0] if gated else (x_scale.shape[-1] if quant_x else 1)
