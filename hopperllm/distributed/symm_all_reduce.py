@@ -92,37 +92,45 @@ class FusedAllReduceNorm:
     symmetric-memory buffer and signal pad, for decode-sized tensors. `HOPPERLLM_FUSED_AR_NORM=0` turns
     it off (the decoder then all-reduces in the row-parallel layers and normalizes separately); =2 runs it
     with two barriers a call over one buffer instead of one barrier over two alternating halves; =3 pushes
-    each rank's rows into every rank's buffer and signals one-way (`push` in the kernel's docstring)."""
+    each rank's rows into every rank's buffer and signals one-way (`push` in the kernel's docstring); =4
+    pushes them with no signal, each element's arrival marked by its bits (`lamport`: bfloat16 and float16
+    rows only; the buffers start filled with the EMPTY bits)."""
 
     def __init__(
         self, group, rank: int, world_size: int, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
     ):
         import torch.distributed._symmetric_memory as symm_mem
 
-        if os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1") == "3":
+        mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1")
+        if mode in ("3", "4"):
             max_bytes *= world_size  # push: a slot per rank, each as large as the other modes' rows
         self.rank, self.world_size, self.max_bytes = rank, world_size, max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        self.lamport = mode == "4"
+        if self.lamport:  # every slot EMPTY before any peer can write (the rendezvous below is collective)
+            from hopperllm.kernels.allreduce_norm import EMPTY
+
+            self.buffer.view(torch.int16).fill_(EMPTY.value)
+            torch.cuda.synchronize(device)
         hdl = symm_mem.rendezvous(self.buffer, group.group_name)
         self.buffer_ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=device)
         self.signal_pad_ptrs = torch.tensor(list(hdl.signal_pad_ptrs), dtype=torch.int64, device=device)
         self.max_rows = int(hdl.signal_pad_size) // (4 * world_size)  # one int32 flag per row and rank
         self._hdl = hdl
         # one barrier a call: rows alternate between the buffer's halves by a per-row call count
-        mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1")
         self.double = mode != "2"
         self.push = mode == "3"
         self.counters = torch.zeros(self.max_rows, dtype=torch.int32, device=device) if self.double else None
         self.half_bytes = max_bytes // 2 if self.double else max_bytes
         # bytes of one rank's rows: with push every rank's rows share each half
-        self.data_bytes = self.half_bytes // world_size if self.push else self.half_bytes
+        self.data_bytes = self.half_bytes // world_size if self.push or self.lamport else self.half_bytes
 
     def supports(self, x: torch.Tensor) -> bool:
         """Whether x [T, H] (this rank's partial sums) fits the buffer and the signal pad."""
         return (
             x.is_cuda
             and x.dim() == 2
-            and x.dtype in DTYPES
+            and x.dtype in ((torch.bfloat16, torch.float16) if self.lamport else DTYPES)
             and x.is_contiguous()
             and x.shape[0] <= self.max_rows
             and x.numel() * x.element_size() <= self.data_bytes
@@ -135,7 +143,7 @@ class FusedAllReduceNorm:
         out = allreduce_rms_norm(
             x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
             out_fp8=out_fp8, static_scale=static_scale, counters=self.counters,
-            half_elems=self.half_bytes // residual.element_size(), push=self.push,
+            half_elems=self.half_bytes // residual.element_size(), push=self.push, lamport=self.lamport,
         )  # fmt: skip
         return out, residual
 

@@ -27,6 +27,15 @@ waits until each peer's flag in its own pad holds that number; the sum then read
 flags are never reset: a call waits for its own number, which a flag left by an earlier call does not
 equal (the count wraps after 2^32 calls a row).
 
+With `lamport` (`HOPPERLLM_FUSED_AR_NORM=4`; bfloat16 / float16 rows), there are no flags at all: every
+buffer starts filled with EMPTY bits (0x8000, -0.0), a program stores its row (with -0.0 sent as +0.0) into
+its slot of every peer's buffer, polls its own buffer's peer slots (volatile loads) until no element holds
+EMPTY any more, sums, and stores EMPTY back into those slots. Each element carries its own arrival, so
+nothing waits for a fence or a round trip: one NVLink write's latency a call (the scheme of TensorRT-LLM's
+Lamport all-reduce). Reuse is safe with the two halves: a peer writes this half again only in the call two
+later, after it has received this rank's next row, which this rank sends in a later kernel than the one
+that re-armed the slots.
+
 The barrier: each program owns one 32-bit flag per rank in every rank's signal pad. To signal rank p,
 a program compare-and-swaps 0 -> 1 into p's flag for (program, this rank); to wait for rank p, it
 compare-and-swaps 1 -> 0 its own flag for (program, p). The flags return to zero after each barrier, so
@@ -49,6 +58,8 @@ import triton.language as tl
 from hopperllm.kernels.fp8 import SplitKPartials
 from hopperllm.kernels.norm import load_row, norm_outputs, rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
+
+EMPTY = tl.constexpr(-32768)  # 0x8000, -0.0 in bfloat16 and float16: a Lamport slot not yet written
 
 
 @triton.jit
@@ -134,6 +145,7 @@ def _allreduce_rms_norm_kernel(
     SYNC: tl.constexpr,
     DOUBLE: tl.constexpr,
     PUSH: tl.constexpr,
+    LAMPORT: tl.constexpr,
     OUT_FP8: tl.constexpr,
     STATIC_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -163,7 +175,30 @@ def _allreduce_rms_norm_kernel(
         tl.store(counters_ptr + row, n + 1)
     x = load_row(x_ptr, row, stride_x, offs, mask, part_stride, X_PARTS, dtype)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    if PUSH:
+    if LAMPORT:
+        # Push without flags (module docstring): a 16-bit element whose bits are EMPTY (-0.0) has not
+        # arrived yet. This rank's row is sent with -0.0 as +0.0 (the sum's bits do not change: it starts
+        # from +0.0), polled for in every peer's slot, summed in rank order and the slot re-armed.
+        slot = half_elems // WORLD
+        bits = x.to(tl.int16, bitcast=True)
+        bits = tl.where(bits == EMPTY, tl.zeros_like(bits), bits)
+        for r in tl.static_range(WORLD):
+            if r != RANK:
+                dst = tl.load(bufs + r).to(tl.pointer_type(tl.int16))
+                tl.store(dst + base + RANK * slot + offs, bits, mask=mask)
+        own_bits = own.to(tl.pointer_type(tl.int16))
+        for r in tl.static_range(WORLD):
+            if r == RANK:
+                acc += x.to(tl.float32)
+            else:
+                src = own_bits + base + r * slot + offs
+                got = tl.load(src, mask=mask, other=0, volatile=True)
+                if SYNC:
+                    while tl.max((got == EMPTY).to(tl.int32), axis=0) > 0:
+                        got = tl.load(src, mask=mask, other=0, volatile=True)
+                tl.store(src, tl.full([BLOCK], EMPTY, tl.int16), mask=mask)  # for the call two later
+                acc += got.to(dtype, bitcast=True).to(tl.float32)
+    elif PUSH:
         # the half holds WORLD slots of half_elems // WORLD elements, slot r for rank r's rows
         slot = half_elems // WORLD
         for r in tl.static_range(WORLD):
@@ -225,6 +260,7 @@ def allreduce_rms_norm(
     counters: torch.Tensor | None = None,
     half_elems: int = 0,
     push: bool = False,
+    lamport: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """All-reduce this rank's partial sums x [T, H] over the ranks, add the result into `residual` [T, H]
     (in place) and RMS-normalize it (module docstring). Returns out (x.dtype) or with `out_fp8`
@@ -238,6 +274,9 @@ def allreduce_rms_norm(
     elements and the next ones with one barrier a call; None: the first half only, two barriers.
     push (needs counters): each half holds world_size slots of half_elems // world_size elements; this rank
     stores its rows into its slot of every rank's buffer and signals the call's number (module docstring).
+    lamport (needs counters, a 16-bit dtype, and buffers filled with EMPTY bits, 0x8000): push without
+    signals: this rank's rows go into its slot of every peer's buffer, the peers' slots of this rank's
+    buffer are polled until no element holds EMPTY, summed, and refilled with EMPTY.
     x may be a split-K GEMV's SplitKPartials [S, T, H]: the kernel sums this rank's slices first, as the
     GEMV's fix-up would have (same bits)."""
     parts = None
@@ -261,13 +300,15 @@ def allreduce_rms_norm(
         raise ValueError(
             f"buffer_ptrs must be int64 [{world_size}], got {buffer_ptrs.dtype} {tuple(buffer_ptrs.shape)}"
         )
-    slots = world_size if push else 1
+    slots = world_size if push or lamport else 1
     if counters is not None and (
         counters.dtype != torch.int32 or counters.numel() < T or half_elems < slots * T * H
     ):
         raise ValueError(f"counters must be int32 [>= {T}] with half_elems >= {slots * T * H}")
     if push and counters is None:
         raise ValueError("push needs counters (the call numbers it signals)")
+    if lamport and (counters is None or act_dtype.itemsize != 2):
+        raise ValueError(f"lamport needs counters and a 16-bit activation dtype, got {act_dtype}")
     out, scale = norm_outputs(T, H, residual, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
@@ -282,6 +323,7 @@ def allreduce_rms_norm(
             SYNC=signal_pad_ptrs is not None,
             DOUBLE=counters is not None,
             PUSH=push,
+            LAMPORT=lamport,
             OUT_FP8=out_fp8,
             STATIC_SCALE=static_scale is not None,
             BLOCK=block,

@@ -159,6 +159,62 @@ def test_allreduce_rms_norm_push_writes_every_ranks_slot(world):
         allreduce_norm.allreduce_rms_norm(parts[rank], res, weight, EPS, ptrs, None, rank, world, push=True)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_allreduce_rms_norm_lamport_pushes_and_rearms(world):
+    """lamport: the kernel stores its rows (-0.0 sent as +0.0) into its slot of every peer's buffer, sums
+    the peers' slots of its own buffer in rank order (the unfused bits) and refills them with EMPTY."""
+    T, H, rank = 2, 96, 1
+    half = world * T * H + 32
+    slot = half // world
+    empty = allreduce_norm.EMPTY.value
+    counters = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    bufs = [torch.full((2 * half,), empty, dtype=torch.int16, device=DEVICE) for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
+
+    def lamport(x, res, weight, half_elems=half, counters=counters):
+        return allreduce_norm.allreduce_rms_norm(
+            x,
+            res,
+            weight,
+            EPS,
+            ptrs,
+            None,
+            rank,
+            world,
+            counters=counters,
+            half_elems=half_elems,
+            lamport=True,
+        )
+
+    for call in range(3):
+        parts, weight, residual = _rank_inputs(T, H, world, torch.bfloat16, seed=80 + call)
+        parts[rank][0, 5] = -0.0
+        lo = (call % 2) * half
+        for p in range(world):  # what the peers pushed into this rank's buffer
+            if p != rank:
+                bufs[rank][lo + p * slot : lo + p * slot + T * H].copy_(
+                    parts[p].reshape(-1).view(torch.int16)
+                )
+        ref, ref_res = _unfused(parts, weight, residual)
+        res = residual.clone()
+        out = lamport(parts[rank], res, weight)
+        assert torch.equal(out, ref) and torch.equal(res, ref_res)
+        sent = parts[rank].reshape(-1).view(torch.int16).clone()
+        assert sent[5] == empty
+        sent[5] = 0
+        for p, b in enumerate(bufs):
+            mine = b[lo + rank * slot : lo + rank * slot + T * H]
+            if p == rank:  # nothing for itself; the peers' slots re-armed for the call two later
+                assert (b[lo : lo + half] == empty).all()
+            else:
+                assert torch.equal(mine, sent)
+        assert (bufs[rank][half - lo : 2 * half - lo] == empty).all()  # the other half untouched
+    with pytest.raises(ValueError, match="lamport needs"):
+        lamport(parts[rank].float(), res.float(), weight.float())
+    with pytest.raises(ValueError, match="lamport needs"):
+        lamport(parts[rank], res, weight, counters=None)
+
+
 def test_allreduce_rms_norm_sums_split_k_slices_first():
     """This rank's partial sums as a split-K GEMV's SplitKPartials: the kernel sums the slices (the GEMV's
     fix-up bits), then all-reduces as with the reduced tensor."""
