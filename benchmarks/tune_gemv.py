@@ -70,13 +70,6 @@ def main() -> None:
         "BLOCK_K 128/256 x 4/6 stages x SPLIT_K of --split-k (default 1,2,3,4); the default (pointer loads) "
         "is timed beside them",
     )
-    p.add_argument(
-        "--tiled",
-        action="store_true",
-        help="time weights stored as contiguous [BLOCK_N, BLOCK_K] blocks (fp8.tile_weight, W_TILED=1): the "
-        "default tile, then BLOCK_N 64/128 x BLOCK_K 128/256/512 x SPLIT_K of --split-k (default 1,2,3,4); "
-        "the default (row-major) is timed beside them",
-    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -84,14 +77,7 @@ def main() -> None:
     copy_gbps, read_gbps = copy_bandwidth_gbps(), read_bandwidth_gbps()
     print(f"copy {copy_gbps:.0f} GB/s, read {read_gbps:.0f} GB/s, L2 {l2 >> 20} MiB, {sms} SMs")
     res = {"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "read_gbps": read_gbps, "rows": []}
-    if a.tiled:
-        space = [{"W_TILED": 1}] + [
-            {"W_TILED": 1, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 4 if bn * bk <= 32768 else 3,
-             "num_warps": 8 if bn == 128 else 4, "SPLIT_K": int(sk)}
-            for bn, bk, sk in itertools.product((64, 128), (128, 256, 512), (a.split_k or "1,2,3,4").split(","))
-            if bn * bk <= 65536
-        ]  # fmt: skip
-    elif a.tma:
+    if a.tma:
         space = [{"W_TMA": 1}] + [
             {"W_TMA": 1, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": 8 if bn == 128 else 4,
              "SPLIT_K": int(sk)}
@@ -130,22 +116,11 @@ def main() -> None:
                     while tiles * sk < 1.5 * sms and chunks >= 8 * sk:
                         sk *= 2
                     full["SPLIT_K"] = sk
-                run_sets = sets
-                if full.get("W_TILED"):  # the weights in the block layout of the launch's effective tiles
-                    bn = (
-                        fp8.gated_config(full)["BLOCK_N"]
-                        if launch is fp8.fp8_gemv_silu_mul
-                        else full["BLOCK_N"]
-                    )
-                    run_sets = [(x, xs, fp8.tile_weight(w, bn, full["BLOCK_K"]), ws) for x, xs, w, ws in sets]
                 try:
-                    ms = median_ms(
-                        lambda x, xs, w, ws, c=full, f=launch: f(x, xs, w, ws, config=c), run_sets, 30
-                    )
+                    ms = median_ms(lambda x, xs, w, ws, c=full, f=launch: f(x, xs, w, ws, config=c), sets, 30)
                 except Exception as e:  # out of shared memory and the like
                     print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                     continue
-                del run_sets
                 results.append((ms, "default" if not cfg else "", full))
             results.sort(key=lambda r: r[0])
             dflt = next(r for r in results if r[1] == "default")
@@ -155,7 +130,7 @@ def main() -> None:
                        "pct_read": 100 * gbps / read_gbps, "default": tag == "default", "config": cfg}  # fmt: skip
                 res["rows"].append(row)
                 print(f"{model:4s} {name:8s} {ms * 1e3:8.1f} us {gbps:6.0f} GB/s {row['pct_read']:5.1f}% of read"
-                      f" {'DEFAULT ' if tag else ''}{ {k: cfg.get(k, 0) for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_stages', 'num_warps', 'W_TMA', 'W_TILED')} }")  # fmt: skip
+                      f" {'DEFAULT ' if tag else ''}{ {k: cfg.get(k, 0) for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_stages', 'num_warps', 'W_TMA')} }")  # fmt: skip
             del sets
             torch.cuda.empty_cache()
             if a.output_json:  # after every matrix: a run cut short keeps what it measured

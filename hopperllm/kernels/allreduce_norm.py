@@ -55,8 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import SplitKPartials
-from hopperllm.kernels.norm import load_row, norm_outputs, rms_norm_row_store
+from hopperllm.kernels.norm import norm_outputs, rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 EMPTY = tl.constexpr(-32768)  # 0x8000, -0.0 in bfloat16 and float16: a Lamport slot not yet written
@@ -138,8 +137,7 @@ def _barrier(signal_pads_ptr, row, RANK: tl.constexpr, WORLD: tl.constexpr, SEND
 @triton.jit
 def _allreduce_rms_norm_kernel(
     x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-    H, half_elems, stride_x, stride_res, stride_out, eps, part_stride,
-    X_PARTS: tl.constexpr,
+    H, half_elems, stride_x, stride_res, stride_out, eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     SYNC: tl.constexpr,
@@ -154,7 +152,7 @@ def _allreduce_rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
-    dtype = residual_ptr.dtype.element_ty  # the activations' (x holds float32 slices with X_PARTS)
+    dtype = x_ptr.dtype.element_ty
     bufs = buffers_ptr.to(tl.pointer_type(tl.uint64))
     # Before the PDL wait, what no recent kernel writes (off the critical path after it): the buffer
     # addresses and the norm weight (constants); this row's call count and residual, last written by the
@@ -173,7 +171,7 @@ def _allreduce_rms_norm_kernel(
     if DOUBLE:
         tl.debug_barrier()  # every thread has read the count before any writes the next one
         tl.store(counters_ptr + row, n + 1)
-    x = load_row(x_ptr, row, stride_x, offs, mask, part_stride, X_PARTS, dtype)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if LAMPORT:
         # Push without flags (module docstring): a 16-bit element whose bits are EMPTY (-0.0) has not
@@ -247,7 +245,7 @@ def ref_allreduce_rms_norm(
 
 
 def allreduce_rms_norm(
-    x: torch.Tensor | SplitKPartials,
+    x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
@@ -276,19 +274,10 @@ def allreduce_rms_norm(
     stores its rows into its slot of every rank's buffer and signals the call's number (module docstring).
     lamport (needs counters, a 16-bit dtype, and buffers filled with EMPTY bits, 0x8000): push without
     signals: this rank's rows go into its slot of every peer's buffer, the peers' slots of this rank's
-    buffer are polled until no element holds EMPTY, summed, and refilled with EMPTY.
-    x may be a split-K GEMV's SplitKPartials [S, T, H]: the kernel sums this rank's slices first, as the
-    GEMV's fix-up would have (same bits)."""
-    parts = None
-    if isinstance(x, SplitKPartials):
-        if x.parts.dim() != 3 or not x.parts.is_contiguous():
-            raise ValueError("split-K partials must be contiguous [S, T, H] float32 slices")
-        parts, act_dtype, x = x.parts, x.dtype, x.parts[0]
-    else:
-        act_dtype = x.dtype
-    if x.dim() != 2 or residual.shape != x.shape or residual.dtype != act_dtype:
+    buffer are polled until no element holds EMPTY, summed, and refilled with EMPTY."""
+    if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
-            f"x must be [T, H] and residual match it, got {tuple(x.shape)} {act_dtype} and "
+            f"x must be [T, H] and residual match it, got {tuple(x.shape)} {x.dtype} and "
             f"{tuple(residual.shape)} {residual.dtype}"
         )
     T, H = x.shape
@@ -307,17 +296,15 @@ def allreduce_rms_norm(
         raise ValueError(f"counters must be int32 [>= {T}] with half_elems >= {slots * T * H}")
     if push and counters is None:
         raise ValueError("push needs counters (the call numbers it signals)")
-    if lamport and (counters is None or act_dtype.itemsize != 2):
-        raise ValueError(f"lamport needs counters and a 16-bit activation dtype, got {act_dtype}")
-    out, scale = norm_outputs(T, H, residual, out_fp8, static_scale)
+    if lamport and (counters is None or x.dtype.itemsize != 2):
+        raise ValueError(f"lamport needs counters and a 16-bit activation dtype, got {x.dtype}")
+    out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
         _allreduce_rms_norm_kernel[(T,)](
             x, buffer_ptrs, buffer_ptrs if signal_pad_ptrs is None else signal_pad_ptrs,
             buffer_ptrs if counters is None else counters, residual, weight, out,
             scale, H, half_elems, x.stride(0), residual.stride(0), out.stride(0), eps,
-            0 if parts is None else parts.stride(0),
-            X_PARTS=0 if parts is None else parts.shape[0],
             RANK=rank,
             WORLD=world_size,
             SYNC=signal_pad_ptrs is not None,

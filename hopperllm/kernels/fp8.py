@@ -309,8 +309,6 @@ def _fp8_gemv_kernel(
     QUANT_X: tl.constexpr,
     BLOCK_AMAX: tl.constexpr,
     W_TMA: tl.constexpr,
-    W_TILED: tl.constexpr,
-    DEFER_SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
@@ -329,8 +327,6 @@ def _fp8_gemv_kernel(
     # W_TMA: the weight tiles come through the tensor-memory accelerator (w_desc, a [BLOCK_N, BLOCK_K]
     # descriptor over w): one bulk copy a stage instead of a 16-byte load per thread and vector, rows past
     # the matrix read as zeros; the pointer path is the same product (x, scales and stores as before).
-    # W_TILED: w holds the matrix as [N / BLOCK_N, K / BLOCK_K, BLOCK_N, BLOCK_K] blocks (tile_weight), so
-    # that every stage of a program is one contiguous BLOCK_N * BLOCK_K bytes of DRAM.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -344,16 +340,7 @@ def _fp8_gemv_kernel(
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
-    if W_TILED:
-        tile_base = w_ptr + pid_n.to(tl.int64) * BLOCK_N * K + (k_begin // BLOCK_K) * (BLOCK_N * BLOCK_K)
-        w_step = BLOCK_N * BLOCK_K
-    else:
-        w_step = BLOCK_K
-    if PREFETCH_LINES > 0 and W_TILED:
-        _prefetch_l2(tile_base + tl.arange(0, PREFETCH_LINES * BLOCK_N) * 128)
-        if GATED:
-            _prefetch_l2(tile_base + N.to(tl.int64) * K + tl.arange(0, PREFETCH_LINES * BLOCK_N) * 128)
-    elif PREFETCH_LINES > 0:
+    if PREFETCH_LINES > 0:
         # The weights are never written by an earlier kernel, so they may be touched before the PDL wait:
         # pull the first PREFETCH_LINES 128-byte lines of each of this program's rows into L2 while the
         # previous kernel (often a one-program norm or quantize) still runs.
@@ -381,10 +368,7 @@ def _fp8_gemv_kernel(
         )
         x_scale = fp8_scale_from_amax(tl.max(pieces, axis=1))
         x_inv_scale = fp8_inv_scale(x_scale)
-    if W_TILED:
-        w_ptrs = tile_base + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
-    else:
-        w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -417,7 +401,7 @@ def _fp8_gemv_kernel(
             else:
                 w_up = tl.load(w_ptrs + up_offset, mask=k_mask[None, :], other=0.0)
             acc_up = tl.dot(w_up, tl.trans(x), acc_up, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-        w_ptrs += w_step
+        w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
     # Scales factor out of the K sum, so they are applied once, to the accumulator.
@@ -434,11 +418,6 @@ def _fp8_gemv_kernel(
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
         _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
-    elif DEFER_SPLIT:
-        # The consumer sums the slices (SplitKPartials): store this slice's float32 tile and finish, no
-        # arrival counter and no fix-up by the last slice at the launch's tail.
-        partial_ptrs = partial_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-        tl.store(partial_ptrs + pid_k.to(tl.int64) * SLICE_STRIDE, acc, mask=mask)
     else:
         # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
         # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
@@ -551,27 +530,6 @@ def _check_weight(w_fp8: torch.Tensor, w_scale: torch.Tensor) -> None:
         raise ValueError(f"w_scale must have 1 or N={w_fp8.shape[0]} elements, got {tuple(w_scale.shape)}")
 
 
-class SplitKPartials(NamedTuple):
-    """A split-K GEMV's output left unreduced for its consumer to sum: `parts` float32 [S, M, N], one
-    slice per K range. The output is the sum over S in slice order, in float32, rounded to `dtype`: the
-    bits fp8_gemv's in-launch fix-up would store. The norm kernels take it in place of their input (the
-    decode GEMVs before a norm then end without the fix-up's arrival counter and last-slice pass)."""
-
-    parts: torch.Tensor
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.parts.shape[1:]
-
-    def reduced(self) -> torch.Tensor:
-        """The output the consumer would compute: the slices summed in order, rounded to dtype."""
-        acc = torch.zeros(self.parts.shape[1:], dtype=torch.float32, device=self.parts.device)
-        for part in self.parts:
-            acc += part
-        return acc.to(self.dtype)
-
-
 class DeferredQuant(NamedTuple):
     """An activation its consumer quantizes to FP8 per token while loading it (fp8_gemv_silu_mul's output,
     fp8_gemv_deferred's input): `values` [M, K] and `amax_parts` float32 [M, C], pieces of each row's
@@ -626,12 +584,9 @@ def gated_config(cfg: dict[str, int]) -> dict[str, int]:
     return g
 
 
-def _launch_fp8_gemv(
-    x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False, defer_split=False
-):
+def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False):
     """The launcher behind fp8_gemv, fp8_gemv_silu_mul and fp8_gemv_deferred (inputs already checked).
-    Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces;
-    with defer_split (not gated) and a config that splits K, SplitKPartials instead of out."""
+    Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces."""
     M, K = x.shape
     N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
     device = x.device
@@ -645,26 +600,18 @@ def _launch_fp8_gemv(
     # TMA needs 16-byte aligned rows (K a multiple of 16 FP8 values) and base address.
     tma_ok = w_fp8.stride(0) % 16 == 0 and w_fp8.data_ptr() % 16 == 0
     cfg["W_TMA"] = bool(cfg.get("W_TMA", GEMV_TMA)) and tma_ok
-    cfg["W_TILED"] = bool(cfg.get("W_TILED", False))
-    if cfg["W_TILED"] and (cfg["W_TMA"] or w_fp8.shape[0] % cfg["BLOCK_N"] or K % cfg["BLOCK_K"]):
-        raise ValueError("a tiled weight needs pointer loads and N, K multiples of BLOCK_N, BLOCK_K")
     # (a host-side descriptor: built per call, a few microseconds; decode replays it from its CUDA graph)
     w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if cfg["W_TMA"] else w_fp8
     split_k = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty K slices
+    out = torch.empty((M, N), dtype=out_dtype, device=device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
-    defer_split = defer_split and split_k > 1 and not gated
-    if defer_split:  # no out: the consumer sums the slices; a slice stands in for the unused arguments
-        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=device)
-        out = counters = partials[0]
-    elif split_k > 1:
-        out = torch.empty((M, N), dtype=out_dtype, device=device)
+    if split_k > 1:
         partials = torch.empty((split_k, M, w_fp8.shape[0]), dtype=torch.float32, device=device)
         counters = tile_counters(device, grid[0] * grid[1])
     else:
-        out = torch.empty((M, N), dtype=out_dtype, device=device)
         partials = counters = out  # unused
     amax = torch.empty((M, grid[0]), dtype=torch.float32, device=device) if gated else out
     num_amax = grid[0] if gated else (x_scale.shape[-1] if quant_x else 1)
@@ -679,21 +626,10 @@ def _launch_fp8_gemv(
         GATED=gated,
         QUANT_X=quant_x,
         BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
-        DEFER_SPLIT=defer_split,
         **cfg,
         **pdl_kwargs(device),
     )  # fmt: skip
-    if defer_split:
-        return SplitKPartials(partials, out_dtype)
     return (out, amax) if gated else out
-
-
-def tile_weight(w: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
-    """w [N, K] -> the same values as [N / block_n, K / block_k, block_n, block_k] blocks, viewed [N, K]: the
-    layout fp8_gemv reads with config W_TILED (and the same BLOCK_N, BLOCK_K)."""
-    N, K = w.shape
-    tiled = w.view(N // block_n, block_n, K // block_k, block_k).permute(0, 2, 1, 3).contiguous()
-    return tiled.view(N, K)
 
 
 def fp8_gemv(
@@ -705,23 +641,21 @@ def fp8_gemv(
     config: dict[str, int] | None = None,
     *,
     silu_mul: bool = False,
-    defer_split: bool = False,
-) -> torch.Tensor | DeferredQuant | SplitKPartials:
+) -> torch.Tensor | DeferredQuant:
     """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
     MAX_IMPRECISE_ACC, PREFETCH_LINES, W_TMA).
     With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
     so results are deterministic) in the same launch.
-    With silu_mul, see fp8_gemv_silu_mul. With defer_split (not with silu_mul), a launch that splits K
-    returns SplitKPartials for the consumer to sum (one that does not returns out as usual).
+    With silu_mul, see fp8_gemv_silu_mul.
     """
     _check_weight(w_fp8, w_scale)
     _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
     if not silu_mul:
         if x_fp8.shape[0] == 0:
             return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=x_fp8.device)
-        return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, defer_split=defer_split)
+        return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config)
     if w_fp8.shape[0] % 2:
         raise ValueError(f"a gate/up weight has an even number of rows, got {w_fp8.shape[0]}")
     if x_fp8.shape[0] == 0:
@@ -754,10 +688,9 @@ def fp8_gemv_deferred(
     w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     config: dict[str, int] | None = None,
-    defer_split: bool = False,
-) -> torch.Tensor | SplitKPartials:
+) -> torch.Tensor:
     """fp8_gemv of per_token_quant_fp8(x.values), quantizing inside the GEMV's loads: the same result as
-    the two launches (the same FP8 codes and scales), with one launch. defer_split: as fp8_gemv's."""
+    the two launches (the same FP8 codes and scales), with one launch."""
     _check_weight(w_fp8, w_scale)
     values, parts = x
     if values.dim() != 2 or values.stride(1) != 1 or values.shape[1] != w_fp8.shape[1]:
@@ -770,9 +703,7 @@ def fp8_gemv_deferred(
         raise ValueError(f"amax_parts must be float32 [M={M}, C], got {parts.dtype} {tuple(parts.shape)}")
     if M == 0:
         return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=values.device)
-    return _launch_fp8_gemv(
-        values, parts.contiguous(), w_fp8, w_scale, out_dtype, config, quant_x=True, defer_split=defer_split
-    )
+    return _launch_fp8_gemv(values, parts.contiguous(), w_fp8, w_scale, out_dtype, config, quant_x=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import triton.language as tl
 
 from hopperllm.kernels.fp8 import (
     FP8_DTYPE,
-    SplitKPartials,
     fp8_inv_scale,
     fp8_scale_from_amax,
     quantize_fp8,
@@ -75,22 +74,9 @@ def rms_norm_row_store(
 
 
 @triton.jit
-def load_row(x_ptr, row, stride_x, offs, mask, part_stride, X_PARTS: tl.constexpr, dtype: tl.constexpr):
-    """Row `row` of the norm's input in `dtype`: x [T, H], or with X_PARTS > 0 the sum of a split-K GEMV's
-    float32 slices [X_PARTS, T, H] (part_stride apart) in slice order, rounded to dtype (SplitKPartials)."""
-    if X_PARTS == 0:
-        return tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    acc = tl.zeros(offs.shape, dtype=tl.float32)
-    for s in tl.static_range(X_PARTS):
-        acc += tl.load(x_ptr + s * part_stride + row * stride_x + offs, mask=mask, other=0.0)
-    return acc.to(dtype)
-
-
-@triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-    H, stride_x, stride_res, stride_out, eps, part_stride,
-    X_PARTS: tl.constexpr,
+    H, stride_x, stride_res, stride_out, eps,
     HAS_RESIDUAL: tl.constexpr,
     OUT_FP8: tl.constexpr,
     STATIC_SCALE: tl.constexpr,
@@ -104,11 +90,10 @@ def _rms_norm_kernel(
     mask = offs < H
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant: before the wait
     pdl_prologue(USE_PDL)
-    dtype = residual_ptr.dtype.element_ty  # x's dtype (residual is x itself without one)
-    x = load_row(x_ptr, row, stride_x, offs, mask, part_stride, X_PARTS, dtype)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + row * stride_res + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(residual_ptr + row * stride_res + offs, x, mask=mask)
     rms_norm_row_store(x, row, offs, mask, H, eps, w, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE)
 
@@ -125,7 +110,7 @@ def norm_outputs(
 
 
 def rms_norm(
-    x: torch.Tensor | SplitKPartials,
+    x: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
@@ -140,14 +125,7 @@ def rms_norm(
     kernel's own x.dtype result; the non-FP8 variant is a separate compilation whose sum of squares may
     associate differently, so its output can differ by one ulp in rare elements (on an H100, 11 of 67M
     FP8 codes differed from quantizing it at 8192 x 8192).
-    x may be a split-K GEMV's SplitKPartials [S, T, H] (with a residual): the kernel sums the slices as
-    the GEMV's fix-up would have (same bits).
     """
-    parts, act_dtype = None, x.dtype
-    if isinstance(x, SplitKPartials):
-        if residual is None or x.parts.dim() != 3 or not x.parts.is_contiguous():
-            raise ValueError("split-K partials go to the norm with a residual, as [S, T, H] float32 slices")
-        parts, x = x.parts, x.parts[0]  # the kernel indexes slices from the first one's rows
     H = x.shape[-1]
     if weight.shape != (H,):
         raise ValueError(f"weight must have shape ({H},), got {tuple(weight.shape)}")
@@ -157,19 +135,18 @@ def rms_norm(
     T = x2.shape[0]
     res2 = x2
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != act_dtype:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(
-                f"residual must match x ({tuple(x.shape)}, {act_dtype}), got "
+                f"residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                 f"{tuple(residual.shape)}, {residual.dtype}"
             )
         res2 = residual.view(-1, H)  # a view, so the in-place update reaches the caller
-    out, scale = norm_outputs(T, H, res2, out_fp8, static_scale)
+    out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
         _rms_norm_kernel[(T,)](
             x2, res2, weight, out, scale,
-            H, x2.stride(0), res2.stride(0), out.stride(0), eps, 0 if parts is None else parts.stride(0),
-            X_PARTS=0 if parts is None else parts.shape[0],
+            H, x2.stride(0), res2.stride(0), out.stride(0), eps,
             HAS_RESIDUAL=residual is not None,
             OUT_FP8=out_fp8,
             STATIC_SCALE=static_scale is not None,

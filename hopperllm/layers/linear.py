@@ -30,16 +30,14 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
-def _fp8_prequantized(x: tuple, w_fp8, w_scale, bias, out_dtype, split_out: bool = False):
-    """x is an (x_fp8, scale) pair, or a DeferredQuant that the GEMV quantizes as it loads it. split_out
-    (no bias): a GEMV that splits K may return SplitKPartials for the next norm to sum."""
+def _fp8_prequantized(x: tuple, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
+    """x is an (x_fp8, scale) pair, or a DeferredQuant that the GEMV quantizes as it loads it."""
     from hopperllm.kernels.fp8 import GEMV_MAX_M, DeferredQuant, fp8_gemv, fp8_gemv_deferred, scaled_mm
 
-    split_out = split_out and bias is None
     if isinstance(x, DeferredQuant):
-        y = fp8_gemv_deferred(x, w_fp8, w_scale, out_dtype, defer_split=split_out)
+        y = fp8_gemv_deferred(x, w_fp8, w_scale, out_dtype)
     elif x[0].shape[0] <= GEMV_MAX_M:
-        y = fp8_gemv(x[0], x[1], w_fp8, w_scale, out_dtype, defer_split=split_out)
+        y = fp8_gemv(x[0], x[1], w_fp8, w_scale, out_dtype)
     else:
         y = scaled_mm(x[0], x[1], w_fp8, w_scale, out_dtype)
     return y if bias is None else y + bias.to(out_dtype)
@@ -127,14 +125,11 @@ class LinearBase(nn.Module):
     def takes_fp8_input(self) -> bool:
         return self.quantization == "fp8"
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], split_out: bool = False):
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x is an activation, or for FP8 layers on CUDA an already quantized (x_fp8, scale) pair from a
-        fused norm / activation kernel, or a DeferredQuant from fp8_gemv_silu_mul (FP8, decode sizes).
-        split_out: a decode GEMV that splits K may return its unreduced SplitKPartials (for a norm)."""
+        fused norm / activation kernel, or a DeferredQuant from fp8_gemv_silu_mul (FP8, decode sizes)."""
         if isinstance(x, tuple):
-            return _fp8_prequantized(
-                x, self.weight, self.weight_scale, self.bias, self.params_dtype, split_out
-            )
+            return _fp8_prequantized(x, self.weight, self.weight_scale, self.bias, self.params_dtype)
         if self.quantization == "fp8":
             from hopperllm.kernels.fp8 import fp8_linear
 
@@ -205,10 +200,8 @@ class RowParallelLinear(LinearBase):
             loaded = torch.zeros_like(loaded)  # added once, not once per rank
         self._load_rows(kind, loaded, 0, self.output_size)
 
-    def forward(self, x: torch.Tensor, reduce: bool = True, split_out: bool = False):
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """The sum over the ranks, or with `reduce=False` this rank's partial sums (the caller reduces them:
-        the fused all-reduce + RMSNorm of the next norm). `split_out`: where nothing else has to be summed
-        here (reduce=False, or one rank), a decode GEMV that splits K may return SplitKPartials, which the
-        next norm sums (HOPPERLLM_SPLITK_NORM=1)."""
-        y = super().forward(x, split_out=split_out and (not reduce or self.tp.world_size == 1))
-        return self.tp.all_reduce(y) if reduce and self.tp.world_size > 1 else y
+        the fused all-reduce + RMSNorm of the next norm)."""
+        y = super().forward(x)
+        return self.tp.all_reduce(y) if reduce else y

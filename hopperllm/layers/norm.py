@@ -35,13 +35,12 @@ class RMSNorm(nn.Module):
         of norm + quantize); elsewhere the plain output (the FP8 linear layer quantizes it).
 
         `all_reduce` (a `FusedAllReduceNorm`, with a residual): x is this rank's partial sums; the ranks'
-        sum is added to the residual and normalized in the same kernel. On CUDA x may also be a split-K
-        GEMV's SplitKPartials, whose slices the kernel sums first."""
+        sum is added to the residual and normalized in the same kernel."""
         if all_reduce is not None:
             return all_reduce(
                 x, residual, self.weight, self.eps, out_fp8=quant_fp8, static_scale=static_scale
             )
-        if not isinstance(x, torch.Tensor) or x.is_cuda:  # a tensor, or a GEMV's SplitKPartials (CUDA)
+        if x.is_cuda:
             from hopperllm.kernels.norm import rms_norm
 
             out = rms_norm(

@@ -43,11 +43,6 @@ def _fuse_quant(linear) -> tuple[bool, torch.Tensor | None]:
 # launches everywhere, =2 fuses at every decode shape (both for A/B runs).
 FUSED_MLP = os.environ.get("HOPPERLLM_FUSED_MLP", "1")
 
-# HOPPERLLM_SPLITK_NORM=1: the decode GEMVs of o_proj and down_proj that split K leave their float32 slices
-# to the norm after them (SplitKPartials), which sums them as the GEMV's own fix-up would (same bits),
-# so the GEMV ends without its arrival counter and last-slice pass. Off until measured on a GPU.
-SPLITK_NORM = os.environ.get("HOPPERLLM_SPLITK_NORM", "0") == "1"
-
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, tp: TPGroup):
@@ -56,14 +51,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedGateUpLinear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
-    def forward(self, x, reduce: bool = True, split_out: bool = False):
-        """split_out: the down projection may return SplitKPartials (for the next norm to sum)."""
+    def forward(self, x, reduce: bool = True) -> torch.Tensor:
         # SiLU-mul emits per-token FP8 only; a static down_proj input scale takes the unfused path
         quant = self.down_proj.takes_fp8_input and self.down_proj.input_scale is None
         if quant and self._fused_decode(x):
-            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x), reduce=reduce, split_out=split_out)
-        h = silu_and_mul(self.gate_up_proj(x), quant_fp8=quant)
-        return self.down_proj(h, reduce=reduce, split_out=split_out)
+            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x), reduce=reduce)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant), reduce=reduce)
 
     def _fused_decode(self, x) -> bool:
         from hopperllm.kernels.fp8 import GEMV_MAX_M, silu_mul_fusion_pays
@@ -103,14 +96,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True, split_out=False):
-        """split_out: o_proj may return SplitKPartials (for the next norm to sum)."""
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # decode attention can hand an FP8 o_proj its per-token quantized input from the same kernel
         quant = self.o_proj.takes_fp8_input and self.o_proj.input_scale is None and qkv.is_cuda
-        attn = self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant)
-        return self.o_proj(attn, reduce=reduce, split_out=split_out)
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant), reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -135,12 +126,11 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(
                 hidden, residual, quant_fp8=q1, static_scale=s1, all_reduce=fused_ar
             )
-        reduce = fused_ar is None
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, reduce=reduce, split_out=SPLITK_NORM)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, reduce=fused_ar is None)
         hidden, residual = self.post_attention_layernorm(
             hidden, residual, quant_fp8=q2, static_scale=s2, all_reduce=fused_ar
         )
-        return self.mlp(hidden, reduce=reduce, split_out=SPLITK_NORM), residual
+        return self.mlp(hidden, reduce=fused_ar is None), residual
 
 
 class LlamaModel(nn.Module):

@@ -106,36 +106,3 @@ def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
         del llm
         torch.cuda.empty_cache()
     assert outs["1"] == outs["0"]
-
-
-def test_split_k_slices_summed_by_the_norm_change_no_bit(model_dir, monkeypatch):
-    """HOPPERLLM_SPLITK_NORM: o_proj's and down_proj's decode GEMVs leave their split-K slices to the next
-    norm, which sums them as the GEMV's fix-up would: identical tokens and logprobs (CUDA graphs, FP8).
-    This model's GEMVs do not split K by themselves: every launch is made to split in two."""
-    from hopperllm.kernels import fp8, norm
-    from hopperllm.models import llama
-
-    config = fp8.fp8_gemv_config
-    monkeypatch.setattr(fp8, "fp8_gemv_config", lambda M, N, K, sms: {**config(M, N, K, sms), "SPLIT_K": 2})
-    seen = []
-    rms_norm = norm.rms_norm
-
-    def counting_rms_norm(x, *args, **kwargs):
-        seen.append(isinstance(x, fp8.SplitKPartials))
-        return rms_norm(x, *args, **kwargs)
-
-    monkeypatch.setattr(norm, "rms_norm", counting_rms_norm)
-    kw = dict(
-        dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512, max_num_seqs=8,
-        show_progress=False,
-    )  # fmt: skip
-    outs = {}
-    for flag in (False, True):
-        monkeypatch.setattr(llama, "SPLITK_NORM", flag)
-        seen.clear()
-        llm = LLM(model=model_dir, **kw)
-        outs[flag] = [(o.token_ids, o.logprobs) for o in _greedy(llm, logprobs=2)]
-        assert any(seen) == flag
-        del llm
-        torch.cuda.empty_cache()
-    assert outs[True] == outs[False]

@@ -213,21 +213,3 @@ def test_allreduce_rms_norm_lamport_pushes_and_rearms(world):
         lamport(parts[rank].float(), res.float(), weight.float())
     with pytest.raises(ValueError, match="lamport needs"):
         lamport(parts[rank], res, weight, counters=None)
-
-
-def test_allreduce_rms_norm_sums_split_k_slices_first():
-    """This rank's partial sums as a split-K GEMV's SplitKPartials: the kernel sums the slices (the GEMV's
-    fix-up bits), then all-reduces as with the reduced tensor."""
-    T, H, world, rank = 2, 96, 2, 0
-    parts, weight, residual = _rank_inputs(T, H, world, torch.bfloat16, seed=70)
-    g = torch.Generator().manual_seed(71)
-    slices = fp8.SplitKPartials((torch.randn(3, T, H, generator=g) * 2).to(DEVICE), torch.bfloat16)
-    parts[rank] = slices.reduced()
-    ref, ref_res = _unfused(parts, weight, residual)
-    bufs = [torch.full_like(p, float("nan")).reshape(-1) for p in parts]
-    bufs[1].copy_(parts[1].reshape(-1))
-    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
-    res = residual.clone()
-    out = allreduce_norm.allreduce_rms_norm(slices, res, weight, EPS, ptrs, None, rank, world)
-    assert torch.equal(out, ref) and torch.equal(res, ref_res)
-    assert torch.equal(bufs[rank].view(T, H), parts[rank])  # the reduced row is what the peers read

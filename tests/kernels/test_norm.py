@@ -117,26 +117,3 @@ def test_ref_rms_norm_matches_transformers():
     with torch.no_grad():
         hf.weight.copy_(weight)
         assert torch.equal(norm.ref_rms_norm(x, weight, EPS), hf(x))
-
-
-@pytest.mark.parametrize("out_fp8", [False, True])
-def test_rms_norm_sums_split_k_slices_as_the_gemv_would(out_fp8):
-    """A split-K GEMV's SplitKPartials in place of x: the bits of the norm of the reduced output."""
-    from hopperllm.kernels.fp8 import SplitKPartials
-
-    g = torch.Generator().manual_seed(5)
-    T, H = 3, 200
-    parts = SplitKPartials((torch.randn(2, T, H, generator=g) * 4).to(DEVICE), torch.bfloat16)
-    weight = (1 + 0.1 * torch.randn(H, generator=g)).to(torch.bfloat16).to(DEVICE)
-    residual = torch.randn(T, H, generator=g).to(torch.bfloat16).to(DEVICE)
-    ref_res = residual.clone()
-    ref = norm.rms_norm(parts.reduced(), weight, 1e-5, residual=ref_res, out_fp8=out_fp8)
-    res = residual.clone()
-    out = norm.rms_norm(parts, weight, 1e-5, residual=res, out_fp8=out_fp8)
-    assert torch.equal(res, ref_res)
-    if out_fp8:
-        assert torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(out[1], ref[1])
-    else:
-        assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="residual"):
-        norm.rms_norm(parts, weight, 1e-5)
