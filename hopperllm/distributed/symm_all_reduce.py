@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 1 << 20
 DTYPES = (torch.bfloat16, torch.float32)  # what torch's one-shot kernel sums
+# The fused all-reduce + RMSNorm's exchange (FusedAllReduceNorm): Lamport push, measured on two H200s at
+# 5.1 us a call alone against 5.8 for the one-barrier pull (mode 1) and a 70B decode step 0.07 ms shorter.
+DEFAULT_FUSED_MODE = "4"
 
 
 class SymmMemAllReduce:
@@ -89,19 +92,20 @@ def make_symm_all_reduce(group, rank: int, world_size: int, device: torch.device
 
 class FusedAllReduceNorm:
     """All-reduce + residual add + RMSNorm (+ FP8) in one kernel (kernels/allreduce_norm.py) over its own
-    symmetric-memory buffer and signal pad, for decode-sized tensors. `HOPPERLLM_FUSED_AR_NORM=0` turns
-    it off (the decoder then all-reduces in the row-parallel layers and normalizes separately); =2 runs it
-    with two barriers a call over one buffer instead of one barrier over two alternating halves; =3 pushes
-    each rank's rows into every rank's buffer and signals one-way (`push` in the kernel's docstring); =4
-    pushes them with no signal, each element's arrival marked by its bits (`lamport`: bfloat16 and float16
-    rows only; the buffers start filled with the EMPTY bits)."""
+    symmetric-memory buffer and signal pad, for decode-sized tensors. `HOPPERLLM_FUSED_AR_NORM` picks
+    the exchange (kernel docstring): 4 (default) pushes each rank's rows into its slot of every peer's
+    buffer with no signal, each element's arrival marked by its bits (`lamport`: bfloat16 and float16 rows;
+    float32 rows take the unfused path); 1 copies the rows into the rank's own buffer and meets the peers at
+    one flag barrier a call over two alternating halves (pull); 2 the same with two barriers over one
+    buffer; 3 pushes and signals one-way (`push`); 0 turns the fusion off (the decoder then all-reduces in
+    the row-parallel layers and normalizes separately)."""
 
     def __init__(
         self, group, rank: int, world_size: int, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
     ):
         import torch.distributed._symmetric_memory as symm_mem
 
-        mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1")
+        mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", DEFAULT_FUSED_MODE)
         if mode in ("3", "4"):
             max_bytes *= world_size  # push: a slot per rank, each as large as the other modes' rows
         self.rank, self.world_size, self.max_bytes = rank, world_size, max_bytes
@@ -154,7 +158,7 @@ def make_fused_allreduce_norm(
     """The fused all-reduce + RMSNorm if every rank set it up and it computes the reference's bits, else
     None (the layers all-reduce, then normalize)."""
     if (
-        os.environ.get("HOPPERLLM_FUSED_AR_NORM", "1") == "0"
+        os.environ.get("HOPPERLLM_FUSED_AR_NORM", DEFAULT_FUSED_MODE) == "0"
         or os.environ.get("HOPPERLLM_ALLREDUCE") == "nccl"
     ):
         return None

@@ -27,7 +27,7 @@ waits until each peer's flag in its own pad holds that number; the sum then read
 flags are never reset: a call waits for its own number, which a flag left by an earlier call does not
 equal (the count wraps after 2^32 calls a row).
 
-With `lamport` (`HOPPERLLM_FUSED_AR_NORM=4`; bfloat16 / float16 rows), there are no flags at all: every
+With `lamport` (`HOPPERLLM_FUSED_AR_NORM=4`, the default; bfloat16 / float16 rows), no flags at all: every
 buffer starts filled with EMPTY bits (0x8000, -0.0), a program stores its row (with -0.0 sent as +0.0) into
 its slot of every peer's buffer, polls its own buffer's peer slots (volatile loads) until no element holds
 EMPTY any more, sums, and stores EMPTY back into those slots. Each element carries its own arrival, so
