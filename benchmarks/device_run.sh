@@ -115,12 +115,12 @@ for step in $steps; do
         --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
         --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp.log" | tail -22 ;;
-    ab-tp)  # the TP latency run under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
+    ab-tp)  # the TP latency run (batch BATCH, default 1) under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
       for v in ${AB:--}; do  # e.g. AB="- HOPPERLLM_FUSED_MLP=0"
         echo "--- ${v} ---"
         env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b \
-          --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
-          --num-iters-warmup 2 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/ab-tp${TP:-2}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
+          --quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size ${BATCH:-1} \
+          --num-iters-warmup 2 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/ab-tp${TP:-2}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
     latency-70b-tp-nccl)
