@@ -140,11 +140,13 @@ def test_fp8_gemv_vs_ref_and_scaled_mm(N, K, M, per_channel):
     assert rel_err(out, mm) < 4e-3
 
 
+@pytest.mark.parametrize("M", [1, 5, 16])
 @pytest.mark.parametrize(("N", "K"), sorted(fp8.GEMV_M1_TUNED))
-def test_fp8_gemv_tuned_batch1_configs(N, K):
-    """Every shape with a tuned batch-1 config (70B shapes too) against the float32 reference."""
+def test_fp8_gemv_tuned_batch1_configs(N, K, M):
+    """Every shape with a tuned batch-1 config (70B shapes too) against the float32 reference, at the
+    batches up to 16 that take it."""
     w_fp8, w_scale = make_weight(N, K, True, seed=N + K)
-    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(1, K, seed=1))
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=1))
     out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
     ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
