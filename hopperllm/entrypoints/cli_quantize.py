@@ -4,6 +4,8 @@
     hopperllm quantize --model DIR --output OUT --kv-cache-dtype fp8 --static-activations --per-tensor
     hopperllm quantize --output OUT --kv-cache-dtype fp8 --algorithm gptq --keep-last-layers 2
     hopperllm quantize --output OUT --kv-cache-dtype fp8 --center-v   # V cache centered through biases
+    hopperllm quantize --output OUT --kv-cache-dtype fp8 --algorithm gptq --dtype float32 --distill-tokens 16384
+                                                   # + norms and weight scales distilled from the model
 
 The written directory loads back with `--model OUT` (the FP8 format and KV-cache dtype are detected).
 """
@@ -11,6 +13,7 @@ The written directory loads back with `--model OUT` (the FP8 format and KV-cache
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -104,6 +107,31 @@ def add_parser(sub) -> None:
         choices=["bfloat16", "float16", "float32"],
         help="dtype of the unquantized tensors written (embeddings, norms, LM head; default bfloat16)",
     )
+    d = p.add_argument_group(
+        "distillation",
+        "Quantization-aware distillation (hopperllm/quant/distill.py): after quantizing, train the RMSNorm gains "
+        "and per-channel weight scales (FP8 codes and KV scales fixed) so that the FP8 model's next-token "
+        "distributions match the unquantized model's on calibration text. Needs per-channel weights and "
+        "dynamic activations; runs in float32 on the model's device.",
+    )
+    d.add_argument(
+        "--distill-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calibration tokens to distill on (default 0: no distillation; measured: 16384)",
+    )
+    d.add_argument(
+        "--distill-val-tokens",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="the calibration tokens after those, to keep the best epoch (default 2048)",
+    )
+    d.add_argument("--distill-epochs", type=int, default=6, help="passes over the tokens (default 6)")
+    d.add_argument("--distill-lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    d.add_argument("--distill-accum", type=int, default=4, help="chunks averaged into each step (default 4)")
+    d.add_argument("--distill-seed", type=int, default=0, help="seed of the chunk order (default 0)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.set_defaults(func=cmd_quantize)
@@ -138,6 +166,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         flags = ", ".join(f"--gptq-{k.replace('_', '-')}" for k in gptq_args)
         raise ValueError(f"{flags} apply to --algorithm gptq only")
     gptq_config = GPTQConfig(**gptq_args)
+    distill_config = _distill_config(args)
     text = read_text_file(args.calib_file, "calibration file")
     show = sys.stderr.isatty()
     t0 = time.perf_counter()
@@ -154,17 +183,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ignore=resolve_ignore(runner.model, args.ignore, args.keep_last_layers),
     )
     tok = llm.get_tokenizer()
-    ids = tok.encode(text if text is not None else calibration_text(), add_special_tokens=False)
-    ids = ids[: args.calib_tokens]
+    text_ids = tok.encode(text if text is not None else calibration_text(), add_special_tokens=False)
+    ids = text_ids[: args.calib_tokens]
     chunks = chunk_tokens(ids, args.calib_seq_len, min_len=1)
     if not chunks:
         raise ValueError("the calibration text is empty")
+    if distill_config is not None:
+        from hopperllm.quant.distill import split_text
+
+        distill_train, distill_val = split_text(text_ids, distill_config)
     if args.center_v:  # before the ranges: V and o_proj's input are taken centered
         centered = center_v_cache_(
             runner.model, v_means(runner.model, runner.logits_for_tokens, chunks, show)
         )
     # activation and KV-cache ranges of the unquantized model: the same for both algorithms
     stats = calibrate(runner.model, runner.logits_for_tokens, chunks, show_progress=show)
+    if distill_config is not None:  # the teacher: the unquantized model (before GPTQ rounds its weights)
+        from hopperllm.quant.distill import teacher_log_probs
+
+        teacher_train = teacher_log_probs(runner.logits_for_tokens, distill_train)
+        teacher_val = teacher_log_probs(runner.logits_for_tokens, distill_val)
     codes = None
     if gptq:
         skip = ignored_linear_layers(runner.model, list(scheme.ignore))
@@ -188,6 +226,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         max_shard_bytes=int(args.max_shard_size * 2**30),
         codes=codes,
     )
+    distilled = ""
+    if distill_config is not None:
+        from hopperllm.quant.distill import FP8Student, distill, load_checkpoint_tensors, write_tuned_tensors
+
+        device = next(runner.model.parameters()).device
+        del llm, runner  # the student holds its own float32 copy
+        with open(os.path.join(args.output, "config.json")) as f:
+            student = FP8Student(json.load(f), load_checkpoint_tensors(args.output), device)
+        result = distill(
+            student, distill_train, distill_val, teacher_train, teacher_val, distill_config,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )  # fmt: skip
+        n = write_tuned_tensors(args.output, student.tuned_tensors())
+        distilled = (
+            f"; distilled {n} tensors on {distill_config.tokens} tokens (validation KL "
+            f"{result['val_kl_before']:.5f} -> {result['val_kl']:.5f}, epoch {result['best_epoch']})"
+        )
     elapsed = time.perf_counter() - t0
     kv = "FP8 KV cache scales" if scheme.kv_cache_fp8 else "no KV-cache scales"
     kept = f", {len(scheme.ignore)} linear modules kept unquantized" if scheme.ignore else ""
@@ -198,6 +253,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"({'per-channel' if scheme.per_channel else 'per-tensor'} weights rounded by {args.algorithm}, "
         f"{'static' if scheme.static_activations else 'dynamic'} activations, {kv}{kept}), "
         f"{summary['num_tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB in {len(summary['files'])} file(s); "
-        f"calibrated on {stats.num_tokens} tokens in {elapsed:.1f} s"
+        f"calibrated on {stats.num_tokens} tokens{distilled} in {elapsed:.1f} s"
     )
     return 0
+
+
+def _distill_config(args: argparse.Namespace):
+    """The DistillConfig of --distill-* (None without --distill-tokens); rejects what it cannot train."""
+    from hopperllm.quant.distill import DistillConfig
+
+    if args.distill_tokens < 0:
+        raise ValueError(f"--distill-tokens must be at least 0, got {args.distill_tokens}")
+    if args.distill_tokens == 0:
+        return None
+    if not args.per_channel:
+        raise ValueError("--distill-tokens trains per-channel weight scales: drop --per-tensor")
+    if args.static_activations:
+        raise ValueError("--distill-tokens models dynamic per-token activations: drop --static-activations")
+    if args.ignore or args.keep_last_layers:
+        raise ValueError(
+            "--distill-tokens needs every linear layer in FP8: drop --ignore / --keep-last-layers"
+        )
+    config = DistillConfig(
+        tokens=args.distill_tokens,
+        val_tokens=args.distill_val_tokens,
+        chunk=args.calib_seq_len,
+        epochs=args.distill_epochs,
+        lr=args.distill_lr,
+        accum=args.distill_accum,
+        seed=args.distill_seed,
+    )
+    config.check()
+    return config
