@@ -1,26 +1,15 @@
 """silu_and_mul (and its FP8 output) vs ref_silu_and_mul, and the reference vs transformers' LlamaMLP math.
 
-Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel modules
-are imported); with CUDA the same tests run compiled on the GPU.
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is imported); with CUDA the same tests run compiled on the GPU.
 """
 
-import importlib
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from hopperllm.kernels import activation, fp8  # noqa: E402
+from hopperllm.kernels import activation, fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(activation._silu_and_mul_kernel, InterpretedFunction):
-    fp8 = importlib.reload(fp8)  # imported before TRITON_INTERPRET was set: decorate again
-    activation = importlib.reload(activation)
 
 
 @pytest.fixture

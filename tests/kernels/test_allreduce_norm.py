@@ -5,24 +5,12 @@ kernel copies its own partial rows into its buffer and sums every rank's rows. W
 Triton interpreter; the barrier across GPUs is tested in tests/gpu/test_gpu_tensor_parallel.py.
 """
 
-import importlib
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from hopperllm.kernels import allreduce_norm, fp8, norm  # noqa: E402
+from hopperllm.kernels import allreduce_norm, fp8, norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(allreduce_norm._allreduce_rms_norm_kernel, InterpretedFunction):
-    fp8 = importlib.reload(fp8)  # imported before TRITON_INTERPRET was set: decorate again
-    norm = importlib.reload(norm)
-    allreduce_norm = importlib.reload(allreduce_norm)
 
 EPS = 1e-5
 

@@ -1,26 +1,16 @@
 """FP8 quantization kernels, fp8_gemv and fp8_linear vs their torch references on small random inputs.
 
-Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel module
-is imported: `triton.jit` reads it when it decorates). With CUDA the same tests run compiled on the GPU;
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is imported: `triton.jit` reads it when it decorates). With CUDA the same tests run compiled on the GPU;
 tests/gpu/test_gpu_fused_kernels.py covers real shapes.
 """
 
-import importlib
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from hopperllm.kernels import fp8  # noqa: E402
+from hopperllm.kernels import fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(fp8._fp8_gemv_kernel, InterpretedFunction):
-    fp8 = importlib.reload(fp8)  # imported before TRITON_INTERPRET was set: decorate again
 
 FP8 = torch.float8_e4m3fn
 # Hopper's fp8 MMA sums each 32-product k-step with ~14 mantissa bits before fp8_gemv moves it into the

@@ -1,26 +1,15 @@
 """rms_norm (with residual add and FP8 output) vs ref_rms_norm, and ref_rms_norm vs transformers.
 
-Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel modules
-are imported); with CUDA the same tests run compiled on the GPU.
+Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is imported); with CUDA the same tests run compiled on the GPU.
 """
 
-import importlib
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from hopperllm.kernels import fp8, norm  # noqa: E402
+from hopperllm.kernels import fp8, norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(norm._rms_norm_kernel, InterpretedFunction):
-    fp8 = importlib.reload(fp8)  # imported before TRITON_INTERPRET was set: decorate again
-    norm = importlib.reload(norm)
 
 EPS = 1e-5
 

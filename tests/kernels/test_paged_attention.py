@@ -1,37 +1,21 @@
 """Paged attention kernels vs `ref_paged_attention` on small random problems.
 
-Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel module
-is imported: `triton.jit` reads it when it decorates). With CUDA the same tests run compiled on the GPU.
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is imported: `triton.jit` reads it when it decorates). With CUDA the same tests run compiled on the GPU.
 The interpreter's tl.dot is wrong for bfloat16 (Triton 3.9), so CPU tests use float32 / float16; the GPU
 tests (tests/gpu/test_gpu_attention.py) cover bfloat16.
 """
 
-import importlib
 import os
 
+import pytest
 import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from hopperllm.kernels import paged_attention as pa  # noqa: E402
+from hopperllm.kernels import paged_attention as pa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    if not isinstance(tl.sum, InterpretedFunction):
-        # triton's own @jit helpers (tl.sum, tl.max, tl.cdiv) were decorated before the variable was set;
-        # they cannot be re-decorated from here.
-        pytest.fail(
-            "triton was imported before TRITON_INTERPRET=1 was set: set it in the environment or in "
-            "tests/conftest.py when CUDA is unavailable",
-            pytrace=False,
-        )
-    if not isinstance(pa._decode_split_kernel, InterpretedFunction):
-        pa = importlib.reload(pa)  # imported earlier, before TRITON_INTERPRET was set: decorate again
 
 FP8 = torch.float8_e4m3fn
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}

@@ -1,26 +1,15 @@
 """Rotary cos/sin cache vs transformers, and rotary_kv_write vs ref_rotary_kv_write.
 
-Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set before the kernel modules
-are imported); with CUDA the same tests run compiled on the GPU.
+Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is imported); with CUDA the same tests run compiled on the GPU.
 """
 
-import importlib
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from hopperllm.kernels import fp8, rotary  # noqa: E402
+from hopperllm.kernels import rotary
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(rotary._rotary_kv_write_kernel, InterpretedFunction):
-    fp8 = importlib.reload(fp8)  # imported before TRITON_INTERPRET was set: decorate again
-    rotary = importlib.reload(rotary)
 
 FP8 = torch.float8_e4m3fn
 LLAMA3_SCALING = {
