@@ -132,6 +132,14 @@ def add_parser(sub) -> None:
     d.add_argument("--distill-lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     d.add_argument("--distill-accum", type=int, default=4, help="chunks averaged into each step (default 4)")
     d.add_argument("--distill-seed", type=int, default=0, help="seed of the chunk order (default 0)")
+    d.add_argument(
+        "--distill-average-last",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the mean of the last N epochs' parameters (default 3, or every epoch if fewer; 0: the "
+        "epoch with the lowest validation KL)",
+    )
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.set_defaults(func=cmd_quantize)
@@ -241,7 +249,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         n = write_tuned_tensors(args.output, student.tuned_tensors())
         distilled = (
             f"; distilled {n} tensors on {distill_config.tokens} tokens (validation KL "
-            f"{result['val_kl_before']:.5f} -> {result['val_kl']:.5f}, epoch {result['best_epoch']})"
+            f"{result['val_kl_before']:.5f} -> {result['val_kl']:.5f}, {result['kept']})"
         )
     elapsed = time.perf_counter() - t0
     kv = "FP8 KV cache scales" if scheme.kv_cache_fp8 else "no KV-cache scales"
@@ -282,6 +290,9 @@ def _distill_config(args: argparse.Namespace):
         lr=args.distill_lr,
         accum=args.distill_accum,
         seed=args.distill_seed,
+        average_last=(
+            min(3, args.distill_epochs) if args.distill_average_last is None else args.distill_average_last
+        ),
     )
     config.check()
     return config

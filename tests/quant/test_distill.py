@@ -62,21 +62,25 @@ def test_student_computes_the_engines_fp8_logits(plain):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def _train(src: str, plain: str, lr: float) -> tuple[FP8Student, dict, list[str]]:
+def _train(
+    src: str, plain: str, lr: float, epochs: int = 3, average_last: int = 3
+) -> tuple[FP8Student, dict, list[str]]:
     """Distill on three chunks, validating on the same three (a random model on random tokens has no
     held-out text to generalize to: this checks the optimization, the real text is docs/fp8-accuracy.md's)."""
     teacher = _llm(src).engine.executor.runner
     train = chunk_tokens(IDS[:192], 64)
     t_train = teacher_log_probs(teacher.logits_for_tokens, train)
     student = _student(plain)
-    cfg = DistillConfig(tokens=192, val_tokens=192, chunk=64, epochs=3, lr=lr, accum=2)
+    cfg = DistillConfig(
+        tokens=192, val_tokens=192, chunk=64, epochs=epochs, lr=lr, accum=2, average_last=average_last
+    )
     logs: list[str] = []
     return student, distill(student, train, train, t_train, t_train, cfg, log=logs.append), logs
 
 
 def test_distill_lowers_kl_and_tunes_only_norms_and_scales(src, plain):
     student, result, logs = _train(src, plain, 1e-3)
-    assert len(logs) == 4 and result["best_epoch"] >= 1
+    assert len(logs) == 5 and result["kept"] == "the mean of epochs 1-3"
     assert result["val_kl"] < result["val_kl_before"]
     tuned = student.tuned_tensors()
     assert len(tuned) == 1 + 2 * 2 + 2 * 7  # every norm gain and per-channel weight scale, nothing else
@@ -89,11 +93,25 @@ def test_distill_lowers_kl_and_tunes_only_norms_and_scales(src, plain):
 
 def test_distill_keeps_the_starting_point_when_no_epoch_is_better(src, plain):
     """A learning rate far too large makes every epoch worse: the checkpoint's own values come back."""
-    student, result, _ = _train(src, plain, 5.0)
+    student, result, _ = _train(src, plain, 5.0, average_last=0)
     assert result["best_epoch"] == 0 and result["val_kl"] == result["val_kl_before"]
+    assert result["kept"] == "epoch 0"
     ckpt = load_checkpoint_tensors(plain)
     for name, t in student.tuned_tensors().items():
         assert torch.equal(t, ckpt[name]), name
+
+
+def test_distill_keeps_the_mean_of_the_last_epochs(src, plain):
+    """average_last=2 of 2 epochs keeps the mean of the parameters after epoch 1 and after epoch 2 (the
+    same chunk order: the one-epoch run is the two-epoch run's first epoch)."""
+    one, _, _ = _train(src, plain, 3e-3, epochs=1, average_last=1)
+    two, _, _ = _train(src, plain, 3e-3, epochs=2, average_last=1)
+    mean, result, _ = _train(src, plain, 3e-3, epochs=2, average_last=2)
+    assert result["kept"] == "the mean of epochs 1-2"
+    t1, t2, tm = one.tuned_tensors(), two.tuned_tensors(), mean.tuned_tensors()
+    for name, t in tm.items():
+        assert not torch.equal(t1[name], t2[name]), name
+        torch.testing.assert_close(t, (t1[name] + t2[name]) / 2, rtol=1e-6, atol=0), name
 
 
 def test_quantize_distill_rewrites_only_norms_and_scales(src, tmp_path, capsys):
@@ -136,6 +154,10 @@ def test_quantize_distill_rewrites_only_norms_and_scales(src, tmp_path, capsys):
         (["--keep-last-layers", "1"], "every linear layer in FP8"),
         (["--distill-epochs", "0"], "--distill-epochs must be at least 1"),
         (["--distill-lr", "0"], "--distill-lr must be positive"),
+        (
+            ["--distill-epochs", "2", "--distill-average-last", "3"],
+            "--distill-average-last must be between 0",
+        ),
         (["--distill-tokens", "1000"], "distillation needs 3048 calibration tokens"),
     ],
 )
