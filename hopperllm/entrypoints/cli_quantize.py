@@ -126,7 +126,8 @@ def add_parser(sub) -> None:
         type=int,
         default=2048,
         metavar="N",
-        help="the calibration tokens after those, to keep the best epoch (default 2048)",
+        help="the calibration tokens after those, scored after each epoch (and picking the kept epoch with "
+        "--distill-average-last 0; default 2048)",
     )
     d.add_argument("--distill-epochs", type=int, default=6, help="passes over the tokens (default 6)")
     d.add_argument("--distill-lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
