@@ -236,7 +236,9 @@ class RowParallelLinear(LinearBase):
         import torch.distributed as dist
 
         tokens = (x[0] if type(x) is tuple else x).shape[0]
-        step = -(-tokens // chunks)
+        # whole 128-token tiles a chunk (cuBLASLt's FP8 GEMM refused M = 1025 on the H200; the remainder
+        # goes to the last chunk, which keeps the step's own M modulo 128)
+        step = -(-tokens // (chunks * 128)) * 128
         parts = []
         for a in range(0, tokens, step):
             xc = (

@@ -46,7 +46,9 @@ def _layer(group, quantization, bias):
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
-@pytest.mark.parametrize("tokens, chunks, want", [(2048, 4, 4), (1300, 4, 2), (1023, 4, 1), (4096, 3, 3)])
+@pytest.mark.parametrize(
+    "tokens, chunks, want", [(2048, 4, 4), (1300, 4, 2), (1023, 4, 1), (4096, 3, 3), (4100, 4, 4)]
+)
 def test_chunked_all_reduce_gives_the_unchunked_rows(group, monkeypatch, quantization, tokens, chunks, want):
     layer = _layer(group, quantization, bias=True)
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens))
@@ -57,11 +59,9 @@ def test_chunked_all_reduce_gives_the_unchunked_rows(group, monkeypatch, quantiz
     real = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: calls.append(t.shape[0]) or real(t, **kw))
     out = layer(x)
-    assert calls == (
-        [-(-tokens // want)] * (want - 1) + [tokens - (want - 1) * -(-tokens // want)]
-        if want > 1
-        else [tokens]
-    )
+    step = -(-tokens // (want * 128)) * 128 if want > 1 else tokens  # whole 128-token tiles, remainder last
+    assert calls == [min(step, tokens - a) for a in range(0, tokens, step)]
+    assert all(n % 128 == 0 for n in calls[:-1]) and len(calls) <= want
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
