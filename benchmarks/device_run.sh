@@ -4,7 +4,8 @@
 # steps: info tests smoke kernels latency throughput (default: info tests smoke); tensor parallelism:
 # tp-tests, and with TP=<size> (default 2): latency-70b-tp, latency-70b-tp-nccl, profile-tp, budget-70b-tp,
 # tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes), ab-tp (A/B of environment
-# settings, e.g. AB="- HOPPERLLM_GEMV_PREFETCH=16 HOPPERLLM_FUSED_MLP=0,HOPPERLLM_PDL=1")
+# settings, e.g. AB="- HOPPERLLM_GEMV_PREFETCH=16 HOPPERLLM_FUSED_MLP=0,HOPPERLLM_PDL=1"); ab: the same on one GPU
+# (MODEL=dummy:llama-2-7b by default)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -115,6 +116,14 @@ for step in $steps; do
         --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --batch-size 1 \
         --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp.log" | tail -22 ;;
+    ab)  # one GPU: the latency run of MODEL (default dummy:llama-2-7b), batch BATCH, under each environment in AB
+      for v in ${AB:--}; do
+        echo "--- ${v} ---"
+        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model ${MODEL:-dummy:llama-2-7b} \
+          --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size ${BATCH:-1} \
+          --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${MODEL##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
+          | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
+      done ;;
     ab-tp)  # the TP latency run (batch BATCH, default 1) under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
       for v in ${AB:--}; do  # e.g. AB="- HOPPERLLM_FUSED_MLP=0"
         echo "--- ${v} ---"
