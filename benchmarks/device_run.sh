@@ -117,11 +117,12 @@ for step in $steps; do
         --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]" | tee "$OUT/latency70tp.log" | tail -22 ;;
     ab)  # one GPU: the latency run of MODEL (default dummy:llama-2-7b), batch BATCH, under each environment in AB
+      model=${MODEL:-dummy:llama-2-7b}
       for v in ${AB:--}; do
         echo "--- ${v} ---"
-        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model ${MODEL:-dummy:llama-2-7b} \
+        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model $model \
           --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size ${BATCH:-1} \
-          --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${MODEL##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
+          --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${model##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
     ab-tp)  # the TP latency run (batch BATCH, default 1) under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
