@@ -140,7 +140,7 @@ class FusedAllReduceNorm:
             and x.numel() * x.element_size() <= self.data_bytes
         )
 
-    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None, prefetch=None):
+    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
         """(out, residual): see kernels.allreduce_norm.allreduce_rms_norm (residual updated in place)."""
         from hopperllm.kernels.allreduce_norm import allreduce_rms_norm
 
@@ -148,7 +148,6 @@ class FusedAllReduceNorm:
             x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
             out_fp8=out_fp8, static_scale=static_scale, counters=self.counters,
             half_elems=self.half_bytes // residual.element_size(), push=self.push, lamport=self.lamport,
-            prefetch=prefetch,
         )  # fmt: skip
         return out, residual
 

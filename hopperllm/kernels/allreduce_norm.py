@@ -55,12 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hopperllm.kernels.fp8 import (
-    WeightPrefetch,
-    prefetch_launch_args,
-    prefetch_programs,
-    prefetch_weight_lines,
-)
 from hopperllm.kernels.norm import norm_outputs, rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
@@ -143,49 +137,6 @@ def _barrier(signal_pads_ptr, row, RANK: tl.constexpr, WORLD: tl.constexpr, SEND
 @triton.jit
 def _allreduce_rms_norm_kernel(
     x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-    T, H, half_elems, stride_x, stride_res, stride_out, eps,
-    pf_ptr, pf_stride, pf_rows, pf_k, pf_k_per_split,
-    RANK: tl.constexpr,
-    WORLD: tl.constexpr,
-    SYNC: tl.constexpr,
-    DOUBLE: tl.constexpr,
-    PUSH: tl.constexpr,
-    LAMPORT: tl.constexpr,
-    OUT_FP8: tl.constexpr,
-    STATIC_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PF_PROGRAMS: tl.constexpr,
-    PF_SPLITS: tl.constexpr,
-    PF_LINES: tl.constexpr,
-    PF_BLOCK_R: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):  # fmt: skip
-    # Programs [0, T): one token row each. PF_PROGRAMS more (decode, GPU) pull the next GEMV's first weight
-    # lines into L2 after the PDL wait, while the memory would otherwise idle through the exchange
-    # (fp8.WeightPrefetch; as in norm._rms_norm_kernel). They take no part in the barrier or the slots.
-    pid = tl.program_id(0)
-    if PF_PROGRAMS > 0:
-        if pid < T:
-            _allreduce_rms_norm_row(
-                x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr,
-                scale_ptr, pid.to(tl.int64), H, half_elems, stride_x, stride_res, stride_out, eps, RANK,
-                WORLD, SYNC, DOUBLE, PUSH, LAMPORT, OUT_FP8, STATIC_SCALE, BLOCK, USE_PDL,
-            )  # fmt: skip
-        else:
-            pdl_prologue(USE_PDL)
-            prefetch_weight_lines(pf_ptr, pf_stride, pf_rows, pf_k, pf_k_per_split, pid - T, PF_PROGRAMS,
-                                  pf_ptr, PF_SPLITS, PF_LINES, PF_BLOCK_R, False)  # fmt: skip
-    else:
-        _allreduce_rms_norm_row(
-            x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-            pid.to(tl.int64), H, half_elems, stride_x, stride_res, stride_out, eps, RANK, WORLD, SYNC,
-            DOUBLE, PUSH, LAMPORT, OUT_FP8, STATIC_SCALE, BLOCK, USE_PDL,
-        )  # fmt: skip
-
-
-@triton.jit
-def _allreduce_rms_norm_row(
-    x_ptr, buffers_ptr, signal_pads_ptr, counters_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, row,
     H, half_elems, stride_x, stride_res, stride_out, eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
@@ -198,6 +149,7 @@ def _allreduce_rms_norm_row(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     dtype = x_ptr.dtype.element_ty
@@ -307,7 +259,6 @@ def allreduce_rms_norm(
     half_elems: int = 0,
     push: bool = False,
     lamport: bool = False,
-    prefetch: WeightPrefetch | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """All-reduce this rank's partial sums x [T, H] over the ranks, add the result into `residual` [T, H]
     (in place) and RMS-normalize it (module docstring). Returns out (x.dtype) or with `out_fp8`
@@ -323,9 +274,7 @@ def allreduce_rms_norm(
     stores its rows into its slot of every rank's buffer and signals the call's number (module docstring).
     lamport (needs counters, a 16-bit dtype, and buffers filled with EMPTY bits, 0x8000): push without
     signals: this rank's rows go into its slot of every peer's buffer, the peers' slots of this rank's
-    buffer are polled until no element holds EMPTY, summed, and refilled with EMPTY.
-    prefetch (CUDA): the next decode GEMV's weight lines to pull into L2 from extra programs of this launch
-    (fp8.WeightPrefetch); the outputs do not change."""
+    buffer are polled until no element holds EMPTY, summed, and refilled with EMPTY."""
     if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
             f"x must be [T, H] and residual match it, got {tuple(x.shape)} {x.dtype} and "
@@ -352,13 +301,10 @@ def allreduce_rms_norm(
     out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
-        pf = prefetch if x.is_cuda else None  # inline PTX: GPU only
-        pf_args, pf_consts = prefetch_launch_args(pf, x)
-        pf_progs = prefetch_programs(pf, x.device)
-        _allreduce_rms_norm_kernel[(T + pf_progs,)](
+        _allreduce_rms_norm_kernel[(T,)](
             x, buffer_ptrs, buffer_ptrs if signal_pad_ptrs is None else signal_pad_ptrs,
             buffer_ptrs if counters is None else counters, residual, weight, out,
-            scale, T, H, half_elems, x.stride(0), residual.stride(0), out.stride(0), eps, *pf_args,
+            scale, H, half_elems, x.stride(0), residual.stride(0), out.stride(0), eps,
             RANK=rank,
             WORLD=world_size,
             SYNC=signal_pad_ptrs is not None,
@@ -368,8 +314,6 @@ def allreduce_rms_norm(
             OUT_FP8=out_fp8,
             STATIC_SCALE=static_scale is not None,
             BLOCK=block,
-            PF_PROGRAMS=pf_progs,
-            **pf_consts,
             num_warps=min(max(block // 512, 1), 16),
             **pdl_kwargs(x.device, T),
         )  # fmt: skip

@@ -278,37 +278,6 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def prefetch_weight_lines(
-    w_ptr, stride_w, rows, K, k_per_split, prog, num_progs, mark_ptr,
-    SPLITS: tl.constexpr,
-    LINES: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    MARK: tl.constexpr,
-):  # fmt: skip
-    """Pull into L2 the first LINES 128-byte lines of each of the SPLITS K slices (k_per_split bytes, the
-    last one ending at K) of this program's share of the rows of an FP8 weight [rows, K]: program `prog`
-    of `num_progs` takes a contiguous block of rows. Those are the bytes a decode GEMV over that weight
-    (fp8_gemv, split SPLITS ways along K) reads first in every program. A kernel that runs while the
-    memory is otherwise idle (a norm, the decode attention) issues them for the GEMV after it (`WeightPrefetch`).
-    MARK (tests, the interpreter): add 1 at each line's offset in mark_ptr [rows, K] instead of prefetching."""
-    rows_per = tl.cdiv(rows, num_progs)
-    r_begin = prog * rows_per
-    r_end = tl.minimum(r_begin + rows_per, rows)
-    lines = tl.arange(0, LINES) * 128
-    for r0 in range(r_begin, r_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        row_off = tl.where(r < r_end, r, r_begin).to(tl.int64)[:, None] * stride_w
-        for s in tl.static_range(SPLITS):
-            # lines past a short (last) slice repeat its last byte: the same line again, no fault
-            k = tl.minimum(s * k_per_split + lines, tl.minimum((s + 1) * k_per_split, K) - 1)
-            offs = row_off + k[None, :]
-            if MARK:
-                tl.atomic_add(mark_ptr + offs, tl.full(offs.shape, 1, tl.int32))
-            else:
-                _prefetch_l2(w_ptr + offs)
-
-
-@triton.jit
 def _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED: tl.constexpr):
     out_dtype = out_ptrs.dtype.element_ty
     if GATED:
@@ -619,74 +588,6 @@ def gated_config(cfg: dict[str, int]) -> dict[str, int]:
     return g
 
 
-def _k_slices(K: int, block_k: int, split_k: int) -> tuple[int, int]:
-    """(bytes of K per slice, number of slices) of a GEMV split split_k ways in whole BLOCK_K chunks."""
-    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
-    return k_per_split, triton.cdiv(K, k_per_split)  # no empty K slices
-
-
-class WeightPrefetch(NamedTuple):
-    """What the kernel before a decode GEMV pulls into L2 for it (prefetch_weight_lines): the first `lines`
-    128-byte lines (a power of two) of each of the `splits` K slices of every row of `weight`, as that
-    GEMV's config slices K. Built by gemv_weight_prefetch."""
-
-    weight: torch.Tensor
-    k_per_split: int
-    splits: int
-    lines: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.shape[0] * self.splits * min(self.lines * 128, self.k_per_split)
-
-
-def gemv_weight_prefetch(
-    w_fp8: torch.Tensor, M: int, budget_bytes: int, gated: bool = False
-) -> WeightPrefetch | None:
-    """The prefetch of about `budget_bytes` (rounded down to a power of two of lines a slice, at least one,
-    at most the whole weight) that serves fp8_gemv (fp8_gemv_silu_mul with `gated`) of w_fp8 for M tokens;
-    None where there is nothing to do: a budget of 0, M past the GEMV path, a weight off the GPU."""
-    if budget_bytes <= 0 or not w_fp8.is_cuda or M < 1 or M > GEMV_MAX_M or w_fp8.dtype != FP8_DTYPE:
-        return None
-    N, K = w_fp8.shape
-    return WeightPrefetch(
-        w_fp8, *weight_prefetch_plan(M, N, K, budget_bytes, gated, _gemv_num_sms(w_fp8.device))
-    )
-
-
-def weight_prefetch_plan(
-    M: int, N: int, K: int, budget_bytes: int, gated: bool, num_sms: int
-) -> tuple[int, int, int]:
-    """(k_per_split, splits, lines) of gemv_weight_prefetch: the K slices of the GEMV's config for M tokens
-    and a [N, K] weight (the fused gate/up launch's with `gated`), and the most lines a slice, a power of
-    two, whose bytes stay within budget_bytes (at least one line; at most the whole slice)."""
-    cfg = fp8_gemv_config(M, N, K, num_sms)
-    if gated:
-        cfg = gated_config(cfg)
-    k_per_split, splits = _k_slices(K, cfg["BLOCK_K"], cfg["SPLIT_K"])
-    most = triton.next_power_of_2(triton.cdiv(k_per_split, 128))
-    want = budget_bytes // (N * splits * 128)
-    return k_per_split, splits, min(most, 1 << max(int(want).bit_length() - 1, 0))
-
-
-def prefetch_launch_args(pf: WeightPrefetch | None, placeholder: torch.Tensor) -> tuple[tuple, dict]:
-    """The kernel arguments of prefetch_weight_lines for `pf` (w, stride, rows, K, k_per_split) and its
-    constexprs PF_SPLITS / PF_LINES / PF_BLOCK_R (PF_LINES 0: no prefetch; `placeholder` fills the pointer)."""
-    if pf is None:
-        return (placeholder, 0, 0, 0, 0), {"PF_SPLITS": 1, "PF_LINES": 0, "PF_BLOCK_R": 1}
-    w = pf.weight
-    args = (w, w.stride(0), w.shape[0], w.shape[1], pf.k_per_split)
-    return args, {"PF_SPLITS": pf.splits, "PF_LINES": pf.lines, "PF_BLOCK_R": max(1, 1024 // pf.lines)}
-
-
-def prefetch_programs(pf: WeightPrefetch | None, device: torch.device) -> int:
-    """How many extra programs a one-program-per-row kernel (the norms) launches to issue `pf`: up to one
-    per SM, each with at least PF_BLOCK_R rows; 0 without a prefetch."""
-    if pf is None:
-        return 0
-    return min(_gemv_num_sms(device), triton.cdiv(pf.weight.shape[0], max(1, 1024 // pf.lines)))
-
-
 def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False):
     """The launcher behind fp8_gemv, fp8_gemv_silu_mul and fp8_gemv_deferred (inputs already checked).
     Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces."""
@@ -705,8 +606,10 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     cfg["W_TMA"] = bool(cfg.get("W_TMA", GEMV_TMA)) and tma_ok
     # (a host-side descriptor: built per call, a few microseconds; decode replays it from its CUDA graph)
     w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if cfg["W_TMA"] else w_fp8
-    k_per_split, split_k = _k_slices(K, cfg["BLOCK_K"], cfg.pop("SPLIT_K"))
+    split_k = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty K slices
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
     if split_k > 1:

@@ -12,12 +12,8 @@ import triton.language as tl
 
 from hopperllm.kernels.fp8 import (
     FP8_DTYPE,
-    WeightPrefetch,
     fp8_inv_scale,
     fp8_scale_from_amax,
-    prefetch_launch_args,
-    prefetch_programs,
-    prefetch_weight_lines,
     quantize_fp8,
     ref_per_token_quant_fp8,
     ref_static_quant_fp8,
@@ -78,8 +74,8 @@ def rms_norm_row_store(
 
 
 @triton.jit
-def _rms_norm_row(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, row,
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
     H, stride_x, stride_res, stride_out, eps,
     HAS_RESIDUAL: tl.constexpr,
     OUT_FP8: tl.constexpr,
@@ -87,6 +83,9 @@ def _rms_norm_row(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # One program per row, the whole row in registers. Floor: read x (and residual, and write it back),
+    # write out: (2 or 4) * H * sizeof(x) + H * sizeof(out) bytes per row.
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a constant: before the wait
@@ -97,40 +96,6 @@ def _rms_norm_row(
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(residual_ptr + row * stride_res + offs, x, mask=mask)
     rms_norm_row_store(x, row, offs, mask, H, eps, w, out_ptr, scale_ptr, stride_out, OUT_FP8, STATIC_SCALE)
-
-
-@triton.jit
-def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr,
-    T, H, stride_x, stride_res, stride_out, eps,
-    pf_ptr, pf_stride, pf_rows, pf_k, pf_k_per_split,
-    HAS_RESIDUAL: tl.constexpr,
-    OUT_FP8: tl.constexpr,
-    STATIC_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PF_PROGRAMS: tl.constexpr,
-    PF_SPLITS: tl.constexpr,
-    PF_LINES: tl.constexpr,
-    PF_BLOCK_R: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):  # fmt: skip
-    # One program per row, the whole row in registers. Floor: read x (and residual, and write it back),
-    # write out: (2 or 4) * H * sizeof(x) + H * sizeof(out) bytes per row.
-    # PF_PROGRAMS more programs (decode, GPU) pull the next GEMV's first weight lines into L2 after the
-    # PDL wait (the GEMV before this norm has finished: nothing it streams can evict them), while the
-    # memory would otherwise idle through this launch (fp8.WeightPrefetch).
-    pid = tl.program_id(0)
-    if PF_PROGRAMS > 0:
-        if pid < T:
-            _rms_norm_row(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, pid.to(tl.int64), H, stride_x,
-                          stride_res, stride_out, eps, HAS_RESIDUAL, OUT_FP8, STATIC_SCALE, BLOCK, USE_PDL)  # fmt: skip
-        else:
-            pdl_prologue(USE_PDL)
-            prefetch_weight_lines(pf_ptr, pf_stride, pf_rows, pf_k, pf_k_per_split, pid - T, PF_PROGRAMS,
-                                  pf_ptr, PF_SPLITS, PF_LINES, PF_BLOCK_R, False)  # fmt: skip
-    else:
-        _rms_norm_row(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, pid.to(tl.int64), H, stride_x,
-                      stride_res, stride_out, eps, HAS_RESIDUAL, OUT_FP8, STATIC_SCALE, BLOCK, USE_PDL)  # fmt: skip
 
 
 def norm_outputs(
@@ -151,7 +116,6 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     out_fp8: bool = False,
     static_scale: torch.Tensor | None = None,
-    prefetch: WeightPrefetch | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of x [..., H] (H <= 8192 or so: one row per program, in registers).
 
@@ -161,8 +125,6 @@ def rms_norm(
     kernel's own x.dtype result; the non-FP8 variant is a separate compilation whose sum of squares may
     associate differently, so its output can differ by one ulp in rare elements (on an H100, 11 of 67M
     FP8 codes differed from quantizing it at 8192 x 8192).
-    `prefetch` (CUDA): the next decode GEMV's weight lines to pull into L2 from extra programs of this
-    launch (fp8.WeightPrefetch); the outputs do not change.
     """
     H = x.shape[-1]
     if weight.shape != (H,):
@@ -182,19 +144,13 @@ def rms_norm(
     out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
     block = triton.next_power_of_2(H)
     if T > 0:
-        pf = prefetch if x2.is_cuda else None  # inline PTX: GPU only
-        pf_args, pf_consts = prefetch_launch_args(pf, x2)
-        pf_progs = prefetch_programs(pf, x2.device)
-        _rms_norm_kernel[(T + pf_progs,)](
+        _rms_norm_kernel[(T,)](
             x2, res2, weight, out, scale,
-            T, H, x2.stride(0), res2.stride(0), out.stride(0), eps,
-            *pf_args,
+            H, x2.stride(0), res2.stride(0), out.stride(0), eps,
             HAS_RESIDUAL=residual is not None,
             OUT_FP8=out_fp8,
             STATIC_SCALE=static_scale is not None,
             BLOCK=block,
-            PF_PROGRAMS=pf_progs,
-            **pf_consts,
             num_warps=min(max(block // 512, 1), 16),
             **pdl_kwargs(x2.device, T),
         )  # fmt: skip

@@ -35,12 +35,9 @@ import triton.language as tl
 
 from hopperllm.kernels.fp8 import (
     FP8_DTYPE,
-    WeightPrefetch,
     _prefetch_l2,
     fp8_inv_scale,
     fp8_scale_from_amax,
-    prefetch_launch_args,
-    prefetch_weight_lines,
     quantize_fp8,
     tile_counters,
 )
@@ -210,11 +207,6 @@ def _decode_split_kernel(
     positions_ptr,  # ROTARY: int64 [B]
     cos_sin_ptr,  # ROTARY: float32 [max_position, D] = cat(cos, sin)
     slot_ptr,  # ROTARY: int64 [B] cache slot of the new token (< 0: a padding row, nothing to store)
-    pf_ptr,  # PF_LINES > 0: the o_proj's FP8 weight, whose first lines this launch pulls into L2
-    pf_stride,
-    pf_rows,
-    pf_k,
-    pf_k_per_split,
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -244,9 +236,6 @@ def _decode_split_kernel(
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
-    PF_SPLITS: tl.constexpr,  # the next GEMV's weight prefetch (fp8.prefetch_weight_lines), PF_LINES > 0
-    PF_LINES: tl.constexpr,
-    PF_BLOCK_R: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
@@ -304,14 +293,6 @@ def _decode_split_kernel(
         sin = tl.load(cs_row + HALF + offs_d % HALF)
         slot = tl.load(slot_ptr + b)
     pdl_prologue(USE_PDL)
-    if PF_LINES > 0:
-        # The o_proj GEMV after this launch streams its weight from memory that idles while a decode step's
-        # attention runs (its KV reads are small): every program issues its share of that weight's first
-        # lines into L2 now, after the wait (an earlier GEMV's stream could evict them before it).
-        prog = (b * num_kv_heads + kvh) * NUM_SPLITS + split
-        prefetch_weight_lines(pf_ptr, pf_stride, pf_rows, pf_k, pf_k_per_split, prog,
-                              tl.num_programs(0) * num_kv_heads * NUM_SPLITS, pf_ptr, PF_SPLITS, PF_LINES,
-                              PF_BLOCK_R, False)  # fmt: skip
     q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=mask_h[:, None], other=0.0)
     if ROTARY:
@@ -529,7 +510,6 @@ def paged_decode_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
-    weight_prefetch: WeightPrefetch | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -541,8 +521,6 @@ def paged_decode_attention(
     `new_kv`: q is not yet rotated, and the step's k, v are not yet in the cache: the same launch does
     what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
-    `weight_prefetch` (CUDA): the next decode GEMV's (o_proj's) weight lines for every program of the
-    launch to pull into L2 after its PDL wait (fp8.WeightPrefetch); the outputs do not change.
     """
     fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
@@ -590,7 +568,6 @@ def paged_decode_attention(
     else:
         cfg = DECODE_CONFIG_MANY_SPLITS if num_splits >= MANY_SPLITS else DECODE_CONFIG
     block_n = cfg["BLOCK_N"]
-    pf_args, pf_consts = prefetch_launch_args(weight_prefetch if q.is_cuda else None, q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -610,7 +587,6 @@ def paged_decode_attention(
         positions,
         cos_sin,
         slots,
-        *pf_args,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -631,7 +607,6 @@ def paged_decode_attention(
         QUANT_BLOCK=triton.next_power_of_2(row_len),
         ROTARY=new_kv is not None,
         KV_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
-        **pf_consts,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_kwargs(q.device, batch),
@@ -873,19 +848,16 @@ def paged_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
-    weight_prefetch: WeightPrefetch | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the step's queries over the paged cache (see the module docstring).
 
     decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
-    (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv`, `weight_prefetch` go to it); otherwise the
-    ragged prefill kernel runs (and `weight_prefetch` is ignored).
+    (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv` go to it); otherwise the ragged prefill kernel runs.
     """
     if decode_only:
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
             num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out, new_kv=new_kv,
-            weight_prefetch=weight_prefetch,
         )  # fmt: skip
     if quant_out or new_kv is not None:
         raise ValueError("quant_out and new_kv are for decode steps only")

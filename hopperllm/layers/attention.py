@@ -56,13 +56,10 @@ class AttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         quant_out: bool = False,
-        weight_prefetch=None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention output [T, Hq, D]; with `quant_out` a backend may instead return it quantized per
         token for an FP8 o_proj, (e4m3 [T, Hq * D], float32 scale [T, 1]), when it can do so in the same
-        kernel (the Triton backend in decode steps); otherwise it returns the activations.
-        `weight_prefetch` (a `kernels.fp8.WeightPrefetch`): o_proj weight lines a backend may pull into L2
-        while it runs (the Triton backend's decode launch); a hint, results do not depend on it."""
+        kernel (the Triton backend in decode steps); otherwise it returns the activations."""
         raise NotImplementedError
 
 
@@ -144,7 +141,7 @@ def paged_attention_native(
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False, weight_prefetch=None):
+    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         q = apply_rotary_native(q, positions, layer.cos_sin_cache)
         k = apply_rotary_native(k, positions, layer.cos_sin_cache)
         write_kv_native(k, v, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale)
@@ -165,7 +162,7 @@ class TritonAttentionBackend(AttentionBackend):
     # since the decode launch changed: v15's 32 slices of 32-key tiles at the 70B's heads).
     fuse_decode_rotary = os.environ.get("HOPPERLLM_DECODE_ROTARY", "mha")
 
-    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False, weight_prefetch=None):
+    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
@@ -203,7 +200,6 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=meta.num_splits,
             quant_out=quant_out and meta.decode_only,
             new_kv=new_kv,
-            weight_prefetch=weight_prefetch,
         )
 
     @staticmethod
@@ -250,15 +246,7 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(
-        self,
-        positions,
-        q,
-        k,
-        v,
-        kv_cache,
-        meta: AttentionMetadata,
-        quant_out: bool = False,
-        weight_prefetch=None,
+        self, positions, q, k, v, kv_cache, meta: AttentionMetadata, quant_out: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[T, Hq * D] activations, or with `quant_out` possibly their per-token FP8 (out, scale) pair
         (see AttentionBackend.forward): either is a valid input of an FP8 o_proj."""
@@ -266,9 +254,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(
-            self, positions, q, k, v, kv_cache, meta, quant_out=quant_out, weight_prefetch=weight_prefetch
-        )
+        out = self.backend.forward(self, positions, q, k, v, kv_cache, meta, quant_out=quant_out)
         if isinstance(out, tuple):
             return out
         return out.reshape(t, self.num_heads * self.head_dim)

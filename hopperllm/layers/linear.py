@@ -7,8 +7,6 @@ optional static `input_scale` [1]; without it activations are quantized per toke
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,13 +15,6 @@ from hopperllm.distributed.parallel_state import SINGLE, TPGroup
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
-
-# A tensor-parallel row-parallel layer over a prefill-sized step computes its GEMM in this many token
-# chunks and all-reduces each chunk (NCCL, asynchronously) while the next one computes, so only the last
-# chunk's all-reduce is exposed; chunks stay at least OVERLAP_MIN_CHUNK tokens (the GEMMs' efficiency).
-# HOPPERLLM_TP_OVERLAP_CHUNKS=1 turns it off.
-OVERLAP_CHUNKS = int(os.environ.get("HOPPERLLM_TP_OVERLAP_CHUNKS", "1"))
-OVERLAP_MIN_CHUNK = 512
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,44 +203,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """The sum over the ranks, or with `reduce=False` this rank's partial sums (the caller reduces them:
         the fused all-reduce + RMSNorm of the next norm)."""
-        if reduce and self.tp.world_size > 1:
-            chunks = self._overlap_chunks(x)
-            if chunks > 1:
-                return self._forward_overlapped(x, chunks)
         y = super().forward(x)
         return self.tp.all_reduce(y) if reduce else y
-
-    def _overlap_chunks(self, x) -> int:
-        """How many token chunks _forward_overlapped splits a step into (1: none)."""
-        if type(x) is not tuple and not isinstance(x, torch.Tensor):  # DeferredQuant: decode sizes only
-            return 1
-        x0 = x[0] if type(x) is tuple else x
-        if OVERLAP_CHUNKS <= 1 or x0.dim() != 2:
-            return 1
-        return max(1, min(OVERLAP_CHUNKS, x0.shape[0] // OVERLAP_MIN_CHUNK))
-
-    def _forward_overlapped(self, x, chunks: int) -> torch.Tensor:
-        """The all-reduced output in `chunks` token ranges: each range's GEMM, then its NCCL all-reduce
-        started asynchronously (NCCL's stream waits for that GEMM), so it runs while the next range's GEMM
-        computes; the ranges are copied into one output as their all-reduces finish. The same rows as one
-        GEMM and one all-reduce, up to the GEMM's choice of kernel for the smaller M."""
-        import torch.distributed as dist
-
-        tokens = (x[0] if type(x) is tuple else x).shape[0]
-        # whole 128-token tiles a chunk (cuBLASLt's FP8 GEMM refused M = 1025 on the H200; the remainder
-        # goes to the last chunk, which keeps the step's own M modulo 128)
-        step = -(-tokens // (chunks * 128)) * 128
-        parts = []
-        for a in range(0, tokens, step):
-            xc = (
-                (x[0][a : a + step], x[1][a : a + step] if x[1].numel() > 1 else x[1])
-                if type(x) is tuple
-                else x[a : a + step]
-            )
-            y = super().forward(xc)
-            parts.append((a, y, dist.all_reduce(y, group=self.tp.group, async_op=True)))
-        out = torch.empty((tokens, parts[0][1].shape[1]), dtype=parts[0][1].dtype, device=parts[0][1].device)
-        for a, y, work in parts:
-            work.wait()  # the current stream waits for that all-reduce, not the host
-            out[a : a + y.shape[0]].copy_(y)
-        return out

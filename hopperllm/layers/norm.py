@@ -30,26 +30,21 @@ class RMSNorm(nn.Module):
         quant_fp8: bool = False,
         static_scale: torch.Tensor | None = None,
         all_reduce=None,
-        prefetch=None,
     ):
         """With quant_fp8 on CUDA, the output is (x_fp8, scale) for the next FP8 GEMM (one kernel instead
         of norm + quantize); elsewhere the plain output (the FP8 linear layer quantizes it).
 
         `all_reduce` (a `FusedAllReduceNorm`, with a residual): x is this rank's partial sums; the ranks'
-        sum is added to the residual and normalized in the same kernel.
-        `prefetch` (a `kernels.fp8.WeightPrefetch`, CUDA): the next GEMV's weight lines for the kernel to
-        pull into L2 (a hint: the results do not depend on it)."""
+        sum is added to the residual and normalized in the same kernel."""
         if all_reduce is not None:
             return all_reduce(
-                x, residual, self.weight, self.eps, out_fp8=quant_fp8, static_scale=static_scale,
-                prefetch=prefetch,
-            )  # fmt: skip
+                x, residual, self.weight, self.eps, out_fp8=quant_fp8, static_scale=static_scale
+            )
         if x.is_cuda:
             from hopperllm.kernels.norm import rms_norm
 
             out = rms_norm(
-                x, self.weight, self.eps, residual=residual, out_fp8=quant_fp8, static_scale=static_scale,
-                prefetch=prefetch,
-            )  # fmt: skip
+                x, self.weight, self.eps, residual=residual, out_fp8=quant_fp8, static_scale=static_scale
+            )
             return out if residual is None else (out, residual)  # the kernel wrote x + residual into it
         return self.forward_native(x, residual)

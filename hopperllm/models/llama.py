@@ -44,14 +44,6 @@ def _fuse_quant(linear) -> tuple[bool, torch.Tensor | None]:
 FUSED_MLP = os.environ.get("HOPPERLLM_FUSED_MLP", "1")
 
 
-# Decode steps pull the first lines of each GEMV's weight into L2 from the kernel before it, while the memory
-# would otherwise idle: the norm before qkv_proj, the attention before o_proj, the norm before gate_up_proj
-# (kernels.fp8.WeightPrefetch). HOPPERLLM_L2_PREFETCH_MB="qkv/o/gate_up" sets how many MB each pulls (0: none).
-L2_PREFETCH_MB = tuple(float(v) for v in os.environ.get("HOPPERLLM_L2_PREFETCH_MB", "0/0/0").split("/"))
-if len(L2_PREFETCH_MB) != 3:
-    raise ValueError(f"HOPPERLLM_L2_PREFETCH_MB takes qkv/o/gate_up megabytes, got {L2_PREFETCH_MB}")
-
-
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, tp: TPGroup):
         super().__init__()
@@ -60,27 +52,25 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x, reduce: bool = True) -> torch.Tensor:
-        # FP8 (x_fp8, scale) from the norm kernel: CUDA, FP8 gate/up
-        if type(x) is tuple and self.fused_decode(x[0].shape[0]):
-            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x), reduce=reduce)
+        # SiLU-mul emits per-token FP8 only; a static down_proj input scale takes the unfused path
         quant = self.down_proj.takes_fp8_input and self.down_proj.input_scale is None
+        if quant and self._fused_decode(x):
+            return self.down_proj(self.gate_up_proj.silu_mul_fp8(x), reduce=reduce)
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), quant_fp8=quant), reduce=reduce)
 
-    def fused_decode(self, num_tokens: int) -> bool:
-        """Whether a CUDA step of `num_tokens` FP8 tokens runs gate/up + SiLU-mul as one GEMV launch."""
+    def _fused_decode(self, x) -> bool:
         from hopperllm.kernels.fp8 import GEMV_MAX_M, silu_mul_fusion_pays
 
-        w = self.gate_up_proj.weight
         return (
             FUSED_MLP != "0"
-            and num_tokens <= GEMV_MAX_M
-            # SiLU-mul emits per-token FP8 only; a static down_proj input scale takes the unfused path
-            and self.down_proj.takes_fp8_input
-            and self.down_proj.input_scale is None
-            and self.gate_up_proj.takes_fp8_input
+            and type(x) is tuple  # FP8 (x_fp8, scale) from the norm kernel: CUDA, FP8 gate/up
+            and x[0].shape[0] <= GEMV_MAX_M
             and self.gate_up_proj.bias is None
             and self.down_proj.bias is None
-            and (FUSED_MLP == "2" or silu_mul_fusion_pays(num_tokens, *w.shape, w.device))
+            and (
+                FUSED_MLP == "2"
+                or silu_mul_fusion_pays(x[0].shape[0], *self.gate_up_proj.weight.shape, x[0].device)
+            )
         )
 
 
@@ -106,15 +96,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
 
-    def forward(
-        self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True, o_prefetch=None
-    ) -> torch.Tensor:
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # decode attention can hand an FP8 o_proj its per-token quantized input from the same kernel
         quant = self.o_proj.takes_fp8_input and self.o_proj.input_scale is None and qkv.is_cuda
-        out = self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant, weight_prefetch=o_prefetch)
-        return self.o_proj(out, reduce=reduce)
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant), reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -132,36 +119,18 @@ class LlamaDecoderLayer(nn.Module):
         # On CUDA the norms emit FP8 (+ scale) straight for FP8 GEMMs; on CPU they return activations.
         q1, s1 = _fuse_quant(self.self_attn.qkv_proj)
         q2, s2 = _fuse_quant(self.mlp.gate_up_proj)
-        pf_qkv, pf_o, pf_gate_up = self.weight_prefetches(hidden.shape[0])
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden, quant_fp8=q1, static_scale=s1, prefetch=pf_qkv)
+            hidden = self.input_layernorm(hidden, quant_fp8=q1, static_scale=s1)
         else:
             hidden, residual = self.input_layernorm(
-                hidden, residual, quant_fp8=q1, static_scale=s1, all_reduce=fused_ar, prefetch=pf_qkv
+                hidden, residual, quant_fp8=q1, static_scale=s1, all_reduce=fused_ar
             )
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, reduce=fused_ar is None, o_prefetch=pf_o)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, reduce=fused_ar is None)
         hidden, residual = self.post_attention_layernorm(
-            hidden, residual, quant_fp8=q2, static_scale=s2, all_reduce=fused_ar, prefetch=pf_gate_up
+            hidden, residual, quant_fp8=q2, static_scale=s2, all_reduce=fused_ar
         )
         return self.mlp(hidden, reduce=fused_ar is None), residual
-
-    def weight_prefetches(self, num_tokens: int) -> tuple:
-        """The L2 prefetches (kernels.fp8.WeightPrefetch or None) of the qkv, o and gate/up weights for a
-        step of `num_tokens` tokens: FP8 decode GEMVs on CUDA, sized by L2_PREFETCH_MB."""
-        if not any(L2_PREFETCH_MB) or not self.self_attn.qkv_proj.weight.is_cuda:
-            return None, None, None
-        from hopperllm.kernels.fp8 import gemv_weight_prefetch
-
-        mb = [int(v * 2**20) for v in L2_PREFETCH_MB]
-        attn, mlp = self.self_attn, self.mlp
-        return (
-            gemv_weight_prefetch(attn.qkv_proj.weight, num_tokens, mb[0]),
-            gemv_weight_prefetch(attn.o_proj.weight, num_tokens, mb[1]),
-            gemv_weight_prefetch(
-                mlp.gate_up_proj.weight, num_tokens, mb[2], gated=mlp.fused_decode(num_tokens)
-            ),
-        )
 
 
 class LlamaModel(nn.Module):

@@ -78,12 +78,10 @@ class _LocalNorm:
     def supports(self, x):
         return self.real.supports(x)
 
-    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None, prefetch=None):
+    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
         from hopperllm.kernels.norm import rms_norm
 
-        out = rms_norm(
-            x, weight, eps, residual=residual, out_fp8=out_fp8, static_scale=static_scale, prefetch=prefetch
-        )
+        out = rms_norm(x, weight, eps, residual=residual, out_fp8=out_fp8, static_scale=static_scale)
         return out, residual
 
 
@@ -94,11 +92,9 @@ class _RecordedNorm(_LocalNorm):
         super().__init__(real)
         self.calls = calls
 
-    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None, prefetch=None):
+    def __call__(self, x, residual, weight, eps, out_fp8=False, static_scale=None):
         self.calls.append(("fused_all_reduce_norm", tuple(x.shape), x.dtype))
-        return self.real(
-            x, residual, weight, eps, out_fp8=out_fp8, static_scale=static_scale, prefetch=prefetch
-        )
+        return self.real(x, residual, weight, eps, out_fp8=out_fp8, static_scale=static_scale)
 
 
 def decode_step_profile(worker, batch_size: int = 1, iters: int = 100, top: int = 15) -> dict:

@@ -109,68 +109,6 @@ def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_le
         assert torch.equal(gscale, ref_scale)
 
 
-@pytest.mark.parametrize("hq,hkv,batch,rotary", [(32, 4, 1, False), (32, 32, 1, True), (64, 8, 5, False)])
-def test_decode_weight_prefetch_changes_no_bit(hq, hkv, batch, rotary):
-    """The o_proj weight lines the decode launch pulls into L2 (a hint from every program after its wait)
-    change no bit of its output, eagerly and replayed in a CUDA graph: the 70B's heads at TP=2 with the
-    o_proj shard's [8192, 4096] weight, the whole weight and part of it."""
-    from hopperllm.kernels import fp8
-
-    seq_lens = ragged(batch, 2176, seed=batch + 3)
-    q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=FP8)
-    splits = pa.choose_num_splits(batch, hkv, 2176, q.device)
-    w8 = (torch.randn(8192, hq * HEAD_DIM, device="cuda") * 0.1).to(FP8)
-    new_kv = None
-    if rotary:  # the new token's k / v at the last position, written by the launch itself
-        from hopperllm.layers.rotary import build_cos_sin_cache
-
-        cos_sin = build_cos_sin_cache(HEAD_DIM, 4096, 10000.0, None).cuda()
-        kn, vn = (torch.randn(batch, hkv, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        pos = (lens - 1).long()
-        slots = (bt.gather(1, (pos // 16)[:, None].int()).squeeze(1).long() * 16 + pos % 16).long()
-        new_kv = pa.NewTokenKV(kn, vn, pos, cos_sin, slots)
-
-    def run(pf):
-        kc, vc = k.clone(), v.clone()
-        out = pa.paged_decode_attention(
-            q,
-            kc,
-            vc,
-            bt,
-            lens,
-            SCALE,
-            ks,
-            vs,
-            num_splits=splits,
-            quant_out=True,
-            new_kv=new_kv,
-            weight_prefetch=pf,
-        )
-        return out, kc, vc
-
-    (ref_q8, ref_scale), ref_k, ref_v = run(None)
-    for budget in (64 << 20, 4 << 20):
-        pf = fp8.gemv_weight_prefetch(w8, batch, budget)
-        assert pf is not None
-        (q8, scale), kc, vc = run(pf)
-        assert torch.equal(q8.view(torch.uint8), ref_q8.view(torch.uint8)) and torch.equal(scale, ref_scale)
-        assert torch.equal(kc.view(torch.uint8), ref_k.view(torch.uint8))
-        assert torch.equal(vc.view(torch.uint8), ref_v.view(torch.uint8))
-    pf = fp8.gemv_weight_prefetch(w8, batch, 64 << 20)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        gq8, gscale = pa.paged_decode_attention(
-            q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits, quant_out=True, weight_prefetch=pf
-        )
-    if not rotary:
-        for _ in range(3):
-            gq8.zero_()
-            g.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(gq8.view(torch.uint8), ref_q8.view(torch.uint8))
-            assert torch.equal(gscale, ref_scale)
-
-
 # (q_lens, seq_lens): ragged full prefills; chunked prefill / prefix hits; a mixed prefill + decode batch.
 PREFILL_CASES = {
     "prefill": ([1, 17, 300, 2048], [1, 17, 300, 2048]),

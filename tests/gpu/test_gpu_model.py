@@ -106,26 +106,3 @@ def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
         del llm
         torch.cuda.empty_cache()
     assert outs["1"] == outs["0"]
-
-
-def test_l2_weight_prefetch_changes_no_bit(model_dir, monkeypatch):
-    """The decode steps' L2 prefetch of the next GEMV's weight lines (from the norms and the attention) is a
-    hint: with it on (budgets above and below the weights' sizes) and off, the FP8 fast path with CUDA
-    graphs gives identical tokens and logprobs."""
-    from hopperllm.models import llama
-
-    kw = dict(
-        dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512, max_num_seqs=8,
-        show_progress=False,
-    )  # fmt: skip
-    outs = {}
-    for mb in ((0.0, 0.0, 0.0), (16.0, 32.0, 16.0), (0.1, 0.05, 0.2)):
-        monkeypatch.setattr(llama, "L2_PREFETCH_MB", mb)
-        llm = LLM(model=model_dir, **kw)
-        layer = llm.engine.executor.runner.model.model.layers[0]
-        assert (layer.weight_prefetches(1)[0] is not None) == any(mb)
-        outs[mb] = [(o.token_ids, o.logprobs) for o in _greedy(llm, logprobs=2)]
-        del llm
-        torch.cuda.empty_cache()
-    first, *rest = outs.values()
-    assert all(r == first for r in rest)

@@ -215,17 +215,11 @@ def _fused_ar_norm_rank(rank: int, world: int, port: int) -> None:
         weight = (1 + 0.1 * torch.randn(H, generator=shared, device="cuda")).to(torch.bfloat16)
         return x, residual, weight
 
-    from hopperllm.kernels.fp8 import FP8_DTYPE, gemv_weight_prefetch
-
-    w8 = (0.1 * torch.randn(28672, 8192, generator=shared, device="cuda")).to(FP8_DTYPE)
-    pf = {"prefetch": gemv_weight_prefetch(w8, 1, 16 << 20, gated=True)}  # gate/up lines: no bit changes
     for (T, H), kw in (
         ((1, 8192), {}),
         ((7, 5120), {}),
         ((32, 8192), {}),
         ((3, 8192), {"out_fp8": True}),
-        ((1, 8192), pf),
-        ((1, 8192), {"out_fp8": True, **pf}),
     ):
         x, residual, weight = case(T, H)
         assert fused.supports(x)
@@ -234,7 +228,7 @@ def _fused_ar_norm_rank(rank: int, world: int, port: int) -> None:
         res = residual.clone()
         out, res = fused(x.clone(), res, weight, 1e-5, **kw)
         torch.testing.assert_close(res, ref_res, **exact)
-        if kw.get("out_fp8"):
+        if kw:
             (q, s), (rq, rs) = out, ref
             torch.testing.assert_close(q.float() * s, rq.float() * rs, rtol=2**-3, atol=1e-6)
         else:
@@ -248,10 +242,7 @@ def _fused_ar_norm_rank(rank: int, world: int, port: int) -> None:
     graph = torch.cuda.CUDAGraph()
     res_g = residual.clone()
     with torch.cuda.graph(graph):
-        outs = [
-            fused(x * (i + 1), res_g, weight, 1e-5, prefetch=pf["prefetch"] if i else None)[0]
-            for i in range(3)
-        ]
+        outs = [fused(x * (i + 1), res_g, weight, 1e-5)[0] for i in range(3)]
     for _ in range(5):
         x.copy_(torch.randn(4, 8192, generator=mine, device="cuda"))
         res_g.copy_(residual)

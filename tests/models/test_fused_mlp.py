@@ -38,10 +38,10 @@ def test_fused_decode_mlp_equals_unfused(monkeypatch, tokens):
     x = ref_per_token_quant_fp8(
         torch.randn(tokens, CFG.hidden_size, generator=torch.Generator().manual_seed(7))
     )
-    assert mlp.fused_decode(x[0].shape[0])
+    assert mlp._fused_decode(x)
     fused = mlp(x)
     monkeypatch.setattr(llama, "FUSED_MLP", "0")
-    assert not mlp.fused_decode(x[0].shape[0])
+    assert not mlp._fused_decode(x)
     unfused = mlp(x)  # gate/up GEMV, torch SiLU-mul, FP8 linear (per-token quantize + dequantized matmul)
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * unfused.abs().max().item())
 
@@ -65,12 +65,12 @@ def test_fusion_only_where_measured():
     assert not fp8.silu_mul_fusion_pays(1, 22016, 4096, cpu)  # Llama-2-7B: 32-row fused tiles
     assert not fp8.silu_mul_fusion_pays(17, 28672, 8192, cpu)  # larger batches: the M > 1 rule's narrow tiles
     x = ref_per_token_quant_fp8(torch.randn(1, CFG.hidden_size))
-    assert not fp8_mlp(seed=0).fused_decode(x[0].shape[0])
+    assert not fp8_mlp(seed=0)._fused_decode(x)
 
 
 def test_fused_mlp_everywhere_on_request(monkeypatch):
     monkeypatch.setattr(llama, "FUSED_MLP", "2")  # HOPPERLLM_FUSED_MLP=2: fuse at every decode shape
-    assert fp8_mlp(seed=0).fused_decode(2)
+    assert fp8_mlp(seed=0)._fused_decode(ref_per_token_quant_fp8(torch.randn(2, CFG.hidden_size)))
 
 
 def test_gated_config_keeps_wgmma_tiles_and_fits_shared_memory():
