@@ -94,6 +94,12 @@ def make_record(
         else getattr(args, "tensor_parallel_size", 1),
         "versions": versions(),
         "git_commit": git_commit(),
+        # the HOPPERLLM_* switches the run was made under (A/B runs differ only in these)
+        "env": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith("HOPPERLLM_") and k != "HOPPERLLM_API_KEY"
+        },
         "model": model if model is not None else getattr(args, "model", None),
         "dtype": dtype if dtype is not None else getattr(args, "dtype", None),
         "quantization": quantization if quantization is not None else getattr(args, "quantization", None),

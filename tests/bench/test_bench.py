@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -24,6 +25,7 @@ RECORD_KEYS = {
     "tensor_parallel_size",
     "versions",
     "git_commit",
+    "env",
     "model",
     "dtype",
     "quantization",
@@ -48,6 +50,15 @@ def load(path) -> dict:
 
 
 # -- latency / throughput / budget -------------------------------------------------------------
+def test_record_names_the_switches_it_ran_under(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOPPERLLM_FUSED_MLP", "0")
+    monkeypatch.setenv("HOPPERLLM_API_KEY", "secret")
+    from hopperllm.bench.common import make_record
+
+    rec = make_record("latency", argparse.Namespace(model="dummy:tiny"), {})
+    assert rec["env"]["HOPPERLLM_FUSED_MLP"] == "0" and "HOPPERLLM_API_KEY" not in rec["env"]
+
+
 def test_latency_json_and_hf_baseline(tmp_path, capsys):
     out = tmp_path / "lat.json"
     rc = run_cli(
