@@ -30,6 +30,10 @@ def main():
     p.add_argument("--prefill", action="store_true", help="also sweep the prefill kernel (4 x 2048 tokens)")
     p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--shapes", nargs="*", default=None, help="decode shape names to sweep (default: all)")
+    p.add_argument("--splits", type=int, nargs="*", default=None, help="decode split counts to sweep")
+    p.add_argument(
+        "--block-n", type=int, nargs="*", default=[16, 32, 64, 128], help="decode key tiles to sweep"
+    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -42,6 +46,8 @@ def main():
         ("llama2-70b b1", 1, 64, 8, 128, 2176),
         ("llama2-70b tp2 b1", 1, 32, 4, 128, 2176),  # one rank's heads at tensor_parallel_size 2
         ("llama2-70b tp8 b1", 1, 8, 1, 128, 2176),
+        # batches 5-8 of the TP=2 budget run replay the graph captured for 8 sequences
+        ("llama2-70b tp2 b8", 8, 32, 4, 128, 2176),
     ]
     bs = 16
     shapes = [s for s in shapes if a.shapes is None or s[0] in a.shapes]
@@ -58,8 +64,8 @@ def main():
         kv_bytes = B * ctx * hkv * d * 2
         floor_us = kv_bytes / bw * 1e6
         best = None
-        split_choices = [4, 8, 16, 32, 64] if B == 1 else [1, 2]
-        for splits, bn, nw, ns in itertools.product(split_choices, [16, 32, 64, 128], [4], [2, 3]):
+        split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
+        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, [4], [2, 3]):
             if splits > 1 and ctx // splits < bn:
                 continue
             for cfg in (pa.DECODE_CONFIG, pa.DECODE_CONFIG_MANY_SPLITS):
