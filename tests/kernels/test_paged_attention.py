@@ -327,6 +327,14 @@ def test_choose_num_splits(monkeypatch):
     )
     assert pa.choose_num_splits(64, 8, 4096, cpu) == 1  # the batch already fills the GPU
     assert pa.choose_num_splits(1, 1, 1 << 20, cpu) == 32  # capped
+    # grouped-query layers round up: the 70B's heads at TP=2 in the graph of 8 sequences (9 wanted)
+    assert pa.choose_num_splits(8, 4, 4096, cpu, group=8) == 16
+    assert pa.choose_num_splits(8, 4, 4096, cpu, group=1) == 8
+    assert pa.choose_num_splits(1, 4, 4096, cpu, group=8) == 32  # still capped
+    assert pa.choose_num_splits(1, 8, 1024, cpu, group=8) == 8  # and still >= 128 keys a slice
+    assert pa.choose_num_splits(64, 8, 4096, cpu, group=8) == 1
+    monkeypatch.setattr(pa, "GQA_SPLITS_UP", False)  # HOPPERLLM_DECODE_SPLITS_GQA_UP=0
+    assert pa.choose_num_splits(8, 4, 4096, cpu, group=8) == 8
 
 
 def test_invalid_inputs_raise_value_error():
