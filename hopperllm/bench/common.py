@@ -98,7 +98,7 @@ def make_record(
         "env": {
             k: v
             for k, v in sorted(os.environ.items())
-            if k.startswith("HOPPERLLM_") and k != "HOPPERLLM_API_KEY"
+            if k.startswith("HOPPERLLM_") and k not in ("HOPPERLLM_API_KEY", "HOPPERLLM_GIT_COMMIT")
         },
         "model": model if model is not None else getattr(args, "model", None),
         "dtype": dtype if dtype is not None else getattr(args, "dtype", None),
