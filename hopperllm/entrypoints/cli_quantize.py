@@ -291,9 +291,7 @@ def _distill_config(args: argparse.Namespace):
         lr=args.distill_lr,
         accum=args.distill_accum,
         seed=args.distill_seed,
-        average_last=(
-            min(3, args.distill_epochs) if args.distill_average_last is None else args.distill_average_last
-        ),
+        average_last=args.distill_average_last,
     )
     config.check()
     return config

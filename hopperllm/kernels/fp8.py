@@ -473,7 +473,7 @@ def _num_sms(device_index: int) -> int:
 # every M up to GEMV_TUNED_MAX_M: one 16-token tile (BLOCK_M 16) streams the same weight bytes through the
 # same programs for 1 token as for 16 (HOPPERLLM_GEMV_TUNED_MAX_M=1 keeps them to batch 1, as before v18).
 GEMV_TUNED_MAX_M = int(os.environ.get("HOPPERLLM_GEMV_TUNED_MAX_M", "16"))
-GEMV_M1_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+GEMV_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     # (N, K): (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
     (12288, 4096): (32, 512, 1, 4, 4),  # 7B qkv: 21.4 us vs 23.5 with the rule
     (22016, 4096): (64, 512, 1, 4, 8),  # 7B gate_up: 35.5 vs 36.1
@@ -495,10 +495,10 @@ def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     Every SM must stream weights. Measured on an H100 (benchmarks/bench_kernels.py --tune) with the
     Llama-2-7B decode matrices: M == 1 runs best on 64-row tiles split along K up to ~1.5 waves of
     programs; M > 1 on 32-row tiles (64 for tall matrices) split only below one wave. A shape in
-    GEMV_M1_TUNED takes its tuned config for every M <= 16 (one token tile, the same weight stream).
+    GEMV_TUNED takes its tuned config for every M <= 16 (one token tile, the same weight stream).
     """
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
-    tuned = GEMV_M1_TUNED.get((N, K)) if M <= min(GEMV_TUNED_MAX_M, 16) else None
+    tuned = GEMV_TUNED.get((N, K)) if M <= min(GEMV_TUNED_MAX_M, 16) else None
     if tuned is not None:
         bn, bk, sk, st, nw = tuned
         return {"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,

@@ -53,7 +53,13 @@ class DistillConfig:
     accum: int = 4  # chunks averaged into each Adam step
     train_scales: bool = True
     seed: int = 0
-    average_last: int = 3  # the parameters kept: the mean of the last N epochs' (0: the best epoch's)
+    # the parameters kept: the mean of the last N epochs' (0: the best epoch's; None: 3, or every epoch if fewer)
+    average_last: int | None = None
+
+    @property
+    def kept_last(self) -> int:
+        """average_last resolved: how many of the last epochs are averaged (0: the best epoch is kept)."""
+        return min(3, self.epochs) if self.average_last is None else self.average_last
 
     def check(self) -> None:
         for name in ("tokens", "val_tokens", "epochs", "accum"):
@@ -61,7 +67,7 @@ class DistillConfig:
                 raise ValueError(
                     f"--distill-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
-        if not 0 <= self.average_last <= self.epochs:
+        if not 0 <= self.kept_last <= self.epochs:
             raise ValueError(
                 f"--distill-average-last must be between 0 and --distill-epochs ({self.epochs}), got {self.average_last}"
             )
@@ -285,7 +291,9 @@ def distill(
     opt = torch.optim.Adam(params, lr=config.lr)
     kl0, nll0 = evaluate()
     log(f"distill epoch 0: validation KL {kl0:.5f}, perplexity {math.exp(nll0):.4f}")
-    best = (kl0, 0, [p.detach().clone() for p in params])
+    last = config.kept_last
+    # the best epoch's parameters are copied only when they are the ones kept
+    best = (kl0, 0, None if last else [p.detach().clone() for p in params])
     averaged = [torch.zeros_like(p) for p in params]
     order_gen = torch.Generator().manual_seed(config.seed)
     t_start = time.perf_counter()
@@ -307,13 +315,13 @@ def distill(
             f"perplexity {math.exp(nll_v):.4f} ({time.perf_counter() - t0:.0f} s)"
         )
         if kl_v < best[0]:
-            best = (kl_v, epoch, [p.detach().clone() for p in params])
-        if epoch > config.epochs - config.average_last:
+            best = (kl_v, epoch, None if last else [p.detach().clone() for p in params])
+        if epoch > config.epochs - last:
             for a, p in zip(averaged, params, strict=True):
-                a += p.detach() / config.average_last
+                a += p.detach() / last
     with torch.no_grad():
-        for p, b, a in zip(params, best[2], averaged, strict=True):
-            p.copy_(a if config.average_last else b)
+        for p, kept in zip(params, averaged if last else best[2], strict=True):
+            p.copy_(kept)
     result = {
         "best_epoch": best[1],
         "val_kl_before": kl0,
@@ -321,14 +329,12 @@ def distill(
         "parameters": sum(p.numel() for p in params),
         "seconds": time.perf_counter() - t_start,
     }
-    if config.average_last:
+    if last:
         kl_a, nll_a = evaluate()
         log(
-            f"distill: the mean of the last {config.average_last} epochs: validation KL {kl_a:.5f}, perplexity {math.exp(nll_a):.4f}"
+            f"distill: the mean of the last {last} epochs: validation KL {kl_a:.5f}, perplexity {math.exp(nll_a):.4f}"
         )
-        result.update(
-            val_kl=kl_a, kept=f"the mean of epochs {config.epochs - config.average_last + 1}-{config.epochs}"
-        )
+        result.update(val_kl=kl_a, kept=f"the mean of epochs {config.epochs - last + 1}-{config.epochs}")
     else:
         result["kept"] = f"epoch {best[1]}"
     return result

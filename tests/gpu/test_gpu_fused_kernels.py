@@ -141,7 +141,7 @@ def test_fp8_gemv_vs_ref_and_scaled_mm(N, K, M, per_channel):
 
 
 @pytest.mark.parametrize("M", [1, 5, 16])
-@pytest.mark.parametrize(("N", "K"), sorted(fp8.GEMV_M1_TUNED))
+@pytest.mark.parametrize(("N", "K"), sorted(fp8.GEMV_TUNED))
 def test_fp8_gemv_tuned_batch1_configs(N, K, M):
     """Every shape with a tuned batch-1 config (70B shapes too) against the float32 reference, at the
     batches up to 16 that take it."""

@@ -172,3 +172,12 @@ def test_quantize_distill_bad_flags_are_clear_errors(src, tmp_path, capsys, extr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_default_average_is_three_epochs_or_every_epoch_if_fewer():
+    """One default for the library and the CLI (which passes None when --distill-average-last is absent)."""
+    assert DistillConfig(epochs=6).kept_last == 3
+    assert DistillConfig(epochs=2).kept_last == 2
+    assert DistillConfig(epochs=6, average_last=0).kept_last == 0
+    with pytest.raises(ValueError, match="--distill-average-last"):
+        DistillConfig(epochs=2, average_last=3).check()
