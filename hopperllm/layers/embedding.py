@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,24 +43,17 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-# Decode batches of up to this many tokens take the Triton GEMV for the LM head (cuBLAS reached ~60% of the
-# bandwidth at M = 1); HOPPERLLM_LM_HEAD_GEMV_MAX_ROWS=1 keeps it to batch 1 (before v19), for A/B runs.
-LM_HEAD_GEMV_MAX_ROWS = int(os.environ.get("HOPPERLLM_LM_HEAD_GEMV_MAX_ROWS", "16"))
-
-
 class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        from hopperllm.kernels.gemv import GEMV_MAX_ROWS
-
         if (
             hidden.is_cuda
             and hidden.dim() == 2
-            and 1 <= hidden.shape[0] <= min(LM_HEAD_GEMV_MAX_ROWS, GEMV_MAX_ROWS)
+            and hidden.shape[0] == 1
             and hidden.dtype == self.weight.dtype
         ):
             from hopperllm.kernels.gemv import gemv
 
-            logits = gemv(hidden, self.weight)
+            logits = gemv(hidden, self.weight)  # batch-1 decode: cuBLAS reaches ~60% of bandwidth at M = 1
         else:
             logits = F.linear(hidden, self.weight)
         logits = self.tp.all_gather_last_dim(logits)

@@ -242,12 +242,11 @@ def test_scaled_mm_scale_combinations(x_rowwise, w_rowwise, out_dtype):
     assert rel_err(out, fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)) < 1e-2
 
 
-@pytest.mark.parametrize(("N", "K"), [(32000, 4096), (32000, 8192), (16000, 8192), (128256, 4096)])
-@pytest.mark.parametrize("M", [1, 6, 16])
-def test_lm_head_gemv_real_shapes(N, K, M):
+@pytest.mark.parametrize(("N", "K"), [(32000, 4096), (32000, 8192), (128256, 4096)])
+def test_lm_head_gemv_real_shapes(N, K):
     from hopperllm.kernels import gemv
 
-    x = randn(M, K, seed=8)
+    x = randn(1, K, seed=8)
     w = randn(N, K, scale=0.02, seed=9)
     out = gemv.gemv(x, w)
     ref = gemv.ref_gemv(x, w)  # float32 sums in another order: a bf16 ulp where they straddle a rounding
