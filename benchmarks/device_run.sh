@@ -105,8 +105,6 @@ for step in $steps; do
       timeout 420 python3 benchmarks/tune_gemv.py --output-json "$OUT/tune_gemv.json" 2>&1 | grep -v "^  skip" | tail -50 ;;
     tune-gemv-tp)
       timeout 400 python3 benchmarks/tune_gemv.py --models 70b-tp${TP:-2} ${SPLITK:+--split-k $SPLITK} --output-json "$OUT/tune_gemv_tp.json" 2>&1 | grep -v "^  skip" | tail -30 ;;
-    tune-gemv-tma)  # TMA weight loads vs the tuned pointer loads at one rank's shard shapes
-      timeout 420 python3 benchmarks/tune_gemv.py --models 70b-tp${TP:-2} --tma ${SPLITK:+--split-k $SPLITK} --output-json "$OUT/tune_gemv_tma.json" 2>&1 | tee "$OUT/tune_gemv_tma.log" | grep -v "^  skip" | tail -30; grep -m3 "^  skip" "$OUT/tune_gemv_tma.log" ;;
     kernels)
       timeout 200 python3 benchmarks/bench_kernels.py --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     tp-tests)  # every tensor-parallel size the machine has GPUs for (2, 4, 8)

@@ -63,13 +63,6 @@ def main() -> None:
         help="time gate_up and down as plain fp8_gemv (default: as decode launches them, the gate/up GEMV "
         "with SiLU-mul in its epilogue and the down GEMV quantizing its input)",
     )
-    p.add_argument(
-        "--tma",
-        action="store_true",
-        help="sweep weight loads through TMA descriptors (W_TMA=1): the default tile, then BLOCK_N 64/128 x "
-        "BLOCK_K 128/256 x 4/6 stages x SPLIT_K of --split-k (default 1,2,3,4); the default (pointer loads) "
-        "is timed beside them",
-    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -77,13 +70,7 @@ def main() -> None:
     copy_gbps, read_gbps = copy_bandwidth_gbps(), read_bandwidth_gbps()
     print(f"copy {copy_gbps:.0f} GB/s, read {read_gbps:.0f} GB/s, L2 {l2 >> 20} MiB, {sms} SMs")
     res = {"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "read_gbps": read_gbps, "rows": []}
-    if a.tma:
-        space = [{"W_TMA": 1}] + [
-            {"W_TMA": 1, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": 8 if bn == 128 else 4,
-             "SPLIT_K": int(sk)}
-            for bn, bk, st, sk in itertools.product((64, 128), (128, 256), (4, 6), (a.split_k or "1,2,3,4").split(","))
-        ]  # fmt: skip
-    elif a.split_k:
+    if a.split_k:
         space = [
             {"BLOCK_N": bn, "BLOCK_K": 256, "num_stages": 4, "num_warps": nw, "SPLIT_K": int(sk)}
             for bn, nw, sk in itertools.product((32, 64, 128), (4, 8), a.split_k.split(","))
@@ -130,7 +117,7 @@ def main() -> None:
                        "pct_read": 100 * gbps / read_gbps, "default": tag == "default", "config": cfg}  # fmt: skip
                 res["rows"].append(row)
                 print(f"{model:4s} {name:8s} {ms * 1e3:8.1f} us {gbps:6.0f} GB/s {row['pct_read']:5.1f}% of read"
-                      f" {'DEFAULT ' if tag else ''}{ {k: cfg.get(k, 0) for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_stages', 'num_warps', 'W_TMA')} }")  # fmt: skip
+                      f" {'DEFAULT ' if tag else ''}{ {k: cfg.get(k, 0) for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_stages', 'num_warps')} }")  # fmt: skip
             del sets
             torch.cuda.empty_cache()
             if a.output_json:  # after every matrix: a run cut short keeps what it measured

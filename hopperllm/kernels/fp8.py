@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
@@ -43,10 +42,6 @@ FAST_ACCUM_MAX_K = 16384
 # fp8_gemv prefetches this many 128-byte lines of each weight row of its K slice into L2 before its PDL
 # wait (a power of two; 0 turns it off). HOPPERLLM_GEMV_PREFETCH overrides it for A/B runs.
 GEMV_PREFETCH_LINES = int(os.environ.get("HOPPERLLM_GEMV_PREFETCH", "4"))
-
-# fp8_gemv loads its weight tiles through TMA descriptors (config key W_TMA; HOPPERLLM_GEMV_TMA=1 makes it
-# the default for A/B runs) instead of per-thread 16-byte loads.
-GEMV_TMA = os.environ.get("HOPPERLLM_GEMV_TMA", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,7 +288,7 @@ def _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMA
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
     M, N, K, K_PER_SPLIT, SLICE_STRIDE, NUM_AMAX,
     stride_xm, stride_wn, stride_om,
     X_SCALE_PER_ROW: tl.constexpr,
@@ -308,7 +303,6 @@ def _fp8_gemv_kernel(
     GATED: tl.constexpr,
     QUANT_X: tl.constexpr,
     BLOCK_AMAX: tl.constexpr,
-    W_TMA: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
@@ -324,9 +318,6 @@ def _fp8_gemv_kernel(
     # tile's row maxima amax[M, pid_n]. QUANT_X: x is unquantized (e.g. that SiLU-mul output) and each
     # row's per-token scale comes from the max of its NUM_AMAX pieces in x_scale_ptr; the program
     # quantizes x to FP8 as it loads it, with the bits per_token_quant_fp8 would give.
-    # W_TMA: the weight tiles come through the tensor-memory accelerator (w_desc, a [BLOCK_N, BLOCK_K]
-    # descriptor over w): one bulk copy a stage instead of a 16-byte load per thread and vector, rows past
-    # the matrix read as zeros; the pointer path is the same product (x, scales and stores as before).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -372,20 +363,15 @@ def _fp8_gemv_kernel(
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    row0 = pid_n * BLOCK_N
     for k in range(k_begin, k_end, BLOCK_K):
         # A K slice ends at k_end: k_per_split is a multiple of BLOCK_K, so only the last slice can end
-        # inside a block, at K itself, where the descriptor reads zeros.
-        if W_TMA:
-            w = w_desc.load([row0, k])
+        # inside a block, at K itself.
         if EVEN_K:
-            if not W_TMA:
-                w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs)
             x = tl.load(x_ptrs)
         else:
             k_mask = (k + offs_k) < k_end
-            if not W_TMA:
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
         if QUANT_X:
             x = quantize_fp8(x.to(tl.float32), x_inv_scale[:, None])
@@ -394,9 +380,7 @@ def _fp8_gemv_kernel(
         # accumulator after every MMA k-step, as cuBLAS does without fast accumulation.
         acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         if GATED:
-            if W_TMA:
-                w_up = w_desc.load([row0 + N, k])
-            elif EVEN_K:
+            if EVEN_K:
                 w_up = tl.load(w_ptrs + up_offset)
             else:
                 w_up = tl.load(w_ptrs + up_offset, mask=k_mask[None, :], other=0.0)
@@ -601,11 +585,6 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         cfg["PREFETCH_LINES"] = 0  # inline PTX: GPU only
     else:
         cfg.setdefault("PREFETCH_LINES", GEMV_PREFETCH_LINES)
-    # TMA needs 16-byte aligned rows (K a multiple of 16 FP8 values) and base address.
-    tma_ok = w_fp8.stride(0) % 16 == 0 and w_fp8.data_ptr() % 16 == 0
-    cfg["W_TMA"] = bool(cfg.get("W_TMA", GEMV_TMA)) and tma_ok
-    # (a host-side descriptor: built per call, a few microseconds; decode replays it from its CUDA graph)
-    w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if cfg["W_TMA"] else w_fp8
     split_k = cfg.pop("SPLIT_K")
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
@@ -620,7 +599,7 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     amax = torch.empty((M, grid[0]), dtype=torch.float32, device=device) if gated else out
     num_amax = grid[0] if gated else (x_scale.shape[-1] if quant_x else 1)
     _fp8_gemv_kernel[grid](
-        x, x_scale.float(), w_fp8, w_desc, w_scale.float(), out, partials, counters, amax,
+        x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
         M, N, K, k_per_split, M * w_fp8.shape[0], num_amax,
         x.stride(0), w_fp8.stride(0), out.stride(0),
         X_SCALE_PER_ROW=x_scale.numel() != 1,
@@ -649,7 +628,7 @@ def fp8_gemv(
     """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
-    MAX_IMPRECISE_ACC, PREFETCH_LINES, W_TMA).
+    MAX_IMPRECISE_ACC, PREFETCH_LINES).
     With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
     so results are deterministic) in the same launch.
     With silu_mul, see fp8_gemv_silu_mul.

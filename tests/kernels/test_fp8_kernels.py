@@ -255,31 +255,3 @@ def test_fused_silu_mul_gemvs_equal_unfused_launches(
     bound = e * ((sig * (1 + gate * (1 - sig))).abs() * up.abs() + (gate * sig).abs())
     err = (fused.values.float() - ref.values.float()).abs()
     assert (err <= bound + 2e-2 * ref.values.float().abs() + 1e-6).all(), (err - bound).max()
-
-
-TMA_CASES = [
-    # M, N, K, config (K a multiple of 16: TMA's row alignment)
-    (1, 96, 512, {"BLOCK_N": 64, "BLOCK_K": 128}),  # a last row tile past N: zero rows
-    (3, 96, 1008, {"SPLIT_K": 3, "BLOCK_K": 128}),  # ragged K tail in the last slice
-    (20, 64, 256, {"SPLIT_K": 2, "BLOCK_K": 128, "BLOCK_N": 32}),
-]
-
-
-@pytest.mark.parametrize(("M", "N", "K", "config"), TMA_CASES)
-def test_fp8_gemv_tma_equals_pointer_loads(poisoned_empty, M, N, K, config):
-    """Weight tiles through TMA descriptors give the pointer path's bits: plain, gated and deferred."""
-    w_fp8, w_scale = make_weight(N, K, True, seed=N)
-    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=K))
-    ptr = {**config, "W_TMA": 0}
-    tma = {**config, "W_TMA": 1}
-    out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=tma)
-    assert torch.equal(out, fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=ptr))
-    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=GEMV_ATOL * ref.abs().max().item())
-    gated = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16, config=tma)
-    gated_ptr = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16, config=ptr)
-    assert torch.equal(gated.values, gated_ptr.values)
-    assert torch.equal(gated.amax_parts, gated_ptr.amax_parts)
-    w_down, s_down = make_weight(K, N // 2, True, seed=K)
-    down = fp8.fp8_gemv_deferred(gated, w_down, s_down, torch.bfloat16, config=tma)
-    assert torch.equal(down, fp8.fp8_gemv_deferred(gated, w_down, s_down, torch.bfloat16, config=ptr))
