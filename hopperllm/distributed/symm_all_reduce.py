@@ -29,6 +29,17 @@ DTYPES = (torch.bfloat16, torch.float32)  # what torch's one-shot kernel sums
 DEFAULT_FUSED_MODE = "4"
 
 
+def fused_mode() -> str:
+    """HOPPERLLM_FUSED_AR_NORM: 0 (off), 1 (pull, one barrier), 2 (pull, two barriers) or 4 (Lamport)."""
+    mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", DEFAULT_FUSED_MODE)
+    if mode not in ("0", "1", "2", "4"):
+        raise ValueError(
+            f"HOPPERLLM_FUSED_AR_NORM must be 0, 1, 2 or 4, got {mode!r} (3, the one-way-signal push, was "
+            "removed: it measured slower than 1)"
+        )
+    return mode
+
+
 class SymmMemAllReduce:
     def __init__(self, group, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES):
         import torch.distributed._symmetric_memory as symm_mem
@@ -97,17 +108,17 @@ class FusedAllReduceNorm:
     buffer with no signal, each element's arrival marked by its bits (`lamport`: bfloat16 and float16 rows;
     float32 rows take the unfused path); 1 copies the rows into the rank's own buffer and meets the peers at
     one flag barrier a call over two alternating halves (pull); 2 the same with two barriers over one
-    buffer; 3 pushes and signals one-way (`push`); 0 turns the fusion off (the decoder then all-reduces in
-    the row-parallel layers and normalizes separately)."""
+    buffer; 0 turns the fusion off (the decoder then all-reduces in the row-parallel layers and normalizes
+    separately). (3, a push with one-way signals, measured slower than 1 and was removed in v19.)"""
 
     def __init__(
         self, group, rank: int, world_size: int, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
     ):
         import torch.distributed._symmetric_memory as symm_mem
 
-        mode = os.environ.get("HOPPERLLM_FUSED_AR_NORM", DEFAULT_FUSED_MODE)
-        if mode in ("3", "4"):
-            max_bytes *= world_size  # push: a slot per rank, each as large as the other modes' rows
+        mode = fused_mode()
+        if mode == "4":
+            max_bytes *= world_size  # a slot per rank, each as large as the other modes' rows
         self.rank, self.world_size, self.max_bytes = rank, world_size, max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         self.lamport = mode == "4"
@@ -123,11 +134,10 @@ class FusedAllReduceNorm:
         self._hdl = hdl
         # one barrier a call: rows alternate between the buffer's halves by a per-row call count
         self.double = mode != "2"
-        self.push = mode == "3"
         self.counters = torch.zeros(self.max_rows, dtype=torch.int32, device=device) if self.double else None
         self.half_bytes = max_bytes // 2 if self.double else max_bytes
-        # bytes of one rank's rows: with push every rank's rows share each half
-        self.data_bytes = self.half_bytes // world_size if self.push or self.lamport else self.half_bytes
+        # bytes of one rank's rows: with lamport every rank's rows share each half
+        self.data_bytes = self.half_bytes // world_size if self.lamport else self.half_bytes
 
     def supports(self, x: torch.Tensor) -> bool:
         """Whether x [T, H] (this rank's partial sums) fits the buffer and the signal pad."""
@@ -147,7 +157,7 @@ class FusedAllReduceNorm:
         out = allreduce_rms_norm(
             x, residual, weight, eps, self.buffer_ptrs, self.signal_pad_ptrs, self.rank, self.world_size,
             out_fp8=out_fp8, static_scale=static_scale, counters=self.counters,
-            half_elems=self.half_bytes // residual.element_size(), push=self.push, lamport=self.lamport,
+            half_elems=self.half_bytes // residual.element_size(), lamport=self.lamport,
         )  # fmt: skip
         return out, residual
 
@@ -157,10 +167,7 @@ def make_fused_allreduce_norm(
 ) -> FusedAllReduceNorm | None:
     """The fused all-reduce + RMSNorm if every rank set it up and it computes the reference's bits, else
     None (the layers all-reduce, then normalize)."""
-    if (
-        os.environ.get("HOPPERLLM_FUSED_AR_NORM", DEFAULT_FUSED_MODE) == "0"
-        or os.environ.get("HOPPERLLM_ALLREDUCE") == "nccl"
-    ):
+    if fused_mode() == "0" or os.environ.get("HOPPERLLM_ALLREDUCE") == "nccl":
         return None
     from hopperllm.kernels.allreduce_norm import ref_allreduce_rms_norm
 

@@ -20,13 +20,6 @@ of programmatically dependent launches (`pdl.py`) twice a layer. Here one progra
    pass the previous call's barrier (the peer signals a call only once its kernel for the call before has
    finished). One barrier a call instead of two.
 
-With `push` (`HOPPERLLM_FUSED_AR_NORM=3`), steps 1-2 become one-way: a program stores its partial row
-straight into its slot of every rank's buffer (NVLink writes are posted: no round trip per load), then
-release-stores the call's number (the per-row count + 1) into its flag in every rank's signal pad, and
-waits until each peer's flag in its own pad holds that number; the sum then reads only local memory. The
-flags are never reset: a call waits for its own number, which a flag left by an earlier call does not
-equal (the count wraps after 2^32 calls a row).
-
 With `lamport` (`HOPPERLLM_FUSED_AR_NORM=4`, the default; bfloat16 / float16 rows), no flags at all: every
 buffer starts filled with EMPTY bits (0x8000, -0.0), a program stores its row (with -0.0 sent as +0.0) into
 its slot of every peer's buffer, polls its own buffer's peer slots (volatile loads) until no element holds
@@ -91,35 +84,6 @@ def _flag_handshake(addrs, peers, FROM: tl.constexpr, TO: tl.constexpr, SEM: tl.
 
 
 @triton.jit
-def _signal_and_wait(remote_addrs, local_addrs, peers, value):
-    # Thread p release-stores `value` into rank p's flag for (row, this rank), then spins until this rank's
-    # flag for (row, p) holds `value` (acquire): every peer's stores before its release are then visible.
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .u32 %me, %got;
-        .reg .pred %mine, %done;
-        mov.u32 %me, %tid.x;
-        setp.eq.u32 %mine, %me, $3;
-        @!%mine bra skip;
-        st.release.sys.global.u32 [$1], $4;
-        again:
-        ld.acquire.sys.global.u32 %got, [$2];
-        setp.eq.u32 %done, %got, $4;
-        @!%done bra again;
-        skip:
-        mov.u32 $0, 0;
-        }
-        """,
-        "=r,l,l,r,r",
-        [remote_addrs, local_addrs, peers, value],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
 def _barrier(signal_pads_ptr, row, RANK: tl.constexpr, WORLD: tl.constexpr, SEND_SEM: tl.constexpr,
              WAIT_SEM: tl.constexpr):  # fmt: skip
     # Thread p signals rank p (0 -> 1 into p's flag for this row and rank), then waits for rank p
@@ -142,7 +106,6 @@ def _allreduce_rms_norm_kernel(
     WORLD: tl.constexpr,
     SYNC: tl.constexpr,
     DOUBLE: tl.constexpr,
-    PUSH: tl.constexpr,
     LAMPORT: tl.constexpr,
     OUT_FP8: tl.constexpr,
     STATIC_SCALE: tl.constexpr,
@@ -196,26 +159,6 @@ def _allreduce_rms_norm_kernel(
                         got = tl.load(src, mask=mask, other=0, volatile=True)
                 tl.store(src, tl.full([BLOCK], EMPTY, tl.int16), mask=mask)  # for the call two later
                 acc += got.to(dtype, bitcast=True).to(tl.float32)
-    elif PUSH:
-        # the half holds WORLD slots of half_elems // WORLD elements, slot r for rank r's rows
-        slot = half_elems // WORLD
-        for r in tl.static_range(WORLD):
-            dst = tl.load(bufs + r).to(tl.pointer_type(dtype))
-            tl.store(dst + base + RANK * slot + offs, x, mask=mask)
-        if SYNC:
-            peers = tl.arange(0, WORLD)
-            pads = signal_pads_ptr.to(tl.pointer_type(tl.uint64))
-            remote = tl.load(pads + peers).to(tl.pointer_type(tl.int32))
-            local = tl.load(pads + RANK).to(tl.pointer_type(tl.int32))
-            tl.debug_barrier()  # every thread's row stores precede the release below
-            _signal_and_wait(
-                remote + row * WORLD + RANK, local + row * WORLD + peers, peers, n + 1 + 0 * peers
-            )
-            tl.debug_barrier()
-        for r in tl.static_range(WORLD):  # local reads, past L1 (the peers wrote this memory)
-            acc += tl.load(own + base + r * slot + offs, mask=mask, other=0.0, cache_modifier=".cg").to(
-                tl.float32
-            )
     else:
         tl.store(own + base + offs, x, mask=mask)
         if SYNC:
@@ -257,7 +200,6 @@ def allreduce_rms_norm(
     static_scale: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     half_elems: int = 0,
-    push: bool = False,
     lamport: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """All-reduce this rank's partial sums x [T, H] over the ranks, add the result into `residual` [T, H]
@@ -270,11 +212,10 @@ def allreduce_rms_norm(
     rank's buffer, as the CPU tests do). counters: int32 [>= T] zero-initialized call counts (this rank's
     own memory, kept between calls) to alternate each row between the buffer's first `half_elems`
     elements and the next ones with one barrier a call; None: the first half only, two barriers.
-    push (needs counters): each half holds world_size slots of half_elems // world_size elements; this rank
-    stores its rows into its slot of every rank's buffer and signals the call's number (module docstring).
-    lamport (needs counters, a 16-bit dtype, and buffers filled with EMPTY bits, 0x8000): push without
-    signals: this rank's rows go into its slot of every peer's buffer, the peers' slots of this rank's
-    buffer are polled until no element holds EMPTY, summed, and refilled with EMPTY."""
+    lamport (needs counters, a 16-bit dtype, and buffers filled with EMPTY bits, 0x8000): each half holds
+    world_size slots of half_elems // world_size elements; this rank's rows go into its slot of every peer's
+    buffer, the peers' slots of this rank's buffer are polled until no element holds EMPTY, summed, and
+    refilled with EMPTY."""
     if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(
             f"x must be [T, H] and residual match it, got {tuple(x.shape)} {x.dtype} and "
@@ -289,13 +230,11 @@ def allreduce_rms_norm(
         raise ValueError(
             f"buffer_ptrs must be int64 [{world_size}], got {buffer_ptrs.dtype} {tuple(buffer_ptrs.shape)}"
         )
-    slots = world_size if push or lamport else 1
+    slots = world_size if lamport else 1
     if counters is not None and (
         counters.dtype != torch.int32 or counters.numel() < T or half_elems < slots * T * H
     ):
         raise ValueError(f"counters must be int32 [>= {T}] with half_elems >= {slots * T * H}")
-    if push and counters is None:
-        raise ValueError("push needs counters (the call numbers it signals)")
     if lamport and (counters is None or x.dtype.itemsize != 2):
         raise ValueError(f"lamport needs counters and a 16-bit activation dtype, got {x.dtype}")
     out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
@@ -309,7 +248,6 @@ def allreduce_rms_norm(
             WORLD=world_size,
             SYNC=signal_pad_ptrs is not None,
             DOUBLE=counters is not None,
-            PUSH=push,
             LAMPORT=lamport,
             OUT_FP8=out_fp8,
             STATIC_SCALE=static_scale is not None,

@@ -39,3 +39,14 @@ def test_set_up_on_every_rank(group, build, expect, logged, caplog):
     assert got == expect
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ([] if logged is None else [logged])
+
+
+@pytest.mark.parametrize("mode", ["3", "5", "on"])
+def test_unknown_fused_mode_is_a_clear_error(monkeypatch, mode):
+    from hopperllm.distributed.symm_all_reduce import fused_mode
+
+    monkeypatch.setenv("HOPPERLLM_FUSED_AR_NORM", mode)
+    with pytest.raises(ValueError, match="HOPPERLLM_FUSED_AR_NORM must be 0, 1, 2 or 4"):
+        fused_mode()
+    monkeypatch.setenv("HOPPERLLM_FUSED_AR_NORM", "1")
+    assert fused_mode() == "1"

@@ -114,40 +114,6 @@ def test_allreduce_rms_norm_alternates_buffer_halves():
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_allreduce_rms_norm_push_writes_every_ranks_slot(world):
-    """push: the kernel stores its rows into its slot of every rank's buffer (in the call's half) and sums
-    the slots of its own buffer in rank order: the bits of the unfused kernels, call after call."""
-    T, H, rank = 2, 96, 1
-    half = world * T * H + 32  # elements per half: world slots of half // world
-    slot = half // world
-    counters = torch.zeros(T, dtype=torch.int32, device=DEVICE)
-    bufs = [torch.full((2 * half,), float("nan"), dtype=torch.bfloat16, device=DEVICE) for _ in range(world)]
-    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
-
-    def push(x, res, weight, half_elems):
-        return allreduce_norm.allreduce_rms_norm(
-            x, res, weight, EPS, ptrs, None, rank, world, counters=counters, half_elems=half_elems, push=True
-        )
-
-    for call in range(3):
-        parts, weight, residual = _rank_inputs(T, H, world, torch.bfloat16, seed=60 + call)
-        lo = (call % 2) * half
-        for p in range(world):  # what the peers pushed into this rank's buffer
-            if p != rank:
-                bufs[rank][lo + p * slot : lo + p * slot + T * H].copy_(parts[p].reshape(-1))
-        ref, ref_res = _unfused(parts, weight, residual)
-        res = residual.clone()
-        out = push(parts[rank], res, weight, half)
-        for b in bufs:  # this rank's rows in its slot of every buffer
-            assert torch.equal(b[lo + rank * slot : lo + rank * slot + T * H].view(T, H), parts[rank])
-        assert torch.equal(out, ref) and torch.equal(res, ref_res)
-    with pytest.raises(ValueError, match="half_elems"):
-        push(parts[rank], res, weight, T * H)
-    with pytest.raises(ValueError, match="push needs counters"):
-        allreduce_norm.allreduce_rms_norm(parts[rank], res, weight, EPS, ptrs, None, rank, world, push=True)
-
-
-@pytest.mark.parametrize("world", [2, 4])
 def test_allreduce_rms_norm_lamport_pushes_and_rearms(world):
     """lamport: the kernel stores its rows (-0.0 sent as +0.0) into its slot of every peer's buffer, sums
     the peers' slots of its own buffer in rank order (the unfused bits) and refills them with EMPTY."""
