@@ -51,7 +51,7 @@ class DecodeGraphRunner:
                 self.runner.num_kv_heads,
                 self.runner.config.scheduler_config.max_model_len,
                 self.runner.device,
-                group=getattr(self.runner, "gqa_group", 1),
+                group=self.runner.gqa_group,
             )
         return AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
