@@ -137,7 +137,7 @@ for step in $steps; do
         --num-iters-warmup 2 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/latency-llama-2-70b-fp8-tp${TP:-2}-nccl.json" 2>&1 \
         | grep -v "Capturing\|it/s\]" | tail -12 ;;
     profile-tp)
-      timeout 400 python3 benchmarks/profile_tp.py --model dummy:llama-2-70b -tp ${TP:-2} --output-json "$OUT/profile-tp${TP:-2}.json" 2>&1 \
+      timeout 400 python3 benchmarks/profile_tp.py --model dummy:llama-2-70b -tp ${TP:-2} --batch-size ${BATCH:-1} --output-json "$OUT/profile-tp${TP:-2}-b${BATCH:-1}.json" 2>&1 \
         | grep -v Capturing | python3 -c "import sys; t=sys.stdin.read(); print(t[:6000])" ;;
     budget-70b-tp)
       timeout 560 python3 -m hopperllm.entrypoints.cli bench budget --model dummy:llama-2-70b --quantization fp8 \
