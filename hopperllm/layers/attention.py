@@ -58,8 +58,10 @@ class AttentionBackend:
         quant_out: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention output [T, Hq, D]; with `quant_out` a backend may instead return it quantized per
-        token for an FP8 o_proj, (e4m3 [T, Hq * D], float32 scale [T, 1]), when it can do so in the same
-        kernel (the Triton backend in decode steps); otherwise it returns the activations."""
+        token for an FP8 o_proj, (e4m3 [T, Hq * D], float32 scale [T, 1]), or as a DeferredQuant (the
+        output [T, Hq * D] and amax pieces of each row, which the o_proj GEMV quantizes as it loads it),
+        when it can do so in the same kernel (the Triton backend in decode steps); otherwise it returns
+        the activations."""
         raise NotImplementedError
 
 
@@ -161,8 +163,12 @@ class TritonAttentionBackend(AttentionBackend):
     # HOPPERLLM_DECODE_ROTARY=all|mha|none for A/B runs of whole benchmarks, e.g. tensor parallel ones,
     # since the decode launch changed: v15's 32 slices of 32-key tiles at the 70B's heads).
     fuse_decode_rotary = os.environ.get("HOPPERLLM_DECODE_ROTARY", "mha")
+    # Decode steps of up to GEMV_MAX_M sequences hand the o_proj GEMV the unquantized output and amax
+    # pieces (HOPPERLLM_ATTN_DEFER_QUANT=0: the attention launch quantizes the row, as before v20).
+    defer_quant = os.environ.get("HOPPERLLM_ATTN_DEFER_QUANT", "1") != "0"
 
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
+        from hopperllm.kernels.fp8 import GEMV_MAX_M
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
@@ -185,6 +191,10 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if not meta.decode_only and meta.num_decodes:
             return self._mixed(layer, q, kv_cache, meta)
+        # Up to GEMV_MAX_M sequences the o_proj is a GEMV that can quantize its input as it loads it:
+        # the attention launch then only leaves each kv head's amax (no second arrival counter and pass
+        # over the row at its end); larger batches go to _scaled_mm and get the row quantized here.
+        defer = quant_out and meta.decode_only and self.defer_quant and q.shape[0] <= GEMV_MAX_M
         return paged_attention(
             q,
             kv_cache[0],
@@ -198,8 +208,9 @@ class TritonAttentionBackend(AttentionBackend):
             layer.v_scale,
             decode_only=meta.decode_only,
             num_splits=meta.num_splits,
-            quant_out=quant_out and meta.decode_only,
+            quant_out=quant_out and meta.decode_only and not defer,
             new_kv=new_kv,
+            defer_quant=defer,
         )
 
     @staticmethod

@@ -32,10 +32,19 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _fp8_prequantized(x: tuple, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
     """x is an (x_fp8, scale) pair, or a DeferredQuant that the GEMV quantizes as it loads it."""
-    from hopperllm.kernels.fp8 import GEMV_MAX_M, DeferredQuant, fp8_gemv, fp8_gemv_deferred, scaled_mm
+    from hopperllm.kernels.fp8 import (
+        GEMV_MAX_M,
+        DeferredQuant,
+        fp8_gemv,
+        fp8_gemv_deferred,
+        per_token_quant_fp8,
+        scaled_mm,
+    )
 
-    if isinstance(x, DeferredQuant):
+    if isinstance(x, DeferredQuant) and x.values.shape[0] <= GEMV_MAX_M:
         y = fp8_gemv_deferred(x, w_fp8, w_scale, out_dtype)
+    elif isinstance(x, DeferredQuant):  # too many rows for the GEMV: quantize (the same codes), then GEMM
+        y = scaled_mm(*per_token_quant_fp8(x.values), w_fp8, w_scale, out_dtype)
     elif x[0].shape[0] <= GEMV_MAX_M:
         y = fp8_gemv(x[0], x[1], w_fp8, w_scale, out_dtype)
     else:
