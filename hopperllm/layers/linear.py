@@ -194,6 +194,13 @@ class QKVParallelLinear(ColumnParallelLinear):
             hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], **kw
         )
 
+    def rope_kv_fp8(self, x: tuple[torch.Tensor, torch.Tensor], rope) -> torch.Tensor:
+        """The projection of an FP8 (x_fp8, scale) input with rotary_kv_write's work in the GEMV's epilogue
+        (fp8_gemv_rope_kv, `rope` a RopeKV): q comes out rotated, the step's k and v go into the cache."""
+        from hopperllm.kernels.fp8 import fp8_gemv_rope_kv
+
+        return fp8_gemv_rope_kv(x[0], x[1], self.weight, self.weight_scale, rope, self.params_dtype)
+
 
 class RowParallelLinear(LinearBase):
     """Input dimension split across ranks; partial results are summed with an all-reduce."""

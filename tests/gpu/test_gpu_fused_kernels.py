@@ -251,3 +251,48 @@ def test_lm_head_gemv_real_shapes(N, K):
     out = gemv.gemv(x, w)
     ref = gemv.ref_gemv(x, w)  # float32 sums in another order: a bf16 ulp where they straddle a rounding
     torch.testing.assert_close(out.float(), ref.float(), rtol=2 * torch.finfo(out.dtype).eps, atol=1e-3)
+
+
+# (Hq, Hkv, K) of fused QKV weights whose decode GEMV tiles are one head: Llama-2-70B at TP=2 (tuned
+# config), and the same heads forced onto 128-row tiles for Llama-3-8B's shape.
+@pytest.mark.parametrize(("hq", "hkv", "K", "config"), [(32, 4, 8192, None), (32, 8, 4096, {"BLOCK_N": 128})])
+@pytest.mark.parametrize("M", [1, 6, 8])
+def test_fp8_gemv_rope_kv_equals_gemv_then_rotary_kv_write(hq, hkv, K, config, M):
+    """The QKV GEMV with rotary_kv_write's work in its epilogue, at real shapes, eager and replayed in a
+    CUDA graph: the output and the FP8 cache rows are those of fp8_gemv then rotary_kv_write (up to an
+    FMA contraction's ulp), padding rows (slot -1) store nothing."""
+    D, bs, nb = 128, 16, 64
+    N = (hq + 2 * hkv) * D
+    w_fp8, w_scale = make_weight(N, K, per_channel=True, seed=M)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=M + 1))
+    cos_sin = rotary.build_cos_sin_cache(D, 4096, 10000.0).cuda()
+    positions = torch.randint(0, 4096, (M,), device="cuda")
+    slots = torch.randperm(nb * bs, device="cuda")[:M]
+    slots[M // 2 + 1 :] = -1  # graph padding rows
+    scales = (torch.tensor([0.02], device="cuda"), torch.tensor([0.015], device="cuda"))
+    cache = torch.full((2, nb, bs, hkv, D), float("nan"), device="cuda").to(FP8)
+    ref_cache = cache.clone()
+    rope = fp8.RopeKV(positions, cos_sin, cache, slots, *scales, hq, hkv)
+    out = fp8.fp8_gemv_rope_kv(x_fp8, x_scale, w_fp8, w_scale, rope, config=config)
+    y = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, config=config)
+    q, k, v = y.split([hq * D, hkv * D, hkv * D], dim=-1)
+    rotary.rotary_kv_write(q.unflatten(-1, (hq, D)), k.unflatten(-1, (hkv, D)), v.unflatten(-1, (hkv, D)),
+                           positions, cos_sin, ref_cache, slots, *scales)  # fmt: skip
+    assert_within_ulps(out, y)
+    assert torch.equal(cache.float().isnan(), ref_cache.float().isnan())
+    assert_fp8_equal(cache, ref_cache, max_mismatch_frac=1e-3)  # a bf16 ulp in k can move a code
+
+    pristine = torch.full((2, nb, bs, hkv, D), float("nan"), device="cuda").to(FP8)
+    graph_cache = pristine.clone()
+    graph_rope = rope._replace(kv_cache=graph_cache)
+    fp8.fp8_gemv_rope_kv(x_fp8, x_scale, w_fp8, w_scale, graph_rope, config=config)  # warm-up
+    graph_cache.copy_(pristine)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gout = fp8.fp8_gemv_rope_kv(x_fp8, x_scale, w_fp8, w_scale, graph_rope, config=config)
+    for _ in range(2):
+        gout.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gout, out)
+        assert torch.equal(graph_cache.view(torch.uint8), cache.view(torch.uint8))

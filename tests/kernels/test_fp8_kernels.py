@@ -255,3 +255,58 @@ def test_fused_silu_mul_gemvs_equal_unfused_launches(
     bound = e * ((sig * (1 + gate * (1 - sig))).abs() * up.abs() + (gate * sig).abs())
     err = (fused.values.float() - ref.values.float()).abs()
     assert (err <= bound + 2e-2 * ref.values.float().abs() + 1e-6).all(), (err - bound).max()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+@pytest.mark.parametrize(("M", "split_k"), [(1, 1), (3, 2)])
+def test_fp8_gemv_rope_kv_equals_gemv_then_rotary_kv_write(poisoned_empty, M, split_k, kv_dtype):
+    """The QKV GEMV's rotary + KV-cache write epilogue: the output (q rotated, k and v as computed) and the
+    cache rows (rotated k, v; FP8 with the cache scales) are the bits of fp8_gemv then rotary_kv_write with
+    the same tiles; a padding row (slot -1) stores nothing; and both are the torch reference's up to the
+    GEMV's accumulation order."""
+    from hopperllm.kernels.rotary import build_cos_sin_cache, rotary_kv_write
+
+    hq, hkv, d, K, bs, nb = 4, 2, 32, 256, 4, 6
+    n = (hq + 2 * hkv) * d
+    w, ws = make_weight(n, K, True, seed=M)
+    x8, xs = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=M + 1))
+    cos_sin = build_cos_sin_cache(d, 64, 10000.0).to(DEVICE)
+    positions = torch.tensor([5, 17, 40][:M], device=DEVICE)
+    slots = torch.tensor([3, 9, -1][:M], device=DEVICE)
+    ks, vs = (torch.tensor([0.05], device=DEVICE), torch.tensor([0.03], device=DEVICE))
+    if kv_dtype != FP8:
+        ks = vs = None
+    cfg = {"BLOCK_N": d, "BLOCK_K": 128, "SPLIT_K": split_k}
+
+    def cache():
+        return torch.full((2, nb, bs, hkv, d), 0.5, device=DEVICE).to(kv_dtype)
+
+    cache_fused, cache_unfused, cache_ref = cache(), cache(), cache()
+    rope = fp8.RopeKV(positions, cos_sin, cache_fused, slots, ks, vs, hq, hkv)
+    out = fp8.fp8_gemv_rope_kv(x8, xs, w, ws, rope, torch.bfloat16, config=cfg)
+    y = fp8.fp8_gemv(x8, xs, w, ws, torch.bfloat16, config=cfg)
+    q, k, v = y.split([hq * d, hkv * d, hkv * d], dim=-1)
+    rotary_kv_write(q.unflatten(-1, (hq, d)), k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d)), positions,
+                    cos_sin, cache_unfused, slots, ks, vs)  # fmt: skip
+    assert torch.equal(out, y)
+    assert torch.equal(cache_fused.view(torch.uint8), cache_unfused.view(torch.uint8))
+    assert (cache_fused.float() == 0.5).sum() == cache_fused.numel() - 2 * hkv * d * int((slots >= 0).sum())
+
+    ref = fp8.ref_fp8_gemv_rope_kv(
+        x8, xs, w, ws, fp8.RopeKV(positions, cos_sin, cache_ref, slots, ks, vs, hq, hkv)
+    )
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.02 * ref.abs().max().item(), rtol=0.02)
+    assert torch.equal(cache_fused.float() == 0.5, cache_ref.float() == 0.5)
+
+
+def test_fp8_gemv_rope_kv_rejects_a_tile_that_is_not_one_head():
+    w, ws = make_weight(8 * 32, 128, True, seed=0)
+    x8, xs = fp8.ref_per_token_quant_fp8(random_rows((1, 128), torch.float32, seed=1))
+    kv = torch.zeros(2, 2, 4, 2, 32, device=DEVICE)
+    one = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    cs = torch.zeros(8, 32, device=DEVICE)
+    rope = fp8.RopeKV(one, cs, kv, one, None, None, 4, 2)
+    with pytest.raises(ValueError, match="BLOCK_N == head_dim"):
+        fp8.fp8_gemv_rope_kv(x8, xs, w, ws, rope, config={"BLOCK_N": 64})
+    with pytest.raises(ValueError, match="rows"):
+        fp8.fp8_gemv_rope_kv(x8, xs, w[:200], ws[:200], rope, config={"BLOCK_N": 32})
