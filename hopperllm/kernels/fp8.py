@@ -287,51 +287,10 @@ def _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMA
 
 
 @triton.jit
-def _gemv_store_rope_kv(acc, out_ptrs, mask, pid_n, cos, sin, slots, kv_ptr, k_inv_scale, v_inv_scale,
-                        NUM_Q_HEADS, NUM_KV_HEADS, stride_kv_kind, stride_kv_block, stride_kv_offset,
-                        stride_kv_head, kv_block_size, KV_FP8: tl.constexpr):  # fmt: skip
-    """ROPE_KV epilogue: this tile is one head of a fused QKV output (BLOCK_N == head_dim, tile pid_n = head
-    pid_n). As rotary_kv_write after the plain GEMV: q heads are stored rotated, k and v heads as computed,
-    and the rotated k and the v of each token with a slot >= 0 go into the KV cache (FP8 with the cache
-    scales), from the output rounded to its dtype."""
-    out_dtype = out_ptrs.dtype.element_ty
-    BLOCK_N: tl.constexpr = acc.shape[0]
-    BLOCK_M: tl.constexpr = acc.shape[1]
-    HALF: tl.constexpr = BLOCK_N // 2
-    y = acc.to(out_dtype)
-    rotated = y
-    if pid_n < NUM_Q_HEADS + NUM_KV_HEADS:
-        # the rows' halves [x1; x2] as two [HALF, BLOCK_M] tiles: x1 cos - x2 sin, x2 cos + x1 sin
-        x1, x2 = tl.split(tl.permute(tl.reshape(y.to(tl.float32), (2, HALF, BLOCK_M)), (1, 2, 0)))
-        r = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # [HALF, BLOCK_M, 2]
-        rotated = tl.reshape(tl.permute(r, (2, 0, 1)), (BLOCK_N, BLOCK_M)).to(out_dtype)
-    if pid_n < NUM_Q_HEADS:
-        tl.store(out_ptrs, rotated, mask=mask)
-    else:
-        tl.store(out_ptrs, y, mask=mask)
-        is_v = pid_n >= NUM_Q_HEADS + NUM_KV_HEADS
-        kvh = (pid_n - NUM_Q_HEADS) % NUM_KV_HEADS
-        offs_d = tl.arange(0, BLOCK_N)
-        dst = (kv_ptr + is_v.to(tl.int64) * stride_kv_kind + kvh * stride_kv_head
-               + (slots // kv_block_size)[None, :] * stride_kv_block
-               + (slots % kv_block_size)[None, :] * stride_kv_offset + offs_d[:, None])  # fmt: skip
-        keep = mask & (slots >= 0)[None, :]  # slot -1: a padding row, nothing to store
-        if KV_FP8:
-            inv_scale = tl.where(is_v, v_inv_scale, k_inv_scale)
-            tl.store(dst, quantize_fp8(rotated.to(tl.float32), inv_scale), mask=keep)
-        else:
-            tl.store(dst, rotated.to(kv_ptr.dtype.element_ty), mask=keep)
-
-
-@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
     M, N, K, K_PER_SPLIT, SLICE_STRIDE, NUM_AMAX,
     stride_xm, stride_wn, stride_om,
-    # ROPE_KV only: rotary + KV-cache write of a fused QKV output (see _gemv_store_rope_kv)
-    positions_ptr, cos_sin_ptr, slot_ptr, kv_ptr, k_scale_ptr, v_scale_ptr,
-    NUM_Q_HEADS, NUM_KV_HEADS, stride_cs, stride_kv_kind, stride_kv_block, stride_kv_offset, stride_kv_head,
-    kv_block_size,
     X_SCALE_PER_ROW: tl.constexpr,
     W_SCALE_PER_CHANNEL: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -344,8 +303,6 @@ def _fp8_gemv_kernel(
     GATED: tl.constexpr,
     QUANT_X: tl.constexpr,
     BLOCK_AMAX: tl.constexpr,
-    ROPE_KV: tl.constexpr,
-    KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
@@ -361,7 +318,6 @@ def _fp8_gemv_kernel(
     # tile's row maxima amax[M, pid_n]. QUANT_X: x is unquantized (e.g. that SiLU-mul output) and each
     # row's per-token scale comes from the max of its NUM_AMAX pieces in x_scale_ptr; the program
     # quantizes x to FP8 as it loads it, with the bits per_token_quant_fp8 would give.
-    # ROPE_KV (a fused QKV weight, one head per tile): the epilogue also does rotary_kv_write's work.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -391,19 +347,6 @@ def _fp8_gemv_kernel(
     else:
         w_scale = tl.load(w_scale_ptr)
         w_scale_up = w_scale
-    if ROPE_KV:
-        # positions and slots are copied in before the step's first kernel, cos / sin and the KV scales
-        # are constants: all read before the wait
-        offs_half = tl.arange(0, BLOCK_N // 2)
-        cs_rows = cos_sin_ptr + tl.load(positions_ptr + rows_m)[None, :] * stride_cs
-        cos = tl.load(cs_rows + offs_half[:, None])
-        sin = tl.load(cs_rows + BLOCK_N // 2 + offs_half[:, None])
-        slots = tl.load(slot_ptr + rows_m)
-        k_inv_scale = 1.0
-        v_inv_scale = 1.0
-        if KV_FP8:
-            k_inv_scale = fp8_inv_scale(tl.load(k_scale_ptr))
-            v_inv_scale = fp8_inv_scale(tl.load(v_scale_ptr))
     pdl_prologue(USE_PDL)
     if not QUANT_X:
         x_scale = tl.load(x_scale_ptr + rows_m)[None, :] if X_SCALE_PER_ROW else tl.load(x_scale_ptr)
@@ -458,12 +401,7 @@ def _fp8_gemv_kernel(
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
-        if ROPE_KV:
-            _gemv_store_rope_kv(acc, out_ptrs, mask, pid_n, cos, sin, slots, kv_ptr, k_inv_scale, v_inv_scale,
-                                NUM_Q_HEADS, NUM_KV_HEADS, stride_kv_kind, stride_kv_block, stride_kv_offset,
-                                stride_kv_head, kv_block_size, KV_FP8)  # fmt: skip
-        else:
-            _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
+        _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
     else:
         # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
         # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
@@ -485,12 +423,7 @@ def _fp8_gemv_kernel(
                 if GATED:
                     total_up += tl.load(partial_ptrs + N, mask=mask, other=0.0, cache_modifier=".cg")
                 partial_ptrs += SLICE_STRIDE
-            if ROPE_KV:
-                _gemv_store_rope_kv(total, out_ptrs, mask, pid_n, cos, sin, slots, kv_ptr, k_inv_scale,
-                                    v_inv_scale, NUM_Q_HEADS, NUM_KV_HEADS, stride_kv_kind, stride_kv_block,
-                                    stride_kv_offset, stride_kv_head, kv_block_size, KV_FP8)  # fmt: skip
-            else:
-                _gemv_store(total, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
+            _gemv_store(total, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
 
 
@@ -639,52 +572,15 @@ def gated_config(cfg: dict[str, int]) -> dict[str, int]:
     return g
 
 
-class RopeKV(NamedTuple):
-    """What fp8_gemv_rope_kv needs to do rotary_kv_write's work in a fused QKV GEMV's epilogue (arguments
-    as rotary_kv_write's; k_scale / v_scale None mean 1.0 for an FP8 cache)."""
-
-    positions: torch.Tensor
-    cos_sin_cache: torch.Tensor
-    kv_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-    k_scale: torch.Tensor | None
-    v_scale: torch.Tensor | None
-    num_q_heads: int
-    num_kv_heads: int
-
-
-def ref_fp8_gemv_rope_kv(x_fp8, x_scale, w_fp8, w_scale, rope: RopeKV, out_dtype=torch.bfloat16):
-    """The unfused meaning of fp8_gemv_rope_kv: the QKV GEMM in out_dtype, then rotary_kv_write (q rotated
-    in the output, k left as computed, rotated k and v stored into the cache)."""
-    from hopperllm.kernels.rotary import ref_rotary_kv_write
-
-    y = ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, out_dtype)
-    hq, hkv = rope.num_q_heads, rope.num_kv_heads
-    d = rope.kv_cache.shape[-1]
-    q, k, v = y.split([hq * d, hkv * d, hkv * d], dim=-1)
-    q = q.unflatten(-1, (hq, d))  # a view: rotated in place in y
-    ref_rotary_kv_write(q, k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d)), rope.positions,
-                        rope.cos_sin_cache, rope.kv_cache, rope.slot_mapping, rope.k_scale, rope.v_scale)  # fmt: skip
-    return y
-
-
-def rope_kv_fusable(M: int, N: int, K: int, head_dim: int, device: torch.device) -> bool:
-    """Whether fp8_gemv_rope_kv can take this QKV shape: its decode config has one head per tile."""
-    return M <= GEMV_MAX_M and fp8_gemv_config(M, N, K, _gemv_num_sms(device))["BLOCK_N"] == head_dim
-
-
-def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False, rope=None):
-    """The launcher behind fp8_gemv, fp8_gemv_silu_mul, fp8_gemv_deferred and fp8_gemv_rope_kv (inputs
-    already checked). Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated,
-    its amax pieces."""
+def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False, quant_x=False):
+    """The launcher behind fp8_gemv, fp8_gemv_silu_mul and fp8_gemv_deferred (inputs already checked).
+    Returns out [M, N] (N = weight rows, or half of them when gated) and, when gated, its amax pieces."""
     M, K = x.shape
     N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
     device = x.device
     cfg = {**fp8_gemv_config(M, w_fp8.shape[0], K, _gemv_num_sms(device)), **(config or {})}
     if gated:
         cfg = gated_config(cfg)
-    if rope is not None and cfg["BLOCK_N"] != rope.kv_cache.shape[-1]:
-        raise ValueError(f"fp8_gemv_rope_kv needs BLOCK_N == head_dim, got {cfg['BLOCK_N']}")
     if not x.is_cuda:
         cfg["PREFETCH_LINES"] = 0  # inline PTX: GPU only
     else:
@@ -702,23 +598,10 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         partials = counters = out  # unused
     amax = torch.empty((M, grid[0]), dtype=torch.float32, device=device) if gated else out
     num_amax = grid[0] if gated else (x_scale.shape[-1] if quant_x else 1)
-    if rope is not None:
-        kv = rope.kv_cache
-        kv_fp8 = kv.dtype == FP8_DTYPE
-        one = torch.ones(1, dtype=torch.float32, device=device)
-        k_scale = one if rope.k_scale is None else rope.k_scale.float()
-        v_scale = one if rope.v_scale is None else rope.v_scale.float()
-        rope_args = (rope.positions, rope.cos_sin_cache, rope.slot_mapping, kv, k_scale, v_scale,
-                     rope.num_q_heads, rope.num_kv_heads, rope.cos_sin_cache.stride(0), *kv.stride()[:4],
-                     kv.shape[2])  # fmt: skip
-    else:
-        kv_fp8 = False
-        rope_args = (out,) * 6 + (0,) * 8  # unused
     _fp8_gemv_kernel[grid](
         x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
         M, N, K, k_per_split, M * w_fp8.shape[0], num_amax,
         x.stride(0), w_fp8.stride(0), out.stride(0),
-        *rope_args,
         X_SCALE_PER_ROW=x_scale.numel() != 1,
         W_SCALE_PER_CHANNEL=w_scale.numel() != 1,
         SPLIT_K=split_k,
@@ -726,8 +609,6 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         GATED=gated,
         QUANT_X=quant_x,
         BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
-        ROPE_KV=rope is not None,
-        KV_FP8=kv_fp8,
         **cfg,
         **pdl_kwargs(device),
     )  # fmt: skip
@@ -764,40 +645,6 @@ def fp8_gemv(
         empty = torch.empty((0, w_fp8.shape[0] // 2), dtype=out_dtype, device=x_fp8.device)
         return DeferredQuant(empty, torch.zeros((0, 1), dtype=torch.float32, device=x_fp8.device))
     return DeferredQuant(*_launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, gated=True))
-
-
-def fp8_gemv_rope_kv(
-    x_fp8: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_fp8: torch.Tensor,
-    w_scale: torch.Tensor,
-    rope: RopeKV,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: dict[str, int] | None = None,
-) -> torch.Tensor:
-    """A fused QKV projection with rotary_kv_write in its epilogue: w_fp8 [(Hq + 2 Hkv) * D, K] (q, k, v
-    heads) -> [M, (Hq + 2 Hkv) * D] with the q heads rotated, the rotated k and the v stored into the KV
-    cache at the slots; the bits of fp8_gemv followed by rotary_kv_write, in one launch. The config (see
-    rope_kv_fusable) must give one head per tile."""
-    _check_weight(w_fp8, w_scale)
-    _check_x_fp8(x_fp8, x_scale, w_fp8.shape[1])
-    kv = rope.kv_cache
-    d = kv.shape[-1]
-    M = x_fp8.shape[0]
-    if kv.dim() != 5 or kv.shape[0] != 2 or kv.shape[3] != rope.num_kv_heads or kv.stride(-1) != 1:
-        raise ValueError(
-            f"kv_cache must be [2, num_blocks, block_size, {rope.num_kv_heads}, D], got {tuple(kv.shape)}"
-        )
-    if w_fp8.shape[0] != (rope.num_q_heads + 2 * rope.num_kv_heads) * d or d % 2:
-        raise ValueError(f"a QKV weight of {rope.num_q_heads} + 2 x {rope.num_kv_heads} heads of {d} has "
-                         f"{(rope.num_q_heads + 2 * rope.num_kv_heads) * d} rows, got {w_fp8.shape[0]}")  # fmt: skip
-    if rope.cos_sin_cache.shape[-1] != d or rope.cos_sin_cache.stride(-1) != 1:
-        raise ValueError(f"cos_sin_cache must be [max_position, {d}], got {tuple(rope.cos_sin_cache.shape)}")
-    if rope.positions.shape != (M,) or rope.slot_mapping.shape != (M,):
-        raise ValueError(f"positions and slot_mapping must have M={M} entries")
-    if M == 0:
-        return torch.empty((0, w_fp8.shape[0]), dtype=out_dtype, device=x_fp8.device)
-    return _launch_fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, out_dtype, config, rope=rope)
 
 
 def silu_mul_fusion_pays(M: int, N: int, K: int, device: torch.device) -> bool:

@@ -36,7 +36,6 @@ import triton.language as tl
 
 from hopperllm.kernels.fp8 import (
     FP8_DTYPE,
-    DeferredQuant,
     _prefetch_l2,
     fp8_inv_scale,
     fp8_scale_from_amax,
@@ -204,7 +203,6 @@ def _decode_split_kernel(
     counter_ptr,  # int32 [B * Hkv + B], zero between launches: arrivals per (b, kv head), then per b
     q8_ptr,  # QUANT_OUT: e4m3 [B, Hq * D], the output quantized per token
     q8_scale_ptr,  # QUANT_OUT: float32 [B], its scales
-    amax_ptr,  # AMAX_OUT: float32 [B, Hkv], max |output| of each (b, kv head)'s GROUP heads
     k_new_ptr,  # ROTARY: the step's k [B, Hkv, D] (unrotated)
     v_new_ptr,  # ROTARY: the step's v [B, Hkv, D]
     positions_ptr,  # ROTARY: int64 [B]
@@ -237,7 +235,6 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
-    AMAX_OUT: tl.constexpr,  # also store each (b, kv head)'s output amax (the o_proj GEMV quantizes)
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
     USE_PDL: tl.constexpr,
@@ -341,8 +338,6 @@ def _decode_split_kernel(
     out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
-        if AMAX_OUT:
-            _store_amax(acc, mask_h, amax_ptr, b * num_kv_heads + kvh, out_ptr.dtype.element_ty)
         if QUANT_OUT:
             _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
                                num_q_heads * HEAD_DIM, QUANT_BLOCK)  # fmt: skip
@@ -374,19 +369,9 @@ def _decode_split_kernel(
             o = o / tl.where(denom == 0.0, 1.0, denom)[:, None]
             tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
-            if AMAX_OUT:
-                _store_amax(o, mask_h, amax_ptr, tile, out_ptr.dtype.element_ty)
             if QUANT_OUT:
                 _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
                                    num_q_heads * HEAD_DIM, QUANT_BLOCK)  # fmt: skip
-
-
-@triton.jit
-def _store_amax(o, mask_h, amax_ptr, index, OUT_DTYPE: tl.constexpr):
-    """Store max |o| over the valid head rows, of o as rounded to the output dtype (the values the o_proj
-    GEMV loads and per_token_quant_fp8 would see): one piece of the row's per-token scale."""
-    rounded = tl.abs(o.to(OUT_DTYPE).to(tl.float32))
-    tl.store(amax_ptr + index, tl.max(tl.max(tl.where(mask_h[:, None], rounded, 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -539,8 +524,7 @@ def paged_decode_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
-    defer_quant: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | DeferredQuant:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
     No host read of device tensors: with `num_splits` unset it is chosen from the batch, the SM count
@@ -548,10 +532,6 @@ def paged_decode_attention(
     a CUDA graph either way; pass a fixed `num_splits` to keep the grid identical across replays.
     `quant_out`: return (out_fp8 [B, Hq * D], scale float32 [B, 1]) instead, the output quantized per
     token as per_token_quant_fp8 would (same bits), in the same launch.
-    `defer_quant`: return DeferredQuant(out [B, Hq * D], amax [B, Hkv]) instead: the output and, per kv
-    head, the max |value| of its heads' outputs, for an FP8 GEMV that quantizes the row as it loads it
-    (fp8_gemv_deferred: the same codes and scale as quant_out's). The launch then skips quant_out's second
-    arrival counter and its pass over the row, two dependent L2 round trips at the end of the kernel.
     `new_kv`: q is not yet rotated, and the step's k, v are not yet in the cache: the same launch does
     what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
@@ -567,29 +547,18 @@ def paged_decode_attention(
         num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device, group=group)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if quant_out and defer_quant:
-        raise ValueError("quant_out and defer_quant are alternatives: pass one")
     if out is None:
         out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    elif (quant_out or defer_quant) and (out.stride(2) != 1 or out.stride(1) != head_dim):
-        raise ValueError("quant_out and defer_quant need an output whose rows are contiguous")
+    elif quant_out and (out.stride(2) != 1 or out.stride(1) != head_dim):
+        raise ValueError("quant_out needs an output whose rows are contiguous")
     row_len = num_q_heads * head_dim
     if quant_out:
         q8 = torch.empty((batch, row_len), dtype=FP8_DTYPE, device=q.device)
         q8_scale = torch.empty((batch, 1), dtype=torch.float32, device=q.device)
     else:
         q8 = q8_scale = out  # unused by the kernel
-    amax = torch.empty((batch, num_kv_heads), dtype=torch.float32, device=q.device) if defer_quant else out
-
-    def result():
-        if quant_out:
-            return q8, q8_scale
-        if defer_quant:
-            return DeferredQuant(out.view(batch, row_len), amax)
-        return out
-
     if batch == 0:
-        return result()
+        return (q8, q8_scale) if quant_out else out
 
     if num_splits > 1:
         part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -627,7 +596,6 @@ def paged_decode_attention(
         counters,
         q8,
         q8_scale,
-        amax,
         k_new,
         v_new,
         positions,
@@ -651,14 +619,13 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q),
         QUANT_OUT=quant_out,
         QUANT_BLOCK=triton.next_power_of_2(row_len),
-        AMAX_OUT=defer_quant,
         ROTARY=new_kv is not None,
         KV_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_kwargs(q.device, batch),
     )
-    return result()
+    return (q8, q8_scale) if quant_out else out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -895,22 +862,19 @@ def paged_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
-    defer_quant: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | DeferredQuant:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the step's queries over the paged cache (see the module docstring).
 
     decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
-    (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv`, `defer_quant` go to it); otherwise the ragged
-    prefill kernel runs.
+    (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv` go to it); otherwise the ragged prefill kernel runs.
     """
     if decode_only:
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
             num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out, new_kv=new_kv,
-            defer_quant=defer_quant,
         )  # fmt: skip
-    if quant_out or defer_quant or new_kv is not None:
-        raise ValueError("quant_out, defer_quant and new_kv are for decode steps only")
+    if quant_out or new_kv is not None:
+        raise ValueError("quant_out and new_kv are for decode steps only")
     return paged_prefill_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, k_scale, v_scale,
         out=out,

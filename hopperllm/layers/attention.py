@@ -56,21 +56,11 @@ class AttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         quant_out: bool = False,
-        kv_written: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Attention output [T, Hq, D]; with `kv_written` q is already rotated and the step's rotated k and
-        v are in the cache (the QKV GEMV did it: see `rotary_in_qkv`). With `quant_out` a backend may instead
-        return it quantized per
-        token for an FP8 o_proj, (e4m3 [T, Hq * D], float32 scale [T, 1]), or as a DeferredQuant (the
-        output [T, Hq * D] and amax pieces of each row, which the o_proj GEMV quantizes as it loads it),
-        when it can do so in the same kernel (the Triton backend in decode steps); otherwise it returns
-        the activations."""
+        """Attention output [T, Hq, D]; with `quant_out` a backend may instead return it quantized per
+        token for an FP8 o_proj, (e4m3 [T, Hq * D], float32 scale [T, 1]), when it can do so in the same
+        kernel (the Triton backend in decode steps); otherwise it returns the activations."""
         raise NotImplementedError
-
-    def rotary_in_qkv(self, layer: Attention, meta: AttentionMetadata) -> bool:
-        """Whether this step's QKV projection should do the rotary embedding and the cache write in its
-        GEMV's epilogue (fp8_gemv_rope_kv) and call forward with kv_written, where the shapes allow."""
-        return False
 
 
 def write_kv_native(
@@ -151,9 +141,7 @@ def paged_attention_native(
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False, kv_written=False):
-        if kv_written:
-            raise ValueError("the torch attention backend rotates and writes the cache itself")
+    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         q = apply_rotary_native(q, positions, layer.cos_sin_cache)
         k = apply_rotary_native(k, positions, layer.cos_sin_cache)
         write_kv_native(k, v, kv_cache, meta.slot_mapping, layer.k_scale, layer.v_scale)
@@ -173,30 +161,15 @@ class TritonAttentionBackend(AttentionBackend):
     # HOPPERLLM_DECODE_ROTARY=all|mha|none for A/B runs of whole benchmarks, e.g. tensor parallel ones,
     # since the decode launch changed: v15's 32 slices of 32-key tiles at the 70B's heads).
     fuse_decode_rotary = os.environ.get("HOPPERLLM_DECODE_ROTARY", "mha")
-    # Decode steps of up to GEMV_MAX_M sequences hand the o_proj GEMV the unquantized output and amax
-    # pieces (HOPPERLLM_ATTN_DEFER_QUANT=0: the attention launch quantizes the row, as before v20).
-    defer_quant = os.environ.get("HOPPERLLM_ATTN_DEFER_QUANT", "1") != "0"
-    # Decode steps of layers that would launch rotary_kv_write on its own (grouped KV heads, by the rule
-    # above) do its work in the QKV GEMV's epilogue instead, one launch fewer per layer, where the GEMV's
-    # tiles are one head each (HOPPERLLM_QKV_ROPE=0 keeps the separate launch).
-    qkv_rope = os.environ.get("HOPPERLLM_QKV_ROPE", "1") != "0"
 
-    def _rotary_in_attention(self, layer) -> bool:
-        mode = self.fuse_decode_rotary
-        return mode == "all" or (mode == "mha" and layer.num_heads == layer.num_kv_heads)
-
-    def rotary_in_qkv(self, layer, meta) -> bool:
-        return self.qkv_rope and meta.decode_only and not self._rotary_in_attention(layer)
-
-    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False, kv_written=False):
-        from hopperllm.kernels.fp8 import GEMV_MAX_M
+    def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
         new_kv = None
-        if kv_written:
-            pass  # the QKV GEMV rotated q and wrote the cache
-        elif meta.decode_only and q.shape[0] == meta.num_seqs and self._rotary_in_attention(layer):
+        mode = self.fuse_decode_rotary
+        fuse = mode == "all" or (mode == "mha" and layer.num_heads == layer.num_kv_heads)
+        if meta.decode_only and q.shape[0] == meta.num_seqs and fuse:
             new_kv = NewTokenKV(k, v, positions, layer.cos_sin_cache, meta.slot_mapping)
         else:
             rotary_kv_write(
@@ -212,10 +185,6 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if not meta.decode_only and meta.num_decodes:
             return self._mixed(layer, q, kv_cache, meta)
-        # Up to GEMV_MAX_M sequences the o_proj is a GEMV that can quantize its input as it loads it:
-        # the attention launch then only leaves each kv head's amax (no second arrival counter and pass
-        # over the row at its end); larger batches go to _scaled_mm and get the row quantized here.
-        defer = quant_out and meta.decode_only and self.defer_quant and q.shape[0] <= GEMV_MAX_M
         return paged_attention(
             q,
             kv_cache[0],
@@ -229,9 +198,8 @@ class TritonAttentionBackend(AttentionBackend):
             layer.v_scale,
             decode_only=meta.decode_only,
             num_splits=meta.num_splits,
-            quant_out=quant_out and meta.decode_only and not defer,
+            quant_out=quant_out and meta.decode_only,
             new_kv=new_kv,
-            defer_quant=defer,
         )
 
     @staticmethod
@@ -278,7 +246,7 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(
-        self, positions, q, k, v, kv_cache, meta: AttentionMetadata, quant_out: bool = False, kv_written=False
+        self, positions, q, k, v, kv_cache, meta: AttentionMetadata, quant_out: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[T, Hq * D] activations, or with `quant_out` possibly their per-token FP8 (out, scale) pair
         (see AttentionBackend.forward): either is a valid input of an FP8 o_proj."""
@@ -286,9 +254,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(
-            self, positions, q, k, v, kv_cache, meta, quant_out=quant_out, kv_written=kv_written
-        )
+        out = self.backend.forward(self, positions, q, k, v, kv_cache, meta, quant_out=quant_out)
         if isinstance(out, tuple):
             return out
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -32,19 +32,10 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _fp8_prequantized(x: tuple, w_fp8, w_scale, bias, out_dtype) -> torch.Tensor:
     """x is an (x_fp8, scale) pair, or a DeferredQuant that the GEMV quantizes as it loads it."""
-    from hopperllm.kernels.fp8 import (
-        GEMV_MAX_M,
-        DeferredQuant,
-        fp8_gemv,
-        fp8_gemv_deferred,
-        per_token_quant_fp8,
-        scaled_mm,
-    )
+    from hopperllm.kernels.fp8 import GEMV_MAX_M, DeferredQuant, fp8_gemv, fp8_gemv_deferred, scaled_mm
 
-    if isinstance(x, DeferredQuant) and x.values.shape[0] <= GEMV_MAX_M:
+    if isinstance(x, DeferredQuant):
         y = fp8_gemv_deferred(x, w_fp8, w_scale, out_dtype)
-    elif isinstance(x, DeferredQuant):  # too many rows for the GEMV: quantize (the same codes), then GEMM
-        y = scaled_mm(*per_token_quant_fp8(x.values), w_fp8, w_scale, out_dtype)
     elif x[0].shape[0] <= GEMV_MAX_M:
         y = fp8_gemv(x[0], x[1], w_fp8, w_scale, out_dtype)
     else:
@@ -193,13 +184,6 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(
             hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], **kw
         )
-
-    def rope_kv_fp8(self, x: tuple[torch.Tensor, torch.Tensor], rope) -> torch.Tensor:
-        """The projection of an FP8 (x_fp8, scale) input with rotary_kv_write's work in the GEMV's epilogue
-        (fp8_gemv_rope_kv, `rope` a RopeKV): q comes out rotated, the step's k and v go into the cache."""
-        from hopperllm.kernels.fp8 import fp8_gemv_rope_kv
-
-        return fp8_gemv_rope_kv(x[0], x[1], self.weight, self.weight_scale, rope, self.params_dtype)
 
 
 class RowParallelLinear(LinearBase):

@@ -97,30 +97,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
-        rope = self._rope_kv(positions, x, kv_cache, meta)
-        qkv = self.qkv_proj(x) if rope is None else self.qkv_proj.rope_kv_fp8(x, rope)
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # decode attention can hand an FP8 o_proj its per-token quantized input from the same kernel
         quant = self.o_proj.takes_fp8_input and self.o_proj.input_scale is None and qkv.is_cuda
-        out = self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant, kv_written=rope is not None)
-        return self.o_proj(out, reduce=reduce)
-
-    def _rope_kv(self, positions, x, kv_cache, meta: AttentionMetadata):
-        """The rotary + cache-write work for the QKV GEMV's epilogue (fp8_gemv_rope_kv), or None: decode
-        steps whose attention backend asks for it, an FP8 (x_fp8, scale) input from the norm kernel (CUDA,
-        FP8 weights), no bias, and a GEMV config of one head per tile."""
-        from hopperllm.kernels.fp8 import RopeKV, rope_kv_fusable
-
-        if type(x) is not tuple or self.qkv_proj.bias is not None:
-            return None
-        if not self.attn.backend.rotary_in_qkv(self.attn, meta):
-            return None
-        w = self.qkv_proj.weight
-        if not rope_kv_fusable(x[0].shape[0], w.shape[0], w.shape[1], self.head_dim, w.device):
-            return None
-        a = self.attn
-        return RopeKV(positions, a.cos_sin_cache, kv_cache, meta.slot_mapping, a.k_scale, a.v_scale,
-                      self.num_heads, self.num_kv_heads)  # fmt: skip
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant), reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):

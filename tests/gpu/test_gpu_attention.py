@@ -109,43 +109,6 @@ def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_le
         assert torch.equal(gscale, ref_scale)
 
 
-@pytest.mark.parametrize("model,hq,hkv", [("mha-32", 32, 32), ("gqa-64-8", 64, 8), ("gqa-tp2-32-4", 32, 4)])
-@pytest.mark.parametrize("batch,max_len", [(1, 2048), (6, 2176), (8, 2048)])
-def test_decode_defer_quant_feeds_the_o_proj_gemv_as_quant_out(model, hq, hkv, batch, max_len):
-    """defer_quant at decode shapes (out-of-order programs, in a CUDA graph too): the values are the plain
-    launch's output, the pieces' maximum its per-token amax, and the o_proj GEMV over them gives the bits of
-    the GEMV over quant_out's codes and scale."""
-    from hopperllm.kernels import fp8
-
-    seq_lens = ragged(batch, max_len, seed=batch + 3)
-    q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=FP8)
-    splits = pa.choose_num_splits(batch, hkv, max_len, q.device, group=hq // hkv)
-    out = pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits).reshape(batch, -1)
-    w8, ws = fp8.per_token_quant_fp8(torch.randn(8192, hq * 128, device="cuda", dtype=torch.bfloat16))
-    ws = ws.reshape(-1)
-    want = fp8.fp8_gemv(*pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits,
-                                                   quant_out=True), w8, ws)  # fmt: skip
-
-    def run():
-        d = pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits, defer_quant=True)
-        return d, fp8.fp8_gemv_deferred(d, w8, ws)
-
-    d, got = run()
-    assert torch.equal(d.values, out)
-    assert torch.equal(d.amax_parts.amax(dim=1), out.float().abs().amax(dim=1))
-    assert torch.equal(got, want)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        gd, ggot = run()
-    for _ in range(3):
-        ggot.fill_(float("nan"))
-        gd.amax_parts.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(ggot, want)
-        assert torch.equal(gd.values, out)
-
-
 # (q_lens, seq_lens): ragged full prefills; chunked prefill / prefix hits; a mixed prefill + decode batch.
 PREFILL_CASES = {
     "prefill": ([1, 17, 300, 2048], [1, 17, 300, 2048]),

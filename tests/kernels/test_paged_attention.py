@@ -181,43 +181,6 @@ def test_decode_quant_out_equals_separate_quantize(dtype, num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_defer_quant_gives_the_o_proj_quant_out_bits(dtype, num_splits):
-    """defer_quant: the launch returns the plain output and each (row, kv head)'s max |value|; the row's
-    maximum is the per-token amax, and fp8_gemv_deferred over it equals fp8_gemv over quant_out's codes
-    and scale, bit for bit (padding row included); the arrival counters are re-armed."""
-    from hopperllm.kernels import fp8
-
-    seq_lens_ = DECODE_SEQ_LENS + [0]
-    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), [max(n, 1) for n in seq_lens_], 8, 2,
-                                              32, 8, dtype, seed=9)  # fmt: skip
-    seq_lens[-1] = 0
-    out = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits)
-    d = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits, defer_quant=True)
-    assert isinstance(d, fp8.DeferredQuant)
-    assert torch.equal(d.values, out.reshape(out.shape[0], -1))
-    assert d.amax_parts.shape == (len(seq_lens_), 2)
-    assert torch.equal(d.amax_parts.amax(dim=1), out.reshape(out.shape[0], -1).float().abs().amax(dim=1))
-    q8, scale = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits,
-                                          quant_out=True)  # fmt: skip
-    w = torch.randn(48, 8 * 32, generator=torch.Generator().manual_seed(5))
-    w8, ws = fp8.ref_per_token_quant_fp8(w)
-    ws = ws.reshape(-1)
-    got = fp8.fp8_gemv_deferred(d, w8, ws, torch.float32)
-    want = fp8.fp8_gemv(q8, scale, w8, ws, torch.float32)
-    assert torch.equal(got, want)
-    assert not fp8._counters[(q.device, "decode_attention")].any()
-
-
-def test_decode_defer_quant_and_quant_out_are_exclusive():
-    q, kv, cu, seq_lens, bt = make_paged_case([1], [5], 4, 2, 16, 8, torch.float32, seed=1)
-    with pytest.raises(ValueError, match="alternatives"):
-        pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, quant_out=True, defer_quant=True)
-    with pytest.raises(ValueError, match="decode steps only"):
-        pa.paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 1, 0.2, defer_quant=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fp8_kv", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_new_kv_equals_rotary_kv_write_then_decode(dtype, fp8_kv, num_splits):
