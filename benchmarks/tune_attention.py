@@ -34,6 +34,20 @@ def main():
     p.add_argument(
         "--block-n", type=int, nargs="*", default=[16, 32, 64, 128], help="decode key tiles to sweep"
     )
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="*",
+        default=None,
+        help="decode contexts to sweep (default: each shape's)",
+    )
+    p.add_argument("--quant-out", action="store_true", help="decode: quantize the output as the model does")
+    p.add_argument(
+        "--num-stages", type=int, nargs="*", default=[2, 3], help="decode pipeline stages to sweep"
+    )
+    p.add_argument(
+        "--prefill-shapes", nargs="*", default=list(PREFILL_SHAPES), help="prefill shape names to sweep"
+    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -51,6 +65,8 @@ def main():
     ]
     bs = 16
     shapes = [s for s in shapes if a.shapes is None or s[0] in a.shapes]
+    if a.contexts:  # the same heads and batch at other context lengths (time against keys per program)
+        shapes = [(f"{n} ctx{c}", B, hq, hkv, d, c) for n, B, hq, hkv, d, _ in shapes for c in a.contexts]
     for name, B, hq, hkv, d, ctx in shapes if a.decode else []:
         nblk_per_seq = -(-ctx // bs)
         nb = B * nblk_per_seq + 8
@@ -65,14 +81,16 @@ def main():
         floor_us = kv_bytes / bw * 1e6
         best = None
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
-        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, [4], [2, 3]):
-            if splits > 1 and ctx // splits < bn:
+        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, [4], a.num_stages):
+            if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
             for cfg in (pa.DECODE_CONFIG, pa.DECODE_CONFIG_MANY_SPLITS):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
-                pa.paged_decode_attention(q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits)
+                pa.paged_decode_attention(
+                    q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits, quant_out=a.quant_out
+                )
 
             try:
                 # in a CUDA graph, as decode runs (a batch-1 launch is ~10 us, far below the host's launch
@@ -83,6 +101,8 @@ def main():
                 continue
             row = {
                 "shape": name,
+                "context": ctx,
+                "quant_out": a.quant_out,
                 "splits": splits,
                 "BLOCK_N": bn,
                 "num_warps": nw,
@@ -96,21 +116,29 @@ def main():
                 best = row
         print(f"{name}: floor {floor_us:.1f} us; best {best}")
     if a.prefill:
-        rows += tune_prefill()
+        for name in a.prefill_shapes:
+            rows += tune_prefill(name, *PREFILL_SHAPES[name])
     res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
     if a.output_json:
         with open(a.output_json, "w") as f:
             json.dump(res, f, indent=1)
 
 
-def tune_prefill() -> list[dict]:
-    """The throughput benchmark's prefill step: 4 prompts of 2048 tokens, Llama-3-8B heads, FP8 cache."""
+# prefill steps that matter, (B, prompt length, Hq, Hkv, D), FP8 cache: the throughput benchmark's step
+# (Llama-3-8B), and the first step of the 70B TP=2 budget run's batch 6 (one rank's heads, 4 of its prompts)
+PREFILL_SHAPES = {
+    "llama3-8b 4x2048": (4, 2048, 32, 8, 128),
+    "llama2-70b tp2 4x2048": (4, 2048, 32, 4, 128),
+}
+
+
+def tune_prefill(name: str, B: int, ctx: int, hq: int, hkv: int, d: int) -> list[dict]:
+    """Sweep the prefill kernel's tiles on one prefill step of B prompts of ctx tokens."""
     rows = []
-    B, ctx, hq, hkv, d = 4, 2048, 32, 8, 128
     pb = prefill_problem(B, ctx, hq, hkv, d)
     flops = pb.flops
     best = None
-    for bm, bn, nw, ns in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]):
+    for bm, bn, nw, ns in itertools.product([128, 256], [64, 128], [4, 8], [2, 3]):
         pa.PREFILL_CONFIG = (bm, bn, nw, ns)
         try:
             ms = triton.testing.do_bench(
@@ -125,7 +153,7 @@ def tune_prefill() -> list[dict]:
             print("skip prefill", bm, bn, nw, ns, type(e).__name__)
             continue
         row = {
-            "shape": "prefill llama3-8b 4x2048",
+            "shape": f"prefill {name}",
             "BLOCK_M": bm,
             "BLOCK_N": bn,
             "num_warps": nw,
@@ -137,7 +165,7 @@ def tune_prefill() -> list[dict]:
         if best is None or row["us"] < best["us"]:
             best = row
     pa.PREFILL_CONFIG = None
-    print(f"prefill: best {best}")
+    print(f"prefill {name}: best {best}")
     return rows
 
 
