@@ -41,13 +41,6 @@ def main():
         default=None,
         help="decode contexts to sweep (default: each shape's)",
     )
-    p.add_argument(
-        "--prefetch-tiles",
-        type=int,
-        nargs="*",
-        default=[int(pa.DECODE_PREFETCH_TILES)],
-        help="decode: sweep the hand-pipelined key loop (1) against the compiler's (0)",
-    )
     p.add_argument("--quant-out", action="store_true", help="decode: quantize the output as the model does")
     p.add_argument(
         "--num-stages", type=int, nargs="*", default=[2, 3], help="decode pipeline stages to sweep"
@@ -88,10 +81,7 @@ def main():
         floor_us = kv_bytes / bw * 1e6
         best = None
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
-        for splits, bn, nw, ns, pt in itertools.product(
-            split_choices, a.block_n, [4], a.num_stages, a.prefetch_tiles
-        ):
-            pa.DECODE_PREFETCH_TILES = bool(pt)
+        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, [4], a.num_stages):
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
             for cfg in (pa.DECODE_CONFIG, pa.DECODE_CONFIG_MANY_SPLITS):
@@ -113,7 +103,6 @@ def main():
                 "shape": name,
                 "context": ctx,
                 "quant_out": a.quant_out,
-                "prefetch_tiles": bool(pt),
                 "splits": splits,
                 "BLOCK_N": bn,
                 "num_warps": nw,

@@ -179,80 +179,6 @@ def _attend_key_range(
 
 
 @triton.jit
-def _kv_tile(cache_ptr, blk, pos, mask, kvh, stride_b, stride_t, stride_h, PAGE_SIZE: tl.constexpr,
-             HEAD_DIM: tl.constexpr):  # fmt: skip
-    """The [BLOCK_N, HEAD_DIM] cache rows of positions `pos` (in cache blocks `blk`); zeros where masked."""
-    rows = blk * stride_b + (pos % PAGE_SIZE) * stride_t + kvh * stride_h
-    return tl.load(cache_ptr + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :], mask=mask[:, None], other=0.0)
-
-
-@triton.jit
-def _attend_slice_prefetched(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_table_row,
-    kvh,
-    k_start,
-    k_end,
-    qk_scale,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """_attend_key_range for one decode query over keys [k_start, k_end), software-pipelined by hand: the
-    K / V rows of the next tile are loaded into registers, and the block ids of the tile after it, before
-    the current tile is computed. Each tile costs a block-table read and then a dependent K / V gather;
-    left to the compiler, the gathers were not overlapped and every 32-key tile paid about 1.5 us of
-    round trips (tune-attention-h200-v20.json: the time against context length)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    pos = k_start + offs_n
-    mask = pos < k_end
-    blk = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
-    k_next = _kv_tile(k_cache_ptr, blk, pos, mask, kvh, stride_kb, stride_kt, stride_kh, PAGE_SIZE, HEAD_DIM)
-    v_next = _kv_tile(v_cache_ptr, blk, pos, mask, kvh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)
-    pos_next = pos + BLOCK_N
-    blk_next = tl.load(block_table_row + pos_next // PAGE_SIZE, mask=pos_next < k_end, other=0).to(tl.int64)
-    for start_n in range(k_start, k_end, BLOCK_N):
-        k = k_next
-        v = v_next
-        mask = (start_n + offs_n) < k_end
-        # issue the next tile's gathers (masked off past the slice) and the ids of the one after it
-        mask_next = pos_next < k_end
-        k_next = _kv_tile(k_cache_ptr, blk_next, pos_next, mask_next, kvh, stride_kb, stride_kt, stride_kh,
-                          PAGE_SIZE, HEAD_DIM)  # fmt: skip
-        v_next = _kv_tile(v_cache_ptr, blk_next, pos_next, mask_next, kvh, stride_vb, stride_vt, stride_vh,
-                          PAGE_SIZE, HEAD_DIM)  # fmt: skip
-        pos_next += BLOCK_N
-        blk_next = tl.load(block_table_row + pos_next // PAGE_SIZE, mask=pos_next < k_end, other=0).to(
-            tl.int64
-        )
-        if FP8_KV:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _rotate(x, x_partner, cos, sin, first):
     # rotate_half rotary in float32, written as rotary_kv_write's halves: x1 cos - x2 sin, x2 cos + x1 sin
     x = x.to(tl.float32)
@@ -311,7 +237,6 @@ def _decode_split_kernel(
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
-    PREFETCH_TILES: tl.constexpr,  # load each key tile one iteration ahead (_attend_slice_prefetched)
     USE_PDL: tl.constexpr,
 ):
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
@@ -398,19 +323,12 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    if PREFETCH_TILES:
-        acc, l_i, m_i = _attend_slice_prefetched(
-            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION,
-        )  # fmt: skip
-    else:
-        q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)  # the new token sees the whole slice
-        acc, l_i, m_i = _attend_key_range(
-            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION,
-        )  # fmt: skip
+    q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)  # the new token sees the whole slice
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION,
+    )  # fmt: skip
 
     if FP8_KV:
         acc = acc * v_scale
@@ -487,9 +405,6 @@ def _num_sms(device: torch.device) -> int:
 # graphs: 32 slices of 32-key tiles 10.7 / 8.9 / 7.8 us against 11.9 / 11.5 / 10.7 with 16 slices of
 # 128-key tiles).
 DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
-# Decode key tiles loaded one iteration ahead by the kernel itself (HOPPERLLM_DECODE_PREFETCH_TILES=0: the
-# shared key loop, pipelined by the compiler only, as before v20).
-DECODE_PREFETCH_TILES = os.environ.get("HOPPERLLM_DECODE_PREFETCH_TILES", "1") != "0"
 DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 MANY_SPLITS = 16
 
@@ -706,7 +621,6 @@ def paged_decode_attention(
         QUANT_BLOCK=triton.next_power_of_2(row_len),
         ROTARY=new_kv is not None,
         KV_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
-        PREFETCH_TILES=DECODE_PREFETCH_TILES,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl_kwargs(q.device, batch),

@@ -346,16 +346,3 @@ def test_invalid_inputs_raise_value_error():
     kv8, k_scale, _ = quantize_fp8(kv, 4.0, 4.0)
     with pytest.raises(ValueError, match="k_scale"):
         pa.paged_prefill_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, 1, 0.2, k_scale=k_scale)
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_prefetched_key_loop_equals_the_shared_one(monkeypatch, num_splits):
-    """The decode kernel's hand-pipelined key loop (tiles loaded one iteration ahead) gives the bits of the
-    key loop it shares with prefill, over contexts that end inside a tile, a page and a slice."""
-    q, kv, cu, sl, bt = make_paged_case([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, 8, 2, 32, 8,
-                                        torch.float32, seed=21)  # fmt: skip
-    outs = []
-    for prefetch in (True, False):
-        monkeypatch.setattr(pa, "DECODE_PREFETCH_TILES", prefetch)
-        outs.append(pa.paged_decode_attention(q, kv[0], kv[1], bt, sl, 0.2, num_splits=num_splits))
-    assert torch.equal(outs[0], outs[1])
