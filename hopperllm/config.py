@@ -223,6 +223,16 @@ class EngineConfig:
     device: str = "cpu"
     enforce_eager: bool = False
     seed: int = 0
+    # decode batch sizes captured as CUDA graphs (None: cuda_graphs.DEFAULT_CAPTURE_SIZES)
+    cuda_graph_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.cuda_graph_sizes is not None and (
+            not self.cuda_graph_sizes or any(s < 1 for s in self.cuda_graph_sizes)
+        ):
+            raise ValueError(
+                f"cuda_graph_sizes must be positive batch sizes, got {list(self.cuda_graph_sizes)}"
+            )
 
     def replace(self, **kw) -> EngineConfig:
         return dataclasses.replace(self, **kw)

@@ -34,6 +34,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
     seed: int = 0
     device: str = "auto"
     max_waiting_requests: int | None = None
@@ -64,6 +65,14 @@ class EngineArgs:
         g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size in blocks")
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+        g.add_argument(
+            "--cuda-graph-sizes",
+            type=int,
+            nargs="+",
+            default=None,
+            help="decode batch sizes to capture as CUDA graphs; a batch replays the smallest one that holds "
+            "it, larger batches run eagerly (default: 1 2 4 8 16 32 ... 256 288 ... 512, up to --max-num-seqs)",
+        )
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])
         return p
@@ -122,5 +131,6 @@ class EngineArgs:
             device=device,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
+            cuda_graph_sizes=None if self.cuda_graph_sizes is None else tuple(self.cuda_graph_sizes),
         )
         return cfg, src

@@ -19,9 +19,14 @@ from hopperllm.layers.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 513, 32))
-    return [s for s in sizes if s <= max(max_num_seqs, 1)] or [1]
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 513, 32))
+
+
+def capture_sizes(max_num_seqs: int, sizes: tuple[int, ...] | None = None) -> list[int]:
+    """The batch sizes to capture: `sizes` (default DEFAULT_CAPTURE_SIZES) up to max_num_seqs, sorted and
+    deduplicated; the smallest one when none is that small."""
+    sizes = sorted(set(DEFAULT_CAPTURE_SIZES if sizes is None else sizes))
+    return [s for s in sizes if s <= max(max_num_seqs, 1)] or sizes[:1]
 
 
 class DecodeGraphRunner:
@@ -110,7 +115,7 @@ class DecodeGraphRunner:
 
 
 def capture_decode_graphs(runner, show_progress: bool = True) -> DecodeGraphRunner:
-    sizes = capture_sizes(runner.config.scheduler_config.max_num_seqs)
+    sizes = capture_sizes(runner.config.scheduler_config.max_num_seqs, runner.config.cuda_graph_sizes)
     gr = DecodeGraphRunner(runner, sizes)
     gr.capture(show_progress=show_progress)
     return gr
