@@ -71,7 +71,8 @@ class EngineArgs:
             nargs="+",
             default=None,
             help="decode batch sizes to capture as CUDA graphs; a batch replays the smallest one that holds "
-            "it, larger batches run eagerly (default: 1 2 4 8 16 32 ... 256 288 ... 512, up to --max-num-seqs)",
+            "it, larger batches run eagerly (default: 1-8, 12-24 by 4, 32-64 by 8, 80-256 by 16, 288-512 by 32, "
+            "up to --max-num-seqs)",
         )
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])

@@ -9,8 +9,9 @@ from hopperllm.worker.cuda_graphs import DEFAULT_CAPTURE_SIZES, capture_sizes
 
 
 def test_default_sizes_stop_at_max_num_seqs():
-    assert capture_sizes(8) == [1, 2, 4, 8]
-    assert capture_sizes(20) == [1, 2, 4, 8, 16]
+    assert capture_sizes(8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert capture_sizes(20) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20]
+    assert capture_sizes(512)[-1] == 512
     assert capture_sizes(512) == sorted(DEFAULT_CAPTURE_SIZES)
     assert capture_sizes(0) == [1]
 
