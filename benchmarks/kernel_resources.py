@@ -1,0 +1,98 @@
+"""Registers, spills and shared memory of the decode-attention kernel as compiled for a Hopper GPU, and the
+programs an SM can hold with them; needs Triton's NVIDIA backend, not a GPU (it compiles for sm_90 and reads
+the cubin's resource usage with cuobjdump).
+
+    python benchmarks/kernel_resources.py --group 8 --splits 16 --block-n 32 --num-stages 3 --quant-out
+
+The arguments get the specialization a launch gives them (16-byte aligned pointers; the cache, query and
+output strides divisible by 16, as the model's tensors have them), so the figures are the launched kernel's
+with the Triton installed here (print its version beside them: the device image may have another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hopperllm.kernels import paged_attention as pa
+
+# H100 / H200 SM limits
+REGS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+THREADS_PER_SM = 2048
+
+_POINTERS = {
+    "q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv", "block_tables_ptr": "*i32",
+    "seq_lens_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": "*bf16",
+    "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "q8_ptr": "*fp8e4nv",
+    "q8_scale_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "positions_ptr": "*i64",
+    "cos_sin_ptr": "*fp32", "slot_ptr": "*i64",
+}  # fmt: skip
+# strides the model's tensors give multiples of 16 (stride_bt, the block-table width, is not specialized)
+_DIVISIBLE = {n for n in pa._decode_split_kernel.arg_names if n.startswith("stride_") and n != "stride_bt"}
+
+
+def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
+                               quant_out: bool, head_dim: int = 128, rotary: bool = False) -> dict:  # fmt: skip
+    fn = pa._decode_split_kernel
+    names = fn.arg_names
+    consts = dict(
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, FP8_KV=True, DOT_PRECISION="tf32", QUANT_OUT=quant_out, QUANT_BLOCK=4096, ROTARY=rotary,
+        KV_LINES=1, USE_PDL=True,
+    )  # fmt: skip
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in _POINTERS:
+            sig[n] = _POINTERS[n]
+        else:
+            sig[n] = "fp32" if n == "qk_scale" else "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in _POINTERS or n in _DIVISIBLE}
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
+    )
+    k = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run(
+            [cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    smem = k.metadata.shared
+    threads = 32 * num_warps
+    per_sm = min(REGS_PER_SM // (regs * threads), THREADS_PER_SM // threads, SMEM_PER_SM // max(smem, 1))
+    return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": smem, "programs_per_sm": per_sm}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--group", type=int, default=8, help="query heads per kv head")
+    p.add_argument("--splits", type=int, default=16)
+    p.add_argument("--block-n", type=int, default=32)
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-stages", type=int, default=3)
+    p.add_argument("--quant-out", action="store_true")
+    p.add_argument("--rotary", action="store_true")
+    a = p.parse_args()
+    r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
+                                   rotary=a.rotary)  # fmt: skip
+    print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
+
+
+if __name__ == "__main__":
+    main()
