@@ -406,6 +406,11 @@ def _num_sms(device: torch.device) -> int:
 # 128-key tiles).
 DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+# HOPPERLLM_DECODE_NUM_STAGES sets both configs' pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
+# keep one key tile in flight ahead of the one computed, 5 keep two (benchmarks/kernel_resources.py).
+if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
+    for _cfg in (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS):
+        _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
 MANY_SPLITS = 16
 
 
