@@ -36,6 +36,13 @@ for step in $steps; do
     tune-attn-70b)  # batch-1 decode attention at the 70B's head layouts (TP=1, 2, 8), one GPU
       timeout 300 python3 benchmarks/tune_attention.py --shapes "llama2-70b b1" "llama2-70b tp2 b1" "llama2-70b tp8 b1" \
         --output-json "$OUT/tune_attention_70b.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention_70b.log" | tail -8 ;;
+    tune-attn-stages)  # the 70B TP=2 decode attention (batch 1, 8 sequences) over pipeline stages and warps, with the
+      # model's quantizing tail, and the kernel's registers / shared memory under this Triton (one GPU)
+      python3 benchmarks/kernel_resources.py --quant-out --num-stages 3 2>&1 | tail -1 | tee "$OUT/kernel_resources.txt"
+      python3 benchmarks/kernel_resources.py --quant-out --num-stages 5 2>&1 | tail -1 | tee -a "$OUT/kernel_resources.txt"
+      timeout 300 python3 benchmarks/tune_attention.py --shapes "llama2-70b tp2 b1" "llama2-70b tp2 b8" --splits 16 32 \
+        --block-n 32 64 --num-stages 3 4 5 6 --num-warps 4 8 --quant-out --output-json "$OUT/tune_attention_stages.json" 2>&1 \
+        | grep -v "^skip" | tail -4 ;;
     fused-tests)  # the fused decode kernels (MLP GEMVs, attention) at real shapes
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/fused_tests.log" | tail -15 ;;

@@ -45,6 +45,7 @@ def main():
     p.add_argument(
         "--num-stages", type=int, nargs="*", default=[2, 3], help="decode pipeline stages to sweep"
     )
+    p.add_argument("--num-warps", type=int, nargs="*", default=[4], help="decode warps per program to sweep")
     p.add_argument(
         "--prefill-shapes", nargs="*", default=list(PREFILL_SHAPES), help="prefill shape names to sweep"
     )
@@ -81,7 +82,7 @@ def main():
         floor_us = kv_bytes / bw * 1e6
         best = None
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
-        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, [4], a.num_stages):
+        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, a.num_warps, a.num_stages):
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
             for cfg in (pa.DECODE_CONFIG, pa.DECODE_CONFIG_MANY_SPLITS):
