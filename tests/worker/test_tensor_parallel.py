@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU: two worker processes over gloo give TP=1's logits and tokens (float32,
-FP8 quantized on load, an FP8 checkpoint), each rank reads only its slices of the checkpoint, and a rank
-that dies or fails ends the engine with an error naming it, in seconds, not a hang."""
+FP8 quantized on load, an FP8 checkpoint), so do four and eight with one KV head per rank (Llama-2-70B's
+layout at TP=8), each rank reads only its slices of the checkpoint, and a rank that dies or fails ends the
+engine with an error naming it, in seconds, not a hang."""
 
 from __future__ import annotations
 
@@ -297,5 +298,30 @@ def test_collective_rpc_reaches_every_rank_through_either_executor(model_dir, tp
         assert ex.collective_rpc(_rank_and_world, reply_all=True) == [(r, tp) for r in range(tp)]
         logits = ex.collective_rpc("logits_for_tokens", LOGITS_IDS)
         assert logits.shape == (len(LOGITS_IDS), llm.engine.config.model_config.vocab_size)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+def test_one_kv_head_per_rank_matches_tp1(tmp_path, tp):
+    """Llama-2-70B at tensor_parallel_size 8 leaves each rank one KV head and a group of query heads; the
+    same layout in miniature (tp ranks, one KV head each, 4 query heads per KV head) gives TP=1's logits and
+    greedy tokens."""
+    model = make_hf_llama_dir(
+        str(tmp_path / "m"), seed=7, hidden_size=128, num_attention_heads=4 * tp, num_key_value_heads=tp,
+        intermediate_size=32 * tp, vocab_size=320,
+    )  # fmt: skip
+    ref = _llm(model, 1)
+    llm = _llm(model, tp)
+    try:
+        torch.testing.assert_close(
+            llm.engine.executor.logits_for_tokens(LOGITS_IDS[:16]),
+            ref.engine.executor.logits_for_tokens(LOGITS_IDS[:16]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        ref_tokens = _tokens(ref, _prompts(4))
+        assert len({tuple(t) for t in ref_tokens}) > 2, "random model too degenerate for a meaningful test"
+        assert _tokens(llm, _prompts(4)) == ref_tokens
     finally:
         llm.engine.shutdown()
