@@ -43,7 +43,7 @@ def _run_rank(parts, weight, residual, rank, **kw):
     return out, res, bufs[rank].view_as(parts[rank])
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("T,H", [(1, 64), (3, 96), (5, 200)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_allreduce_rms_norm_equals_reference(world, T, H, dtype):
@@ -113,7 +113,7 @@ def test_allreduce_rms_norm_alternates_buffer_halves():
         )
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_allreduce_rms_norm_lamport_pushes_and_rearms(world):
     """lamport: the kernel stores its rows (-0.0 sent as +0.0) into its slot of every peer's buffer, sums
     the peers' slots of its own buffer in rank order (the unfused bits) and refills them with EMPTY."""
