@@ -40,12 +40,13 @@ _DIVISIBLE = {n for n in pa._decode_split_kernel.arg_names if n.startswith("stri
 
 
 def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
-                               quant_out: bool, head_dim: int = 128, rotary: bool = False) -> dict:  # fmt: skip
+                               quant_out: bool, head_dim: int = 128, rotary: bool = False,
+                               num_q_heads: int = 32) -> dict:  # fmt: skip
     fn = pa._decode_split_kernel
     names = fn.arg_names
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, FP8_KV=True, DOT_PRECISION="tf32", QUANT_OUT=quant_out, QUANT_BLOCK=4096, ROTARY=rotary,
+        BLOCK_N=block_n, FP8_KV=True, DOT_PRECISION="tf32", QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary,
         KV_LINES=1, USE_PDL=True,
     )  # fmt: skip
     sig = {}
@@ -82,6 +83,9 @@ def decode_attention_resources(group: int, splits: int, block_n: int, num_warps:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--group", type=int, default=8, help="query heads per kv head")
+    p.add_argument(
+        "--num-q-heads", type=int, default=32, help="query heads on the rank (sizes the quantized row)"
+    )
     p.add_argument("--splits", type=int, default=16)
     p.add_argument("--block-n", type=int, default=32)
     p.add_argument("--num-warps", type=int, default=4)
@@ -90,7 +94,7 @@ def main():
     p.add_argument("--rotary", action="store_true")
     a = p.parse_args()
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
-                                   rotary=a.rotary)  # fmt: skip
+                                   rotary=a.rotary, num_q_heads=a.num_q_heads)  # fmt: skip
     print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
 
 
