@@ -28,6 +28,7 @@ MATRICES = {
     "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
     # one rank's shard with tensor parallelism: column-parallel N / tp, row-parallel K / tp
     "70b-tp2": {"gate_up": (28672, 8192), "down": (8192, 14336), "qkv": (5120, 8192), "o": (8192, 4096)},
+    "70b-tp4": {"gate_up": (14336, 8192), "down": (8192, 7168), "qkv": (2560, 8192), "o": (8192, 2048)},
     "70b-tp8": {"gate_up": (7168, 8192), "down": (8192, 3584), "qkv": (1280, 8192), "o": (8192, 1024)},
 }
 

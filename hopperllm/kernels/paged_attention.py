@@ -406,12 +406,25 @@ def _num_sms(device: torch.device) -> int:
 # 128-key tiles).
 DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
-# HOPPERLLM_DECODE_NUM_STAGES sets both configs' pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
+# 32 slices (batch 1-2 of grouped-query layers): 5 stages keep a second key tile in flight. The 70B's heads
+# at TP=2, 2176 keys, quantizing tail, in CUDA graphs (tune-attention-stages-h200-v21.json, Triton 3.6):
+# 9.8 us against 10.2 with 3 stages, same 127-128 registers and 4 programs an SM; 16 slices of 8 sequences
+# stay at 3 stages (16.9 us against 17.4 with 5).
+DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
+# HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
 # keep one key tile in flight ahead of the one computed, 5 keep two (benchmarks/kernel_resources.py).
 if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
-    for _cfg in (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS):
+    for _cfg in (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS):
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
 MANY_SPLITS = 16
+MOST_SPLITS = 32
+
+
+def decode_config(num_splits: int) -> dict[str, int]:
+    """The decode kernel's launch parameters on the GPU for a split count."""
+    if num_splits >= MOST_SPLITS:
+        return DECODE_CONFIG_MOST_SPLITS
+    return DECODE_CONFIG_MANY_SPLITS if num_splits >= MANY_SPLITS else DECODE_CONFIG
 
 
 # Grouped-query layers (>= 4 query heads per KV head) round the split count up to a power of two, others
@@ -585,7 +598,7 @@ def paged_decode_attention(
     if not q.is_cuda:
         cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
     else:
-        cfg = DECODE_CONFIG_MANY_SPLITS if num_splits >= MANY_SPLITS else DECODE_CONFIG
+        cfg = decode_config(num_splits)
     block_n = cfg["BLOCK_N"]
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
