@@ -10,6 +10,7 @@ when the host keeps up.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 
@@ -31,6 +32,11 @@ def main():
         "--profile-steps", type=int, default=3, help="torch-profile this many mixed steps (0: none)"
     )
     p.add_argument("--cprofile-steps", type=int, default=0, help="cProfile this many mixed steps (host time)")
+    p.add_argument(
+        "--window-steps", type=int, default=0,
+        help="torch-profile this many consecutive steps without synchronizing (the steady state) and report "
+        "how much of the window the GPU was busy and its largest idle gaps",
+    )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = LLM(
@@ -82,8 +88,13 @@ def main():
     prof_cpu: dict = {}
     profiled = 0
     cprof_done = False
+    window = None
     while eng.has_unfinished_requests():
         last.clear()
+        if a.window_steps and window is None and stats["mixed"]["steps"] >= 20:
+            window = gpu_idle_window(eng, a.window_steps)
+            print(json.dumps(window, indent=1))
+            continue
         if profiled < a.profile_steps and stats["mixed"]["steps"] >= 20:
             # profile one whole step (host + GPU) once mixed steps are the steady state
             import torch
@@ -164,7 +175,67 @@ def main():
         res["gpu_ms_total_per_step"] = round(sum(prof_kernels.values()) / profiled, 2)
         top = sorted(prof_cpu.items(), key=lambda kv: -kv[1])[:20]
         res["cpu_self_ms_per_profiled_step"] = {k: round(v / profiled, 2) for k, v in top}
+    if window is not None:
+        res["window"] = window
     emit(res, a.output_json)
+
+
+def gpu_idle_window(eng, steps: int) -> dict:
+    """Profile `steps` consecutive engine steps as they run (no synchronization inside the window): the
+    window's wall time, the union of its GPU kernel / copy intervals, and the largest gaps between them
+    with the kernels on either side and the host calls that ran across each gap."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    events = list(prof.events())
+    gpu = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    if not gpu:
+        return {"steps": steps, "error": "no GPU events"}
+    t0 = min(e.time_range.start for e in cpu) if cpu else gpu[0][0]
+    t1 = gpu[-1][1]
+    busy, cur_s, cur_e = 0.0, gpu[0][0], gpu[0][1]
+    gaps = []
+    prev_name = gpu[0][2]
+    for s, e, name in gpu[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_e, s, prev_name, name))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+        if e >= cur_e:
+            prev_name = name
+    busy += cur_e - cur_s
+    gaps.sort(reverse=True)
+    top = []
+    for g, gs, ge, before, after in gaps[:12]:
+        host = sorted(
+            ((min(ev.time_range.end, ge) - max(ev.time_range.start, gs), ev.name) for ev in cpu
+             if ev.time_range.start < ge and ev.time_range.end > gs and ev.name.startswith(("aten::", "cuda", "cu"))),
+            reverse=True,
+        )[:4]  # fmt: skip
+        top.append({"gap_us": round(g, 1), "after_kernel": before[:70], "before_kernel": after[:70],
+                    "host_calls_in_gap": [(n[:60], round(d, 1)) for d, n in host]})  # fmt: skip
+    gap_hist = {f">={lo}us": round(sum(g[0] for g in gaps if g[0] >= lo) / 1e3, 2) for lo in (10, 100, 1000)}
+    return {
+        "steps": steps,
+        "wall_ms": round((t1 - t0) / 1e3, 2),
+        "gpu_span_ms": round((t1 - gpu[0][0]) / 1e3, 2),
+        "gpu_busy_ms": round(busy / 1e3, 2),
+        "gpu_idle_ms_in_span": round((t1 - gpu[0][0] - busy) / 1e3, 2),
+        "idle_ms_in_gaps_of": gap_hist,
+        "largest_gaps": top,
+    }
 
 
 if __name__ == "__main__":

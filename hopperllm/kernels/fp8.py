@@ -470,6 +470,11 @@ GEMV_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     (8192, 14336): (128, 256, 2, 4, 8),  # down, quantizing its input (fused MLP): 32.8 vs 37.2 at SPLIT_K 4
     (5120, 8192): (128, 256, 3, 4, 8),  # qkv: 13.9 vs 18.0 with the rule
     (8192, 4096): (128, 256, 2, 4, 8),  # o: 11.2 vs 12.3
+    # one rank at tensor_parallel_size 4, tuned on one H200 (tune-gemv-70b-tp4-h200.json, fused MLP launches)
+    (14336, 8192): (128, 256, 2, 6, 8),  # gate_up: 37.6 us vs 40.1 with the rule
+    (8192, 7168): (128, 256, 4, 4, 8),  # down, quantizing its input: 21.8 vs 22.7
+    (2560, 8192): (32, 256, 4, 4, 4),  # qkv: 10.3 vs 11.7
+    (8192, 2048): (64, 512, 1, 4, 8),  # o: 6.8 vs 7.7
     # one rank at tensor_parallel_size 8, tuned on one H200 (tune-gemv-70b-tp8-h200.json, fused MLP launches)
     (7168, 8192): (128, 256, 4, 4, 8),  # gate_up: 22.0 us vs 22.3 with the rule
     (8192, 3584): (128, 256, 2, 4, 8),  # down, quantizing its input: 11.3 vs 12.8
