@@ -32,22 +32,11 @@ import triton
 import triton.language as tl
 
 
-# HOPPERLLM_PDL_EARLY=1 (A/B runs): release the next kernel before waiting for the previous one. Ordering
-# still holds transitively (kernel N+2 waits for N+1, which completes only after its own wait for N), and
-# N+2 launches only once every program of N+1 has started, so nothing waits for a slot its successor holds;
-# the chain then overlaps by two kernels, the next kernel's pre-wait loads running during this one's wait.
-PDL_EARLY = tl.constexpr(os.environ.get("HOPPERLLM_PDL_EARLY", "0") == "1")
-
-
 @triton.jit
 def pdl_prologue(USE_PDL: tl.constexpr):
     if USE_PDL:
-        if PDL_EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        else:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @functools.cache
