@@ -60,7 +60,9 @@ def main():
         ("llama3-8b b64", 64, 32, 8, 128, 2176),
         ("llama2-70b b1", 1, 64, 8, 128, 2176),
         ("llama2-70b tp2 b1", 1, 32, 4, 128, 2176),  # one rank's heads at tensor_parallel_size 2
+        ("llama2-70b tp4 b1", 1, 16, 2, 128, 2176),
         ("llama2-70b tp8 b1", 1, 8, 1, 128, 2176),
+        ("llama2-70b tp8 b16", 16, 8, 1, 128, 2176),
         # batches 5-8 of the TP=2 budget run replay the graph captured for 8 sequences
         ("llama2-70b tp2 b8", 8, 32, 4, 128, 2176),
     ]
