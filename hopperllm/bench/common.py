@@ -81,8 +81,10 @@ def make_record(
     quantization: str | None = None,
     kv_cache_dtype: str | None = None,
     tensor_parallel_size: int | None = None,
+    scheduler: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The JSON record every bench command writes. Engine fields default to the parsed flags."""
+    """The JSON record every bench command writes. Engine fields default to the parsed flags;
+    `scheduler` holds the limits the engine resolved (defaults included)."""
     device, gpu_count = device_info()
     return {
         "benchmark": benchmark,
@@ -107,6 +109,7 @@ def make_record(
         if kv_cache_dtype is not None
         else getattr(args, "kv_cache_dtype", None),
         "args": args_dict(args),
+        **({"scheduler": scheduler} if scheduler is not None else {}),
         "results": results,
     }
 
@@ -120,6 +123,10 @@ def engine_fields(engine) -> dict[str, Any]:
         "quantization": cfg.quantization,
         "kv_cache_dtype": cfg.cache_config.kv_cache_dtype,
         "tensor_parallel_size": cfg.parallel_config.tensor_parallel_size,
+        "scheduler": {
+            "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+        },
     }
 
 
