@@ -17,24 +17,6 @@ from hopperllm.config import (
     resolve_dtype,
 )
 
-USAGE_CONTEXTS = ("llm_class", "openai_api_server")
-
-
-def default_max_num_batched_tokens(device: str, usage_context: str = "llm_class") -> int:
-    """vLLM's defaults for GPUs with >= 70 GiB other than the A100 (H100, H200): 16384 tokens a step for
-    offline use, where a bigger prefill step runs the FP8 GEMMs at a higher rate (Llama-3-8B, 1000 x
-    2048/128 on an H200: 3,155 output tok/s against 2,719 with 8192; throughput-8b-*-h200-v21.json),
-    8192 for a server, whose decodes would otherwise wait behind twice the prefill per step. Elsewhere
-    8192 (a smaller GPU needs the memory for the KV cache; on a CPU it bounds one step's work)."""
-    if device == "cuda" and usage_context == "llm_class":
-        try:
-            props = torch.cuda.get_device_properties(0)
-        except (RuntimeError, AssertionError):  # no usable GPU: the engine reports that itself
-            return 8192
-        if props.total_memory >= 70 * (1 << 30) and "a100" not in props.name.lower():
-            return 16384
-    return 8192
-
 
 @dataclass
 class EngineArgs:
@@ -45,7 +27,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: default_max_num_batched_tokens(device, usage_context)
+    max_num_batched_tokens: int = 8192
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -56,9 +38,6 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     max_waiting_requests: int | None = None
-    # Who runs the engine: "llm_class" (the LLM API, `generate`, `bench`) or "openai_api_server" (`serve`);
-    # picks the token budget's default as vLLM's usage context does. Not a CLI flag.
-    usage_context: str = "llm_class"
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -79,13 +58,7 @@ class EngineArgs:
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-        g.add_argument(
-            "--max-num-batched-tokens",
-            type=int,
-            default=None,
-            help="tokens a step may schedule (default: 16384 offline and 8192 for `serve` on a GPU with >= 70 "
-            "GiB such as H100 / H200, else 8192)",
-        )
+        g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
@@ -108,7 +81,7 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names and k != "usage_context"})
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -133,13 +106,6 @@ class EngineArgs:
             raise ValueError(
                 f"max_model_len {max_len} exceeds the model's max_position_embeddings {mc.max_position_embeddings}"
             )
-        if self.usage_context not in USAGE_CONTEXTS:
-            raise ValueError(f"usage_context must be one of {USAGE_CONTEXTS}, got {self.usage_context!r}")
-        max_batched = self.max_num_batched_tokens
-        if max_batched is None:
-            max_batched = default_max_num_batched_tokens(device, self.usage_context)
-            if not self.enable_chunked_prefill:  # a whole prompt must fit one step
-                max_batched = max(max_batched, max_len)
         kv_dtype = self.kv_cache_dtype
         if kv_dtype == "auto" and kv_cache_is_fp8(src.hf_config.get("quantization_config")):
             kv_dtype = "fp8"
@@ -155,7 +121,7 @@ class EngineArgs:
             ),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
-                max_num_batched_tokens=max_batched,
+                max_num_batched_tokens=max(self.max_num_batched_tokens, 1),
                 max_model_len=max_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 max_waiting_requests=self.max_waiting_requests,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -119,7 +118,7 @@ def cmd_serve(args) -> int:
     sock = bind_socket(args.host, args.port)  # fail fast, before the model loads
     try:
         torch.manual_seed(args.seed)
-        engine_args = dataclasses.replace(EngineArgs.from_cli_args(args), usage_context="openai_api_server")
+        engine_args = EngineArgs.from_cli_args(args)
         engine = AsyncLLMEngine.from_engine_args(
             engine_args, max_waiting_requests=args.max_waiting_requests, show_progress=sys.stderr.isatty()
         )
