@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from hopperllm.bench import common
+from hopperllm.worker.jit_watch import JitWatch
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -104,11 +105,12 @@ def main(args: argparse.Namespace) -> int:
                 n_out += sum(len(c.token_ids) for c in out.outputs)
                 bar.update(1)
 
-        t0 = time.perf_counter()
-        for req in prepared:
-            engine.commit_request(req)
-        common.run_to_completion(engine, seen)
-        elapsed = time.perf_counter() - t0
+        with JitWatch() as jit:
+            t0 = time.perf_counter()
+            for req in prepared:
+                engine.commit_request(req)
+            common.run_to_completion(engine, seen)
+            elapsed = time.perf_counter() - t0
         bar.close()
         fields = common.engine_fields(engine)
         dtype, device = engine.config.dtype, engine.config.device
@@ -126,6 +128,8 @@ def main(args: argparse.Namespace) -> int:
         "total_output_tokens": n_out,
         "input_tokens_per_second": n_in / elapsed,
         "output_tokens_per_second": n_out / elapsed,
+        # Triton kernel variants first met inside the timed run (compiled or loaded from the disk cache)
+        "jit_compiles_during_run": jit.summary(),
     }
     del engine
     common.free_memory()
@@ -175,6 +179,7 @@ def _print_summary(r: dict, fields: dict) -> None:
         ("Input token throughput (tok/s)", r["input_tokens_per_second"]),
         ("Output token throughput (tok/s)", r["output_tokens_per_second"]),
         ("Total token throughput (tok/s)", r["tokens_per_second"]),
+        ("Triton kernels compiled during the run", r["jit_compiles_during_run"]["count"]),
     ]
     if "baseline" in r:
         b = r["baseline"]
