@@ -218,6 +218,7 @@ class Worker:
         blocks = self.runner.determine_num_kv_blocks()
         self.num_kv_blocks = all_reduce_min(self.tp, blocks, self.runner.device)
         self.runner.init_kv_cache(self.num_kv_blocks)
+        self.runner.warm_mixed_decode_kernels()
         if self.runner.device.type == "cuda" and not config.enforce_eager:
             from hopperllm.worker.cuda_graphs import capture_decode_graphs
 

@@ -106,3 +106,21 @@ def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
         del llm
         torch.cuda.empty_cache()
     assert outs["1"] == outs["0"]
+
+
+def test_no_decode_attention_compiles_while_serving(model_dir):
+    """Steps that mix decodes with prefills launch flash-decoding variants the decode graphs do not
+    compile; start-up compiles them (ModelRunner.warm_mixed_decode_kernels), so serving compiles none."""
+    from hopperllm.worker.jit_watch import JitWatch
+
+    llm = LLM(
+        model=model_dir, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512,
+        max_num_seqs=8, max_num_batched_tokens=256, show_progress=False,
+    )  # fmt: skip
+    assert llm.engine.executor.runner.warm_mixed_decode_kernels() == [1, 2, 4, 8, 16, 32]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with JitWatch() as jit:
+        # prompts of 7 to 1000 tokens in chunks of 256 beside the earlier prompts' decodes: mixed steps
+        # with 1-3 decodes at several context lengths
+        llm.generate(_prompts(), params, use_tqdm=False)
+    assert not [k for k in jit.compiled if "_decode_split_kernel" in k], jit.summary()
