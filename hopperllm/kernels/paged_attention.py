@@ -456,6 +456,33 @@ def choose_num_splits(
     return 1 << (n.bit_length() - 1)
 
 
+def compile_decode_variants(
+    num_q_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    scale: float,
+    dtype: torch.dtype,
+    max_blocks: int,
+    splits: list[int],
+) -> torch.Tensor:
+    """Launch flash-decoding once per split count in `splits`, without the quantized output, on one
+    sequence of one key (block 0, slot 0), so that those kernel variants are compiled before serving.
+    Reads the cache, writes only its own output, which it returns (the last launch's: each query head gets
+    its KV head's value row of that slot)."""
+    device = k_cache.device
+    q = torch.zeros(1, num_q_heads, k_cache.shape[-1], dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    tables = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    for n in splits:
+        paged_decode_attention(
+            q, k_cache, v_cache, tables, seq_lens, scale, k_scale, v_scale, num_splits=n, out=out
+        )
+    return out
+
+
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
     """Validates shapes/dtypes shared by both kernels; returns whether the cache is FP8."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -902,6 +929,7 @@ def paged_attention(
 __all__ = [
     "NewTokenKV",
     "choose_num_splits",
+    "compile_decode_variants",
     "paged_attention",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -220,20 +220,16 @@ class ModelRunner:
         output tok/s with an empty Triton cache against 2,989 with a warm one). Returns the split counts."""
         if self.device.type != "cuda" or not self.kv_caches:
             return []
-        from hopperllm.kernels.paged_attention import _MAX_SPLITS, paged_decode_attention
+        from hopperllm.kernels.paged_attention import _MAX_SPLITS, compile_decode_variants
 
         attn = self.model.attention_layers()[0]
         cache = self.kv_caches[0]
-        q = torch.zeros(1, attn.num_heads, self.head_dim, dtype=self.config.dtype, device=self.device)
-        out = torch.empty_like(q)
-        tables = torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
-        seq_lens = torch.ones(1, dtype=torch.int32, device=self.device)
         splits = [1 << i for i in range(_MAX_SPLITS.bit_length())]
-        for n in splits:
-            paged_decode_attention(
-                q, cache[0], cache[1], tables, seq_lens, attn.scale, attn.k_scale, attn.v_scale,
-                num_splits=n, out=out,
-            )  # as the mixed path calls it (AttentionBackend._mixed)  # fmt: skip
+        # the scales and dtypes the mixed path passes (AttentionBackend._mixed)
+        compile_decode_variants(
+            attn.num_heads, cache[0], cache[1], attn.k_scale, attn.v_scale, attn.scale, self.config.dtype,
+            self.max_blocks_per_seq, splits,
+        )  # fmt: skip
         torch.cuda.synchronize(self.device)
         return splits
 

@@ -311,6 +311,24 @@ def test_mixed_step_split_between_decode_and_prefill_kernels():
         pa.paged_prefill_attention(q, kv[0], kv[1], cu, seq_lens, bt, 5, 0.3, first_seq=5)
 
 
+@pytest.mark.parametrize("fp8_kv", [False, True])
+def test_compile_decode_variants_attends_to_the_one_key(fp8_kv):
+    # What start-up runs to compile the mixed steps' flash-decoding variants: one key in block 0, slot 0,
+    # every split count up to 32 (all but the first slice empty); each query head gets its KV head's value.
+    num_kv_heads, group, head_dim = 2, 4, 32
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(2, 3, 8, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    k_scale = v_scale = None
+    if fp8_kv:
+        cache, k_scale, v_scale = quantize_fp8(cache, 4.0, 4.0)
+    splits = [1, 2, 4, 8, 16, 32]
+    out = pa.compile_decode_variants(
+        num_kv_heads * group, cache[0], cache[1], k_scale, v_scale, 0.1, torch.float32, 4, splits
+    )
+    v = cache[1, 0, 0].float() * (v_scale if fp8_kv else 1.0)  # [kv heads, D]
+    torch.testing.assert_close(out[0], v.repeat_interleave(group, dim=0), rtol=1e-5, atol=1e-5)
+
+
 def test_choose_num_splits(monkeypatch):
     cpu = torch.device("cpu")
     assert pa.choose_num_splits(1, 8, 100, cpu) == 1  # short context: one split
