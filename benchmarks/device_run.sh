@@ -149,7 +149,8 @@ for step in $steps; do
     budget-70b-tp)
       timeout 560 python3 -m hopperllm.entrypoints.cli bench budget --model dummy:llama-2-70b --quantization fp8 \
         --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2} --input-len 2048 --output-len 128 --budget 2.5 \
-        --batch-sizes 1,2,3,4,5,6,8 --num-prompts 24 --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
+        --batch-sizes ${BATCHES:-$( [ "${TP:-2}" -ge 4 ] && echo 1,2,4,6,8,12,16,20,24 || echo 1,2,3,4,5,6,8 )} \
+        --num-prompts ${PROMPTS:-$( [ "${TP:-2}" -ge 4 ] && echo 48 || echo 24 )} --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]\|req/s" | tee "$OUT/budget70tp.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
