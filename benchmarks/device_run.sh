@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for the device machine: installs carried wheels, runs the GPU tests and benchmarks,
 # writes logs and JSON under $OUT. Usage (from the repo root): bash benchmarks/device_run.sh [steps...]
-# steps: info tests smoke kernels latency throughput (default: info tests smoke); tensor parallelism:
+# steps: info tests smoke kernels latency throughput throughput-cold (default: info tests smoke); tensor parallelism:
 # tp-tests, and with TP=<size> (default 2): latency-70b-tp, latency-70b-tp-nccl, profile-tp, budget-70b-tp,
 # tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes), ab-tp (A/B of environment
 # settings, e.g. AB="- HOPPERLLM_GEMV_PREFETCH=16 HOPPERLLM_FUSED_MLP=0,HOPPERLLM_PDL=1"); ab: the same on one GPU
@@ -73,6 +73,11 @@ for step in $steps; do
       timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 \
         --output-json "$OUT/throughput-llama-3-8b-fp8.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/throughput.log" | tail -22 ;;
+    throughput-cold)  # the throughput run with an empty Triton cache: what a fresh machine pays, and the kernel
+      # variants compiled inside the timed run (JitWatch; start-up should leave none)
+      TRITON_CACHE_DIR=$(mktemp -d) timeout 300 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b \
+        --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts ${PROMPTS:-1000} \
+        --output-json "$OUT/throughput-llama-3-8b-fp8-cold.json" 2>&1 | grep "Output token\|Triton\|Error" | tail -4 ;;
     throughput-16k)
       timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 --max-num-batched-tokens 16384 \
