@@ -46,6 +46,16 @@ for step in $steps; do
     fused-tests)  # the fused decode kernels (MLP GEMVs, attention) at real shapes
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/fused_tests.log" | tail -15 ;;
+    ab-prefill-fp8qk)  # HOPPERLLM_PREFILL_FP8_QK: its GPU test, the prefill kernel at the tuned shapes both ways, then
+      # the Llama-3-8B throughput run both ways (after a warm-up run, so neither is a call's first)
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "prefill" -p no:cacheprovider 2>&1 | tail -3
+      for v in 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v timeout 200 python3 benchmarks/tune_attention.py --no-decode --prefill \
+        --output-json "$OUT/tune_prefill_fp8qk$v.json" 2>&1 | grep -v "^skip" | tail -3; done
+      timeout 100 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
+        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 200 2>&1 | grep "Output token"
+      for v in 0 1 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v timeout 150 python3 -m hopperllm.entrypoints.cli bench throughput \
+        --model dummy:llama-3-8b --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 \
+        --output-json "$OUT/throughput-8b-fp8qk$v-$RANDOM.json" 2>&1 | grep "Output token" | sed "s/^/fp8qk=$v /"; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

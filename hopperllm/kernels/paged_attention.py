@@ -132,6 +132,9 @@ def _attend_key_range(
     CAUSAL_MASK: tl.constexpr,  # False: every key in [k_start, k_end) is visible to every row
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_QK: tl.constexpr,  # q is e4m3 (rows scaled by q_row_scale): QK^T on FP8 tensor cores, K unconverted
+    q_row_scale,  # [BLOCK_M] float32 with FP8_QK (else unused)
+    ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
@@ -156,11 +159,14 @@ def _attend_key_range(
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
             v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
-        if FP8_KV:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for the P @ V product
+            v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
+            s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
+        else:
+            if FP8_KV:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if CAUSAL_MASK:
             visible = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
             s = tl.where(visible, s, float("-inf"))
@@ -327,7 +333,7 @@ def _decode_split_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, False, l_i, False,
     )  # fmt: skip
 
     if FP8_KV:
@@ -711,6 +717,8 @@ def _prefill_kernel(
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,  # grid (kv heads, sequences, tiles), the last query tiles launched first
+    FP8_QK: tl.constexpr,  # FP8_KV only: quantize q per row to e4m3 and run QK^T on FP8 tensor cores
+    ACT_FP16: tl.constexpr,  # q (and out) are float16, else bfloat16 (FP8_QK only)
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -751,6 +759,13 @@ def _prefill_kernel(
     q_pos = ctx_len + q_idx
     if FP8_KV:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if FP8_QK:
+        # Each row (one query, one head) scaled to e4m3's range (FlashAttention-3's FP8 mode quantizes q
+        # the same way when the cache is FP8); the scale comes back on the scores.
+        q_row_scale = fp8_scale_from_amax(tl.max(tl.abs(q.to(tl.float32)), axis=1))
+        q = quantize_fp8(q.to(tl.float32), fp8_inv_scale(q_row_scale)[:, None])
+    else:
+        q_row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused
 
     block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -765,12 +780,12 @@ def _prefill_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16,
     )  # fmt: skip
 
     if FP8_KV:
@@ -804,6 +819,10 @@ def _prefill_config(head_dim: int, group: int, is_cuda: bool) -> tuple[int, int,
 
 PREFILL_CONFIG: tuple[int, int, int, int] | None = None
 PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/ab_prefill.py)
+# HOPPERLLM_PREFILL_FP8_QK=1 (A/B runs, off by default): with an FP8 cache and a bf16 / fp16 model, prefill
+# quantizes q per row to e4m3 and multiplies it with the cached keys on FP8 tensor cores (twice the bf16
+# rate, no key conversion); P @ V stays 16-bit. Not yet measured on a GPU.
+PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "0") == "1"
 
 
 def paged_prefill_attention(
@@ -878,6 +897,8 @@ def paged_prefill_attention(
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         HEAVY_FIRST=heavy_first,
+        FP8_QK=fp8 and PREFILL_FP8_QK and q.dtype in (torch.bfloat16, torch.float16),
+        ACT_FP16=q.dtype == torch.float16,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),

@@ -131,6 +131,24 @@ def test_prefill(kv_dtype, model, case):
     assert rel_err(out, ref) < 2e-2
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_fp8_qk(model, case, monkeypatch):
+    # HOPPERLLM_PREFILL_FP8_QK: q quantized per row, QK^T on FP8 tensor cores. It equals the reference over
+    # the dequantized q to bf16 rounding, and stays near the reference over q itself.
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
+    hq, hkv = MODELS[model]
+    q_lens, seq_lens = PREFILL_CASES[case]
+    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=FP8)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
+    row_scale = (q.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-12)
+    q_fp8 = ((q.float() / row_scale).clamp(-448, 448).to(FP8).float() * row_scale).to(q.dtype)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs)) < 2e-2
+    assert rel_err(out, pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)) < 5e-2
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_other_block_sizes(block_size):
     q, k, v, cu, lens, bt, ks, vs = make_paged_case([5, 1, 90], [77, 300, 90], 32, 8, block_size=block_size)

@@ -284,6 +284,57 @@ def test_fp8_kv_decode_and_prefill(dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def _q_rows_through_fp8(q: torch.Tensor) -> torch.Tensor:
+    """q with each (token, head) row quantized to e4m3 at amax / 448 and back: what FP8_QK multiplies."""
+    scale = (q.float().abs().amax(dim=-1, keepdim=True) * (1.0 / 448.0)).clamp_min(1e-12)
+    return ((q.float() * scale.reciprocal()).clamp(-448, 448).to(FP8).float() * scale).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
+def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
+    # HOPPERLLM_PREFILL_FP8_QK: q quantized per row, QK^T on FP8 operands, P @ V in 16 bits. It must equal
+    # the reference run on the dequantized q (to 16-bit rounding of P), and stay near the unquantized q.
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
+    q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, dtype, seed=9)
+    kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    scale = 32**-0.5
+    out = pa.paged_prefill_attention(
+        q,
+        kv8[0],
+        kv8[1],
+        cu,
+        seq_lens,
+        bt,
+        max(PREFILL_Q_LENS),
+        scale,
+        k_scale,
+        v_scale,
+        out=poisoned_like(q),
+    )
+    assert torch.isfinite(out).all()
+    emulated = pa.ref_paged_attention(
+        _q_rows_through_fp8(q), kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale
+    )
+    assert rel_err(out, emulated) < TOL[dtype]
+    plain = pa.ref_paged_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale)
+    assert rel_err(out, plain) < 5e-2
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", False)  # the default path is untouched by the switch
+    default = pa.paged_prefill_attention(
+        q,
+        kv8[0],
+        kv8[1],
+        cu,
+        seq_lens,
+        bt,
+        max(PREFILL_Q_LENS),
+        scale,
+        k_scale,
+        v_scale,
+        out=poisoned_like(q),
+    )
+    assert rel_err(default, plain) < TOL[dtype]
+
+
 def test_entry_point_dispatch():
     q, kv, cu, seq_lens, bt = make_paged_case([2, 1], [9, 4], 4, 2, 32, 8, torch.float32, seed=6)
     ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)
