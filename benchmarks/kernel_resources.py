@@ -80,6 +80,67 @@ def decode_attention_resources(group: int, splits: int, block_n: int, num_warps:
     return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": smem, "programs_per_sm": per_sm}
 
 
+_PREFILL_POINTERS = {
+    "q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv", "out_ptr": "*bf16",
+    "cu_seqlens_q_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "k_scale_ptr": "*fp32",
+    "v_scale_ptr": "*fp32",
+}  # fmt: skip
+
+
+def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                                fp8_qk: bool = False, head_dim: int = 128, sass_mma: bool = False) -> dict:  # fmt: skip
+    """The prefill kernel with an FP8 cache and bf16 queries (the model's prefill launch); with `sass_mma`
+    also the tensor-core instructions of the cubin and their counts (which operand types the MMAs take)."""
+    fn = pa._prefill_kernel
+    names = fn.arg_names
+    consts = dict(
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n,
+        FP8_KV=True, DOT_PRECISION="tf32", HEAVY_FIRST=True, FP8_QK=fp8_qk, ACT_FP16=False, USE_PDL=False,
+    )  # fmt: skip
+    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"}
+    return _compile_resources(fn, consts, _PREFILL_POINTERS, divisible, num_warps, num_stages, sass_mma)
+
+
+def _compile_resources(fn, consts, pointers, divisible, num_warps, num_stages, sass_mma=False) -> dict:
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = pointers[n]
+        else:
+            sig[n] = "fp32" if n == "qk_scale" else "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in divisible}
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
+    )
+    k = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    try:
+        usage = subprocess.run(
+            [cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    smem = k.metadata.shared
+    threads = 32 * num_warps
+    per_sm = min(REGS_PER_SM // (regs * threads), THREADS_PER_SM // threads, SMEM_PER_SM // max(smem, 1))
+    out = {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": smem, "programs_per_sm": per_sm}
+    if sass_mma:
+        mmas: dict[str, int] = {}
+        for m in re.finditer(r"\b(HGMMA|HMMA|QGMMA|IMMA)\.[\w.]+", sass):
+            mmas[m.group(0)] = mmas.get(m.group(0), 0) + 1
+        out["mma_instructions"] = mmas
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--group", type=int, default=8, help="query heads per kv head")
@@ -92,7 +153,21 @@ def main():
     p.add_argument("--num-stages", type=int, default=3)
     p.add_argument("--quant-out", action="store_true")
     p.add_argument("--rotary", action="store_true")
+    p.add_argument(
+        "--prefill",
+        action="store_true",
+        help="the prefill kernel instead (--group, --block-m, --block-n, ...)",
+    )
+    p.add_argument("--block-m", type=int, default=256)
+    p.add_argument(
+        "--fp8-qk", action="store_true", help="prefill: QK^T on FP8 operands (HOPPERLLM_PREFILL_FP8_QK)"
+    )
     a = p.parse_args()
+    if a.prefill:
+        r = prefill_attention_resources(a.group, a.block_m, a.block_n, a.num_warps, a.num_stages, a.fp8_qk,
+                                        sass_mma=True)  # fmt: skip
+        print(f"triton {triton.__version__}, sm_90: prefill attention {vars(a)}: {r}")
+        return
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
                                    rotary=a.rotary, num_q_heads=a.num_q_heads)  # fmt: skip
     print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
