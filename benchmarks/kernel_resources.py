@@ -43,41 +43,12 @@ def decode_attention_resources(group: int, splits: int, block_n: int, num_warps:
                                quant_out: bool, head_dim: int = 128, rotary: bool = False,
                                num_q_heads: int = 32) -> dict:  # fmt: skip
     fn = pa._decode_split_kernel
-    names = fn.arg_names
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, FP8_KV=True, DOT_PRECISION="tf32", QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary,
         KV_LINES=1, USE_PDL=True,
     )  # fmt: skip
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n in _POINTERS:
-            sig[n] = _POINTERS[n]
-        else:
-            sig[n] = "fp32" if n == "qk_scale" else "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in _POINTERS or n in _DIVISIBLE}
-    src = ASTSource(
-        fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
-    )
-    k = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
-    )
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    try:
-        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run(
-            [cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    finally:
-        os.unlink(f.name)
-    regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    smem = k.metadata.shared
-    threads = 32 * num_warps
-    per_sm = min(REGS_PER_SM // (regs * threads), THREADS_PER_SM // threads, SMEM_PER_SM // max(smem, 1))
-    return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": smem, "programs_per_sm": per_sm}
+    return _compile_resources(fn, consts, _POINTERS, _DIVISIBLE, num_warps, num_stages)
 
 
 _PREFILL_POINTERS = {

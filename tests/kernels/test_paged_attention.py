@@ -294,45 +294,25 @@ def _q_rows_through_fp8(q: torch.Tensor) -> torch.Tensor:
 def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
     # HOPPERLLM_PREFILL_FP8_QK: q quantized per row, QK^T on FP8 operands, P @ V in 16 bits. It must equal
     # the reference run on the dequantized q (to 16-bit rounding of P), and stay near the unquantized q.
-    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
     q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, dtype, seed=9)
     kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    args = (kv8[0], kv8[1], cu, seq_lens, bt)
     scale = 32**-0.5
-    out = pa.paged_prefill_attention(
-        q,
-        kv8[0],
-        kv8[1],
-        cu,
-        seq_lens,
-        bt,
-        max(PREFILL_Q_LENS),
-        scale,
-        k_scale,
-        v_scale,
-        out=poisoned_like(q),
-    )
-    assert torch.isfinite(out).all()
-    emulated = pa.ref_paged_attention(
-        _q_rows_through_fp8(q), kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale
-    )
+
+    def prefill(fp8_qk: bool) -> torch.Tensor:
+        monkeypatch.setattr(pa, "PREFILL_FP8_QK", fp8_qk)
+        out = pa.paged_prefill_attention(
+            q, *args, max(PREFILL_Q_LENS), scale, k_scale, v_scale, out=poisoned_like(q)
+        )
+        assert torch.isfinite(out).all()
+        return out
+
+    out = prefill(True)
+    emulated = pa.ref_paged_attention(_q_rows_through_fp8(q), *args, scale, k_scale, v_scale)
     assert rel_err(out, emulated) < TOL[dtype]
-    plain = pa.ref_paged_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale)
+    plain = pa.ref_paged_attention(q, *args, scale, k_scale, v_scale)
     assert rel_err(out, plain) < 5e-2
-    monkeypatch.setattr(pa, "PREFILL_FP8_QK", False)  # the default path is untouched by the switch
-    default = pa.paged_prefill_attention(
-        q,
-        kv8[0],
-        kv8[1],
-        cu,
-        seq_lens,
-        bt,
-        max(PREFILL_Q_LENS),
-        scale,
-        k_scale,
-        v_scale,
-        out=poisoned_like(q),
-    )
-    assert rel_err(default, plain) < TOL[dtype]
+    assert rel_err(prefill(False), plain) < TOL[dtype]  # the default path is untouched by the switch
 
 
 def test_entry_point_dispatch():
