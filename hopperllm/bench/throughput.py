@@ -128,8 +128,9 @@ def main(args: argparse.Namespace) -> int:
         "total_output_tokens": n_out,
         "input_tokens_per_second": n_in / elapsed,
         "output_tokens_per_second": n_out / elapsed,
-        # Triton kernel variants first met inside the timed run (compiled or loaded from the disk cache)
-        "jit_compiles_during_run": jit.summary(),
+        # Triton kernel variants first met inside the timed run (compiled or loaded from the disk cache); with
+        # tensor parallelism every rank runs in its own process, out of this one's sight: None
+        "jit_compiles_during_run": jit.summary() if fields["tensor_parallel_size"] == 1 else None,
     }
     del engine
     common.free_memory()
@@ -179,7 +180,7 @@ def _print_summary(r: dict, fields: dict) -> None:
         ("Input token throughput (tok/s)", r["input_tokens_per_second"]),
         ("Output token throughput (tok/s)", r["output_tokens_per_second"]),
         ("Total token throughput (tok/s)", r["tokens_per_second"]),
-        ("Triton kernels compiled during the run", r["jit_compiles_during_run"]["count"]),
+        ("Triton kernels compiled during the run", (r["jit_compiles_during_run"] or {}).get("count", "n/a")),
     ]
     if "baseline" in r:
         b = r["baseline"]
