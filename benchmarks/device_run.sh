@@ -17,6 +17,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 # the tree arrives without .git: the caller writes the commit to .commit (git rev-parse HEAD > .commit)
 export HOPPERLLM_GIT_COMMIT=${HOPPERLLM_GIT_COMMIT:-$(cat .commit 2>/dev/null)}
 steps=${*:-info tests smoke}
+# tput SECONDS NUM_PROMPTS [flags...]: the Llama-3-8B FP8 + FP8 KV 2048/128 throughput run (issue #7's case)
+tput() {
+  local secs=$1 n=$2; shift 2
+  timeout "$secs" python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
+    --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts "$n" "$@" 2>&1
+}
 for step in $steps; do
   echo "=== $step ==="
   case $step in
@@ -51,11 +57,9 @@ for step in $steps; do
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "prefill" -p no:cacheprovider 2>&1 | tail -3
       for v in 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v timeout 200 python3 benchmarks/tune_attention.py --no-decode --prefill \
         --output-json "$OUT/tune_prefill_fp8qk$v.json" 2>&1 | grep -v "^skip" | tail -3; done
-      timeout 100 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
-        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 200 2>&1 | grep "Output token"
-      for v in 0 1 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v timeout 150 python3 -m hopperllm.entrypoints.cli bench throughput \
-        --model dummy:llama-3-8b --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 \
-        --output-json "$OUT/throughput-8b-fp8qk$v-$RANDOM.json" 2>&1 | grep "Output token" | sed "s/^/fp8qk=$v /"; done ;;
+      tput 100 200 | grep "Output token"
+      for v in 0 1 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v tput 150 1000 --output-json "$OUT/throughput-8b-fp8qk$v-$RANDOM.json" \
+        | grep "Output token" | sed "s/^/fp8qk=$v /"; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
@@ -80,18 +84,15 @@ for step in $steps; do
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 2 --num-iters 5 \
         --max-num-seqs 16 --output-json "$OUT/latency-llama-2-7b-fp8.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/latency.log" | tail -22 ;;
     throughput)
-      timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
-        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 \
-        --output-json "$OUT/throughput-llama-3-8b-fp8.json" 2>&1 | grep -v "Capturing\|it/s\]" | tee "$OUT/throughput.log" | tail -22 ;;
+      tput 420 1000 --output-json "$OUT/throughput-llama-3-8b-fp8.json" | grep -v "Capturing\|it/s\]" \
+        | tee "$OUT/throughput.log" | tail -22 ;;
     throughput-cold)  # the throughput run with an empty Triton cache: what a fresh machine pays, and the kernel
       # variants compiled inside the timed run (JitWatch; start-up should leave none)
-      TRITON_CACHE_DIR=$(mktemp -d) timeout 300 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b \
-        --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts ${PROMPTS:-1000} \
-        --output-json "$OUT/throughput-llama-3-8b-fp8-cold.json" 2>&1 | grep "Output token\|Triton\|Error" | tail -4 ;;
+      TRITON_CACHE_DIR=$(mktemp -d) tput 300 "${PROMPTS:-1000}" --output-json "$OUT/throughput-llama-3-8b-fp8-cold.json" \
+        | grep "Output token\|Triton\|Error" | tail -4 ;;
     throughput-16k)
-      timeout 420 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
-        --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts 1000 --max-num-batched-tokens 16384 \
-        --max-num-seqs 512 --output-json "$OUT/throughput-llama-3-8b-fp8-16k.json" 2>&1 | grep -v "Capturing\|it/s\]" | tail -12 ;;
+      tput 420 1000 --max-num-batched-tokens 16384 --max-num-seqs 512 --output-json "$OUT/throughput-llama-3-8b-fp8-16k.json" \
+        | grep -v "Capturing\|it/s\]" | tail -12 ;;
     latency-70b)
       timeout 500 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-70b --quantization fp8 \
         --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters-warmup 1 --num-iters 3 \

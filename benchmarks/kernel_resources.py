@@ -35,8 +35,6 @@ _POINTERS = {
     "q8_scale_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "positions_ptr": "*i64",
     "cos_sin_ptr": "*fp32", "slot_ptr": "*i64",
 }  # fmt: skip
-# strides the model's tensors give multiples of 16 (stride_bt, the block-table width, is not specialized)
-_DIVISIBLE = {n for n in pa._decode_split_kernel.arg_names if n.startswith("stride_") and n != "stride_bt"}
 
 
 def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
@@ -48,7 +46,7 @@ def decode_attention_resources(group: int, splits: int, block_n: int, num_warps:
         BLOCK_N=block_n, FP8_KV=True, DOT_PRECISION="tf32", QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary,
         KV_LINES=1, USE_PDL=True,
     )  # fmt: skip
-    return _compile_resources(fn, consts, _POINTERS, _DIVISIBLE, num_warps, num_stages)
+    return _compile_resources(fn, consts, _POINTERS, num_warps, num_stages)
 
 
 _PREFILL_POINTERS = {
@@ -63,17 +61,17 @@ def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warp
     """The prefill kernel with an FP8 cache and bf16 queries (the model's prefill launch); with `sass_mma`
     also the tensor-core instructions of the cubin and their counts (which operand types the MMAs take)."""
     fn = pa._prefill_kernel
-    names = fn.arg_names
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n,
         FP8_KV=True, DOT_PRECISION="tf32", HEAVY_FIRST=True, FP8_QK=fp8_qk, ACT_FP16=False, USE_PDL=False,
     )  # fmt: skip
-    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"}
-    return _compile_resources(fn, consts, _PREFILL_POINTERS, divisible, num_warps, num_stages, sass_mma)
+    return _compile_resources(fn, consts, _PREFILL_POINTERS, num_warps, num_stages, sass_mma)
 
 
-def _compile_resources(fn, consts, pointers, divisible, num_warps, num_stages, sass_mma=False) -> dict:
+def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=False) -> dict:
     names = fn.arg_names
+    # strides the model's tensors give multiples of 16 (stride_bt, the block-table width, is not specialized)
+    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"}
     sig = {}
     for n in names:
         if n in consts:

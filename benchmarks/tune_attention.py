@@ -87,7 +87,7 @@ def main():
         for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, a.num_warps, a.num_stages):
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
-            for cfg in (pa.DECODE_CONFIG, pa.DECODE_CONFIG_MANY_SPLITS, pa.DECODE_CONFIG_MOST_SPLITS):
+            for cfg in pa.DECODE_CONFIGS:
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):

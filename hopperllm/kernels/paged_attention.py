@@ -417,10 +417,11 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 # 9.8 us against 10.2 with 3 stages, same 127-128 registers and 4 programs an SM; 16 slices of 8 sequences
 # stay at 3 stages (16.9 us against 17.4 with 5).
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
+DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
 # keep one key tile in flight ahead of the one computed, 5 keep two (benchmarks/kernel_resources.py).
 if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
-    for _cfg in (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS):
+    for _cfg in DECODE_CONFIGS:
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
 MANY_SPLITS = 16
 MOST_SPLITS = 32

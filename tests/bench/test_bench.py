@@ -128,7 +128,8 @@ def test_throughput_random_and_dataset(tmp_path):
     assert r["total_num_tokens"] == 120
     assert r["tokens_per_second"] == pytest.approx(120 / r["elapsed_time"])
     assert r["baseline"]["tokens_per_second"] > 0 and r["speedup_vs_hf"] > 0
-    assert r["jit_compiles_during_run"] == {"count": 0, "kernels": []}  # the CPU path compiles no Triton kernel
+    # the CPU path compiles no Triton kernel
+    assert r["jit_compiles_during_run"] == {"count": 0, "kernels": []}
 
     ds = tmp_path / "ds.jsonl"
     ds.write_text('{"prompt": "hello world", "output_len": 3}\n{"prompt_token_ids": [20, 21, 22]}\n')

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from hopperllm.kernels import paged_attention as pa  # noqa: E402
+from hopperllm.kernels.fp8 import ref_per_token_quant_fp8  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 MODELS = {"llama-2-7b": (32, 32), "llama-3-8b": (32, 8)}
@@ -142,8 +143,8 @@ def test_prefill_fp8_qk(model, case, monkeypatch):
     q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=FP8)
     out = torch.full_like(q, float("nan"))
     pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
-    row_scale = (q.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-12)
-    q_fp8 = ((q.float() / row_scale).clamp(-448, 448).to(FP8).float() * row_scale).to(q.dtype)
+    q8, q_scale = ref_per_token_quant_fp8(q)  # each (token, head) row, as the kernel quantizes it
+    q_fp8 = (q8.float() * q_scale).to(q.dtype)
     assert torch.isfinite(out).all()
     assert rel_err(out, pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs)) < 2e-2
     assert rel_err(out, pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)) < 5e-2

@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from hopperllm.kernels import paged_attention as pa
+from hopperllm.kernels.fp8 import ref_per_token_quant_fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -284,12 +285,6 @@ def test_fp8_kv_decode_and_prefill(dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def _q_rows_through_fp8(q: torch.Tensor) -> torch.Tensor:
-    """q with each (token, head) row quantized to e4m3 at amax / 448 and back: what FP8_QK multiplies."""
-    scale = (q.float().abs().amax(dim=-1, keepdim=True) * (1.0 / 448.0)).clamp_min(1e-12)
-    return ((q.float() * scale.reciprocal()).clamp(-448, 448).to(FP8).float() * scale).to(q.dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
 def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
     # HOPPERLLM_PREFILL_FP8_QK: q quantized per row, QK^T on FP8 operands, P @ V in 16 bits. It must equal
@@ -308,7 +303,8 @@ def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
         return out
 
     out = prefill(True)
-    emulated = pa.ref_paged_attention(_q_rows_through_fp8(q), *args, scale, k_scale, v_scale)
+    q8, q_scale = ref_per_token_quant_fp8(q)  # each (token, head) row, as the kernel quantizes it
+    emulated = pa.ref_paged_attention((q8.float() * q_scale).to(dtype), *args, scale, k_scale, v_scale)
     assert rel_err(out, emulated) < TOL[dtype]
     plain = pa.ref_paged_attention(q, *args, scale, k_scale, v_scale)
     assert rel_err(out, plain) < 5e-2
