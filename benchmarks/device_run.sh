@@ -60,6 +60,19 @@ for step in $steps; do
       tput 100 200 | grep "Output token"
       for v in 0 1 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v tput 150 1000 --output-json "$OUT/throughput-8b-fp8qk$v-$RANDOM.json" \
         | grep "Output token" | sed "s/^/fp8qk=$v /"; done ;;
+    fp8qk-default)  # FP8 QK^T in prefill as the default: the GPU tests it touches (prefill attention, the model
+      # against HF / the CPU emulation), the 7B's MHA prefill both ways, Llama-3-8B throughput without it and with it
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "prefill" tests/gpu/test_gpu_model.py \
+        -p no:cacheprovider 2>&1 | tail -3
+      for v in 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v timeout 100 python3 benchmarks/tune_attention.py --no-decode --prefill \
+        --prefill-shapes "llama2-7b 1x2048" --output-json "$OUT/tune_prefill_7b_fp8qk$v.json" 2>&1 | grep -v "^skip" | tail -1; done
+      tput 100 200 | grep "Output token"
+      for v in 0 1; do HOPPERLLM_PREFILL_FP8_QK=$v tput 150 1000 --output-json "$OUT/throughput-8b-fp8qk$v-default.json" \
+        | grep "Output token\|Triton" | sed "s/^/fp8qk=$v /"; done ;;
+    tune-gemv-small)  # batch-1 GEMV configs for the Llama-2-7B and Llama-3-8B matrices (MODELS=7b,8b), as their
+      # decode launches them (the three-launch MLP: plain GEMVs)
+      timeout 400 python3 benchmarks/tune_gemv.py --models "${MODELS:-7b,8b}" --unfused \
+        --output-json "$OUT/tune_gemv_small.json" 2>&1 | grep -v "^  skip" | tail -40 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -132,6 +132,7 @@ def main():
 PREFILL_SHAPES = {
     "llama3-8b 4x2048": (4, 2048, 32, 8, 128),
     "llama2-70b tp2 4x2048": (4, 2048, 32, 4, 128),
+    "llama2-7b 1x2048": (1, 2048, 32, 32, 128),  # the batch-1 latency run's prompt (MHA)
 }
 
 

@@ -1,4 +1,4 @@
-"""Sweep fp8_gemv launch configs at batch 1 for the Llama-2-7B and -70B decode matrices.
+"""Sweep fp8_gemv launch configs at batch 1 for the Llama-2-7B, Llama-3-8B and Llama-2-70B decode matrices.
 
 gate_up and down are timed as decode launches them (gate/up with SiLU-mul in its epilogue, down quantizing its
 bf16 input as it loads it; --unfused for plain fp8_gemv). Times each config in a CUDA graph with cold weights (benchmarks/bench_kernels.median_ms), against the
@@ -26,6 +26,7 @@ from hopperllm.kernels import fp8  # noqa: E402
 MATRICES = {
     "7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)},
     "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)},
+    "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
     # one rank's shard with tensor parallelism: column-parallel N / tp, row-parallel K / tp
     "70b-tp2": {"gate_up": (28672, 8192), "down": (8192, 14336), "qkv": (5120, 8192), "o": (8192, 4096)},
     "70b-tp4": {"gate_up": (14336, 8192), "down": (8192, 7168), "qkv": (2560, 8192), "o": (8192, 2048)},

@@ -799,7 +799,9 @@ def _prefill_kernel(
     )
 
 
-def _prefill_config(head_dim: int, group: int, is_cuda: bool) -> tuple[int, int, int, int]:
+def _prefill_config(
+    head_dim: int, group: int, is_cuda: bool, fp8_qk: bool = False
+) -> tuple[int, int, int, int]:
     """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) -- a starting point to tune on H100/H200."""
     if not is_cuda:  # the interpreter: small tiles so tests cross tile and diagonal boundaries
         return max(16, triton.next_power_of_2(group)), 16, 1, 1
@@ -813,17 +815,21 @@ def _prefill_config(head_dim: int, group: int, is_cuda: bool) -> tuple[int, int,
     # (results/ab-prefill-h100.json): GQA (Llama-3-8B 4x2048, Llama-2-70B) 256 rows / 8 warps / 2 stages,
     # 0.492 and 0.246 ms a layer (128 rows / 4 warps: 0.518, 0.265); MHA (Llama-2-7B) 128 rows / 4 warps /
     # 2 stages, 0.142 ms (256 rows: 0.153; 8 warps / 3 stages: 0.184).
-    if group >= 4:
+    # With QK^T on FP8 tensor cores (PREFILL_FP8_QK) the GQA layers run best on 128 rows / 4 warps, on one
+    # H200 (tune-prefill-fp8qk1-h200-v22.json): Llama-3-8B 4x2048 418 us (256 rows / 8 warps: 446; the 16-bit
+    # QK^T's best, 256 / 8: 492), the 70B's TP=2 heads 415 (428; 476).
+    if group >= 4 and not fp8_qk:
         return max(256, block_m), 64, 8, 2
     return block_m, 64, 4, 2
 
 
 PREFILL_CONFIG: tuple[int, int, int, int] | None = None
 PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/ab_prefill.py)
-# HOPPERLLM_PREFILL_FP8_QK=1 (A/B runs, off by default): with an FP8 cache and a bf16 / fp16 model, prefill
-# quantizes q per row to e4m3 and multiplies it with the cached keys on FP8 tensor cores (twice the bf16
-# rate, no key conversion); P @ V stays 16-bit. Not yet measured on a GPU.
-PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "0") == "1"
+# With an FP8 cache and a bf16 / fp16 model, prefill quantizes q per row to e4m3 and multiplies it with the
+# cached keys on FP8 tensor cores (twice the bf16 rate, no key conversion; FlashAttention-3's FP8 mode, as
+# vLLM runs it with an FP8 cache, here with a scale per query row); P @ V stays 16-bit. On one H200 the
+# prefill kernel -15%, Llama-3-8B throughput +1% (perf-notes v22). HOPPERLLM_PREFILL_FP8_QK=0 turns it off.
+PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
 
 
 def paged_prefill_attention(
@@ -863,7 +869,8 @@ def paged_prefill_attention(
     if num_tokens == 0 or batch == first_seq or max_seqlen_q <= 0:
         return out
 
-    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda)
+    fp8_qk = fp8 and PREFILL_FP8_QK and q.dtype in (torch.bfloat16, torch.float16)
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda, fp8_qk)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
     tiles = triton.cdiv(max_seqlen_q, block_q)
@@ -898,7 +905,7 @@ def paged_prefill_attention(
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         HEAVY_FIRST=heavy_first,
-        FP8_QK=fp8 and PREFILL_FP8_QK and q.dtype in (torch.bfloat16, torch.float16),
+        FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -121,7 +121,10 @@ PREFILL_CASES = {
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("case", list(PREFILL_CASES))
-def test_prefill(kv_dtype, model, case):
+def test_prefill(kv_dtype, model, case, monkeypatch):
+    monkeypatch.setattr(
+        pa, "PREFILL_FP8_QK", False
+    )  # QK^T in 16 bits (HOPPERLLM_PREFILL_FP8_QK=0); FP8: below
     hq, hkv = MODELS[model]
     q_lens, seq_lens = PREFILL_CASES[case]
     q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=kv_dtype)
@@ -135,8 +138,8 @@ def test_prefill(kv_dtype, model, case):
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("case", list(PREFILL_CASES))
 def test_prefill_fp8_qk(model, case, monkeypatch):
-    # HOPPERLLM_PREFILL_FP8_QK: q quantized per row, QK^T on FP8 tensor cores. It equals the reference over
-    # the dequantized q to bf16 rounding, and stays near the reference over q itself.
+    # PREFILL_FP8_QK (the default with an FP8 cache): q quantized per row, QK^T on FP8 tensor cores. It
+    # equals the reference over the dequantized q to bf16 rounding, and stays near the reference over q.
     monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
     hq, hkv = MODELS[model]
     q_lens, seq_lens = PREFILL_CASES[case]

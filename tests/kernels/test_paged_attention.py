@@ -260,7 +260,8 @@ def test_decode_zero_length_padding_rows_give_zeros(num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp8_kv_decode_and_prefill(dtype):
+def test_fp8_kv_decode_and_prefill(dtype, monkeypatch):
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", False)  # 16-bit QK^T here; the FP8 one has its own test below
     q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 4, 2, 32, 8, dtype, seed=5)
     kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
     scale = 32**-0.5
@@ -287,8 +288,9 @@ def test_fp8_kv_decode_and_prefill(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
 def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
-    # HOPPERLLM_PREFILL_FP8_QK: q quantized per row, QK^T on FP8 operands, P @ V in 16 bits. It must equal
-    # the reference run on the dequantized q (to 16-bit rounding of P), and stay near the unquantized q.
+    # PREFILL_FP8_QK (the default with an FP8 cache): q quantized per row, QK^T on FP8 operands, P @ V in 16
+    # bits. It must equal the reference run on the dequantized q (to 16-bit rounding of P), and stay near
+    # the unquantized q; HOPPERLLM_PREFILL_FP8_QK=0's 16-bit path stays as it was.
     q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, dtype, seed=9)
     kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
     args = (kv8[0], kv8[1], cu, seq_lens, bt)
@@ -308,7 +310,7 @@ def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
     assert rel_err(out, emulated) < TOL[dtype]
     plain = pa.ref_paged_attention(q, *args, scale, k_scale, v_scale)
     assert rel_err(out, plain) < 5e-2
-    assert rel_err(prefill(False), plain) < TOL[dtype]  # the default path is untouched by the switch
+    assert rel_err(prefill(False), plain) < TOL[dtype]
 
 
 def test_entry_point_dispatch():
