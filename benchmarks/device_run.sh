@@ -71,7 +71,7 @@ for step in $steps; do
         | grep "Output token\|Triton" | sed "s/^/fp8qk=$v /"; done ;;
     tune-gemv-small)  # batch-1 GEMV configs for the Llama-2-7B and Llama-3-8B matrices (MODELS=7b,8b), as their
       # decode launches them (the three-launch MLP: plain GEMVs)
-      timeout 400 python3 benchmarks/tune_gemv.py --models "${MODELS:-7b,8b}" --unfused \
+      timeout 400 python3 benchmarks/tune_gemv.py --models "${MODELS:-7b,8b}" --unfused ${SPLITK:+--split-k $SPLITK} \
         --output-json "$OUT/tune_gemv_small.json" 2>&1 | grep -v "^  skip" | tail -40 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
