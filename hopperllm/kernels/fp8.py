@@ -464,6 +464,14 @@ GEMV_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     (10240, 8192): (128, 256, 4, 6, 8),  # 70B qkv: 34.4 vs 35.4
     (57344, 8192): (128, 256, 1, 4, 8),  # 70B gate_up: 157.2 vs 160.1
     (8192, 28672): (128, 256, 4, 4, 8),  # 70B down: 82.3 vs 82.8
+    # Llama-2-7B's down and Llama-3-8B's matrices, tuned on one H200 as the three-launch MLP runs them
+    # (tune-gemv-7b-8b-splitk-h200-v22.json, explicit split-K sweep). The 7B qkv / gate_up keep their H100
+    # configs (H200: 17.5 / 28.6 us with 128-row tiles against 19.8 / 28.8); square o stays with the rule
+    # (7.2 vs 7.3).
+    (4096, 11008): (128, 256, 4, 4, 8),  # 7B down: 14.0 vs 14.7 with the rule
+    (6144, 4096): (128, 256, 2, 4, 4),  # 8B qkv: 11.1 vs 13.2
+    (28672, 4096): (128, 256, 1, 4, 8),  # 8B gate_up: 33.3 vs 38.0 (128-row tiles: fused with SiLU-mul)
+    (4096, 14336): (128, 256, 4, 4, 8),  # 8B down: 17.2 vs 18.8
     # one rank of the 70B at tensor_parallel_size 2, tuned on an H200 (tune-gemv-70b-tp2-h200.json; qkv, o
     # and down with explicit split-K and the fused MLP launches: tune-gemv-70b-tp2-splitk-h200.json)
     (28672, 8192): (128, 256, 1, 4, 8),  # gate_up: 60.4 us vs 65.4 with the rule (fused: 62.2)
