@@ -73,6 +73,13 @@ for step in $steps; do
       # decode launches them (the three-launch MLP: plain GEMVs)
       timeout 400 python3 benchmarks/tune_gemv.py --models "${MODELS:-7b,8b}" --unfused ${SPLITK:+--split-k $SPLITK} \
         --output-json "$OUT/tune_gemv_small.json" 2>&1 | grep -v "^  skip" | tail -40 ;;
+    stream-k)  # the stream-K GEMV: its GPU tests at real shapes, then a sweep of its launches against today's configs
+      # for Llama-3-8B and the 70B's TP=8 shard (fused MLP launches, as their decode runs them) and Llama-2-7B (three)
+      timeout 90 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py -k "stream_k or tuned" -p no:cacheprovider 2>&1 | tail -3
+      timeout 130 python3 benchmarks/tune_gemv.py --models 8b,70b-tp8 --stream-k --output-json "$OUT/tune_gemv_stream_k.json" \
+        2>&1 | grep -v "^  skip" | tail -32
+      timeout 70 python3 benchmarks/tune_gemv.py --models 7b --unfused --stream-k --output-json "$OUT/tune_gemv_stream_k_7b.json" \
+        2>&1 | grep -v "^  skip" | tail -16 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -1,5 +1,5 @@
-"""Registers, spills and shared memory of the decode-attention kernel as compiled for a Hopper GPU, and the
-programs an SM can hold with them; needs Triton's NVIDIA backend, not a GPU (it compiles for sm_90 and reads
+"""Registers, spills and shared memory of the decode-attention kernel (or the prefill kernel, or the FP8 GEMV)
+as compiled for a Hopper GPU, and the programs an SM can hold with them; needs Triton's NVIDIA backend, not a GPU (it compiles for sm_90 and reads
 the cubin's resource usage with cuobjdump).
 
     python benchmarks/kernel_resources.py --group 8 --splits 16 --block-n 32 --num-stages 3 --quant-out
@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from hopperllm.kernels import fp8
 from hopperllm.kernels import paged_attention as pa
 
 # H100 / H200 SM limits
@@ -68,7 +69,32 @@ def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warp
     return _compile_resources(fn, consts, _PREFILL_POINTERS, num_warps, num_stages, sass_mma)
 
 
-def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=False) -> dict:
+_GEMV_POINTERS = {
+    "x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": "*bf16",
+    "partial_ptr": "*fp32", "counter_ptr": "*i32", "amax_ptr": "*fp32",
+}  # fmt: skip
+
+
+def gemv_resources(block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
+                   stream_k: bool = False, gated: bool = False, quant_x: bool = False, even_k: bool = True,
+                   sass_out: str | None = None) -> dict:  # fmt: skip
+    """fp8_gemv's kernel at one config (batch <= 16: BLOCK_M 16; per-token x scales, per-channel weight scales,
+    PDL and the L2 prefetch on, as decode launches it), or its stream-K kernel; `sass_out` writes the SASS."""
+    consts = dict(
+        X_SCALE_PER_ROW=True, W_SCALE_PER_CHANNEL=True, EVEN_K=even_k, BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, MAX_IMPRECISE_ACC=32, PREFETCH_LINES=fp8.GEMV_PREFETCH_LINES, GATED=gated,
+        QUANT_X=quant_x, BLOCK_AMAX=16 if quant_x else 1, USE_PDL=True,
+    )  # fmt: skip
+    if quant_x:
+        consts["X_SCALE_PER_ROW"] = True
+    fn = fp8._fp8_gemv_stream_k_kernel if stream_k else fp8._fp8_gemv_kernel
+    if not stream_k:
+        consts["SPLIT_K"] = split_k
+    pointers = dict(_GEMV_POINTERS, x_ptr="*bf16") if quant_x else _GEMV_POINTERS
+    return _compile_resources(fn, consts, pointers, num_warps, num_stages, True, sass_out)
+
+
+def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=False, sass_out=None) -> dict:
     names = fn.arg_names
     # strides the model's tensors give multiples of 16 (stride_bt, the block-table width, is not specialized)
     divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"}
@@ -97,6 +123,9 @@ def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=Fal
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+    if sass_out:
+        with open(sass_out, "w") as f:
+            f.write(sass)
     regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     smem = k.metadata.shared
     threads = 32 * num_warps
@@ -131,7 +160,21 @@ def main():
     p.add_argument(
         "--fp8-qk", action="store_true", help="prefill: QK^T on FP8 operands (HOPPERLLM_PREFILL_FP8_QK)"
     )
+    p.add_argument(
+        "--gemv", action="store_true", help="fp8_gemv's kernel instead (--block-n, --block-k, ...)"
+    )
+    p.add_argument("--block-k", type=int, default=256)
+    p.add_argument("--split-k", type=int, default=1)
+    p.add_argument("--stream-k", action="store_true", help="--gemv: the stream-K kernel")
+    p.add_argument("--gated", action="store_true", help="--gemv: gate/up with SiLU-mul in the epilogue")
+    p.add_argument("--quant-x", action="store_true", help="--gemv: quantize a bf16 input while loading it")
+    p.add_argument("--sass-out", default=None, help="--gemv: write the SASS here")
     a = p.parse_args()
+    if a.gemv:
+        r = gemv_resources(a.block_n, a.block_k, a.split_k, a.num_warps, a.num_stages, a.stream_k, a.gated,
+                           a.quant_x, sass_out=a.sass_out)  # fmt: skip
+        print(f"triton {triton.__version__}, sm_90: fp8 gemv {vars(a)}: {r}")
+        return
     if a.prefill:
         r = prefill_attention_resources(a.group, a.block_m, a.block_n, a.num_warps, a.num_stages, a.fp8_qk,
                                         sass_mma=True)  # fmt: skip

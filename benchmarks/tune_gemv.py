@@ -65,6 +65,11 @@ def main() -> None:
         help="time gate_up and down as plain fp8_gemv (default: as decode launches them, the gate/up GEMV "
         "with SiLU-mul in its epilogue and the down GEMV quantizing its input)",
     )
+    p.add_argument(
+        "--stream-k",
+        action="store_true",
+        help="sweep stream-K launches instead (fp8_gemv config STREAM_K: 1 or 2 programs an SM, BLOCK_K 256)",
+    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -72,7 +77,12 @@ def main() -> None:
     copy_gbps, read_gbps = copy_bandwidth_gbps(), read_bandwidth_gbps()
     print(f"copy {copy_gbps:.0f} GB/s, read {read_gbps:.0f} GB/s, L2 {l2 >> 20} MiB, {sms} SMs")
     res = {"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "read_gbps": read_gbps, "rows": []}
-    if a.split_k:
+    if a.stream_k:
+        space = [
+            {"BLOCK_N": bn, "BLOCK_K": 256, "num_stages": st, "num_warps": nw, "STREAM_K": per_sm * sms}
+            for bn, st, nw, per_sm in itertools.product((64, 128), (3, 4), (4, 8), (1, 2))
+        ]
+    elif a.split_k:
         space = [
             {"BLOCK_N": bn, "BLOCK_K": 256, "num_stages": 4, "num_warps": nw, "SPLIT_K": int(sk)}
             for bn, nw, sk in itertools.product((32, 64, 128), (4, 8), a.split_k.split(","))
@@ -97,7 +107,7 @@ def main() -> None:
             results = []
             for cfg in [{}] + space:
                 full = {**default, **cfg}
-                if cfg and "SPLIT_K" not in cfg and "BLOCK_N" in cfg:
+                if cfg and "SPLIT_K" not in cfg and "STREAM_K" not in cfg and "BLOCK_N" in cfg:
                     # derive split-K for the block size: ~1.5 waves, >= 4 K chunks per slice
                     tiles = triton.cdiv(N, full["BLOCK_N"])
                     chunks = triton.cdiv(K, full["BLOCK_K"])
@@ -119,7 +129,7 @@ def main() -> None:
                        "pct_read": 100 * gbps / read_gbps, "default": tag == "default", "config": cfg}  # fmt: skip
                 res["rows"].append(row)
                 print(f"{model:4s} {name:8s} {ms * 1e3:8.1f} us {gbps:6.0f} GB/s {row['pct_read']:5.1f}% of read"
-                      f" {'DEFAULT ' if tag else ''}{ {k: cfg.get(k, 0) for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_stages', 'num_warps')} }")  # fmt: skip
+                      f" {'DEFAULT ' if tag else ''}{ {k: cfg.get(k, 0) for k in ('BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'STREAM_K', 'num_stages', 'num_warps')} }")  # fmt: skip
             del sets
             torch.cuda.empty_cache()
             if a.output_json:  # after every matrix: a run cut short keeps what it measured

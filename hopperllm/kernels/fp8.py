@@ -287,6 +287,101 @@ def _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMA
 
 
 @triton.jit
+def _gemv_prefetch(w_ptr, rows_n, up_offset, stride_wn, k_begin, k_end, PREFETCH_LINES: tl.constexpr,
+                   GATED: tl.constexpr):  # fmt: skip
+    # the first PREFETCH_LINES 128-byte lines of each of the rows' range [k_begin, k_end) into L2
+    if PREFETCH_LINES > 0:
+        offs_p = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * 128, k_end - 1)
+        _prefetch_l2(w_ptr + rows_n[:, None] * stride_wn + offs_p[None, :])
+        if GATED:
+            _prefetch_l2(w_ptr + up_offset + rows_n[:, None] * stride_wn + offs_p[None, :])
+
+
+@triton.jit
+def _gemv_w_scales(w_scale_ptr, rows_n, N, W_SCALE_PER_CHANNEL: tl.constexpr, GATED: tl.constexpr):
+    if W_SCALE_PER_CHANNEL:
+        w_scale = tl.load(w_scale_ptr + rows_n)[:, None]
+        w_scale_up = tl.load(w_scale_ptr + N + rows_n)[:, None] if GATED else w_scale
+    else:
+        w_scale = tl.load(w_scale_ptr)
+        w_scale_up = w_scale
+    return w_scale, w_scale_up
+
+
+@triton.jit
+def _gemv_x_scales(x_scale_ptr, rows_m, NUM_AMAX, X_SCALE_PER_ROW: tl.constexpr, QUANT_X: tl.constexpr,
+                   BLOCK_AMAX: tl.constexpr):  # fmt: skip
+    """(x_scale, 1 / x_scale): x's per-row or per-tensor scale, or with QUANT_X each row's scale from the
+    max of its NUM_AMAX amax pieces (the bits per_token_quant_fp8 would give)."""
+    if QUANT_X:
+        offs_a = tl.arange(0, BLOCK_AMAX)
+        pieces = tl.load(
+            x_scale_ptr + rows_m[:, None] * NUM_AMAX + offs_a[None, :],
+            mask=offs_a[None, :] < NUM_AMAX,
+            other=0.0,
+        )
+        x_scale = fp8_scale_from_amax(tl.max(pieces, axis=1))
+        x_inv_scale = fp8_inv_scale(x_scale)
+    else:
+        x_scale = tl.load(x_scale_ptr + rows_m)[None, :] if X_SCALE_PER_ROW else tl.load(x_scale_ptr)
+        x_inv_scale = 0.0  # unused
+    return x_scale, x_inv_scale
+
+
+@triton.jit
+def _gemv_k_range(
+    w_ptr, x_ptr, rows_n, rows_m, up_offset, stride_wn, stride_xm, k_begin, k_end, x_inv_scale,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr, GATED: tl.constexpr, QUANT_X: tl.constexpr,
+):  # fmt: skip
+    """W[rows_n, k_begin:k_end] @ X[rows_m, k_begin:k_end]^T as float32 [BLOCK_N, BLOCK_M] (and the up rows'
+    product when GATED). k_begin is a multiple of BLOCK_K; only a range ending at K itself (not EVEN_K) can
+    end inside a block."""
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_mask = (k + offs_k) < k_end
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        if QUANT_X:
+            x = quantize_fp8(x.to(tl.float32), x_inv_scale[:, None])
+        # Hopper's fp8 MMA adds into a reduced-precision accumulator; Triton's default lets it run over the
+        # whole K (errors ~1e-3 relative). MAX_IMPRECISE_ACC = 32 moves the partial sums into the float32
+        # accumulator after every MMA k-step, as cuBLAS does without fast accumulation.
+        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+        if GATED:
+            if EVEN_K:
+                w_up = tl.load(w_ptrs + up_offset)
+            else:
+                w_up = tl.load(w_ptrs + up_offset, mask=k_mask[None, :], other=0.0)
+            acc_up = tl.dot(w_up, tl.trans(x), acc_up, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    return acc, acc_up
+
+
+@triton.jit
+def _gemv_apply_scales(acc, acc_up, w_scale, w_scale_up, x_scale, QUANT_X: tl.constexpr):
+    # Scales factor out of the K sum, so they are applied once, to the accumulator.
+    acc *= w_scale
+    acc_up *= w_scale_up
+    if QUANT_X:
+        acc *= x_scale[None, :]
+        acc_up *= x_scale[None, :]
+    else:
+        acc *= x_scale
+        acc_up *= x_scale
+    return acc, acc_up
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
     M, N, K, K_PER_SPLIT, SLICE_STRIDE, NUM_AMAX,
@@ -330,73 +425,19 @@ def _fp8_gemv_kernel(
     up_offset = N.to(tl.int64) * stride_wn  # GATED: from a gate row to its up row
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    offs_k = tl.arange(0, BLOCK_K)
-    if PREFETCH_LINES > 0:
-        # The weights are never written by an earlier kernel, so they may be touched before the PDL wait:
-        # pull the first PREFETCH_LINES 128-byte lines of each of this program's rows into L2 while the
-        # previous kernel (often a one-program norm or quantize) still runs.
-        offs_p = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * 128, k_end - 1)
-        _prefetch_l2(w_ptr + rows_n[:, None] * stride_wn + offs_p[None, :])
-        if GATED:
-            _prefetch_l2(w_ptr + up_offset + rows_n[:, None] * stride_wn + offs_p[None, :])
-    # The weight scales are constants too: loaded before the wait, they are not a dependent round trip in
-    # the epilogue; the activation scales (written by the previous kernel) are loaded right after it.
-    if W_SCALE_PER_CHANNEL:
-        w_scale = tl.load(w_scale_ptr + rows_n)[:, None]
-        w_scale_up = tl.load(w_scale_ptr + N + rows_n)[:, None] if GATED else w_scale
-    else:
-        w_scale = tl.load(w_scale_ptr)
-        w_scale_up = w_scale
+    # The weights and their scales are never written by an earlier kernel, so they may be touched before
+    # the PDL wait: an L2 prefetch of the first lines while the previous kernel (often a one-program norm
+    # or quantize) still runs, and the scales, which are then not a dependent round trip in the epilogue.
+    _gemv_prefetch(w_ptr, rows_n, up_offset, stride_wn, k_begin, k_end, PREFETCH_LINES, GATED)
+    w_scale, w_scale_up = _gemv_w_scales(w_scale_ptr, rows_n, N, W_SCALE_PER_CHANNEL, GATED)
     pdl_prologue(USE_PDL)
-    if not QUANT_X:
-        x_scale = tl.load(x_scale_ptr + rows_m)[None, :] if X_SCALE_PER_ROW else tl.load(x_scale_ptr)
-    if QUANT_X:
-        offs_a = tl.arange(0, BLOCK_AMAX)
-        pieces = tl.load(
-            x_scale_ptr + rows_m[:, None] * NUM_AMAX + offs_a[None, :],
-            mask=offs_a[None, :] < NUM_AMAX,
-            other=0.0,
-        )
-        x_scale = fp8_scale_from_amax(tl.max(pieces, axis=1))
-        x_inv_scale = fp8_inv_scale(x_scale)
-    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + (k_begin + offs_k)[None, :]
-    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(k_begin, k_end, BLOCK_K):
-        # A K slice ends at k_end: k_per_split is a multiple of BLOCK_K, so only the last slice can end
-        # inside a block, at K itself.
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            k_mask = (k + offs_k) < k_end
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        if QUANT_X:
-            x = quantize_fp8(x.to(tl.float32), x_inv_scale[:, None])
-        # Hopper's fp8 MMA adds into a reduced-precision accumulator; Triton's default lets it run over the
-        # whole K (errors ~1e-3 relative). MAX_IMPRECISE_ACC = 32 moves the partial sums into the float32
-        # accumulator after every MMA k-step, as cuBLAS does without fast accumulation.
-        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-        if GATED:
-            if EVEN_K:
-                w_up = tl.load(w_ptrs + up_offset)
-            else:
-                w_up = tl.load(w_ptrs + up_offset, mask=k_mask[None, :], other=0.0)
-            acc_up = tl.dot(w_up, tl.trans(x), acc_up, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-
-    # Scales factor out of the K sum, so they are applied once, to the accumulator.
-    acc *= w_scale
-    acc_up *= w_scale_up
-    if QUANT_X:
-        acc *= x_scale[None, :]
-        acc_up *= x_scale[None, :]
-    else:
-        acc *= x_scale
-        acc_up *= x_scale
+    # the activation scales (written by the previous kernel) right after the wait
+    x_scale, x_inv_scale = _gemv_x_scales(x_scale_ptr, rows_m, NUM_AMAX, X_SCALE_PER_ROW, QUANT_X, BLOCK_AMAX)
+    acc, acc_up = _gemv_k_range(
+        w_ptr, x_ptr, rows_n, rows_m, up_offset, stride_wn, stride_xm, k_begin, k_end, x_inv_scale,
+        EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, MAX_IMPRECISE_ACC, GATED, QUANT_X,
+    )  # fmt: skip
+    acc, acc_up = _gemv_apply_scales(acc, acc_up, w_scale, w_scale_up, x_scale, QUANT_X)
 
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -425,6 +466,97 @@ def _fp8_gemv_kernel(
                 partial_ptrs += SLICE_STRIDE
             _gemv_store(total, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
+def _fp8_gemv_stream_k_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
+    M, N, K, NUM_AMAX, MAX_CONTRIB,
+    stride_xm, stride_wn, stride_om,
+    X_SCALE_PER_ROW: tl.constexpr,
+    W_SCALE_PER_CHANNEL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
+    GATED: tl.constexpr,
+    QUANT_X: tl.constexpr,
+    BLOCK_AMAX: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    # _fp8_gemv_kernel's product with a stream-K split (Osama et al., 2023): the work is the tile-major list
+    # of (output tile, BLOCK_K chunk) iterations, and each of the grid's programs takes one contiguous, equal
+    # share of it (within one iteration), so every SM streams the same bytes and no second wave of programs
+    # runs on a few SMs while the rest idle (a split-K grid rounds its tiles x slices to whole waves). A
+    # tile whose iterations span several programs is finished like a split-K tile: each stores its float32
+    # partial in the tile's slot for it and bumps the tile's arrival counter; the last to arrive sums the
+    # partials in program order (deterministic) and stores the output.
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    k_chunks = tl.cdiv(K, BLOCK_K)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    total = tiles_n * tl.cdiv(M, BLOCK_M) * k_chunks
+    it_begin = pid * total // num_programs
+    it_end = (pid + 1) * total // num_programs
+    first_tile = it_begin // k_chunks
+    last_tile = (it_end - 1) // k_chunks
+    up_offset = N.to(tl.int64) * stride_wn  # GATED: from a gate row to its up row
+    # before the PDL wait: the first lines of the first tile's share (the weights are constants)
+    rows_first = ((first_tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    k_first = (it_begin - first_tile * k_chunks) * BLOCK_K
+    _gemv_prefetch(w_ptr, rows_first.to(tl.int64), up_offset, stride_wn, k_first, K, PREFETCH_LINES, GATED)
+    pdl_prologue(USE_PDL)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
+    SLOT_WIDTH: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N  # a partial slot: [BLOCK_M, SLOT_WIDTH]
+    slot_ptrs = partial_ptr + tile_m[None, :] * SLOT_WIDTH + tile_n[:, None]
+    for tile in range(first_tile, last_tile + 1):
+        pid_m = tile // tiles_n
+        pid_n = tile - pid_m * tiles_n
+        offs_n = pid_n * BLOCK_N + tile_n
+        offs_m = pid_m * BLOCK_M + tile_m
+        rows_n = (offs_n % N).to(tl.int64)
+        rows_m = (offs_m % M).to(tl.int64)
+        tile_it = tile * k_chunks
+        chunk_begin = tl.maximum(it_begin - tile_it, 0)
+        chunk_end = tl.minimum(it_end - tile_it, k_chunks)
+        w_scale, w_scale_up = _gemv_w_scales(w_scale_ptr, rows_n, N, W_SCALE_PER_CHANNEL, GATED)
+        x_scale, x_inv_scale = _gemv_x_scales(
+            x_scale_ptr, rows_m, NUM_AMAX, X_SCALE_PER_ROW, QUANT_X, BLOCK_AMAX
+        )
+        acc, acc_up = _gemv_k_range(
+            w_ptr, x_ptr, rows_n, rows_m, up_offset, stride_wn, stride_xm, chunk_begin * BLOCK_K,
+            tl.minimum(chunk_end * BLOCK_K, K), x_inv_scale,
+            EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, MAX_IMPRECISE_ACC, GATED, QUANT_X,
+        )  # fmt: skip
+        acc, acc_up = _gemv_apply_scales(acc, acc_up, w_scale, w_scale_up, x_scale, QUANT_X)
+        out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        if chunk_begin == 0 and chunk_end == k_chunks:  # the whole tile in this program
+            _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
+        else:
+            # the programs holding the tile's first and last iterations (program p starts at p * total // P)
+            first_prog = ((tile_it + 1) * num_programs - 1) // total
+            last_prog = ((tile_it + k_chunks) * num_programs - 1) // total
+            tile_slots = slot_ptrs + (tile * MAX_CONTRIB).to(tl.int64) * (BLOCK_M * SLOT_WIDTH)
+            my_slot = tile_slots + (pid - first_prog) * (BLOCK_M * SLOT_WIDTH)
+            tl.store(my_slot, acc)
+            if GATED:
+                tl.store(my_slot + BLOCK_N, acc_up)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+            if arrived == last_prog - first_prog:
+                total_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                total_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for c in range(0, last_prog - first_prog + 1):
+                    slot = tile_slots + c * (BLOCK_M * SLOT_WIDTH)
+                    total_acc += tl.load(slot, cache_modifier=".cg")
+                    if GATED:
+                        total_up += tl.load(slot + BLOCK_N, cache_modifier=".cg")
+                _gemv_store(total_acc, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
+                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
 
 
 # Arrival counters for in-launch fix-ups (fp8_gemv's split-K, decode attention's merge), one int32 per
@@ -457,8 +589,8 @@ def _num_sms(device_index: int) -> int:
 # every M up to GEMV_TUNED_MAX_M: one 16-token tile (BLOCK_M 16) streams the same weight bytes through the
 # same programs for 1 token as for 16 (HOPPERLLM_GEMV_TUNED_MAX_M=1 keeps them to batch 1, as before v18).
 GEMV_TUNED_MAX_M = int(os.environ.get("HOPPERLLM_GEMV_TUNED_MAX_M", "16"))
-GEMV_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
-    # (N, K): (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)
+GEMV_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
+    # (N, K): (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps[, stream-K programs an SM: SPLIT_K unused])
     (12288, 4096): (32, 512, 1, 4, 4),  # 7B qkv: 21.4 us vs 23.5 with the rule
     (22016, 4096): (64, 512, 1, 4, 8),  # 7B gate_up: 35.5 vs 36.1
     (10240, 8192): (128, 256, 4, 6, 8),  # 70B qkv: 34.4 vs 35.4
@@ -502,9 +634,12 @@ def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
     tuned = GEMV_TUNED.get((N, K)) if M <= min(GEMV_TUNED_MAX_M, 16) else None
     if tuned is not None:
-        bn, bk, sk, st, nw = tuned
-        return {"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,
-                "num_stages": st, "MAX_IMPRECISE_ACC": 32}  # fmt: skip
+        bn, bk, sk, st, nw, *stream_k = tuned
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,
+               "num_stages": st, "MAX_IMPRECISE_ACC": 32}  # fmt: skip
+        if stream_k:  # programs an SM
+            cfg["STREAM_K"] = stream_k[0] * num_sms
+        return cfg
     block_k = 256
     if M == 1:
         block_n, waves, min_chunks_per_slice = 64, 1.5, 4
@@ -604,6 +739,9 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     else:
         cfg.setdefault("PREFETCH_LINES", GEMV_PREFETCH_LINES)
     split_k = cfg.pop("SPLIT_K")
+    stream_k = cfg.pop("STREAM_K", 0)
+    if stream_k:
+        return _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, stream_k, gated, quant_x)
     block_k = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty K slices
@@ -633,6 +771,41 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     return (out, amax) if gated else out
 
 
+def _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, programs, gated, quant_x):
+    """_launch_fp8_gemv's stream-K launch: `programs` programs (at most one a tile x K-chunk iteration)."""
+    M, K = x.shape
+    N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
+    device = x.device
+    tiles_n = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = tiles_n * triton.cdiv(M, cfg["BLOCK_M"])
+    k_chunks = triton.cdiv(K, cfg["BLOCK_K"])
+    programs = min(programs, tiles * k_chunks)
+    # a tile's k_chunks iterations meet at most this many programs (each takes >= total // programs)
+    max_contrib = min(programs, triton.cdiv(k_chunks, tiles * k_chunks // programs) + 1)
+    slot_width = cfg["BLOCK_N"] * (2 if gated else 1)
+    partials = torch.empty(
+        (tiles * max_contrib, cfg["BLOCK_M"], slot_width), dtype=torch.float32, device=device
+    )
+    counters = tile_counters(device, tiles)
+    out = torch.empty((M, N), dtype=out_dtype, device=device)
+    amax = torch.empty((M, tiles_n), dtype=torch.float32, device=device) if gated else out
+    num_amax = tiles_n if gated else (x_scale.shape[-1] if quant_x else 1)
+    _fp8_gemv_stream_k_kernel[(programs,)](
+        x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
+        M, N, K, num_amax, max_contrib,
+        x.stride(0), w_fp8.stride(0), out.stride(0),
+        X_SCALE_PER_ROW=x_scale.numel() != 1,
+        W_SCALE_PER_CHANNEL=w_scale.numel() != 1,
+        EVEN_K=K % cfg["BLOCK_K"] == 0,
+        GATED=gated,
+        QUANT_X=quant_x,
+        BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
+        **cfg,
+        **pdl_kwargs(device),
+    )  # fmt: skip
+    return (out, amax) if gated else out
+
+
 def fp8_gemv(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -646,9 +819,11 @@ def fp8_gemv(
     """x_fp8 [M, K] (M small), x_scale [M, 1] or [1], w_fp8 [N, K], w_scale [1] or [N] -> [M, N] out_dtype.
 
     `config` overrides fp8_gemv_config (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
-    MAX_IMPRECISE_ACC, PREFETCH_LINES).
+    MAX_IMPRECISE_ACC, PREFETCH_LINES, STREAM_K).
     With SPLIT_K > 1 the last K slice of each tile to finish sums the float32 partials (in slice order,
-    so results are deterministic) in the same launch.
+    so results are deterministic) in the same launch. STREAM_K = P > 0 launches P programs that split the
+    (tile, BLOCK_K chunk) iterations evenly instead (stream-K; SPLIT_K is then unused), with the same
+    in-launch fix-up for tiles that span programs.
     With silu_mul, see fp8_gemv_silu_mul.
     """
     _check_weight(w_fp8, w_scale)

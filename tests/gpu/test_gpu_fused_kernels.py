@@ -152,6 +152,41 @@ def test_fp8_gemv_tuned_batch1_configs(N, K, M):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+# decode matrices whose split-K grids leave SMs idle or run a short second wave: Llama-3-8B qkv and gate_up,
+# the 70B's TP=8 qkv shard, Llama-2-7B down
+STREAM_K_SHAPES = [(6144, 4096), (28672, 4096), (1280, 8192), (4096, 11008)]
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("per_sm", [1, 2])
+@pytest.mark.parametrize(("N", "K"), STREAM_K_SHAPES)
+def test_fp8_gemv_stream_k_real_shapes(N, K, per_sm, M):
+    """The stream-K launch (tiles split over programs at any K chunk) against the float32 reference, plain,
+    gated (fused SiLU-mul: the bits of the unfused GEMV with the same tiles) and replayed in a CUDA graph."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = {"BLOCK_N": 128, "BLOCK_K": 256, "num_stages": 4, "num_warps": 8, "STREAM_K": per_sm * sms}
+    w_fp8, w_scale = make_weight(N, K, True, seed=N + K)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=2))
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=cfg)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    gated = fp8.fp8_gemv_silu_mul(x_fp8, x_scale, w_fp8, w_scale, config=cfg)
+    halves = [
+        fp8.fp8_gemv(
+            x_fp8, x_scale, w_fp8[rows], w_scale[rows], config=fp8.gated_config({"BLOCK_M": 16, **cfg})
+        )
+        for rows in (slice(0, N // 2), slice(N // 2, N))
+    ]
+    assert torch.equal(gated.values, activation.silu_and_mul(torch.cat(halves, dim=1)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=cfg)
+    for _ in range(2):
+        replayed.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(replayed, out)  # deterministic: partials summed in program order
+
+
 def test_fp8_gemv_split_k_replays_in_cuda_graph():
     """Decode runs under CUDA graphs: the split-K fix-up must re-arm its counters on every replay."""
     (N, K), M = LLAMA2_7B_MATRICES[3], 4

@@ -93,6 +93,43 @@ def test_fp8_gemv_matches_ref(poisoned_empty, M, N, K, config, per_channel):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=GEMV_ATOL * ref.abs().max().item())
 
 
+STREAM_K_CASES = [
+    # M, N, K, config (STREAM_K: programs)
+    (
+        1,
+        96,
+        512,
+        {"STREAM_K": 5, "BLOCK_N": 32, "BLOCK_K": 128},
+    ),  # 12 iterations over 5: tiles split 2-3 ways
+    (3, 96, 1000, {"STREAM_K": 7, "BLOCK_N": 32, "BLOCK_K": 128}),  # ragged K tail, ragged shares
+    (2, 80, 256, {"STREAM_K": 3, "BLOCK_N": 32, "BLOCK_K": 128}),  # ragged N: the last tile re-reads rows
+    (1, 64, 1024, {"STREAM_K": 16, "BLOCK_N": 32, "BLOCK_K": 128}),  # one iteration a program: 8 per tile
+    (20, 64, 384, {"STREAM_K": 4, "BLOCK_N": 32, "BLOCK_K": 128}),  # two row blocks
+    (2, 64, 256, {"STREAM_K": 64, "BLOCK_N": 32, "BLOCK_K": 128}),  # more programs than iterations
+    (2, 64, 256, {"STREAM_K": 1, "BLOCK_N": 32, "BLOCK_K": 128}),  # one program: every tile whole
+]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("M", "N", "K", "config"), STREAM_K_CASES)
+def test_fp8_gemv_stream_k_matches_ref(poisoned_empty, M, N, K, config, per_channel):
+    w_fp8, w_scale = make_weight(N, K, per_channel, seed=M)
+    x_fp8, x_scale = fp8.ref_per_token_quant_fp8(random_rows((M, K), torch.float32, seed=K))
+    ref = fp8.ref_fp8_matmul(x_fp8, x_scale, w_fp8, w_scale, torch.float32)
+    for _ in range(2):  # the fix-up re-arms its counters: a second call (a graph replay) is right too
+        out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32, config=config)
+        assert out.shape == (M, N) and not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=GEMV_ATOL * ref.abs().max().item())
+        assert not fp8._counters[(x_fp8.device, "fp8_gemv")].any()
+
+
+def test_tuned_stream_k_entry_gives_programs_per_sm(monkeypatch):
+    monkeypatch.setitem(fp8.GEMV_TUNED, (777, 512), (128, 256, 1, 3, 8, 2))  # 2 stream-K programs an SM
+    cfg = fp8.fp8_gemv_config(1, 777, 512, 132)
+    assert cfg["STREAM_K"] == 264 and cfg["BLOCK_N"] == 128 and cfg["num_stages"] == 3
+    assert "STREAM_K" not in fp8.fp8_gemv_config(1, 778, 512, 132)  # the rule: split-K
+
+
 def test_fp8_gemv_split_k_rearms_its_counters(poisoned_empty):
     """The split-K fix-up leaves its arrival counters at zero, so the next call (or graph replay) works."""
     w_fp8, w_scale = make_weight(200, 1024, per_channel=True, seed=2)
@@ -198,6 +235,7 @@ FUSED_MLP_CASES = [
         {"SPLIT_K": 1, "BLOCK_K": 128},
     ),  # ragged K, N
     (5, 64, 768, {"SPLIT_K": 3, "BLOCK_K": 128, "BLOCK_N": 32}, {"SPLIT_K": 2, "BLOCK_K": 128}),  # split-K
+    (3, 64, 768, {"STREAM_K": 5, "BLOCK_K": 128, "BLOCK_N": 64}, {"STREAM_K": 7, "BLOCK_K": 128}),  # stream-K
     (
         20,
         48,
