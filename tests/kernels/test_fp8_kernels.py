@@ -128,6 +128,8 @@ def test_tuned_stream_k_entry_gives_programs_per_sm(monkeypatch):
     cfg = fp8.fp8_gemv_config(1, 777, 512, 132)
     assert cfg["STREAM_K"] == 264 and cfg["BLOCK_N"] == 128 and cfg["num_stages"] == 3
     assert "STREAM_K" not in fp8.fp8_gemv_config(1, 778, 512, 132)  # the rule: split-K
+    monkeypatch.setattr(fp8, "GEMV_STREAM_K", False)  # HOPPERLLM_GEMV_STREAM_K=0: the entry's split-K config
+    assert "STREAM_K" not in fp8.fp8_gemv_config(1, 777, 512, 132)
 
 
 def test_fp8_gemv_split_k_rearms_its_counters(poisoned_empty):
