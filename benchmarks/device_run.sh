@@ -80,6 +80,11 @@ for step in $steps; do
         2>&1 | grep -v "^  skip" | tail -32
       timeout 70 python3 benchmarks/tune_gemv.py --models 7b --unfused --stream-k --output-json "$OUT/tune_gemv_stream_k_7b.json" \
         2>&1 | grep -v "^  skip" | tail -16 ;;
+    ab-stream-k)  # HOPPERLLM_GEMV_STREAM_K=1 (v22's stream-K candidates) end to end: the GPU test of every tuned config,
+      # then batch-1 latency of Llama-2-7B (with the fused MLP its 128-row gate/up tile turns on, and without) and Llama-3-8B
+      timeout 120 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py -k "stream_k or tuned" -p no:cacheprovider 2>&1 | tail -2
+      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_GEMV_STREAM_K=1 HOPPERLLM_GEMV_STREAM_K=1,HOPPERLLM_FUSED_MLP=0 -" OUT="$OUT" bash "$0" ab
+      MODEL=dummy:llama-3-8b AB="- HOPPERLLM_GEMV_STREAM_K=1" OUT="$OUT" bash "$0" ab ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
@@ -163,7 +168,7 @@ for step in $steps; do
         echo "--- ${v} ---"
         env $( [ "$v" = "-" ] || echo "${v//,/ }" ) timeout 240 python3 -m hopperllm.entrypoints.cli bench latency --model $model \
           --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size ${BATCH:-1} \
-          --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${model##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}.json" 2>&1 \
+          --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${model##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
     ab-tp)  # the TP latency run (batch BATCH, default 1) under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations

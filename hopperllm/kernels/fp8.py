@@ -589,17 +589,23 @@ def _num_sms(device_index: int) -> int:
 # every M up to GEMV_TUNED_MAX_M: one 16-token tile (BLOCK_M 16) streams the same weight bytes through the
 # same programs for 1 token as for 16 (HOPPERLLM_GEMV_TUNED_MAX_M=1 keeps them to batch 1, as before v18).
 GEMV_TUNED_MAX_M = int(os.environ.get("HOPPERLLM_GEMV_TUNED_MAX_M", "16"))
-# Entries with a sixth field launch stream-K (that many programs an SM): where a split-K grid's tiles x
-# slices leave SMs idle or run a short second wave (v22 in docs/perf-notes.md: the long gate/up streams and
-# the 7B's qkv gain; small matrices lose to the fix-up). HOPPERLLM_GEMV_STREAM_K=0 runs their split-K config.
-GEMV_STREAM_K = os.environ.get("HOPPERLLM_GEMV_STREAM_K", "1") != "0"
+# Entries with a sixth field launch stream-K (that many programs an SM; HOPPERLLM_GEMV_STREAM_K=0 runs their
+# split-K config instead). GEMV_STREAM_K_TUNED: stream-K launches that beat the split-K configs as single
+# kernels on one H200 (v22 in docs/perf-notes.md: the long gate/up streams and the 7B's qkv, where split-K
+# grids leave SMs idle or run a short second wave; small matrices lose to the fix-up), not yet measured end
+# to end: HOPPERLLM_GEMV_STREAM_K=1 puts them in front of GEMV_TUNED (the 7B's 128-row gate/up tile also
+# turns on the fused SiLU-mul launch).
+GEMV_STREAM_K = os.environ.get("HOPPERLLM_GEMV_STREAM_K", "auto")
+GEMV_STREAM_K_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
+    (12288, 4096): (128, 256, 1, 4, 8, 1),  # 7B qkv: 16.5 us vs 19.8 (H100 config), 128-row split-K 17.5
+    (22016, 4096): (128, 256, 1, 4, 8, 1),  # 7B gate_up, unfused: 26.6 vs 28.7
+    (28672, 4096): (128, 256, 1, 4, 8, 1),  # 8B gate_up, fused: 34.4 vs 35.8
+    (7168, 8192): (128, 256, 4, 4, 8, 1),  # 70B TP=8 gate_up, fused: 20.1 vs 21.8
+}
 GEMV_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
     # (N, K): (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps[, stream-K programs an SM: SPLIT_K unused])
-    # 7B qkv and gate_up: stream-K, one program an SM, on one H200 (tune-gemv-stream-k-7b-h200-v22.json): qkv
-    # 16.5 us against 19.8 with the H100's split-K config (32, 512, 1, 4, 4: 21.4 us vs 23.5 on the H100);
-    # gate_up 26.6 vs 28.7 (H100 config 64, 512, 1, 4, 8), timed unfused (the 128-row tile fuses SiLU-mul)
-    (12288, 4096): (128, 256, 1, 4, 8, 1),
-    (22016, 4096): (128, 256, 1, 4, 8, 1),
+    (12288, 4096): (32, 512, 1, 4, 4),  # 7B qkv: 21.4 us vs 23.5 with the rule
+    (22016, 4096): (64, 512, 1, 4, 8),  # 7B gate_up: 35.5 vs 36.1
     (10240, 8192): (128, 256, 4, 6, 8),  # 70B qkv: 34.4 vs 35.4
     (57344, 8192): (128, 256, 1, 4, 8),  # 70B gate_up: 157.2 vs 160.1
     (8192, 28672): (128, 256, 4, 4, 8),  # 70B down: 82.3 vs 82.8
@@ -609,7 +615,7 @@ GEMV_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
     # (7.2 vs 7.3).
     (4096, 11008): (128, 256, 4, 4, 8),  # 7B down: 14.0 vs 14.7 with the rule
     (6144, 4096): (128, 256, 2, 4, 4),  # 8B qkv: 11.1 vs 13.2
-    (28672, 4096): (128, 256, 1, 4, 8, 1),  # 8B gate_up, fused with SiLU-mul: stream-K 34.4 vs split-K 35.8
+    (28672, 4096): (128, 256, 1, 4, 8),  # 8B gate_up: 33.3 vs 38.0 (128-row tiles: fused with SiLU-mul)
     (4096, 14336): (128, 256, 4, 4, 8),  # 8B down: 17.2 vs 18.8
     # one rank of the 70B at tensor_parallel_size 2, tuned on an H200 (tune-gemv-70b-tp2-h200.json; qkv, o
     # and down with explicit split-K and the fused MLP launches: tune-gemv-70b-tp2-splitk-h200.json)
@@ -623,7 +629,7 @@ GEMV_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
     (2560, 8192): (32, 256, 4, 4, 4),  # qkv: 10.3 vs 11.7
     (8192, 2048): (64, 512, 1, 4, 8),  # o: 6.8 vs 7.7
     # one rank at tensor_parallel_size 8, tuned on one H200 (tune-gemv-70b-tp8-h200.json, fused MLP launches)
-    (7168, 8192): (128, 256, 4, 4, 8, 1),  # gate_up: stream-K 20.1 us, split-K 21.8-22.0, the rule 22.3
+    (7168, 8192): (128, 256, 4, 4, 8),  # gate_up: 22.0 us vs 22.3 with the rule
     (8192, 3584): (128, 256, 2, 4, 8),  # down, quantizing its input: 11.3 vs 12.8
     (1280, 8192): (32, 256, 8, 4, 4),  # qkv: 6.4 vs 7.5
     (8192, 1024): (64, 512, 1, 4, 8),  # o: 4.5 vs 5.5
@@ -639,12 +645,14 @@ def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     GEMV_TUNED takes its tuned config for every M <= 16 (one token tile, the same weight stream).
     """
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
-    tuned = GEMV_TUNED.get((N, K)) if M <= min(GEMV_TUNED_MAX_M, 16) else None
+    tuned = None
+    if M <= min(GEMV_TUNED_MAX_M, 16):
+        tuned = (GEMV_STREAM_K == "1" and GEMV_STREAM_K_TUNED.get((N, K))) or GEMV_TUNED.get((N, K))
     if tuned is not None:
         bn, bk, sk, st, nw, *stream_k = tuned
         cfg = {"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,
                "num_stages": st, "MAX_IMPRECISE_ACC": 32}  # fmt: skip
-        if stream_k and GEMV_STREAM_K:  # programs an SM
+        if stream_k and GEMV_STREAM_K != "0":  # programs an SM
             cfg["STREAM_K"] = stream_k[0] * num_sms
         return cfg
     block_k = 256

@@ -128,8 +128,14 @@ def test_tuned_stream_k_entry_gives_programs_per_sm(monkeypatch):
     cfg = fp8.fp8_gemv_config(1, 777, 512, 132)
     assert cfg["STREAM_K"] == 264 and cfg["BLOCK_N"] == 128 and cfg["num_stages"] == 3
     assert "STREAM_K" not in fp8.fp8_gemv_config(1, 778, 512, 132)  # the rule: split-K
-    monkeypatch.setattr(fp8, "GEMV_STREAM_K", False)  # HOPPERLLM_GEMV_STREAM_K=0: the entry's split-K config
+    monkeypatch.setattr(fp8, "GEMV_STREAM_K", "0")  # HOPPERLLM_GEMV_STREAM_K=0: the entry's split-K config
     assert "STREAM_K" not in fp8.fp8_gemv_config(1, 777, 512, 132)
+    # HOPPERLLM_GEMV_STREAM_K=1: the stream-K candidates go in front of the tuned table
+    monkeypatch.setitem(fp8.GEMV_STREAM_K_TUNED, (777, 512), (64, 256, 1, 4, 4, 1))
+    assert fp8.fp8_gemv_config(1, 777, 512, 132)["BLOCK_N"] == 128
+    monkeypatch.setattr(fp8, "GEMV_STREAM_K", "1")
+    cfg = fp8.fp8_gemv_config(1, 777, 512, 132)
+    assert cfg["BLOCK_N"] == 64 and cfg["STREAM_K"] == 132
 
 
 def test_fp8_gemv_split_k_rearms_its_counters(poisoned_empty):
