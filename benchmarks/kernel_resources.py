@@ -91,13 +91,16 @@ def gemv_resources(block_n: int, block_k: int, split_k: int, num_warps: int, num
     if not stream_k:
         consts["SPLIT_K"] = split_k
     pointers = dict(_GEMV_POINTERS, x_ptr="*bf16") if quant_x else _GEMV_POINTERS
-    return _compile_resources(fn, consts, pointers, num_warps, num_stages, True, sass_out)
+    # the decode matrices' sizes and split lengths are multiples of 16, which a launch specializes on
+    divisible = {"N", "K", "K_PER_SPLIT", "SLICE_STRIDE"}
+    return _compile_resources(fn, consts, pointers, num_warps, num_stages, True, sass_out, divisible)
 
 
-def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=False, sass_out=None) -> dict:
+def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=False, sass_out=None,
+                       extra_divisible=None) -> dict:  # fmt: skip
     names = fn.arg_names
     # strides the model's tensors give multiples of 16 (stride_bt, the block-table width, is not specialized)
-    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"}
+    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"} | (extra_divisible or set())
     sig = {}
     for n in names:
         if n in consts:
