@@ -90,7 +90,7 @@ for step in $steps; do
     gpu-final)
       timeout 500 python3 -m pytest -q tests/gpu -k "not 70b" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     profile)
-      timeout 200 python3 benchmarks/profile_decode.py --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -60
+      timeout 200 python3 benchmarks/profile_decode.py --window-steps 20 --output-json "$OUT/profile.json" 2>&1 | grep -v Capturing | tail -80
  ;;
     profile-70b)
       timeout 400 python3 benchmarks/profile_decode.py --model dummy:llama-2-70b --gpu-memory-utilization 0.95 --output-json "$OUT/profile_70b.json" 2>&1 | grep -v Capturing | tail -70 ;;

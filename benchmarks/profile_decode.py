@@ -2,6 +2,7 @@
 the host phases of a step, and the top kernels of one eager forward.
 
     python benchmarks/profile_decode.py --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8
+    python benchmarks/profile_decode.py --window-steps 20   # + the GPU's idle time between steady-state steps
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def main():
     p.add_argument("--gemv-m1-like-m4", action="store_true", help="use the M>1 fp8_gemv table at M=1")
     p.add_argument("--prefill", action="store_true", help="also profile one 8192-token prefill step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument(
+        "--window-steps", type=int, default=0,
+        help="also torch-profile this many consecutive decode steps as the engine runs them (no synchronizing): "
+        "how much of the window the GPU was busy, its largest idle gaps and what ran outside the graph",
+    )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     if a.gemv_m1_like_m4:
@@ -72,6 +78,12 @@ def main():
     res["engine_step_ms"] = step_ms
     res["host_phases_ms"] = {k: v / n * 1e3 for k, v in phases.items()}
     runner.execute_model, runner._prepare, eng.scheduler.schedule = orig_exec, orig_prep, orig_sched
+    if a.window_steps:
+        from profile_throughput import gpu_idle_window
+
+        for _ in range(5):
+            eng.step()
+        res["window"] = gpu_idle_window(eng, a.window_steps)
     # 2) pure GPU time of the captured graph at this batch size
     gr = runner.graph_runner
     if gr is not None:

@@ -227,6 +227,10 @@ def gpu_idle_window(eng, steps: int) -> dict:
         top.append({"gap_us": round(g, 1), "after_kernel": before[:70], "before_kernel": after[:70],
                     "host_calls_in_gap": [(n[:60], round(d, 1)) for d, n in host]})  # fmt: skip
     gap_hist = {f">={lo}us": round(sum(g[0] for g in gaps if g[0] >= lo) / 1e3, 2) for lo in (10, 100, 1000)}
+    per_kernel: dict[str, float] = defaultdict(float)
+    for s, e, name in gpu:
+        per_kernel[name[:70]] += e - s
+    top_kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
     return {
         "steps": steps,
         "wall_ms": round((t1 - t0) / 1e3, 2),
@@ -235,6 +239,8 @@ def gpu_idle_window(eng, steps: int) -> dict:
         "gpu_idle_ms_in_span": round((t1 - gpu[0][0] - busy) / 1e3, 2),
         "idle_ms_in_gaps_of": gap_hist,
         "largest_gaps": top,
+        # summed durations (kernels overlapping under PDL each count in full), per step
+        "kernel_us_per_step": {k: round(v / steps, 1) for k, v in top_kernels},
     }
 
 
