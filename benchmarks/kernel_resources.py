@@ -88,7 +88,9 @@ def gemv_resources(block_n: int, block_k: int, split_k: int, num_warps: int, num
     if quant_x:
         consts["X_SCALE_PER_ROW"] = True
     fn = fp8._fp8_gemv_stream_k_kernel if stream_k else fp8._fp8_gemv_kernel
-    if not stream_k:
+    if stream_k:
+        consts["MAX_CONTRIB"] = 4  # the fix-up's unrolled slot loads (a tile in up to 4 pieces)
+    else:
         consts["SPLIT_K"] = split_k
     pointers = dict(_GEMV_POINTERS, x_ptr="*bf16") if quant_x else _GEMV_POINTERS
     # the decode matrices' sizes and split lengths are multiples of 16, which a launch specializes on
@@ -100,7 +102,9 @@ def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=Fal
                        extra_divisible=None) -> dict:  # fmt: skip
     names = fn.arg_names
     # strides the model's tensors give multiples of 16 (stride_bt, the block-table width, is not specialized)
-    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"} | (extra_divisible or set())
+    divisible = {n for n in names if n.startswith("stride_") and n != "stride_bt"} | (
+        extra_divisible or set()
+    )
     sig = {}
     for n in names:
         if n in consts:

@@ -471,8 +471,9 @@ def _fp8_gemv_kernel(
 @triton.jit
 def _fp8_gemv_stream_k_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, amax_ptr,
-    M, N, K, NUM_AMAX, MAX_CONTRIB,
+    M, N, K, NUM_AMAX,
     stride_xm, stride_wn, stride_om,
+    MAX_CONTRIB: tl.constexpr,
     X_SCALE_PER_ROW: tl.constexpr,
     W_SCALE_PER_CHANNEL: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -540,7 +541,8 @@ def _fp8_gemv_stream_k_kernel(
             # the programs holding the tile's first and last iterations (program p starts at p * total // P)
             first_prog = ((tile_it + 1) * num_programs - 1) // total
             last_prog = ((tile_it + k_chunks) * num_programs - 1) // total
-            tile_slots = slot_ptrs + (tile * MAX_CONTRIB).to(tl.int64) * (BLOCK_M * SLOT_WIDTH)
+            # < 2**31 elements: tiles x MAX_CONTRIB slots of BLOCK_M x SLOT_WIDTH floats (the launcher checks)
+            tile_slots = slot_ptrs + tile * (MAX_CONTRIB * BLOCK_M * SLOT_WIDTH)
             my_slot = tile_slots + (pid - first_prog) * (BLOCK_M * SLOT_WIDTH)
             tl.store(my_slot, acc)
             if GATED:
@@ -548,13 +550,16 @@ def _fp8_gemv_stream_k_kernel(
             tl.debug_barrier()  # every thread's partial is stored before the release below
             arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
             if arrived == last_prog - first_prog:
+                # unrolled over the most pieces a tile can have, the absent ones masked: the slots' loads are
+                # issued together, not one L2 round trip after another
                 total_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 total_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for c in range(0, last_prog - first_prog + 1):
+                for c in tl.static_range(MAX_CONTRIB):
                     slot = tile_slots + c * (BLOCK_M * SLOT_WIDTH)
-                    total_acc += tl.load(slot, cache_modifier=".cg")
+                    present = tl.full((BLOCK_N, BLOCK_M), c, tl.int32) <= last_prog - first_prog
+                    total_acc += tl.load(slot, mask=present, other=0.0, cache_modifier=".cg")
                     if GATED:
-                        total_up += tl.load(slot + BLOCK_N, cache_modifier=".cg")
+                        total_up += tl.load(slot + BLOCK_N, mask=present, other=0.0, cache_modifier=".cg")
                 _gemv_store(total_acc, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
                 tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
 
@@ -801,14 +806,19 @@ def _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, progra
     partials = torch.empty(
         (tiles * max_contrib, cfg["BLOCK_M"], slot_width), dtype=torch.float32, device=device
     )
+    if partials.numel() >= 2**31:
+        raise ValueError(
+            f"stream-K fp8_gemv: {partials.numel()} partial floats need 64-bit offsets; use split-K"
+        )
     counters = tile_counters(device, tiles)
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     amax = torch.empty((M, tiles_n), dtype=torch.float32, device=device) if gated else out
     num_amax = tiles_n if gated else (x_scale.shape[-1] if quant_x else 1)
     _fp8_gemv_stream_k_kernel[(programs,)](
         x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
-        M, N, K, num_amax, max_contrib,
+        M, N, K, num_amax,
         x.stride(0), w_fp8.stride(0), out.stride(0),
+        MAX_CONTRIB=max_contrib,
         X_SCALE_PER_ROW=x_scale.numel() != 1,
         W_SCALE_PER_CHANNEL=w_scale.numel() != 1,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
