@@ -28,6 +28,10 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per output token (0: only the chosen token's)
     prompt_logprobs: int | None = None
     detokenize: bool = True
+    # OpenAI's logit_bias (token id -> a bias in [-100, 100] added to its logit before sampling) and vLLM's
+    # allowed_token_ids (only these may be sampled); both act before the penalties, as in vLLM
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self):
@@ -76,6 +80,32 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError("seed must be an integer")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias must map token ids to biases")
+            for tok, bias in self.logit_bias.items():
+                if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                    raise ValueError(f"logit_bias keys must be non-negative token ids, got {tok!r}")
+                if (
+                    isinstance(bias, bool)
+                    or not isinstance(bias, (int, float))
+                    or not -100.0 <= bias <= 100.0
+                ):
+                    raise ValueError(
+                        f"logit_bias values must be numbers in [-100, 100], got {bias!r} for {tok}"
+                    )
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+            bad = [
+                t for t in self.allowed_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+            ]
+            if bad:
+                raise ValueError(f"allowed_token_ids must be non-negative token ids, got {bad[0]!r}")
+
+    def token_ids_in_params(self) -> list[int]:
+        """The token ids the request names outside its prompt (checked against the vocabulary on arrival)."""
+        return [*(self.logit_bias or {}), *(self.allowed_token_ids or [])]
 
     @property
     def greedy(self) -> bool:

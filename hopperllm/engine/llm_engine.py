@@ -105,6 +105,11 @@ class LLMEngine:
         bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is out of range [0, {vocab})")
+        bad = [t for t in params.token_ids_in_params() if t >= vocab]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} in logit_bias / allowed_token_ids is out of range [0, {vocab})"
+            )
         if n >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {n} tokens, which leaves no room to generate within max_model_len "

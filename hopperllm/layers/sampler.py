@@ -5,7 +5,8 @@ is pure tensor work with no host sync (no `.item()`, no boolean-mask indexing, n
 so the model runner can queue it behind the forward pass and read the tokens back once.
 
 Order of operations (vLLM's):
-  penalties (repetition on prompt+output tokens, frequency/presence on output counts)
+  allowed_token_ids (every other id -> -inf), logit_bias (added to its ids' logits)
+  -> penalties (repetition on prompt+output tokens, frequency/presence on output counts)
   -> logprobs are taken here (see `Sampler.forward`)
   -> min_tokens ban (stop ids -> -inf while a row has fewer than min_tokens outputs)
   -> greedy rows: argmax
@@ -48,6 +49,14 @@ class SamplingMetadata:
     # min_tokens: (row, token id) pairs to set to -inf this step; None when no row is below its min_tokens
     min_tokens_rows: torch.Tensor | None  # int64 [M]
     min_tokens_token_ids: torch.Tensor | None  # int64 [M]
+    # logit_bias: (row, token id, bias) triples; None when no row has one
+    logit_bias_rows: torch.Tensor | None  # int64 [B]
+    logit_bias_token_ids: torch.Tensor | None  # int64 [B]
+    logit_bias_values: torch.Tensor | None  # float32 [B]
+    # allowed_token_ids: the rows that restrict their ids, and (row, token id) pairs of the ids they allow
+    allowed_rows: torch.Tensor | None  # int64 [R]
+    allowed_pair_rows: torch.Tensor | None  # int64 [A]
+    allowed_pair_token_ids: torch.Tensor | None  # int64 [A]
     generators: dict[int, torch.Generator]  # row -> its request's generator (seeded random rows only)
     all_greedy: bool
     all_random: bool
@@ -159,6 +168,32 @@ class SamplingMetadata:
             ban = _to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.int64), device, pin)
             min_tokens_rows, min_tokens_token_ids = ban[0], ban[1]
 
+        bias_rows, bias_ids, bias_values = [], [], []
+        allowed_rows, pair_rows, pair_ids = [], [], []
+        for i, p in enumerate(params):
+            for tok, bias in (p.logit_bias or {}).items():
+                if 0 <= tok < vocab_size:
+                    bias_rows.append(i)
+                    bias_ids.append(tok)
+                    bias_values.append(float(bias))
+            if p.allowed_token_ids:
+                allowed_rows.append(i)
+                ids = sorted({t for t in p.allowed_token_ids if 0 <= t < vocab_size})
+                pair_rows.extend([i] * len(ids))
+                pair_ids.extend(ids)
+        logit_bias_rows = logit_bias_token_ids = logit_bias_values = None
+        if bias_rows:
+            pairs = _to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.int64), device, pin)
+            logit_bias_rows, logit_bias_token_ids = pairs[0], pairs[1]
+            logit_bias_values = _to_device(torch.tensor(bias_values, dtype=torch.float32), device, pin)
+        allowed = allowed_pairs_rows = allowed_pairs_ids = None
+        if allowed_rows:
+            allowed = _to_device(torch.tensor(allowed_rows, dtype=torch.int64), device, pin)
+            pairs = _to_device(
+                torch.tensor([pair_rows, pair_ids], dtype=torch.int64).reshape(2, -1), device, pin
+            )
+            allowed_pairs_rows, allowed_pairs_ids = pairs[0], pairs[1]
+
         random_rows = [i for i in range(n) if not greedy[i]]
         row_generators = {i: generators[i] for i in random_rows if generators[i] is not None}
         enabled_top_k = [top_k[i] for i in random_rows if top_k[i] < vocab_size]
@@ -177,6 +212,12 @@ class SamplingMetadata:
             output_counts=output_counts,
             min_tokens_rows=min_tokens_rows,
             min_tokens_token_ids=min_tokens_token_ids,
+            logit_bias_rows=logit_bias_rows,
+            logit_bias_token_ids=logit_bias_token_ids,
+            logit_bias_values=logit_bias_values,
+            allowed_rows=allowed,
+            allowed_pair_rows=allowed_pairs_rows,
+            allowed_pair_token_ids=allowed_pairs_ids,
             generators=row_generators,
             all_greedy=all(greedy),
             all_random=not any(greedy),
@@ -234,6 +275,8 @@ class Sampler(nn.Module):
         # Never write into the caller's logits: penalties and the min_tokens ban work on a copy, and the random
         # path's temperature division makes its own.
         logits = logits.float()
+        if meta.allowed_rows is not None or meta.logit_bias_rows is not None:
+            logits = apply_allowed_and_bias(logits, meta)
         if meta.any_penalties:
             logits = apply_penalties(logits, meta)
 
@@ -242,7 +285,7 @@ class Sampler(nn.Module):
         logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
         if meta.min_tokens_rows is not None:
-            if not meta.any_penalties:
+            if not meta.any_penalties and meta.allowed_rows is None and meta.logit_bias_rows is None:
                 logits = logits.clone()
             # the value is made on the device: torch.tensor(-inf, device=cuda) would be a blocking copy
             logits.index_put_(
@@ -275,6 +318,23 @@ class Sampler(nn.Module):
             logits = apply_min_p(logits, meta.min_p)
         probs = logits.softmax(dim=-1)
         return exponential_race(probs, meta.generators)
+
+
+def apply_allowed_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """allowed_token_ids (rows that restrict theirs keep only those ids; the rest -> -inf), then each
+    (row, id) logit_bias added. Returns a new tensor; device work only (no host sync)."""
+    if meta.allowed_rows is not None:
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep.index_fill_(0, meta.allowed_rows, False)
+        keep.index_put_((meta.allowed_pair_rows, meta.allowed_pair_token_ids), keep.new_ones(()))
+        logits = logits.masked_fill(~keep, float("-inf"))
+    else:
+        logits = logits.clone()
+    if meta.logit_bias_rows is not None:
+        logits.index_put_(
+            (meta.logit_bias_rows, meta.logit_bias_token_ids), meta.logit_bias_values, accumulate=True
+        )
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

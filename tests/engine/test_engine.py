@@ -185,3 +185,26 @@ def test_stops_and_limits_in_both_modes(model_dir, async_scheduling):
         assert o.outputs[0].finish_reason == "length"
         assert -1 not in o.outputs[0].token_ids
     _assert_all_blocks_free(llm)
+
+
+@both_modes
+def test_logit_bias_and_allowed_token_ids_in_batches(model_dir, async_scheduling):
+    """A request's logit_bias / allowed_token_ids steer only its own rows, in a batch with plain requests
+    and through async scheduling; ids past the vocabulary are a ValueError before anything is queued."""
+    llm = _llm(model_dir, async_scheduling)
+    prompts = _prompts(4)
+    plain = _run(llm, prompts)
+    biased = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={42: 100.0})
+    allowed = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True, allowed_token_ids=[7, 9])
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], [GREEDY, biased, allowed, GREEDY], use_tqdm=False
+    )
+    ids = [o.outputs[0].token_ids for o in outs]
+    assert ids[0] == plain[0] and ids[3] == plain[3]
+    assert ids[1] == [42] * 6
+    assert set(ids[2]) <= {7, 9}
+    vocab = llm.engine.config.model_config.vocab_size
+    for bad in (SamplingParams(logit_bias={vocab: 1.0}), SamplingParams(allowed_token_ids=[1, vocab])):
+        with pytest.raises(ValueError, match="out of range"):
+            llm.generate({"prompt_token_ids": prompts[0]}, bad, use_tqdm=False)
+    _assert_all_blocks_free(llm)

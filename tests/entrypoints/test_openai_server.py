@@ -206,6 +206,30 @@ def test_stop(client, llm):
         assert res.choices[0].model_extra["stop_reason"] == ref.stop_reason, extra
 
 
+def test_logit_bias_and_allowed_token_ids(client, llm):
+    # OpenAI's logit_bias (string keys in JSON) and vLLM's allowed_token_ids, against the offline API
+    res = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=6, temperature=0, logit_bias={"100": 100}
+    )
+    ref = _reference(llm, "abc", max_tokens=6, temperature=0, logit_bias={100: 100})[0]
+    assert ref.token_ids == [100] * 6 and res.choices[0].text == ref.text
+    res = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=8,
+        temperature=1.0,
+        seed=5,
+        extra_body={"allowed_token_ids": [104, 105]},
+    )
+    ref = llm.chat(
+        CHAT,
+        SamplingParams(max_tokens=8, temperature=1.0, seed=5, allowed_token_ids=[104, 105]),
+        use_tqdm=False,
+    )
+    assert res.choices[0].message.content == ref[0].outputs[0].text
+    assert set(ref[0].outputs[0].token_ids) <= {104, 105}
+
+
 def test_logprobs(client, llm):
     res = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)
     ref = _reference(llm, PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)[0]
@@ -279,6 +303,12 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "abc", "min_tokens": 20, "max_tokens": 5}, None),
     ({"prompt": "abc", "presence_penalty": 3}, None),
+    ({"prompt": "abc", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "abc", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "abc", "logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"prompt": "abc", "logit_bias": {"5": "high"}}, "logit_bias"),
+    ({"prompt": "abc", "allowed_token_ids": []}, "allowed_token_ids"),
+    ({"prompt": "abc", "allowed_token_ids": [100000]}, "allowed_token_ids"),
 ]
 
 

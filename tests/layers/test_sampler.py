@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,6 +266,65 @@ def test_min_tokens_bans_stop_ids():
     assert not ((ids == eos) | (ids == stop)).any()
 
 
+def test_logit_bias_and_allowed_token_ids():
+    vocab = 30
+    torch.manual_seed(0)
+    logits = torch.randn(4, vocab)
+    params = [
+        SamplingParams(temperature=0, logit_bias={7: 100.0}),  # pushes 7 to the top
+        SamplingParams(temperature=0, logit_bias={int(logits[1].argmax()): -100.0}),  # bans the argmax
+        SamplingParams(temperature=0, allowed_token_ids=[3, 11]),
+        SamplingParams(temperature=0),  # untouched
+    ]
+    meta = build(params, vocab)
+    before = logits.clone()
+    ids = SAMPLER(logits, meta).sampled_token_ids.tolist()
+    assert torch.equal(logits, before)  # applied to a copy
+    assert ids[0] == 7
+    assert ids[1] == int(logits[1].topk(2).indices[1])
+    assert ids[2] == (3 if logits[2, 3] > logits[2, 11] else 11)
+    assert ids[3] == int(logits[3].argmax())
+    # random rows: only the allowed ids, and a bias shifts the distribution as a logit change does
+    many = 4000
+    torch.manual_seed(1)
+    row = torch.zeros(vocab)
+    meta = build(
+        [SamplingParams(allowed_token_ids=[2, 5, 9], logit_bias={5: float(np.log(2.0))})] * many, vocab
+    )
+    ids = SAMPLER(row.expand(many, -1).contiguous(), meta).sampled_token_ids
+    counts = torch.bincount(ids, minlength=vocab).float() / many
+    assert set(ids.unique().tolist()) <= {2, 5, 9}
+    torch.testing.assert_close(counts[[2, 5, 9]], torch.tensor([0.25, 0.5, 0.25]), atol=0.03, rtol=0)
+
+
+def test_logit_bias_comes_before_penalties_and_logprobs():
+    vocab = 10
+    logits = torch.zeros(1, vocab)
+    logits[0, 4] = 2.0
+    params = SamplingParams(temperature=0, logit_bias={4: 1.0}, repetition_penalty=2.0, logprobs=1)
+    meta = build([params], vocab, prompts=[[4]])
+    out = SAMPLER(logits, meta)
+    # (2 + 1) / 2 = 1.5 after the repetition penalty (bias first, as in vLLM), and logprobs see that
+    expected = torch.zeros(vocab)
+    expected[4] = 1.5
+    torch.testing.assert_close(out.logprobs.logprobs[0, 0], expected.log_softmax(-1)[4])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"logit_bias": {5: 101.0}}, "logit_bias values"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias keys"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias keys"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+    ],
+)
+def test_logit_bias_and_allowed_ids_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
 def test_logprobs_equal_log_softmax():
     torch.manual_seed(0)
     vocab = 50
@@ -329,10 +389,11 @@ def test_gpu_forward_has_no_host_sync():
         SamplingParams(temperature=0.8, top_k=50, seed=3),
         SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05),
         SamplingParams(temperature=1.0, frequency_penalty=0.5, min_tokens=4),
-        SamplingParams(temperature=0.7, top_k=10, top_p=0.8),
-        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=10, top_p=0.8, logit_bias={5: 3.0}),
+        SamplingParams(temperature=1.0, allowed_token_ids=[3, 4, 5]),
     ]
     ids = run(params, [None, torch.Generator(device).manual_seed(3), None, None, None, None])
+    assert ids[5].item() in (3, 4, 5)
     cpu_meta = SamplingMetadata.build(params, prompts, outputs, [None] * 6, stop_ids, vocab, "cpu")
     assert ids[0] == SAMPLER(logits.cpu(), cpu_meta).sampled_token_ids[0]
     assert ids[3] != 2

@@ -84,6 +84,7 @@ class SamplingRequest(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key) -> bias in [-100, 100]
     user: str | None = None
     # vLLM's extra sampling parameters
     top_k: int | None = None
@@ -92,6 +93,7 @@ class SamplingRequest(OpenAIBaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -100,6 +102,15 @@ class SamplingRequest(OpenAIBaseModel):
 
         def pick(value, default):
             return default if value is None else value
+
+        logit_bias = None
+        if self.logit_bias is not None:
+            logit_bias = {}
+            for key, bias in self.logit_bias.items():
+                try:
+                    logit_bias[int(key)] = bias
+                except ValueError:
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
 
         return SamplingParams(
             n=self.n,
@@ -119,6 +130,8 @@ class SamplingRequest(OpenAIBaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
+            logit_bias=logit_bias,
+            allowed_token_ids=self.allowed_token_ids,
         )
 
 

@@ -570,7 +570,17 @@ class OpenAIServing:
         try:
             params = req.to_sampling_params(max_tokens, logprobs)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            param = next((f for f in ("logit_bias", "allowed_token_ids") if f in str(e)), None)
+            raise APIError(400, str(e), param=param) from None
+        for field, ids in (
+            ("logit_bias", params.logit_bias or {}),
+            ("allowed_token_ids", params.allowed_token_ids),
+        ):
+            bad = next((t for t in ids or () if t >= self.vocab_size), None)
+            if bad is not None:
+                raise APIError(
+                    400, f"token id {bad} in {field} is out of range [0, {self.vocab_size})", param=field
+                )
         if self.log_requests:
             cut = self.max_log_len
             logger.info(
