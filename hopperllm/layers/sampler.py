@@ -280,8 +280,9 @@ class Sampler(nn.Module):
         if meta.any_penalties:
             logits = apply_penalties(logits, meta)
 
-        # Logprobs follow vLLM's "raw" flavour but after penalties: log_softmax of the penalized logits, before
-        # the min_tokens ban, temperature and top-k/top-p/min-p (so they do not depend on sampling settings).
+        # Logprobs follow vLLM's "raw" flavour but after allowed_token_ids, logit_bias and penalties:
+        # log_softmax of those logits, before the min_tokens ban, temperature and top-k/top-p/min-p (so they do
+        # not depend on sampling settings).
         logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
         if meta.min_tokens_rows is not None:
