@@ -52,6 +52,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # SamplingParams.prompt_logprobs: per prompt token {token_id: logprob} (that token and the top-k), None
+    # for the first token; filled once the prompt has been computed
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:

@@ -26,7 +26,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # number of top logprobs per output token (0: only the chosen token's)
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (0: only the prompt token's own)
     detokenize: bool = True
     # OpenAI's logit_bias (token id -> a bias in [-100, 100] added to its logit before sampling) and vLLM's
     # allowed_token_ids (only these may be sampled); both act before the penalties, as in vLLM
@@ -72,8 +72,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if self.stop_strings and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         if any(not s for s in self.stop_strings):

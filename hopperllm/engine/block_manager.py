@@ -79,6 +79,8 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.block_table:
             return [], 0
+        if seq.sampling_params is not None and seq.sampling_params.prompt_logprobs is not None:
+            return [], 0  # its prompt logprobs need every prompt position computed (vLLM does the same)
         bs = self.block_size
         block_ids: list[int] = []
         prev_hash = _NO_HASH

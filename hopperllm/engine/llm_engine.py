@@ -267,6 +267,14 @@ class LLMEngine:
     ) -> None:
         out = self.executor.collect(launch)
         now = time.monotonic()
+        for seq_id, (first, tops, chosen) in (out.prompt_logprobs or {}).items():
+            req = self.requests.get(self._seq_to_req.get(seq_id, ""))
+            seq = next((s for s in req.seqs if s.seq_id == seq_id), None) if req is not None else None
+            if seq is None or seq.prompt_logprobs is None:  # aborted while the step ran
+                continue
+            for j, (top, lp) in enumerate(zip(tops, chosen, strict=True)):
+                pos = first + 1 + j
+                seq.prompt_logprobs[pos] = {**top, seq.prompt_token_ids[pos]: lp}
         for i, ((seq, pos), token) in enumerate(zip(sampled, out.token_ids, strict=True)):
             req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
             if req is None or seq.is_finished:  # aborted while the step ran
@@ -347,7 +355,18 @@ class LLMEngine:
             finished_time=max((s.finished_time or 0 for s in req.seqs), default=None) if finished else None,
             num_cached_tokens=s0.num_cached_tokens,
         )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, metrics)
+        prompt_lp = s0.prompt_logprobs
+        if prompt_lp is not None:
+            prompt_lp = list(prompt_lp) if s0.num_computed_tokens >= s0.num_prompt_tokens else None
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            outs,
+            finished,
+            metrics,
+            prompt_logprobs=prompt_lp,
+        )
 
     def _free_request(self, req: _Request) -> None:
         if self.requests.pop(req.request_id, None) is not None:

@@ -78,6 +78,11 @@ class Sequence:
         # logprobs: one entry per output token, {token_id: logprob}
         self.output_logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0
+        # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first, which nothing
+        # predicts), filled as the prefill chunks run
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        if sampling_params is not None and getattr(sampling_params, "prompt_logprobs", None) is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     # -- sizes ------------------------------------------------------------------------------
     @property

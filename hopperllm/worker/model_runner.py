@@ -32,6 +32,10 @@ class ModelRunnerOutput:
     token_ids: list[int] = field(default_factory=list)
     # per sampled seq: (chosen token logprob, {token_id: logprob} of the top-k) or None
     logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+    # SamplingParams.prompt_logprobs: seq_id -> (p0, top, chosen): for the prompt tokens at positions p0 + 1,
+    # p0 + 2, ..., as predicted from the position before, the top-k {token_id: logprob} and the logprob of
+    # the prompt token itself
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]], list[float]]] | None = None
 
 
 @dataclass
@@ -44,6 +48,9 @@ class StepLaunch:
     logprobs: object = None
     wanted_logprobs: list[int | None] | None = None
     event: torch.cuda.Event | None = None
+    # prompt logprobs: [(seq_id, first position, count, k)] and host tensors (chosen [T], top ids / logprobs [T, k])
+    prompt_lp_seqs: list[tuple[str, int, int, int]] | None = None
+    prompt_lp_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _aligned_offsets(lengths: list[int], multiple: int) -> list[int]:
@@ -121,6 +128,7 @@ class ModelRunner:
         # pinned host staging buffers for _prepare's two copies per step (CUDA only), used in turn
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
         self._staging_slot = 0
+        self._prompt_lp = None  # _prepare's prompt-logprob rows for launch
 
     # -- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -249,6 +257,10 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_idx: list[int] = []
         sample_seqs: list[Sequence] = []
+        # SamplingParams.prompt_logprobs: the flat rows whose logits predict a prompt token, and those tokens
+        lp_rows: list[int] = []
+        lp_targets: list[int] = []
+        lp_seqs: list[tuple[str, int, int, int]] = []
         for item in sched.scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -264,6 +276,12 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_idx.append(cu[-1] - 1)
                 sample_seqs.append(seq)
+            k = seq.sampling_params.prompt_logprobs
+            stop = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
+            if k is not None and start < stop:
+                lp_seqs.append((seq.seq_id, start, stop - start, k))
+                lp_rows += range(cu[-2], cu[-2] + stop - start)
+                lp_targets += seq.token_ids[start + 1 : stop + 1]
             if seq.num_placeholders and prev_rows and seq.seq_id in prev_rows:
                 pos = seq.num_tokens - 1  # a placeholder is always the last token
                 if start <= pos < end:
@@ -277,7 +295,7 @@ class ModelRunner:
         # Two host buffers (int64, int32), each sent to the device in one copy from pinned memory. Every
         # part starts on a 16-byte boundary: Triton specializes kernels on pointer alignment, and parts at
         # offsets that depend on the batch would compile new kernel variants (~1 s each) while serving.
-        parts64 = (input_ids, positions, slots, sample_idx, fill_pos, fill_src)
+        parts64 = (input_ids, positions, slots, sample_idx, fill_pos, fill_src, lp_rows, lp_targets)
         o = _aligned_offsets([len(v) for v in parts64], 2)
         i64 = np.zeros(o[-1], dtype=np.int64)
         for v, a in zip(parts64, o, strict=False):
@@ -302,6 +320,7 @@ class ModelRunner:
             num_decodes=_leading_ones(q_lens),
         )
         fill = (d64[o[4][0] : o[4][1]], d64[o[5][0] : o[5][1]]) if fill_pos else None
+        self._prompt_lp = (d64[o[6][0] : o[6][1]], d64[o[7][0] : o[7][1]], lp_seqs) if lp_seqs else None
         return d64[o[0][0] : o[0][1]], d64[o[1][0] : o[1][1]], meta, d64[o[3][0] : o[3][1]], sample_seqs, fill
 
     def _to_device(self, i64: np.ndarray, i32: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,7 +400,12 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         launch = StepLaunch([s.seq_id for s in sample_seqs])
+        if self._prompt_lp is not None:
+            self._launch_prompt_logprobs(launch, hidden, *self._prompt_lp)
         if not sample_seqs:
+            if launch.prompt_lp_host is not None and self.device.type == "cuda":
+                launch.event = torch.cuda.Event()
+                launch.event.record()
             return launch
         logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
         smeta = self.sampling_metadata(sample_seqs, eos_ids)
@@ -398,17 +422,44 @@ class ModelRunner:
             launch.event.record()
         return launch
 
+    # rows of prompt logits at a time: a 2048-token prompt of a 128k vocabulary would be 1 GB of float32
+    PROMPT_LOGPROBS_CHUNK = 512
+
+    def _launch_prompt_logprobs(self, launch: StepLaunch, hidden, rows, targets, lp_seqs) -> None:
+        """Enqueue SamplingParams.prompt_logprobs for this step's prompt positions: the log-softmax of the
+        logits (no sampling settings applied, as vLLM's prompt logprobs) at the prompt token that follows
+        and at the top k; copied to the host with the step."""
+        k = max(s[3] for s in lp_seqs)
+        chosen, top_ids, top_lps = [], [], []
+        for a in range(0, rows.shape[0], self.PROMPT_LOGPROBS_CHUNK):
+            r = rows[a : a + self.PROMPT_LOGPROBS_CHUNK]
+            lp = self.model.compute_logits(hidden.index_select(0, r)).float().log_softmax(dim=-1)
+            chosen.append(lp.gather(1, targets[a : a + self.PROMPT_LOGPROBS_CHUNK, None])[:, 0])
+            top = lp.topk(k, dim=-1)
+            top_ids.append(top.indices)
+            top_lps.append(top.values)
+        cuda = self.device.type == "cuda"
+        host = []
+        for parts in (chosen, top_ids, top_lps):
+            t = torch.cat(parts)
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+            h.copy_(t, non_blocking=cuda)
+            host.append(h)
+        launch.prompt_lp_seqs = lp_seqs
+        launch.prompt_lp_host = (host[0], host[1], host[2])
+
     def collect(self, launch: StepLaunch) -> ModelRunnerOutput:
-        """Wait for a launched step and read its sampled tokens back."""
-        if launch.token_ids_host is None:
-            return ModelRunnerOutput(launch.seq_ids, [], None)
+        """Wait for a launched step and read its sampled tokens (and prompt logprobs) back."""
         if launch.event is not None:
             launch.event.synchronize()
+        prompt_lp = _prompt_logprobs_to_lists(launch) if launch.prompt_lp_host is not None else None
+        if launch.token_ids_host is None:
+            return ModelRunnerOutput(launch.seq_ids, [], None, prompt_lp)
         token_ids = launch.token_ids_host.tolist()
         logprobs = None
         if launch.logprobs is not None:
             logprobs = _logprobs_to_lists(launch.logprobs, launch.wanted_logprobs)
-        return ModelRunnerOutput(launch.seq_ids, token_ids, logprobs)
+        return ModelRunnerOutput(launch.seq_ids, token_ids, logprobs, prompt_lp)
 
     def execute_model(self, sched: SchedulerOutput, eos_ids=()) -> ModelRunnerOutput:
         return self.collect(self.launch(sched, eos_ids))
@@ -429,6 +480,21 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
             return self.model.compute_logits(hidden).float()
+
+
+def _prompt_logprobs_to_lists(
+    launch: StepLaunch,
+) -> dict[str, tuple[int, list[dict[int, float]], list[float]]]:
+    chosen, top_ids, top_lps = (t.tolist() for t in launch.prompt_lp_host)
+    out, row = {}, 0
+    for seq_id, first, count, k in launch.prompt_lp_seqs:
+        entries = []
+        for j in range(count):
+            entry = dict(zip(top_ids[row + j][:k], top_lps[row + j][:k], strict=True))
+            entries.append(entry)
+        out[seq_id] = (first, entries, chosen[row : row + count])
+        row += count
+    return out
 
 
 def _logprobs_to_lists(lp, wanted: list[int | None]):

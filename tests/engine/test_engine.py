@@ -208,3 +208,31 @@ def test_logit_bias_and_allowed_token_ids_in_batches(model_dir, async_scheduling
         with pytest.raises(ValueError, match="out of range"):
             llm.generate({"prompt_token_ids": prompts[0]}, bad, use_tqdm=False)
     _assert_all_blocks_free(llm)
+
+
+@both_modes
+def test_prompt_logprobs_equal_full_sequence_logits(model_dir, async_scheduling):
+    """SamplingParams.prompt_logprobs through chunked prefill (16-token chunks), for a repeated prompt whose
+    blocks the prefix cache holds (the request must still compute them all) and for n = 2: each prompt token's
+    logprob is the log-softmax of the full-sequence logits at the position before it, with the top k."""
+    llm = _llm(model_dir, async_scheduling, max_num_batched_tokens=16)
+    prompt = _prompts(16)[11]  # 64 tokens
+    exact = llm.engine.executor.runner.logits_for_tokens(prompt).log_softmax(-1)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    for rep in range(2):
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        assert rep == 0 or out.num_cached_tokens == 0
+        pl = out.prompt_logprobs
+        assert len(pl) == len(prompt) and pl[0] is None
+        for i in range(1, len(prompt)):
+            assert pl[i][prompt[i]] == pytest.approx(float(exact[i - 1, prompt[i]]), abs=1e-5)
+            top = exact[i - 1].topk(3)
+            for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+                assert pl[i][t] == pytest.approx(v, abs=1e-5)
+    two = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(n=2, max_tokens=2, prompt_logprobs=0), use_tqdm=False
+    )[0]
+    assert [list(e) for e in two.prompt_logprobs[1:]] == [[t] for t in prompt[1:]]  # k = 0: the token alone
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+    _assert_all_blocks_free(llm)

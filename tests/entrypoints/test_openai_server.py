@@ -230,6 +230,39 @@ def test_logit_bias_and_allowed_token_ids(client, llm):
     assert set(ref[0].outputs[0].token_ids) <= {104, 105}
 
 
+def test_echo_with_logprobs_gives_the_prompt_logprobs(client, llm, shared_server):
+    """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1. The prompt tokens come first (the
+    first without logprobs), each with the logprob the model gives it after the tokens before, then the
+    generated one; streamed the same."""
+    prompt = "The quick brown fox"
+    res = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True
+    )
+    ids = llm.get_tokenizer().encode(prompt)
+    ref = llm.generate(
+        prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=2, prompt_logprobs=2), use_tqdm=False
+    )[0]
+    lp = res.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1 and res.choices[0].text == prompt + ref.outputs[0].text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    exact = llm.engine.executor.runner.logits_for_tokens(ids).log_softmax(-1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(exact[i - 1, ids[i]]), abs=1e-4)
+        assert lp.token_logprobs[i] == pytest.approx(ref.prompt_logprobs[i][ids[i]], abs=1e-4)
+        assert 2 <= len(lp.top_logprobs[i]) <= 3
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[-1] == pytest.approx(
+        ref.outputs[0].logprobs[0][ref.outputs[0].token_ids[0]], abs=1e-4
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True, stream=True
+        )
+    )
+    streamed = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+
+
 def test_logprobs(client, llm):
     res = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)
     ref = _reference(llm, PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)[0]
@@ -298,7 +331,6 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "n": 1000}, "n"),
     ({"prompt": "abc", "seed": 2**70}, "seed"),
     ({"prompt": "abc", "logprobs": 21}, "logprobs"),
-    ({"prompt": "abc", "logprobs": 1, "echo": True}, "echo"),
     ({"prompt": "abc", "stop": [""]}, None),
     ({"prompt": "abc", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "abc", "min_tokens": 20, "max_tokens": 5}, None),

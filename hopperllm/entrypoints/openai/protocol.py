@@ -97,7 +97,9 @@ class SamplingRequest(OpenAIBaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
-    def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """Raises ValueError (HTTP 400) for values SamplingParams rejects."""
 
         def pick(value, default):
@@ -132,6 +134,7 @@ class SamplingRequest(OpenAIBaseModel):
             logprobs=logprobs,
             logit_bias=logit_bias,
             allowed_token_ids=self.allowed_token_ids,
+            prompt_logprobs=prompt_logprobs,
         )
 
 

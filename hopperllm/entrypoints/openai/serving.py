@@ -125,6 +125,17 @@ class _DisconnectWatcher:
             self._task.cancel()
 
 
+def _join_logprobs(a: CompletionLogProbs | None, b: CompletionLogProbs | None) -> CompletionLogProbs | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return CompletionLogProbs(
+        text_offset=a.text_offset + b.text_offset,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        tokens=a.tokens + b.tokens,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+    )
+
+
 async def _first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
     return await anext(stream, None)
 
@@ -233,12 +244,6 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
         self._check_stream_options(req)
-        if req.echo and req.logprobs is not None:
-            raise APIError(
-                400,
-                "echo with logprobs needs prompt logprobs, which this server does not compute: drop one of them",
-                param="echo",
-            )
         prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
         request_id = random_id("cmpl")
         reqs = [
@@ -258,7 +263,10 @@ class OpenAIServing:
                 text = (self._echo_text(r) + c.text) if req.echo else c.text
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._completion_logprobs(c.token_ids, c.logprobs or [], 0)[0]
+                    lp, offset = self._echo_logprobs(r.final) if req.echo else (None, 0)
+                    lp = _join_logprobs(
+                        lp, self._completion_logprobs(c.token_ids, c.logprobs or [], offset)[0]
+                    )
                 choices.append(
                     CompletionResponseChoice(
                         index=i * req.n + c.index,
@@ -296,15 +304,18 @@ class OpenAIServing:
                         continue
                     finished[idx] = c.finish_reason is not None
                     text = c.delta_text
+                    lp = None
                     if echo_pending[idx]:
                         text = self._echo_text(reqs[i]) + text
                         echo_pending[idx] = False
-                    lp = None
+                        if req.logprobs is not None:
+                            lp, text_offsets[idx] = self._echo_logprobs(out)
                     if req.logprobs is not None and c.delta_token_ids:
                         new_entries = (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
-                        lp, text_offsets[idx] = self._completion_logprobs(
+                        new_lp, text_offsets[idx] = self._completion_logprobs(
                             c.delta_token_ids, new_entries, text_offsets[idx]
                         )
+                        lp = _join_logprobs(lp, new_lp)
                     if not text and lp is None and c.finish_reason is None:
                         continue  # the new tokens do not decode to text yet
                     choices.append(
@@ -370,18 +381,28 @@ class OpenAIServing:
             r.prompt_text = self.tokenizer.decode(r.prompt_token_ids)
         return r.prompt_text
 
+    def _echo_logprobs(self, out: RequestOutput) -> tuple[CompletionLogProbs, int]:
+        """echo with logprobs: the prompt tokens' logprobs (the first has none, as in OpenAI's and vLLM's
+        answers), from the request's prompt logprobs."""
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return self._completion_logprobs(out.prompt_token_ids, entries, 0)
+
     def _completion_logprobs(
-        self, token_ids: list[int], entries: list[dict[int, float]], text_offset: int
+        self, token_ids: list[int], entries: list[dict[int, float] | None], text_offset: int
     ) -> tuple[CompletionLogProbs, int]:
         """OpenAI's legacy logprobs for these tokens (top_logprobs also holds the sampled token, as
-        in vLLM) and the text offset after them."""
+        in vLLM) and the text offset after them. A None entry (a prompt's first token) has no logprobs."""
         lp = CompletionLogProbs()
         for tid, entry in zip(token_ids, entries, strict=False):
             s = self._token_str(tid)
             lp.tokens.append(s)
-            lp.token_logprobs.append(_clamp(entry.get(tid)))
             lp.text_offset.append(text_offset)
             text_offset += len(s)
+            if entry is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(_clamp(entry.get(tid)))
             top: dict[str, float] = {}
             for t, v in sorted(entry.items(), key=lambda kv: -kv[1]):
                 top.setdefault(self._token_str(t), _clamp(v))
@@ -568,7 +589,9 @@ class OpenAIServing:
                 param="max_tokens",
             )
         try:
-            params = req.to_sampling_params(max_tokens, logprobs)
+            # echo with logprobs (completions): the prompt tokens' logprobs too, with as many top entries
+            prompt_lp = logprobs if getattr(req, "echo", False) and logprobs is not None else None
+            params = req.to_sampling_params(max_tokens, logprobs, prompt_lp)
         except ValueError as e:
             param = next((f for f in ("logit_bias", "allowed_token_ids") if f in str(e)), None)
             raise APIError(400, str(e), param=param) from None
