@@ -263,6 +263,40 @@ def test_echo_with_logprobs_gives_the_prompt_logprobs(client, llm, shared_server
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
 
 
+def test_vllm_prompt_logprobs(client, llm, shared_server):
+    """vLLM's prompt_logprobs extra: per prompt token {token id: {logprob, rank, decoded_token}} (first None),
+    on each completion choice and on the chat response; not with stream=true."""
+    prompt = "Once upon a time"
+    ids = llm.get_tokenizer().encode(prompt)
+    ref = llm.generate(
+        prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2), use_tqdm=False
+    )[0]
+    res = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    pl = res.choices[0].model_extra["prompt_logprobs"]
+    assert len(pl) == len(ids) and pl[0] is None
+    for i in range(1, len(ids)):
+        entry = {int(t): v for t, v in pl[i].items()}
+        assert entry[ids[i]]["logprob"] == pytest.approx(ref.prompt_logprobs[i][ids[i]], abs=1e-4)
+        ranks = sorted(v["rank"] for t, v in entry.items() if t != ids[i] or v["rank"] is not None)
+        assert ranks[:2] == [1, 2] and all(v["decoded_token"] is not None for v in entry.values())
+        best = max(ref.prompt_logprobs[i].items(), key=lambda kv: kv[1])[0]
+        assert entry[best]["rank"] == 1
+    chat = httpx.post(
+        f"{shared_server.base_url}/v1/chat/completions",
+        json={"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 0},
+        headers=shared_server.auth,
+    ).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    r = httpx.post(
+        f"{shared_server.base_url}/v1/completions",
+        json={"prompt": prompt, "max_tokens": 2, "prompt_logprobs": 1, "stream": True},
+        headers=shared_server.auth,
+    )
+    _assert_error(r, 400, "prompt_logprobs")
+
+
 def test_logprobs(client, llm):
     res = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)
     ref = _reference(llm, PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)[0]
@@ -341,6 +375,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "logit_bias": {"5": "high"}}, "logit_bias"),
     ({"prompt": "abc", "allowed_token_ids": []}, "allowed_token_ids"),
     ({"prompt": "abc", "allowed_token_ids": [100000]}, "allowed_token_ids"),
+    ({"prompt": "abc", "prompt_logprobs": 21}, "prompt_logprobs"),
 ]
 
 

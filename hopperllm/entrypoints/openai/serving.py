@@ -39,6 +39,8 @@ from hopperllm.entrypoints.openai.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
+    PromptLogprobs,
     SamplingRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
@@ -274,6 +276,7 @@ class OpenAIServing:
                         logprobs=lp,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
+                        prompt_logprobs=self._prompt_logprobs(r, req.prompt_logprobs),
                     )
                 )
         usage = _usage(reqs)
@@ -381,6 +384,28 @@ class OpenAIServing:
             r.prompt_text = self.tokenizer.decode(r.prompt_token_ids)
         return r.prompt_text
 
+    def _prompt_logprobs(self, r: _EngineRequest, k: int | None) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs answer: per prompt token the top k and that token, with their ranks in the
+        vocabulary (the prompt token's is not known when it is below the top the engine kept)."""
+        out = r.final
+        if k is None or out is None or out.prompt_logprobs is None:
+            return None
+        kept = r.params.prompt_logprobs  # the engine's top (>= k: echo with logprobs may ask for more)
+        res: PromptLogprobs = []
+        for tid, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+            if entry is None:
+                res.append(None)
+                continue
+            # the engine's entry is its top `kept` and the prompt token, which (if not among them) is below them
+            ordered = sorted(entry.items(), key=lambda kv: -kv[1])
+            item = {}
+            for idx, (t, v) in enumerate(ordered):
+                if idx < k or t == tid:
+                    rank = idx + 1 if idx < kept else None
+                    item[t] = PromptLogprob(logprob=_clamp(v), rank=rank, decoded_token=self._token_str(t))
+            res.append(item)
+        return res
+
     def _echo_logprobs(self, out: RequestOutput) -> tuple[CompletionLogProbs, int]:
         """echo with logprobs: the prompt tokens' logprobs (the first has none, as in OpenAI's and vLLM's
         answers), from the request's prompt logprobs."""
@@ -443,7 +468,10 @@ class OpenAIServing:
             )
             for c in r.final.outputs
         ]
-        body = ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(reqs))
+        body = ChatCompletionResponse(
+            id=request_id, model=model, choices=choices, usage=_usage(reqs),
+            prompt_logprobs=self._prompt_logprobs(r, req.prompt_logprobs),
+        )  # fmt: skip
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _chat_events(
@@ -591,6 +619,8 @@ class OpenAIServing:
         try:
             # echo with logprobs (completions): the prompt tokens' logprobs too, with as many top entries
             prompt_lp = logprobs if getattr(req, "echo", False) and logprobs is not None else None
+            if req.prompt_logprobs is not None:
+                prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
             params = req.to_sampling_params(max_tokens, logprobs, prompt_lp)
         except ValueError as e:
             param = next((f for f in ("logit_bias", "allowed_token_ids") if f in str(e)), None)
@@ -718,6 +748,8 @@ class OpenAIServing:
     def _check_stream_options(req: SamplingRequest) -> None:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options can only be given with stream=true", param="stream_options")
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs are not available with stream=true", param="prompt_logprobs")
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
