@@ -163,8 +163,15 @@ class Tokenizer:
             **kwargs,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[int]:
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        )
         # HF's apply_chat_template(tokenize=True) encodes without adding special tokens: the template has them.
         return self.encode(text, add_special_tokens=False)
 
@@ -172,7 +179,33 @@ class Tokenizer:
 _JINJA_ENV = None
 
 
+def load_chat_template(value: str) -> str:
+    """vLLM's --chat-template: a path to a Jinja file, or the template itself. Raises ValueError for a path
+    that does not exist or a template that does not parse."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    import jinja2
+
+    try:
+        _jinja_env().parse(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template does not parse: {e} (line {e.lineno})") from None
+    return template
+
+
 def _render_chat(template: str, **ctx: Any) -> str:
+    try:
+        return _jinja_env().from_string(template).render(**ctx)
+    except Exception as e:  # jinja errors become the caller's ValueError
+        raise ValueError(f"chat template failed: {e}") from e
+
+
+def _jinja_env():
     global _JINJA_ENV  # a cache of a pure function's environment, not state
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -194,7 +227,4 @@ def _render_chat(template: str, **ctx: Any) -> str:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         _JINJA_ENV = env
-    try:
-        return _JINJA_ENV.from_string(template).render(**ctx)
-    except Exception as e:  # jinja errors become the caller's ValueError
-        raise ValueError(f"chat template failed: {e}") from e
+    return _JINJA_ENV

@@ -63,6 +63,12 @@ def add_parser(sub) -> None:
         choices=["critical", "error", "warning", "info", "debug", "trace"],
     )
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        help="the chat template for /v1/chat/completions: a Jinja file or the template itself (default: the "
+        "tokenizer's)",
+    )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -98,6 +104,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--shutdown-timeout must be non-negative, got {args.shutdown_timeout}")
     if args.max_log_len is not None and args.max_log_len < 0:
         raise ValueError(f"--max-log-len must be non-negative, got {args.max_log_len}")
+    if args.chat_template is not None:
+        from hopperllm.tokenizer import load_chat_template
+
+        args.chat_template = load_chat_template(args.chat_template)
 
 
 def cmd_serve(args) -> int:
@@ -122,6 +132,8 @@ def cmd_serve(args) -> int:
         engine = AsyncLLMEngine.from_engine_args(
             engine_args, max_waiting_requests=args.max_waiting_requests, show_progress=sys.stderr.isatty()
         )
+        if args.chat_template is not None:
+            engine.tokenizer.chat_template = args.chat_template
         settings = ServerSettings(
             served_model_names=_served_model_names(args),
             api_key=api_key,

@@ -97,13 +97,17 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation or a list of them; `chat_template` replaces the tokenizer's."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = [
             {
                 "prompt": None,
-                "prompt_token_ids": tok.encode_chat(c, add_generation_prompt=add_generation_prompt),
+                "prompt_token_ids": tok.encode_chat(
+                    c, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+                ),
             }
             for c in convs
         ]

@@ -134,10 +134,44 @@ def test_serve_cli_errors_exit_2(capsys):
         (["--model", "dummy:tiny", "--port", "70000"], "--port"),
         (["--model", "dummy:tiny", "--max-waiting-requests", "0"], "--max-waiting-requests"),
         (["dummy:tiny", "--model", "dummy:llama-2-7b"], "two models"),
+        (["--model", "dummy:tiny", "--chat-template", "/no/such/template.jinja"], "--chat-template"),
+        (["--model", "dummy:tiny", "--chat-template", "{% for m in messages %}"], "does not parse"),
     ]:
         assert main(["serve", "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error:") and needle in err[-1], err
+
+
+def test_chat_template_flag(tmp_path):
+    """--chat-template (vLLM's flag): a Jinja file replaces the tokenizer's template for chat requests, and
+    LLM.chat(chat_template=...) renders the same tokens."""
+    from hopperllm import LLM, SamplingParams
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    messages = [{"role": "user", "content": "hi there"}]
+    server = start_server_process(
+        ["--model", "dummy:tiny", "--device", "cpu", "--chat-template", str(path)],
+        str(tmp_path / "server.log"),
+    )
+    try:
+        r = httpx.post(f"{server.base_url}/tokenize", json={"messages": messages}, timeout=30).json()
+        llm = LLM(model="dummy:tiny", device="cpu", show_progress=False)
+        tok = llm.get_tokenizer()
+        assert r["tokens"] == tok.encode("<user>hi there>", add_special_tokens=False)
+        chat = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 4, "temperature": 0},
+            timeout=30,
+        ).json()
+        ref = llm.chat(
+            messages, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False, chat_template=template
+        )
+        assert ref[0].prompt_token_ids == r["tokens"]
+        assert chat["choices"][0]["message"]["content"] == ref[0].outputs[0].text
+    finally:
+        assert server.stop() == 0
 
 
 def test_api_key_from_environment(monkeypatch):
