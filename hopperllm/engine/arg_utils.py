@@ -38,6 +38,7 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     max_waiting_requests: int | None = None
+    generation_config: str = "auto"
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -76,6 +77,12 @@ class EngineArgs:
         )
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])
+        g.add_argument(
+            "--generation-config",
+            default=d.generation_config,
+            help="sampling defaults for requests that leave them unset: auto (the model's generation_config.json, "
+            "as vLLM), vllm (none), or a folder holding a generation_config.json",
+        )
         return p
 
     @classmethod

@@ -47,6 +47,11 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
+    def default_sampling(self) -> dict:
+        """SamplingParams defaults from the model's generation config (LLMEngine.default_sampling)."""
+        return self.engine.default_sampling
+
+    @property
     def config(self):
         return self.engine.config
 

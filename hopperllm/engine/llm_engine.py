@@ -68,16 +68,25 @@ class LLMEngine:
         self.async_scheduling = config.device == "cuda"
         self._pending = None  # (StepLaunch, [(seq, position of its placeholder)]) of the in-flight step
         self._num_penalty_requests = 0
+        # --generation-config: SamplingParams defaults from the model's generation_config.json (vLLM's rule)
+        self.default_sampling: dict = {}
 
     @classmethod
     def from_engine_args(cls, args, show_progress: bool = True) -> LLMEngine:
-        from hopperllm.loader.model_loader import load_tokenizer
+        from hopperllm.loader.model_loader import generation_defaults, load_tokenizer
         from hopperllm.worker.executor import make_executor
 
         config, src = args.create_engine_config()
+        defaults = generation_defaults(
+            getattr(args, "generation_config", "auto"), src
+        )  # before the weights load
         tokenizer = load_tokenizer(src, config.model_config)
         executor = make_executor(config, src, show_progress=show_progress)
-        return cls(config, tokenizer, executor)
+        engine = cls(config, tokenizer, executor)
+        engine.default_sampling = defaults
+        if defaults:
+            logger.info("sampling defaults from the model's generation config: %s", defaults)
+        return engine
 
     # -- requests ---------------------------------------------------------------------------
     @property

@@ -33,6 +33,7 @@ class LLM:
         device: str = "auto",
         enable_chunked_prefill: bool = True,
         show_progress: bool = True,
+        generation_config: str = "auto",
     ):
         import torch
 
@@ -54,6 +55,7 @@ class LLM:
             enforce_eager=enforce_eager,
             seed=seed,
             device=device,
+            generation_config=generation_config,
         )
         self.engine = LLMEngine.from_engine_args(args, show_progress=show_progress)
         self._next_id = 0
@@ -61,6 +63,11 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's generation_config.json defaults (temperature, top_p, top_k,
+        min_p, repetition_penalty, max_new_tokens as max_tokens) unless --generation-config vllm."""
+        return SamplingParams(**self.engine.default_sampling)
 
     def generate(
         self,
@@ -75,7 +82,7 @@ class LLM:
             prompts = [prompts]  # one prompt (text, dict, or a list of token ids)
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,3 +141,40 @@ def _keep_ignored_layers_unquantized(model: LlamaForCausalLM, qc: dict) -> None:
         module = modules[name]
         if module.quantization is not None:
             module.drop_quantization()
+
+
+# the generation_config.json keys that set sampling defaults, as vLLM reads them (max_new_tokens -> max_tokens)
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(mode: str, src: ModelSource) -> dict[str, Any]:
+    """vLLM's --generation-config: "auto" takes the sampling defaults of the model's generation_config.json
+    (an HF directory's), "vllm" none, and a folder path that folder's file. Returns SamplingParams keyword
+    defaults (only the keys the file sets)."""
+    if mode == "vllm":
+        return {}
+    if mode == "auto":
+        if src.kind != "hf":
+            return {}
+        path = os.path.join(src.path, "generation_config.json")
+        if not os.path.isfile(path):
+            return {}
+    else:
+        path = os.path.join(mode, "generation_config.json")
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"--generation-config {mode!r}: no generation_config.json there (or use auto / vllm)"
+            )
+    with open(path, encoding="utf-8") as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return {ours: cfg[theirs] for theirs, ours in _GENERATION_KEYS.items() if cfg.get(theirs) is not None}

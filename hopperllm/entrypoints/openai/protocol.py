@@ -99,12 +99,20 @@ class SamplingRequest(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
 
     def to_sampling_params(
-        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        defaults: dict | None = None,
     ) -> SamplingParams:
-        """Raises ValueError (HTTP 400) for values SamplingParams rejects."""
+        """Raises ValueError (HTTP 400) for values SamplingParams rejects. `defaults` (the model's generation
+        config, vLLM's rule) fill the sampling fields the request leaves unset."""
+        defaults = defaults or {}
 
-        def pick(value, default):
-            return default if value is None else value
+        def pick(value, default, name=None):
+            if value is not None:
+                return value
+            return defaults.get(name, default) if name else default
 
         logit_bias = None
         if self.logit_bias is not None:
@@ -117,11 +125,11 @@ class SamplingRequest(OpenAIBaseModel):
 
         return SamplingParams(
             n=self.n,
-            temperature=pick(self.temperature, 1.0),
-            top_p=pick(self.top_p, 1.0),
-            top_k=pick(self.top_k, -1),
-            min_p=pick(self.min_p, 0.0),
-            repetition_penalty=pick(self.repetition_penalty, 1.0),
+            temperature=pick(self.temperature, 1.0, "temperature"),
+            top_p=pick(self.top_p, 1.0, "top_p"),
+            top_k=pick(self.top_k, -1, "top_k"),
+            min_p=pick(self.min_p, 0.0, "min_p"),
+            repetition_penalty=pick(self.repetition_penalty, 1.0, "repetition_penalty"),
             presence_penalty=pick(self.presence_penalty, 0.0),
             frequency_penalty=pick(self.frequency_penalty, 0.0),
             seed=self.seed,

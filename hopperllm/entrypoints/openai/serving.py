@@ -198,6 +198,7 @@ class OpenAIServing:
         self.max_log_len = max_log_len
         self.is_draining = is_draining
         self.tokenizer = engine.tokenizer
+        self.default_sampling = dict(getattr(engine, "default_sampling", None) or {})
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.vocab_size = engine.config.model_config.vocab_size
         self._token_strs: dict[int, str] = {}
@@ -621,7 +622,7 @@ class OpenAIServing:
             prompt_lp = logprobs if getattr(req, "echo", False) and logprobs is not None else None
             if req.prompt_logprobs is not None:
                 prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
-            params = req.to_sampling_params(max_tokens, logprobs, prompt_lp)
+            params = req.to_sampling_params(max_tokens, logprobs, prompt_lp, self.default_sampling)
         except ValueError as e:
             param = next((f for f in ("logit_bias", "allowed_token_ids") if f in str(e)), None)
             raise APIError(400, str(e), param=param) from None
