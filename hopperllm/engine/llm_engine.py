@@ -77,9 +77,7 @@ class LLMEngine:
         from hopperllm.worker.executor import make_executor
 
         config, src = args.create_engine_config()
-        defaults = generation_defaults(
-            getattr(args, "generation_config", "auto"), src
-        )  # before the weights load
+        defaults = generation_defaults(args.generation_config, src)  # before the weights load
         tokenizer = load_tokenizer(src, config.model_config)
         executor = make_executor(config, src, show_progress=show_progress)
         engine = cls(config, tokenizer, executor)

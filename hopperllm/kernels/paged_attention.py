@@ -832,6 +832,11 @@ PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/a
 PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
 
 
+def prefill_fp8_qk(q_dtype: torch.dtype, fp8_cache: bool) -> bool:
+    """Whether prefill rounds q to e4m3 for an FP8 QK^T (the kernel; the torch backend emulates the same)."""
+    return fp8_cache and PREFILL_FP8_QK and q_dtype in (torch.bfloat16, torch.float16)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -869,7 +874,7 @@ def paged_prefill_attention(
     if num_tokens == 0 or batch == first_seq or max_seqlen_q <= 0:
         return out
 
-    fp8_qk = fp8 and PREFILL_FP8_QK and q.dtype in (torch.bfloat16, torch.float16)
+    fp8_qk = prefill_fp8_qk(q.dtype, fp8)
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda, fp8_qk)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV

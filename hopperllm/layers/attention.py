@@ -108,13 +108,14 @@ def paged_attention_native(
         seq_lens = meta.seq_lens.tolist()
     k_flat = kv_cache[0].view(nb * bs, hkv, d)
     v_flat = kv_cache[1].view(nb * bs, hkv, d)
+    # the Triton prefill kernel's FP8 QK^T: every sequence it gets (all of a step without decodes, those after
+    # the leading decodes of a mixed step) has its q rounded per row to e4m3
     fp8_qk = False
-    if kv_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16):
-        from hopperllm.kernels import paged_attention as pa
+    if kv_cache.dtype == FP8_DTYPE and not meta.decode_only:
+        from hopperllm.kernels.fp8 import ref_per_token_quant_fp8
+        from hopperllm.kernels.paged_attention import prefill_fp8_qk
 
-        # the Triton prefill kernel's FP8 QK^T (pa.PREFILL_FP8_QK): every sequence it gets (all of a step
-        # without decodes, those after the leading decodes of a mixed step) has its q rounded per row to e4m3
-        fp8_qk = pa.PREFILL_FP8_QK and not meta.decode_only
+        fp8_qk = prefill_fp8_qk(q.dtype, True)
     start = 0
     for b, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True)):
         nblk = -(-sl // bs)
@@ -128,8 +129,6 @@ def paged_attention_native(
             v = (v.float() * v_scale).to(q.dtype)
         qb = q[start : start + ql]
         if fp8_qk and b >= meta.num_decodes:
-            from hopperllm.kernels.fp8 import ref_per_token_quant_fp8
-
             q8, q_scale = ref_per_token_quant_fp8(qb)
             qb = (q8.float() * q_scale).to(q.dtype)
         mask = None

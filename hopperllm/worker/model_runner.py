@@ -402,25 +402,27 @@ class ModelRunner:
         launch = StepLaunch([s.seq_id for s in sample_seqs])
         if self._prompt_lp is not None:
             self._launch_prompt_logprobs(launch, hidden, *self._prompt_lp)
-        if not sample_seqs:
-            if launch.prompt_lp_host is not None and self.device.type == "cuda":
-                launch.event = torch.cuda.Event()
-                launch.event.record()
-            return launch
-        logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
-        smeta = self.sampling_metadata(sample_seqs, eos_ids)
-        out = self.sampler(logits, smeta)
-        launch.token_ids_dev = out.sampled_token_ids
-        launch.wanted_logprobs = [s.sampling_params.logprobs for s in sample_seqs]
-        cuda = self.device.type == "cuda"
-        launch.token_ids_host = torch.empty(len(sample_seqs), dtype=torch.long, pin_memory=cuda)
-        launch.token_ids_host.copy_(out.sampled_token_ids, non_blocking=cuda)
-        if out.logprobs is not None:
-            launch.logprobs = out.logprobs
-        if cuda:
+        if sample_seqs:
+            logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
+            smeta = self.sampling_metadata(sample_seqs, eos_ids)
+            out = self.sampler(logits, smeta)
+            launch.token_ids_dev = out.sampled_token_ids
+            launch.wanted_logprobs = [s.sampling_params.logprobs for s in sample_seqs]
+            launch.token_ids_host = self._to_host(out.sampled_token_ids)
+            if out.logprobs is not None:
+                launch.logprobs = out.logprobs
+        copied = launch.token_ids_host is not None or launch.prompt_lp_host is not None
+        if copied and self.device.type == "cuda":  # collect waits for the copies to the host
             launch.event = torch.cuda.Event()
             launch.event.record()
         return launch
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of `t` (pinned, enqueued without waiting, on a GPU); valid once the step's event is done."""
+        cuda = self.device.type == "cuda"
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+        h.copy_(t, non_blocking=cuda)
+        return h
 
     # rows of prompt logits at a time: a 2048-token prompt of a 128k vocabulary would be 1 GB of float32
     PROMPT_LOGPROBS_CHUNK = 512
@@ -438,15 +440,8 @@ class ModelRunner:
             top = lp.topk(k, dim=-1)
             top_ids.append(top.indices)
             top_lps.append(top.values)
-        cuda = self.device.type == "cuda"
-        host = []
-        for parts in (chosen, top_ids, top_lps):
-            t = torch.cat(parts)
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
-            h.copy_(t, non_blocking=cuda)
-            host.append(h)
         launch.prompt_lp_seqs = lp_seqs
-        launch.prompt_lp_host = (host[0], host[1], host[2])
+        launch.prompt_lp_host = tuple(self._to_host(torch.cat(parts)) for parts in (chosen, top_ids, top_lps))
 
     def collect(self, launch: StepLaunch) -> ModelRunnerOutput:
         """Wait for a launched step and read its sampled tokens (and prompt logprobs) back."""

@@ -198,7 +198,7 @@ class OpenAIServing:
         self.max_log_len = max_log_len
         self.is_draining = is_draining
         self.tokenizer = engine.tokenizer
-        self.default_sampling = dict(getattr(engine, "default_sampling", None) or {})
+        self.default_sampling = dict(engine.default_sampling)
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.vocab_size = engine.config.model_config.vocab_size
         self._token_strs: dict[int, str] = {}
@@ -626,15 +626,8 @@ class OpenAIServing:
         except ValueError as e:
             param = next((f for f in ("logit_bias", "allowed_token_ids") if f in str(e)), None)
             raise APIError(400, str(e), param=param) from None
-        for field, ids in (
-            ("logit_bias", params.logit_bias or {}),
-            ("allowed_token_ids", params.allowed_token_ids),
-        ):
-            bad = next((t for t in ids or () if t >= self.vocab_size), None)
-            if bad is not None:
-                raise APIError(
-                    400, f"token id {bad} in {field} is out of range [0, {self.vocab_size})", param=field
-                )
+        self._check_token_ids(list(params.logit_bias or ()), "logit_bias")
+        self._check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
         if self.log_requests:
             cut = self.max_log_len
             logger.info(
