@@ -80,11 +80,14 @@ for step in $steps; do
         2>&1 | grep -v "^  skip" | tail -32
       timeout 70 python3 benchmarks/tune_gemv.py --models 7b --unfused --stream-k --output-json "$OUT/tune_gemv_stream_k_7b.json" \
         2>&1 | grep -v "^  skip" | tail -16 ;;
-    ab-stream-k)  # HOPPERLLM_GEMV_STREAM_K=1 (v22's stream-K candidates) end to end: the GPU test of every tuned config,
-      # then batch-1 latency of Llama-2-7B (with the fused MLP its 128-row gate/up tile turns on, and without) and Llama-3-8B
+    ab-stream-k)  # the stream-K table (default since v23) against HOPPERLLM_GEMV_STREAM_K=0 (GEMV_TUNED's split-K
+      # configs) end to end: the GPU test of every tuned config, then batch-1 latency of Llama-2-7B and Llama-3-8B
       timeout 120 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py -k "stream_k or tuned" -p no:cacheprovider 2>&1 | tail -2
-      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_GEMV_STREAM_K=1 HOPPERLLM_GEMV_STREAM_K=1,HOPPERLLM_FUSED_MLP=0 -" OUT="$OUT" bash "$0" ab
-      MODEL=dummy:llama-3-8b AB="- HOPPERLLM_GEMV_STREAM_K=1" OUT="$OUT" bash "$0" ab ;;
+      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_GEMV_STREAM_K=0 -" OUT="$OUT" bash "$0" ab
+      MODEL=dummy:llama-3-8b AB="HOPPERLLM_GEMV_STREAM_K=0 -" OUT="$OUT" bash "$0" ab ;;
+    stream-k-tp)  # stream-K launches for one rank of the 70B at TP=2 and TP=4 (one GPU is enough)
+      timeout 150 python3 benchmarks/tune_gemv.py --models 70b-tp2,70b-tp4 --stream-k --output-json "$OUT/tune_gemv_stream_k_tp.json" \
+        2>&1 | grep -v "^  skip" | tail -32 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

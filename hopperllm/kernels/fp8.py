@@ -595,11 +595,12 @@ def _num_sms(device_index: int) -> int:
 # same programs for 1 token as for 16 (HOPPERLLM_GEMV_TUNED_MAX_M=1 keeps them to batch 1, as before v18).
 GEMV_TUNED_MAX_M = int(os.environ.get("HOPPERLLM_GEMV_TUNED_MAX_M", "16"))
 # Entries with a sixth field launch stream-K (that many programs an SM; HOPPERLLM_GEMV_STREAM_K=0 runs their
-# split-K config instead). GEMV_STREAM_K_TUNED: stream-K launches that beat the split-K configs as single
-# kernels on one H200 (v22 in docs/perf-notes.md: the long gate/up streams and the 7B's qkv, where split-K
-# grids leave SMs idle or run a short second wave; small matrices lose to the fix-up), not yet measured end
-# to end: HOPPERLLM_GEMV_STREAM_K=1 puts them in front of GEMV_TUNED (the 7B's 128-row gate/up tile also
-# turns on the fused SiLU-mul launch).
+# split-K config instead). GEMV_STREAM_K_TUNED: stream-K launches that beat the split-K configs on one H200,
+# as single kernels (the long gate/up streams and the 7B's qkv, where split-K grids leave SMs idle or run a
+# short second wave; small matrices lose to the fix-up) and end to end (v23 in docs/perf-notes.md: Llama-2-7B
+# TPOT 3.25 -> 3.10 ms, Llama-3-8B 3.23 -> 3.16). They go in front of GEMV_TUNED by default;
+# HOPPERLLM_GEMV_STREAM_K=0 keeps to GEMV_TUNED's split-K configs (the 7B's 128-row gate/up tile also turns
+# on the fused SiLU-mul launch, silu_mul_fusion_pays).
 GEMV_STREAM_K = os.environ.get("HOPPERLLM_GEMV_STREAM_K", "auto")
 GEMV_STREAM_K_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
     (12288, 4096): (128, 256, 1, 4, 8, 1),  # 7B qkv: 16.5 us vs 19.8 (H100 config), 128-row split-K 17.5
@@ -652,7 +653,7 @@ def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
     tuned = None
     if M <= min(GEMV_TUNED_MAX_M, 16):
-        tuned = (GEMV_STREAM_K == "1" and GEMV_STREAM_K_TUNED.get((N, K))) or GEMV_TUNED.get((N, K))
+        tuned = (GEMV_STREAM_K != "0" and GEMV_STREAM_K_TUNED.get((N, K))) or GEMV_TUNED.get((N, K))
     if tuned is not None:
         bn, bk, sk, st, nw, *stream_k = tuned
         cfg = {"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw,

@@ -21,6 +21,7 @@ import torch
 
 from hopperllm.config import EngineConfig
 from hopperllm.distributed.process_group import all_reduce_min, destroy_tp_group, init_tp_group, warm_up
+from hopperllm.engine.llm_engine import freeze_gc_heap
 from hopperllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from hopperllm.engine.sequence import Sequence
 from hopperllm.loader.model_loader import ModelSource
@@ -298,6 +299,7 @@ def worker_main(
     _exit_with_parent()
     try:
         worker = Worker(config, src, rank, world_size, port, timeout_s, show_progress)
+        freeze_gc_heap()  # as the driver's engine does: no full collection walks the model in a step
         results.send(("ready", worker.num_kv_blocks))
         _serve(worker, tasks, results)
     except BaseException as e:  # everything goes to the driver, then this rank exits

@@ -236,3 +236,26 @@ def test_prompt_logprobs_equal_full_sequence_logits(model_dir, async_scheduling)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
     _assert_all_blocks_free(llm)
+
+
+def test_engine_freezes_the_gc_heap_and_frees_itself(model_dir):
+    """Start-up moves the live heap (model, caches) out of the collector's reach, as vLLM does, so no
+    full collection walks it inside a request's steps; the engine is still freed by reference counts
+    alone, and shutdown hands the frozen objects back to the collector."""
+    import gc
+    import weakref
+
+    gc.unfreeze()
+    llm = _llm(model_dir)
+    assert gc.get_freeze_count() > 1000
+    assert _run(llm, _prompts(2)) == _run(llm, _prompts(2))
+    gc.disable()  # the engine must go with its last reference, not in a later collection
+    try:
+        ref = weakref.ref(llm.engine.executor)
+        del llm
+        assert ref() is None
+    finally:
+        gc.enable()
+    llm = _llm(model_dir)
+    llm.engine.shutdown()
+    assert gc.get_freeze_count() == 0

@@ -147,9 +147,10 @@ def test_fp8_gemv_vs_ref_and_scaled_mm(N, K, M, per_channel):
     + [(n, k, True) for n, k in sorted(fp8.GEMV_STREAM_K_TUNED)],
 )
 def test_fp8_gemv_tuned_batch1_configs(N, K, stream_k, M, monkeypatch):
-    """Every shape with a tuned batch-1 config (70B shapes too; the stream-K candidates of
-    HOPPERLLM_GEMV_STREAM_K=1) against the float32 reference, at the batches up to 16 that take it."""
-    monkeypatch.setattr(fp8, "GEMV_STREAM_K", "1" if stream_k else "auto")
+    """Every shape with a tuned batch-1 config (70B shapes too; GEMV_TUNED's split-K configs as
+    HOPPERLLM_GEMV_STREAM_K=0 runs them, and the default stream-K table) against the float32 reference, at
+    the batches up to 16 that take it."""
+    monkeypatch.setattr(fp8, "GEMV_STREAM_K", "auto" if stream_k else "0")
     w_fp8, w_scale = make_weight(N, K, True, seed=N + K)
     x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=1))
     out = fp8.fp8_gemv(x_fp8, x_scale, w_fp8, w_scale, torch.float32)

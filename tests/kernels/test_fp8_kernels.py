@@ -130,12 +130,14 @@ def test_tuned_stream_k_entry_gives_programs_per_sm(monkeypatch):
     assert "STREAM_K" not in fp8.fp8_gemv_config(1, 778, 512, 132)  # the rule: split-K
     monkeypatch.setattr(fp8, "GEMV_STREAM_K", "0")  # HOPPERLLM_GEMV_STREAM_K=0: the entry's split-K config
     assert "STREAM_K" not in fp8.fp8_gemv_config(1, 777, 512, 132)
-    # HOPPERLLM_GEMV_STREAM_K=1: the stream-K candidates go in front of the tuned table
+    # by default (and with HOPPERLLM_GEMV_STREAM_K=1) the stream-K table goes in front of the tuned table
     monkeypatch.setitem(fp8.GEMV_STREAM_K_TUNED, (777, 512), (64, 256, 1, 4, 4, 1))
-    assert fp8.fp8_gemv_config(1, 777, 512, 132)["BLOCK_N"] == 128
-    monkeypatch.setattr(fp8, "GEMV_STREAM_K", "1")
-    cfg = fp8.fp8_gemv_config(1, 777, 512, 132)
-    assert cfg["BLOCK_N"] == 64 and cfg["STREAM_K"] == 132
+    assert fp8.fp8_gemv_config(1, 777, 512, 132)["BLOCK_N"] == 128  # =0: GEMV_TUNED's entry, split-K
+    for value in ("auto", "1"):
+        monkeypatch.setattr(fp8, "GEMV_STREAM_K", value)
+        cfg = fp8.fp8_gemv_config(1, 777, 512, 132)
+        assert cfg["BLOCK_N"] == 64 and cfg["STREAM_K"] == 132
+    assert "STREAM_K" not in fp8.fp8_gemv_config(17, 777, 512, 132)  # past GEMV_TUNED_MAX_M: the rule
 
 
 def test_fp8_gemv_split_k_rearms_its_counters(poisoned_empty):
