@@ -607,6 +607,11 @@ GEMV_STREAM_K_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
     (22016, 4096): (128, 256, 1, 4, 8, 1),  # 7B gate_up, unfused: 26.6 vs 28.7
     (28672, 4096): (128, 256, 1, 4, 8, 1),  # 8B gate_up, fused: 34.4 vs 35.8
     (7168, 8192): (128, 256, 4, 4, 8, 1),  # 70B TP=8 gate_up, fused: 20.1 vs 21.8
+    # one rank of the 70B at TP=2 and TP=4 (tune-gemv-stream-k-70b-tp2-tp4-h200-v23.json, fused MLP launches)
+    (28672, 8192): (128, 256, 1, 4, 8, 1),  # TP=2 gate_up: 61.1 vs 62.3
+    (14336, 8192): (128, 256, 2, 4, 8, 1),  # TP=4 gate_up: 33.4 vs 36.9
+    (8192, 7168): (128, 256, 4, 3, 8, 1),  # TP=4 down, quantizing its input: 20.5 vs 21.9
+    (2560, 8192): (64, 256, 4, 4, 4, 2),  # TP=4 qkv: 10.1 vs 10.7
 }
 GEMV_TUNED: dict[tuple[int, int], tuple[int, ...]] = {
     # (N, K): (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps[, stream-K programs an SM: SPLIT_K unused])
