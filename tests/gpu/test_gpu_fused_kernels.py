@@ -227,10 +227,17 @@ def test_fused_silu_mul_gemvs_real_shapes(inter, K, M):
     x_fp8, x_scale = fp8.ref_per_token_quant_fp8(randn(M, K, seed=M))
     # The fused launch's tiles and K slices (gated_config) differ from the unfused launch's; the MMA
     # instruction (wgmma for >= 64-row tiles, mma.sync below), the split-K sums and so the float32
-    # rounding follow them.
+    # rounding follow them. The gate rows and the up rows each go through their own launch: a stream-K
+    # launch cuts its (tile, K chunk) iterations into equal program shares, so a half's launch splits its
+    # tiles where the fused launch (one tile = gate and up rows) splits them, and a launch over all 2I
+    # rows elsewhere.
     cfg = fp8.fp8_gemv_config(M, 2 * inter, K, torch.cuda.get_device_properties(0).multi_processor_count)
     same_tiles = fp8.gated_config(cfg)
-    gate_up = fp8.fp8_gemv(x_fp8, x_scale, w_gu, s_gu, config=same_tiles)
+    gate_up = torch.cat(
+        [fp8.fp8_gemv(x_fp8, x_scale, w_gu[rows], s_gu[rows], config=same_tiles)
+         for rows in (slice(0, inter), slice(inter, 2 * inter))],
+        dim=1,
+    )  # fmt: skip
     y_fp8, y_scale = activation.silu_and_mul(gate_up, out_fp8=True)
     unfused = fp8.fp8_gemv(y_fp8, y_scale, w_down, s_down)
 
