@@ -232,7 +232,9 @@ def test_fused_silu_mul_gemvs_real_shapes(inter, K, M):
     # tiles where the fused launch (one tile = gate and up rows) splits them, and a launch over all 2I
     # rows elsewhere.
     cfg = fp8.fp8_gemv_config(M, 2 * inter, K, torch.cuda.get_device_properties(0).multi_processor_count)
-    same_tiles = fp8.gated_config(cfg)
+    # (a half's own shape may have a table entry, e.g. the 70B's TP=1 gate/up half is the TP=2 shard's
+    # stream-K shape: the fused launch's config, stream-K or not, is spelled out in full)
+    same_tiles = {"STREAM_K": 0, **fp8.gated_config(cfg)}
     gate_up = torch.cat(
         [fp8.fp8_gemv(x_fp8, x_scale, w_gu[rows], s_gu[rows], config=same_tiles)
          for rows in (slice(0, inter), slice(inter, 2 * inter))],
