@@ -88,6 +88,8 @@ for step in $steps; do
     stream-k-tp)  # stream-K launches for one rank of the 70B at TP=2 and TP=4 (one GPU is enough)
       timeout 150 python3 benchmarks/tune_gemv.py --models 70b-tp2,70b-tp4 --stream-k --output-json "$OUT/tune_gemv_stream_k_tp.json" \
         2>&1 | grep -v "^  skip" | tail -32 ;;
+    structured)  # structured outputs on the GPU (carry .whl with the llguidance wheel: pip download llguidance)
+      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_structured_outputs.py -p no:cacheprovider 2>&1 | tail -5 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from hopperllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from hopperllm.sampling_params import SamplingParams  # noqa: E402
+from hopperllm.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
 
 def __getattr__(name):  # LLM imports the whole engine: load it on first use
@@ -14,4 +14,11 @@ def __getattr__(name):  # LLM imports the whole engine: load it on first use
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "__version__",
+]

@@ -8,6 +8,53 @@ MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 
 
 @dataclass
+class StructuredOutputsParams:
+    """vLLM's structured-output constraint (`SamplingParams.structured_outputs`): exactly one of a JSON
+    schema (`json`, a dict or its JSON text), any JSON object (`json_object`), a regular expression, one of
+    several strings (`choice`) or a Lark grammar (`grammar`; llguidance's Lark dialect, or GBNF). Every
+    sampled token keeps the output a prefix of a string the constraint accepts; the request ends when
+    the constraint is complete."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON only: no whitespace between tokens other than what the schema's strings hold (vLLM's flag)
+    disable_any_whitespace: bool = False
+
+    def verify(self) -> None:
+        kinds = [
+            name
+            for name, value in (
+                ("json", self.json),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json_object", self.json_object or None),
+            )
+            if value is not None
+        ]
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured outputs take exactly one of json, regex, choice, grammar, json_object; got "
+                + (", ".join(kinds) if kinds else "none")
+            )
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("structured outputs' json must be a JSON schema (an object or its JSON text)")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError("structured outputs' regex must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("structured outputs' grammar must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple))
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured outputs' choice must be a non-empty list of non-empty strings")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -32,6 +79,7 @@ class SamplingParams:
     # allowed_token_ids (only these may be sampled); both act before the penalties, as in vLLM
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self):
@@ -102,6 +150,10 @@ class SamplingParams:
             ]
             if bad:
                 raise ValueError(f"allowed_token_ids must be non-negative token ids, got {bad[0]!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams")
+            self.structured_outputs.verify()
 
     def token_ids_in_params(self) -> list[int]:
         """The token ids the request names outside its prompt (checked against the vocabulary on arrival)."""

@@ -79,7 +79,8 @@ class LLMEngine:
         # Overlap host work with the device (on by default where the executor supports it on a GPU).
         self.async_scheduling = config.device == "cuda"
         self._pending = None  # (StepLaunch, [(seq, position of its placeholder)]) of the in-flight step
-        self._num_penalty_requests = 0
+        self._num_sync_requests = 0  # requests whose steps need every earlier token on the host
+        self._structured = None  # StructuredOutputManager, made by the first constrained request
         # --generation-config: SamplingParams defaults from the model's generation_config.json (vLLM's rule)
         self.default_sampling: dict = {}
         freeze_gc_heap()  # last: the model, its CUDA graphs and the caches exist now
@@ -164,13 +165,16 @@ class LLMEngine:
             detoks.append(
                 IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
             )
+        if params.structured_outputs is not None:
+            for seq in seqs:  # a constraint that does not compile is the caller's error (ValueError)
+                seq.grammar = self.structured_output_manager.matcher(params.structured_outputs)
         return _Request(request_id, prompt_text, token_ids, params, seqs, detoks, arrival, [0] * params.n)
 
     def commit_request(self, req: _Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
-        self._num_penalty_requests += _uses_penalties(req.params)
+        self._num_sync_requests += _needs_sync(req.params)
         for seq in req.seqs:
             self._seq_to_req[seq.seq_id] = req.request_id
             self.scheduler.add_seq(seq)
@@ -196,7 +200,7 @@ class LLMEngine:
             req = self.requests.pop(rid, None)
             if req is None:
                 continue
-            self._num_penalty_requests -= _uses_penalties(req.params)
+            self._num_sync_requests -= _needs_sync(req.params)
             seq_ids += [s.seq_id for s in req.seqs]
         aborted = self.scheduler.abort_seqs(seq_ids)
         for s in seq_ids:
@@ -211,9 +215,20 @@ class LLMEngine:
         return len(self.requests)
 
     # -- the step ---------------------------------------------------------------------------
+    @property
+    def structured_output_manager(self):
+        if self._structured is None:
+            from hopperllm.engine.structured_output import StructuredOutputManager
+
+            self._structured = StructuredOutputManager(
+                self.tokenizer, self.config.model_config.vocab_size, self.eos_token_ids
+            )
+        return self._structured
+
     def _async_ok(self) -> bool:
-        # penalties read the exact output history when the step is built: they need every token on the host
-        return self.async_scheduling and self.executor.supports_async and self._num_penalty_requests == 0
+        # penalties and structured outputs read the exact output history when the step is built: they need
+        # every token on the host
+        return self.async_scheduling and self.executor.supports_async and self._num_sync_requests == 0
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step; read back the previous one.
@@ -231,6 +246,11 @@ class LLMEngine:
         launch = None
         sampled: list[tuple[Sequence, int]] = []
         if sched.scheduled:
+            if self._structured is not None:
+                for item in sched.scheduled:
+                    seq = item.seq
+                    if seq.grammar is not None:
+                        seq.token_bitmask = self._structured.bitmask(seq.grammar) if item.sample else None
             prev = self._pending[0] if self._pending is not None else None
             launch = self.executor.launch(sched, self.eos_token_ids, prev)
             now = time.monotonic()
@@ -332,6 +352,14 @@ class LLMEngine:
             stop_str = detok.update([token], stop_terminated=status is not None)
             if stop_str is not None:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
+        if seq.grammar is not None and status is None and token not in self.eos_token_ids:
+            if not seq.grammar.consume_token(token):
+                logger.warning(
+                    "request %s left its structured output: %s", req.request_id, seq.grammar.get_error()
+                )
+                status = SequenceStatus.FINISHED_STOPPED
+            elif seq.grammar.is_stopped():  # complete: nothing but EOS may follow (its text is output)
+                status = SequenceStatus.FINISHED_STOPPED
         if status is None and self._ends_by_length(seq, pos):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
@@ -390,7 +418,7 @@ class LLMEngine:
 
     def _free_request(self, req: _Request) -> None:
         if self.requests.pop(req.request_id, None) is not None:
-            self._num_penalty_requests -= _uses_penalties(req.params)
+            self._num_sync_requests -= _needs_sync(req.params)
         for s in req.seqs:
             self._seq_to_req.pop(s.seq_id, None)
         self.executor.release([s.seq_id for s in req.seqs])
@@ -420,5 +448,11 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting_requests; retry later (HTTP 429/503)."""
 
 
-def _uses_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+def _needs_sync(p: SamplingParams) -> bool:
+    """Penalties and structured outputs build a step from every earlier token: no async scheduling."""
+    return (
+        p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or p.structured_outputs is not None
+    )

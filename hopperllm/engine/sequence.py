@@ -83,6 +83,10 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         if sampling_params is not None and getattr(sampling_params, "prompt_logprobs", None) is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+        # structured outputs: the engine's llguidance matcher (driver only), and the int32 bitmask of the
+        # tokens it allows next, set before each step that samples this sequence (sent to every rank)
+        self.grammar = None
+        self.token_bitmask = None
 
     # -- sizes ------------------------------------------------------------------------------
     @property

@@ -5,7 +5,8 @@ is pure tensor work with no host sync (no `.item()`, no boolean-mask indexing, n
 so the model runner can queue it behind the forward pass and read the tokens back once.
 
 Order of operations (vLLM's):
-  allowed_token_ids (every other id -> -inf), logit_bias (added to its ids' logits)
+  structured outputs' token bitmask (tokens outside the constraint -> -inf)
+  -> allowed_token_ids (every other id -> -inf), logit_bias (added to its ids' logits)
   -> penalties (repetition on prompt+output tokens, frequency/presence on output counts)
   -> logprobs are taken here (see `Sampler.forward`)
   -> min_tokens ban (stop ids -> -inf while a row has fewer than min_tokens outputs)
@@ -57,6 +58,9 @@ class SamplingMetadata:
     allowed_rows: torch.Tensor | None  # int64 [R]
     allowed_pair_rows: torch.Tensor | None  # int64 [A]
     allowed_pair_token_ids: torch.Tensor | None  # int64 [A]
+    # structured outputs: the constrained rows and their int32 bitmasks (bit t % 32 of word t // 32: token t)
+    bitmask_rows: torch.Tensor | None  # int64 [G]
+    token_bitmask: torch.Tensor | None  # int32 [G, ceil(V / 32)]
     generators: dict[int, torch.Generator]  # row -> its request's generator (seeded random rows only)
     all_greedy: bool
     all_random: bool
@@ -86,6 +90,7 @@ class SamplingMetadata:
         stop_ids_for_min_tokens: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        token_bitmasks: list[np.ndarray | None] | None = None,
     ) -> SamplingMetadata:
         """Turn per-row Python state into device tensors (all host work of a step's sampling is here).
 
@@ -93,6 +98,7 @@ class SamplingMetadata:
         `stop_ids_for_min_tokens[i]`: the ids row i may not sample while it has fewer than
         `params[i].min_tokens` outputs (its EOS ids, unless ignore_eos, plus `stop_token_ids`).
         `prompt_token_ids` / `output_token_ids` are read only for rows that use penalties.
+        `token_bitmasks[i]`: row i's structured-output bitmask (int32 words), or None for a free row.
         """
         n = len(params)
         if not (
@@ -194,6 +200,18 @@ class SamplingMetadata:
             )
             allowed_pairs_rows, allowed_pairs_ids = pairs[0], pairs[1]
 
+        bitmask_rows = token_bitmask = None
+        constrained = [i for i, b in enumerate(token_bitmasks or ()) if b is not None]
+        if constrained:
+            words = (vocab_size + 31) // 32
+            host = np.full((len(constrained), words), -1, dtype=np.int32)
+            for j, i in enumerate(constrained):
+                b = token_bitmasks[i][:words]
+                host[j, : b.shape[0]] = b
+                host[j, b.shape[0] :] = 0  # a mask shorter than the logits allows none of the rest
+            bitmask_rows = _to_device(torch.tensor(constrained, dtype=torch.int64), device, pin)
+            token_bitmask = _to_device(torch.from_numpy(host), device, pin)
+
         random_rows = [i for i in range(n) if not greedy[i]]
         row_generators = {i: generators[i] for i in random_rows if generators[i] is not None}
         enabled_top_k = [top_k[i] for i in random_rows if top_k[i] < vocab_size]
@@ -218,6 +236,8 @@ class SamplingMetadata:
             allowed_rows=allowed,
             allowed_pair_rows=allowed_pairs_rows,
             allowed_pair_token_ids=allowed_pairs_ids,
+            bitmask_rows=bitmask_rows,
+            token_bitmask=token_bitmask,
             generators=row_generators,
             all_greedy=all(greedy),
             all_random=not any(greedy),
@@ -275,6 +295,8 @@ class Sampler(nn.Module):
         # Never write into the caller's logits: penalties and the min_tokens ban work on a copy, and the random
         # path's temperature division makes its own.
         logits = logits.float()
+        if meta.bitmask_rows is not None:
+            logits = apply_token_bitmask(logits, meta.bitmask_rows, meta.token_bitmask)
         if meta.allowed_rows is not None or meta.logit_bias_rows is not None:
             logits = apply_allowed_and_bias(logits, meta)
         if meta.any_penalties:
@@ -286,7 +308,12 @@ class Sampler(nn.Module):
         logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
         if meta.min_tokens_rows is not None:
-            if not meta.any_penalties and meta.allowed_rows is None and meta.logit_bias_rows is None:
+            if (
+                not meta.any_penalties
+                and meta.allowed_rows is None
+                and meta.logit_bias_rows is None
+                and meta.bitmask_rows is None
+            ):
                 logits = logits.clone()
             # the value is made on the device: torch.tensor(-inf, device=cuda) would be a blocking copy
             logits.index_put_(
@@ -319,6 +346,15 @@ class Sampler(nn.Module):
             logits = apply_min_p(logits, meta.min_p)
         probs = logits.softmax(dim=-1)
         return exponential_race(probs, meta.generators)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured outputs: in each row of `rows`, every token whose bit is clear in that row's int32 words
+    -> -inf. Returns a new tensor; device work only (no host sync)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    masked = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, rows, masked)
 
 
 def apply_allowed_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -381,6 +381,7 @@ class ModelRunner:
             stop_ids,
             self.vocab_size,
             self.device,
+            token_bitmasks=[s.token_bitmask for s in seqs],
         )
 
     @torch.inference_mode()

@@ -109,6 +109,7 @@ class SeqDelta(NamedTuple):
     num_placeholders: int
     bt_keep: int  # block_table becomes block_table[:bt_keep] + bt_tail
     bt_tail: list[int]
+    token_bitmask: Any  # structured outputs: the tokens allowed next (int32 words), when it samples
 
 
 class StepEncoder:
@@ -152,6 +153,7 @@ class StepEncoder:
                     seq.num_placeholders,
                     bt_keep,
                     table[bt_keep:],
+                    seq.token_bitmask if item.sample else None,
                 )
             )
         return deltas
@@ -183,6 +185,7 @@ class SequenceMirror:
             seq.block_table.extend(d.bt_tail)
             seq.num_computed_tokens = d.num_computed_tokens
             seq.num_placeholders = d.num_placeholders
+            seq.token_bitmask = d.token_bitmask
             scheduled.append(ScheduledSeq(seq, d.num_new_tokens, d.sample))
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(d.num_new_tokens for d in deltas))
 

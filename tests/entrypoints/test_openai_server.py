@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -230,6 +231,72 @@ def test_logit_bias_and_allowed_token_ids(client, llm):
     assert set(ref[0].outputs[0].token_ids) <= {104, 105}
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["red", "green"]}},
+    "required": ["ok", "tag"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs(client, llm):
+    """OpenAI's response_format, vLLM's structured_outputs and guided_* extras, against the offline API."""
+    from hopperllm import StructuredOutputsParams
+
+    pytest.importorskip("llguidance")
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    res = client.completions.create(
+        model=MODEL,
+        prompt="abc",
+        max_tokens=40,
+        temperature=1.0,
+        seed=11,
+        extra_body={"response_format": fmt},
+    )
+    ref = _reference(
+        llm,
+        "abc",
+        max_tokens=40,
+        temperature=1.0,
+        seed=11,
+        structured_outputs=StructuredOutputsParams(json=SCHEMA),
+    )[0]
+    assert res.choices[0].text == ref.text and res.choices[0].finish_reason == ref.finish_reason
+
+    so = {"json": SCHEMA, "disable_any_whitespace": True}
+    res = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=40, temperature=0, extra_body={"structured_outputs": so}
+    )
+    ref = _reference(
+        llm,
+        "abc",
+        max_tokens=40,
+        temperature=0,
+        structured_outputs=StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),
+    )[0]
+    assert res.choices[0].text == ref.text and res.choices[0].finish_reason == "stop"
+    obj = json.loads(res.choices[0].text)
+    assert set(obj) == {"ok", "tag"} and isinstance(obj["ok"], bool) and obj["tag"] in ("red", "green")
+
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=8,
+        temperature=1.0,
+        seed=2,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert chat.choices[0].message.content in ("yes", "no") and chat.choices[0].finish_reason == "stop"
+    res = client.completions.create(
+        model=MODEL,
+        prompt="abc",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"guided_regex": "[0-9]{3}-[a-c]+"},
+    )
+    assert re.fullmatch("[0-9]{3}-[a-c]+", res.choices[0].text), res.choices[0].text
+
+
 def test_echo_with_logprobs_gives_the_prompt_logprobs(client, llm, shared_server):
     """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1. The prompt tokens come first (the
     first without logprobs), each with the logprob the model gives it after the tokens before, then the
@@ -376,6 +443,17 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "allowed_token_ids": []}, "allowed_token_ids"),
     ({"prompt": "abc", "allowed_token_ids": [100000]}, "allowed_token_ids"),
     ({"prompt": "abc", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "abc", "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"prompt": "abc", "response_format": {"type": "xml"}}, "response_format"),
+    ({"prompt": "abc", "guided_choice": ["a"], "guided_regex": "a"}, "guided_regex"),
+    ({"prompt": "abc", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "abc", "structured_outputs": {}}, "structured_outputs"),
+    ({"prompt": "abc", "guided_regex": "(("}, "guided_regex"),
+    ({"prompt": "abc", "guided_json": '{"type": "strng"}'}, "guided_json"),
+    (
+        {"prompt": "abc", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
+        "response_format",
+    ),
 ]
 
 

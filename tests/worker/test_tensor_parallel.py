@@ -5,14 +5,16 @@ engine with an error naming it, in seconds, not a hang."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import signal
 import time
 
 import pytest
 import torch
 
-from hopperllm import LLM, SamplingParams
+from hopperllm import LLM, SamplingParams, StructuredOutputsParams
 from hopperllm.distributed.parallel_state import TPGroup
 from hopperllm.loader import hf_safetensors
 from hopperllm.loader.hf_safetensors import LazyTensor, iter_safetensors
@@ -78,6 +80,19 @@ def test_float32_tp2_matches_tp1(model_dir):
         assert outs[0].token_ids != outs[1].token_ids
         for c, r in zip(outs, ref_outs, strict=True):
             assert c.cumulative_logprob == pytest.approx(r.cumulative_logprob, abs=1e-3)
+        # structured outputs: each step's token bitmask goes to every rank with the sequence
+        if importlib.util.find_spec("llguidance") is not None:
+            so = SamplingParams(
+                n=2,
+                max_tokens=12,
+                temperature=1.0,
+                seed=3,
+                structured_outputs=StructuredOutputsParams(regex="[a-f]{2,8}!"),
+            )
+            ref_outs = ref.generate({"prompt_token_ids": _prompts()[2]}, so, use_tqdm=False)[0].outputs
+            outs = tp2.generate({"prompt_token_ids": _prompts()[2]}, so, use_tqdm=False)[0].outputs
+            assert [c.text for c in outs] == [c.text for c in ref_outs]
+            assert all(re.fullmatch("[a-f]{2,8}!", c.text) for c in outs), [c.text for c in outs]
         bm = tp2.engine.scheduler.block_manager
         assert bm.num_free_blocks == bm.num_total_blocks
     finally:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 
-from hopperllm.sampling_params import SamplingParams
+from hopperllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -71,6 +71,31 @@ class StreamOptions(OpenAIBaseModel):
 TokenIds = Annotated[list[StrictInt], Field(description="token ids")]
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON that follows `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's `structured_outputs` extra: one constraint (see StructuredOutputsParams)."""
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class SamplingRequest(OpenAIBaseModel):
     """The fields completions and chat share: OpenAI's, then vLLM's extras."""
 
@@ -97,6 +122,67 @@ class SamplingRequest(OpenAIBaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: per prompt token, non-streamed
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint_field(self) -> str | None:
+        """The field the request's structured output constraint comes from (the param of its 400s)."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        fields = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        return next((f for f in fields if getattr(self, f) is not None), None)
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's one output constraint, or None; ValueError (HTTP 400) for two or a bad one."""
+        given = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema")
+            given.append(("response_format", StructuredOutputsParams(json=rf.json_schema.json_schema)))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            given.append(
+                (
+                    "structured_outputs",
+                    StructuredOutputsParams(
+                        json=so.json_,
+                        regex=so.regex,
+                        choice=so.choice,
+                        grammar=so.grammar,
+                        json_object=so.json_object,
+                        disable_any_whitespace=so.disable_any_whitespace,
+                    ),
+                )
+            )
+        for name, kind in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, StructuredOutputsParams(**{kind: value})))
+        if len(given) > 1:
+            raise ValueError(
+                "give one structured output constraint, got " + ", ".join(name for name, _ in given)
+            )
+        if not given:
+            return None
+        name, params = given[0]
+        try:
+            params.verify()
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        return params
 
     def to_sampling_params(
         self,
@@ -144,6 +230,7 @@ class SamplingRequest(OpenAIBaseModel):
             logit_bias=logit_bias,
             allowed_token_ids=self.allowed_token_ids,
             prompt_logprobs=prompt_logprobs,
+            structured_outputs=self.structured_outputs_params(),
         )
 
 

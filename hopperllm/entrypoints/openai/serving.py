@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hopperllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from hopperllm.engine.llm_engine import QueueFullError
+from hopperllm.engine.structured_output import StructuredOutputError
 from hopperllm.entrypoints.openai.metrics import RequestTracker, ServerMetrics
 from hopperllm.entrypoints.openai.protocol import (
     ChatChoiceLogProbs,
@@ -97,6 +98,7 @@ class _EngineRequest:
     params: SamplingParams
     stream: AsyncIterator[RequestOutput]
     tracker: RequestTracker | None
+    constraint_field: str | None = None  # where a structured-output constraint came from (400's param)
     first: RequestOutput | None = None
     latest: RequestOutput | None = None
     final: RequestOutput | None = None
@@ -624,7 +626,10 @@ class OpenAIServing:
                 prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
             params = req.to_sampling_params(max_tokens, logprobs, prompt_lp, self.default_sampling)
         except ValueError as e:
-            param = next((f for f in ("logit_bias", "allowed_token_ids") if f in str(e)), None)
+            fields = ("logit_bias", "allowed_token_ids", "response_format", "structured_outputs")
+            fields += ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+            named = [(str(e).find(f), f) for f in fields if f in str(e)]
+            param = min(named)[1] if named else None  # the first field the message names
             raise APIError(400, str(e), param=param) from None
         self._check_token_ids(list(params.logit_bias or ()), "logit_bias")
         self._check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
@@ -640,7 +645,9 @@ class OpenAIServing:
         prompt = {"prompt": prompt_text, "prompt_token_ids": token_ids}
         stream = self.engine.generate(prompt, params, request_id)
         tracker = self.metrics.tracker() if self.metrics is not None else None
-        return _EngineRequest(request_id, prompt_text, token_ids, params, stream, tracker)
+        return _EngineRequest(
+            request_id, prompt_text, token_ids, params, stream, tracker, req.constraint_field()
+        )
 
     async def _start(self, raw: Request, reqs: list[_EngineRequest]) -> _DisconnectWatcher:
         """Queue every engine request and wait for its first output, so that errors the engine finds
@@ -654,9 +661,12 @@ class OpenAIServing:
         watcher.start()
         try:
             firsts = await asyncio.gather(*(_first_output(r.stream) for r in reqs), return_exceptions=True)
-            error = next((f for f in firsts if isinstance(f, BaseException)), None)
-            if error is not None:
-                raise self._engine_error(error)
+            failed = next(
+                ((r, f) for r, f in zip(reqs, firsts, strict=True) if isinstance(f, BaseException)), None
+            )
+            if failed is not None:
+                r, error = failed
+                raise self._engine_error(error, r.constraint_field)
         except BaseException:
             watcher.stop()
             await _close(reqs)
@@ -665,12 +675,14 @@ class OpenAIServing:
             r.first = first
         return watcher
 
-    def _engine_error(self, e: BaseException) -> BaseException:
+    def _engine_error(self, e: BaseException, constraint_field: str | None = None) -> BaseException:
         if isinstance(e, QueueFullError):
             status = 503 if self.is_draining() else 429
             return APIError(status, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
         if isinstance(e, EngineDeadError):
             return APIError(500, str(e))
+        if isinstance(e, StructuredOutputError):
+            return APIError(400, str(e), param=constraint_field)
         if isinstance(e, ValueError):
             return APIError(400, str(e))
         return e
