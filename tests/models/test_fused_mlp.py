@@ -56,13 +56,17 @@ def test_static_down_input_scale_keeps_the_unfused_path():
     assert not calls
 
 
-def test_fusion_only_where_measured():
+def test_fusion_only_where_measured(monkeypatch):
     """The fused MLP runs where its tiles are the measured kind: Llama-2-70B at TP=1/2, batches up to 16
-    (the tuned batch-1 configs serve one 16-token tile; at batch 5, TP=2: v18 in docs/perf-notes.md)."""
+    (the tuned batch-1 configs serve one 16-token tile; at batch 5, TP=2: v18 in docs/perf-notes.md), and
+    Llama-2-7B with its stream-K gate/up tile of 128 rows (v23: TPOT 3.14 ms unfused, 3.10 fused)."""
     cpu = torch.device("cpu")
     assert fp8.silu_mul_fusion_pays(1, 57344, 8192, cpu) and fp8.silu_mul_fusion_pays(1, 28672, 8192, cpu)
     assert fp8.silu_mul_fusion_pays(4, 28672, 8192, cpu) and fp8.silu_mul_fusion_pays(16, 28672, 8192, cpu)
-    assert not fp8.silu_mul_fusion_pays(1, 22016, 4096, cpu)  # Llama-2-7B: 32-row fused tiles
+    assert fp8.silu_mul_fusion_pays(1, 22016, 4096, cpu)  # Llama-2-7B, stream-K: 128-row tiles
+    monkeypatch.setattr(fp8, "GEMV_STREAM_K", "0")
+    assert not fp8.silu_mul_fusion_pays(1, 22016, 4096, cpu)  # its split-K config: 32-row fused tiles
+    monkeypatch.undo()
     assert not fp8.silu_mul_fusion_pays(17, 28672, 8192, cpu)  # larger batches: the M > 1 rule's narrow tiles
     x = ref_per_token_quant_fp8(torch.randn(1, CFG.hidden_size))
     assert not fp8_mlp(seed=0)._fused_decode(x)
