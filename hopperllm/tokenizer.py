@@ -172,9 +172,11 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        **kwargs: Any,
     ) -> list[int]:
+        """The chat's token ids; `kwargs` (tools, a template's own switches) reach the template."""
         text = self.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
         )
         # HF's apply_chat_template(tokenize=True) encodes without adding special tokens: the template has them.
         return self.encode(text, add_special_tokens=False)

@@ -13,6 +13,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 def add_parser(sub) -> None:
     from hopperllm.engine.arg_utils import EngineArgs
+    from hopperllm.entrypoints.openai.tool_calls import TOOL_PARSERS
 
     p = sub.add_parser(
         "serve",
@@ -69,6 +70,19 @@ def add_parser(sub) -> None:
         help="the chat template for /v1/chat/completions: a Jinja file or the template itself (default: the "
         "tokenizer's)",
     )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let chat requests with tools take tool_choice "auto" (the default there): the output is read for '
+        "calls by --tool-call-parser",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_PARSERS),
+        help="how tool calls are written in the model's output: llama3_json (Llama 3.1/3.2), hermes "
+        "(<tool_call> tags)",
+    )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -104,6 +118,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--shutdown-timeout must be non-negative, got {args.shutdown_timeout}")
     if args.max_log_len is not None and args.max_log_len < 0:
         raise ValueError(f"--max-log-len must be non-negative, got {args.max_log_len}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     if args.chat_template is not None:
         from hopperllm.tokenizer import load_chat_template
 
@@ -141,6 +157,8 @@ def cmd_serve(args) -> int:
             shutdown_timeout_s=args.shutdown_timeout,
             log_requests=args.enable_log_requests,
             max_log_len=args.max_log_len,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            tool_call_parser=args.tool_call_parser,
         )
         app = build_app(engine, settings)
         server = make_server(

@@ -105,15 +105,21 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """vLLM's LLM.chat: one conversation or a list of them; `chat_template` replaces the tokenizer's."""
+        """vLLM's LLM.chat: one conversation or a list of them; `chat_template` replaces the tokenizer's;
+        `tools` (OpenAI's function definitions) and `chat_template_kwargs` reach the template."""
+        kwargs = dict(chat_template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = [
             {
                 "prompt": None,
                 "prompt_token_ids": tok.encode_chat(
-                    c, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+                    c, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
                 ),
             }
             for c in convs

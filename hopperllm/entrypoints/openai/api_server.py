@@ -64,6 +64,8 @@ class ServerSettings:
     shutdown_timeout_s: float = 30.0
     log_requests: bool = False
     max_log_len: int | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 @dataclass
@@ -104,6 +106,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         log_requests=settings.log_requests,
         max_log_len=settings.max_log_len,
         is_draining=lambda: state.draining,
+        enable_auto_tool_choice=settings.enable_auto_tool_choice,
+        tool_call_parser=settings.tool_call_parser,
     )
 
     @contextlib.asynccontextmanager

@@ -254,6 +254,27 @@ class ChatMessage(OpenAIBaseModel):
     content: str | list[ChatContentPart] | None = None
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
@@ -261,6 +282,39 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[ChatCompletionTool] | None = None
+    # None: "auto" when tools are given, else "none" (vLLM's rule)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; "required" and "auto" may return several calls
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables for the chat template
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def constraint_field(self) -> str | None:
+        choice = self.effective_tool_choice
+        if self.tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            return "tool_choice"
+        return super().constraint_field()
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """A named or required tool choice constrains the output to its calls' JSON (vLLM's rule)."""
+        from hopperllm.entrypoints.openai.tool_calls import named_tool_schema, required_tools_schema
+
+        params = super().structured_outputs_params()
+        choice = self.effective_tool_choice
+        if not self.tools or not (choice == "required" or isinstance(choice, NamedToolChoice)):
+            return params
+        if params is not None:
+            raise ValueError(
+                "tool_choice constrains the output already: drop the response_format / guided field"
+            )
+        if isinstance(choice, NamedToolChoice):
+            return StructuredOutputsParams(json=named_tool_schema(self.tools, choice.function.name))
+        return StructuredOutputsParams(json=required_tools_schema(self.tools))
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):
@@ -346,9 +400,41 @@ class ChatChoiceLogProbs(OpenAIBaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -374,6 +460,7 @@ class DeltaMessage(OpenAIBaseModel):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler):

@@ -9,6 +9,7 @@ client disconnects, which frees their KV blocks at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,11 +36,15 @@ from hopperllm.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCall,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     PromptLogprob,
     PromptLogprobs,
     SamplingRequest,
@@ -47,13 +52,21 @@ from hopperllm.entrypoints.openai.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
     TokenizerInfoResponse,
+    ToolCall,
     UsageInfo,
     error_payload,
     now_s,
     random_id,
     sse_event,
 )
-from hopperllm.outputs import RequestOutput
+from hopperllm.entrypoints.openai.tool_calls import (
+    TOOL_PARSERS,
+    ToolParser,
+    parse_required_calls,
+    tool_call_id,
+    tools_for_template,
+)
+from hopperllm.outputs import CompletionOutput, RequestOutput
 from hopperllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -190,6 +203,8 @@ class OpenAIServing:
         log_requests: bool = False,
         max_log_len: int | None = None,
         is_draining: Callable[[], bool] = lambda: False,
+        enable_auto_tool_choice: bool = False,
+        tool_call_parser: str | None = None,
     ):
         if not served_model_names:
             raise ValueError("give at least one served model name")
@@ -204,6 +219,12 @@ class OpenAIServing:
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.vocab_size = engine.config.model_config.vocab_size
         self._token_strs: dict[int, str] = {}
+        if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"unknown tool call parser {tool_call_parser!r}: one of {sorted(TOOL_PARSERS)}")
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.tool_parser_cls = TOOL_PARSERS[tool_call_parser] if tool_call_parser is not None else None
 
     @property
     def model_name(self) -> str:
@@ -443,8 +464,12 @@ class OpenAIServing:
         self._check_stream_options(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        self._check_tools(req)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools:
+            template_kwargs["tools"] = tools_for_template(req.tools)
         try:
-            ids = self._encode_chat(req.messages, req.add_generation_prompt)
+            ids = self._encode_chat(req.messages, req.add_generation_prompt, **template_kwargs)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -459,18 +484,20 @@ class OpenAIServing:
         aborted = await self._run_to_end(reqs, watcher)
         if aborted is not None:
             return aborted
-        choices = [
-            ChatCompletionResponseChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=c.text),
-                logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], req.top_logprobs or 0)
-                if req.logprobs
-                else None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        choices = []
+        for c in r.final.outputs:
+            message, finish_reason = self._chat_message(req, c)
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], req.top_logprobs or 0)
+                    if req.logprobs
+                    else None,
+                    finish_reason=finish_reason,
+                    stop_reason=c.stop_reason,
+                )
             )
-            for c in r.final.outputs
-        ]
         body = ChatCompletionResponse(
             id=request_id, model=model, choices=choices, usage=_usage(reqs),
             prompt_logprobs=self._prompt_logprobs(r, req.prompt_logprobs),
@@ -497,6 +524,7 @@ class OpenAIServing:
             )
 
         outputs = self._outputs([r])
+        streams = [_ChatChoiceStream(self._tool_mode(req), req, self.tool_parser_cls) for _ in range(req.n)]
         try:
             for i in range(req.n):  # the role comes first, once per choice
                 yield chunk(
@@ -512,15 +540,15 @@ class OpenAIServing:
                     if req.logprobs and c.delta_token_ids:
                         new_entries = (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
                         lp = self._chat_logprobs(c.delta_token_ids, new_entries, req.top_logprobs or 0)
-                    if not c.delta_text and lp is None and c.finish_reason is None:
+                    delta, finish_reason = streams[c.index].step(c)
+                    if delta is None and lp is None and c.finish_reason is None:
                         continue
-                    delta = DeltaMessage(content=c.delta_text) if c.delta_text else DeltaMessage()
                     choices.append(
                         ChatCompletionStreamChoice(
                             index=c.index,
-                            delta=delta,
+                            delta=delta or DeltaMessage(),
                             logprobs=lp,
-                            finish_reason=c.finish_reason,
+                            finish_reason=finish_reason,
                             stop_reason=c.stop_reason,
                         )
                     )
@@ -542,7 +570,61 @@ class OpenAIServing:
             await _close([r])
             self._aborted([r])  # counts a stream cut short by the client
 
-    def _encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    def _check_tools(self, req: ChatCompletionRequest) -> None:
+        """vLLM's rules for tools and tool_choice (400s naming tool_choice)."""
+        choice = req.effective_tool_choice
+        if req.tool_choice not in (None, "none") and not req.tools:
+            raise APIError(400, "When using `tool_choice`, `tools` must be set.", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in req.tools
+        }:
+            raise APIError(
+                400, f"Tool '{choice.function.name}' has not been passed in `tools`.", param="tool_choice"
+            )
+        if choice == "auto" and req.tools and not self.enable_auto_tool_choice:
+            raise APIError(
+                400,
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                param="tool_choice",
+            )
+
+    def _tool_mode(self, req: ChatCompletionRequest) -> str | None:
+        """How the output becomes tool calls: "named", "required", "auto" (the parser) or None."""
+        choice = req.effective_tool_choice
+        if not req.tools or choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice  # "required" or "auto"
+
+    def _chat_message(
+        self, req: ChatCompletionRequest, c: CompletionOutput
+    ) -> tuple[ChatResponseMessage, str | None]:
+        """A finished choice as a message (text, or tool calls) and its finish reason."""
+        mode = self._tool_mode(req)
+        if mode == "named":
+            call = ToolCall(
+                id=tool_call_id(), function=FunctionCall(name=req.tool_choice.function.name, arguments=c.text)
+            )
+            return ChatResponseMessage(content=None, tool_calls=[call]), c.finish_reason
+        calls = None
+        content: str | None = c.text
+        if mode == "required":
+            calls = parse_required_calls(c.text)
+            content = None if calls else c.text
+        elif mode == "auto":
+            content, calls = self.tool_parser_cls().extract(c.text)
+        if not calls:
+            return ChatResponseMessage(content=c.text), c.finish_reason
+        tool_calls = [
+            ToolCall(id=tool_call_id(), function=FunctionCall(name=k.name, arguments=k.arguments))
+            for k in calls
+        ]
+        return ChatResponseMessage(content=content, tool_calls=tool_calls), "tool_calls"
+
+    def _encode_chat(
+        self, messages: list[ChatMessage], add_generation_prompt: bool, **template_kwargs
+    ) -> list[int]:
         if not messages:
             raise APIError(400, "messages is empty: give at least one message", param="messages")
         dicts = []
@@ -559,8 +641,19 @@ class OpenAIServing:
                         )
                     texts.append(part.text)
                 d["content"] = "\n".join(texts)
+            for call in (
+                d.get("tool_calls") or ()
+            ):  # templates index arguments as a mapping (as vLLM gives them)
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        pass
             dicts.append(d)
-        return self.tokenizer.encode_chat(dicts, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode_chat(
+            dicts, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
 
     def _chat_logprobs(
         self, token_ids: list[int], entries: list[dict[int, float]], top_n: int
@@ -626,7 +719,13 @@ class OpenAIServing:
                 prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
             params = req.to_sampling_params(max_tokens, logprobs, prompt_lp, self.default_sampling)
         except ValueError as e:
-            fields = ("logit_bias", "allowed_token_ids", "response_format", "structured_outputs")
+            fields = (
+                "logit_bias",
+                "allowed_token_ids",
+                "response_format",
+                "structured_outputs",
+                "tool_choice",
+            )
             fields += ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
             named = [(str(e).find(f), f) for f in fields if f in str(e)]
             param = min(named)[1] if named else None  # the first field the message names
@@ -801,3 +900,60 @@ async def _close(reqs: list[_EngineRequest]) -> None:
             await r.stream.aclose()
         except RuntimeError:  # still running in a merge task that is being cancelled
             pass
+
+
+class _ChatChoiceStream:
+    """One streamed chat choice: content deltas, or its tool calls (see tool_calls.py). A named tool's
+    arguments stream as they come; "required" calls and calls the "auto" parser finds are sent whole when
+    the choice ends (text before an "auto" call streams as content first)."""
+
+    def __init__(self, mode: str | None, req: ChatCompletionRequest, parser_cls: type[ToolParser] | None):
+        self.mode = mode
+        self.req = req
+        self.parser = parser_cls() if mode == "auto" and parser_cls is not None else None
+        self.sent = 0  # characters of the output sent as content
+        self.call_id: str | None = None
+
+    def step(self, c: CompletionOutput) -> tuple[DeltaMessage | None, str | None]:
+        done = c.finish_reason is not None
+        if self.mode is None:
+            return (DeltaMessage(content=c.delta_text) if c.delta_text else None), c.finish_reason
+        if self.mode == "named":
+            if not c.delta_text and self.call_id is not None:
+                return None, c.finish_reason
+            fn = DeltaFunctionCall(arguments=c.delta_text)
+            call = DeltaToolCall(index=0, function=fn)
+            if self.call_id is None:
+                self.call_id = tool_call_id()
+                call.id, call.type, fn.name = self.call_id, "function", self.req.tool_choice.function.name
+            return DeltaMessage(tool_calls=[call]), c.finish_reason
+        text = c.text
+        if self.mode == "auto" and not done:
+            safe, _ = self.parser.split_stream(text, done=False)
+            if safe > self.sent:
+                delta, self.sent = text[self.sent : safe], safe
+                return DeltaMessage(content=delta), None
+            return None, None
+        if not done:
+            return None, None  # "required": the whole array is parsed at the end
+        if self.mode == "required":
+            content, calls = (None, parse_required_calls(text))
+        else:
+            content, calls = self.parser.extract(text)
+        if not calls:
+            rest = text[self.sent :]
+            return (DeltaMessage(content=rest) if rest else None), c.finish_reason
+        msg = DeltaMessage(
+            tool_calls=[
+                DeltaToolCall(
+                    index=i,
+                    id=tool_call_id(),
+                    type="function",
+                    function=DeltaFunctionCall(name=k.name, arguments=k.arguments),
+                )
+                for i, k in enumerate(calls)
+            ]
+        )
+        if content and len(content) > self.sent:
+            msg.content = content[self.sent :]
+        return msg, "tool_calls"
