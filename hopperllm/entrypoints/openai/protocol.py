@@ -417,24 +417,24 @@ class ChatResponseMessage(OpenAIBaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
-class DeltaFunctionCall(OpenAIBaseModel):
-    name: str | None = None
-    arguments: str | None = None
+class _SparseModel(OpenAIBaseModel):
+    """Serialized with only the keys that have values (stream deltas)."""
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class DeltaToolCall(OpenAIBaseModel):
+class DeltaFunctionCall(_SparseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_SparseModel):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: DeltaFunctionCall | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_nulls(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -455,16 +455,12 @@ class ChatCompletionResponse(OpenAIBaseModel):
     prompt_logprobs: PromptLogprobs | None = None  # vLLM
 
 
-class DeltaMessage(OpenAIBaseModel):
+class DeltaMessage(_SparseModel):
     """A streamed message delta: only the keys it has ({"role": ...} first, then {"content": ...})."""
 
     role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_nulls(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
