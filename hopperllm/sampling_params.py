@@ -80,7 +80,13 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's bad_words: words never generated (their token sequences, with and without a leading space,
+    # may not complete in the output); the engine fills bad_words_token_ids from its tokenizer
+    bad_words: list[str] | None = None
+    # vLLM's truncate_prompt_tokens: keep only the prompt's last k tokens (-1: the last max_model_len - 1)
+    truncate_prompt_tokens: int | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
+    bad_words_token_ids: list[list[int]] | None = field(init=False, default=None)
 
     def __post_init__(self):
         if self.stop is None:
@@ -150,6 +156,19 @@ class SamplingParams:
             ]
             if bad:
                 raise ValueError(f"allowed_token_ids must be non-negative token ids, got {bad[0]!r}")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, (list, tuple))
+            or not all(isinstance(w, str) and w.strip() for w in self.bad_words)
+        ):
+            raise ValueError("bad_words must be a list of non-empty strings")
+        if self.truncate_prompt_tokens is not None and (
+            isinstance(self.truncate_prompt_tokens, bool)
+            or not isinstance(self.truncate_prompt_tokens, int)
+            or (self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1)
+        ):
+            raise ValueError(
+                f"truncate_prompt_tokens must be -1 or at least 1, got {self.truncate_prompt_tokens!r}"
+            )
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 raise ValueError("structured_outputs must be a StructuredOutputsParams")

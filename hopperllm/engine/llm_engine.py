@@ -118,6 +118,33 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
+    def truncate_prompt(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as leave one to generate)."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return token_ids
+        k = self.max_model_len - 1 if k == -1 else k
+        return token_ids[-k:] if len(token_ids) > k else token_ids
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token ids as it starts the text and, where that tokenizes as a word of its own,
+        after a space (vLLM's rule). Raises ValueError for a word with an id past the vocabulary."""
+        out: list[list[int]] = []
+        vocab = self.config.model_config.vocab_size
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for ids in (plain, spaced):
+                if (
+                    ids
+                    and ids not in out
+                    and (ids is plain or (ids[0] != plain[0] and len(ids) == len(plain)))
+                ):
+                    if max(ids) >= vocab:
+                        raise ValueError(f"bad word {word!r} has token id {max(ids)} outside the vocabulary")
+                    out.append(ids)
+        return out
+
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         n = len(token_ids)
         if n == 0:
@@ -156,6 +183,9 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
         prompt_text, token_ids = self.tokenize_prompt(prompt)
+        token_ids = self.truncate_prompt(token_ids, params)
+        if params.bad_words:
+            params.bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
         self.validate_prompt(token_ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs, detoks = [], []
@@ -449,10 +479,12 @@ class QueueFullError(RuntimeError):
 
 
 def _needs_sync(p: SamplingParams) -> bool:
-    """Penalties and structured outputs build a step from every earlier token: no async scheduling."""
+    """Penalties, structured outputs and bad words build a step from every earlier token: no async
+    scheduling."""
     return (
         p.repetition_penalty != 1.0
         or p.presence_penalty != 0.0
         or p.frequency_penalty != 0.0
         or p.structured_outputs is not None
+        or bool(p.bad_words)
     )

@@ -6,7 +6,8 @@ so the model runner can queue it behind the forward pass and read the tokens bac
 
 Order of operations (vLLM's):
   structured outputs' token bitmask (tokens outside the constraint -> -inf)
-  -> allowed_token_ids (every other id -> -inf), logit_bias (added to its ids' logits)
+  -> allowed_token_ids (every other id -> -inf), bad words (an id that would complete one -> -inf),
+     logit_bias (added to its ids' logits)
   -> penalties (repetition on prompt+output tokens, frequency/presence on output counts)
   -> logprobs are taken here (see `Sampler.forward`)
   -> min_tokens ban (stop ids -> -inf while a row has fewer than min_tokens outputs)
@@ -58,6 +59,9 @@ class SamplingMetadata:
     allowed_rows: torch.Tensor | None  # int64 [R]
     allowed_pair_rows: torch.Tensor | None  # int64 [A]
     allowed_pair_token_ids: torch.Tensor | None  # int64 [A]
+    # bad_words: (row, token id) pairs that would complete a bad word this step
+    banned_rows: torch.Tensor | None  # int64 [W]
+    banned_token_ids: torch.Tensor | None  # int64 [W]
     # structured outputs: the constrained rows and their int32 bitmasks (bit t % 32 of word t // 32: token t)
     bitmask_rows: torch.Tensor | None  # int64 [G]
     token_bitmask: torch.Tensor | None  # int32 [G, ceil(V / 32)]
@@ -97,7 +101,8 @@ class SamplingMetadata:
         `vocab_size` is the logits' width (the model's padded vocabulary), not the tokenizer's.
         `stop_ids_for_min_tokens[i]`: the ids row i may not sample while it has fewer than
         `params[i].min_tokens` outputs (its EOS ids, unless ignore_eos, plus `stop_token_ids`).
-        `prompt_token_ids` / `output_token_ids` are read only for rows that use penalties.
+        `prompt_token_ids` / `output_token_ids` are read only for rows that use penalties (outputs also for
+        rows with bad words).
         `token_bitmasks[i]`: row i's structured-output bitmask (int32 words), or None for a free row.
         """
         n = len(params)
@@ -192,6 +197,16 @@ class SamplingMetadata:
             pairs = _to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.int64), device, pin)
             logit_bias_rows, logit_bias_token_ids = pairs[0], pairs[1]
             logit_bias_values = _to_device(torch.tensor(bias_values, dtype=torch.float32), device, pin)
+        banned_rows = banned_ids = None
+        ban_pairs = [
+            (i, ids[-1])
+            for i, (p, out) in enumerate(zip(params, output_token_ids, strict=True))
+            for ids in (p.bad_words_token_ids or ())
+            if ids[-1] < vocab_size and (len(ids) == 1 or out[len(out) - len(ids) + 1 :] == ids[:-1])
+        ]
+        if ban_pairs:
+            pairs = _to_device(torch.tensor(ban_pairs, dtype=torch.int64).T.contiguous(), device, pin)
+            banned_rows, banned_ids = pairs[0], pairs[1]
         allowed = allowed_pairs_rows = allowed_pairs_ids = None
         if allowed_rows:
             allowed = _to_device(torch.tensor(allowed_rows, dtype=torch.int64), device, pin)
@@ -236,6 +251,8 @@ class SamplingMetadata:
             allowed_rows=allowed,
             allowed_pair_rows=allowed_pairs_rows,
             allowed_pair_token_ids=allowed_pairs_ids,
+            banned_rows=banned_rows,
+            banned_token_ids=banned_ids,
             bitmask_rows=bitmask_rows,
             token_bitmask=token_bitmask,
             generators=row_generators,
@@ -297,7 +314,7 @@ class Sampler(nn.Module):
         logits = logits.float()
         if meta.bitmask_rows is not None:
             logits = apply_token_bitmask(logits, meta.bitmask_rows, meta.token_bitmask)
-        if meta.allowed_rows is not None or meta.logit_bias_rows is not None:
+        if meta.allowed_rows is not None or meta.logit_bias_rows is not None or meta.banned_rows is not None:
             logits = apply_allowed_and_bias(logits, meta)
         if meta.any_penalties:
             logits = apply_penalties(logits, meta)
@@ -312,6 +329,7 @@ class Sampler(nn.Module):
                 not meta.any_penalties
                 and meta.allowed_rows is None
                 and meta.logit_bias_rows is None
+                and meta.banned_rows is None
                 and meta.bitmask_rows is None
             ):
                 logits = logits.clone()
@@ -358,8 +376,9 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
 
 
 def apply_allowed_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """allowed_token_ids (rows that restrict theirs keep only those ids; the rest -> -inf), then each
-    (row, id) logit_bias added. Returns a new tensor; device work only (no host sync)."""
+    """allowed_token_ids (rows that restrict theirs keep only those ids; the rest -> -inf), the bad words'
+    banned (row, id) pairs -> -inf, then each (row, id) logit_bias added. Returns a new tensor; device work
+    only (no host sync)."""
     if meta.allowed_rows is not None:
         keep = torch.ones_like(logits, dtype=torch.bool)
         keep.index_fill_(0, meta.allowed_rows, False)
@@ -367,6 +386,8 @@ def apply_allowed_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torc
         logits = logits.masked_fill(~keep, float("-inf"))
     else:
         logits = logits.clone()
+    if meta.banned_rows is not None:
+        logits.index_put_((meta.banned_rows, meta.banned_token_ids), logits.new_full((), float("-inf")))
     if meta.logit_bias_rows is not None:
         logits.index_put_(
             (meta.logit_bias_rows, meta.logit_bias_token_ids), meta.logit_bias_values, accumulate=True

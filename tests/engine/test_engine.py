@@ -259,3 +259,50 @@ def test_engine_freezes_the_gc_heap_and_frees_itself(model_dir):
     llm = _llm(model_dir)
     llm.engine.shutdown()
     assert gc.get_freeze_count() == 0
+
+
+def test_bad_words_never_complete(model_dir):
+    """vLLM's bad_words: a word's token sequence may start but never complete; other outputs unchanged."""
+    llm = _llm(model_dir)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    prompt = {"prompt_token_ids": _prompts()[7]}
+    free = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    tok = llm.get_tokenizer()
+    word = next(  # two of the output's tokens whose text tokenizes back to them
+        w
+        for i in range(2, len(free.token_ids) - 1)
+        if (w := tok.decode(free.token_ids[i : i + 2])).strip()
+        and tok.encode(w.lstrip(), add_special_tokens=False) == free.token_ids[i : i + 2]
+    )
+    ids = llm.engine.bad_words_token_ids([word])
+    assert ids and all(len(i) >= 1 for i in ids)
+    banned = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, bad_words=[word])
+    out = llm.generate(prompt, banned, use_tqdm=False)[0].outputs[0]
+    toks = out.token_ids
+    for seq in ids:
+        assert not any(toks[i : i + len(seq)] == seq for i in range(len(toks))), (seq, toks)
+    n = len(ids[0])
+    first = next(i for i in range(len(free.token_ids)) if free.token_ids[i : i + n] == ids[0])
+    assert toks[: first + n - 1] == free.token_ids[: first + n - 1]  # the same until the ban bites
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=["  "])
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(model_dir):
+    llm = _llm(model_dir)
+    prompt = _prompts()[9]  # 40 tokens
+    params = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+    cut = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(truncate_prompt_tokens=7, **params), use_tqdm=False
+    )
+    ref = llm.generate({"prompt_token_ids": prompt[-7:]}, SamplingParams(**params), use_tqdm=False)
+    assert (
+        cut[0].prompt_token_ids == prompt[-7:] and cut[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    )
+    whole = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(truncate_prompt_tokens=-1, **params), use_tqdm=False
+    )
+    assert whole[0].prompt_token_ids == prompt  # -1: everything that leaves room to generate
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)

@@ -297,6 +297,32 @@ def test_structured_outputs(client, llm):
     assert re.fullmatch("[0-9]{3}-[a-c]+", res.choices[0].text), res.choices[0].text
 
 
+def test_bad_words_and_truncate_prompt_tokens(client, llm):
+    """vLLM's bad_words and truncate_prompt_tokens extras, against the offline API."""
+    kw = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    free = _reference(llm, PROMPTS[2], **kw)[0]
+    word = free.text[2:4]
+    res = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[2],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "bad_words": [word]},
+    )
+    ref = _reference(llm, PROMPTS[2], bad_words=[word], **kw)[0]
+    assert res.choices[0].text == ref.text and word not in ref.text
+    res = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[2],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "truncate_prompt_tokens": 5},
+    )
+    ids = llm.get_tokenizer().encode(PROMPTS[2])[-5:]
+    ref = llm.generate({"prompt_token_ids": ids}, SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+    assert res.choices[0].text == ref.text and res.usage.prompt_tokens == 5
+
+
 def test_echo_with_logprobs_gives_the_prompt_logprobs(client, llm, shared_server):
     """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1. The prompt tokens come first (the
     first without logprobs), each with the logprob the model gives it after the tokens before, then the
@@ -443,6 +469,9 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "allowed_token_ids": []}, "allowed_token_ids"),
     ({"prompt": "abc", "allowed_token_ids": [100000]}, "allowed_token_ids"),
     ({"prompt": "abc", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "abc", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"prompt": "abc", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"prompt": "abc", "bad_words": [""]}, "bad_words"),
     ({"prompt": "abc", "response_format": {"type": "json_schema"}}, "response_format"),
     ({"prompt": "abc", "response_format": {"type": "xml"}}, "response_format"),
     ({"prompt": "abc", "guided_choice": ["a"], "guided_regex": "a"}, "guided_regex"),

@@ -122,6 +122,8 @@ class SamplingRequest(OpenAIBaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: per prompt token, non-streamed
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
@@ -231,6 +233,8 @@ class SamplingRequest(OpenAIBaseModel):
             allowed_token_ids=self.allowed_token_ids,
             prompt_logprobs=prompt_logprobs,
             structured_outputs=self.structured_outputs_params(),
+            bad_words=self.bad_words,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
 
 

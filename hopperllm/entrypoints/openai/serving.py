@@ -71,6 +71,21 @@ from hopperllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# request fields a SamplingParams error message may name (the 400's param: the first one it names)
+_PARAM_FIELDS = (
+    "logit_bias",
+    "allowed_token_ids",
+    "response_format",
+    "structured_outputs",
+    "tool_choice",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "bad_words",
+    "truncate_prompt_tokens",
+)
+
 RETRY_AFTER_S = 1
 MIN_LOGPROB = -9999.0  # what -inf becomes in JSON (vLLM's choice)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -691,7 +706,13 @@ class OpenAIServing:
         prompt_param: str,
     ) -> _EngineRequest:
         """Check the prompt against max_model_len and build the engine request. With no max_tokens the
-        request may use all the room left in max_model_len (vLLM's rule)."""
+        request may use all the room left in max_model_len (vLLM's rule). truncate_prompt_tokens keeps the
+        prompt's last k tokens first (-1: as many as leave one to generate)."""
+        k = req.truncate_prompt_tokens
+        if k is not None and k != 0:
+            k = self.max_model_len - 1 if k == -1 else k
+            if len(token_ids) > k:
+                token_ids, prompt_text = token_ids[-k:], None  # the text no longer matches the ids
         n = len(token_ids)
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
@@ -719,15 +740,7 @@ class OpenAIServing:
                 prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
             params = req.to_sampling_params(max_tokens, logprobs, prompt_lp, self.default_sampling)
         except ValueError as e:
-            fields = (
-                "logit_bias",
-                "allowed_token_ids",
-                "response_format",
-                "structured_outputs",
-                "tool_choice",
-            )
-            fields += ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-            named = [(str(e).find(f), f) for f in fields if f in str(e)]
+            named = [(str(e).find(f), f) for f in _PARAM_FIELDS if f in str(e)]
             param = min(named)[1] if named else None  # the first field the message names
             raise APIError(400, str(e), param=param) from None
         self._check_token_ids(list(params.logit_bias or ()), "logit_bias")
