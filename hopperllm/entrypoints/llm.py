@@ -8,6 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from hopperllm.engine.arg_utils import EngineArgs
+from hopperllm.engine.beam_search import BeamSearchInstance, BeamSearchOutput, BeamSearchParams
 from hopperllm.engine.llm_engine import LLMEngine, PromptType
 from hopperllm.outputs import RequestOutput
 from hopperllm.sampling_params import SamplingParams
@@ -97,6 +98,39 @@ class LLM:
             self.engine.abort_request(ids)  # nothing half-added stays behind
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self, prompts: PromptType | list[PromptType], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: per prompt the beam_width best beams (hopperllm.engine.beam_search);
+        each beam's `tokens` and `text` hold the prompt and the generated tokens, as vLLM's do."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        eng = self.engine
+        instances = []
+        for prompt in prompts:
+            _, ids = eng.tokenize_prompt(prompt)
+            eng.validate_prompt(ids, params.step_params())
+            instances.append(BeamSearchInstance(ids, params, eng.eos_token_ids, eng.max_model_len))
+        step = params.step_params()
+        for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
+            live = [(inst, beam) for inst in instances for beam in inst.live]
+            if not live:
+                break
+            outs = self.generate([{"prompt_token_ids": b.tokens} for _, b in live], step, use_tqdm=False)
+            for inst in instances:
+                n = len(inst.live)
+                mine, outs = outs[:n], outs[n:]
+                inst.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in mine])
+        results = []
+        for inst in instances:
+            best = inst.best()
+            for b in best:
+                b.text = eng.tokenizer.decode(b.tokens)
+            results.append(BeamSearchOutput(best))
+        return results
 
     def chat(
         self,

@@ -323,6 +323,27 @@ def test_bad_words_and_truncate_prompt_tokens(client, llm):
     assert res.choices[0].text == ref.text and res.usage.prompt_tokens == 5
 
 
+def test_beam_search(client, llm):
+    """vLLM's use_beam_search: n beams, the n best returned, as LLM.beam_search finds them."""
+    from hopperllm.engine.beam_search import BeamSearchParams
+
+    res = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=5, n=3, extra_body={"use_beam_search": True, "ignore_eos": True}
+    )
+    ref = llm.beam_search(["abc"], BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True))[0].sequences
+    n = len(llm.get_tokenizer().encode("abc"))
+    assert [c.text for c in res.choices] == [llm.get_tokenizer().decode(b.tokens[n:]) for b in ref]
+    assert [c.finish_reason for c in res.choices] == ["length"] * 3 and res.usage.completion_tokens == 15
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        n=2,
+        extra_body={"use_beam_search": True},
+    )
+    assert len(chat.choices) == 2 and all(c.message.content is not None for c in chat.choices)
+
+
 def test_echo_with_logprobs_gives_the_prompt_logprobs(client, llm, shared_server):
     """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1. The prompt tokens come first (the
     first without logprobs), each with the logprob the model gives it after the tokens before, then the
@@ -469,6 +490,9 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "allowed_token_ids": []}, "allowed_token_ids"),
     ({"prompt": "abc", "allowed_token_ids": [100000]}, "allowed_token_ids"),
     ({"prompt": "abc", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "abc", "use_beam_search": True, "stream": True}, "stream"),
+    ({"prompt": "abc", "use_beam_search": True, "n": 11}, "n"),
+    ({"prompt": "abc", "use_beam_search": True, "guided_regex": "a+"}, "guided_regex"),
     ({"prompt": "abc", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ({"prompt": "abc", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"prompt": "abc", "bad_words": [""]}, "bad_words"),

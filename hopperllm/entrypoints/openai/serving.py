@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hopperllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from hopperllm.engine.beam_search import BeamSearchInstance, BeamSearchParams
 from hopperllm.engine.llm_engine import QueueFullError
 from hopperllm.engine.structured_output import StructuredOutputError
 from hopperllm.entrypoints.openai.metrics import RequestTracker, ServerMetrics
@@ -124,7 +125,7 @@ class _EngineRequest:
     prompt_text: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    stream: AsyncIterator[RequestOutput]
+    stream: AsyncIterator[RequestOutput] | None  # None: already finished (beam search)
     tracker: RequestTracker | None
     constraint_field: str | None = None  # where a structured-output constraint came from (400's param)
     first: RequestOutput | None = None
@@ -287,6 +288,14 @@ class OpenAIServing:
         self._check_stream_options(req)
         prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
         request_id = random_id("cmpl")
+        if req.use_beam_search:
+            reqs = [
+                await self._beam_search(
+                    f"{request_id}-{i}", text, ids, req, req.max_tokens, req.logprobs, "prompt"
+                )
+                for i, (text, ids) in enumerate(prompts)
+            ]
+            return self._completion_response(req, reqs, request_id, req.model or self.model_name)
         reqs = [
             self._engine_request(f"{request_id}-{i}", text, ids, req, req.max_tokens, req.logprobs, "prompt")
             for i, (text, ids) in enumerate(prompts)
@@ -298,6 +307,11 @@ class OpenAIServing:
         aborted = await self._run_to_end(reqs, watcher)
         if aborted is not None:
             return aborted
+        return self._completion_response(req, reqs, request_id, model)
+
+    def _completion_response(
+        self, req: CompletionRequest, reqs: list[_EngineRequest], request_id: str, model: str
+    ) -> Response:
         choices = []
         for i, r in enumerate(reqs):
             for c in r.final.outputs:
@@ -490,15 +504,24 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         request_id = random_id("chatcmpl")
+        model = req.model or self.model_name
+        if req.use_beam_search:
+            r = await self._beam_search(request_id, None, ids, req, max_tokens, logprobs, "messages")
+            return self._chat_response(req, r, request_id, model)
         r = self._engine_request(request_id, None, ids, req, max_tokens, logprobs, "messages")
         reqs = [r]
         watcher = await self._start(raw, reqs)
-        model = req.model or self.model_name
         if req.stream:
             return _sse_response(self._chat_events(req, r, watcher, request_id, model))
         aborted = await self._run_to_end(reqs, watcher)
         if aborted is not None:
             return aborted
+        return self._chat_response(req, r, request_id, model)
+
+    def _chat_response(
+        self, req: ChatCompletionRequest, r: _EngineRequest, request_id: str, model: str
+    ) -> Response:
+        reqs = [r]
         choices = []
         for c in r.final.outputs:
             message, finish_reason = self._chat_message(req, c)
@@ -695,7 +718,7 @@ class OpenAIServing:
         return ChatChoiceLogProbs(content=content)
 
     # -- shared: engine requests ------------------------------------------------------------------
-    def _engine_request(
+    def _prepare(
         self,
         request_id: str,
         prompt_text: str | None,
@@ -704,8 +727,8 @@ class OpenAIServing:
         max_tokens: int | None,
         logprobs: int | None,
         prompt_param: str,
-    ) -> _EngineRequest:
-        """Check the prompt against max_model_len and build the engine request. With no max_tokens the
+    ) -> tuple[str | None, list[int], SamplingParams]:
+        """Check the prompt against max_model_len and build its SamplingParams. With no max_tokens the
         request may use all the room left in max_model_len (vLLM's rule). truncate_prompt_tokens keeps the
         prompt's last k tokens first (-1: as many as leave one to generate)."""
         k = req.truncate_prompt_tokens
@@ -754,12 +777,95 @@ class OpenAIServing:
                 params,
                 token_ids[:cut] if cut is not None else token_ids,
             )
+        return prompt_text, token_ids, params
+
+    def _engine_request(
+        self,
+        request_id: str,
+        prompt_text: str | None,
+        token_ids: list[int],
+        req: SamplingRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> _EngineRequest:
+        """The engine request of one prompt, checked by _prepare."""
+        prompt_text, token_ids, params = self._prepare(
+            request_id, prompt_text, token_ids, req, max_tokens, logprobs, prompt_param
+        )
         prompt = {"prompt": prompt_text, "prompt_token_ids": token_ids}
         stream = self.engine.generate(prompt, params, request_id)
         tracker = self.metrics.tracker() if self.metrics is not None else None
         return _EngineRequest(
             request_id, prompt_text, token_ids, params, stream, tracker, req.constraint_field()
         )
+
+    async def _beam_search(
+        self,
+        request_id: str,
+        prompt_text: str | None,
+        token_ids: list[int],
+        req: SamplingRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> _EngineRequest:
+        """vLLM's use_beam_search: the n best of n beams (hopperllm.engine.beam_search), each step's beams
+        run as one-token engine requests; returned finished, as an engine request whose outputs are the
+        beams' generated tokens."""
+        if req.stream:
+            raise APIError(400, "use_beam_search does not stream: set stream to false", param="stream")
+        if req.constraint_field() is not None:
+            field_name = req.constraint_field()
+            raise APIError(400, "use_beam_search takes no structured output constraint", param=field_name)
+        prompt_text, token_ids, params = self._prepare(
+            request_id, prompt_text, token_ids, req, max_tokens, logprobs, prompt_param
+        )
+        try:
+            beam = BeamSearchParams(
+                beam_width=req.n,
+                max_tokens=params.max_tokens,
+                ignore_eos=params.ignore_eos,
+                temperature=params.temperature,
+                length_penalty=req.length_penalty,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), param="n") from None
+        inst = BeamSearchInstance(token_ids, beam, self.engine.engine.eos_token_ids, self.max_model_len)
+        step = beam.step_params()
+
+        async def extend(rid: str, tokens: list[int]) -> RequestOutput:
+            last = None
+            async for out in self.engine.generate({"prompt_token_ids": tokens}, step, rid):
+                last = out
+            return last
+
+        for k in range(beam.max_tokens):
+            if not inst.live:
+                break
+            steps = [extend(f"{request_id}-s{k}-b{j}", b.tokens) for j, b in enumerate(inst.live)]
+            outs = await asyncio.gather(*steps, return_exceptions=True)
+            error = next((o for o in outs if isinstance(o, BaseException)), None)
+            if error is not None:
+                raise self._engine_error(error)
+            inst.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in outs])
+        n = len(token_ids)
+        outputs = [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(b.tokens[n:]),
+                token_ids=b.tokens[n:],
+                cumulative_logprob=b.cum_logprob,
+                logprobs=b.logprobs if logprobs is not None else None,
+                finish_reason=b.finish_reason,
+                stop_reason=b.stop_reason,
+            )
+            for i, b in enumerate(inst.best())
+        ]
+        final = RequestOutput(request_id, prompt_text, token_ids, outputs, finished=True)
+        r = _EngineRequest(request_id, prompt_text, token_ids, params, None, None)
+        r.first = r.latest = r.final = final
+        return r
 
     async def _start(self, raw: Request, reqs: list[_EngineRequest]) -> _DisconnectWatcher:
         """Queue every engine request and wait for its first output, so that errors the engine finds
