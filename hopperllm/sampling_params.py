@@ -186,3 +186,28 @@ class SamplingParams:
         import copy
 
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's BeamSearchParams (LLM.beam_search; hopperllm.engine.beam_search runs the search)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
+            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}], got {self.beam_width!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+
+    def step_params(self) -> SamplingParams:
+        """One beam's step: one token, the top 2 x beam_width logprobs."""
+        return SamplingParams(
+            max_tokens=1, logprobs=2 * self.beam_width, temperature=self.temperature, detokenize=False
+        )

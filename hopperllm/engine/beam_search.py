@@ -8,29 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hopperllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from hopperllm.sampling_params import BeamSearchParams
 
-
-@dataclass
-class BeamSearchParams:
-    beam_width: int
-    max_tokens: int
-    ignore_eos: bool = False
-    temperature: float = 0.0
-    length_penalty: float = 1.0
-
-    def __post_init__(self):
-        if not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
-            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}], got {self.beam_width!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-
-    def step_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=1, logprobs=2 * self.beam_width, temperature=self.temperature, detokenize=False
-        )
+__all__ = ["BeamSearchParams", "BeamSearchSequence", "BeamSearchOutput", "BeamSearchInstance"]
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hopperllm import LLM, SamplingParams
-from hopperllm.engine.beam_search import BeamSearchParams
+from hopperllm.sampling_params import BeamSearchParams
 
 
 @pytest.fixture(scope="module")

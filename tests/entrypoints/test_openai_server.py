@@ -325,7 +325,7 @@ def test_bad_words_and_truncate_prompt_tokens(client, llm):
 
 def test_beam_search(client, llm):
     """vLLM's use_beam_search: n beams, the n best returned, as LLM.beam_search finds them."""
-    from hopperllm.engine.beam_search import BeamSearchParams
+    from hopperllm.sampling_params import BeamSearchParams
 
     res = client.completions.create(
         model=MODEL, prompt="abc", max_tokens=5, n=3, extra_body={"use_beam_search": True, "ignore_eos": True}
