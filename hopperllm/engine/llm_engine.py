@@ -277,10 +277,16 @@ class LLMEngine:
         sampled: list[tuple[Sequence, int]] = []
         if sched.scheduled:
             if self._structured is not None:
+                constrained = []
                 for item in sched.scheduled:
-                    seq = item.seq
-                    if seq.grammar is not None:
-                        seq.token_bitmask = self._structured.bitmask(seq.grammar) if item.sample else None
+                    if item.seq.grammar is not None:
+                        item.seq.token_bitmask = None
+                        if item.sample:
+                            constrained.append(item.seq)
+                if constrained:
+                    masks = self._structured.bitmasks([s.grammar for s in constrained])
+                    for seq, mask in zip(constrained, masks, strict=True):
+                        seq.token_bitmask = mask
             prev = self._pending[0] if self._pending is not None else None
             launch = self.executor.launch(sched, self.eos_token_ids, prev)
             now = time.monotonic()

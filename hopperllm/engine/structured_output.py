@@ -79,6 +79,7 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size  # the logits' width; ids past the tokenizer's are never allowed
         self.eos_token_ids = sorted(eos_token_ids)
         self._ll_tokenizer = None
+        self._executor = None  # llguidance's LLExecutor, for batches of masks
 
     @property
     def ll_tokenizer(self):
@@ -104,3 +105,17 @@ class StructuredOutputManager:
         """int32 words of the tokens allowed next (bit i % 32 of word i // 32), cut to the logits' width."""
         words = np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)
         return words[: (self.vocab_size + 31) // 32].copy()
+
+    def bitmasks(self, matchers: list) -> np.ndarray:
+        """`bitmask` of every matcher, [len, words]: one call into llguidance's thread pool for a batch
+        (~5 us a mask where one at a time takes ~15, measured on 2 cores with SmolLM2's vocabulary)."""
+        if len(matchers) == 1:
+            return self.bitmask(matchers[0])[None]
+        if self._executor is None:
+            self._executor = _llguidance().LLExecutor()
+        full = (self.ll_tokenizer.vocab_size + 31) // 32
+        out = np.zeros((len(matchers), full), dtype=np.int32)
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, i) for i, m in enumerate(matchers)], out.ctypes.data, full * 4, len(matchers)
+        )
+        return out[:, : (self.vocab_size + 31) // 32]

@@ -176,3 +176,13 @@ def test_token_bitmask_matches_reference():
         ref[r, ~torch.from_numpy(bits[j])] = float("-inf")
     assert torch.equal(out, ref)
     assert not torch.isinf(logits).any()  # the caller's logits are left as they were
+
+
+def test_batched_bitmasks_equal_one_at_a_time(tiny):
+    mgr = tiny.engine.structured_output_manager
+    matchers = [mgr.matcher(CASES[name][0]) for name in ("json", "regex", "choice", "lark")]
+    matchers[0].consume_tokens(tiny.get_tokenizer().encode('{"ok":', add_special_tokens=False))
+    batch = mgr.bitmasks(matchers)
+    assert batch.shape == (4, (tiny.engine.config.model_config.vocab_size + 31) // 32)
+    for row, m in zip(batch, matchers, strict=True):
+        assert np.array_equal(row, mgr.bitmask(m))
