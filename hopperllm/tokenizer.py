@@ -148,8 +148,13 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
+        """The chat as the template renders it. `continue_final_message` (HF transformers' and vLLM's flag)
+        leaves the last message open, cut right after its content, for the model to continue."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError(
@@ -158,7 +163,7 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError("each chat message must be an object with a 'role' and 'content'")
-        return _render_chat(
+        text = _render_chat(
             template,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -166,6 +171,21 @@ class Tokenizer:
             eos_token=self.eos_token or "",
             **kwargs,
         )
+        if continue_final_message:
+            final = messages[-1].get("content")
+            if isinstance(final, list):  # content parts: the last one's text
+                final = final[-1].get("text") if final and isinstance(final[-1], dict) else None
+            final = final or ""
+            at = text.rfind(final.strip()) if final.strip() else -1
+            if at < 0:
+                raise ValueError(
+                    "continue_final_message is set but the final message's content does not appear in the "
+                    "rendered chat"
+                )
+            # transformers' cut: keep the message's trailing spaces where the template kept them
+            kept = text[at : at + len(final.lstrip())] == final
+            text = text[: at + len(final.lstrip() if kept else final.strip())]
+        return text
 
     def encode_chat(
         self,

@@ -141,10 +141,14 @@ class LLM:
         chat_template: str | None = None,
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """vLLM's LLM.chat: one conversation or a list of them; `chat_template` replaces the tokenizer's;
-        `tools` (OpenAI's function definitions) and `chat_template_kwargs` reach the template."""
+        `tools` (OpenAI's function definitions) and `chat_template_kwargs` reach the template;
+        `continue_final_message` (with add_generation_prompt=False) lets the model continue the last message."""
         kwargs = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
         if tools is not None:
             kwargs["tools"] = tools
         convs = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -323,6 +323,33 @@ def test_bad_words_and_truncate_prompt_tokens(client, llm):
     assert res.choices[0].text == ref.text and res.usage.prompt_tokens == 5
 
 
+def test_continue_final_message(shared_server, llm):
+    """vLLM's continue_final_message: the last message stays open; the output continues it."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]
+    body = {"messages": msgs, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 5}
+    r = httpx.post(
+        f"{shared_server.base_url}/v1/chat/completions",
+        json={**body, "temperature": 0},
+        headers=shared_server.auth,
+    )
+    assert r.status_code == 200, r.text
+    ref = llm.chat(
+        msgs,
+        SamplingParams(max_tokens=5, temperature=0),
+        add_generation_prompt=False,
+        continue_final_message=True,
+        use_tqdm=False,
+    )[0]
+    assert r.json()["choices"][0]["message"]["content"] == ref.outputs[0].text
+    assert llm.get_tokenizer().decode(ref.prompt_token_ids).endswith("Sure, ")
+    bad = httpx.post(
+        f"{shared_server.base_url}/v1/chat/completions",
+        json={**body, "add_generation_prompt": True},
+        headers=shared_server.auth,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
 def test_beam_search(client, llm):
     """vLLM's use_beam_search: n beams, the n best returned, as LLM.beam_search finds them."""
     from hopperllm.sampling_params import BeamSearchParams

@@ -363,6 +363,16 @@ def test_chat_template_matches_transformers(smollm2_tokenizer: Tokenizer, hf_ggu
         ):  # a BatchEncoding in transformers 5
             expected_ids = expected_ids["input_ids"]
         assert tok.encode_chat(messages) == list(expected_ids)
+    # continue_final_message: an assistant turn left open for the model to continue, as transformers cuts it
+    prefill = CHATS[2][:2] + [
+        {"role": "user", "content": "Joke?"},
+        {"role": "assistant", "content": "Why did "},
+    ]
+    expected = hf_gguf_tokenizer.apply_chat_template(prefill, continue_final_message=True, tokenize=False)
+    got = tok.apply_chat_template(prefill, add_generation_prompt=False, continue_final_message=True)
+    assert got == expected and got.endswith("Why did ")
+    with pytest.raises(ValueError, match="cannot both be set"):
+        tok.apply_chat_template(prefill, continue_final_message=True)
 
 
 # -- tiny files: every quantization, the permutation, tokenizer types ------------------------------

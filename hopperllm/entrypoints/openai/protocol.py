@@ -288,6 +288,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM / HF: continue the last (assistant) message, no new turn
     tools: list[ChatCompletionTool] | None = None
     # None: "auto" when tools are given, else "none" (vLLM's rule)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

@@ -495,6 +495,8 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         self._check_tools(req)
         template_kwargs = dict(req.chat_template_kwargs or {})
+        if req.continue_final_message:
+            template_kwargs["continue_final_message"] = True
         if req.tools:
             template_kwargs["tools"] = tools_for_template(req.tools)
         try:
