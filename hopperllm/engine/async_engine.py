@@ -99,7 +99,14 @@ class AsyncLLMEngine:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = self.engine.prepare_request(request_id, prompt, params)  # ValueError on bad input
+        if params.structured_outputs is not None:
+            # compiling a grammar (and, the first time, llguidance's view of the vocabulary) can take a
+            # while: off the event loop, which keeps serving the other requests meanwhile
+            req = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, params)
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+        else:
+            req = self.engine.prepare_request(request_id, prompt, params)  # ValueError on bad input
         self.start()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
