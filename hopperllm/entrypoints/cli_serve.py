@@ -80,8 +80,8 @@ def add_parser(sub) -> None:
         "--tool-call-parser",
         default=None,
         choices=sorted(TOOL_PARSERS),
-        help="how tool calls are written in the model's output: llama3_json (Llama 3.1/3.2), hermes "
-        "(<tool_call> tags)",
+        help="how tool calls are written in the model's output: llama3_json (Llama 3.1/3.2 JSON), pythonic / "
+        "llama4_pythonic (Llama 3.2 / 4: [f(a=1), ...]), hermes (<tool_call> tags)",
     )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)

@@ -17,6 +17,7 @@ from hopperllm.entrypoints.openai.serving import _ChatChoiceStream
 from hopperllm.entrypoints.openai.tool_calls import (
     HermesToolParser,
     Llama3JsonToolParser,
+    PythonicToolParser,
     named_tool_schema,
     parse_required_calls,
     required_tools_schema,
@@ -81,6 +82,22 @@ def test_hermes_parser():
     assert p.split_stream("Hello <tool", done=False) == (6, False)  # a marker's start is held back
     assert p.split_stream("Hello <tool", done=True) == (11, False)
     assert p.split_stream("Hello <tool_call>{", done=False) == (6, True)
+
+
+def test_pythonic_parser():
+    p = PythonicToolParser()
+    content, calls = p.extract('<|python_start|>[get_weather(city="Oslo", days=2), get_time()]<|python_end|>')
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "days": 2}),
+        ("get_time", {}),
+    ]
+    for text in ("[1, 2]", "Hello [x]", "[f(1)]", "[f(a=g())]", "[f(a=1"):  # not a list of literal calls
+        assert p.extract(text) == (text, [])
+    assert p.split_stream(" [get", done=False) == (0, True) and p.split_stream("Sure", done=False) == (
+        4,
+        False,
+    )
 
 
 def test_required_schema_and_parse():

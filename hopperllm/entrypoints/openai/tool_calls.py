@@ -166,7 +166,46 @@ class HermesToolParser(ToolParser):
         return (content if content.strip() else None), calls
 
 
-TOOL_PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (Llama3JsonToolParser, HermesToolParser)}
+class PythonicToolParser(ToolParser):
+    """Llama 3.2 / Llama 4 pythonic calls: the whole output a Python list of calls with literal keyword
+    arguments, `[get_weather(city="Paris", days=2), get_time()]`, optionally inside <|python_start|> ...
+    <|python_end|> (vLLM's pythonic and llama4_pythonic)."""
+
+    name = "pythonic"
+    starts = ("<|python_start|>", "[")
+    leading = True
+
+    def extract(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        import ast
+
+        body = text.strip().removeprefix("<|python_start|>").removesuffix("<|python_end|>").strip()
+        if not body.startswith("["):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except SyntaxError:
+            return text, []
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return text, []
+        calls = []
+        for call in tree.elts:
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+                return text, []
+            try:
+                args = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+            except ValueError:
+                return text, []
+            calls.append(ParsedCall(call.func.id, json.dumps(args, ensure_ascii=False)))
+        return None, calls
+
+
+class Llama4PythonicToolParser(PythonicToolParser):
+    name = "llama4_pythonic"
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    p.name: p for p in (Llama3JsonToolParser, HermesToolParser, PythonicToolParser, Llama4PythonicToolParser)
+}
 
 
 def tools_for_template(tools) -> list[dict[str, Any]]:
