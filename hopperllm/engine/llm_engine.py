@@ -256,7 +256,7 @@ class LLMEngine:
         return self._structured
 
     def _async_ok(self) -> bool:
-        # penalties and structured outputs read the exact output history when the step is built: they need
+        # structured outputs and bad words read the exact output history when the step is built: they need
         # every token on the host
         return self.async_scheduling and self.executor.supports_async and self._num_sync_requests == 0
 
@@ -485,12 +485,7 @@ class QueueFullError(RuntimeError):
 
 
 def _needs_sync(p: SamplingParams) -> bool:
-    """Penalties, structured outputs and bad words build a step from every earlier token: no async
-    scheduling."""
-    return (
-        p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0
-        or p.structured_outputs is not None
-        or bool(p.bad_words)
-    )
+    """Structured outputs and bad words decide a step's allowed tokens on the host from every earlier
+    token: no async scheduling while such a request runs. (Penalties count the in-flight token on the
+    device: ModelRunner._count_in_flight_tokens.)"""
+    return p.structured_outputs is not None or bool(p.bad_words)

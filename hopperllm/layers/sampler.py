@@ -139,12 +139,12 @@ class SamplingMetadata:
         ]
 
         # One pinned host tensor and one non-blocking copy for all per-row scalars.
-        floats = _to_device(
+        floats = to_device(
             torch.tensor([temperature, top_p, min_p, rep, pres, freq], dtype=torch.float32).reshape(6, n),
             device,
             pin,
         )
-        ints = _to_device(
+        ints = to_device(
             torch.tensor([top_k, [int(g) for g in greedy]], dtype=torch.int64).reshape(2, n), device, pin
         )
 
@@ -176,7 +176,7 @@ class SamplingMetadata:
                 ban_ids.extend(ids)
         min_tokens_rows = min_tokens_token_ids = None
         if ban_ids:
-            ban = _to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.int64), device, pin)
+            ban = to_device(torch.tensor([ban_rows, ban_ids], dtype=torch.int64), device, pin)
             min_tokens_rows, min_tokens_token_ids = ban[0], ban[1]
 
         bias_rows, bias_ids, bias_values = [], [], []
@@ -194,9 +194,9 @@ class SamplingMetadata:
                 pair_ids.extend(ids)
         logit_bias_rows = logit_bias_token_ids = logit_bias_values = None
         if bias_rows:
-            pairs = _to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.int64), device, pin)
+            pairs = to_device(torch.tensor([bias_rows, bias_ids], dtype=torch.int64), device, pin)
             logit_bias_rows, logit_bias_token_ids = pairs[0], pairs[1]
-            logit_bias_values = _to_device(torch.tensor(bias_values, dtype=torch.float32), device, pin)
+            logit_bias_values = to_device(torch.tensor(bias_values, dtype=torch.float32), device, pin)
         banned_rows = banned_ids = None
         ban_pairs = [
             (i, ids[-1])
@@ -205,12 +205,12 @@ class SamplingMetadata:
             if ids[-1] < vocab_size and (len(ids) == 1 or out[len(out) - len(ids) + 1 :] == ids[:-1])
         ]
         if ban_pairs:
-            pairs = _to_device(torch.tensor(ban_pairs, dtype=torch.int64).T.contiguous(), device, pin)
+            pairs = to_device(torch.tensor(ban_pairs, dtype=torch.int64).T.contiguous(), device, pin)
             banned_rows, banned_ids = pairs[0], pairs[1]
         allowed = allowed_pairs_rows = allowed_pairs_ids = None
         if allowed_rows:
-            allowed = _to_device(torch.tensor(allowed_rows, dtype=torch.int64), device, pin)
-            pairs = _to_device(
+            allowed = to_device(torch.tensor(allowed_rows, dtype=torch.int64), device, pin)
+            pairs = to_device(
                 torch.tensor([pair_rows, pair_ids], dtype=torch.int64).reshape(2, -1), device, pin
             )
             allowed_pairs_rows, allowed_pairs_ids = pairs[0], pairs[1]
@@ -224,8 +224,8 @@ class SamplingMetadata:
                 b = token_bitmasks[i][:words]
                 host[j, : b.shape[0]] = b
                 host[j, b.shape[0] :] = 0  # a mask shorter than the logits allows none of the rest
-            bitmask_rows = _to_device(torch.tensor(constrained, dtype=torch.int64), device, pin)
-            token_bitmask = _to_device(torch.from_numpy(host), device, pin)
+            bitmask_rows = to_device(torch.tensor(constrained, dtype=torch.int64), device, pin)
+            token_bitmask = to_device(torch.from_numpy(host), device, pin)
 
         random_rows = [i for i in range(n) if not greedy[i]]
         row_generators = {i: generators[i] for i in random_rows if generators[i] is not None}
@@ -268,7 +268,8 @@ class SamplingMetadata:
         )
 
 
-def _to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    """`t` on `device`: from pinned memory without waiting on a GPU (the CPU gets `t` itself)."""
     if device.type == "cpu":
         return t
     if pin:
@@ -284,7 +285,7 @@ def _bin_counts(token_ids: list[list[int]], vocab_size: int, device: torch.devic
     ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lengths.sum()))
     ids = np.where((ids >= 0) & (ids < vocab_size), ids, vocab_size)  # out-of-vocab ids go to a spare column
     flat_index = np.repeat(np.arange(n, dtype=np.int64) * (vocab_size + 1), lengths) + ids
-    flat_index = _to_device(torch.from_numpy(flat_index), device, pin)
+    flat_index = to_device(torch.from_numpy(flat_index), device, pin)
     counts = torch.zeros(n * (vocab_size + 1), dtype=torch.int32, device=device)
     counts.index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.int32))
     return counts.view(n, vocab_size + 1)[:, :vocab_size]

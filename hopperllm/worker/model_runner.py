@@ -18,7 +18,7 @@ from hopperllm.distributed.parallel_state import SINGLE, TPGroup
 from hopperllm.engine.scheduler import SchedulerOutput
 from hopperllm.engine.sequence import Sequence
 from hopperllm.layers.attention import AttentionMetadata, get_attention_backend
-from hopperllm.layers.sampler import Sampler, SamplingMetadata
+from hopperllm.layers.sampler import Sampler, SamplingMetadata, to_device
 from hopperllm.loader.model_loader import ModelSource, build_model
 
 logger = logging.getLogger(__name__)
@@ -406,6 +406,8 @@ class ModelRunner:
         if sample_seqs:
             logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
             smeta = self.sampling_metadata(sample_seqs, eos_ids)
+            if smeta.output_counts is not None and prev_rows:
+                self._count_in_flight_tokens(smeta, sample_seqs, prev_rows, prev)
             out = self.sampler(logits, smeta)
             launch.token_ids_dev = out.sampled_token_ids
             launch.wanted_logprobs = [s.sampling_params.logprobs for s in sample_seqs]
@@ -417,6 +419,23 @@ class ModelRunner:
             launch.event = torch.cuda.Event()
             launch.event.record()
         return launch
+
+    def _count_in_flight_tokens(self, smeta, seqs: list[Sequence], prev_rows: dict[str, int], prev) -> None:
+        """Async scheduling: a penalty row's newest output token may still be in flight (a PLACEHOLDER on
+        the host, which the host's counts leave out); count it from the previous step's device tensor, so
+        penalties see every output token without the host waiting for it."""
+        rows, src = [], []
+        for i, s in enumerate(seqs):
+            if s.num_placeholders and s.seq_id in prev_rows and _uses_penalties(s.sampling_params):
+                rows.append(i)
+                src.append(prev_rows[s.seq_id])
+        if rows:
+            idx = to_device(
+                torch.tensor([rows, src], dtype=torch.int64), self.device, self.device.type == "cuda"
+            )
+            tokens = prev.token_ids_dev.index_select(0, idx[1])
+            ones = torch.ones_like(tokens, dtype=smeta.output_counts.dtype)
+            smeta.output_counts.index_put_((idx[0], tokens), ones, accumulate=True)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of `t` (pinned, enqueued without waiting, on a GPU); valid once the step's event is done."""
@@ -505,3 +524,7 @@ def _logprobs_to_lists(lp, wanted: list[int | None]):
         top = {int(t): float(v) for t, v in zip(ids[i][1 : 1 + k], vals[i][1 : 1 + k], strict=True)}
         res.append((float(vals[i][0]), top))
     return res
+
+
+def _uses_penalties(p) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

@@ -306,3 +306,34 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(model_dir):
     for bad in (0, -2, 1.5):
         with pytest.raises(ValueError, match="truncate_prompt_tokens"):
             SamplingParams(truncate_prompt_tokens=bad)
+
+
+def test_penalties_run_async_and_equal_sync(model_dir):
+    """Penalties no longer stop async scheduling: the in-flight token is counted on the device, so the
+    outputs equal the synchronous engine's, for greedy and seeded rows, batched with free ones."""
+    kinds = [
+        SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, repetition_penalty=1.5),
+        SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, frequency_penalty=1.2),
+        SamplingParams(max_tokens=14, temperature=1.0, seed=3, ignore_eos=True, presence_penalty=1.5),
+        GREEDY,
+    ]
+    prompts = [{"prompt_token_ids": p} for p in _prompts(8)]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    outs = {}
+    for mode in (False, True):
+        llm = _llm(model_dir, async_scheduling=mode)
+        launch, overlapped = llm.engine.executor.launch, []
+
+        def spy(sched, eos, prev=None, _launch=launch, overlapped=overlapped):
+            overlapped.append(prev is not None)  # launched before the previous step was read back
+            return _launch(sched, eos, prev)
+
+        llm.engine.executor.launch = spy
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert any(overlapped) == mode  # penalty requests do not switch async scheduling off
+        _assert_all_blocks_free(llm)
+    assert outs[True] == outs[False]
+    free = _llm(model_dir).generate(
+        prompts[:1], SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
+    assert outs[True][0] != free[0].outputs[0].token_ids  # the penalty changed something

@@ -109,6 +109,9 @@ def test_async_scheduling_tp2_matches_tp1(model_dir):
         assert _tokens(tp2, _prompts(3, seed=1), SamplingParams(max_tokens=1, temperature=0.0)) == _tokens(
             _llm(model_dir, 1), _prompts(3, seed=1), SamplingParams(max_tokens=1, temperature=0.0)
         )
+        # penalties stay async: every rank counts the in-flight token from its own copy of it
+        pen = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=1.5)
+        assert _tokens(tp2, _prompts(), pen) == _tokens(_llm(model_dir, 1), _prompts(), pen)
     finally:
         tp2.engine.shutdown()
 
