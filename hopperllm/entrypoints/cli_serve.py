@@ -83,6 +83,11 @@ def add_parser(sub) -> None:
         help="how tool calls are written in the model's output: llama3_json (Llama 3.1/3.2 JSON), pythonic / "
         "llama4_pythonic (Llama 3.2 / 4: [f(a=1), ...]), hermes (<tool_call> tags)",
     )
+    g.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served",
+    )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -159,6 +164,7 @@ def cmd_serve(args) -> int:
             max_log_len=args.max_log_len,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
+            enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         )
         app = build_app(engine, settings)
         server = make_server(

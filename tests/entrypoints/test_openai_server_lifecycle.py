@@ -214,3 +214,21 @@ def test_metrics_names_and_request_log(caplog):
     assert metric(m, "vllm:time_per_output_token_seconds_count") == 2
     logged = [rec.getMessage() for rec in caplog.records if "Received request" in rec.getMessage()]
     assert len(logged) == 1 and "'abcde'" in logged[0] and "[1, 100, 101, 102, 103]" in logged[0]
+
+
+def test_prompt_tokens_details_report_prefix_cache_hits():
+    """--enable-prompt-tokens-details (vLLM's flag): usage.prompt_tokens_details.cached_tokens."""
+    prompt = "The same long prompt, sent twice, fills three cache blocks of sixteen tokens at least."
+    with ThreadServer(engine_kwargs=dict(max_model_len=256), enable_prompt_tokens_details=True) as srv:
+        url = f"{srv.base_url}/v1/completions"
+        body = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+        first = httpx.post(url, json=body, timeout=60).json()["usage"]
+        second = httpx.post(url, json=body, timeout=60).json()["usage"]
+        assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+        n = second["prompt_tokens"]
+        assert 16 <= second["prompt_tokens_details"]["cached_tokens"] < n  # whole blocks, not the last token
+    with ThreadServer() as srv:  # off by default: no such key
+        usage = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": "abc", "max_tokens": 1}).json()[
+            "usage"
+        ]
+        assert "prompt_tokens_details" not in usage

@@ -66,6 +66,7 @@ class ServerSettings:
     max_log_len: int | None = None
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    enable_prompt_tokens_details: bool = False
 
 
 @dataclass
@@ -108,6 +109,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         is_draining=lambda: state.draining,
         enable_auto_tool_choice=settings.enable_auto_tool_choice,
         tool_call_parser=settings.tool_call_parser,
+        enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
     )
 
     @contextlib.asynccontextmanager

@@ -48,6 +48,7 @@ from hopperllm.entrypoints.openai.protocol import (
     NamedToolChoice,
     PromptLogprob,
     PromptLogprobs,
+    PromptTokenUsageInfo,
     SamplingRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
@@ -221,6 +222,7 @@ class OpenAIServing:
         is_draining: Callable[[], bool] = lambda: False,
         enable_auto_tool_choice: bool = False,
         tool_call_parser: str | None = None,
+        enable_prompt_tokens_details: bool = False,
     ):
         if not served_model_names:
             raise ValueError("give at least one served model name")
@@ -240,6 +242,7 @@ class OpenAIServing:
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.tool_parser_cls = TOOL_PARSERS[tool_call_parser] if tool_call_parser is not None else None
 
     @property
@@ -332,7 +335,7 @@ class OpenAIServing:
                         prompt_logprobs=self._prompt_logprobs(r, req.prompt_logprobs),
                     )
                 )
-        usage = _usage(reqs)
+        usage = self._usage(reqs)
         body = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
         return Response(body.model_dump_json(), media_type="application/json")
 
@@ -384,7 +387,7 @@ class OpenAIServing:
                         )
                     )
                 if choices:
-                    usage = _usage(reqs) if continuous_usage else None
+                    usage = self._usage(reqs) if continuous_usage else None
                     yield sse_event(
                         CompletionResponse(
                             id=request_id, created=created, model=model, choices=choices, usage=usage
@@ -397,7 +400,7 @@ class OpenAIServing:
             if include_usage:
                 yield sse_event(
                     CompletionResponse(
-                        id=request_id, created=created, model=model, choices=[], usage=_usage(reqs)
+                        id=request_id, created=created, model=model, choices=[], usage=self._usage(reqs)
                     )
                 )
             yield sse_event("[DONE]")
@@ -539,7 +542,7 @@ class OpenAIServing:
                 )
             )
         body = ChatCompletionResponse(
-            id=request_id, model=model, choices=choices, usage=_usage(reqs),
+            id=request_id, model=model, choices=choices, usage=self._usage(reqs),
             prompt_logprobs=self._prompt_logprobs(r, req.prompt_logprobs),
         )  # fmt: skip
         return Response(body.model_dump_json(), media_type="application/json")
@@ -593,13 +596,13 @@ class OpenAIServing:
                         )
                     )
                 if choices:
-                    yield chunk(choices, _usage([r]) if continuous_usage else None)
+                    yield chunk(choices, self._usage([r]) if continuous_usage else None)
             if self._aborted([r]):
                 if not watcher.disconnected:
                     yield sse_event(error_payload(503, ABORTED_AT_SHUTDOWN))
                 return
             if include_usage:
-                yield chunk([], _usage([r]))
+                yield chunk([], self._usage([r]))
             yield sse_event("[DONE]")
         except EngineDeadError as e:
             yield sse_event(error_payload(500, str(e)))
@@ -962,6 +965,13 @@ class OpenAIServing:
         return aborted
 
     # -- checks and helpers ----------------------------------------------------------------------
+    def _usage(self, reqs: list[_EngineRequest]) -> UsageInfo:
+        usage = _usage(reqs)
+        if self.enable_prompt_tokens_details:
+            cached = sum(r.latest.num_cached_tokens for r in reqs if r.latest is not None)
+            usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=cached)
+        return usage
+
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_model_names:
             raise APIError(
