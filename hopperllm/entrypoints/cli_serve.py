@@ -88,6 +88,11 @@ def add_parser(sub) -> None:
         action="store_true",
         help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served",
     )
+    g.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help='logprobs name their tokens "token_id:N" (a request can ask with return_tokens_as_token_ids)',
+    )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -165,6 +170,7 @@ def cmd_serve(args) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+            return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         )
         app = build_app(engine, settings)
         server = make_server(

@@ -460,6 +460,19 @@ def test_logprobs(client, llm):
     )
     streamed = [e for chunk in stream for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     assert [e.logprob for e in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    # vLLM's return_tokens_as_token_ids: "token_id:N" for every token named in the logprobs
+    res = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=3,
+        extra_body={"return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    lp = res.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in ref.token_ids]
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    assert all(c.token.startswith("token_id:") for c in chat.choices[0].logprobs.content)
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     enable_prompt_tokens_details: bool = False
+    return_tokens_as_token_ids: bool = False
 
 
 @dataclass
@@ -110,6 +111,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         enable_auto_tool_choice=settings.enable_auto_tool_choice,
         tool_call_parser=settings.tool_call_parser,
         enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
+        return_tokens_as_token_ids=settings.return_tokens_as_token_ids,
     )
 
     @contextlib.asynccontextmanager

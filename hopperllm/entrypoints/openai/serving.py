@@ -223,6 +223,7 @@ class OpenAIServing:
         enable_auto_tool_choice: bool = False,
         tool_call_parser: str | None = None,
         enable_prompt_tokens_details: bool = False,
+        return_tokens_as_token_ids: bool = False,
     ):
         if not served_model_names:
             raise ValueError("give at least one served model name")
@@ -243,6 +244,7 @@ class OpenAIServing:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         self.enable_auto_tool_choice = enable_auto_tool_choice
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids
         self.tool_parser_cls = TOOL_PARSERS[tool_call_parser] if tool_call_parser is not None else None
 
     @property
@@ -321,9 +323,12 @@ class OpenAIServing:
                 text = (self._echo_text(r) + c.text) if req.echo else c.text
                 lp = None
                 if req.logprobs is not None:
-                    lp, offset = self._echo_logprobs(r.final) if req.echo else (None, 0)
+                    lp, offset = self._echo_logprobs(r.final, self._as_ids(req)) if req.echo else (None, 0)
                     lp = _join_logprobs(
-                        lp, self._completion_logprobs(c.token_ids, c.logprobs or [], offset)[0]
+                        lp,
+                        self._completion_logprobs(c.token_ids, c.logprobs or [], offset, self._as_ids(req))[
+                            0
+                        ],
                     )
                 choices.append(
                     CompletionResponseChoice(
@@ -368,11 +373,11 @@ class OpenAIServing:
                         text = self._echo_text(reqs[i]) + text
                         echo_pending[idx] = False
                         if req.logprobs is not None:
-                            lp, text_offsets[idx] = self._echo_logprobs(out)
+                            lp, text_offsets[idx] = self._echo_logprobs(out, self._as_ids(req))
                     if req.logprobs is not None and c.delta_token_ids:
                         new_entries = (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
                         new_lp, text_offsets[idx] = self._completion_logprobs(
-                            c.delta_token_ids, new_entries, text_offsets[idx]
+                            c.delta_token_ids, new_entries, text_offsets[idx], self._as_ids(req)
                         )
                         lp = _join_logprobs(lp, new_lp)
                     if not text and lp is None and c.finish_reason is None:
@@ -462,20 +467,24 @@ class OpenAIServing:
             res.append(item)
         return res
 
-    def _echo_logprobs(self, out: RequestOutput) -> tuple[CompletionLogProbs, int]:
+    def _echo_logprobs(self, out: RequestOutput, as_ids: bool = False) -> tuple[CompletionLogProbs, int]:
         """echo with logprobs: the prompt tokens' logprobs (the first has none, as in OpenAI's and vLLM's
         answers), from the request's prompt logprobs."""
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        return self._completion_logprobs(out.prompt_token_ids, entries, 0)
+        return self._completion_logprobs(out.prompt_token_ids, entries, 0, as_ids)
 
     def _completion_logprobs(
-        self, token_ids: list[int], entries: list[dict[int, float] | None], text_offset: int
+        self,
+        token_ids: list[int],
+        entries: list[dict[int, float] | None],
+        text_offset: int,
+        as_ids: bool = False,
     ) -> tuple[CompletionLogProbs, int]:
         """OpenAI's legacy logprobs for these tokens (top_logprobs also holds the sampled token, as
         in vLLM) and the text offset after them. A None entry (a prompt's first token) has no logprobs."""
         lp = CompletionLogProbs()
         for tid, entry in zip(token_ids, entries, strict=False):
-            s = self._token_str(tid)
+            s = self._token_str(tid, as_ids)
             lp.tokens.append(s)
             lp.text_offset.append(text_offset)
             text_offset += len(s)
@@ -486,7 +495,7 @@ class OpenAIServing:
             lp.token_logprobs.append(_clamp(entry.get(tid)))
             top: dict[str, float] = {}
             for t, v in sorted(entry.items(), key=lambda kv: -kv[1]):
-                top.setdefault(self._token_str(t), _clamp(v))
+                top.setdefault(self._token_str(t, as_ids), _clamp(v))
             lp.top_logprobs.append(top)
         return lp, text_offset
 
@@ -534,7 +543,9 @@ class OpenAIServing:
                 ChatCompletionResponseChoice(
                     index=c.index,
                     message=message,
-                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], req.top_logprobs or 0)
+                    logprobs=self._chat_logprobs(
+                        c.token_ids, c.logprobs or [], req.top_logprobs or 0, self._as_ids(req)
+                    )
                     if req.logprobs
                     else None,
                     finish_reason=finish_reason,
@@ -582,7 +593,9 @@ class OpenAIServing:
                     lp = None
                     if req.logprobs and c.delta_token_ids:
                         new_entries = (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
-                        lp = self._chat_logprobs(c.delta_token_ids, new_entries, req.top_logprobs or 0)
+                        lp = self._chat_logprobs(
+                            c.delta_token_ids, new_entries, req.top_logprobs or 0, self._as_ids(req)
+                        )
                     delta, finish_reason = streams[c.index].step(c)
                     if delta is None and lp is None and c.finish_reason is None:
                         continue
@@ -699,11 +712,11 @@ class OpenAIServing:
         )
 
     def _chat_logprobs(
-        self, token_ids: list[int], entries: list[dict[int, float]], top_n: int
+        self, token_ids: list[int], entries: list[dict[int, float]], top_n: int, as_ids: bool = False
     ) -> ChatChoiceLogProbs:
         content = []
         for tid, entry in zip(token_ids, entries, strict=False):
-            s = self._token_str(tid)
+            s = self._token_str(tid, as_ids)
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
             content.append(
                 ChatLogProbsContent(
@@ -712,9 +725,9 @@ class OpenAIServing:
                     bytes=list(s.encode("utf-8")),
                     top_logprobs=[
                         ChatLogProb(
-                            token=self._token_str(t),
+                            token=self._token_str(t, as_ids),
                             logprob=_clamp(v),
-                            bytes=list(self._token_str(t).encode()),
+                            bytes=list(self._token_str(t, as_ids).encode()),
                         )
                         for t, v in top
                     ],
@@ -965,6 +978,9 @@ class OpenAIServing:
         return aborted
 
     # -- checks and helpers ----------------------------------------------------------------------
+    def _as_ids(self, req: SamplingRequest) -> bool:
+        return bool(req.return_tokens_as_token_ids or self.return_tokens_as_token_ids)
+
     def _usage(self, reqs: list[_EngineRequest]) -> UsageInfo:
         usage = _usage(reqs)
         if self.enable_prompt_tokens_details:
@@ -992,7 +1008,11 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of range [0, {self.vocab_size})", param=param)
 
-    def _token_str(self, token_id: int) -> str:
+    def _token_str(self, token_id: int, as_ids: bool = False) -> str:
+        """A token's text for logprobs; "token_id:N" with return_tokens_as_token_ids (vLLM's form, for
+        tokens whose text is not valid UTF-8 alone)."""
+        if as_ids:
+            return f"token_id:{token_id}"
         s = self._token_strs.get(token_id)
         if s is None:
             s = self.tokenizer.decode([token_id], skip_special_tokens=False)
