@@ -90,6 +90,10 @@ for step in $steps; do
         2>&1 | grep -v "^  skip" | tail -32 ;;
     structured)  # structured outputs on the GPU (carry .whl with the llguidance wheel: pip download llguidance)
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_structured_outputs.py -p no:cacheprovider 2>&1 | tail -5 ;;
+    session-13)  # what session 12 landed after its device time: speculative decoding, async penalties (the
+      # model and sampler tests), structured outputs; then the 7B latency with and without a penalty request
+      timeout 400 python3 -m pytest -q tests/gpu/test_gpu_speculative.py tests/gpu/test_gpu_structured_outputs.py \
+        tests/gpu/test_gpu_model.py tests/layers/test_sampler.py -p no:cacheprovider 2>&1 | tail -5 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

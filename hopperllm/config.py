@@ -225,6 +225,7 @@ class EngineConfig:
     seed: int = 0
     # decode batch sizes captured as CUDA graphs (None: cuda_graphs.DEFAULT_CAPTURE_SIZES)
     cuda_graph_sizes: tuple[int, ...] | None = None
+    speculative_config: Any = None  # hopperllm.engine.speculative.SpeculativeConfig, or None
 
     def __post_init__(self):
         if self.cuda_graph_sizes is not None and (

@@ -16,6 +16,7 @@ from hopperllm.config import (
     SchedulerConfig,
     resolve_dtype,
 )
+from hopperllm.engine.speculative import SpeculativeConfig
 
 
 @dataclass
@@ -39,6 +40,7 @@ class EngineArgs:
     device: str = "auto"
     max_waiting_requests: int | None = None
     generation_config: str = "auto"
+    speculative_config: str | dict | None = None
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -82,6 +84,12 @@ class EngineArgs:
             default=d.generation_config,
             help="sampling defaults for requests that leave them unset: auto (the model's generation_config.json, "
             "as vLLM), vllm (none), or a folder holding a generation_config.json",
+        )
+        g.add_argument(
+            "--speculative-config",
+            default=None,
+            help='speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 3, '
+            '"prompt_lookup_max": 4, "prompt_lookup_min": 1} (drafts from earlier n-grams of the sequence)',
         )
         return p
 
@@ -140,5 +148,6 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             seed=self.seed,
             cuda_graph_sizes=None if self.cuda_graph_sizes is None else tuple(self.cuda_graph_sizes),
+            speculative_config=SpeculativeConfig.parse(self.speculative_config),
         )
         return cfg, src

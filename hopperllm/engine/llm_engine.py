@@ -10,10 +10,11 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from hopperllm.config import EngineConfig
 from hopperllm.engine.detokenizer import IncrementalDetokenizer
-from hopperllm.engine.scheduler import Scheduler
+from hopperllm.engine.scheduler import ScheduledSeq, Scheduler
 from hopperllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from hopperllm.sampling_params import SamplingParams
@@ -48,6 +49,8 @@ class EngineStats:
     num_generation_tokens: int = 0  # cumulative
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    num_draft_tokens: int = 0  # speculative decoding: drafts computed, cumulative
+    num_accepted_tokens: int = 0  # ... and accepted
 
 
 def freeze_gc_heap() -> None:
@@ -81,6 +84,10 @@ class LLMEngine:
         self._pending = None  # (StepLaunch, [(seq, position of its placeholder)]) of the in-flight step
         self._num_sync_requests = 0  # requests whose steps need every earlier token on the host
         self._structured = None  # StructuredOutputManager, made by the first constrained request
+        # speculative decoding (n-gram drafts): its config, and the drafts proposed / accepted so far
+        self.speculative = config.speculative_config
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         # --generation-config: SamplingParams defaults from the model's generation_config.json (vLLM's rule)
         self.default_sampling: dict = {}
         freeze_gc_heap()  # last: the model, its CUDA graphs and the caches exist now
@@ -258,7 +265,12 @@ class LLMEngine:
     def _async_ok(self) -> bool:
         # structured outputs and bad words read the exact output history when the step is built: they need
         # every token on the host
-        return self.async_scheduling and self.executor.supports_async and self._num_sync_requests == 0
+        return (
+            self.async_scheduling
+            and self.executor.supports_async
+            and self._num_sync_requests == 0
+            and self.speculative is None  # drafts come from the last token, on the host
+        )
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step; read back the previous one.
@@ -272,7 +284,10 @@ class LLMEngine:
         use_async = self._async_ok()
         if not use_async and self._pending is not None:
             self._finish_pending(touched)
+        drafted = self._propose_drafts() if self.speculative is not None else []
         sched = self.scheduler.schedule()
+        if drafted:
+            self._fit_drafts(sched, drafted)
         launch = None
         sampled: list[tuple[Sequence, int]] = []
         if sched.scheduled:
@@ -307,7 +322,9 @@ class LLMEngine:
                         seq.hold = self._ends_by_length(seq, pos)
         if self._pending is not None:
             self._finish_pending(touched)  # fills the placeholders before the blocks are hashed below
-        if launch is not None:
+        if launch is not None and any(item.num_drafts for item in sched.scheduled):
+            self._finish_speculative_step(sched, launch, touched)
+        elif launch is not None:
             self.scheduler.update_after_step(sched)
             if use_async:
                 self._pending = (launch, sampled)
@@ -327,6 +344,98 @@ class LLMEngine:
                 self._free_request(req)
         return outputs
 
+    # -- speculative decoding ------------------------------------------------------------------
+    def _propose_drafts(self) -> list[Sequence]:
+        """Append n-gram drafts to the running sequences that can take them (hopperllm.engine.speculative);
+        returns those sequences. Only while the cache has room to spare: drafts never cost a preemption."""
+        from hopperllm.engine.speculative import propose_ngram
+
+        cfg = self.speculative
+        running = self.scheduler.running
+        bm = self.scheduler.block_manager
+        if not running or bm.num_free_blocks < len(running) * (
+            cfg.num_speculative_tokens // bm.block_size + 2
+        ):
+            return []
+        drafted = []
+        for seq in running:
+            p = seq.sampling_params
+            if seq.num_uncomputed_tokens != 1 or seq.num_placeholders or seq.hold or not _can_draft(p):
+                continue
+            if seq.num_output_tokens < p.min_tokens:
+                continue
+            max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
+            room = min(self.max_model_len - seq.num_tokens - 1, max_tokens - seq.num_output_tokens - 1)
+            k = min(cfg.num_speculative_tokens, room)
+            if k < 1:
+                continue
+            drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            if drafts:
+                seq.token_ids.extend(drafts)
+                seq.num_drafts = len(drafts)
+                drafted.append(seq)
+        return drafted
+
+    def _fit_drafts(self, sched, drafted: list[Sequence]) -> None:
+        """Drafts the step does not compute go: all of a sequence it did not schedule (or preempted), the
+        tail beyond a token budget that cut the sequence's chunk short."""
+        items = {id(item.seq): item for item in sched.scheduled}
+        for seq in drafted:
+            item = items.get(id(seq))
+            keep = 0 if item is None else min(seq.num_drafts, item.num_new_tokens - 1)
+            if keep < seq.num_drafts:
+                del seq.token_ids[len(seq.token_ids) - (seq.num_drafts - keep) :]
+                seq.num_drafts = keep
+            if item is not None:
+                item.num_drafts = keep
+                item.sample = True  # the chunk now ends the sequence
+
+    def _finish_speculative_step(self, sched, launch, touched: dict[str, _Request]) -> None:
+        """Read a step with drafts back: each drafted sequence keeps its drafts up to the first that differs
+        from the token sampled at its position and then takes that sample (or, all kept, the one after the
+        last draft); the blocks are hashed once the rejected drafts are gone; then every new token is
+        checked for stops as if it had come alone."""
+        out = self.executor.collect(launch)
+        self._record_prompt_logprobs(out)
+        row = 0
+        emitted: list[tuple[ScheduledSeq, list[int], Any]] = []
+        for item in sched.scheduled:
+            if not item.sample:
+                continue
+            d = item.num_drafts
+            rows = out.token_ids[row : row + d + 1]
+            lp = out.logprobs[row] if out.logprobs is not None and not d else None
+            row += d + 1
+            seq = item.seq
+            if d:
+                drafts = seq.token_ids[len(seq.token_ids) - d :]
+                a = 0
+                while a < d and rows[a] == drafts[a]:
+                    a += 1
+                del seq.token_ids[len(seq.token_ids) - (d - a) :]  # the rejected drafts: their KV is garbage
+                item.num_new_tokens -= d - a
+                seq.num_drafts = a  # still in token_ids, computed: hashed below, then processed
+                self.num_draft_tokens += d
+                self.num_accepted_tokens += a
+                emitted.append((item, drafts[:a] + [rows[a]], None))
+            else:
+                emitted.append((item, rows[:1], lp))
+        self.scheduler.update_after_step(sched)
+        now = time.monotonic()
+        for item, tokens, lp in emitted:
+            seq = item.seq
+            if seq.num_drafts:  # the accepted drafts come back through _process_token, one by one
+                del seq.token_ids[len(seq.token_ids) - seq.num_drafts :]
+                seq.num_drafts = 0
+            req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
+            if req is None or seq.is_finished:  # aborted while the step ran
+                continue
+            for token in tokens:
+                self._process_token(req, seq, token, lp, now, seq.num_tokens)
+                touched[req.request_id] = req
+                if seq.is_finished:
+                    break
+
     def _ends_by_length(self, seq: Sequence, pos: int) -> bool:
         """Whether the token sampled into position `pos` reaches max_tokens or max_model_len."""
         p = seq.sampling_params
@@ -343,6 +452,16 @@ class LLMEngine:
     ) -> None:
         out = self.executor.collect(launch)
         now = time.monotonic()
+        self._record_prompt_logprobs(out)
+        for i, ((seq, pos), token) in enumerate(zip(sampled, out.token_ids, strict=True)):
+            req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
+            if req is None or seq.is_finished:  # aborted while the step ran
+                continue
+            lp = out.logprobs[i] if out.logprobs is not None else None
+            self._process_token(req, seq, token, lp, now, pos)
+            touched[req.request_id] = req
+
+    def _record_prompt_logprobs(self, out) -> None:
         for seq_id, (first, tops, chosen) in (out.prompt_logprobs or {}).items():
             req = self.requests.get(self._seq_to_req.get(seq_id, ""))
             seq = next((s for s in req.seqs if s.seq_id == seq_id), None) if req is not None else None
@@ -351,13 +470,6 @@ class LLMEngine:
             for j, (top, lp) in enumerate(zip(tops, chosen, strict=True)):
                 pos = first + 1 + j
                 seq.prompt_logprobs[pos] = {**top, seq.prompt_token_ids[pos]: lp}
-        for i, ((seq, pos), token) in enumerate(zip(sampled, out.token_ids, strict=True)):
-            req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
-            if req is None or seq.is_finished:  # aborted while the step ran
-                continue
-            lp = out.logprobs[i] if out.logprobs is not None else None
-            self._process_token(req, seq, token, lp, now, pos)
-            touched[req.request_id] = req
 
     def _process_token(self, req: _Request, seq: Sequence, token: int, lp, now: float, pos: int) -> None:
         if pos == seq.num_tokens:
@@ -473,6 +585,8 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens,
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_total_blocks,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
         )
 
     def shutdown(self) -> None:
@@ -482,6 +596,19 @@ class LLMEngine:
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting_requests; retry later (HTTP 429/503)."""
+
+
+def _can_draft(p: SamplingParams) -> bool:
+    """Requests whose step samples from what the host knows of every position: no penalties, constraints,
+    bad words or logprobs (each would need its own view of the drafts before a position)."""
+    return (
+        p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and p.structured_outputs is None
+        and not p.bad_words
+        and p.logprobs is None
+    )
 
 
 def _needs_sync(p: SamplingParams) -> bool:

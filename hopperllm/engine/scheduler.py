@@ -26,6 +26,9 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # computes token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
     sample: bool = False  # the step reaches the end of token_ids: sample the next token from its logits
+    # speculative decoding: the last num_drafts scheduled tokens are drafts; the step samples at each of
+    # the num_drafts + 1 last positions (hopperllm.engine.speculative)
+    num_drafts: int = 0
 
 
 @dataclass

@@ -87,6 +87,8 @@ class Sequence:
         # tokens it allows next, set before each step that samples this sequence (sent to every rank)
         self.grammar = None
         self.token_bitmask = None
+        # speculative decoding: draft tokens at the end of token_ids, not yet verified (driver only)
+        self.num_drafts = 0
 
     # -- sizes ------------------------------------------------------------------------------
     @property

@@ -35,6 +35,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         show_progress: bool = True,
         generation_config: str = "auto",
+        speculative_config: dict | str | None = None,
     ):
         import torch
 
@@ -57,6 +58,7 @@ class LLM:
             seed=seed,
             device=device,
             generation_config=generation_config,
+            speculative_config=speculative_config,
         )
         self.engine = LLMEngine.from_engine_args(args, show_progress=show_progress)
         self._next_id = 0

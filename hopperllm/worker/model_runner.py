@@ -273,9 +273,9 @@ class ModelRunner:
             q_lens.append(n)
             seq_lens.append(end)
             tables.append(bt)
-            if end == seq.num_tokens:
-                sample_idx.append(cu[-1] - 1)
-                sample_seqs.append(seq)
+            if end == seq.num_tokens:  # and at each draft's position (speculative decoding)
+                sample_idx += range(cu[-1] - 1 - item.num_drafts, cu[-1])
+                sample_seqs += [seq] * (item.num_drafts + 1)
             k = seq.sampling_params.prompt_logprobs
             stop = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
             if k is not None and start < stop:

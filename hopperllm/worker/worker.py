@@ -110,6 +110,7 @@ class SeqDelta(NamedTuple):
     bt_keep: int  # block_table becomes block_table[:bt_keep] + bt_tail
     bt_tail: list[int]
     token_bitmask: Any  # structured outputs: the tokens allowed next (int32 words), when it samples
+    num_drafts: int  # speculative decoding: drafts among the scheduled tokens
 
 
 class StepEncoder:
@@ -132,8 +133,8 @@ class StepEncoder:
             else:
                 new = None
                 tok_start = min(sent[0], len(tokens))
-            # tokens before the first placeholder are final: later steps resend from there only
-            sent[0] = len(tokens) - seq.num_placeholders
+            # tokens before the first placeholder (or draft) are final: later steps resend from there only
+            sent[0] = len(tokens) - seq.num_placeholders - item.num_drafts
             held = sent[1]
             if len(held) <= len(table) and table[: len(held)] == held:
                 bt_keep = len(held)
@@ -154,6 +155,7 @@ class StepEncoder:
                     bt_keep,
                     table[bt_keep:],
                     seq.token_bitmask if item.sample else None,
+                    item.num_drafts,
                 )
             )
         return deltas
@@ -186,7 +188,7 @@ class SequenceMirror:
             seq.num_computed_tokens = d.num_computed_tokens
             seq.num_placeholders = d.num_placeholders
             seq.token_bitmask = d.token_bitmask
-            scheduled.append(ScheduledSeq(seq, d.num_new_tokens, d.sample))
+            scheduled.append(ScheduledSeq(seq, d.num_new_tokens, d.sample, d.num_drafts))
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(d.num_new_tokens for d in deltas))
 
     def release(self, seq_ids) -> None:

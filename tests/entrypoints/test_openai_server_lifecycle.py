@@ -203,6 +203,8 @@ def test_metrics_names_and_request_log(caplog):
         "vllm:num_preemptions_total",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
+        "vllm:spec_decode_num_draft_tokens_total",
+        "vllm:spec_decode_num_accepted_tokens_total",
         "vllm:request_success_total",
         "hopperllm:kv_cache_free_blocks",
         "hopperllm:kv_cache_total_blocks",

@@ -116,6 +116,20 @@ def test_async_scheduling_tp2_matches_tp1(model_dir):
         tp2.engine.shutdown()
 
 
+def test_speculative_tp2_matches_tp1(model_dir):
+    """n-gram drafts at TP=2: every rank computes the drafts' positions; the ranks' mirrors resend the
+    tokens from the first draft, so rejected drafts never linger there."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    loops = [p * 3 for p in _prompts(4)]
+    ref = _tokens(_llm(model_dir, 1), loops, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    tp2 = _llm(model_dir, 2, speculative_config=spec)
+    try:
+        got = _tokens(tp2, loops, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+        assert got == ref and tp2.engine.num_draft_tokens > 0
+    finally:
+        tp2.engine.shutdown()
+
+
 def test_fp8_on_load_tp2_matches_tp1_to_fp8_precision(model_dir):
     """Each rank quantizes its own slice: a row-parallel layer's per-channel weight scales come from half
     a row and its per-token activation scales from half the features, so TP=2 is another FP8 rounding of

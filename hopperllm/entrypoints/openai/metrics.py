@@ -63,6 +63,14 @@ class _EngineStatsCollector(Collector):
         yield counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", s.num_generation_tokens
         )
+        yield counter(
+            "vllm:spec_decode_num_draft_tokens", "Speculative draft tokens computed.", s.num_draft_tokens
+        )
+        yield counter(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Speculative draft tokens accepted.",
+            s.num_accepted_tokens,
+        )
         yield gauge("hopperllm:kv_cache_free_blocks", "Free KV-cache blocks.", s.num_free_blocks)
         yield gauge("hopperllm:kv_cache_total_blocks", "KV-cache blocks in all.", s.num_total_blocks)
 

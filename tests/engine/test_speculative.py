@@ -1,0 +1,157 @@
+"""Speculative decoding with n-gram drafts (vLLM's --speculative-config method "ngram"): greedy outputs are
+the tokens the engine gives without drafts, whatever the batching, chunking, preemption and stops; sampled
+outputs follow the same distribution; requests that cannot take drafts decode as before."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from hopperllm import LLM, SamplingParams
+from hopperllm.engine.speculative import SpeculativeConfig, propose_ngram
+from tests.helpers import make_hf_llama_dir
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def test_propose_ngram():
+    assert propose_ngram([1, 2, 3, 4, 1, 2], 3, 3, 1) == [3, 4, 1]  # the longest suffix that occurred: [1, 2]
+    assert propose_ngram([1, 2, 3, 1, 2, 3], 2, 3, 1) == [1, 2]
+    assert propose_ngram([9, 1, 7, 1, 8, 1], 2, 1, 1) == [8, 1]  # the latest earlier occurrence
+    assert propose_ngram([5, 6, 7], 2, 3, 1) == [] and propose_ngram([7], 2, 2, 1) == []
+    assert propose_ngram([256, 1, 256], 2, 2, 1) == [1, 256]  # token boundaries in the byte search
+    assert propose_ngram([1, 2, 3, 1, 2], 2, 3, 2) == [3, 1] and propose_ngram([1, 2, 3, 4, 2], 2, 3, 2) == []
+
+
+def test_config():
+    assert (
+        SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2}').num_speculative_tokens
+        == 2
+    )
+    assert SpeculativeConfig.parse(None) is None
+    for bad in (
+        '{"method": "eagle"}',
+        '{"method": "ngram", "num_speculative_tokens": 0}',
+        '{"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}',
+        '{"method": "ngram", "draft_model": "x"}',
+        "{not json",
+    ):
+        with pytest.raises(ValueError):
+            SpeculativeConfig.parse(bad)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_hf_llama_dir(str(tmp_path_factory.mktemp("spec_model")), seed=4)
+
+
+def _llm(model_dir, spec: bool, **kw) -> LLM:
+    kw.setdefault("num_kv_blocks", 128)
+    return LLM(
+        model=model_dir, dtype="float32", device="cpu", show_progress=False,
+        speculative_config=SPEC if spec else None, **kw,
+    )  # fmt: skip
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    loops = [torch.randint(3, 290, (k,), generator=g).tolist() for k in (3, 5, 8)]
+    # repeating prompts give the n-gram lookup something to find; random ones rarely do
+    return [
+        loops[0] * 6,
+        loops[1] * 4,
+        loops[2] * 3 + [7, 8],
+        torch.randint(3, 290, (30,), generator=g).tolist(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"max_num_batched_tokens": 24},  # prefills chunked, drafts cut by the token budget
+        {"num_kv_blocks": 14},  # preemption
+        {"enable_prefix_caching": False},
+    ],
+    ids=["plain", "chunked", "preempting", "no-prefix-cache"],
+)
+def test_greedy_outputs_equal_decoding_without_drafts(model_dir, kw):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    ref = [
+        o.outputs[0].token_ids for o in _llm(model_dir, False, **kw).generate(prompts, params, use_tqdm=False)
+    ]
+    spec = _llm(model_dir, True, **kw)
+    out = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert out == ref
+    assert spec.engine.num_accepted_tokens > 0  # the drafts did work
+    bm = spec.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks and not spec.engine.has_unfinished_requests()
+    again = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]  # prefix hits
+    assert again == ref
+
+
+def test_stops_and_limits_inside_accepted_drafts(model_dir):
+    base, spec = _llm(model_dir, False), _llm(model_dir, True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    free = base.generate(
+        prompts, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
+    for i, o in enumerate(free):
+        ids = o.outputs[0].token_ids
+        for params in (
+            SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),  # a limit mid-way through drafts
+            SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[ids[11]]),
+            SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, n=2),
+        ):
+            a = base.generate(prompts[i], params, use_tqdm=False)[0].outputs
+            b = spec.generate(prompts[i], params, use_tqdm=False)[0].outputs
+            assert [(c.token_ids, c.finish_reason, c.stop_reason) for c in a] == [
+                (c.token_ids, c.finish_reason, c.stop_reason) for c in b
+            ]
+
+
+def test_requests_that_cannot_take_drafts_decode_as_before(model_dir):
+    spec, base = _llm(model_dir, True), _llm(model_dir, False)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    for params in (
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2),
+    ):
+        a = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+        b = spec.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in b] == a
+    assert spec.engine.num_draft_tokens == 0
+    lp = b[0].outputs[0].logprobs
+    assert len(lp) == 12 and all(b[0].outputs[0].token_ids[j] in lp[j] for j in range(12))
+
+
+def test_sampled_outputs_follow_the_same_distribution(model_dir):
+    """Accepting a draft exactly when the token sampled at its position equals it is speculative
+    sampling's rule for a draft that is one token for sure: the joint distribution of the output is the
+    one without drafts. 600 seeded requests each way, 3 tokens, top-k 3: total variation < 0.1."""
+    # a prompt that ends the way the model goes on (its own greedy continuation): drafts get proposed and
+    # sampled tokens often agree with them
+    base = _llm(model_dir, False)
+    free = base.generate(
+        {"prompt_token_ids": _prompts()[3]},
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        use_tqdm=False,
+    )
+    prompt = {"prompt_token_ids": _prompts()[3] + free[0].outputs[0].token_ids}
+    counts = []
+    for spec in (False, True):
+        llm = _llm(model_dir, spec, max_num_seqs=128, num_kv_blocks=2048)  # room for drafts
+        params = [
+            SamplingParams(max_tokens=3, temperature=0.7, top_k=3, seed=s, ignore_eos=True)
+            for s in range(600)
+        ]
+        outs = llm.generate([prompt] * 600, params, use_tqdm=False)
+        counts.append(Counter(tuple(o.outputs[0].token_ids) for o in outs))
+        if spec:
+            assert llm.engine.num_accepted_tokens > 100
+    keys = set(counts[0]) | set(counts[1])
+    tv = 0.5 * sum(abs(counts[0][k] - counts[1][k]) for k in keys) / 600
+    assert tv < 0.1, (tv, counts)
