@@ -294,12 +294,11 @@ class OpenAIServing:
         prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
         request_id = random_id("cmpl")
         if req.use_beam_search:
-            reqs = [
-                await self._beam_search(
-                    f"{request_id}-{i}", text, ids, req, req.max_tokens, req.logprobs, "prompt"
-                )
-                for i, (text, ids) in enumerate(prompts)
-            ]
+            reqs = []
+            for i, (text, ids) in enumerate(prompts):
+                rid = f"{request_id}-{i}"
+                prepared = self._prepare(rid, text, ids, req, req.max_tokens, req.logprobs, "prompt")
+                reqs.append(await self._beam_search(rid, req, prepared))
             return self._completion_response(req, reqs, request_id, req.model or self.model_name)
         reqs = [
             self._engine_request(f"{request_id}-{i}", text, ids, req, req.max_tokens, req.logprobs, "prompt")
@@ -520,7 +519,8 @@ class OpenAIServing:
         request_id = random_id("chatcmpl")
         model = req.model or self.model_name
         if req.use_beam_search:
-            r = await self._beam_search(request_id, None, ids, req, max_tokens, logprobs, "messages")
+            prepared = self._prepare(request_id, None, ids, req, max_tokens, logprobs, "messages")
+            r = await self._beam_search(request_id, req, prepared)
             return self._chat_response(req, r, request_id, model)
         r = self._engine_request(request_id, None, ids, req, max_tokens, logprobs, "messages")
         reqs = [r]
@@ -819,26 +819,18 @@ class OpenAIServing:
         )
 
     async def _beam_search(
-        self,
-        request_id: str,
-        prompt_text: str | None,
-        token_ids: list[int],
-        req: SamplingRequest,
-        max_tokens: int | None,
-        logprobs: int | None,
-        prompt_param: str,
+        self, request_id: str, req: SamplingRequest, prepared: tuple[str | None, list[int], SamplingParams]
     ) -> _EngineRequest:
-        """vLLM's use_beam_search: the n best of n beams (hopperllm.engine.beam_search), each step's beams
-        run as one-token engine requests; returned finished, as an engine request whose outputs are the
-        beams' generated tokens."""
+        """vLLM's use_beam_search over a prompt `_prepare` checked: the n best of n beams
+        (hopperllm.engine.beam_search), each step's beams run as one-token engine requests; returned
+        finished, as an engine request whose outputs are the beams' generated tokens."""
         if req.stream:
             raise APIError(400, "use_beam_search does not stream: set stream to false", param="stream")
         if req.constraint_field() is not None:
             field_name = req.constraint_field()
             raise APIError(400, "use_beam_search takes no structured output constraint", param=field_name)
-        prompt_text, token_ids, params = self._prepare(
-            request_id, prompt_text, token_ids, req, max_tokens, logprobs, prompt_param
-        )
+        prompt_text, token_ids, params = prepared
+        logprobs = params.logprobs
         try:
             beam = BeamSearchParams(
                 beam_width=req.n,
