@@ -293,17 +293,17 @@ class OpenAIServing:
         self._check_stream_options(req)
         prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
         request_id = random_id("cmpl")
-        if req.use_beam_search:
-            reqs = []
-            for i, (text, ids) in enumerate(prompts):
-                rid = f"{request_id}-{i}"
-                prepared = self._prepare(rid, text, ids, req, req.max_tokens, req.logprobs, "prompt")
-                reqs.append(await self._beam_search(rid, req, prepared))
-            return self._completion_response(req, reqs, request_id, req.model or self.model_name)
-        reqs = [
-            self._engine_request(f"{request_id}-{i}", text, ids, req, req.max_tokens, req.logprobs, "prompt")
+        prepared = [  # every prompt checked before any runs
+            (
+                rid := f"{request_id}-{i}",
+                self._prepare(rid, text, ids, req, req.max_tokens, req.logprobs, "prompt"),
+            )
             for i, (text, ids) in enumerate(prompts)
         ]
+        if req.use_beam_search:
+            reqs = [await self._beam_search(rid, req, p) for rid, p in prepared]
+            return self._completion_response(req, reqs, request_id, req.model or self.model_name)
+        reqs = [self._engine_request(rid, req, p) for rid, p in prepared]
         watcher = await self._start(raw, reqs)
         model = req.model or self.model_name
         if req.stream:
@@ -522,7 +522,8 @@ class OpenAIServing:
             prepared = self._prepare(request_id, None, ids, req, max_tokens, logprobs, "messages")
             r = await self._beam_search(request_id, req, prepared)
             return self._chat_response(req, r, request_id, model)
-        r = self._engine_request(request_id, None, ids, req, max_tokens, logprobs, "messages")
+        prepared = self._prepare(request_id, None, ids, req, max_tokens, logprobs, "messages")
+        r = self._engine_request(request_id, req, prepared)
         reqs = [r]
         watcher = await self._start(raw, reqs)
         if req.stream:
@@ -798,19 +799,10 @@ class OpenAIServing:
         return prompt_text, token_ids, params
 
     def _engine_request(
-        self,
-        request_id: str,
-        prompt_text: str | None,
-        token_ids: list[int],
-        req: SamplingRequest,
-        max_tokens: int | None,
-        logprobs: int | None,
-        prompt_param: str,
+        self, request_id: str, req: SamplingRequest, prepared: tuple[str | None, list[int], SamplingParams]
     ) -> _EngineRequest:
-        """The engine request of one prompt, checked by _prepare."""
-        prompt_text, token_ids, params = self._prepare(
-            request_id, prompt_text, token_ids, req, max_tokens, logprobs, prompt_param
-        )
+        """The engine request of one prompt `_prepare` checked."""
+        prompt_text, token_ids, params = prepared
         prompt = {"prompt": prompt_text, "prompt_token_ids": token_ids}
         stream = self.engine.generate(prompt, params, request_id)
         tracker = self.metrics.tracker() if self.metrics is not None else None
