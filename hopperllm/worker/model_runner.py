@@ -434,8 +434,11 @@ class ModelRunner:
                 torch.tensor([rows, src], dtype=torch.int64), self.device, self.device.type == "cuda"
             )
             tokens = prev.token_ids_dev.index_select(0, idx[1])
-            ones = torch.ones_like(tokens, dtype=smeta.output_counts.dtype)
-            smeta.output_counts.index_put_((idx[0], tokens), ones, accumulate=True)
+            counts = smeta.output_counts  # a [N, V] view of rows V + 1 apart (sampler._bin_counts)
+            flat = counts.as_strided((counts.shape[0] * counts.stride(0),), (1,))  # contiguous, 1-D
+            flat.index_add_(
+                0, idx[0] * counts.stride(0) + tokens, torch.ones_like(tokens, dtype=counts.dtype)
+            )
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of `t` (pinned, enqueued without waiting, on a GPU); valid once the step's event is done."""
