@@ -589,6 +589,12 @@ class LLMEngine:
             num_accepted_tokens=self.num_accepted_tokens,
         )
 
+    def reset_prefix_cache(self) -> bool:
+        if self.has_unfinished_requests():
+            return False
+        self.scheduler.block_manager.reset_prefix_cache()
+        return True
+
     def shutdown(self) -> None:
         self.executor.shutdown()
         gc.unfreeze()  # the next gc.collect() may free cycles among the engine's objects again

@@ -64,8 +64,18 @@ class LLM:
         self._next_id = 0
         self.last_summary: dict[str, float] = {}
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine (`LLM.engine` here)."""
+        return self.engine
+
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix (benchmarks of cold prompts); False, doing nothing, while
+        requests are unfinished."""
+        return self.engine.reset_prefix_cache()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: SamplingParams with the model's generation_config.json defaults (temperature, top_p, top_k,

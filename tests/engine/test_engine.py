@@ -337,3 +337,18 @@ def test_penalties_run_async_and_equal_sync(model_dir):
         prompts[:1], SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True), use_tqdm=False
     )
     assert outs[True][0] != free[0].outputs[0].token_ids  # the penalty changed something
+
+
+def test_reset_prefix_cache_and_llm_engine_alias(model_dir):
+    llm = _llm(model_dir)
+    assert llm.llm_engine is llm.engine
+    prompt = {"prompt_token_ids": _prompts()[10]}  # 47 tokens: two full blocks
+    llm.generate(prompt, GREEDY, use_tqdm=False)
+    hit = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert hit.num_cached_tokens >= 32
+    assert llm.reset_prefix_cache()
+    cold = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0 and cold.outputs[0].token_ids == hit.outputs[0].token_ids
+    llm.engine.add_request("busy", prompt, GREEDY)
+    assert not llm.reset_prefix_cache()  # not while a request runs
+    llm.engine.abort_request("busy")
