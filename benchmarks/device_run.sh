@@ -91,7 +91,8 @@ for step in $steps; do
     structured)  # structured outputs on the GPU (carry .whl with the llguidance wheel: pip download llguidance)
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_structured_outputs.py -p no:cacheprovider 2>&1 | tail -5 ;;
     session-13)  # what session 12 landed after its device time, on the GPU: speculative decoding, penalties
-      # under async scheduling (the model and sampler tests), structured outputs
+      # under async scheduling (the model and sampler tests), structured outputs. Before the call:
+      # pip download --no-deps -d .whl llguidance; git rev-parse HEAD > .commit; carry .commit and .whl
       timeout 400 python3 -m pytest -q tests/gpu/test_gpu_speculative.py tests/gpu/test_gpu_structured_outputs.py \
         tests/gpu/test_gpu_model.py tests/layers/test_sampler.py -p no:cacheprovider 2>&1 | tail -5 ;;
     tune-prefill)
