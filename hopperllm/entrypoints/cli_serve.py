@@ -13,6 +13,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 def add_parser(sub) -> None:
     from hopperllm.engine.arg_utils import EngineArgs
+    from hopperllm.entrypoints.openai.reasoning import REASONING_PARSERS
     from hopperllm.entrypoints.openai.tool_calls import TOOL_PARSERS
 
     p = sub.add_parser(
@@ -93,6 +94,13 @@ def add_parser(sub) -> None:
         action="store_true",
         help='logprobs name their tokens "token_id:N" (a request can ask with return_tokens_as_token_ids)',
     )
+    g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=sorted(REASONING_PARSERS),
+        help="put the model's thinking in the chat message's reasoning_content: deepseek_r1 (DeepSeek-R1 and "
+        "its Llama distills: everything before </think>)",
+    )
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -171,6 +179,7 @@ def cmd_serve(args) -> int:
             tool_call_parser=args.tool_call_parser,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+            reasoning_parser=args.reasoning_parser,
         )
         app = build_app(engine, settings)
         server = make_server(

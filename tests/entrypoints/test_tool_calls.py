@@ -301,3 +301,43 @@ def test_auto_needs_the_server_flags(shared_server):
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     assert "--enable-auto-tool-choice" in r.json()["error"]["message"]
+
+
+# -- --reasoning-parser deepseek_r1 -----------------------------------------------------------------
+def test_reasoning_parser_split_and_stream():
+    from hopperllm.entrypoints.openai.reasoning import DeepSeekR1ReasoningParser
+
+    p = DeepSeekR1ReasoningParser()
+    assert p.split("think hard</think>The answer") == ("think hard", "The answer")
+    assert p.split("<think>x</think>") == ("x", None) and p.split("still thinking") == (
+        "still thinking",
+        None,
+    )
+    req = ChatCompletionRequest(model=MODEL, messages=MSGS)
+    pieces = ["<th", "ink>hmm, ", "2+2</th", "ink>", "4", "."]
+    s = _ChatChoiceStream(None, req, None, DeepSeekR1ReasoningParser)
+    text, reasoning, content = "", "", ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        last = i == len(pieces) - 1
+        d, _ = s.step(CompletionOutput(0, text, [], None, None, "stop" if last else None, delta_text=piece))
+        reasoning += (d.reasoning_content or "") if d else ""
+        content += (d.content or "") if d else ""
+    assert (reasoning, content) == ("hmm, 2+2", "4.")
+
+
+def test_reasoning_content_in_the_server():
+    regex = re.escape("Let me think.</think>It is 4.")
+    body = {"messages": MSGS, "max_tokens": 40, "temperature": 0, "guided_regex": regex}
+    with ThreadServer(engine_kwargs=dict(max_model_len=160), reasoning_parser="deepseek_r1") as srv:
+        url = f"{srv.base_url}/v1/chat/completions"
+        msg = httpx.post(url, json=body, timeout=60).json()["choices"][0]["message"]
+        assert (msg["reasoning_content"], msg["content"]) == ("Let me think.", "It is 4.")
+        reasoning, content = "", ""
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for ch in json.loads(line[6:])["choices"]:
+                        reasoning += ch["delta"].get("reasoning_content", "")
+                        content += ch["delta"].get("content", "")
+        assert (reasoning, content) == ("Let me think.", "It is 4.")

@@ -68,6 +68,7 @@ class ServerSettings:
     tool_call_parser: str | None = None
     enable_prompt_tokens_details: bool = False
     return_tokens_as_token_ids: bool = False
+    reasoning_parser: str | None = None
 
 
 @dataclass
@@ -112,6 +113,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         tool_call_parser=settings.tool_call_parser,
         enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
         return_tokens_as_token_ids=settings.return_tokens_as_token_ids,
+        reasoning_parser=settings.reasoning_parser,
     )
 
     @contextlib.asynccontextmanager

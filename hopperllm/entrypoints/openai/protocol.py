@@ -435,6 +435,7 @@ class ToolCall(OpenAIBaseModel):
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # --reasoning-parser: the thinking before the answer
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -481,6 +482,7 @@ class DeltaMessage(_SparseModel):
 
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -9,6 +9,7 @@ client disconnects, which frees their KV blocks at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,6 +62,7 @@ from hopperllm.entrypoints.openai.protocol import (
     random_id,
     sse_event,
 )
+from hopperllm.entrypoints.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from hopperllm.entrypoints.openai.tool_calls import (
     TOOL_PARSERS,
     ToolParser,
@@ -224,6 +226,7 @@ class OpenAIServing:
         tool_call_parser: str | None = None,
         enable_prompt_tokens_details: bool = False,
         return_tokens_as_token_ids: bool = False,
+        reasoning_parser: str | None = None,
     ):
         if not served_model_names:
             raise ValueError("give at least one served model name")
@@ -245,6 +248,11 @@ class OpenAIServing:
         self.enable_auto_tool_choice = enable_auto_tool_choice
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"unknown reasoning parser {reasoning_parser!r}: one of {sorted(REASONING_PARSERS)}"
+            )
+        self.reasoning_cls = REASONING_PARSERS[reasoning_parser] if reasoning_parser is not None else None
         self.tool_parser_cls = TOOL_PARSERS[tool_call_parser] if tool_call_parser is not None else None
 
     @property
@@ -579,7 +587,10 @@ class OpenAIServing:
             )
 
         outputs = self._outputs([r])
-        streams = [_ChatChoiceStream(self._tool_mode(req), req, self.tool_parser_cls) for _ in range(req.n)]
+        streams = [
+            _ChatChoiceStream(self._tool_mode(req), req, self.tool_parser_cls, self.reasoning_cls)
+            for _ in range(req.n)
+        ]
         try:
             for i in range(req.n):  # the role comes first, once per choice
                 yield chunk(
@@ -657,7 +668,20 @@ class OpenAIServing:
     def _chat_message(
         self, req: ChatCompletionRequest, c: CompletionOutput
     ) -> tuple[ChatResponseMessage, str | None]:
-        """A finished choice as a message (text, or tool calls) and its finish reason."""
+        """A finished choice as a message (text, or tool calls; with --reasoning-parser the thinking
+        apart) and its finish reason."""
+        if self.reasoning_cls is not None:
+            reasoning, content = self.reasoning_cls().split(c.text)
+            message, finish_reason = self._answer_message(req, dataclasses.replace(c, text=content or ""))
+            message.reasoning_content = reasoning
+            if not message.content:
+                message.content = None
+            return message, finish_reason
+        return self._answer_message(req, c)
+
+    def _answer_message(
+        self, req: ChatCompletionRequest, c: CompletionOutput
+    ) -> tuple[ChatResponseMessage, str | None]:
         mode = self._tool_mode(req)
         if mode == "named":
             call = ToolCall(
@@ -1042,14 +1066,38 @@ class _ChatChoiceStream:
     arguments stream as they come; "required" calls and calls the "auto" parser finds are sent whole when
     the choice ends (text before an "auto" call streams as content first)."""
 
-    def __init__(self, mode: str | None, req: ChatCompletionRequest, parser_cls: type[ToolParser] | None):
+    def __init__(
+        self,
+        mode: str | None,
+        req: ChatCompletionRequest,
+        parser_cls: type[ToolParser] | None,
+        reasoning_cls: type[ReasoningParser] | None = None,
+    ):
         self.mode = mode
         self.req = req
         self.parser = parser_cls() if mode == "auto" and parser_cls is not None else None
         self.sent = 0  # characters of the output sent as content
         self.call_id: str | None = None
+        self.reasoning = reasoning_cls() if reasoning_cls is not None else None
+        self.reasoning_sent = 0  # characters of the reasoning sent
+        self.answer_len = 0  # characters of the answer (after the reasoning) seen so far
 
     def step(self, c: CompletionOutput) -> tuple[DeltaMessage | None, str | None]:
+        if self.reasoning is None:
+            return self._answer_step(c)
+        # the reasoning streams as reasoning_content; what follows it is the answer, streamed as without
+        reasoning, answer = self.reasoning.split_stream(c.text, done=c.finish_reason is not None)
+        delta_reasoning = reasoning[self.reasoning_sent :]
+        self.reasoning_sent = len(reasoning)
+        inner = dataclasses.replace(c, text=answer, delta_text=answer[self.answer_len :])
+        self.answer_len = len(answer)
+        msg, finish_reason = self._answer_step(inner)
+        if delta_reasoning:
+            msg = msg or DeltaMessage()
+            msg.reasoning_content = delta_reasoning
+        return msg, finish_reason
+
+    def _answer_step(self, c: CompletionOutput) -> tuple[DeltaMessage | None, str | None]:
         done = c.finish_reason is not None
         if self.mode is None:
             return (DeltaMessage(content=c.delta_text) if c.delta_text else None), c.finish_reason
