@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from hopperllm.engine.llm_engine import LLMEngine, PromptType, QueueFullError
@@ -25,9 +26,49 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed; no request can complete."""
 
 
-class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None):
+class StatsLogger:
+    """vLLM's periodic engine log line (off with --disable-log-stats): every `interval_s` seconds in which
+    something ran, the prompt and generation throughput since the last line, the running and waiting
+    requests, KV-cache usage, the prefix-cache hit rate and, when drafting, the draft acceptance."""
+
+    def __init__(self, engine: LLMEngine, interval_s: float = 10.0):
         self.engine = engine
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+        s = engine.get_stats()
+        self._prompt, self._gen = s.num_prompt_tokens, s.num_generation_tokens
+
+    def maybe_log(self, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        dt = now - self._last
+        if dt < self.interval_s:
+            return None
+        s = self.engine.get_stats()
+        prompt, gen = s.num_prompt_tokens - self._prompt, s.num_generation_tokens - self._gen
+        self._last, self._prompt, self._gen = now, s.num_prompt_tokens, s.num_generation_tokens
+        if not (prompt or gen or s.num_running or s.num_waiting):
+            return None
+        line = (
+            f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: {gen / dt:.1f} "
+            f"tokens/s, Running: {s.num_running} reqs, Waiting: {s.num_waiting} reqs, GPU KV cache usage: "
+            f"{100 * s.kv_cache_usage:.1f}%, Prefix cache hit rate: {100 * s.prefix_cache_hit_rate:.1f}%"
+        )
+        if s.num_draft_tokens:
+            line += f", Draft acceptance rate: {100 * s.num_accepted_tokens / s.num_draft_tokens:.1f}%"
+        logger.info(line)
+        return line
+
+
+class AsyncLLMEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting_requests: int | None = None,
+        log_stats: bool = True,
+        log_stats_interval_s: float = 10.0,
+    ):
+        self.engine = engine
+        self.stats_logger = StatsLogger(engine, log_stats_interval_s) if log_stats else None
         self.max_waiting_requests = max_waiting_requests
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_adds: list = []
@@ -39,8 +80,12 @@ class AsyncLLMEngine:
         self.step_count = 0
 
     @classmethod
-    def from_engine_args(cls, args, max_waiting_requests: int | None = None, show_progress: bool = True):
-        return cls(LLMEngine.from_engine_args(args, show_progress=show_progress), max_waiting_requests)
+    def from_engine_args(
+        cls, args, max_waiting_requests: int | None = None, show_progress: bool = True, log_stats: bool = True
+    ):
+        return cls(
+            LLMEngine.from_engine_args(args, show_progress=show_progress), max_waiting_requests, log_stats
+        )
 
     @property
     def tokenizer(self):
@@ -167,6 +212,8 @@ class AsyncLLMEngine:
                     continue
                 outputs = await asyncio.to_thread(self.engine.step)
                 self.step_count += 1
+                if self.stats_logger is not None:
+                    self.stats_logger.maybe_log()
                 for out in outputs:
                     q = self._streams.get(out.request_id)
                     if q is not None:

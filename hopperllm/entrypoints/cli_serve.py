@@ -66,6 +66,11 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
     g.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="no periodic engine log line (throughput, running / waiting requests, KV-cache usage)",
+    )
+    g.add_argument(
         "--chat-template",
         default=None,
         help="the chat template for /v1/chat/completions: a Jinja file or the template itself (default: the "
@@ -164,7 +169,10 @@ def cmd_serve(args) -> int:
         torch.manual_seed(args.seed)
         engine_args = EngineArgs.from_cli_args(args)
         engine = AsyncLLMEngine.from_engine_args(
-            engine_args, max_waiting_requests=args.max_waiting_requests, show_progress=sys.stderr.isatty()
+            engine_args,
+            max_waiting_requests=args.max_waiting_requests,
+            show_progress=sys.stderr.isatty(),
+            log_stats=not args.disable_log_stats,
         )
         if args.chat_template is not None:
             engine.tokenizer.chat_template = args.chat_template

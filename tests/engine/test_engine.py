@@ -352,3 +352,19 @@ def test_reset_prefix_cache_and_llm_engine_alias(model_dir):
     llm.engine.add_request("busy", prompt, GREEDY)
     assert not llm.reset_prefix_cache()  # not while a request runs
     llm.engine.abort_request("busy")
+
+
+def test_stats_logger_line(model_dir):
+    """The server's periodic log line (vLLM's; --disable-log-stats turns it off)."""
+    from hopperllm.engine.async_engine import StatsLogger
+
+    llm = _llm(model_dir)
+    stats = StatsLogger(llm.engine, interval_s=5.0)
+    t0 = stats._last
+    llm.generate([{"prompt_token_ids": p} for p in _prompts(4)], GREEDY, use_tqdm=False)
+    assert stats.maybe_log(now=t0 + 1.0) is None  # within the interval
+    line = stats.maybe_log(now=t0 + 10.0)
+    prompt_tokens = sum(len(p) for p in _prompts(4))
+    assert f"Avg prompt throughput: {prompt_tokens / 10.0:.1f} tokens/s" in line
+    assert f"Avg generation throughput: {4 * 12 / 10.0:.1f} tokens/s" in line and "Running: 0 reqs" in line
+    assert stats.maybe_log(now=t0 + 30.0) is None  # nothing ran since
