@@ -155,3 +155,38 @@ def test_sampled_outputs_follow_the_same_distribution(model_dir):
     keys = set(counts[0]) | set(counts[1])
     tv = 0.5 * sum(abs(counts[0][k] - counts[1][k]) for k in keys) / 600
     assert tv < 0.1, (tv, counts)
+
+
+def test_prompt_logprobs_beside_drafting_sequences(model_dir):
+    """A step with drafts also carries other requests' prefills: their prompt logprobs come back as
+    without drafts."""
+    spec, base = (
+        _llm(model_dir, True, max_num_batched_tokens=32),
+        _llm(model_dir, False, max_num_batched_tokens=32),
+    )
+    loops = [{"prompt_token_ids": p} for p in _prompts()[:3]]
+    probe = {"prompt_token_ids": _prompts()[3]}
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    lp = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2)
+    outs = {}
+    for name, llm in (("spec", spec), ("base", base)):
+        for i, p in enumerate(loops):  # drafting sequences first, the probe's prefill joins their steps
+            llm.engine.add_request(f"loop-{i}", p, greedy)
+        for _ in range(3):
+            llm.engine.step()
+        llm.engine.add_request("probe", probe, lp)
+        done = {}
+        while llm.engine.has_unfinished_requests():
+            for o in llm.engine.step():
+                if o.finished:
+                    done[o.request_id] = o
+        outs[name] = done
+    assert spec.engine.num_draft_tokens > 0
+    a, b = outs["spec"]["probe"], outs["base"]["probe"]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for x, y in zip(a.prompt_logprobs, b.prompt_logprobs, strict=True):
+        assert (x is None and y is None) or (x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-5 for k in x))
+    for i in range(3):
+        assert (
+            outs["spec"][f"loop-{i}"].outputs[0].token_ids == outs["base"][f"loop-{i}"].outputs[0].token_ids
+        )
