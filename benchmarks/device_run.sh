@@ -93,7 +93,7 @@ for step in $steps; do
     session-13)  # what session 12 landed after its device time, on the GPU: speculative decoding, penalties
       # under async scheduling (the model and sampler tests), structured outputs. Before the call:
       # pip download --no-deps -d .whl llguidance; git rev-parse HEAD > .commit; carry .commit and .whl
-      timeout 400 python3 -m pytest -q tests/gpu/test_gpu_speculative.py tests/gpu/test_gpu_structured_outputs.py \
+      timeout 400 python3 -m pytest -q tests/gpu/test_gpu_speculative.py tests/gpu/test_gpu_structured_outputs.py tests/gpu/test_gpu_async_penalties.py \
         tests/gpu/test_gpu_model.py tests/layers/test_sampler.py -p no:cacheprovider 2>&1 | tail -5 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
