@@ -226,6 +226,7 @@ class EngineConfig:
     # decode batch sizes captured as CUDA graphs (None: cuda_graphs.DEFAULT_CAPTURE_SIZES)
     cuda_graph_sizes: tuple[int, ...] | None = None
     speculative_config: Any = None  # hopperllm.engine.speculative.SpeculativeConfig, or None
+    max_logprobs: int = 20  # vLLM's --max-logprobs: the most (prompt) logprobs a request may ask for; -1: any
 
     def __post_init__(self):
         if self.cuda_graph_sizes is not None and (

@@ -41,6 +41,7 @@ class EngineArgs:
     max_waiting_requests: int | None = None
     generation_config: str = "auto"
     speculative_config: str | dict | None = None
+    max_logprobs: int = 20
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -84,6 +85,12 @@ class EngineArgs:
             default=d.generation_config,
             help="sampling defaults for requests that leave them unset: auto (the model's generation_config.json, "
             "as vLLM), vllm (none), or a folder holding a generation_config.json",
+        )
+        g.add_argument(
+            "--max-logprobs",
+            type=int,
+            default=d.max_logprobs,
+            help="the most logprobs (and prompt logprobs) a request may ask for; -1: no limit (as vLLM)",
         )
         g.add_argument(
             "--speculative-config",
@@ -149,5 +156,6 @@ class EngineArgs:
             seed=self.seed,
             cuda_graph_sizes=None if self.cuda_graph_sizes is None else tuple(self.cuda_graph_sizes),
             speculative_config=SpeculativeConfig.parse(self.speculative_config),
+            max_logprobs=self.max_logprobs,
         )
         return cfg, src

@@ -160,6 +160,15 @@ class LLMEngine:
         bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is out of range [0, {vocab})")
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and cap >= 0 and k > cap:
+                raise ValueError(
+                    f"{name}: requested {k}, more than max_logprobs {cap} (raise --max-logprobs)"
+                )
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}: requested {k}, more than the vocabulary's {vocab} tokens")
         bad = [t for t in params.token_ids_in_params() if t >= vocab]
         if bad:
             raise ValueError(

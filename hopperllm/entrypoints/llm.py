@@ -36,6 +36,7 @@ class LLM:
         show_progress: bool = True,
         generation_config: str = "auto",
         speculative_config: dict | str | None = None,
+        max_logprobs: int = 20,
     ):
         import torch
 
@@ -59,6 +60,7 @@ class LLM:
             device=device,
             generation_config=generation_config,
             speculative_config=speculative_config,
+            max_logprobs=max_logprobs,
         )
         self.engine = LLMEngine.from_engine_args(args, show_progress=show_progress)
         self._next_id = 0

@@ -73,11 +73,9 @@ def test_eos_ends_a_beam_and_bad_params(llm):
         for s in o.sequences:
             ended = eos in s.tokens[3:]
             assert s.finish_reason == ("stop" if ended else "length")
-    for bad in (
-        dict(beam_width=0, max_tokens=2),
-        dict(beam_width=11, max_tokens=2),
-        dict(beam_width=2, max_tokens=0),
-    ):
+    for bad in (dict(beam_width=0, max_tokens=2), dict(beam_width=2, max_tokens=0)):
         with pytest.raises(ValueError):
             BeamSearchParams(**bad)
+    with pytest.raises(ValueError, match="max_logprobs"):  # a step's 2 x 11 logprobs: over the default 20
+        llm.beam_search(["abc"], BeamSearchParams(beam_width=11, max_tokens=2))
     assert not llm.engine.has_unfinished_requests()

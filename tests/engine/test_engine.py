@@ -234,7 +234,23 @@ def test_prompt_logprobs_equal_full_sequence_logits(model_dir, async_scheduling)
     )[0]
     assert [list(e) for e in two.prompt_logprobs[1:]] == [[t] for t in prompt[1:]]  # k = 0: the token alone
     with pytest.raises(ValueError, match="prompt_logprobs"):
-        SamplingParams(prompt_logprobs=21)
+        SamplingParams(prompt_logprobs=-1)
+    # the upper bound is the engine's max_logprobs (vLLM's --max-logprobs, 20 by default)
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=f"{name}: requested 21, more than max_logprobs 20"):
+            llm.generate(
+                {"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, **{name: 21}), use_tqdm=False
+            )
+    with pytest.raises(ValueError, match="vocabulary"):
+        _llm(model_dir, max_logprobs=-1).generate(
+            {"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, logprobs=10_000), use_tqdm=False
+        )
+    wide = _llm(model_dir, max_logprobs=40).generate(
+        {"prompt_token_ids": prompt},
+        SamplingParams(max_tokens=2, logprobs=30, prompt_logprobs=25),
+        use_tqdm=False,
+    )[0]
+    assert len(wide.outputs[0].logprobs[0]) >= 30 and len(wide.prompt_logprobs[1]) >= 25
     _assert_all_blocks_free(llm)
 
 

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 from hopperllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_N = 128  # OpenAI's limit on choices per request
 
 # The error `type` for each status: the names of the `openai` client's exception classes.
@@ -119,7 +118,7 @@ class SamplingRequest(OpenAIBaseModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[StrictInt] | None = None
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: per prompt token, non-streamed
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM: per prompt token, non-streamed
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     bad_words: list[str] | None = None
@@ -245,7 +244,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = 16  # OpenAI's and vLLM's default; null: the room left in max_model_len
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
     add_special_tokens: bool = True  # vLLM: add BOS to text prompts
 
 
@@ -287,7 +286,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM / HF: continue the last (assistant) message, no new turn
     tools: list[ChatCompletionTool] | None = None

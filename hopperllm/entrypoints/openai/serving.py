@@ -240,6 +240,7 @@ class OpenAIServing:
         self.default_sampling = dict(engine.default_sampling)
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.vocab_size = engine.config.model_config.vocab_size
+        self.max_logprobs = engine.config.max_logprobs
         self._token_strs: dict[int, str] = {}
         if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"unknown tool call parser {tool_call_parser!r}: one of {sorted(TOOL_PARSERS)}")
@@ -299,6 +300,8 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
         self._check_stream_options(req)
+        self._check_logprobs(req.logprobs, "logprobs")
+        self._check_logprobs(req.prompt_logprobs, "prompt_logprobs")
         prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
         request_id = random_id("cmpl")
         prepared = [  # every prompt checked before any runs
@@ -512,6 +515,8 @@ class OpenAIServing:
         self._check_stream_options(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        self._check_logprobs(req.top_logprobs, "top_logprobs")
+        self._check_logprobs(req.prompt_logprobs, "prompt_logprobs")
         self._check_tools(req)
         template_kwargs = dict(req.chat_template_kwargs or {})
         if req.continue_final_message:
@@ -847,6 +852,13 @@ class OpenAIServing:
             raise APIError(400, "use_beam_search takes no structured output constraint", param=field_name)
         prompt_text, token_ids, params = prepared
         logprobs = params.logprobs
+        if self.max_logprobs >= 0 and 2 * req.n > self.max_logprobs:
+            raise APIError(
+                400,
+                f"use_beam_search with n={req.n} asks for {2 * req.n} logprobs a step, more than the server's "
+                f"--max-logprobs {self.max_logprobs}",
+                param="n",
+            )
         try:
             beam = BeamSearchParams(
                 beam_width=req.n,
@@ -986,6 +998,13 @@ class OpenAIServing:
         return aborted
 
     # -- checks and helpers ----------------------------------------------------------------------
+    def _check_logprobs(self, k: int | None, param: str) -> None:
+        cap = self.max_logprobs
+        if k is not None and cap >= 0 and k > cap:
+            raise APIError(
+                400, f"{param}: requested {k}, more than the server's --max-logprobs {cap}", param=param
+            )
+
     def _as_ids(self, req: SamplingRequest) -> bool:
         return bool(req.return_tokens_as_token_ids or self.return_tokens_as_token_ids)
 
