@@ -533,6 +533,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "use_beam_search": True, "stream": True}, "stream"),
     ({"prompt": "abc", "use_beam_search": True, "n": 11}, "n"),
     ({"prompt": "abc", "use_beam_search": True, "guided_regex": "a+"}, "guided_regex"),
+    ({"prompt": "abc", "suffix": "xyz"}, "suffix"),
     ({"prompt": "abc", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ({"prompt": "abc", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"prompt": "abc", "bad_words": [""]}, "bad_words"),

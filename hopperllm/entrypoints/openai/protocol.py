@@ -246,6 +246,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
     add_special_tokens: bool = True  # vLLM: add BOS to text prompts
+    suffix: str | None = None  # OpenAI's insertion suffix: not supported (400), as in vLLM
 
 
 class ChatContentPart(OpenAIBaseModel):

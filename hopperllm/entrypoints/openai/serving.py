@@ -300,6 +300,8 @@ class OpenAIServing:
     async def create_completion(self, req: CompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
         self._check_stream_options(req)
+        if req.suffix is not None:
+            raise APIError(400, "suffix is not supported: put the whole text in the prompt", param="suffix")
         self._check_logprobs(req.logprobs, "logprobs")
         self._check_logprobs(req.prompt_logprobs, "prompt_logprobs")
         prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
