@@ -10,7 +10,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from hopperllm.config import EngineConfig
 from hopperllm.engine.detokenizer import IncrementalDetokenizer
@@ -407,13 +406,14 @@ class LLMEngine:
         out = self.executor.collect(launch)
         self._record_prompt_logprobs(out)
         row = 0
-        emitted: list[tuple[ScheduledSeq, list[int], Any]] = []
+        emitted: list[tuple[ScheduledSeq, list[int], list]] = []
         for item in sched.scheduled:
             if not item.sample:
                 continue
             d = item.num_drafts
             rows = out.token_ids[row : row + d + 1]
-            lp = out.logprobs[row] if out.logprobs is not None and not d else None
+            # each position's logprobs entry holds the token sampled there: the emitted one where kept
+            lps = out.logprobs[row : row + d + 1] if out.logprobs is not None else [None] * (d + 1)
             row += d + 1
             seq = item.seq
             if d:
@@ -426,12 +426,12 @@ class LLMEngine:
                 seq.num_drafts = a  # still in token_ids, computed: hashed below, then processed
                 self.num_draft_tokens += d
                 self.num_accepted_tokens += a
-                emitted.append((item, drafts[:a] + [rows[a]], None))
+                emitted.append((item, drafts[:a] + [rows[a]], lps[: a + 1]))
             else:
-                emitted.append((item, rows[:1], lp))
+                emitted.append((item, rows[:1], lps[:1]))
         self.scheduler.update_after_step(sched)
         now = time.monotonic()
-        for item, tokens, lp in emitted:
+        for item, tokens, lps in emitted:
             seq = item.seq
             if seq.num_drafts:  # the accepted drafts come back through _process_token, one by one
                 del seq.token_ids[len(seq.token_ids) - seq.num_drafts :]
@@ -439,7 +439,7 @@ class LLMEngine:
             req = self.requests.get(self._seq_to_req.get(seq.seq_id, ""))
             if req is None or seq.is_finished:  # aborted while the step ran
                 continue
-            for token in tokens:
+            for token, lp in zip(tokens, lps, strict=True):
                 self._process_token(req, seq, token, lp, now, seq.num_tokens)
                 touched[req.request_id] = req
                 if seq.is_finished:
@@ -614,15 +614,14 @@ class QueueFullError(RuntimeError):
 
 
 def _can_draft(p: SamplingParams) -> bool:
-    """Requests whose step samples from what the host knows of every position: no penalties, constraints,
-    bad words or logprobs (each would need its own view of the drafts before a position)."""
+    """Requests whose sampling at a draft's position does not depend on the drafts before it: no
+    penalties, constraints or bad words (each would need its own view of the earlier drafts)."""
     return (
         p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
         and p.structured_outputs is None
         and not p.bad_words
-        and p.logprobs is None
     )
 
 

@@ -116,16 +116,26 @@ def test_stops_and_limits_inside_accepted_drafts(model_dir):
 def test_requests_that_cannot_take_drafts_decode_as_before(model_dir):
     spec, base = _llm(model_dir, True), _llm(model_dir, False)
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
-    for params in (
-        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
-        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2),
-    ):
-        a = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
-        b = spec.generate(prompts, params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in b] == a
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+    a = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == a
     assert spec.engine.num_draft_tokens == 0
-    lp = b[0].outputs[0].logprobs
-    assert len(lp) == 12 and all(b[0].outputs[0].token_ids[j] in lp[j] for j in range(12))
+
+
+def test_logprobs_of_accepted_drafts(model_dir):
+    """Each position's logprobs come from that position's logits: with drafts, the same entries as without."""
+    spec, base = _llm(model_dir, True), _llm(model_dir, False)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=3)
+    a = base.generate(prompts, params, use_tqdm=False)
+    b = spec.generate(prompts, params, use_tqdm=False)
+    assert spec.engine.num_accepted_tokens > 0
+    for x, y in zip(a, b, strict=True):
+        cx, cy = x.outputs[0], y.outputs[0]
+        assert cx.token_ids == cy.token_ids and len(cy.logprobs) == 16
+        for ex, ey in zip(cx.logprobs, cy.logprobs, strict=True):
+            assert ex.keys() == ey.keys() and all(abs(ex[t] - ey[t]) < 1e-4 for t in ex)
+        assert abs(cx.cumulative_logprob - cy.cumulative_logprob) < 1e-3
 
 
 def test_sampled_outputs_follow_the_same_distribution(model_dir):
