@@ -8,6 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hopperllm import LLM, SamplingParams
 from hopperllm.engine.speculative import SpeculativeConfig, propose_ngram
@@ -200,3 +202,40 @@ def test_prompt_logprobs_beside_drafting_sequences(model_dir):
         assert (
             outs["spec"][f"loop-{i}"].outputs[0].token_ids == outs["base"][f"loop-{i}"].outputs[0].token_ids
         )
+
+
+@pytest.fixture(scope="module")
+def pair(model_dir):
+    return _llm(model_dir, False, max_num_batched_tokens=48), _llm(model_dir, True, max_num_batched_tokens=48)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    loops=st.lists(
+        st.tuples(st.lists(st.integers(3, 40), min_size=1, max_size=6), st.integers(1, 5)),
+        min_size=1,
+        max_size=4,
+    ),
+    max_tokens=st.integers(1, 24),
+    stop_at=st.one_of(st.none(), st.integers(0, 23)),
+)
+def test_property_greedy_equal(pair, loops, max_tokens, stop_at):
+    """Any batch of (partly repeating) prompts, lengths and stop tokens: drafts never change greedy tokens,
+    finish reasons or stop reasons, and every block comes back."""
+    base, spec = pair
+    prompts = [{"prompt_token_ids": unit * reps} for unit, reps in loops]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ref = base.generate(prompts, params, use_tqdm=False)
+    if stop_at is not None:  # stop at a token the plain run emits
+        ids = ref[0].outputs[0].token_ids
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stop_token_ids=[ids[stop_at % len(ids)]]
+        )
+        ref = base.generate(prompts, params, use_tqdm=False)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    key = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in ref]
+    assert [
+        (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in got
+    ] == key
+    bm = spec.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
