@@ -271,8 +271,8 @@ class LLMEngine:
         return self._structured
 
     def _async_ok(self) -> bool:
-        # structured outputs and bad words read the exact output history when the step is built: they need
-        # every token on the host
+        # structured outputs read the exact output history when the step is built: they need every token
+        # on the host
         return (
             self.async_scheduling
             and self.executor.supports_async
@@ -626,7 +626,7 @@ def _can_draft(p: SamplingParams) -> bool:
 
 
 def _needs_sync(p: SamplingParams) -> bool:
-    """Structured outputs and bad words decide a step's allowed tokens on the host from every earlier
-    token: no async scheduling while such a request runs. (Penalties count the in-flight token on the
-    device: ModelRunner._count_in_flight_tokens.)"""
-    return p.structured_outputs is not None or bool(p.bad_words)
+    """Structured outputs decide a step's allowed tokens on the host from every earlier token: no async
+    scheduling while such a request runs. (Penalties count the in-flight token on the device, and bad words
+    check it there: ModelRunner._count_in_flight_tokens, _resolve_pending_bans.)"""
+    return p.structured_outputs is not None

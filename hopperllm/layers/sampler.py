@@ -22,7 +22,7 @@ and nothing else does, so a seeded request samples the same tokens whatever else
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,6 +75,13 @@ class SamplingMetadata:
     max_top_k: int  # largest enabled top_k among random rows (for the topk-only path); 0 if none
     max_num_logprobs: int | None  # None: no row asked for logprobs
     vocab_size: int
+    # bad words under async scheduling: (row, token id) pairs banned where `cond_ban_hit` (the row's token
+    # still in flight is the one the word needs before its last), and the (row, needed token, banned token)
+    # triples the model runner turns into them (it holds the in-flight tokens)
+    pending_bans: list[tuple[int, int, int]] = field(default_factory=list)
+    cond_ban_rows: torch.Tensor | None = None  # int64 [C]
+    cond_ban_ids: torch.Tensor | None = None  # int64 [C]
+    cond_ban_hit: torch.Tensor | None = None  # bool [C]
 
     @property
     def num_rows(self) -> int:
@@ -95,6 +102,7 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str,
         token_bitmasks: list[np.ndarray | None] | None = None,
+        in_flight: list[bool] | None = None,
     ) -> SamplingMetadata:
         """Turn per-row Python state into device tensors (all host work of a step's sampling is here).
 
@@ -104,6 +112,8 @@ class SamplingMetadata:
         `prompt_token_ids` / `output_token_ids` are read only for rows that use penalties (outputs also for
         rows with bad words).
         `token_bitmasks[i]`: row i's structured-output bitmask (int32 words), or None for a free row.
+        `in_flight[i]`: row i's newest output token is still being computed (async scheduling), so it is
+        not in `output_token_ids[i]`; bad words that need it become `pending_bans`.
         """
         n = len(params)
         if not (
@@ -198,12 +208,19 @@ class SamplingMetadata:
             logit_bias_rows, logit_bias_token_ids = pairs[0], pairs[1]
             logit_bias_values = to_device(torch.tensor(bias_values, dtype=torch.float32), device, pin)
         banned_rows = banned_ids = None
-        ban_pairs = [
-            (i, ids[-1])
-            for i, (p, out) in enumerate(zip(params, output_token_ids, strict=True))
-            for ids in (p.bad_words_token_ids or ())
-            if ids[-1] < vocab_size and (len(ids) == 1 or out[len(out) - len(ids) + 1 :] == ids[:-1])
-        ]
+        ban_pairs, pending_bans = [], []
+        for i, (p, out) in enumerate(zip(params, output_token_ids, strict=True)):
+            flying = bool(in_flight and in_flight[i])
+            for ids in p.bad_words_token_ids or ():
+                if ids[-1] >= vocab_size:
+                    continue
+                if len(ids) == 1:
+                    ban_pairs.append((i, ids[-1]))
+                elif not flying:
+                    if out[len(out) - len(ids) + 1 :] == ids[:-1]:
+                        ban_pairs.append((i, ids[-1]))
+                elif not ids[:-2] or out[len(out) - len(ids) + 2 :] == ids[:-2]:
+                    pending_bans.append((i, ids[-2], ids[-1]))  # needs the in-flight token to be ids[-2]
         if ban_pairs:
             pairs = to_device(torch.tensor(ban_pairs, dtype=torch.int64).T.contiguous(), device, pin)
             banned_rows, banned_ids = pairs[0], pairs[1]
@@ -253,6 +270,7 @@ class SamplingMetadata:
             allowed_pair_token_ids=allowed_pairs_ids,
             banned_rows=banned_rows,
             banned_token_ids=banned_ids,
+            pending_bans=pending_bans,
             bitmask_rows=bitmask_rows,
             token_bitmask=token_bitmask,
             generators=row_generators,
@@ -315,7 +333,12 @@ class Sampler(nn.Module):
         logits = logits.float()
         if meta.bitmask_rows is not None:
             logits = apply_token_bitmask(logits, meta.bitmask_rows, meta.token_bitmask)
-        if meta.allowed_rows is not None or meta.logit_bias_rows is not None or meta.banned_rows is not None:
+        if (
+            meta.allowed_rows is not None
+            or meta.logit_bias_rows is not None
+            or meta.banned_rows is not None
+            or meta.cond_ban_rows is not None
+        ):
             logits = apply_allowed_and_bias(logits, meta)
         if meta.any_penalties:
             logits = apply_penalties(logits, meta)
@@ -331,6 +354,7 @@ class Sampler(nn.Module):
                 and meta.allowed_rows is None
                 and meta.logit_bias_rows is None
                 and meta.banned_rows is None
+                and meta.cond_ban_rows is None
                 and meta.bitmask_rows is None
             ):
                 logits = logits.clone()
@@ -389,6 +413,9 @@ def apply_allowed_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torc
         logits = logits.clone()
     if meta.banned_rows is not None:
         logits.index_put_((meta.banned_rows, meta.banned_token_ids), logits.new_full((), float("-inf")))
+    if meta.cond_ban_rows is not None:  # -inf where the in-flight token completes the word's prefix, else + 0
+        minus = torch.where(meta.cond_ban_hit, float("-inf"), 0.0).to(logits.dtype)
+        logits.index_put_((meta.cond_ban_rows, meta.cond_ban_ids), minus, accumulate=True)
     if meta.logit_bias_rows is not None:
         logits.index_put_(
             (meta.logit_bias_rows, meta.logit_bias_token_ids), meta.logit_bias_values, accumulate=True

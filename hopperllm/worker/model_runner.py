@@ -362,7 +362,9 @@ class ModelRunner:
         for s in seq_ids:
             self.generators.pop(s, None)
 
-    def sampling_metadata(self, seqs: list[Sequence], eos_ids) -> SamplingMetadata:
+    def sampling_metadata(
+        self, seqs: list[Sequence], eos_ids, in_flight: list[bool] | None = None
+    ) -> SamplingMetadata:
         params = [s.sampling_params for s in seqs]
         stop_ids = []
         for s in seqs:
@@ -382,6 +384,7 @@ class ModelRunner:
             self.vocab_size,
             self.device,
             token_bitmasks=[s.token_bitmask for s in seqs],
+            in_flight=in_flight,
         )
 
     @torch.inference_mode()
@@ -405,9 +408,14 @@ class ModelRunner:
             self._launch_prompt_logprobs(launch, hidden, *self._prompt_lp)
         if sample_seqs:
             logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
-            smeta = self.sampling_metadata(sample_seqs, eos_ids)
+            in_flight = [
+                bool(prev_rows and s.num_placeholders and s.seq_id in prev_rows) for s in sample_seqs
+            ]
+            smeta = self.sampling_metadata(sample_seqs, eos_ids, in_flight if any(in_flight) else None)
             if smeta.output_counts is not None and prev_rows:
                 self._count_in_flight_tokens(smeta, sample_seqs, prev_rows, prev)
+            if smeta.pending_bans:
+                self._resolve_pending_bans(smeta, sample_seqs, prev_rows, prev)
             out = self.sampler(logits, smeta)
             launch.token_ids_dev = out.sampled_token_ids
             launch.wanted_logprobs = [s.sampling_params.logprobs for s in sample_seqs]
@@ -419,6 +427,19 @@ class ModelRunner:
             launch.event = torch.cuda.Event()
             launch.event.record()
         return launch
+
+    def _resolve_pending_bans(self, smeta, seqs: list[Sequence], prev_rows: dict[str, int], prev) -> None:
+        """Async scheduling: a bad word whose last-but-one token is a row's in-flight token is banned where
+        that token, read from the previous step's device tensor, is the one the word needs."""
+        rows, needed, banned = (list(x) for x in zip(*smeta.pending_bans, strict=True))
+        src = [prev_rows[seqs[r].seq_id] for r in rows]
+        t = to_device(
+            torch.tensor([rows, needed, banned, src], dtype=torch.int64),
+            self.device,
+            self.device.type == "cuda",
+        )
+        smeta.cond_ban_rows, smeta.cond_ban_ids = t[0], t[2]
+        smeta.cond_ban_hit = prev.token_ids_dev.index_select(0, t[3]) == t[1]
 
     def _count_in_flight_tokens(self, smeta, seqs: list[Sequence], prev_rows: dict[str, int], prev) -> None:
         """Async scheduling: a penalty row's newest output token may still be in flight (a PLACEHOLDER on

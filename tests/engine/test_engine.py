@@ -384,3 +384,48 @@ def test_stats_logger_line(model_dir):
     assert f"Avg prompt throughput: {prompt_tokens / 10.0:.1f} tokens/s" in line
     assert f"Avg generation throughput: {4 * 12 / 10.0:.1f} tokens/s" in line and "Running: 0 reqs" in line
     assert stats.maybe_log(now=t0 + 30.0) is None  # nothing ran since
+
+
+def test_bad_words_run_async_and_equal_sync(model_dir):
+    """Bad words keep async scheduling: a word whose last-but-one token is still in flight is checked on
+    the device. Words of one, two and three tokens, taken from the free run's output so they bite."""
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6)]
+    free = _llm(model_dir).generate(prompts, GREEDY, use_tqdm=False)
+    tok = _llm(model_dir).get_tokenizer()
+    words, lengths = [], set()
+    for o in free:  # output pieces of 1-3 tokens whose text tokenizes back to them
+        ids = o.outputs[0].token_ids
+        for n in (3, 2, 1):
+            for at in range(1, len(ids) - n):
+                w = tok.decode(ids[at : at + n])
+                if (
+                    n not in lengths
+                    and w.strip()
+                    and tok.encode(w.lstrip(), add_special_tokens=False) == ids[at : at + n]
+                ):
+                    words.append(w)
+                    lengths.add(n)
+    assert lengths >= {1, 2}, lengths
+    outs = {}
+    for mode in (False, True):
+        llm = _llm(model_dir, async_scheduling=mode)
+        launch, overlapped = llm.engine.executor.launch, []
+
+        def spy(sched, eos, prev=None, _launch=launch, overlapped=overlapped):
+            overlapped.append(prev is not None)
+            return _launch(sched, eos, prev)
+
+        llm.engine.executor.launch = spy
+        for w in words:  # one word at a time: each bites where the free run wrote it
+            params = [
+                SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, bad_words=[w]),
+                SamplingParams(max_tokens=12, temperature=1.0, seed=9, ignore_eos=True, bad_words=[w]),
+            ]
+            got = llm.generate(prompts, [params[i % 2] for i in range(len(prompts))], use_tqdm=False)
+            outs[mode, w] = [o.outputs[0].token_ids for o in got]
+        assert any(overlapped) == mode
+    for w in words:
+        assert outs[True, w] == outs[False, w]
+        b = llm.engine.bad_words_token_ids([w])[0]
+        for toks in outs[True, w]:
+            assert not any(toks[i : i + len(b)] == b for i in range(len(toks)))
