@@ -1,5 +1,6 @@
-"""Penalties under async scheduling on the GPU: the in-flight token is counted from the previous step's
-device tensor (no host sync); outputs equal the synchronous engine's, beside CUDA-graph decode steps."""
+"""Penalties and bad words under async scheduling on the GPU: the in-flight token is counted (or checked)
+from the previous step's device tensor (no host sync); outputs equal the synchronous engine's, beside
+CUDA-graph decode steps."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def test_penalties_async_equal_sync():
         SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, repetition_penalty=1.4),
         SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, frequency_penalty=1.0),
         SamplingParams(temperature=1.0, seed=5, max_tokens=32, ignore_eos=True, presence_penalty=1.5),
-        SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, bad_words=["abc", "on", "e t"]),
     ]
     outs = []
     for async_scheduling in (True, False):
