@@ -370,8 +370,6 @@ class LLMEngine:
             p = seq.sampling_params
             if seq.num_uncomputed_tokens != 1 or seq.num_placeholders or seq.hold or not _can_draft(p):
                 continue
-            if seq.num_output_tokens < p.min_tokens:
-                continue
             max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
             room = min(self.max_model_len - seq.num_tokens - 1, max_tokens - seq.num_output_tokens - 1)
             k = min(cfg.num_speculative_tokens, room)
@@ -614,15 +612,9 @@ class QueueFullError(RuntimeError):
 
 
 def _can_draft(p: SamplingParams) -> bool:
-    """Requests whose sampling at a draft's position does not depend on the drafts before it: no
-    penalties, constraints or bad words (each would need its own view of the earlier drafts)."""
-    return (
-        p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
-        and p.structured_outputs is None
-        and not p.bad_words
-    )
+    """Every request but a constrained one (its mask at a draft's position would need the matcher advanced
+    through the drafts before it). Penalties, bad words and min_tokens see each position's own history."""
+    return p.structured_outputs is None
 
 
 def _needs_sync(p: SamplingParams) -> bool:

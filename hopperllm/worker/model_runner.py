@@ -257,6 +257,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_idx: list[int] = []
         sample_seqs: list[Sequence] = []
+        sample_trim: list[int] = []  # per sample row: the drafts after its position (not its history)
         # SamplingParams.prompt_logprobs: the flat rows whose logits predict a prompt token, and those tokens
         lp_rows: list[int] = []
         lp_targets: list[int] = []
@@ -276,6 +277,7 @@ class ModelRunner:
             if end == seq.num_tokens:  # and at each draft's position (speculative decoding)
                 sample_idx += range(cu[-1] - 1 - item.num_drafts, cu[-1])
                 sample_seqs += [seq] * (item.num_drafts + 1)
+                sample_trim += range(item.num_drafts, -1, -1)
             k = seq.sampling_params.prompt_logprobs
             stop = min(end, seq.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
             if k is not None and start < stop:
@@ -321,6 +323,7 @@ class ModelRunner:
         )
         fill = (d64[o[4][0] : o[4][1]], d64[o[5][0] : o[5][1]]) if fill_pos else None
         self._prompt_lp = (d64[o[6][0] : o[6][1]], d64[o[7][0] : o[7][1]], lp_seqs) if lp_seqs else None
+        self._sample_trim = sample_trim if any(sample_trim) else None
         return d64[o[0][0] : o[0][1]], d64[o[1][0] : o[1][1]], meta, d64[o[3][0] : o[3][1]], sample_seqs, fill
 
     def _to_device(self, i64: np.ndarray, i32: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,13 +366,24 @@ class ModelRunner:
             self.generators.pop(s, None)
 
     def sampling_metadata(
-        self, seqs: list[Sequence], eos_ids, in_flight: list[bool] | None = None
+        self,
+        seqs: list[Sequence],
+        eos_ids,
+        in_flight: list[bool] | None = None,
+        trims: list[int] | None = None,
     ) -> SamplingMetadata:
+        """`trims[i]`: row i samples at a draft's position (speculative decoding) with that many drafts after
+        it, which are not in its history (penalties, bad words, min_tokens see each position's own)."""
         params = [s.sampling_params for s in seqs]
+        outputs = [s.output_token_ids for s in seqs]
+        num_out = [s.num_output_tokens for s in seqs]
+        if trims is not None:
+            outputs = [o[: len(o) - t] for o, t in zip(outputs, trims, strict=True)]
+            num_out = [n - t for n, t in zip(num_out, trims, strict=True)]
         stop_ids = []
-        for s in seqs:
+        for s, n in zip(seqs, num_out, strict=True):
             p = s.sampling_params
-            if s.num_output_tokens < p.min_tokens:
+            if n < p.min_tokens:
                 stop_ids.append(
                     sorted(set(p.stop_token_ids or []) | (set() if p.ignore_eos else set(eos_ids)))
                 )
@@ -378,7 +392,7 @@ class ModelRunner:
         return SamplingMetadata.build(
             params,
             [s.prompt_token_ids for s in seqs],
-            [s.output_token_ids for s in seqs],
+            outputs,
             [self._generator(s) for s in seqs],
             stop_ids,
             self.vocab_size,
@@ -411,7 +425,9 @@ class ModelRunner:
             in_flight = [
                 bool(prev_rows and s.num_placeholders and s.seq_id in prev_rows) for s in sample_seqs
             ]
-            smeta = self.sampling_metadata(sample_seqs, eos_ids, in_flight if any(in_flight) else None)
+            smeta = self.sampling_metadata(
+                sample_seqs, eos_ids, in_flight if any(in_flight) else None, self._sample_trim
+            )
             if smeta.output_counts is not None and prev_rows:
                 self._count_in_flight_tokens(smeta, sample_seqs, prev_rows, prev)
             if smeta.pending_bans:

@@ -115,13 +115,42 @@ def test_stops_and_limits_inside_accepted_drafts(model_dir):
             ]
 
 
-def test_requests_that_cannot_take_drafts_decode_as_before(model_dir):
+def test_penalties_bad_words_and_min_tokens_see_each_positions_history(model_dir):
+    """A row sampling at a draft's position counts the drafts before it and not those after: penalties,
+    bad words and min_tokens give the tokens decoding without drafts gives."""
     spec, base = _llm(model_dir, True), _llm(model_dir, False)
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
-    a = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
-    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == a
-    assert spec.engine.num_draft_tokens == 0
+    free = base.generate(
+        prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
+    tok = base.get_tokenizer()
+    pair = next(  # two output tokens whose text tokenizes back to them: a bad word that bites
+        w
+        for o in free
+        for i in range(4, 18)
+        if (w := tok.decode(o.outputs[0].token_ids[i : i + 2])).strip()
+        and tok.encode(w.lstrip(), add_special_tokens=False) == o.outputs[0].token_ids[i : i + 2]
+    )
+    eos = sorted(spec.engine.eos_token_ids)
+    for params in (
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(
+            max_tokens=20, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=0.2
+        ),
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, bad_words=[pair]),
+        SamplingParams(max_tokens=20, temperature=0.0, min_tokens=15, stop_token_ids=eos),
+    ):
+        drafted = spec.engine.num_draft_tokens
+        a = [
+            (o.outputs[0].token_ids, o.outputs[0].finish_reason)
+            for o in base.generate(prompts, params, use_tqdm=False)
+        ]
+        b = [
+            (o.outputs[0].token_ids, o.outputs[0].finish_reason)
+            for o in spec.generate(prompts, params, use_tqdm=False)
+        ]
+        assert b == a, params
+        assert spec.engine.num_draft_tokens > drafted
 
 
 def test_logprobs_of_accepted_drafts(model_dir):
@@ -239,3 +268,27 @@ def test_property_greedy_equal(pair, loops, max_tokens, stop_at):
     ] == key
     bm = spec.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks
+
+
+def test_each_draft_row_sees_its_own_history(model_dir, monkeypatch):
+    """White-box: the rows of a drafted sequence get histories that end at their own positions (row j: the
+    sequence's outputs before its drafts plus the first j drafts), so penalties, bad words and min_tokens
+    at a draft's position count what precedes it and nothing after."""
+    from hopperllm.layers.sampler import SamplingMetadata
+
+    seen = []
+    build = SamplingMetadata.build.__func__
+
+    def spy(cls, params, prompt_ids, output_ids, *args, **kwargs):
+        seen.append([list(o) for o in output_ids])
+        return build(cls, params, prompt_ids, output_ids, *args, **kwargs)
+
+    monkeypatch.setattr(SamplingMetadata, "build", classmethod(spy))
+    spec = _llm(model_dir, True)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, frequency_penalty=0.1)
+    spec.generate({"prompt_token_ids": _prompts()[0]}, params, use_tqdm=False)
+    drafted = [rows for rows in seen if len(rows) > 1]
+    assert drafted and spec.engine.num_draft_tokens > 0
+    for rows in drafted:  # one sequence: rows 0..d, each one token longer, each a prefix of the next
+        assert [len(r) for r in rows] == list(range(len(rows[0]), len(rows[0]) + len(rows)))
+        assert all(rows[j + 1][:-1] == rows[j] for j in range(len(rows) - 1))
