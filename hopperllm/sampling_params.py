@@ -181,6 +181,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Any of the repetition, presence or frequency penalties is on."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def clone(self) -> SamplingParams:
         import copy
 

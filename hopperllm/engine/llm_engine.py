@@ -124,10 +124,10 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
-    def truncate_prompt(self, token_ids: list[int], params: SamplingParams) -> list[int]:
-        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as leave one to generate)."""
-        k = params.truncate_prompt_tokens
-        if k is None:
+    def truncate_prompt(self, token_ids: list[int], k: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as leave one to generate;
+        None or 0: all of them, 0 being SamplingParams' error to report)."""
+        if not k:
             return token_ids
         k = self.max_model_len - 1 if k == -1 else k
         return token_ids[-k:] if len(token_ids) > k else token_ids
@@ -198,7 +198,7 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
         prompt_text, token_ids = self.tokenize_prompt(prompt)
-        token_ids = self.truncate_prompt(token_ids, params)
+        token_ids = self.truncate_prompt(token_ids, params.truncate_prompt_tokens)
         if params.bad_words:
             params.bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
         self.validate_prompt(token_ids, params)
@@ -299,7 +299,7 @@ class LLMEngine:
         launch = None
         sampled: list[tuple[Sequence, int]] = []
         if sched.scheduled:
-            if self._structured is not None:
+            if self._num_sync_requests:  # constrained requests run: their masks for this step
                 constrained = []
                 for item in sched.scheduled:
                     if item.seq.grammar is not None:
@@ -330,7 +330,7 @@ class LLMEngine:
                         seq.hold = self._ends_by_length(seq, pos)
         if self._pending is not None:
             self._finish_pending(touched)  # fills the placeholders before the blocks are hashed below
-        if launch is not None and any(item.num_drafts for item in sched.scheduled):
+        if launch is not None and drafted and any(item.num_drafts for item in sched.scheduled):
             self._finish_speculative_step(sched, launch, touched)
         elif launch is not None:
             self.scheduler.update_after_step(sched)

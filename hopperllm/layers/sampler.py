@@ -143,10 +143,7 @@ class SamplingMetadata:
         rep = [p.repetition_penalty for p in params]
         pres = [p.presence_penalty for p in params]
         freq = [p.frequency_penalty for p in params]
-        uses_penalties = [
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            for p in params
-        ]
+        uses_penalties = [p.uses_penalties for p in params]
 
         # One pinned host tensor and one non-blocking copy for all per-row scalars.
         floats = to_device(

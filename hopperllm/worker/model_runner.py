@@ -463,7 +463,7 @@ class ModelRunner:
         penalties see every output token without the host waiting for it."""
         rows, src = [], []
         for i, s in enumerate(seqs):
-            if s.num_placeholders and s.seq_id in prev_rows and _uses_penalties(s.sampling_params):
+            if s.num_placeholders and s.seq_id in prev_rows and s.sampling_params.uses_penalties:
                 rows.append(i)
                 src.append(prev_rows[s.seq_id])
         if rows:
@@ -564,7 +564,3 @@ def _logprobs_to_lists(lp, wanted: list[int | None]):
         top = {int(t): float(v) for t, v in zip(ids[i][1 : 1 + k], vals[i][1 : 1 + k], strict=True)}
         res.append((float(vals[i][0]), top))
     return res
-
-
-def _uses_penalties(p) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

@@ -781,11 +781,9 @@ class OpenAIServing:
         """Check the prompt against max_model_len and build its SamplingParams. With no max_tokens the
         request may use all the room left in max_model_len (vLLM's rule). truncate_prompt_tokens keeps the
         prompt's last k tokens first (-1: as many as leave one to generate)."""
-        k = req.truncate_prompt_tokens
-        if k is not None and k != 0:
-            k = self.max_model_len - 1 if k == -1 else k
-            if len(token_ids) > k:
-                token_ids, prompt_text = token_ids[-k:], None  # the text no longer matches the ids
+        kept = self.engine.engine.truncate_prompt(token_ids, req.truncate_prompt_tokens)
+        if len(kept) < len(token_ids):
+            token_ids, prompt_text = kept, None  # the text no longer matches the ids
         n = len(token_ids)
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
