@@ -95,6 +95,11 @@ for step in $steps; do
       # pip download --no-deps -d .whl llguidance; git rev-parse HEAD > .commit; carry .commit and .whl
       timeout 400 python3 -m pytest -q tests/gpu/test_gpu_speculative.py tests/gpu/test_gpu_structured_outputs.py tests/gpu/test_gpu_async_penalties.py \
         tests/gpu/test_gpu_model.py tests/layers/test_sampler.py -p no:cacheprovider 2>&1 | tail -5 ;;
+    timeline)  # per-program phase times of the GEMVs and decode attention inside the model graph (7B and 8B batch 1,
+      # 8B at 64 sequences)
+      for m in "dummy:llama-2-7b 1" "dummy:llama-3-8b 1" "dummy:llama-3-8b 64"; do set -- $m
+        timeout 150 python3 benchmarks/decode_timeline.py --model "$1" --batch-size "$2" \
+          --output-json "$OUT/decode-timeline-${1#dummy:}-b$2.json" 2>&1 | grep -v "Capturing\|it/s" | tail -16; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels import timeline
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
+from hopperllm.kernels.timeline import stamp
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -399,6 +401,8 @@ def _fp8_gemv_kernel(
     QUANT_X: tl.constexpr,
     BLOCK_AMAX: tl.constexpr,
     USE_PDL: tl.constexpr,
+    ts_ptr=None,  # TIMESTAMPS: int64 [programs, 8] phase times (kernels/timeline.py)
+    TIMESTAMPS: tl.constexpr = False,
 ):  # fmt: skip
     # Program (pid_n, pid_m, pid_k) computes out[BLOCK_M rows, BLOCK_N cols] over the K slice pid_k.
     # The product is formed transposed, W_tile [BLOCK_N, BLOCK_K] @ X_tile^T [BLOCK_K, BLOCK_M], so the
@@ -416,6 +420,8 @@ def _fp8_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
+    prog = (pid_k * tl.num_programs(1) + pid_m) * tl.num_programs(0) + pid_n
+    stamp(ts_ptr, prog, 0, TIMESTAMPS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Out-of-range rows of the last tile re-read valid rows (no mask on the hot weight stream); the
@@ -431,6 +437,7 @@ def _fp8_gemv_kernel(
     _gemv_prefetch(w_ptr, rows_n, up_offset, stride_wn, k_begin, k_end, PREFETCH_LINES, GATED)
     w_scale, w_scale_up = _gemv_w_scales(w_scale_ptr, rows_n, N, W_SCALE_PER_CHANNEL, GATED)
     pdl_prologue(USE_PDL)
+    stamp(ts_ptr, prog, 1, TIMESTAMPS)
     # the activation scales (written by the previous kernel) right after the wait
     x_scale, x_inv_scale = _gemv_x_scales(x_scale_ptr, rows_m, NUM_AMAX, X_SCALE_PER_ROW, QUANT_X, BLOCK_AMAX)
     acc, acc_up = _gemv_k_range(
@@ -438,11 +445,13 @@ def _fp8_gemv_kernel(
         EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, MAX_IMPRECISE_ACC, GATED, QUANT_X,
     )  # fmt: skip
     acc, acc_up = _gemv_apply_scales(acc, acc_up, w_scale, w_scale_up, x_scale, QUANT_X)
+    stamp(ts_ptr, prog, 2, TIMESTAMPS)
 
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
     if SPLIT_K == 1:
         _gemv_store(acc, acc_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
+        stamp(ts_ptr, prog, 3, TIMESTAMPS)
     else:
         # Split-K fix-up inside this launch (no memset or cast kernels around it): each K slice stores its
         # float32 partial tile and bumps the tile's arrival counter; the last slice to arrive sums the
@@ -456,6 +465,7 @@ def _fp8_gemv_kernel(
         tl.debug_barrier()  # every thread's partial is stored before the release below
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        stamp(ts_ptr, prog, 3, TIMESTAMPS)
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             total_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -466,6 +476,7 @@ def _fp8_gemv_kernel(
                 partial_ptrs += SLICE_STRIDE
             _gemv_store(total, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+            stamp(ts_ptr, prog, 4, TIMESTAMPS)
 
 
 @triton.jit
@@ -486,6 +497,8 @@ def _fp8_gemv_stream_k_kernel(
     QUANT_X: tl.constexpr,
     BLOCK_AMAX: tl.constexpr,
     USE_PDL: tl.constexpr,
+    ts_ptr=None,  # TIMESTAMPS: int64 [programs, 8] phase times (kernels/timeline.py)
+    TIMESTAMPS: tl.constexpr = False,
 ):  # fmt: skip
     # _fp8_gemv_kernel's product with a stream-K split (Osama et al., 2023): the work is the tile-major list
     # of (output tile, BLOCK_K chunk) iterations, and each of the grid's programs takes one contiguous, equal
@@ -495,6 +508,7 @@ def _fp8_gemv_stream_k_kernel(
     # partial in the tile's slot for it and bumps the tile's arrival counter; the last to arrive sums the
     # partials in program order (deterministic) and stores the output.
     pid = tl.program_id(0)
+    stamp(ts_ptr, pid, 0, TIMESTAMPS)
     num_programs = tl.num_programs(0)
     k_chunks = tl.cdiv(K, BLOCK_K)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -509,6 +523,7 @@ def _fp8_gemv_stream_k_kernel(
     k_first = (it_begin - first_tile * k_chunks) * BLOCK_K
     _gemv_prefetch(w_ptr, rows_first.to(tl.int64), up_offset, stride_wn, k_first, K, PREFETCH_LINES, GATED)
     pdl_prologue(USE_PDL)
+    stamp(ts_ptr, pid, 1, TIMESTAMPS)
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     SLOT_WIDTH: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N  # a partial slot: [BLOCK_M, SLOT_WIDTH]
@@ -562,6 +577,8 @@ def _fp8_gemv_stream_k_kernel(
                         total_up += tl.load(slot + BLOCK_N, mask=present, other=0.0, cache_modifier=".cg")
                 _gemv_store(total_acc, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
                 tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+                stamp(ts_ptr, pid, 4, TIMESTAMPS)
+    stamp(ts_ptr, pid, 3, TIMESTAMPS)
 
 
 # Arrival counters for in-launch fix-ups (fp8_gemv's split-K, decode attention's merge), one int32 per
@@ -780,6 +797,8 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         partials = counters = out  # unused
     amax = torch.empty((M, grid[0]), dtype=torch.float32, device=device) if gated else out
     num_amax = grid[0] if gated else (x_scale.shape[-1] if quant_x else 1)
+    ts = timeline.buffer("fp8_gemv", grid[0] * grid[1] * grid[2], device, M=M, N=w_fp8.shape[0], K=K,
+                         gated=gated, split_k=split_k)  # fmt: skip
     _fp8_gemv_kernel[grid](
         x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
         M, N, K, k_per_split, M * w_fp8.shape[0], num_amax,
@@ -793,6 +812,7 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
         **cfg,
         **pdl_kwargs(device),
+        **({} if ts is None else {"ts_ptr": ts, "TIMESTAMPS": True}),
     )  # fmt: skip
     return (out, amax) if gated else out
 
@@ -820,6 +840,7 @@ def _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, progra
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     amax = torch.empty((M, tiles_n), dtype=torch.float32, device=device) if gated else out
     num_amax = tiles_n if gated else (x_scale.shape[-1] if quant_x else 1)
+    ts = timeline.buffer("fp8_gemv_stream_k", programs, device, M=M, N=w_fp8.shape[0], K=K, gated=gated)
     _fp8_gemv_stream_k_kernel[(programs,)](
         x, x_scale.float(), w_fp8, w_scale.float(), out, partials, counters, amax,
         M, N, K, num_amax,
@@ -833,6 +854,7 @@ def _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, progra
         BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
         **cfg,
         **pdl_kwargs(device),
+        **({} if ts is None else {"ts_ptr": ts, "TIMESTAMPS": True}),
     )  # fmt: skip
     return (out, amax) if gated else out
 

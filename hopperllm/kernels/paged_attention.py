@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels import timeline
 from hopperllm.kernels.fp8 import (
     FP8_DTYPE,
     _prefetch_l2,
@@ -43,6 +44,7 @@ from hopperllm.kernels.fp8 import (
     tile_counters,
 )
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
+from hopperllm.kernels.timeline import stamp
 
 _LOG2E = 1.4426950408889634
 
@@ -214,6 +216,7 @@ def _decode_split_kernel(
     positions_ptr,  # ROTARY: int64 [B]
     cos_sin_ptr,  # ROTARY: float32 [max_position, D] = cat(cos, sin)
     slot_ptr,  # ROTARY: int64 [B] cache slot of the new token (< 0: a padding row, nothing to store)
+    ts_ptr,  # TIMESTAMPS: int64 [B * Hkv * NUM_SPLITS, 8] per-program phase times (kernels/timeline.py)
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -244,6 +247,7 @@ def _decode_split_kernel(
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
     USE_PDL: tl.constexpr,
+    TIMESTAMPS: tl.constexpr = False,  # write phase times to ts_ptr (GPU only; off in serving)
 ):
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
@@ -259,6 +263,8 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     num_q_heads = num_kv_heads * GROUP
+    prog = (b * num_kv_heads + kvh) * NUM_SPLITS + split  # this program's row of ts_ptr
+    stamp(ts_ptr, prog, 0, TIMESTAMPS)
 
     seq_len = tl.load(seq_lens_ptr + b)
     # Slices are whole cache pages (the key loop masks the tail of a slice's last tile): at 2k context
@@ -300,6 +306,7 @@ def _decode_split_kernel(
         sin = tl.load(cs_row + HALF + offs_d % HALF)
         slot = tl.load(slot_ptr + b)
     pdl_prologue(USE_PDL)
+    stamp(ts_ptr, prog, 1, TIMESTAMPS)
     q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=mask_h[:, None], other=0.0)
     if ROTARY:
@@ -330,11 +337,13 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)  # the new token sees the whole slice
+    stamp(ts_ptr, prog, 2, TIMESTAMPS)
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, False, l_i, False,
     )  # fmt: skip
+    stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
     if FP8_KV:
         acc = acc * v_scale
@@ -344,9 +353,10 @@ def _decode_split_kernel(
     out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+        stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if QUANT_OUT:
             _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                               num_q_heads * HEAD_DIM, QUANT_BLOCK)  # fmt: skip
+                               num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
     else:
         row = (b * num_q_heads + heads) * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -355,6 +365,7 @@ def _decode_split_kernel(
         tl.debug_barrier()  # every thread's partial is stored before the release below
         tile = b * num_kv_heads + kvh
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if arrived == NUM_SPLITS - 1:
             # Merge by log-sum-exp (as ref: an empty slice has lse -inf and weight 0; all empty -> zeros).
             rows0 = (b * num_q_heads + heads) * NUM_SPLITS
@@ -375,14 +386,15 @@ def _decode_split_kernel(
             o = o / tl.where(denom == 0.0, 1.0, denom)[:, None]
             tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
+            stamp(ts_ptr, prog, 5, TIMESTAMPS)
             if QUANT_OUT:
                 _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                                   num_q_heads * HEAD_DIM, QUANT_BLOCK)  # fmt: skip
+                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
 
 
 @triton.jit
 def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob, row_len,
-                       QUANT_BLOCK: tl.constexpr):  # fmt: skip
+                       QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr = False):  # fmt: skip
     """Called by the program that completed kv head group (b, kvh): the last of b's kv heads quantizes b's
     whole output row per token, reading back the rounded outputs (bit for bit per_token_quant_fp8)."""
     tl.debug_barrier()  # every thread's output store is done before the release below
@@ -396,6 +408,7 @@ def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_hea
         tl.store(q8_scale_ptr + b, scale)
         tl.store(q8_ptr + b.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=mask)
         tl.atomic_xchg(counter_ptr + slot, 0, sem="relaxed")
+        stamp(ts_ptr, prog, 6, TIMESTAMPS)
 
 
 @functools.cache
@@ -634,6 +647,9 @@ def paged_decode_attention(
     else:
         cfg = decode_config(num_splits)
     block_n = cfg["BLOCK_N"]
+    # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
+    ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
+                         kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -653,6 +669,7 @@ def paged_decode_attention(
         positions,
         cos_sin,
         slots,
+        seq_lens if ts is None else ts,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -675,6 +692,7 @@ def paged_decode_attention(
         KV_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        TIMESTAMPS=ts is not None,
         **pdl_kwargs(q.device, batch),
     )
     return (q8, q8_scale) if quant_out else out
