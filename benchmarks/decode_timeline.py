@@ -93,7 +93,9 @@ def main():
     idx = [i for i, r in enumerate(recs) if r["kernel"] == "decode_attention" and r["batch"] == graph_batch]
     idx = idx[-layers:]
     per_layer = (idx[-1] - idx[0]) // (layers - 1) if layers > 1 else len(recs)
-    first, last = idx[0] - 1, min(idx[-1] + per_layer - 1, len(recs))
+    # the QKV GEMV before the first layer's attention, when the GEMVs run at this batch (not cuBLAS)
+    first = idx[0] - 1 if idx[0] > 0 and recs[idx[0] - 1].get("M") == graph_batch else idx[0]
+    last = min(idx[-1] + max(per_layer - 1, 1), len(recs))
     rows = [launch_row(r) for r in recs[first:last]]
     t0 = rows[0]["release"]
     for i, row in enumerate(rows):
@@ -132,7 +134,35 @@ def main():
             f"  {k:<24} "
             + " ".join(f"{x}={y:.2f}" if isinstance(y, float) else f"{x}={y}" for x, y in v.items())
         )
+    res["kernel_resources"] = kernel_resources()
+    for r in res["kernel_resources"]:
+        print("  " + " ".join(f"{k}={v}" for k, v in r.items()))
     emit(res, a.output_json)
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, shared memory and warps of every compiled variant of the instrumented kernels and the norms:
+    what decides whether the next kernel's programs fit on an SM beside the running ones."""
+    from hopperllm.kernels import norm
+    from hopperllm.kernels import paged_attention as pa
+    from hopperllm.kernels.fp8 import _fp8_gemv_kernel, _fp8_gemv_stream_k_kernel
+
+    fns = {"fp8_gemv": _fp8_gemv_kernel, "fp8_gemv_stream_k": _fp8_gemv_stream_k_kernel,
+           "decode_attention": pa._decode_split_kernel}  # fmt: skip
+    fns.update({n: f for n, f in vars(norm).items() if n.startswith("_") and hasattr(f, "device_caches")})
+    rows = []
+    for name, fn in fns.items():
+        for entry in getattr(fn, "device_caches", {}).values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for k in list(cache.values()):
+                try:
+                    k._init_handles()
+                    md = k.metadata
+                    rows.append({"kernel": name, "regs": k.n_regs, "spills": k.n_spills, "shared": md.shared,
+                                 "warps": md.num_warps, "stages": md.num_stages})  # fmt: skip
+                except Exception as e:  # noqa: BLE001 (another Triton's cache layout: report, do not fail)
+                    rows.append({"kernel": name, "error": repr(e)[:120]})
+    return rows
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ for step in $steps; do
       # 8B at 64 sequences)
       for m in "dummy:llama-2-7b 1" "dummy:llama-3-8b 1" "dummy:llama-3-8b 64"; do set -- $m
         timeout 150 python3 benchmarks/decode_timeline.py --model "$1" --batch-size "$2" \
-          --output-json "$OUT/decode-timeline-${1#dummy:}-b$2.json" 2>&1 | grep -v "Capturing\|it/s" | tail -16; done ;;
+          --output-json "$OUT/decode-timeline-${1#dummy:}-b$2.json" 2>&1 | grep -v "Capturing\|it/s\|^ *\"\|^ *[]{}[]" | tail -30; done ;;
+    pdl-check)  # whether PDL overlaps two GEMVs, eagerly and in a graph (benchmarks/pdl_check.py)
+      timeout 120 python3 benchmarks/pdl_check.py --output-json "$OUT/pdl-check.json" 2>&1 | grep -v "^{\|^ \|^}" | tail -10 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
