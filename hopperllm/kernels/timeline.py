@@ -20,18 +20,23 @@ def buffer(kernel: str, programs: int, device: torch.device, **meta) -> torch.Te
     """The stamps tensor for one launch of `programs` programs, or None when stamps are off."""
     if RECORDS is None or device.type != "cuda":
         return None
-    ts = torch.zeros(programs, 8, dtype=torch.int64, device=device)
-    RECORDS.append(
-        {"kernel": kernel, "ts": ts, "captured": torch.cuda.is_current_stream_capturing(), **meta}
-    )
+    # empty, not zeros: a fill kernel here would sit between the instrumented launches and break their PDL
+    # chain (each program writes its whole row at phase 0: the start, zeros, its SM)
+    ts = torch.empty(programs, 8, dtype=torch.int64, device=device)
+    RECORDS.append({"kernel": kernel, "ts": ts, "captured": torch.cuda.is_current_stream_capturing(), **meta})
     return ts
 
 
 @triton.jit
 def stamp(ts_ptr, program, phase: tl.constexpr, TIMESTAMPS: tl.constexpr):
-    """Program `program` reached `phase` (0-6); phase 0 also records the SM."""
+    """Program `program` reached `phase` (0-6); phase 0 writes the whole row: the time, zeros for the phases
+    to come (a phase a program skips stays 0), its SM in column 7."""
     if TIMESTAMPS:
         row = ts_ptr + program.to(tl.int64) * 8
-        tl.store(row + phase, tl.extra.cuda.globaltimer())
         if phase == 0:
-            tl.store(row + 7, tl.extra.cuda.smid().to(tl.int64))
+            cols = tl.arange(0, 8)
+            now = tl.extra.cuda.globaltimer()
+            sm = tl.extra.cuda.smid().to(tl.int64)
+            tl.store(row + cols, tl.where(cols == 0, now, tl.where(cols == 7, sm, 0)))
+        else:
+            tl.store(row + phase, tl.extra.cuda.globaltimer())
