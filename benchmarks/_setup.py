@@ -10,6 +10,18 @@ import torch
 from hopperllm import LLM, SamplingParams
 
 
+def add_decode_args(p, model: str = "dummy:llama-2-7b", gpu_memory_utilization: float = 0.85) -> None:
+    """The flags decode_llm and start_decodes read: --model, --quantization, --kv-cache-dtype, --context,
+    --batch-size, --gpu-memory-utilization (and --output-json)."""
+    p.add_argument("--model", default=model)
+    p.add_argument("--quantization", default="fp8")
+    p.add_argument("--kv-cache-dtype", default="fp8")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=gpu_memory_utilization)
+    p.add_argument("--output-json", default=None)
+
+
 def decode_llm(
     a, batch_size: int = 1, gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, **kw
 ) -> LLM:

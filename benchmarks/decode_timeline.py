@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
-from _setup import decode_llm, start_decodes
+from _setup import add_decode_args, decode_llm, start_decodes
 
 from hopperllm.kernels import timeline
 
@@ -67,13 +67,7 @@ def launch_row(rec: dict) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="dummy:llama-2-7b")
-    p.add_argument("--quantization", default="fp8")
-    p.add_argument("--kv-cache-dtype", default="fp8")
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--output-json", default=None)
+    add_decode_args(p)
     a = p.parse_args()
     timeline.RECORDS = []
     llm = decode_llm(a, a.batch_size, a.gpu_memory_utilization)

@@ -13,27 +13,21 @@ from collections import defaultdict
 
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
-from _setup import decode_llm, start_decodes
+from _setup import add_decode_args, decode_llm, start_decodes
 
 from hopperllm.worker.profiling import kernel_times, timed_replays
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="dummy:llama-2-7b")
-    p.add_argument("--quantization", default="fp8")
-    p.add_argument("--kv-cache-dtype", default="fp8")
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
+    add_decode_args(p)
     p.add_argument("--gemv-m1-like-m4", action="store_true", help="use the M>1 fp8_gemv table at M=1")
     p.add_argument("--prefill", action="store_true", help="also profile one 8192-token prefill step")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument(
         "--window-steps", type=int, default=0,
         help="also torch-profile this many consecutive decode steps as the engine runs them (no synchronizing): "
         "how much of the window the GPU was busy, its largest idle gaps and what ran outside the graph",
     )  # fmt: skip
-    p.add_argument("--output-json", default=None)
     a = p.parse_args()
     if a.gemv_m1_like_m4:
         from hopperllm.kernels import fp8

@@ -13,21 +13,15 @@ import time
 
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
-from _setup import decode_llm, start_decodes
+from _setup import add_decode_args, decode_llm, start_decodes
 
 from hopperllm.worker.profiling import decode_step_profile
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="dummy:llama-2-70b")
+    add_decode_args(p, model="dummy:llama-2-70b", gpu_memory_utilization=0.9)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=2)
-    p.add_argument("--quantization", default="fp8")
-    p.add_argument("--kv-cache-dtype", default="fp8")
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = decode_llm(a, a.batch_size, a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size)
     eng = llm.engine
