@@ -57,7 +57,7 @@ def launch_row(rec: dict) -> dict:
             merge_us=med((r[5] - r[4]) / 1e3 for r in t if r[5]),
             quant_us=med((r[6] - r[5]) / 1e3 for r in t if r[6] and r[5]),
         )
-    else:
+    elif rec["kernel"] == "fp8_gemv":  # the stream-K kernel stamps only its start, release and end
         row.update(
             main_us=med((r[2] - r[1]) / 1e3 for r in t if r[2]),
             fixup_us=med((r[4] - r[3]) / 1e3 for r in t if r[4]),

@@ -577,7 +577,6 @@ def _fp8_gemv_stream_k_kernel(
                         total_up += tl.load(slot + BLOCK_N, mask=present, other=0.0, cache_modifier=".cg")
                 _gemv_store(total_acc, total_up, out_ptrs, mask, amax_ptr, offs_m, M, pid_n, NUM_AMAX, GATED)
                 tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
-                stamp(ts_ptr, pid, 4, TIMESTAMPS)
     stamp(ts_ptr, pid, 3, TIMESTAMPS)
 
 
