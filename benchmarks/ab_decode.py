@@ -1,9 +1,10 @@
 """A/B of launch-level decode options on one loaded model: the batch-1 decode graph is re-captured for each
 variant (PDL on/off, fp8_gemv L2 prefetch lines, SiLU chunk, decode split size, rotary inside the decode
-attention launch, fused MLP mode) and its replay timed; logits must not change (the fused MLP's may, in
+attention launch, fused MLP mode, the decode attention's key loop, BLOCK_N and splits) and its replay timed; logits must not change (the fused MLP's may, in
 the last bits of float32 sums: its tiles differ).
 
     python benchmarks/ab_decode.py --model dummy:llama-2-7b --variants pdl0-pf0 pdl1-pf0 pdl1-pf4
+    python benchmarks/ab_decode.py --variants att103 att013n64-sp16  # tensor cores vs CUDA cores + prefetch
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def _variant(name: str) -> dict[str, str]:
             out["rotary"] = part[3:]
         elif part.startswith("mlp"):  # fused decode MLP: 0 off, 1 where measured (default), 2 everywhere
             out["mlp"] = part[3:]
+        elif part.startswith("att"):  # decode-attention loop: att<USE_DOT><PREFETCH><num_stages>[n<BLOCK_N>]
+            out["att"] = part[3:]
+        elif part.startswith("sp"):  # decode-attention splits of the captured batch
+            out["splits"] = part[2:]
     return out
 
 
@@ -63,6 +68,7 @@ def main():
     res = {"model": a.model, "context": a.context, "batch_size": a.batch_size, "variants": {}}
     ref_out = None
     defaults = {"chunk": activation.SPLIT_ROW_CHUNK, "min_tokens": paged_attention._MIN_TOKENS_PER_SPLIT}
+    att_defaults = [dict(c) for c in paged_attention.DECODE_CONFIGS]
     for name in a.variants:
         v = _variant(name)
         os.environ["HOPPERLLM_PDL"] = v.get("HOPPERLLM_PDL", "1")
@@ -71,8 +77,20 @@ def main():
         paged_attention._MIN_TOKENS_PER_SPLIT = int(v.get("min_tokens", defaults["min_tokens"]))
         TritonAttentionBackend.fuse_decode_rotary = {"1": "all", "0": "none"}.get(v.get("rotary"), "mha")
         llama.FUSED_MLP = v.get("mlp", "1")
+        for cfg, default in zip(paged_attention.DECODE_CONFIGS, att_defaults, strict=True):
+            cfg.clear()
+            cfg.update(default)
+            if "att" in v:
+                head, _, bn = v["att"].partition("n")
+                cfg.update(
+                    {"USE_DOT": head[0] == "1", "PREFETCH": head[1] == "1", "num_stages": int(head[2:])}
+                )
+                if bn:
+                    cfg["BLOCK_N"] = int(bn)
         try:
             gr = DecodeGraphRunner(runner, [a.batch_size])
+            if "splits" in v:
+                gr.num_splits[a.batch_size] = int(v["splits"])
             gr.block_tables.copy_(gr0.block_tables[: gr.max_bs])
             gr.seq_lens[: a.batch_size].fill_(a.context)
             gr.slot_mapping.fill_(-1)  # no cache writes: every replay sees the same cache

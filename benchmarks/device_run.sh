@@ -39,6 +39,13 @@ for step in $steps; do
         --output-json "$OUT/smoke_7b_fp8.json" 2>&1 | tee "$OUT/smoke.log" | tail -15 ;;
     tune-attn)
       timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
+    tune-attn-loop)  # the decode key loop's variants (USE_DOT,PREFETCH,stages) with the quantizing tail: the 7B's and
+      # 8B's batch 1, the 8B at 64 sequences, the 70B's TP=2 heads at 1 and 8 sequences (one GPU)
+      V=${VARIANTS:-1,0,3 1,1,1 0,0,3 0,1,1}
+      for spec in "llama2-7b b1|8 16 32|32 64 128" "llama3-8b b1|16 32|32 64" "llama2-70b tp2 b1|16 32|32 64" \
+                  "llama3-8b b64|1 2|32 64 128" "llama2-70b tp2 b8|8 16|32 64"; do IFS='|' read -r sh sp bn <<< "$spec"
+        timeout 200 python3 benchmarks/tune_attention.py --shapes "$sh" --splits $sp --block-n $bn --variants $V --quant-out \
+          --output-json "$OUT/tune-attn-loop-${sh// /-}.json" 2>&1 | tail -3; done ;;
     tune-attn-70b)  # batch-1 decode attention at the 70B's head layouts (TP=1, 2, 8), one GPU
       timeout 300 python3 benchmarks/tune_attention.py --shapes "llama2-70b b1" "llama2-70b tp2 b1" "llama2-70b tp8 b1" \
         --output-json "$OUT/tune_attention_70b.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention_70b.log" | tail -8 ;;
@@ -52,6 +59,8 @@ for step in $steps; do
     fused-tests)  # the fused decode kernels (MLP GEMVs, attention) at real shapes
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/fused_tests.log" | tail -15 ;;
+    attn-tests)  # the attention kernels' GPU tests (every decode key-loop variant)
+      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 | tee "$OUT/attn_tests.log" | tail -8 ;;
     ab-prefill-fp8qk)  # HOPPERLLM_PREFILL_FP8_QK: its GPU test, the prefill kernel at the tuned shapes both ways, then
       # the Llama-3-8B throughput run both ways (after a warm-up run, so neither is a call's first)
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "prefill" -p no:cacheprovider 2>&1 | tail -3

@@ -47,6 +47,13 @@ def main():
     )
     p.add_argument("--num-warps", type=int, nargs="*", default=[4], help="decode warps per program to sweep")
     p.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages (e.g. 1,0,3 0,1,1); replaces "
+        "--num-stages; CUDA-core variants skip tiles over 256 query-head x key products a thread",
+    )
+    p.add_argument(
         "--prefill-shapes", nargs="*", default=list(PREFILL_SHAPES), help="prefill shape names to sweep"
     )
     p.add_argument("--output-json", default=None)
@@ -84,11 +91,18 @@ def main():
         floor_us = kv_bytes / bw * 1e6
         best = None
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
-        for splits, bn, nw, ns in itertools.product(split_choices, a.block_n, a.num_warps, a.num_stages):
+        variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
+        variants = variants or [(1, 0, ns) for ns in a.num_stages]
+        for splits, bn, nw, (use_dot, prefetch, ns) in itertools.product(
+            split_choices, a.block_n, a.num_warps, variants
+        ):
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
+            if not use_dot and triton.next_power_of_2(hq // hkv) * bn * d > 256 * 32 * nw:
+                continue  # the CUDA-core product tile would not fit a thread's registers
             for cfg in pa.DECODE_CONFIGS:
-                cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
+                cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
+                            "PREFETCH": bool(prefetch)})  # fmt: skip
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(
@@ -110,6 +124,8 @@ def main():
                 "BLOCK_N": bn,
                 "num_warps": nw,
                 "num_stages": ns,
+                "use_dot": bool(use_dot),
+                "prefetch": bool(prefetch),
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

@@ -187,6 +187,90 @@ def _attend_key_range(
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt, stride_kh,
+                  stride_vb, stride_vt, stride_vh, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """The K and V rows of key positions `pos` (masked rows read nothing and give 0), [BLOCK_N, HEAD_DIM]."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_block = pos % PAGE_SIZE
+    k_offs = block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt + kvh * stride_kh
+    v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
+    k = tl.load(k_cache_ptr + k_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
+    """Online-softmax update of (acc, l_i, m_i) [BLOCK_H, ...] with one tile of keys (mask: which exist).
+    USE_DOT: the two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype);
+    otherwise on CUDA cores in float32 (q's BLOCK_H rows unpadded, q already float32): for one query head
+    a KV head (MHA), where a 16-row tensor-core tile would be 1/16 used."""
+    if USE_DOT:
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+    else:
+        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
+    s = tl.where(mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key always exists
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _decode_key_loop(
+    acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
+    PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
+    after it before those (loop-carried registers): a program keeps a tile in flight while it computes,
+    where loading at the top of each iteration left every tile's memory latency exposed."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        pos = start + offs_n
+        mask = pos < end
+        block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
+                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+        pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
+        block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+    for start_n in range(start, end, BLOCK_N):
+        if PREFETCH:
+            next_mask = pos < end
+            next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
+                                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                           PAGE_SIZE, HEAD_DIM)  # fmt: skip
+            pos = pos + BLOCK_N
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
+                                                USE_DOT)  # fmt: skip
+            k = next_k
+            v = next_v
+            mask = next_mask
+        else:
+            pos = start_n + offs_n
+            mask = pos < end
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
+                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
+                                                USE_DOT)  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _rotate(x, x_partner, cos, sin, first):
     # rotate_half rotary in float32, written as rotary_kv_write's halves: x1 cos - x2 sin, x2 cos + x1 sin
     x = x.to(tl.float32)
@@ -238,8 +322,10 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,  # tokens per cache block
     NUM_SPLITS: tl.constexpr,
-    BLOCK_H: tl.constexpr,  # GROUP padded to >= 16 rows for tl.dot
+    BLOCK_H: tl.constexpr,  # GROUP rounded up to a power of two (>= 16 rows with USE_DOT, for tl.dot)
     BLOCK_N: tl.constexpr,  # keys per iteration
+    USE_DOT: tl.constexpr,  # the key loop's products on tensor cores (else CUDA cores, float32)
+    PREFETCH: tl.constexpr,  # the key loop issues the next tile's loads before this tile's math
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
@@ -336,12 +422,13 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)  # the new token sees the whole slice
     stamp(ts_ptr, prog, 2, TIMESTAMPS)
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+    if not USE_DOT:
+        q = q.to(tl.float32)
+    acc, l_i, m_i = _decode_key_loop(
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, False, l_i, False,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -431,6 +518,9 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 # stay at 3 stages (16.9 us against 17.4 with 5).
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
+# Optional keys of a config: USE_DOT (default True: tensor-core products), PREFETCH (default False).
+# The CPU interpreter's (tests: small tiles, so that slices span several).
+CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
 # keep one key tile in flight ahead of the one computed, 5 keep two (benchmarks/kernel_resources.py).
 if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
@@ -641,11 +731,11 @@ def paged_decode_attention(
     else:
         k_new = v_new = positions = cos_sin = slots = seq_lens  # unused by the kernel
         new_strides = (0, 0, 0, 0, 0)
-    block_h = max(16, triton.next_power_of_2(group))
-    if not q.is_cuda:
-        cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
-    else:
-        cfg = decode_config(num_splits)
+    cfg = decode_config(num_splits) if q.is_cuda else CPU_DECODE_CONFIG
+    use_dot = cfg.get("USE_DOT", True)
+    block_h = triton.next_power_of_2(group)
+    if use_dot:
+        block_h = max(16, block_h)
     block_n = cfg["BLOCK_N"]
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
     ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
@@ -684,6 +774,8 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
+        USE_DOT=use_dot,
+        PREFETCH=cfg.get("PREFETCH", False),
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         QUANT_OUT=quant_out,

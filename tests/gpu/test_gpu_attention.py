@@ -65,11 +65,24 @@ def ragged(batch: int, max_len: int, seed: int) -> list[int]:
     return lens
 
 
+@pytest.fixture(
+    params=[(True, False), (True, True), (False, False), (False, True)],
+    ids=["dot", "dot-prefetch", "cuda-cores", "cuda-cores-prefetch"],
+)
+def decode_variant(request, monkeypatch):
+    """The decode key loop's variants (tensor or CUDA cores, next tile prefetched or not) in every config."""
+    use_dot, prefetch = request.param
+    for cfg in pa.DECODE_CONFIGS:
+        monkeypatch.setitem(cfg, "USE_DOT", use_dot)
+        monkeypatch.setitem(cfg, "PREFETCH", prefetch)
+    return request.param
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("batch,max_len", [(1, 4096), (8, 2048), (64, 1024)])
 @pytest.mark.parametrize("num_splits", [None, 4])
-def test_decode(kv_dtype, model, batch, max_len, num_splits):
+def test_decode(kv_dtype, model, batch, max_len, num_splits, decode_variant):
     hq, hkv = MODELS[model]
     seq_lens = ragged(batch, max_len, seed=batch)
     q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=kv_dtype)
@@ -83,7 +96,7 @@ def test_decode(kv_dtype, model, batch, max_len, num_splits):
 
 @pytest.mark.parametrize("model,hq,hkv", [("mha-32", 32, 32), ("gqa-64-8", 64, 8)])
 @pytest.mark.parametrize("batch,max_len", [(1, 2048), (8, 2048), (64, 1024)])
-def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_len):
+def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_len, decode_variant):
     """The merge and the per-token FP8 quantize of the output in the decode launch (arrival counters in
     global memory, out-of-order programs on the GPU) give the bits of the separate steps, also replayed
     in a CUDA graph."""

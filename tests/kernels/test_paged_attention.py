@@ -134,10 +134,23 @@ def test_prefill_skips_empty_sequences():
 DECODE_SEQ_LENS = [1, 17, 40, 33]
 
 
+@pytest.fixture(
+    params=[(True, False), (True, True), (False, False), (False, True)],
+    ids=["dot", "dot-prefetch", "cuda-cores", "cuda-cores-prefetch"],
+)
+def decode_variant(request, monkeypatch):
+    """The decode key loop's variants: products on tensor cores or CUDA cores, next tile prefetched or not."""
+    use_dot, prefetch = request.param
+    for cfg in (pa.CPU_DECODE_CONFIG, *pa.DECODE_CONFIGS):
+        monkeypatch.setitem(cfg, "USE_DOT", use_dot)
+        monkeypatch.setitem(cfg, "PREFETCH", prefetch)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 2), (2, 2)])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_decode_matches_reference(dtype, num_q_heads, num_kv_heads, num_splits):
+def test_decode_matches_reference(dtype, num_q_heads, num_kv_heads, num_splits, decode_variant):
     batch = len(DECODE_SEQ_LENS)
     q, kv, cu, seq_lens, bt = make_paged_case(
         [1] * batch, DECODE_SEQ_LENS, num_q_heads, num_kv_heads, 32, 8, dtype
@@ -151,7 +164,7 @@ def test_decode_matches_reference(dtype, num_q_heads, num_kv_heads, num_splits):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_decode_large_group_more_splits_than_tiles():
+def test_decode_large_group_more_splits_than_tiles(decode_variant):
     # 5 splits over contexts of 1..3 tiles: most slices are empty and must weigh zero in the merge.
     seq_lens = [3, 20, 47]
     q, kv, cu, sl, bt = make_paged_case([1] * 3, seq_lens, 8, 1, 64, 16, torch.float32, seed=3)
@@ -184,7 +197,7 @@ def test_decode_quant_out_equals_separate_quantize(dtype, num_splits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fp8_kv", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_new_kv_equals_rotary_kv_write_then_decode(dtype, fp8_kv, num_splits):
+def test_decode_new_kv_equals_rotary_kv_write_then_decode(dtype, fp8_kv, num_splits, decode_variant):
     """new_kv: the decode launch rotates q, stores the step's rotated k and v at their slots (FP8 with the
     cache's scales) and attends over them: what rotary_kv_write followed by the plain decode gives. The
     new token's slot is poisoned first; a padding row (seq_len 0, slot -1) stores nothing."""
@@ -247,7 +260,7 @@ def test_decode_new_kv_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_zero_length_padding_rows_give_zeros(num_splits):
+def test_decode_zero_length_padding_rows_give_zeros(num_splits, decode_variant):
     # CUDA-graph padding rows carry seq_len 0: they must come out finite (zeros), not NaN.
     q, kv, cu, seq_lens, bt = make_paged_case([1, 1], [12, 1], 4, 2, 32, 8, torch.float32, seed=4)
     seq_lens[1] = 0
