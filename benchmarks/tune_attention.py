@@ -178,6 +178,8 @@ def tune_prefill(name: str, B: int, ctx: int, hq: int, hkv: int, d: int) -> list
             "BLOCK_N": bn,
             "num_warps": nw,
             "num_stages": ns,
+            "fp8_qk": pa.PREFILL_FP8_QK,
+            "fp8_pv": pa.PREFILL_FP8_PV,
             "us": ms * 1e3,
             "tflops": flops / (ms * 1e-3) / 1e12,
         }

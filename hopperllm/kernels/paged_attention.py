@@ -47,6 +47,9 @@ from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 from hopperllm.kernels.timeline import stamp
 
 _LOG2E = 1.4426950408889634
+# Prefill's FP8 P @ V (PREFILL_FP8_PV): probabilities in [0, 1] times 256 keep values down to 2^-14 normal
+# in e4m3 (smallest normal 2^-6), the largest (256) under its 448
+PV_P_SCALE = tl.constexpr(256.0)
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
@@ -72,8 +75,11 @@ def ref_paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    fp8_pv: bool = False,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] over the paged cache, in float32; returns [T, Hq, D] in q's dtype."""
+    """Causal attention of q [T, Hq, D] over the paged cache, in float32; returns [T, Hq, D] in q's dtype.
+    fp8_pv: the probabilities (relative to each row's max) are rounded to e4m3 as PREFILL_FP8_PV rounds them
+    (the kernel rounds them relative to the running max of the keys so far, so the two differ by rounding)."""
     _, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -98,9 +104,22 @@ def ref_paged_attention(
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
         scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        if fp8_pv:
+            out[q_start:q_end] = fp8_pv_softmax_matmul(scores, v.transpose(0, 1)).transpose(0, 1).to(q.dtype)
+            continue
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
+
+
+def fp8_pv_softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) @ v with the unnormalized probabilities rounded as PREFILL_FP8_PV rounds them:
+    exp(s - row max) * PV_P_SCALE to e4m3, the row sum taken before rounding. scores [..., Q, K] (masked
+    entries -inf), v [..., K, D] (already scaled); float32 math, returns float32 [..., Q, D]."""
+    scores = scores.float()
+    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    p8 = (p * PV_P_SCALE.value).to(torch.float8_e4m3fn).float() / PV_P_SCALE.value
+    return (p8 @ v.float()) / p.sum(dim=-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -137,6 +156,7 @@ def _attend_key_range(
     FP8_QK: tl.constexpr,  # q is e4m3 (rows scaled by q_row_scale): QK^T on FP8 tensor cores, K unconverted
     q_row_scale,  # [BLOCK_M] float32 with FP8_QK (else unused)
     ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
+    FP8_PV: tl.constexpr,  # with FP8_QK: P @ V on FP8 tensor cores too (P * PV_P_SCALE rounded to e4m3)
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
@@ -161,8 +181,9 @@ def _attend_key_range(
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
             v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
-        if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for the P @ V product
-            v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
+        if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for a 16-bit P @ V product
+            if not FP8_PV:
+                v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
             s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
         else:
             if FP8_KV:
@@ -176,7 +197,13 @@ def _attend_key_range(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if FP8_PV:
+            # P in [0, 1] scaled up so that its small values stay normal in e4m3 (>= 2^-6 / 256); the sums
+            # are float32, the scale comes off with V's at the end (TensorRT-LLM's FP8 context attention)
+            pv = tl.dot((p * PV_P_SCALE).to(v.dtype), v)
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
 
@@ -537,19 +564,18 @@ def decode_config(num_splits: int) -> dict[str, int]:
     return DECODE_CONFIG_MANY_SPLITS if num_splits >= MANY_SPLITS else DECODE_CONFIG
 
 
-# Grouped-query layers (>= 4 query heads per KV head) round the split count up to a power of two, others
-# down. Measured on an H200 (tune-attention-h200-v19.json, in CUDA graphs, 2176 keys): the 70B's heads at
-# TP=2 for the graph of 8 sequences (batches 5-8) ran 16 slices of 32-key tiles in 15.3 us against 22.0 us
-# with 8 slices of 128-key tiles (rounded down from 9); the 7B's MHA heads at batch 1 ran 8 slices in
-# 12.8 us, 16 in 13.1. HOPPERLLM_DECODE_SPLITS_GQA_UP=0 rounds down everywhere (for A/B runs).
-GQA_SPLITS_UP = os.environ.get("HOPPERLLM_DECODE_SPLITS_GQA_UP", "1") != "0"
+# The split count is rounded up to a power of two. Measured on an H200: the 70B's heads at TP=2 for the graph
+# of 8 sequences (batches 5-8) ran 16 slices of 32-key tiles in 15.3 us against 22.0 us with 8 slices of
+# 128-key tiles (rounded down from 9; tune-attention-h200-v19.json, in CUDA graphs, 2176 keys); the 7B's MHA
+# heads at batch 1 (9 wanted), in the model's decode graph at 2048 keys (ab-decode-att-7b-h200-v25.json):
+# 16 slices of 32-key tiles 2.810 ms a step against 2.968 with 8 slices of 128-key tiles (-4.9 us a layer).
+# HOPPERLLM_DECODE_SPLITS_UP=0 rounds down (for A/B runs).
+SPLITS_UP = os.environ.get("HOPPERLLM_DECODE_SPLITS_UP", "1") != "0"
 
 
-def choose_num_splits(
-    batch: int, num_kv_heads: int, max_context: int, device: torch.device, group: int = 1
-) -> int:
-    """Splits per sequence so that stage 1 has one to two programs per SM (two or more where `group`, the
-    query heads per KV head, is >= 4: each program then attends for the whole group), each with >= 128 keys.
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence so that stage 1 has two or more programs per SM (each attends for its KV head's
+    whole group of query heads), each with >= 128 keys.
 
     Depends only on host ints, so the model runner can call it once per captured batch size and pass
     the result as `num_splits` (fixed grid for CUDA graphs).
@@ -560,7 +586,7 @@ def choose_num_splits(
     # A power of two: NUM_SPLITS is a compile-time constant, and the few values this leaves (1..32) are all
     # compiled while the decode graphs are captured -- batch 1 picks the largest -- instead of one ~1 s
     # compile per new decode count in a mixed step while serving.
-    if group >= 4 and GQA_SPLITS_UP:
+    if SPLITS_UP:
         want = triton.next_power_of_2(want)
     n = max(1, min(want, cap, _MAX_SPLITS))
     return 1 << (n.bit_length() - 1)
@@ -699,7 +725,7 @@ def paged_decode_attention(
         _check_new_kv(new_kv, batch, num_kv_heads, head_dim, q.dtype)
     if num_splits is None:
         max_context = max_seqlen_k if max_seqlen_k is not None else block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device, group=group)
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if out is None:
@@ -830,6 +856,7 @@ def _prefill_kernel(
     HEAVY_FIRST: tl.constexpr,  # grid (kv heads, sequences, tiles), the last query tiles launched first
     FP8_QK: tl.constexpr,  # FP8_KV only: quantize q per row to e4m3 and run QK^T on FP8 tensor cores
     ACT_FP16: tl.constexpr,  # q (and out) are float16, else bfloat16 (FP8_QK only)
+    FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -891,16 +918,18 @@ def _prefill_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
     )  # fmt: skip
 
     if FP8_KV:
         acc = acc * tl.load(v_scale_ptr)
+    if FP8_PV:
+        acc = acc * (1.0 / PV_P_SCALE)
     acc = acc / l_i[:, None]  # every valid row sees at least key 0
     tl.store(
         out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -940,11 +969,20 @@ PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/a
 # vLLM runs it with an FP8 cache, here with a scale per query row); P @ V stays 16-bit. On one H200 the
 # prefill kernel -15%, Llama-3-8B throughput +1% (perf-notes v22). HOPPERLLM_PREFILL_FP8_QK=0 turns it off.
 PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
+# With PREFILL_FP8_QK, HOPPERLLM_PREFILL_FP8_PV=1 also runs P @ V on FP8 tensor cores: each tile's
+# probabilities (relative to the row's running max, in [0, 1]) times PV_P_SCALE rounded to e4m3, V unconverted
+# (FlashAttention-3's and TensorRT-LLM's FP8 attention do the same).
+PREFILL_FP8_PV = os.environ.get("HOPPERLLM_PREFILL_FP8_PV", "0") == "1"
 
 
 def prefill_fp8_qk(q_dtype: torch.dtype, fp8_cache: bool) -> bool:
     """Whether prefill rounds q to e4m3 for an FP8 QK^T (the kernel; the torch backend emulates the same)."""
     return fp8_cache and PREFILL_FP8_QK and q_dtype in (torch.bfloat16, torch.float16)
+
+
+def prefill_fp8_pv(q_dtype: torch.dtype, fp8_cache: bool) -> bool:
+    """Whether prefill also rounds P to e4m3 for an FP8 P @ V (the torch backend emulates it per row)."""
+    return PREFILL_FP8_PV and prefill_fp8_qk(q_dtype, fp8_cache)
 
 
 def paged_prefill_attention(
@@ -1022,6 +1060,7 @@ def paged_prefill_attention(
         HEAVY_FIRST=heavy_first,
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16,
+        FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),

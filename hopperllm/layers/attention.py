@@ -110,12 +110,13 @@ def paged_attention_native(
     v_flat = kv_cache[1].view(nb * bs, hkv, d)
     # the Triton prefill kernel's FP8 QK^T: every sequence it gets (all of a step without decodes, those after
     # the leading decodes of a mixed step) has its q rounded per row to e4m3
-    fp8_qk = False
+    fp8_qk = fp8_pv = False
     if kv_cache.dtype == FP8_DTYPE and not meta.decode_only:
         from hopperllm.kernels.fp8 import ref_per_token_quant_fp8
-        from hopperllm.kernels.paged_attention import prefill_fp8_qk
+        from hopperllm.kernels.paged_attention import fp8_pv_softmax_matmul, prefill_fp8_pv, prefill_fp8_qk
 
         fp8_qk = prefill_fp8_qk(q.dtype, True)
+        fp8_pv = prefill_fp8_pv(q.dtype, True)  # and its FP8 P @ V
     start = 0
     for b, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True)):
         nblk = -(-sl // bs)
@@ -136,6 +137,14 @@ def paged_attention_native(
             # query i sits at position sl - ql + i and sees keys 0 .. sl - ql + i
             qpos = torch.arange(sl - ql, sl, device=q.device)
             mask = torch.arange(sl, device=q.device)[None, :] <= qpos[:, None]
+        if fp8_pv and b >= meta.num_decodes:
+            scores = torch.einsum("qhd,khd->hqk", qb.float(), k.float().repeat_interleave(hq // hkv, dim=1))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            v_rep = v.float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1)  # [Hq, L, D]
+            out[start : start + ql] = fp8_pv_softmax_matmul(scores * scale, v_rep).transpose(0, 1).to(q.dtype)
+            start += ql
+            continue
         o = F.scaled_dot_product_attention(
             qb.transpose(0, 1),
             k.transpose(0, 1),

@@ -65,7 +65,6 @@ class DecodeGraphRunner:
                 self.runner.num_kv_heads,
                 self.runner.config.scheduler_config.max_model_len,
                 self.runner.device,
-                group=self.runner.gqa_group,
             )
         return AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens_q[: bs + 1],

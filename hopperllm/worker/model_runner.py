@@ -114,7 +114,6 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.kv_dtype = kv_cache_dtype(config.cache_config.kv_cache_dtype, config.dtype)
         self.num_kv_heads = mc.num_key_value_heads // tp.world_size
-        self.gqa_group = mc.num_attention_heads // mc.num_key_value_heads  # query heads per KV head
         self.head_dim = mc.head_dim
         backend = get_attention_backend("triton" if self.device.type == "cuda" else "torch")
         for attn in self.model.attention_layers():

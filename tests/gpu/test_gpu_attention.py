@@ -66,11 +66,13 @@ def ragged(batch: int, max_len: int, seed: int) -> list[int]:
 
 
 @pytest.fixture(
-    params=[(True, False), (True, True), (False, False), (False, True)],
-    ids=["dot", "dot-prefetch", "cuda-cores", "cuda-cores-prefetch"],
+    params=[(True, True), (False, False), (False, True)],
+    ids=["dot-prefetch", "cuda-cores", "cuda-cores-prefetch"],
 )
 def decode_variant(request, monkeypatch):
-    """The decode key loop's variants (tensor or CUDA cores, next tile prefetched or not) in every config."""
+    """The decode key loop's non-default variants (tensor or CUDA cores, next tile prefetched or not) in every
+    config; the default (tensor cores, no prefetch) runs in every decode test. Each variant compiles its own
+    kernels, so the variants run on a subset of the cases (the whole file within the device script's 300 s)."""
     use_dot, prefetch = request.param
     for cfg in pa.DECODE_CONFIGS:
         monkeypatch.setitem(cfg, "USE_DOT", use_dot)
@@ -78,11 +80,34 @@ def decode_variant(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(
+    params=[(True, False), (True, True), (False, False), (False, True)],
+    ids=["dot", "dot-prefetch", "cuda-cores", "cuda-cores-prefetch"],
+)
+def any_decode_variant(request, monkeypatch):
+    """Every variant of the decode key loop, the default (tensor cores, no prefetch) included."""
+    for cfg in pa.DECODE_CONFIGS:
+        monkeypatch.setitem(cfg, "USE_DOT", request.param[0])
+        monkeypatch.setitem(cfg, "PREFETCH", request.param[1])
+    return request.param
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("batch,max_len", [(1, 4096), (8, 2048), (64, 1024)])
 @pytest.mark.parametrize("num_splits", [None, 4])
-def test_decode(kv_dtype, model, batch, max_len, num_splits, decode_variant):
+def test_decode(kv_dtype, model, batch, max_len, num_splits):
+    check_decode(kv_dtype, model, batch, max_len, num_splits)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (8, 2048)])
+def test_decode_key_loop_variants(kv_dtype, model, batch, max_len, decode_variant):
+    check_decode(kv_dtype, model, batch, max_len, None)
+
+
+def check_decode(kv_dtype, model, batch, max_len, num_splits):
     hq, hkv = MODELS[model]
     seq_lens = ragged(batch, max_len, seed=batch)
     q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=kv_dtype)
@@ -96,7 +121,7 @@ def test_decode(kv_dtype, model, batch, max_len, num_splits, decode_variant):
 
 @pytest.mark.parametrize("model,hq,hkv", [("mha-32", 32, 32), ("gqa-64-8", 64, 8)])
 @pytest.mark.parametrize("batch,max_len", [(1, 2048), (8, 2048), (64, 1024)])
-def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_len, decode_variant):
+def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_len, any_decode_variant):
     """The merge and the per-token FP8 quantize of the output in the decode launch (arrival counters in
     global memory, out-of-order programs on the GPU) give the bits of the separate steps, also replayed
     in a CUDA graph."""
@@ -164,6 +189,30 @@ def test_prefill_fp8_qk(model, case, monkeypatch):
     assert torch.isfinite(out).all()
     assert rel_err(out, pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs)) < 2e-2
     assert rel_err(out, pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)) < 5e-2
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_fp8_pv(model, case, monkeypatch):
+    # HOPPERLLM_PREFILL_FP8_PV=1: P @ V on FP8 tensor cores too. Near the emulation (P rounded relative to
+    # each row's max; the kernel rounds relative to the running max) and the exact attention over the
+    # quantized q, and not the 16-bit P @ V's output (the CPU test checks the rounding's size).
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
+    monkeypatch.setattr(pa, "PREFILL_FP8_PV", True)
+    hq, hkv = MODELS[model]
+    q_lens, seq_lens = PREFILL_CASES[case]
+    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=FP8)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
+    q8, q_scale = ref_per_token_quant_fp8(q)
+    q_fp8 = (q8.float() * q_scale).to(q.dtype)
+    emulated = pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs, fp8_pv=True)
+    exact = pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, emulated) < 3e-2
+    assert rel_err(out, exact) < 3e-2
+    monkeypatch.setattr(pa, "PREFILL_FP8_PV", False)
+    assert not torch.equal(out, pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs))
 
 
 @pytest.mark.parametrize("block_size", [8, 32])

@@ -51,3 +51,21 @@ def test_decode_only_steps_keep_16_bit_queries(monkeypatch):
     out = paged_attention_native(q, kv, meta, 0.2, one, one)
     monkeypatch.setattr(pa, "PREFILL_FP8_QK", False)
     assert torch.equal(out, paged_attention_native(q, kv, meta, 0.2, one, one))
+
+
+def test_fp8_pv_emulated_for_prefill_rows_only(monkeypatch):
+    # HOPPERLLM_PREFILL_FP8_PV=1: the backend also rounds P (relative to each row's max) to e4m3, as
+    # ref_paged_attention(fp8_pv=True) does; a mixed step's leading decode keeps the exact softmax.
+    q, kv, meta = _case(num_decodes=1)
+    one = torch.ones(())
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
+    plain = paged_attention_native(q, kv, meta, 0.2, one, one)
+    monkeypatch.setattr(pa, "PREFILL_FP8_PV", True)
+    out = paged_attention_native(q, kv, meta, 0.2, one, one)
+    assert torch.equal(out[:1], plain[:1])
+    assert not torch.equal(out[1:], plain[1:])
+    q8, scale = ref_per_token_quant_fp8(q)
+    q_rounded = (q8.float() * scale).to(q.dtype)
+    cu, lens, tables = meta.cu_seqlens_q, meta.seq_lens, meta.block_tables
+    ref = pa.ref_paged_attention(q_rounded, kv[0], kv[1], cu, lens, tables, 0.2, one, one, fp8_pv=True)
+    torch.testing.assert_close(out[1:].float(), ref[1:].float(), rtol=0, atol=2e-3)
