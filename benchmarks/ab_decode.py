@@ -43,6 +43,8 @@ def _variant(name: str) -> dict[str, str]:
             out["att"] = part[3:]
         elif part.startswith("sp"):  # decode-attention splits of the captured batch
             out["splits"] = part[2:]
+        elif part.startswith("fp16"):  # decode-attention products in float16, FP8 cache (1) or not (0)
+            out["dot_fp16"] = part[4:] or "1"
     return out
 
 
@@ -87,6 +89,8 @@ def main():
                 )
                 if bn:
                     cfg["BLOCK_N"] = int(bn)
+            if "dot_fp16" in v:
+                cfg["DOT_FP16"] = v["dot_fp16"] == "1"
         try:
             gr = DecodeGraphRunner(runner, [a.batch_size])
             if "splits" in v:

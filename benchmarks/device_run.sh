@@ -111,6 +111,18 @@ for step in $steps; do
           --output-json "$OUT/decode-timeline-${1#dummy:}-b$2.json" 2>&1 | grep -v "Capturing\|it/s\|^ *\"\|^ *[]{}[]" | tail -30; done ;;
     pdl-check)  # whether PDL overlaps two GEMVs, eagerly and in a graph (benchmarks/pdl_check.py)
       timeout 120 python3 benchmarks/pdl_check.py --output-json "$OUT/pdl-check.json" 2>&1 | grep -v "^{\|^ \|^}" | tail -10 ;;
+    fp16-dots)  # float16 products with the FP8 cache (HOPPERLLM_DECODE_DOT_FP16, HOPPERLLM_PREFILL_PV_FP16): decode
+      # attention at the throughput run's batches and at batch 1 (in CUDA graphs), the prefill tiles both ways,
+      # the 7B's batch-1 decode graph (splits rounded up against down, float16 products)
+      timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b64" "llama3-8b b128" "llama3-8b b256" \
+        --block-n 32 64 128 --variants 1,0,3 1,0,3,1 1,0,2 1,0,2,1 --output-json "$OUT/tune-attn-fp16-big.json" 2>&1 | grep -v "^skip" | tail -3
+      timeout 90 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" "llama3-8b b1" --splits 8 16 32 \
+        --block-n 32 64 128 --variants 1,0,3 1,0,3,1 --quant-out --output-json "$OUT/tune-attn-fp16-b1.json" 2>&1 | grep -v "^skip" | tail -2
+      for v in 0 1; do HOPPERLLM_PREFILL_PV_FP16=$v timeout 60 python3 benchmarks/tune_attention.py --no-decode --prefill \
+        --prefill-shapes "llama3-8b 4x2048" "llama2-7b 1x2048" --prefill-configs 128,64,4,2 128,64,4,3 256,64,8,2 128,128,8,3 \
+        --output-json "$OUT/tune-prefill-pvfp16-$v.json" 2>&1 | grep -v "^skip" | tail -2; done
+      (cd benchmarks && timeout 120 python3 ab_decode.py --model dummy:llama-2-7b --variants pdl1 sp8 fp16 sp8-fp16 pdl1 \
+        --output-json "$OUT/ab-decode-7b-b1.json" 2>&1 | grep "replay\|FAILED") ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -50,12 +50,16 @@ def main():
         "--variants",
         nargs="*",
         default=None,
-        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages (e.g. 1,0,3 0,1,1); replaces "
-        "--num-stages; CUDA-core variants skip tiles over 256 query-head x key products a thread",
+        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages[,DOT_FP16] (e.g. 1,0,3 0,1,1 1,0,3,1); "
+        "replaces --num-stages; CUDA-core variants skip tiles over 256 query-head x key products a thread",
     )
     p.add_argument(
         "--prefill-shapes", nargs="*", default=list(PREFILL_SHAPES), help="prefill shape names to sweep"
     )
+    p.add_argument(
+        "--prefill-configs", nargs="*", default=None,
+        help="prefill tiles to sweep as BLOCK_M,BLOCK_N,num_warps,num_stages (default: 16 of them)",
+    )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -65,6 +69,9 @@ def main():
         ("llama3-8b b1", 1, 32, 8, 128, 2048),
         ("llama2-7b b32", 32, 32, 32, 128, 2048),
         ("llama3-8b b64", 64, 32, 8, 128, 2176),
+        # the throughput run's decodes (~150-250 a step at 2048-2176 keys; perf-notes v25)
+        ("llama3-8b b128", 128, 32, 8, 128, 2176),
+        ("llama3-8b b256", 256, 32, 8, 128, 2176),
         ("llama2-70b b1", 1, 64, 8, 128, 2176),
         ("llama2-70b tp2 b1", 1, 32, 4, 128, 2176),  # one rank's heads at tensor_parallel_size 2
         ("llama2-70b tp4 b1", 1, 16, 2, 128, 2176),
@@ -93,16 +100,17 @@ def main():
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
         variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
         variants = variants or [(1, 0, ns) for ns in a.num_stages]
-        for splits, bn, nw, (use_dot, prefetch, ns) in itertools.product(
+        for splits, bn, nw, (use_dot, prefetch, ns, *fp16) in itertools.product(
             split_choices, a.block_n, a.num_warps, variants
         ):
+            dot_fp16 = bool(fp16 and fp16[0])
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
             if not use_dot and triton.next_power_of_2(hq // hkv) * bn * d > 256 * 32 * nw:
                 continue  # the CUDA-core product tile would not fit a thread's registers
             for cfg in pa.DECODE_CONFIGS:
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
-                            "PREFETCH": bool(prefetch)})  # fmt: skip
+                            "PREFETCH": bool(prefetch), "DOT_FP16": dot_fp16})  # fmt: skip
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(
@@ -126,6 +134,7 @@ def main():
                 "num_stages": ns,
                 "use_dot": bool(use_dot),
                 "prefetch": bool(prefetch),
+                "dot_fp16": dot_fp16,
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,
@@ -136,7 +145,8 @@ def main():
         print(f"{name}: floor {floor_us:.1f} us; best {best}")
     if a.prefill:
         for name in a.prefill_shapes:
-            rows += tune_prefill(name, *PREFILL_SHAPES[name])
+            configs = [tuple(int(x) for x in c.split(",")) for c in a.prefill_configs or []]
+            rows += tune_prefill(name, *PREFILL_SHAPES[name], configs=configs or None)
     res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
     if a.output_json:
         with open(a.output_json, "w") as f:
@@ -152,13 +162,15 @@ PREFILL_SHAPES = {
 }
 
 
-def tune_prefill(name: str, B: int, ctx: int, hq: int, hkv: int, d: int) -> list[dict]:
-    """Sweep the prefill kernel's tiles on one prefill step of B prompts of ctx tokens."""
+def tune_prefill(
+    name: str, B: int, ctx: int, hq: int, hkv: int, d: int, configs: list[tuple[int, ...]] | None = None
+) -> list[dict]:
+    """Sweep the prefill kernel's tiles (`configs`, default 16) on one prefill step of B prompts of ctx tokens."""
     rows = []
     pb = prefill_problem(B, ctx, hq, hkv, d)
     flops = pb.flops
     best = None
-    for bm, bn, nw, ns in itertools.product([128, 256], [64, 128], [4, 8], [2, 3]):
+    for bm, bn, nw, ns in configs or itertools.product([128, 256], [64, 128], [4, 8], [2, 3]):
         pa.PREFILL_CONFIG = (bm, bn, nw, ns)
         try:
             ms = triton.testing.do_bench(
@@ -180,6 +192,7 @@ def tune_prefill(name: str, B: int, ctx: int, hq: int, hkv: int, d: int) -> list
             "num_stages": ns,
             "fp8_qk": pa.PREFILL_FP8_QK,
             "fp8_pv": pa.PREFILL_FP8_PV,
+            "pv_fp16": pa.PREFILL_PV_FP16,
             "us": ms * 1e3,
             "tflops": flops / (ms * 1e-3) / 1e12,
         }

@@ -355,6 +355,7 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr,  # the key loop issues the next tile's loads before this tile's math
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q clamped into its range)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
@@ -445,6 +446,14 @@ def _decode_split_kernel(
             tl.debug_barrier()  # every thread's store is visible to the loads of the key loop below
     if FP8_KV:
         qk_scale = qk_scale * k_scale
+    if DOT_FP16:
+        # e4m3 -> float16 is one conversion a pair of values where bfloat16 takes a detour through float32;
+        # K and V are exact in either, P in [0, 1] is kept more precisely. q moves to float16 exactly, unless
+        # its largest value is over 2^15: then q is scaled by a power of two (exact) that the scores undo.
+        q32 = q.to(tl.float32)
+        q_exp = tl.maximum(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(q32), 1), 0))) - 15.0, 0.0)
+        q = (q32 * tl.exp2(-q_exp)).to(tl.float16)
+        qk_scale = qk_scale * tl.exp2(q_exp)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -545,7 +554,8 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 # stay at 3 stages (16.9 us against 17.4 with 5).
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
-# Optional keys of a config: USE_DOT (default True: tensor-core products), PREFETCH (default False).
+# Optional keys of a config: USE_DOT (default True: tensor-core products), PREFETCH (default False), DOT_FP16
+# (default DECODE_DOT_FP16).
 # The CPU interpreter's (tests: small tiles, so that slices span several).
 CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
@@ -555,6 +565,9 @@ if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
 MANY_SPLITS = 16
 MOST_SPLITS = 32
+# With an FP8 cache, HOPPERLLM_DECODE_DOT_FP16=1 runs the decode products in float16 (K, V converted from e4m3
+# in one instruction a pair) instead of the model's bfloat16; a config's DOT_FP16 key overrides it.
+DECODE_DOT_FP16 = os.environ.get("HOPPERLLM_DECODE_DOT_FP16", "0") == "1"
 
 
 def decode_config(num_splits: int) -> dict[str, int]:
@@ -804,6 +817,7 @@ def paged_decode_attention(
         PREFETCH=cfg.get("PREFETCH", False),
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
+        DOT_FP16=bool(cfg.get("DOT_FP16", DECODE_DOT_FP16)) and fp8 and use_dot and q.dtype != torch.float32,
         QUANT_OUT=quant_out,
         QUANT_BLOCK=triton.next_power_of_2(row_len),
         ROTARY=new_kv is not None,
@@ -855,7 +869,7 @@ def _prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,  # grid (kv heads, sequences, tiles), the last query tiles launched first
     FP8_QK: tl.constexpr,  # FP8_KV only: quantize q per row to e4m3 and run QK^T on FP8 tensor cores
-    ACT_FP16: tl.constexpr,  # q (and out) are float16, else bfloat16 (FP8_QK only)
+    ACT_FP16: tl.constexpr,  # FP8_QK only: P @ V in float16 (q is float16, or PREFILL_PV_FP16), else bfloat16
     FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
     USE_PDL: tl.constexpr,
 ):
@@ -973,6 +987,9 @@ PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
 # probabilities (relative to the row's running max, in [0, 1]) times PV_P_SCALE rounded to e4m3, V unconverted
 # (FlashAttention-3's and TensorRT-LLM's FP8 attention do the same).
 PREFILL_FP8_PV = os.environ.get("HOPPERLLM_PREFILL_FP8_PV", "0") == "1"
+# With PREFILL_FP8_QK and a bfloat16 model, HOPPERLLM_PREFILL_PV_FP16=1 runs P @ V in float16 instead: V from
+# e4m3 in one conversion a pair of values (bfloat16's goes through float32), P in [0, 1] kept more precisely.
+PREFILL_PV_FP16 = os.environ.get("HOPPERLLM_PREFILL_PV_FP16", "0") == "1"
 
 
 def prefill_fp8_qk(q_dtype: torch.dtype, fp8_cache: bool) -> bool:
@@ -1059,7 +1076,7 @@ def paged_prefill_attention(
         DOT_PRECISION=_dot_precision(q),
         HEAVY_FIRST=heavy_first,
         FP8_QK=fp8_qk,
-        ACT_FP16=q.dtype == torch.float16,
+        ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
         FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
         num_warps=num_warps,
         num_stages=num_stages,

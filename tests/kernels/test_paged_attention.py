@@ -355,6 +355,47 @@ def test_prefill_fp8_pv_equals_emulation(dtype, monkeypatch):
     assert not pa.prefill_fp8_pv(dtype, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("large_q", [False, True])
+def test_decode_dot_fp16_with_fp8_cache(dtype, num_splits, large_q, monkeypatch):
+    # HOPPERLLM_DECODE_DOT_FP16=1: the decode products in float16 with an FP8 cache, whatever the model's
+    # 16-bit type: e4m3 K / V are exact in float16, P more precise than in bfloat16. A q over 2^15 (3e5 in
+    # bfloat16, beyond float16's range; 6e4 in float16) is scaled by a power of two that the scores undo: no
+    # inf, the same attention. (The interpreter's bfloat16 tl.dot is wrong, so the bfloat16 model is
+    # testable here only this way.)
+    q_gain = (3e5 if dtype == torch.bfloat16 else 6e4) if large_q else 1.0
+    monkeypatch.setattr(pa, "DECODE_DOT_FP16", True)
+    q, kv, cu, seq_lens, bt = make_paged_case([1] * 4, DECODE_SEQ_LENS, 8, 2, 32, 8, torch.float32, seed=21)
+    q = (q * q_gain / q.abs().amax()).to(dtype)  # largest value q_gain
+    kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    scale = 32**-0.5 / q_gain
+    out = pa.paged_decode_attention(q, kv8[0], kv8[1], bt, seq_lens, scale, k_scale, v_scale,
+                                    num_splits=num_splits, out=poisoned_like(q))  # fmt: skip
+    ref = pa.ref_paged_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_pv_fp16_equals_attention_over_quantized_q(dtype, monkeypatch):
+    # HOPPERLLM_PREFILL_PV_FP16=1: with the FP8 QK^T, P @ V in float16 for a bfloat16 model too (V exact from
+    # e4m3): the same attention as over the dequantized q.
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
+    monkeypatch.setattr(pa, "PREFILL_PV_FP16", True)
+    q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, dtype, seed=9)
+    kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    args = (kv8[0], kv8[1], cu, seq_lens, bt)
+    scale = 32**-0.5
+    out = pa.paged_prefill_attention(
+        q, *args, max(PREFILL_Q_LENS), scale, k_scale, v_scale, out=poisoned_like(q)
+    )
+    assert torch.isfinite(out).all()
+    q8, q_scale = ref_per_token_quant_fp8(q)
+    emulated = pa.ref_paged_attention((q8.float() * q_scale).to(dtype), *args, scale, k_scale, v_scale)
+    assert rel_err(out, emulated) < TOL[dtype]
+
+
 def test_entry_point_dispatch():
     q, kv, cu, seq_lens, bt = make_paged_case([2, 1], [9, 4], 4, 2, 32, 8, torch.float32, seed=6)
     ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)
