@@ -123,6 +123,13 @@ for step in $steps; do
         --output-json "$OUT/tune-prefill-pvfp16-$v.json" 2>&1 | grep -v "^skip" | tail -2; done
       (cd benchmarks && timeout 120 python3 ab_decode.py --model dummy:llama-2-7b --variants pdl1 sp8 fp16 sp8-fp16 pdl1 \
         --output-json "$OUT/ab-decode-7b-b1.json" 2>&1 | grep "replay\|FAILED") ;;
+    fp16-ab)  # the float16 products (default since v25) against bfloat16 in the Llama-3-8B throughput run, then the
+      # attention GPU tests with what time is left
+      tput 200 1000 --output-json "$OUT/throughput-8b-fp16.json" | grep "Output token\|Triton" | sed "s/^/fp16 /"
+      HOPPERLLM_DECODE_DOT_FP16=0 HOPPERLLM_PREFILL_PV_FP16=0 tput 200 1000 --output-json "$OUT/throughput-8b-bf16.json" \
+        | grep "Output token\|Triton" | sed "s/^/bf16 /"
+      timeout $((560 - SECONDS)) python3 -m pytest -q tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
+        | tee "$OUT/attn_tests.log" | tail -8 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -81,6 +81,7 @@ def main():
         ("llama2-70b tp2 b8", 8, 32, 4, 128, 2176),
     ]
     bs = 16
+    default_configs = [dict(c) for c in pa.DECODE_CONFIGS]
     shapes = [s for s in shapes if a.shapes is None or s[0] in a.shapes]
     if a.contexts:  # the same heads and batch at other context lengths (time against keys per program)
         shapes = [(f"{n} ctx{c}", B, hq, hkv, d, c) for n, B, hq, hkv, d, _ in shapes for c in a.contexts]
@@ -103,14 +104,15 @@ def main():
         for splits, bn, nw, (use_dot, prefetch, ns, *fp16) in itertools.product(
             split_choices, a.block_n, a.num_warps, variants
         ):
-            dot_fp16 = bool(fp16 and fp16[0])
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
             if not use_dot and triton.next_power_of_2(hq // hkv) * bn * d > 256 * 32 * nw:
                 continue  # the CUDA-core product tile would not fit a thread's registers
-            for cfg in pa.DECODE_CONFIGS:
+            for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
-                            "PREFETCH": bool(prefetch), "DOT_FP16": dot_fp16})  # fmt: skip
+                            "PREFETCH": bool(prefetch),
+                            "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False)})  # fmt: skip
+            dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(

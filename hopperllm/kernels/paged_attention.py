@@ -546,7 +546,13 @@ def _num_sms(device: torch.device) -> int:
 # (batch 1-2 with few kv heads: tune-attention-70b-h200.json, 70B heads at TP=1/2/8, 2176 keys, in CUDA
 # graphs: 32 slices of 32-key tiles 10.7 / 8.9 / 7.8 us against 11.9 / 11.5 / 10.7 with 16 slices of
 # 128-key tiles).
-DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+# DOT_FP16 (FP8 caches): the products in float16, K / V converted from e4m3 in one instruction a pair where
+# bfloat16's conversion goes through float32. At the throughput run's decode batches (Llama-3-8B heads, 2176
+# keys, one H200, in CUDA graphs; tune-attn-fp16-big-h200-v25.json) the bfloat16 kernel was bound by that
+# conversion: 64 / 128 / 256 sequences 149 / 291 / 576 us -> 113 / 193 / 379 us with float16 (45% -> 59-71%
+# of the read floor). The many-split configs keep bfloat16: the 7B's MHA heads at batch 1 (16 slices of
+# 32-key tiles) ran 14.3 us against 14.8 with float16, and 2.824 against 3.051 ms a step in the model's graph.
+DECODE_CONFIG = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "DOT_FP16": True}
 DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 # 32 slices (batch 1-2 of grouped-query layers): 5 stages keep a second key tile in flight. The 70B's heads
 # at TP=2, 2176 keys, quantizing tail, in CUDA graphs (tune-attention-stages-h200-v21.json, Triton 3.6):
@@ -555,7 +561,7 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
 # Optional keys of a config: USE_DOT (default True: tensor-core products), PREFETCH (default False), DOT_FP16
-# (default DECODE_DOT_FP16).
+# (default False; see decode_dot_fp16).
 # The CPU interpreter's (tests: small tiles, so that slices span several).
 CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
@@ -565,9 +571,14 @@ if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
 MANY_SPLITS = 16
 MOST_SPLITS = 32
-# With an FP8 cache, HOPPERLLM_DECODE_DOT_FP16=1 runs the decode products in float16 (K, V converted from e4m3
-# in one instruction a pair) instead of the model's bfloat16; a config's DOT_FP16 key overrides it.
-DECODE_DOT_FP16 = os.environ.get("HOPPERLLM_DECODE_DOT_FP16", "0") == "1"
+# HOPPERLLM_DECODE_DOT_FP16=0 / 1 turns the decode products' float16 (DOT_FP16 above) off / on for every
+# config; unset, each config's DOT_FP16 key decides (default False).
+DECODE_DOT_FP16: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERLLM_DECODE_DOT_FP16", ""))
+
+
+def decode_dot_fp16(cfg: dict) -> bool:
+    """Whether a decode config runs its products in float16 (with an FP8 cache and a 16-bit q)."""
+    return bool(cfg.get("DOT_FP16", False)) if DECODE_DOT_FP16 is None else DECODE_DOT_FP16
 
 
 def decode_config(num_splits: int) -> dict[str, int]:
@@ -817,7 +828,7 @@ def paged_decode_attention(
         PREFETCH=cfg.get("PREFETCH", False),
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
-        DOT_FP16=bool(cfg.get("DOT_FP16", DECODE_DOT_FP16)) and fp8 and use_dot and q.dtype != torch.float32,
+        DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
         QUANT_OUT=quant_out,
         QUANT_BLOCK=triton.next_power_of_2(row_len),
         ROTARY=new_kv is not None,
@@ -987,9 +998,11 @@ PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
 # probabilities (relative to the row's running max, in [0, 1]) times PV_P_SCALE rounded to e4m3, V unconverted
 # (FlashAttention-3's and TensorRT-LLM's FP8 attention do the same).
 PREFILL_FP8_PV = os.environ.get("HOPPERLLM_PREFILL_FP8_PV", "0") == "1"
-# With PREFILL_FP8_QK and a bfloat16 model, HOPPERLLM_PREFILL_PV_FP16=1 runs P @ V in float16 instead: V from
-# e4m3 in one conversion a pair of values (bfloat16's goes through float32), P in [0, 1] kept more precisely.
-PREFILL_PV_FP16 = os.environ.get("HOPPERLLM_PREFILL_PV_FP16", "0") == "1"
+# With PREFILL_FP8_QK and a bfloat16 model, P @ V runs in float16: V from e4m3 in one conversion a pair of
+# values (bfloat16's goes through float32), P in [0, 1] kept more precisely. One H200, FP8 cache
+# (tune-prefill-pvfp16-{0,1}-h200-v25.json): Llama-3-8B 4 x 2048 416.7 -> 376.4 us, the 7B's 1 x 2048 117.1 ->
+# 107.7. HOPPERLLM_PREFILL_PV_FP16=0 keeps bfloat16.
+PREFILL_PV_FP16 = os.environ.get("HOPPERLLM_PREFILL_PV_FP16", "1") == "1"
 
 
 def prefill_fp8_qk(q_dtype: torch.dtype, fp8_cache: bool) -> bool:

@@ -107,10 +107,21 @@ def test_decode_key_loop_variants(kv_dtype, model, batch, max_len, decode_varian
     check_decode(kv_dtype, model, batch, max_len, None)
 
 
-def check_decode(kv_dtype, model, batch, max_len, num_splits):
+@pytest.mark.parametrize("dot_fp16", [False, True])
+@pytest.mark.parametrize("q_gain", [1.0, 1e5])
+def test_decode_fp8_cache_products_fp16_or_bf16(dot_fp16, q_gain, monkeypatch):
+    # An FP8 cache's decode products in float16 (the default at few splits) or bfloat16
+    # (HOPPERLLM_DECODE_DOT_FP16=0) at the throughput run's batch; q beyond float16's range (q_gain) too
+    monkeypatch.setattr(pa, "DECODE_DOT_FP16", dot_fp16)
+    check_decode(FP8, "llama-3-8b", 64, 2048, None, q_gain=q_gain)
+
+
+def check_decode(kv_dtype, model, batch, max_len, num_splits, q_gain=None):
     hq, hkv = MODELS[model]
     seq_lens = ragged(batch, max_len, seed=batch)
     q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, hq, hkv, kv_dtype=kv_dtype)
+    if q_gain is not None:
+        q = (q.float() * (q_gain / q.float().abs().amax())).to(q.dtype)
     out = torch.full_like(q, float("nan"))
     pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=num_splits, out=out)
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
