@@ -130,6 +130,11 @@ for step in $steps; do
         | grep "Output token\|Triton" | sed "s/^/bf16 /"
       timeout $((560 - SECONDS)) python3 -m pytest -q tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/attn_tests.log" | tail -8 ;;
+    v25-final)  # the model against HF / the CPU emulation with v25's defaults, Llama-2-7B batch-1 latency with HF's
+      # static cache in the same run, and a second Llama-3-8B throughput run
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -3
+      OUT="$OUT" bash "$0" latency
+      [ $SECONDS -lt 450 ] && tput 150 1000 --output-json "$OUT/throughput-8b-fp16-2.json" | grep "Output token" ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
