@@ -26,7 +26,7 @@ def main():
     p.add_argument("--num-prompts", type=int, default=600)
     p.add_argument("--input-len", type=int, default=2048)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument(
         "--profile-steps", type=int, default=3, help="torch-profile this many mixed steps (0: none)"

@@ -23,7 +23,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
-        max_num_seqs: int = 256,
+        max_num_seqs: int = 512,
         max_num_batched_tokens: int = 8192,
         block_size: int = 16,
         enable_prefix_caching: bool = True,

@@ -87,7 +87,7 @@ def test_latency_json_and_hf_baseline(tmp_path, capsys):
     assert rec["benchmark"] == "latency" and rec["model"] == "dummy:tiny" and rec["dtype"] == "float32"
     assert rec["args"]["enable_prefix_caching"] is False  # latency runs never hit the prefix cache
     # the limits the engine ran with, defaults included
-    assert rec["scheduler"] == {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+    assert rec["scheduler"] == {"max_num_seqs": 512, "max_num_batched_tokens": 8192}
     r = rec["results"]
     assert len(r["latencies"]) == 3 and len(r["iterations"]) == 3
     for key in ("e2e_ms", "ttft_ms", "tpot_ms"):
