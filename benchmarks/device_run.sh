@@ -59,8 +59,8 @@ for step in $steps; do
     fused-tests)  # the fused decode kernels (MLP GEMVs, attention) at real shapes
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_fused_kernels.py tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 \
         | tee "$OUT/fused_tests.log" | tail -15 ;;
-    attn-tests)  # the attention kernels' GPU tests (every decode key-loop variant)
-      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 | tee "$OUT/attn_tests.log" | tail -8 ;;
+    attn-tests)  # the attention kernels' GPU tests (every decode key-loop variant; 360 s at v25)
+      timeout 420 python3 -m pytest -q tests/gpu/test_gpu_attention.py -p no:cacheprovider 2>&1 | tee "$OUT/attn_tests.log" | tail -8 ;;
     ab-prefill-fp8qk)  # HOPPERLLM_PREFILL_FP8_QK: its GPU test, the prefill kernel at the tuned shapes both ways, then
       # the Llama-3-8B throughput run both ways (after a warm-up run, so neither is a call's first)
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "prefill" -p no:cacheprovider 2>&1 | tail -3
