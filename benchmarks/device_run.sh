@@ -135,6 +135,18 @@ for step in $steps; do
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -3
       OUT="$OUT" bash "$0" latency
       [ $SECONDS -lt 450 ] && tput 150 1000 --output-json "$OUT/throughput-8b-fp16-2.json" | grep "Output token" ;;
+    v26-probe)  # prefill P @ V layouts (float16 / FP8 with V as the cache holds it / FP8 with V transposed), the
+      # decode kernel's larger tiles and 8 warps at the throughput run's batches, the 8B's batch-1 decode tile
+      C="128,64,4,2 128,64,4,3 128,64,8,2 128,64,8,3 128,128,8,2"
+      for v in "0 plain" "1 plain" "1 vt" "0 vt"; do set -- $v; vt=""; [ "$2" = vt ] && vt=--v-transposed
+        HOPPERLLM_PREFILL_FP8_PV=$1 timeout 80 python3 benchmarks/tune_attention.py --no-decode --prefill \
+          --prefill-shapes "llama3-8b 4x2048" --prefill-configs $C $vt \
+          --output-json "$OUT/tune-prefill-fp8pv$1-$2.json" 2>&1 | grep -v "^skip" | tail -1; done
+      timeout 120 python3 benchmarks/tune_attention.py --shapes "llama3-8b b128" "llama3-8b b256" --splits 1 \
+        --block-n 128 256 --num-warps 4 8 --variants 1,0,2,1 1,0,3,1 --output-json "$OUT/tune-attn-big-tiles.json" 2>&1 \
+        | grep -v "^skip" | tail -2
+      (cd benchmarks && timeout 120 python3 ab_decode.py --model dummy:llama-3-8b --variants pdl1 att103n64-fp16 att103n64 pdl1 \
+        --output-json "$OUT/ab-decode-8b-b1.json" 2>&1 | grep "replay\|FAILED") ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

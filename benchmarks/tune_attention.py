@@ -60,6 +60,10 @@ def main():
         "--prefill-configs", nargs="*", default=None,
         help="prefill tiles to sweep as BLOCK_M,BLOCK_N,num_warps,num_stages (default: 16 of them)",
     )  # fmt: skip
+    p.add_argument(
+        "--v-transposed", action="store_true",
+        help="prefill: V laid out [blocks, heads, dim, block_size] (paged_prefill_attention's v_transposed)",
+    )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -148,7 +152,9 @@ def main():
     if a.prefill:
         for name in a.prefill_shapes:
             configs = [tuple(int(x) for x in c.split(",")) for c in a.prefill_configs or []]
-            rows += tune_prefill(name, *PREFILL_SHAPES[name], configs=configs or None)
+            rows += tune_prefill(
+                name, *PREFILL_SHAPES[name], configs=configs or None, v_transposed=a.v_transposed
+            )
     res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
     if a.output_json:
         with open(a.output_json, "w") as f:
@@ -165,20 +171,38 @@ PREFILL_SHAPES = {
 
 
 def tune_prefill(
-    name: str, B: int, ctx: int, hq: int, hkv: int, d: int, configs: list[tuple[int, ...]] | None = None
+    name: str,
+    B: int,
+    ctx: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    configs: list[tuple[int, ...]] | None = None,
+    v_transposed: bool = False,
 ) -> list[dict]:
     """Sweep the prefill kernel's tiles (`configs`, default 16) on one prefill step of B prompts of ctx tokens."""
     rows = []
     pb = prefill_problem(B, ctx, hq, hkv, d)
     flops = pb.flops
+    v_cache = pb.cache[1].permute(0, 2, 3, 1).contiguous() if v_transposed else pb.cache[1]
     best = None
     for bm, bn, nw, ns in configs or itertools.product([128, 256], [64, 128], [4, 8], [2, 3]):
         pa.PREFILL_CONFIG = (bm, bn, nw, ns)
         try:
             ms = triton.testing.do_bench(
                 lambda: pa.paged_prefill_attention(
-                    pb.q, pb.cache[0], pb.cache[1], pb.cu, pb.seq_lens, pb.tables, ctx, 0.088, pb.one, pb.one
-                ),
+                    pb.q,
+                    pb.cache[0],
+                    v_cache,
+                    pb.cu,
+                    pb.seq_lens,
+                    pb.tables,
+                    ctx,
+                    0.088,
+                    pb.one,
+                    pb.one,
+                    v_transposed=v_transposed,
+                ),  # fmt: skip
                 warmup=10,
                 rep=40,
                 return_mode="median",
@@ -195,6 +219,7 @@ def tune_prefill(
             "fp8_qk": pa.PREFILL_FP8_QK,
             "fp8_pv": pa.PREFILL_FP8_PV,
             "pv_fp16": pa.PREFILL_PV_FP16,
+            "v_transposed": v_transposed,
             "us": ms * 1e3,
             "tflops": flops / (ms * 1e-3) / 1e12,
         }

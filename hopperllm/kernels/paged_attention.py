@@ -157,11 +157,14 @@ def _attend_key_range(
     q_row_scale,  # [BLOCK_M] float32 with FP8_QK (else unused)
     ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
     FP8_PV: tl.constexpr,  # with FP8_QK: P @ V on FP8 tensor cores too (P * PV_P_SCALE rounded to e4m3)
+    V_T: tl.constexpr = False,  # V cache [blocks, heads, dim, PAGE_SIZE]: stride_vt steps a dim, keys are 1 apart
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
     Keys are gathered through the block table a BLOCK_N tile at a time (a tile may span cache blocks);
-    with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end.
+    with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end. With V_T each V tile is loaded
+    as [dim, keys] (keys contiguous within a page) and used transposed: the P @ V operand is then K-major,
+    the layout FP8 tensor cores take without a transpose in shared memory.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -174,13 +177,21 @@ def _attend_key_range(
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE).to(tl.int64)
         in_block = pos % PAGE_SIZE
         k_offs = block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt + kvh * stride_kh
-        v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
+        if V_T:  # [dim, keys]
+            vt_offs = block_ids[None, :] * stride_vb + kvh * stride_vh + in_block[None, :]
+            v_ptrs = v_cache_ptr + vt_offs + offs_d[:, None] * stride_vt
+        else:
+            v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
+            v_ptrs = v_cache_ptr + v_offs + offs_d[None, :]
         if CAUSAL_MASK:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            if V_T:
+                v = tl.trans(tl.load(v_ptrs, mask=mask_n[None, :], other=0.0))
+            else:
+                v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
-            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
+            v = tl.trans(tl.load(v_ptrs)) if V_T else tl.load(v_ptrs)
         if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for a 16-bit P @ V product
             if not FP8_PV:
                 v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
@@ -883,6 +894,7 @@ def _prefill_kernel(
     ACT_FP16: tl.constexpr,  # FP8_QK only: P @ V in float16 (q is float16, or PREFILL_PV_FP16), else bfloat16
     FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
     USE_PDL: tl.constexpr,
+    V_T: tl.constexpr = False,  # v_cache is [num_blocks, Hkv, D, block_size] (paged_prefill_attention's v_transposed)
 ):
     pdl_prologue(USE_PDL)
     # One program: query tile `tile` of sequence b, all GROUP query heads of kv head kvh (row r is query
@@ -943,12 +955,12 @@ def _prefill_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV, V_T,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV, V_T,
     )  # fmt: skip
 
     if FP8_KV:
@@ -1028,14 +1040,30 @@ def paged_prefill_attention(
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     first_seq: int = 0,
+    v_transposed: bool = False,
 ) -> torch.Tensor:
     """Ragged causal attention: q [T, Hq, D] (sequences concatenated per cu_seqlens_q) -> [T, Hq, D].
 
     `max_seqlen_q` (a host int) only sizes the grid; tiles past a sequence's q_len exit at once.
     `first_seq` skips the first sequences (their rows of `out` are left as they are): a mixed step runs
     its decodes through flash-decoding and the rest here, on the same metadata tensors.
+    `v_transposed`: v_cache is laid out [num_blocks, num_kv_heads, head_dim, block_size] (a page's keys
+    contiguous per dim), so that P @ V's operand needs no transpose on FP8 tensor cores. A layout to
+    measure (benchmarks/tune_attention.py --v-transposed); the engine's cache is not in it.
     """
-    fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
+    if v_transposed:
+        if v_cache.shape != (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]):
+            raise ValueError(
+                f"a transposed v_cache must be [num_blocks, num_kv_heads, head_dim, block_size] for k_cache "
+                f"{tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+            )
+        if v_cache.dtype != k_cache.dtype or v_cache.stride(-1) != 1:
+            raise ValueError("a transposed v_cache needs k_cache's dtype and a contiguous last dimension")
+        fp8 = _check_cache(q, k_cache, k_cache, k_scale, v_scale)
+        cache_strides = (*k_cache.stride()[:3], v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+    else:
+        fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
+        cache_strides = _cache_strides(k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -1075,7 +1103,7 @@ def paged_prefill_attention(
         first_seq,
         q.stride(0),
         q.stride(1),
-        *_cache_strides(k_cache, v_cache),
+        *cache_strides,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -1091,6 +1119,7 @@ def paged_prefill_attention(
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
         FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
+        V_T=v_transposed,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),

@@ -396,6 +396,32 @@ def test_prefill_pv_fp16_equals_attention_over_quantized_q(dtype, monkeypatch):
     assert rel_err(out, emulated) < TOL[dtype]
 
 
+@pytest.mark.parametrize("fp8_pv", [False, True])
+@pytest.mark.parametrize("fp8_kv", [False, True])
+def test_prefill_v_transposed_equals_plain_layout(fp8_kv, fp8_pv, monkeypatch):
+    # v_transposed (a layout to measure): V as [blocks, heads, dim, block_size], each tile loaded [dim, keys]
+    # and used transposed; the same products in the same order as the plain layout's
+    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
+    monkeypatch.setattr(pa, "PREFILL_FP8_PV", fp8_pv)
+    q, kv, cu, seq_lens, bt = make_paged_case(
+        PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, torch.float16, seed=23
+    )
+    k_scale = v_scale = None
+    if fp8_kv:
+        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    v_t = kv[1].permute(0, 2, 3, 1).contiguous()
+    args = (cu, seq_lens, bt, max(PREFILL_Q_LENS), 32**-0.5, k_scale, v_scale)
+    plain = pa.paged_prefill_attention(q, kv[0], kv[1], *args, out=poisoned_like(q))
+    out = pa.paged_prefill_attention(q, kv[0], v_t, *args, out=poisoned_like(q), v_transposed=True)
+    assert torch.isfinite(out).all()
+    if DEVICE == "cpu":
+        assert torch.equal(out, plain)
+    else:
+        assert rel_err(out, plain) < 1e-3
+    with pytest.raises(ValueError, match="transposed v_cache"):
+        pa.paged_prefill_attention(q, kv[0], kv[1], *args, v_transposed=True)
+
+
 def test_entry_point_dispatch():
     q, kv, cu, seq_lens, bt = make_paged_case([2, 1], [9, 4], 4, 2, 32, 8, torch.float32, seed=6)
     ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)
