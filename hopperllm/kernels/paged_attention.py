@@ -637,21 +637,34 @@ def compile_decode_variants(
     dtype: torch.dtype,
     max_blocks: int,
     splits: list[int],
+    quant_out: bool = False,
+    cos_sin_cache: torch.Tensor | None = None,
+    use_pdl: bool | None = None,
 ) -> torch.Tensor:
-    """Launch flash-decoding once per split count in `splits`, without the quantized output, on one
-    sequence of one key (block 0, slot 0), so that those kernel variants are compiled before serving.
-    Reads the cache, writes only its own output, which it returns (the last launch's: each query head gets
-    its KV head's value row of that slot)."""
+    """Launch flash-decoding once per split count in `splits` on one sequence of one key (block 0, slot 0),
+    so that those kernel variants are compiled before serving: with the quantized output or not; with the
+    rotary + cache write of the step's token (given `cos_sin_cache`; its slot is -1: nothing is stored);
+    with PDL as a launch of that many rows would have it (`use_pdl`, default: as one row has it).
+    Reads the cache, writes only its own output, which it returns (the last launch's output; without
+    quant_out each query head gets its KV head's value row of that slot)."""
     device = k_cache.device
-    q = torch.zeros(1, num_q_heads, k_cache.shape[-1], dtype=dtype, device=device)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    q = torch.zeros(1, num_q_heads, head_dim, dtype=dtype, device=device)
     out = torch.empty_like(q)
     tables = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    new_kv = None
+    if cos_sin_cache is not None:
+        kv = torch.zeros(1, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        new_kv = NewTokenKV(kv[:, 0], kv[:, 1], zero, cos_sin_cache, zero - 1)
+    res = out
     for n in splits:
-        paged_decode_attention(
-            q, k_cache, v_cache, tables, seq_lens, scale, k_scale, v_scale, num_splits=n, out=out
-        )
-    return out
+        res = paged_decode_attention(
+            q, k_cache, v_cache, tables, seq_lens, scale, k_scale, v_scale, num_splits=n, out=out,
+            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl,
+        )  # fmt: skip
+    return res[0] if quant_out else res
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
@@ -740,6 +753,7 @@ def paged_decode_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
+    use_pdl: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -751,6 +765,8 @@ def paged_decode_attention(
     `new_kv`: q is not yet rotated, and the step's k, v are not yet in the cache: the same launch does
     what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
+    `use_pdl`: launch with PDL or not (default: as pdl_kwargs decides for B rows; start-up warm-ups compile
+    the variant a larger batch would launch).
     """
     fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
@@ -847,7 +863,7 @@ def paged_decode_attention(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
-        **pdl_kwargs(q.device, batch),
+        **pdl_kwargs(q.device, batch, use_pdl),
     )
     return (q8, q8_scale) if quant_out else out
 

@@ -58,8 +58,9 @@ def pdl_enabled(device: torch.device) -> bool:
 PDL_MAX_ROWS = 512
 
 
-def pdl_kwargs(device: torch.device, rows: int = 1) -> dict[str, bool]:
-    """Launch keyword arguments for a kernel that takes USE_PDL: the constexpr and Triton's launch flag."""
-    if rows <= PDL_MAX_ROWS and pdl_enabled(device):
+def pdl_kwargs(device: torch.device, rows: int = 1, use: bool | None = None) -> dict[str, bool]:
+    """Launch keyword arguments for a kernel that takes USE_PDL: the constexpr and Triton's launch flag.
+    `use` overrides the rows rule (PDL still only where the device has it)."""
+    if (rows <= PDL_MAX_ROWS if use is None else use) and pdl_enabled(device):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}

@@ -182,14 +182,17 @@ class TritonAttentionBackend(AttentionBackend):
     # since the decode launch changed: v15's 32 slices of 32-key tiles at the 70B's heads).
     fuse_decode_rotary = os.environ.get("HOPPERLLM_DECODE_ROTARY", "mha")
 
+    def fuses_decode_rotary(self, layer) -> bool:
+        """Whether decode-only steps of `layer` rotate and store the new token inside the attention launch."""
+        mode = self.fuse_decode_rotary
+        return mode == "all" or (mode == "mha" and layer.num_heads == layer.num_kv_heads)
+
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
         from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
         new_kv = None
-        mode = self.fuse_decode_rotary
-        fuse = mode == "all" or (mode == "mha" and layer.num_heads == layer.num_kv_heads)
-        if meta.decode_only and q.shape[0] == meta.num_seqs and fuse:
+        if meta.decode_only and q.shape[0] == meta.num_seqs and self.fuses_decode_rotary(layer):
             new_kv = NewTokenKV(k, v, positions, layer.cos_sin_cache, meta.slot_mapping)
         else:
             rotary_kv_write(

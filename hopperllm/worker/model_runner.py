@@ -218,27 +218,39 @@ class ModelRunner:
         self.num_kv_blocks = num_blocks
         self.kv_caches = self._alloc_kv(num_blocks)
 
-    def warm_mixed_decode_kernels(self) -> list[int]:
-        """Compile now the decode-attention variants that steps mixing decodes with prefills launch:
-        flash-decoding without the quantized output (the prefill rows' output is quantized later, with
-        them), at every split count `choose_num_splits` can return. The decode-only steps' variants
-        compile when their CUDA graphs are captured; these would otherwise compile in the first mixed
-        steps while serving (Llama-3-8B, 300 x 2048/128 on an H200: five compiles inside the run, 2,045
-        output tok/s with an empty Triton cache against 2,989 with a warm one). Returns the split counts."""
+    def warm_decode_kernels(self, largest_graph: int | None) -> list[tuple[int, bool, bool, bool]]:
+        """Compile now the decode-attention variants that steps outside the CUDA graphs launch, so that none
+        compiles while serving (each ~1 s with an empty Triton cache; Llama-3-8B, 300 x 2048/128 on an H200:
+        five compiles inside the run, 2,045 output tok/s against 2,989 with a warm cache):
+        - steps mixing decodes with prefills: flash-decoding without the quantized output (the prefill rows'
+          output is quantized later, with them) at every split count `choose_num_splits` can return, with
+          PDL, and without it when more decodes than PDL_MAX_ROWS can share a step;
+        - decode-only steps larger than the largest graph (`largest_graph`; None: no graphs, every decode-only
+          step): the model's decode launch (quantized output or not, rotary inside for the layers that fuse
+          it) at the split counts and PDL settings those batches get (max_num_seqs 1024 on an H200: two
+          variants compiled inside a throughput run before this covered them).
+        The graphs' own variants compile when they are captured. Returns the (splits, quant_out, rotary, pdl)
+        variants launched."""
         if self.device.type != "cuda" or not self.kv_caches:
             return []
-        from hopperllm.kernels.paged_attention import _MAX_SPLITS, compile_decode_variants
+        from hopperllm.kernels.paged_attention import compile_decode_variants
 
         attn = self.model.attention_layers()[0]
         cache = self.kv_caches[0]
-        splits = [1 << i for i in range(_MAX_SPLITS.bit_length())]
-        # the scales and dtypes the mixed path passes (AttentionBackend._mixed)
-        compile_decode_variants(
-            attn.num_heads, cache[0], cache[1], attn.k_scale, attn.v_scale, attn.scale, self.config.dtype,
-            self.max_blocks_per_seq, splits,
-        )  # fmt: skip
+        sc = self.config.scheduler_config
+        rotary = getattr(attn.backend, "fuses_decode_rotary", lambda layer: False)(attn)
+        variants = decode_warm_variants(
+            sc.max_num_seqs, largest_graph, self.num_kv_heads, sc.max_model_len, self.device, rotary
+        )
+        # the scales and dtypes the attention layers pass (AttentionBackend._mixed, the decode launch)
+        for n, quant, rotary, p in variants:
+            compile_decode_variants(
+                attn.num_heads, cache[0], cache[1], attn.k_scale, attn.v_scale, attn.scale, self.config.dtype,
+                self.max_blocks_per_seq, [n], quant_out=quant, cos_sin_cache=attn.cos_sin_cache if rotary else None,
+                use_pdl=p,
+            )  # fmt: skip
         torch.cuda.synchronize(self.device)
-        return splits
+        return variants
 
     # -- one step ---------------------------------------------------------------------------
     def _prepare(self, sched: SchedulerOutput, prev_rows: dict[str, int] | None = None):
@@ -563,3 +575,31 @@ def _logprobs_to_lists(lp, wanted: list[int | None]):
         top = {int(t): float(v) for t, v in zip(ids[i][1 : 1 + k], vals[i][1 : 1 + k], strict=True)}
         res.append((float(vals[i][0]), top))
     return res
+
+
+def decode_warm_variants(
+    max_num_seqs: int,
+    largest_graph: int | None,
+    num_kv_heads: int,
+    max_model_len: int,
+    device: torch.device,
+    rotary: bool,
+) -> list[tuple[int, bool, bool, bool]]:
+    """The (splits, quant_out, rotary, pdl) decode-attention variants that steps outside the CUDA graphs can
+    launch (ModelRunner.warm_decode_kernels compiles them): mixed steps' flash-decoding at every split count,
+    with PDL up to PDL_MAX_ROWS decodes and without beyond; decode-only batches above `largest_graph` (None:
+    every batch) at the split counts and PDL settings their sizes get, with the quantized output or not."""
+    from hopperllm.kernels.paged_attention import _MAX_SPLITS, choose_num_splits
+    from hopperllm.kernels.pdl import PDL_MAX_ROWS
+
+    all_splits = [1 << i for i in range(_MAX_SPLITS.bit_length())]
+    variants = [(n, False, False, True) for n in all_splits]
+    if max_num_seqs > PDL_MAX_ROWS:
+        variants += [(n, False, False, False) for n in all_splits]
+    lo = 1 if largest_graph is None else largest_graph + 1
+    if lo <= max_num_seqs:
+        # a batch of b sequences gets at most choose_num_splits(b, ...) slices (fewer for short contexts)
+        most = choose_num_splits(lo, num_kv_heads, max_model_len, device)
+        pdl = [p for p, ok in ((True, lo <= PDL_MAX_ROWS), (False, max_num_seqs > PDL_MAX_ROWS)) if ok]
+        variants += [(n, q, rotary, p) for n in all_splits if n <= most for q in (False, True) for p in pdl]
+    return list(dict.fromkeys(variants))

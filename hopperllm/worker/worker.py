@@ -224,10 +224,12 @@ class Worker:
         blocks = self.runner.determine_num_kv_blocks()
         self.num_kv_blocks = all_reduce_min(self.tp, blocks, self.runner.device)
         self.runner.init_kv_cache(self.num_kv_blocks)
-        self.runner.warm_mixed_decode_kernels()
-        if self.runner.device.type == "cuda" and not config.enforce_eager:
-            from hopperllm.worker.cuda_graphs import capture_decode_graphs
+        from hopperllm.worker.cuda_graphs import capture_decode_graphs, capture_sizes
 
+        graphs = self.runner.device.type == "cuda" and not config.enforce_eager
+        sizes = capture_sizes(config.scheduler_config.max_num_seqs, config.cuda_graph_sizes)
+        self.runner.warm_decode_kernels(max(sizes) if graphs else None)
+        if graphs:
             warm_up(self.tp, self.runner.device)
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
         self.mirror = SequenceMirror()

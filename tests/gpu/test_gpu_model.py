@@ -117,10 +117,35 @@ def test_no_decode_attention_compiles_while_serving(model_dir):
         model=model_dir, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512,
         max_num_seqs=8, max_num_batched_tokens=256, show_progress=False,
     )  # fmt: skip
-    assert llm.engine.executor.runner.warm_mixed_decode_kernels() == [1, 2, 4, 8, 16, 32]
+    # the graphs hold up to 8 sequences: only the mixed steps' variants, with PDL
+    variants = llm.engine.executor.runner.warm_decode_kernels(8)
+    assert variants == [(n, False, False, True) for n in (1, 2, 4, 8, 16, 32)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     with JitWatch() as jit:
         # prompts of 7 to 1000 tokens in chunks of 256 beside the earlier prompts' decodes: mixed steps
         # with 1-3 decodes at several context lengths
         llm.generate(_prompts(), params, use_tqdm=False)
+    assert not [k for k in jit.compiled if "_decode_split_kernel" in k], jit.summary()
+
+
+def test_no_decode_attention_compiles_beyond_the_graphs(model_dir, monkeypatch):
+    """Decode-only steps larger than the largest graph run eagerly, and past PDL_MAX_ROWS without PDL (as
+    --max-num-seqs 1024 does beyond the 512 graph: two compiles inside a throughput run before start-up
+    covered them); here graphs of 1 and 2 sequences, PDL up to 4 rows and 8 prompts decoding together."""
+    from hopperllm.kernels import pdl
+    from hopperllm.worker.jit_watch import JitWatch
+
+    monkeypatch.setattr(pdl, "PDL_MAX_ROWS", 4)
+    llm = LLM(
+        model=model_dir, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512,
+        max_num_seqs=8, max_num_batched_tokens=2048, cuda_graph_sizes=[1, 2], show_progress=False,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        {"prompt_token_ids": torch.randint(3, 2000, (n,), generator=g).tolist()} for n in range(40, 360, 40)
+    ]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with JitWatch() as jit:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
     assert not [k for k in jit.compiled if "_decode_split_kernel" in k], jit.summary()

@@ -467,6 +467,53 @@ def test_compile_decode_variants_attends_to_the_one_key(fp8_kv):
     torch.testing.assert_close(out[0], v.repeat_interleave(group, dim=0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8_kv", [False, True])
+def test_compile_decode_variants_quantized_and_rotary(fp8_kv):
+    # The eager decode launches' variants (start-up, for batches beyond the largest graph): the quantized
+    # output of the one-key attention, and the rotary + cache write of a token at slot -1 (stores nothing)
+    from hopperllm.kernels.rotary import build_cos_sin_cache
+
+    num_kv_heads, group, head_dim = 2, 4, 32
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 3, 8, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    k_scale = v_scale = None
+    if fp8_kv:
+        cache, k_scale, v_scale = quantize_fp8(cache, 4.0, 4.0)
+    before = cache.clone()
+    args = (num_kv_heads * group, cache[0], cache[1], k_scale, v_scale, 0.1, torch.float32, 4, [1, 4])
+    plain = pa.compile_decode_variants(*args)
+    q8 = pa.compile_decode_variants(*args, quant_out=True, use_pdl=False)
+    ref_q8, _ = ref_per_token_quant_fp8(plain.reshape(1, -1))
+    assert torch.equal(q8.view(torch.uint8), ref_q8.view(torch.uint8))
+    cos_sin = build_cos_sin_cache(head_dim, 16, 10000.0).to(DEVICE)
+    pa.compile_decode_variants(*args, quant_out=True, cos_sin_cache=cos_sin)
+    assert torch.equal(cache.view(torch.uint8), before.view(torch.uint8))  # slot -1: nothing stored
+
+
+def test_decode_warm_variants(monkeypatch):
+    # which decode-attention variants start-up compiles, for the steps that run outside the CUDA graphs
+    from hopperllm.kernels import pdl
+    from hopperllm.worker.model_runner import decode_warm_variants
+
+    monkeypatch.setattr(pa, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(pdl, "PDL_MAX_ROWS", 512)
+    dev = torch.device("cpu")
+    mixed = [(n, False, False, True) for n in (1, 2, 4, 8, 16, 32)]
+    # the defaults: graphs up to 512 = max_num_seqs: the mixed steps' variants only
+    assert decode_warm_variants(512, 512, 8, 4096, dev, False) == mixed
+    # 1024 sequences: mixed steps of more than 512 decodes launch without PDL; decode-only steps of 513-1024
+    # sequences run eagerly, one slice each, without PDL
+    many = decode_warm_variants(1024, 512, 8, 4096, dev, False)
+    assert many == mixed + [(n, False, False, False) for n in (1, 2, 4, 8, 16, 32)] + [
+        (1, True, False, False)
+    ]
+    # graphs of 1 and 2 sequences: batch 3 of 8 KV heads gets up to 16 slices, with PDL; rotary passed on
+    few = decode_warm_variants(8, 2, 8, 4096, dev, True)
+    assert few == mixed + [(n, q, True, True) for n in (1, 2, 4, 8, 16) for q in (False, True)]
+    # no graphs (enforce_eager): every decode-only batch, from one sequence (32 slices)
+    assert (32, True, False, True) in decode_warm_variants(8, None, 8, 4096, dev, False)
+
+
 def test_choose_num_splits(monkeypatch):
     cpu = torch.device("cpu")
     assert pa.choose_num_splits(1, 8, 100, cpu) == 1  # short context: one split
