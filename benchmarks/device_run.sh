@@ -135,8 +135,12 @@ for step in $steps; do
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -3
       OUT="$OUT" bash "$0" latency
       [ $SECONDS -lt 450 ] && tput 150 1000 --output-json "$OUT/throughput-8b-fp16-2.json" | grep "Output token" ;;
-    v26-probe)  # prefill P @ V layouts (float16 / FP8 with V as the cache holds it / FP8 with V transposed), the
-      # decode kernel's larger tiles and 8 warps at the throughput run's batches, the 8B's batch-1 decode tile
+    v26-probe)  # session 15's untested GPU paths (start-up warm-up of the eager decode variants, V transposed), then
+      # prefill P @ V layouts (float16 / FP8 with V as the cache holds it / FP8 with V transposed), the decode
+      # kernel's larger tiles and 8 warps at the throughput run's batches, the 8B's batch-1 decode tile
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k "compiles" -p no:cacheprovider 2>&1 | tail -2
+      timeout 100 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "v_transposed or dot_fp16 or warm or compile_decode" \
+        -p no:cacheprovider 2>&1 | tail -2
       C="128,64,4,2 128,64,4,3 128,64,8,2 128,64,8,3 128,128,8,2"
       for v in "0 plain" "1 plain" "1 vt" "0 vt"; do set -- $v; vt=""; [ "$2" = vt ] && vt=--v-transposed
         HOPPERLLM_PREFILL_FP8_PV=$1 timeout 80 python3 benchmarks/tune_attention.py --no-decode --prefill \
