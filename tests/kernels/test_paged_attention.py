@@ -449,16 +449,21 @@ def test_mixed_step_split_between_decode_and_prefill_kernels():
         pa.paged_prefill_attention(q, kv[0], kv[1], cu, seq_lens, bt, 5, 0.3, first_seq=5)
 
 
+def _warm_up_cache(fp8_kv: bool, seed: int, num_kv_heads: int = 2, head_dim: int = 32):
+    """A 3-block cache (block size 8) as start-up's compile launches read it, and its scales."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, 3, 8, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    if not fp8_kv:
+        return cache, None, None
+    return quantize_fp8(cache, 4.0, 4.0)
+
+
 @pytest.mark.parametrize("fp8_kv", [False, True])
 def test_compile_decode_variants_attends_to_the_one_key(fp8_kv):
     # What start-up runs to compile the mixed steps' flash-decoding variants: one key in block 0, slot 0,
     # every split count up to 32 (all but the first slice empty); each query head gets its KV head's value.
-    num_kv_heads, group, head_dim = 2, 4, 32
-    gen = torch.Generator().manual_seed(5)
-    cache = torch.randn(2, 3, 8, num_kv_heads, head_dim, generator=gen).to(DEVICE)
-    k_scale = v_scale = None
-    if fp8_kv:
-        cache, k_scale, v_scale = quantize_fp8(cache, 4.0, 4.0)
+    num_kv_heads, group = 2, 4
+    cache, k_scale, v_scale = _warm_up_cache(fp8_kv, seed=5)
     splits = [1, 2, 4, 8, 16, 32]
     out = pa.compile_decode_variants(
         num_kv_heads * group, cache[0], cache[1], k_scale, v_scale, 0.1, torch.float32, 4, splits
@@ -473,14 +478,10 @@ def test_compile_decode_variants_quantized_and_rotary(fp8_kv):
     # output of the one-key attention, and the rotary + cache write of a token at slot -1 (stores nothing)
     from hopperllm.kernels.rotary import build_cos_sin_cache
 
-    num_kv_heads, group, head_dim = 2, 4, 32
-    gen = torch.Generator().manual_seed(6)
-    cache = torch.randn(2, 3, 8, num_kv_heads, head_dim, generator=gen).to(DEVICE)
-    k_scale = v_scale = None
-    if fp8_kv:
-        cache, k_scale, v_scale = quantize_fp8(cache, 4.0, 4.0)
+    head_dim = 32
+    cache, k_scale, v_scale = _warm_up_cache(fp8_kv, seed=6, head_dim=head_dim)
     before = cache.clone()
-    args = (num_kv_heads * group, cache[0], cache[1], k_scale, v_scale, 0.1, torch.float32, 4, [1, 4])
+    args = (8, cache[0], cache[1], k_scale, v_scale, 0.1, torch.float32, 4, [1, 4])
     plain = pa.compile_decode_variants(*args)
     q8 = pa.compile_decode_variants(*args, quant_out=True, use_pdl=False)
     ref_q8, _ = ref_per_token_quant_fp8(plain.reshape(1, -1))
