@@ -62,7 +62,7 @@ def main():
     )  # fmt: skip
     p.add_argument(
         "--v-transposed", action="store_true",
-        help="prefill: V laid out [blocks, heads, dim, block_size] (paged_prefill_attention's v_transposed)",
+        help="V laid out [blocks, heads, dim, block_size] (paged_*_attention's v_transposed)",
     )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
@@ -95,6 +95,8 @@ def main():
         # enough caches that repeated calls do not read L2-resident data (a layer's cache is cold in a step)
         sets = num_sets(2 * nb * bs * hkv * d, torch.cuda.get_device_properties(0).L2_cache_size)
         caches = [torch.randn(2, nb, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn) for _ in range(sets)]
+        if a.v_transposed:
+            caches = [(c[0], c[1].permute(0, 2, 3, 1).contiguous()) for c in caches]
         tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: B * nblk_per_seq].view(B, -1)
         seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -120,7 +122,17 @@ def main():
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(
-                    q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits, quant_out=a.quant_out
+                    q,
+                    c[0],
+                    c[1],
+                    tables,
+                    seq_lens,
+                    0.088,
+                    one,
+                    one,
+                    num_splits=splits,
+                    quant_out=a.quant_out,
+                    v_transposed=a.v_transposed,
                 )
 
             try:
@@ -141,6 +153,7 @@ def main():
                 "use_dot": bool(use_dot),
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
+                "v_transposed": a.v_transposed,
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

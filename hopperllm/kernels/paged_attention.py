@@ -226,14 +226,22 @@ def _attend_key_range(
 
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt, stride_kh,
-                  stride_vb, stride_vt, stride_vh, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    """The K and V rows of key positions `pos` (masked rows read nothing and give 0), [BLOCK_N, HEAD_DIM]."""
+                  stride_vb, stride_vt, stride_vh, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  V_T: tl.constexpr = False):  # fmt: skip
+    """The K and V rows of key positions `pos` (masked rows read nothing and give 0), [BLOCK_N, HEAD_DIM].
+    V_T: the V cache is [blocks, heads, dim, PAGE_SIZE] (stride_vt steps a dim): loaded [dim, keys], transposed."""
     offs_d = tl.arange(0, HEAD_DIM)
     in_block = pos % PAGE_SIZE
     k_offs = block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt + kvh * stride_kh
-    v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
     k = tl.load(k_cache_ptr + k_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
+    if V_T:
+        vt_offs = block_ids[None, :] * stride_vb + kvh * stride_vh + in_block[None, :]
+        v = tl.trans(
+            tl.load(v_cache_ptr + vt_offs + offs_d[:, None] * stride_vt, mask=mask[None, :], other=0.0)
+        )
+    else:
+        v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
+        v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
     return k, v
 
 
@@ -269,7 +277,7 @@ def _decode_key_loop(
     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, V_T: tl.constexpr = False,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
@@ -281,7 +289,7 @@ def _decode_key_loop(
         mask = pos < end
         block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM, V_T)  # fmt: skip
         pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
         block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
     for start_n in range(start, end, BLOCK_N):
@@ -289,7 +297,7 @@ def _decode_key_loop(
             next_mask = pos < end
             next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
                                            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                           PAGE_SIZE, HEAD_DIM)  # fmt: skip
+                                           PAGE_SIZE, HEAD_DIM, V_T)  # fmt: skip
             pos = pos + BLOCK_N
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
@@ -302,7 +310,7 @@ def _decode_key_loop(
             mask = pos < end
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM, V_T)  # fmt: skip
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
                                                 USE_DOT)  # fmt: skip
     return acc, l_i, m_i
@@ -373,6 +381,7 @@ def _decode_split_kernel(
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
     USE_PDL: tl.constexpr,
     TIMESTAMPS: tl.constexpr = False,  # write phase times to ts_ptr (GPU only; off in serving)
+    V_T: tl.constexpr = False,  # V cache [blocks, Hkv, D, PAGE_SIZE]; stride_vt steps a dim (v_transposed)
 ):
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
@@ -416,7 +425,10 @@ def _decode_split_kernel(
         pf_in = pos % PAGE_SIZE
         lines = tl.arange(0, KV_LINES) * 128
         k_rows = k_cache_ptr + pf_blk * stride_kb + pf_in * stride_kt + kvh * stride_kh
-        v_rows = v_cache_ptr + pf_blk * stride_vb + pf_in * stride_vt + kvh * stride_vh
+        if V_T:  # a page's V of one head is D * PAGE_SIZE contiguous elements: position i takes the i-th D
+            v_rows = v_cache_ptr + pf_blk * stride_vb + kvh * stride_vh + pf_in * HEAD_DIM
+        else:
+            v_rows = v_cache_ptr + pf_blk * stride_vb + pf_in * stride_vt + kvh * stride_vh
         _prefetch_l2(tl.where(pmask, k_rows, k_cache_ptr)[:, None] + lines[None, :])
         _prefetch_l2(tl.where(pmask, v_rows, v_cache_ptr)[:, None] + lines[None, :])
     if FP8_KV:
@@ -447,7 +459,10 @@ def _decode_split_kernel(
             blk = slot // PAGE_SIZE  # the cache row of position seq_len - 1, which the key loop reads
             in_block = slot % PAGE_SIZE
             k_dst = k_cache_ptr + blk * stride_kb + in_block * stride_kt + kvh * stride_kh + offs_d
-            v_dst = v_cache_ptr + blk * stride_vb + in_block * stride_vt + kvh * stride_vh + offs_d
+            if V_T:
+                v_dst = v_cache_ptr + blk * stride_vb + kvh * stride_vh + offs_d * stride_vt + in_block
+            else:
+                v_dst = v_cache_ptr + blk * stride_vb + in_block * stride_vt + kvh * stride_vh + offs_d
             if FP8_KV:
                 tl.store(k_dst, quantize_fp8(k_new, fp8_inv_scale(k_scale)))
                 tl.store(v_dst, quantize_fp8(v_new, fp8_inv_scale(v_scale)))
@@ -475,7 +490,7 @@ def _decode_split_kernel(
     acc, l_i, m_i = _decode_key_loop(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH, V_T,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -722,6 +737,22 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, .
     return (*k_cache.stride()[:3], *v_cache.stride()[:3])
 
 
+def _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed: bool) -> tuple[bool, tuple[int, ...]]:
+    """_check_cache for either V layout; returns (FP8 cache, the kernels' cache strides). A transposed V
+    cache is [num_blocks, num_kv_heads, head_dim, block_size]: its strides go in as (block, dim, head)."""
+    if not v_transposed:
+        return _check_cache(q, k_cache, v_cache, k_scale, v_scale), _cache_strides(k_cache, v_cache)
+    if v_cache.shape != (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]):
+        raise ValueError(
+            f"a transposed v_cache must be [num_blocks, num_kv_heads, head_dim, block_size] for k_cache "
+            f"{tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    if v_cache.dtype != k_cache.dtype or v_cache.stride(-1) != 1:
+        raise ValueError("a transposed v_cache needs k_cache's dtype and a contiguous last dimension")
+    fp8 = _check_cache(q, k_cache, k_cache, k_scale, v_scale)
+    return fp8, (*k_cache.stride()[:3], v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+
+
 def _dot_precision(q: torch.Tensor) -> str:
     # fp32 operands: exact products (the CPU interpreter, tests); fp16/bf16 ignore the setting.
     return "ieee" if q.dtype == torch.float32 else "tf32"
@@ -754,6 +785,7 @@ def paged_decode_attention(
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
     use_pdl: bool | None = None,
+    v_transposed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -766,9 +798,9 @@ def paged_decode_attention(
     what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
     `use_pdl`: launch with PDL or not (default: as pdl_kwargs decides for B rows; start-up warm-ups compile
-    the variant a larger batch would launch).
+    the variant a larger batch would launch). `v_transposed`: as paged_prefill_attention's.
     """
-    fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
+    fp8, cache_strides = _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed)
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -840,7 +872,7 @@ def paged_decode_attention(
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
-        *_cache_strides(k_cache, v_cache),
+        *cache_strides,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -863,6 +895,7 @@ def paged_decode_attention(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
+        V_T=v_transposed,
         **pdl_kwargs(q.device, batch, use_pdl),
     )
     return (q8, q8_scale) if quant_out else out
@@ -1067,19 +1100,7 @@ def paged_prefill_attention(
     contiguous per dim), so that P @ V's operand needs no transpose on FP8 tensor cores. A layout to
     measure (benchmarks/tune_attention.py --v-transposed); the engine's cache is not in it.
     """
-    if v_transposed:
-        if v_cache.shape != (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]):
-            raise ValueError(
-                f"a transposed v_cache must be [num_blocks, num_kv_heads, head_dim, block_size] for k_cache "
-                f"{tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
-            )
-        if v_cache.dtype != k_cache.dtype or v_cache.stride(-1) != 1:
-            raise ValueError("a transposed v_cache needs k_cache's dtype and a contiguous last dimension")
-        fp8 = _check_cache(q, k_cache, k_cache, k_scale, v_scale)
-        cache_strides = (*k_cache.stride()[:3], v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
-    else:
-        fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
-        cache_strides = _cache_strides(k_cache, v_cache)
+    fp8, cache_strides = _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
