@@ -158,6 +158,13 @@ for step in $steps; do
       python3 -c "import glob, json, os, sys; d = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}; json.dump(d, open(sys.argv[2], 'w'))" "$P" "$OUT/v26-probe.json" && rm -r "$P"
       (cd benchmarks && timeout 120 python3 ab_decode.py --model dummy:llama-3-8b --variants pdl1 att103n64-fp16 att103n64 pdl1 \
         --output-json "$OUT/ab-decode-8b-b1.json" 2>&1 | grep "replay\|FAILED") ;;
+    v26-vt-ab)  # the transposed V cache end to end (HOPPERLLM_V_CACHE_TRANSPOSED=1, with prefill's FP8 P @ V or not):
+      # its GPU model test, then Llama-3-8B throughput and Llama-2-7B batch-1 latency against the default layout
+      timeout 120 python3 -m pytest -q tests/gpu/test_gpu_model.py -k "bf16_fast_path" -p no:cacheprovider 2>&1 | tail -2
+      for v in "-" "HOPPERLLM_V_CACHE_TRANSPOSED=1,HOPPERLLM_PREFILL_FP8_PV=1" "HOPPERLLM_V_CACHE_TRANSPOSED=1" "-"; do
+        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) bash -c "$(declare -f tput); tput 150 1000 --output-json '$OUT/tput-${v//[^A-Za-z0-9_]/_}-$SECONDS.json'" \
+          | grep "Output token" | sed "s/^/$v /"; done
+      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_V_CACHE_TRANSPOSED=1" OUT="$OUT" bash "$0" ab ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -655,6 +655,7 @@ def compile_decode_variants(
     quant_out: bool = False,
     cos_sin_cache: torch.Tensor | None = None,
     use_pdl: bool | None = None,
+    v_transposed: bool = False,
 ) -> torch.Tensor:
     """Launch flash-decoding once per split count in `splits` on one sequence of one key (block 0, slot 0),
     so that those kernel variants are compiled before serving: with the quantized output or not; with the
@@ -677,7 +678,7 @@ def compile_decode_variants(
     for n in splits:
         res = paged_decode_attention(
             q, k_cache, v_cache, tables, seq_lens, scale, k_scale, v_scale, num_splits=n, out=out,
-            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl,
+            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl, v_transposed=v_transposed,
         )  # fmt: skip
     return res[0] if quant_out else res
 
@@ -1048,6 +1049,22 @@ def _prefill_config(
     return block_m, 64, 4, 2
 
 
+# HOPPERLLM_V_CACHE_TRANSPOSED=1 lays the engine's V cache out as [num_blocks, Hkv, D, block_size] inside the
+# same [2, num_blocks, block_size, Hkv, D] allocation (kv_cache[1]'s memory, `v_cache_view`): a page's keys
+# contiguous per dim, the layout FP8 P @ V takes without a transpose (perf-notes v25). Every writer and
+# reader of the cache follows it (rotary_kv_write, both kernels, the torch backend). Off by default.
+V_CACHE_TRANSPOSED = os.environ.get("HOPPERLLM_V_CACHE_TRANSPOSED", "0") == "1"
+
+
+def v_cache_view(kv_cache: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the V cache as the kernels take it, whether transposed) for a layer's [2, nb, bs, Hkv, D] kv_cache:
+    kv_cache[1], or with V_CACHE_TRANSPOSED its memory viewed as [nb, Hkv, D, bs]."""
+    if not V_CACHE_TRANSPOSED:
+        return kv_cache[1], False
+    _, nb, bs, hkv, d = kv_cache.shape
+    return kv_cache[1].view(nb, hkv, d, bs), True
+
+
 PREFILL_CONFIG: tuple[int, int, int, int] | None = None
 PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/ab_prefill.py)
 # With an FP8 cache and a bf16 / fp16 model, prefill quantizes q per row to e4m3 and multiplies it with the
@@ -1186,22 +1203,25 @@ def paged_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
+    v_transposed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the step's queries over the paged cache (see the module docstring).
 
     decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
     (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv` go to it); otherwise the ragged prefill kernel runs.
+    `v_transposed`: v_cache is [num_blocks, Hkv, D, block_size] (`v_cache_view`).
     """
     if decode_only:
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
             num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out, new_kv=new_kv,
+            v_transposed=v_transposed,
         )  # fmt: skip
     if quant_out or new_kv is not None:
         raise ValueError("quant_out and new_kv are for decode steps only")
     return paged_prefill_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, k_scale, v_scale,
-        out=out,
+        out=out, v_transposed=v_transposed,
     )  # fmt: skip
 
 
@@ -1213,4 +1233,5 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "ref_paged_attention",
+    "v_cache_view",
 ]
