@@ -423,8 +423,7 @@ def test_prefill_v_transposed_equals_plain_layout(fp8_kv, fp8_pv, monkeypatch):
 
 
 @pytest.mark.parametrize("fp8_kv", [False, True])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_v_transposed_equals_plain_layout(fp8_kv, num_splits, decode_variant):
+def test_decode_v_transposed_equals_plain_layout(fp8_kv, decode_variant, num_splits=3):
     # v_transposed in decode: the same attention, and with new_kv the step's v stored at its transposed place
     from hopperllm.kernels.rotary import build_cos_sin_cache
 
