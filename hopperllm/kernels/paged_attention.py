@@ -374,7 +374,7 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr,  # the key loop issues the next tile's loads before this tile's math
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q clamped into its range)
+    DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q scaled by 2^-k if over 2^15)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
@@ -733,16 +733,13 @@ def _check_new_kv(
         raise ValueError("new_kv k, v and cos_sin_cache need a contiguous last dimension")
 
 
-def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
-    """(block, token, head) strides of K then V, in the kernels' argument order."""
-    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
-
-
 def _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed: bool) -> tuple[bool, tuple[int, ...]]:
-    """_check_cache for either V layout; returns (FP8 cache, the kernels' cache strides). A transposed V
-    cache is [num_blocks, num_kv_heads, head_dim, block_size]: its strides go in as (block, dim, head)."""
+    """_check_cache for either V layout; returns (FP8 cache, the kernels' cache strides: (block, token,
+    head) of K then V). A transposed V cache is [num_blocks, num_kv_heads, head_dim, block_size]: its strides
+    go in as (block, dim, head)."""
     if not v_transposed:
-        return _check_cache(q, k_cache, v_cache, k_scale, v_scale), _cache_strides(k_cache, v_cache)
+        fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
+        return fp8, (*k_cache.stride()[:3], *v_cache.stride()[:3])
     if v_cache.shape != (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]):
         raise ValueError(
             f"a transposed v_cache must be [num_blocks, num_kv_heads, head_dim, block_size] for k_cache "
@@ -1114,8 +1111,8 @@ def paged_prefill_attention(
     `first_seq` skips the first sequences (their rows of `out` are left as they are): a mixed step runs
     its decodes through flash-decoding and the rest here, on the same metadata tensors.
     `v_transposed`: v_cache is laid out [num_blocks, num_kv_heads, head_dim, block_size] (a page's keys
-    contiguous per dim), so that P @ V's operand needs no transpose on FP8 tensor cores. A layout to
-    measure (benchmarks/tune_attention.py --v-transposed); the engine's cache is not in it.
+    contiguous per dim), so that P @ V's operand needs no transpose on FP8 tensor cores: the engine's
+    layout with HOPPERLLM_V_CACHE_TRANSPOSED=1 (`v_cache_view`).
     """
     fp8, cache_strides = _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed)
     num_tokens, num_q_heads, head_dim = q.shape

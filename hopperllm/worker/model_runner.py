@@ -244,11 +244,11 @@ class ModelRunner:
         )
         # the scales and dtypes the attention layers pass (AttentionBackend._mixed, the decode launch)
         v_cache, v_t = v_cache_view(cache)
-        for n, quant, rotary, p in variants:
+        for n, quant, fused_rotary, pdl in variants:
             compile_decode_variants(
                 attn.num_heads, cache[0], v_cache, attn.k_scale, attn.v_scale, attn.scale, self.config.dtype,
-                self.max_blocks_per_seq, [n], quant_out=quant, cos_sin_cache=attn.cos_sin_cache if rotary else None,
-                use_pdl=p, v_transposed=v_t,
+                self.max_blocks_per_seq, [n], quant_out=quant,
+                cos_sin_cache=attn.cos_sin_cache if fused_rotary else None, use_pdl=pdl, v_transposed=v_t,
             )  # fmt: skip
         torch.cuda.synchronize(self.device)
         return variants
