@@ -165,17 +165,6 @@ for step in $steps; do
         env $( [ "$v" = "-" ] || echo "${v//,/ }" ) bash -c "$(declare -f tput); tput 150 1000 --output-json '$OUT/tput-${v//[^A-Za-z0-9_]/_}-$SECONDS.json'" \
           | grep "Output token" | sed "s/^/$v /"; done
       MODEL=dummy:llama-2-7b AB="- HOPPERLLM_V_CACHE_TRANSPOSED=1" OUT="$OUT" bash "$0" ab ;;
-    v26-exp)  # prefill's softmax numerators in float16 (HOPPERLLM_PREFILL_EXP_F16=1: ex2.approx.f16x2; 2: and the tile
-      # sums): the GPU tests, the kernel at the 8B's and 7B's prompts under each mode, then Llama-3-8B throughput
-      # alternating 1 / 0 (the first run of a call is not slower since the start-up warm-up: v25)
-      timeout 120 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "prefill_fp8_qk" -p no:cacheprovider 2>&1 | tail -2
-      P="$OUT/probe"; mkdir -p "$P"
-      for e in 0 1 2; do HOPPERLLM_PREFILL_EXP_F16=$e timeout 80 python3 benchmarks/tune_attention.py --no-decode --prefill \
-          --prefill-shapes "llama3-8b 4x2048" "llama2-7b 1x2048" --prefill-configs 128,64,4,2 128,64,8,2 128,128,8,2 \
-          --output-json "$P/prefill-exp$e.json" 2>&1 | grep -v "^skip" | tail -2; done
-      python3 -c "import glob, json, os, sys; d = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}; json.dump(d, open(sys.argv[2], 'w'))" "$P" "$OUT/v26-exp-prefill.json" && rm -r "$P"
-      for e in ${EXPS:-1 0 1 0}; do HOPPERLLM_PREFILL_EXP_F16=$e tput 150 1000 --output-json "$OUT/tput-exp$e-$SECONDS.json" \
-        | grep "Output token" | sed "s/^/exp$e /"; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

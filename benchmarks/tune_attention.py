@@ -232,7 +232,6 @@ def tune_prefill(
             "fp8_qk": pa.PREFILL_FP8_QK,
             "fp8_pv": pa.PREFILL_FP8_PV,
             "pv_fp16": pa.PREFILL_PV_FP16,
-            "exp_f16": pa.PREFILL_EXP_F16,
             "v_transposed": v_transposed,
             "us": ms * 1e3,
             "tflops": flops / (ms * 1e-3) / 1e12,

@@ -128,20 +128,6 @@ def fp8_pv_softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
-def _exp2_f16(x, MODE: tl.constexpr):
-    """2^x in float16 from float32 x <= 0 (softmax numerators), x rounded to float16 first. MODE 2:
-    `ex2.approx.f16x2`, two exponentials an instruction (Hopper's special-function unit does 16 float32
-    exponentials a clock an SM, a prefill tile's 128 x 64 take as long as its FP8 QK^T); MODE 1: the same
-    roundings in float32 (the interpreter runs no PTX)."""
-    x16 = x.to(tl.float16)
-    if MODE == 2:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x16], dtype=tl.float16, is_pure=True, pack=2
-        )
-    return tl.exp2(x16.to(tl.float32)).to(tl.float16)
-
-
-@triton.jit
 def _attend_key_range(
     acc,
     l_i,
@@ -172,8 +158,6 @@ def _attend_key_range(
     ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
     FP8_PV: tl.constexpr,  # with FP8_QK: P @ V on FP8 tensor cores too (P * PV_P_SCALE rounded to e4m3)
     V_T: tl.constexpr = False,  # V cache [blocks, heads, dim, PAGE_SIZE]: stride_vt steps a dim, keys are 1 apart
-    EXP_F16: tl.constexpr = 0,  # with ACT_FP16: P = 2^(s - m) in float16 (`_exp2_f16`'s MODE; 0: float32)
-    SUM_F16: tl.constexpr = False,  # with EXP_F16: each row's sum of P in float16 within a tile
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
@@ -222,12 +206,8 @@ def _attend_key_range(
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
-        if EXP_F16:
-            p = _exp2_f16(s - m_new[:, None], EXP_F16)
-            l_i = l_i * alpha + (tl.sum(p, 1).to(tl.float32) if SUM_F16 else tl.sum(p.to(tl.float32), 1))
-        else:
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         if FP8_PV:
             # P in [0, 1] scaled up so that its small values stay normal in e4m3 (>= 2^-6 / 256); the sums
             # are float32, the scale comes off with V's at the end (TensorRT-LLM's FP8 context attention)
@@ -962,8 +942,6 @@ def _prefill_kernel(
     FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
     USE_PDL: tl.constexpr,
     V_T: tl.constexpr = False,  # v_cache is [num_blocks, Hkv, D, block_size] (paged_prefill_attention's v_transposed)
-    EXP_F16: tl.constexpr = 0,  # _attend_key_range's
-    SUM_F16: tl.constexpr = False,
 ):
     pdl_prologue(USE_PDL)
     # One program: query tile `tile` of sequence b, all GROUP query heads of kv head kvh (row r is query
@@ -1025,13 +1003,11 @@ def _prefill_kernel(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV, V_T,
-        EXP_F16, SUM_F16,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV, V_T,
-        EXP_F16, SUM_F16,
     )  # fmt: skip
 
     if FP8_KV:
@@ -1102,9 +1078,6 @@ PREFILL_FP8_PV = os.environ.get("HOPPERLLM_PREFILL_FP8_PV", "0") == "1"
 # (tune-prefill-pvfp16-{0,1}-h200-v25.json): Llama-3-8B 4 x 2048 416.7 -> 376.4 us, the 7B's 1 x 2048 117.1 ->
 # 107.7. HOPPERLLM_PREFILL_PV_FP16=0 keeps bfloat16.
 PREFILL_PV_FP16 = os.environ.get("HOPPERLLM_PREFILL_PV_FP16", "1") == "1"
-# With the float16 P @ V above (not FP8's), HOPPERLLM_PREFILL_EXP_F16=1 computes the softmax numerators in
-# float16, two a special-function instruction (`_exp2_f16`); =2 also sums each tile's row in float16.
-PREFILL_EXP_F16 = int(os.environ.get("HOPPERLLM_PREFILL_EXP_F16", "0"))
 
 
 def prefill_fp8_qk(q_dtype: torch.dtype, fp8_cache: bool) -> bool:
@@ -1159,9 +1132,6 @@ def paged_prefill_attention(
         return out
 
     fp8_qk = prefill_fp8_qk(q.dtype, fp8)
-    act_fp16 = q.dtype == torch.float16 or PREFILL_PV_FP16
-    fp8_pv = fp8_qk and prefill_fp8_pv(q.dtype, fp8)
-    exp_f16 = (2 if q.is_cuda else 1) if PREFILL_EXP_F16 and fp8_qk and act_fp16 and not fp8_pv else 0
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda, fp8_qk)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
@@ -1198,11 +1168,9 @@ def paged_prefill_attention(
         DOT_PRECISION=_dot_precision(q),
         HEAVY_FIRST=heavy_first,
         FP8_QK=fp8_qk,
-        ACT_FP16=act_fp16,
-        FP8_PV=fp8_pv,
+        ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
+        FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
         V_T=v_transposed,
-        EXP_F16=exp_f16,
-        SUM_F16=PREFILL_EXP_F16 == 2,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),
