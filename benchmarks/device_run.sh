@@ -135,36 +135,6 @@ for step in $steps; do
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -3
       OUT="$OUT" bash "$0" latency
       [ $SECONDS -lt 450 ] && tput 150 1000 --output-json "$OUT/throughput-8b-fp16-2.json" | grep "Output token" ;;
-    v26-probe)  # session 15's untested GPU paths (start-up warm-up of the eager decode variants, V transposed), then
-      # prefill P @ V layouts (float16 / FP8 with V as the cache holds it / FP8 with V transposed), decode with V
-      # transposed, the decode kernel's larger tiles and 8 warps at the throughput run's batches, the 8B's
-      # batch-1 decode tile in the graph; the sweeps' JSON merged into v26-probe.json (8 files come back at most)
-      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k "compiles" -p no:cacheprovider 2>&1 | tail -2
-      timeout 100 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "v_transposed or dot_fp16 or warm or compile_decode" \
-        -p no:cacheprovider 2>&1 | tail -2
-      P="$OUT/probe"; mkdir -p "$P"; C="128,64,4,2 128,64,4,3 128,64,8,2 128,64,8,3 128,128,8,2"
-      for v in "0 plain" "1 plain" "1 vt" "0 vt"; do set -- $v; vt=""; [ "$2" = vt ] && vt=--v-transposed
-        HOPPERLLM_PREFILL_FP8_PV=$1 timeout 80 python3 benchmarks/tune_attention.py --no-decode --prefill \
-          --prefill-shapes "llama3-8b 4x2048" --prefill-configs $C $vt \
-          --output-json "$P/prefill-fp8pv$1-$2.json" 2>&1 | grep -v "^skip" | tail -1; done
-      for vt in "" --v-transposed; do
-        timeout 60 python3 benchmarks/tune_attention.py --shapes "llama3-8b b128" "llama3-8b b256" --splits 1 --block-n 128 \
-          --variants 1,0,3 $vt --output-json "$P/decode-big$vt.json" 2>&1 | grep -v "^skip" | tail -2
-        timeout 60 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" "llama3-8b b1" --splits 16 --block-n 32 64 \
-          --variants 1,0,3 1,0,3,1 --quant-out $vt --output-json "$P/decode-b1$vt.json" 2>&1 | grep -v "^skip" | tail -2; done
-      timeout 120 python3 benchmarks/tune_attention.py --shapes "llama3-8b b128" "llama3-8b b256" --splits 1 \
-        --block-n 128 256 --num-warps 4 8 --variants 1,0,2,1 1,0,3,1 --output-json "$P/decode-big-tiles.json" 2>&1 \
-        | grep -v "^skip" | tail -2
-      python3 -c "import glob, json, os, sys; d = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}; json.dump(d, open(sys.argv[2], 'w'))" "$P" "$OUT/v26-probe.json" && rm -r "$P"
-      (cd benchmarks && timeout 120 python3 ab_decode.py --model dummy:llama-3-8b --variants pdl1 att103n64-fp16 att103n64 pdl1 \
-        --output-json "$OUT/ab-decode-8b-b1.json" 2>&1 | grep "replay\|FAILED") ;;
-    v26-vt-ab)  # the transposed V cache end to end (HOPPERLLM_V_CACHE_TRANSPOSED=1, with prefill's FP8 P @ V or not):
-      # its GPU model test, then Llama-3-8B throughput and Llama-2-7B batch-1 latency against the default layout
-      timeout 120 python3 -m pytest -q tests/gpu/test_gpu_model.py -k "bf16_fast_path" -p no:cacheprovider 2>&1 | tail -2
-      for v in "-" "HOPPERLLM_V_CACHE_TRANSPOSED=1,HOPPERLLM_PREFILL_FP8_PV=1" "HOPPERLLM_V_CACHE_TRANSPOSED=1" "-"; do
-        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) bash -c "$(declare -f tput); tput 150 1000 --output-json '$OUT/tput-${v//[^A-Za-z0-9_]/_}-$SECONDS.json'" \
-          | grep "Output token" | sed "s/^/$v /"; done
-      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_V_CACHE_TRANSPOSED=1" OUT="$OUT" bash "$0" ab ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -59,7 +59,7 @@ _PREFILL_POINTERS = {
 
 def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
                                 fp8_qk: bool = False, head_dim: int = 128, sass_mma: bool = False,
-                                pv_fp16: bool = False, fp8_pv: bool = False, v_transposed: bool = False,
+                                pv_fp16: bool = False, fp8_pv: bool = False,
                                 sass_out: str | None = None) -> dict:  # fmt: skip
     """The prefill kernel with an FP8 cache and bf16 queries (the model's prefill launch); with `sass_mma`
     also the tensor-core instructions of the cubin and their counts (which operand types the MMAs take)."""
@@ -67,7 +67,7 @@ def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warp
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n,
         FP8_KV=True, DOT_PRECISION="tf32", HEAVY_FIRST=True, FP8_QK=fp8_qk, ACT_FP16=pv_fp16, FP8_PV=fp8_pv,
-        USE_PDL=False, V_T=v_transposed,
+        USE_PDL=False,
     )  # fmt: skip
     return _compile_resources(fn, consts, _PREFILL_POINTERS, num_warps, num_stages, sass_mma, sass_out)
 
@@ -177,9 +177,6 @@ def main():
         "--fp8-pv", action="store_true", help="prefill: P @ V on FP8 operands (HOPPERLLM_PREFILL_FP8_PV)"
     )
     p.add_argument(
-        "--v-transposed", action="store_true", help="prefill: V as [blocks, heads, dim, block_size]"
-    )
-    p.add_argument(
         "--gemv", action="store_true", help="fp8_gemv's kernel instead (--block-n, --block-k, ...)"
     )
     p.add_argument("--block-k", type=int, default=256)
@@ -197,7 +194,7 @@ def main():
     if a.prefill:
         r = prefill_attention_resources(a.group, a.block_m, a.block_n, a.num_warps, a.num_stages, a.fp8_qk,
                                         sass_mma=True, pv_fp16=a.pv_fp16, fp8_pv=a.fp8_pv,
-                                        v_transposed=a.v_transposed, sass_out=a.sass_out)  # fmt: skip
+                                        sass_out=a.sass_out)  # fmt: skip
         print(f"triton {triton.__version__}, sm_90: prefill attention {vars(a)}: {r}")
         return
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,

@@ -60,10 +60,6 @@ def main():
         "--prefill-configs", nargs="*", default=None,
         help="prefill tiles to sweep as BLOCK_M,BLOCK_N,num_warps,num_stages (default: 16 of them)",
     )  # fmt: skip
-    p.add_argument(
-        "--v-transposed", action="store_true",
-        help="V laid out [blocks, heads, dim, block_size] (paged_*_attention's v_transposed)",
-    )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     bw = copy_bandwidth()
@@ -95,8 +91,6 @@ def main():
         # enough caches that repeated calls do not read L2-resident data (a layer's cache is cold in a step)
         sets = num_sets(2 * nb * bs * hkv * d, torch.cuda.get_device_properties(0).L2_cache_size)
         caches = [torch.randn(2, nb, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn) for _ in range(sets)]
-        if a.v_transposed:
-            caches = [(c[0], c[1].permute(0, 2, 3, 1).contiguous()) for c in caches]
         tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: B * nblk_per_seq].view(B, -1)
         seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -122,17 +116,7 @@ def main():
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(
-                    q,
-                    c[0],
-                    c[1],
-                    tables,
-                    seq_lens,
-                    0.088,
-                    one,
-                    one,
-                    num_splits=splits,
-                    quant_out=a.quant_out,
-                    v_transposed=a.v_transposed,
+                    q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits, quant_out=a.quant_out
                 )
 
             try:
@@ -153,7 +137,6 @@ def main():
                 "use_dot": bool(use_dot),
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
-                "v_transposed": a.v_transposed,
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,
@@ -165,9 +148,7 @@ def main():
     if a.prefill:
         for name in a.prefill_shapes:
             configs = [tuple(int(x) for x in c.split(",")) for c in a.prefill_configs or []]
-            rows += tune_prefill(
-                name, *PREFILL_SHAPES[name], configs=configs or None, v_transposed=a.v_transposed
-            )
+            rows += tune_prefill(name, *PREFILL_SHAPES[name], configs=configs or None)
     res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
     if a.output_json:
         with open(a.output_json, "w") as f:
@@ -184,38 +165,20 @@ PREFILL_SHAPES = {
 
 
 def tune_prefill(
-    name: str,
-    B: int,
-    ctx: int,
-    hq: int,
-    hkv: int,
-    d: int,
-    configs: list[tuple[int, ...]] | None = None,
-    v_transposed: bool = False,
+    name: str, B: int, ctx: int, hq: int, hkv: int, d: int, configs: list[tuple[int, ...]] | None = None
 ) -> list[dict]:
     """Sweep the prefill kernel's tiles (`configs`, default 16) on one prefill step of B prompts of ctx tokens."""
     rows = []
     pb = prefill_problem(B, ctx, hq, hkv, d)
     flops = pb.flops
-    v_cache = pb.cache[1].permute(0, 2, 3, 1).contiguous() if v_transposed else pb.cache[1]
     best = None
     for bm, bn, nw, ns in configs or itertools.product([128, 256], [64, 128], [4, 8], [2, 3]):
         pa.PREFILL_CONFIG = (bm, bn, nw, ns)
         try:
             ms = triton.testing.do_bench(
                 lambda: pa.paged_prefill_attention(
-                    pb.q,
-                    pb.cache[0],
-                    v_cache,
-                    pb.cu,
-                    pb.seq_lens,
-                    pb.tables,
-                    ctx,
-                    0.088,
-                    pb.one,
-                    pb.one,
-                    v_transposed=v_transposed,
-                ),  # fmt: skip
+                    pb.q, pb.cache[0], pb.cache[1], pb.cu, pb.seq_lens, pb.tables, ctx, 0.088, pb.one, pb.one
+                ),
                 warmup=10,
                 rep=40,
                 return_mode="median",
@@ -232,7 +195,6 @@ def tune_prefill(
             "fp8_qk": pa.PREFILL_FP8_QK,
             "fp8_pv": pa.PREFILL_FP8_PV,
             "pv_fp16": pa.PREFILL_PV_FP16,
-            "v_transposed": v_transposed,
             "us": ms * 1e3,
             "tflops": flops / (ms * 1e-3) / 1e12,
         }

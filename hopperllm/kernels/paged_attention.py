@@ -157,14 +157,11 @@ def _attend_key_range(
     q_row_scale,  # [BLOCK_M] float32 with FP8_QK (else unused)
     ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
     FP8_PV: tl.constexpr,  # with FP8_QK: P @ V on FP8 tensor cores too (P * PV_P_SCALE rounded to e4m3)
-    V_T: tl.constexpr = False,  # V cache [blocks, heads, dim, PAGE_SIZE]: stride_vt steps a dim, keys are 1 apart
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
     Keys are gathered through the block table a BLOCK_N tile at a time (a tile may span cache blocks);
-    with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end. With V_T each V tile is loaded
-    as [dim, keys] (keys contiguous within a page) and used transposed: the P @ V operand is then K-major,
-    the layout FP8 tensor cores take without a transpose in shared memory.
+    with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -177,21 +174,13 @@ def _attend_key_range(
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE).to(tl.int64)
         in_block = pos % PAGE_SIZE
         k_offs = block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt + kvh * stride_kh
-        if V_T:  # [dim, keys]
-            vt_offs = block_ids[None, :] * stride_vb + kvh * stride_vh + in_block[None, :]
-            v_ptrs = v_cache_ptr + vt_offs + offs_d[:, None] * stride_vt
-        else:
-            v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
-            v_ptrs = v_cache_ptr + v_offs + offs_d[None, :]
+        v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
         if CAUSAL_MASK:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            if V_T:
-                v = tl.trans(tl.load(v_ptrs, mask=mask_n[None, :], other=0.0))
-            else:
-                v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
-            v = tl.trans(tl.load(v_ptrs)) if V_T else tl.load(v_ptrs)
+            v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
         if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for a 16-bit P @ V product
             if not FP8_PV:
                 v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
@@ -226,22 +215,14 @@ def _attend_key_range(
 
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt, stride_kh,
-                  stride_vb, stride_vt, stride_vh, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  V_T: tl.constexpr = False):  # fmt: skip
-    """The K and V rows of key positions `pos` (masked rows read nothing and give 0), [BLOCK_N, HEAD_DIM].
-    V_T: the V cache is [blocks, heads, dim, PAGE_SIZE] (stride_vt steps a dim): loaded [dim, keys], transposed."""
+                  stride_vb, stride_vt, stride_vh, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """The K and V rows of key positions `pos` (masked rows read nothing and give 0), [BLOCK_N, HEAD_DIM]."""
     offs_d = tl.arange(0, HEAD_DIM)
     in_block = pos % PAGE_SIZE
     k_offs = block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt + kvh * stride_kh
+    v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
     k = tl.load(k_cache_ptr + k_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
-    if V_T:
-        vt_offs = block_ids[None, :] * stride_vb + kvh * stride_vh + in_block[None, :]
-        v = tl.trans(
-            tl.load(v_cache_ptr + vt_offs + offs_d[:, None] * stride_vt, mask=mask[None, :], other=0.0)
-        )
-    else:
-        v_offs = block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt + kvh * stride_vh
-        v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + v_offs + offs_d[None, :], mask=mask[:, None], other=0.0)
     return k, v
 
 
@@ -277,7 +258,7 @@ def _decode_key_loop(
     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, V_T: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
@@ -289,7 +270,7 @@ def _decode_key_loop(
         mask = pos < end
         block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM, V_T)  # fmt: skip
+                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
         pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
         block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
     for start_n in range(start, end, BLOCK_N):
@@ -297,7 +278,7 @@ def _decode_key_loop(
             next_mask = pos < end
             next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
                                            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                           PAGE_SIZE, HEAD_DIM, V_T)  # fmt: skip
+                                           PAGE_SIZE, HEAD_DIM)  # fmt: skip
             pos = pos + BLOCK_N
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
@@ -310,7 +291,7 @@ def _decode_key_loop(
             mask = pos < end
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM, V_T)  # fmt: skip
+                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
                                                 USE_DOT)  # fmt: skip
     return acc, l_i, m_i
@@ -381,7 +362,6 @@ def _decode_split_kernel(
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
     USE_PDL: tl.constexpr,
     TIMESTAMPS: tl.constexpr = False,  # write phase times to ts_ptr (GPU only; off in serving)
-    V_T: tl.constexpr = False,  # V cache [blocks, Hkv, D, PAGE_SIZE]; stride_vt steps a dim (v_transposed)
 ):
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
@@ -425,10 +405,7 @@ def _decode_split_kernel(
         pf_in = pos % PAGE_SIZE
         lines = tl.arange(0, KV_LINES) * 128
         k_rows = k_cache_ptr + pf_blk * stride_kb + pf_in * stride_kt + kvh * stride_kh
-        if V_T:  # a page's V of one head is D * PAGE_SIZE contiguous elements: position i takes the i-th D
-            v_rows = v_cache_ptr + pf_blk * stride_vb + kvh * stride_vh + pf_in * HEAD_DIM
-        else:
-            v_rows = v_cache_ptr + pf_blk * stride_vb + pf_in * stride_vt + kvh * stride_vh
+        v_rows = v_cache_ptr + pf_blk * stride_vb + pf_in * stride_vt + kvh * stride_vh
         _prefetch_l2(tl.where(pmask, k_rows, k_cache_ptr)[:, None] + lines[None, :])
         _prefetch_l2(tl.where(pmask, v_rows, v_cache_ptr)[:, None] + lines[None, :])
     if FP8_KV:
@@ -459,10 +436,7 @@ def _decode_split_kernel(
             blk = slot // PAGE_SIZE  # the cache row of position seq_len - 1, which the key loop reads
             in_block = slot % PAGE_SIZE
             k_dst = k_cache_ptr + blk * stride_kb + in_block * stride_kt + kvh * stride_kh + offs_d
-            if V_T:
-                v_dst = v_cache_ptr + blk * stride_vb + kvh * stride_vh + offs_d * stride_vt + in_block
-            else:
-                v_dst = v_cache_ptr + blk * stride_vb + in_block * stride_vt + kvh * stride_vh + offs_d
+            v_dst = v_cache_ptr + blk * stride_vb + in_block * stride_vt + kvh * stride_vh + offs_d
             if FP8_KV:
                 tl.store(k_dst, quantize_fp8(k_new, fp8_inv_scale(k_scale)))
                 tl.store(v_dst, quantize_fp8(v_new, fp8_inv_scale(v_scale)))
@@ -490,7 +464,7 @@ def _decode_split_kernel(
     acc, l_i, m_i = _decode_key_loop(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH, V_T,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -655,7 +629,6 @@ def compile_decode_variants(
     quant_out: bool = False,
     cos_sin_cache: torch.Tensor | None = None,
     use_pdl: bool | None = None,
-    v_transposed: bool = False,
 ) -> torch.Tensor:
     """Launch flash-decoding once per split count in `splits` on one sequence of one key (block 0, slot 0),
     so that those kernel variants are compiled before serving: with the quantized output or not; with the
@@ -678,7 +651,7 @@ def compile_decode_variants(
     for n in splits:
         res = paged_decode_attention(
             q, k_cache, v_cache, tables, seq_lens, scale, k_scale, v_scale, num_splits=n, out=out,
-            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl, v_transposed=v_transposed,
+            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl,
         )  # fmt: skip
     return res[0] if quant_out else res
 
@@ -733,22 +706,9 @@ def _check_new_kv(
         raise ValueError("new_kv k, v and cos_sin_cache need a contiguous last dimension")
 
 
-def _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed: bool) -> tuple[bool, tuple[int, ...]]:
-    """_check_cache for either V layout; returns (FP8 cache, the kernels' cache strides: (block, token,
-    head) of K then V). A transposed V cache is [num_blocks, num_kv_heads, head_dim, block_size]: its strides
-    go in as (block, dim, head)."""
-    if not v_transposed:
-        fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
-        return fp8, (*k_cache.stride()[:3], *v_cache.stride()[:3])
-    if v_cache.shape != (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3], k_cache.shape[1]):
-        raise ValueError(
-            f"a transposed v_cache must be [num_blocks, num_kv_heads, head_dim, block_size] for k_cache "
-            f"{tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
-        )
-    if v_cache.dtype != k_cache.dtype or v_cache.stride(-1) != 1:
-        raise ValueError("a transposed v_cache needs k_cache's dtype and a contiguous last dimension")
-    fp8 = _check_cache(q, k_cache, k_cache, k_scale, v_scale)
-    return fp8, (*k_cache.stride()[:3], v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """(block, token, head) strides of K then V, in the kernels' argument order."""
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
 
 
 def _dot_precision(q: torch.Tensor) -> str:
@@ -783,7 +743,6 @@ def paged_decode_attention(
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
     use_pdl: bool | None = None,
-    v_transposed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -796,9 +755,9 @@ def paged_decode_attention(
     what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
     `use_pdl`: launch with PDL or not (default: as pdl_kwargs decides for B rows; start-up warm-ups compile
-    the variant a larger batch would launch). `v_transposed`: as paged_prefill_attention's.
+    the variant a larger batch would launch).
     """
-    fp8, cache_strides = _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed)
+    fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -870,7 +829,7 @@ def paged_decode_attention(
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
-        *cache_strides,
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -893,7 +852,6 @@ def paged_decode_attention(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
-        V_T=v_transposed,
         **pdl_kwargs(q.device, batch, use_pdl),
     )
     return (q8, q8_scale) if quant_out else out
@@ -941,7 +899,6 @@ def _prefill_kernel(
     ACT_FP16: tl.constexpr,  # FP8_QK only: P @ V in float16 (q is float16, or PREFILL_PV_FP16), else bfloat16
     FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
     USE_PDL: tl.constexpr,
-    V_T: tl.constexpr = False,  # v_cache is [num_blocks, Hkv, D, block_size] (paged_prefill_attention's v_transposed)
 ):
     pdl_prologue(USE_PDL)
     # One program: query tile `tile` of sequence b, all GROUP query heads of kv head kvh (row r is query
@@ -1002,12 +959,12 @@ def _prefill_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV, V_T,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV, V_T,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
     )  # fmt: skip
 
     if FP8_KV:
@@ -1044,22 +1001,6 @@ def _prefill_config(
     if group >= 4 and not fp8_qk:
         return max(256, block_m), 64, 8, 2
     return block_m, 64, 4, 2
-
-
-# HOPPERLLM_V_CACHE_TRANSPOSED=1 lays the engine's V cache out as [num_blocks, Hkv, D, block_size] inside the
-# same [2, num_blocks, block_size, Hkv, D] allocation (kv_cache[1]'s memory, `v_cache_view`): a page's keys
-# contiguous per dim, the layout FP8 P @ V takes without a transpose (perf-notes v25). Every writer and
-# reader of the cache follows it (rotary_kv_write, both kernels, the torch backend). Off by default.
-V_CACHE_TRANSPOSED = os.environ.get("HOPPERLLM_V_CACHE_TRANSPOSED", "0") == "1"
-
-
-def v_cache_view(kv_cache: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(the V cache as the kernels take it, whether transposed) for a layer's [2, nb, bs, Hkv, D] kv_cache:
-    kv_cache[1], or with V_CACHE_TRANSPOSED its memory viewed as [nb, Hkv, D, bs]."""
-    if not V_CACHE_TRANSPOSED:
-        return kv_cache[1], False
-    _, nb, bs, hkv, d = kv_cache.shape
-    return kv_cache[1].view(nb, hkv, d, bs), True
 
 
 PREFILL_CONFIG: tuple[int, int, int, int] | None = None
@@ -1103,18 +1044,14 @@ def paged_prefill_attention(
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     first_seq: int = 0,
-    v_transposed: bool = False,
 ) -> torch.Tensor:
     """Ragged causal attention: q [T, Hq, D] (sequences concatenated per cu_seqlens_q) -> [T, Hq, D].
 
     `max_seqlen_q` (a host int) only sizes the grid; tiles past a sequence's q_len exit at once.
     `first_seq` skips the first sequences (their rows of `out` are left as they are): a mixed step runs
     its decodes through flash-decoding and the rest here, on the same metadata tensors.
-    `v_transposed`: v_cache is laid out [num_blocks, num_kv_heads, head_dim, block_size] (a page's keys
-    contiguous per dim), so that P @ V's operand needs no transpose on FP8 tensor cores: the engine's
-    layout with HOPPERLLM_V_CACHE_TRANSPOSED=1 (`v_cache_view`).
     """
-    fp8, cache_strides = _check_caches(q, k_cache, v_cache, k_scale, v_scale, v_transposed)
+    fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -1154,7 +1091,7 @@ def paged_prefill_attention(
         first_seq,
         q.stride(0),
         q.stride(1),
-        *cache_strides,
+        *_cache_strides(k_cache, v_cache),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -1170,7 +1107,6 @@ def paged_prefill_attention(
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
         FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
-        V_T=v_transposed,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),
@@ -1200,25 +1136,22 @@ def paged_attention(
     max_seqlen_k: int | None = None,
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
-    v_transposed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the step's queries over the paged cache (see the module docstring).
 
     decode_only: every sequence has one query, q is [B, Hq, D] and the split-K decode kernel runs
     (`num_splits`, `max_seqlen_k`, `quant_out`, `new_kv` go to it); otherwise the ragged prefill kernel runs.
-    `v_transposed`: v_cache is [num_blocks, Hkv, D, block_size] (`v_cache_view`).
     """
     if decode_only:
         return paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale,
             num_splits=num_splits, out=out, max_seqlen_k=max_seqlen_k, quant_out=quant_out, new_kv=new_kv,
-            v_transposed=v_transposed,
         )  # fmt: skip
     if quant_out or new_kv is not None:
         raise ValueError("quant_out and new_kv are for decode steps only")
     return paged_prefill_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, max_seqlen_q, scale, k_scale, v_scale,
-        out=out, v_transposed=v_transposed,
+        out=out,
     )  # fmt: skip
 
 
@@ -1230,5 +1163,4 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "ref_paged_attention",
-    "v_cache_view",
 ]

@@ -78,7 +78,6 @@ def _rotary_kv_write_kernel(
     BLOCK_HKV: tl.constexpr,
     KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr,
-    V_T: tl.constexpr = False,  # V's memory is [blocks, Hkv, D, block_size] (paged_attention.v_cache_view)
 ):  # fmt: skip
     # One program per token: rotate all its q heads in place, then rotate k and store k, v at the token's
     # cache slot. Floor: read q, k, v and write q, k, v once: (2 * Hq + 3 * Hkv) * D elements per token.
@@ -118,23 +117,17 @@ def _rotary_kv_write_kernel(
         v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
         cache_offset = (slot // block_size) * stride_kv_block + (slot % block_size) * stride_kv_offset
         k_dst = kv_ptr + cache_offset + hk[:, None] * stride_kv_head + d[None, :]
-        if V_T:  # dim stride block_size, head stride D * block_size, within the block's V memory
-            v_dst = (kv_ptr + stride_kv_kind + (slot // block_size) * stride_kv_block + slot % block_size
-                     + hk[:, None] * (2 * HALF * block_size) + d[None, :] * block_size)  # fmt: skip
-            v_half = HALF * block_size
-        else:
-            v_dst = k_dst + stride_kv_kind
-            v_half = HALF
+        v_dst = k_dst + stride_kv_kind
         if KV_FP8:
             tl.store(k_dst, quantize_fp8(k1.to(tl.float32), k_inv_scale), mask=kv_mask)
             tl.store(k_dst + HALF, quantize_fp8(k2.to(tl.float32), k_inv_scale), mask=kv_mask)
             tl.store(v_dst, quantize_fp8(v1.to(tl.float32), v_inv_scale), mask=kv_mask)
-            tl.store(v_dst + v_half, quantize_fp8(v2.to(tl.float32), v_inv_scale), mask=kv_mask)
+            tl.store(v_dst + HALF, quantize_fp8(v2.to(tl.float32), v_inv_scale), mask=kv_mask)
         else:
             tl.store(k_dst, k1.to(kv_ptr.dtype.element_ty), mask=kv_mask)
             tl.store(k_dst + HALF, k2.to(kv_ptr.dtype.element_ty), mask=kv_mask)
             tl.store(v_dst, v1.to(kv_ptr.dtype.element_ty), mask=kv_mask)
-            tl.store(v_dst + v_half, v2.to(kv_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(v_dst + HALF, v2.to(kv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def rotary_kv_write(
@@ -147,15 +140,13 @@ def rotary_kv_write(
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    v_transposed: bool = False,
 ) -> None:
     """Rotate q [T, Hq, D] in place; rotate k [T, Hkv, D] and store it and v into kv_cache at slot_mapping.
 
     q, k, v may be strided views (e.g. slices of one fused QKV output); only their last dim must be
     contiguous. k itself is left unrotated. positions, slot_mapping: int64 [T]; slot < 0 skips the
     token. kv_cache: [2, num_blocks, block_size, Hkv, D] (any strides with a contiguous last dim);
-    an FP8 cache needs k_scale and v_scale (float32 [1]; None means 1.0). `v_transposed`: kv_cache[1]'s
-    memory holds V as [num_blocks, Hkv, D, block_size] (paged_attention.v_cache_view; kv_cache[1] contiguous).
+    an FP8 cache needs k_scale and v_scale (float32 [1]; None means 1.0).
     """
     T, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -168,8 +159,6 @@ def rotary_kv_write(
         )
     if any(t.stride(-1) != 1 for t in (q, k, v, kv_cache, cos_sin_cache)):
         raise ValueError("q, k, v, kv_cache and cos_sin_cache need a contiguous last dimension")
-    if v_transposed and not kv_cache[1, 0].is_contiguous():
-        raise ValueError("a transposed V cache needs each block of kv_cache[1] contiguous")
     if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim:
         raise ValueError(
             f"cos_sin_cache must be [max_position, {head_dim}], got {tuple(cos_sin_cache.shape)}"
@@ -198,7 +187,6 @@ def rotary_kv_write(
         BLOCK_HQ=block_hq,
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         KV_FP8=kv_fp8,
-        V_T=v_transposed,
         num_warps=min(max(block_hq * block_half // 256, 1), 8),
         **pdl_kwargs(q.device, T),
     )  # fmt: skip

@@ -71,29 +71,21 @@ def write_kv_native(
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
 ) -> None:
-    """Store k/v [T, Hkv, D] at their slots; FP8 caches store x / scale, saturated. V goes where
-    `v_cache_view` lays it out (token-major, or transposed with HOPPERLLM_V_CACHE_TRANSPOSED)."""
+    """Store k/v [T, Hkv, D] at their slots; FP8 caches store x / scale, saturated."""
     _, nb, bs, hkv, d = kv_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
+    k_flat = kv_cache[0].view(nb * bs, hkv, d)
+    v_flat = kv_cache[1].view(nb * bs, hkv, d)
     if kv_cache.dtype == FP8_DTYPE:
         k = (k.float() / k_scale).clamp(-FP8_MAX, FP8_MAX)
         v = (v.float() / v_scale).clamp(-FP8_MAX, FP8_MAX)
     k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
-    cache = kv_cache
     if kv_cache.dtype == FP8_DTYPE:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
-        cache, k, v = (t.view(torch.uint8) for t in (kv_cache, k, v))
-    cache[0].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, k)
-    _v_token_major(cache)[slot_mapping // bs, slot_mapping % bs] = v
-
-
-def _v_token_major(kv_cache: torch.Tensor) -> torch.Tensor:
-    """The V cache as [nb, bs, Hkv, D] (a strided view where it is stored transposed)."""
-    from hopperllm.kernels.paged_attention import v_cache_view
-
-    v, transposed = v_cache_view(kv_cache)
-    return v.permute(0, 3, 1, 2) if transposed else v
+        k_flat, v_flat, k, v = (t.view(torch.uint8) for t in (k_flat, v_flat, k, v))
+    k_flat.index_copy_(0, slot_mapping, k)
+    v_flat.index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_native(
@@ -115,7 +107,7 @@ def paged_attention_native(
         q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
         seq_lens = meta.seq_lens.tolist()
     k_flat = kv_cache[0].view(nb * bs, hkv, d)
-    v_cache = _v_token_major(kv_cache)
+    v_flat = kv_cache[1].view(nb * bs, hkv, d)
     # the Triton prefill kernel's FP8 QK^T: every sequence it gets (all of a step without decodes, those after
     # the leading decodes of a mixed step) has its q rounded per row to e4m3
     fp8_qk = fp8_pv = False
@@ -132,7 +124,7 @@ def paged_attention_native(
         # token slots of this sequence, in order: block_id * bs + offset
         slots = (blocks[:, None] * bs + torch.arange(bs, device=q.device)[None, :]).reshape(-1)[:sl]
         k = k_flat.index_select(0, slots)
-        v = v_cache[blocks].reshape(-1, hkv, d)[:sl]
+        v = v_flat.index_select(0, slots)
         if kv_cache.dtype == FP8_DTYPE:
             k = (k.float() * k_scale).to(q.dtype)
             v = (v.float() * v_scale).to(q.dtype)
@@ -196,10 +188,9 @@ class TritonAttentionBackend(AttentionBackend):
         return mode == "all" or (mode == "mha" and layer.num_heads == layer.num_kv_heads)
 
     def forward(self, layer, positions, q, k, v, kv_cache, meta, quant_out=False):
-        from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention, v_cache_view
+        from hopperllm.kernels.paged_attention import NewTokenKV, paged_attention
         from hopperllm.kernels.rotary import rotary_kv_write
 
-        v_cache, v_t = v_cache_view(kv_cache)
         new_kv = None
         if meta.decode_only and q.shape[0] == meta.num_seqs and self.fuses_decode_rotary(layer):
             new_kv = NewTokenKV(k, v, positions, layer.cos_sin_cache, meta.slot_mapping)
@@ -214,14 +205,13 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.slot_mapping,
                 layer.k_scale,
                 layer.v_scale,
-                v_transposed=v_t,
             )
         if not meta.decode_only and meta.num_decodes:
             return self._mixed(layer, q, kv_cache, meta)
         return paged_attention(
             q,
             kv_cache[0],
-            v_cache,
+            kv_cache[1],
             meta.cu_seqlens_q,
             meta.seq_lens,
             meta.block_tables,
@@ -233,7 +223,6 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=meta.num_splits,
             quant_out=quant_out and meta.decode_only,
             new_kv=new_kv,
-            v_transposed=v_t,
         )
 
     @staticmethod
@@ -242,23 +231,17 @@ class TritonAttentionBackend(AttentionBackend):
         flash-decoding, the others through the prefill kernel. The prefill kernel run over one-query
         sequences would spend a whole BLOCK_M-row tile of MMAs per kv head on one row and walk the
         context in one program; at 256 decodes of 2k context that is most of a mixed step's attention."""
-        from hopperllm.kernels.paged_attention import (
-            paged_decode_attention,
-            paged_prefill_attention,
-            v_cache_view,
-        )
+        from hopperllm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 
         nd = meta.num_decodes
         out = torch.empty_like(q)
-        v_cache, v_t = v_cache_view(kv_cache)
         paged_decode_attention(
-            q[:nd], kv_cache[0], v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
-            layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k, v_transposed=v_t,
+            q[:nd], kv_cache[0], kv_cache[1], meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
+            layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k,
         )  # fmt: skip
         paged_prefill_attention(
-            q, kv_cache[0], v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+            q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
             meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
-            v_transposed=v_t,
         )  # fmt: skip
         return out
 

@@ -233,7 +233,7 @@ class ModelRunner:
         variants launched."""
         if self.device.type != "cuda" or not self.kv_caches:
             return []
-        from hopperllm.kernels.paged_attention import compile_decode_variants, v_cache_view
+        from hopperllm.kernels.paged_attention import compile_decode_variants
 
         attn = self.model.attention_layers()[0]
         cache = self.kv_caches[0]
@@ -243,12 +243,11 @@ class ModelRunner:
             sc.max_num_seqs, largest_graph, self.num_kv_heads, sc.max_model_len, self.device, rotary
         )
         # the scales and dtypes the attention layers pass (AttentionBackend._mixed, the decode launch)
-        v_cache, v_t = v_cache_view(cache)
         for n, quant, fused_rotary, pdl in variants:
             compile_decode_variants(
-                attn.num_heads, cache[0], v_cache, attn.k_scale, attn.v_scale, attn.scale, self.config.dtype,
+                attn.num_heads, cache[0], cache[1], attn.k_scale, attn.v_scale, attn.scale, self.config.dtype,
                 self.max_blocks_per_seq, [n], quant_out=quant,
-                cos_sin_cache=attn.cos_sin_cache if fused_rotary else None, use_pdl=pdl, v_transposed=v_t,
+                cos_sin_cache=attn.cos_sin_cache if fused_rotary else None, use_pdl=pdl,
             )  # fmt: skip
         torch.cuda.synchronize(self.device)
         return variants

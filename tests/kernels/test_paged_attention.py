@@ -396,68 +396,6 @@ def test_prefill_pv_fp16_equals_attention_over_quantized_q(dtype, monkeypatch):
     assert rel_err(out, emulated) < TOL[dtype]
 
 
-@pytest.mark.parametrize("fp8_pv", [False, True])
-@pytest.mark.parametrize("fp8_kv", [False, True])
-def test_prefill_v_transposed_equals_plain_layout(fp8_kv, fp8_pv, monkeypatch):
-    # v_transposed (a layout to measure): V as [blocks, heads, dim, block_size], each tile loaded [dim, keys]
-    # and used transposed; the same products in the same order as the plain layout's
-    monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
-    monkeypatch.setattr(pa, "PREFILL_FP8_PV", fp8_pv)
-    q, kv, cu, seq_lens, bt = make_paged_case(
-        PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, torch.float16, seed=23
-    )
-    k_scale = v_scale = None
-    if fp8_kv:
-        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
-    v_t = kv[1].permute(0, 2, 3, 1).contiguous()
-    args = (cu, seq_lens, bt, max(PREFILL_Q_LENS), 32**-0.5, k_scale, v_scale)
-    plain = pa.paged_prefill_attention(q, kv[0], kv[1], *args, out=poisoned_like(q))
-    out = pa.paged_prefill_attention(q, kv[0], v_t, *args, out=poisoned_like(q), v_transposed=True)
-    assert torch.isfinite(out).all()
-    if DEVICE == "cpu":
-        assert torch.equal(out, plain)
-    else:
-        assert rel_err(out, plain) < 1e-3
-    with pytest.raises(ValueError, match="transposed v_cache"):
-        pa.paged_prefill_attention(q, kv[0], kv[1], *args, v_transposed=True)
-
-
-@pytest.mark.parametrize("fp8_kv", [False, True])
-def test_decode_v_transposed_equals_plain_layout(fp8_kv, decode_variant, num_splits=3):
-    # v_transposed in decode: the same attention, and with new_kv the step's v stored at its transposed place
-    from hopperllm.kernels.rotary import build_cos_sin_cache
-
-    seq_lens_ = [*DECODE_SEQ_LENS, 0]
-    hq, hkv, d, bs = 8, 2, 32, 8
-    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), [max(n, 1) for n in seq_lens_], hq, hkv,
-                                              d, bs, torch.float16, seed=31)  # fmt: skip
-    seq_lens[-1] = 0
-    k_scale = v_scale = None
-    if fp8_kv:
-        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
-    gen = torch.Generator().manual_seed(32)
-    k_new, v_new = torch.randn(2, len(seq_lens_), hkv, d, generator=gen).to(torch.float16).to(DEVICE)
-    positions = (seq_lens.long() - 1).clamp(min=0)
-    slots = torch.tensor(
-        [int(bt[b, (n - 1) // bs]) * bs + (n - 1) % bs if n else -1 for b, n in enumerate(seq_lens_)],
-        dtype=torch.int64, device=DEVICE,
-    )  # fmt: skip
-    new_kv = pa.NewTokenKV(k_new, v_new, positions, build_cos_sin_cache(d, 64, 10000.0).to(DEVICE), slots)
-    for nkv in (None, new_kv):
-        k_cache, v_cache = kv[0].clone(), kv[1].clone()
-        v_t = v_cache.permute(0, 2, 3, 1).contiguous()
-        args = (bt, seq_lens, 0.2, k_scale, v_scale)
-        plain = pa.paged_decode_attention(q, k_cache, v_cache, *args, num_splits=num_splits, new_kv=nkv)
-        k_cache2 = kv[0].clone()
-        out = pa.paged_decode_attention(q, k_cache2, v_t, *args, num_splits=num_splits, new_kv=nkv,
-                                        v_transposed=True)  # fmt: skip
-        assert torch.equal(k_cache2.view(torch.uint8), k_cache.view(torch.uint8))
-        assert torch.equal(v_t.permute(0, 3, 1, 2).contiguous().view(torch.uint8), v_cache.view(torch.uint8))
-        # the same products; the CUDA-core loop's sums over the transposed tile may round in another order
-        use_dot = decode_variant[0]
-        assert torch.equal(out, plain) if use_dot and DEVICE == "cpu" else rel_err(out, plain) < 1e-3
-
-
 def test_entry_point_dispatch():
     q, kv, cu, seq_lens, bt = make_paged_case([2, 1], [9, 4], 4, 2, 32, 8, torch.float32, seed=6)
     ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)

@@ -129,25 +129,6 @@ def test_rotary_kv_write_fp8_cache(dtype, scales):
         assert kv_cache[0].float().abs().nan_to_num().max() == 448.0  # |k| / 0.01 saturates
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, FP8])
-def test_rotary_kv_write_v_transposed(cache_dtype):
-    # HOPPERLLM_V_CACHE_TRANSPOSED: V goes to [block, head, dim, offset] within kv_cache[1]'s memory; K and q
-    # as with the plain layout, and the plain layout's V, permuted, is what the transposed one holds
-    qkv, q, k, v, positions, cos_sin, kv_cache, slots = make_case(
-        7, 4, 2, 32, torch.float32, cache_dtype, seed=12
-    )
-    scales = (torch.tensor([0.02], device=DEVICE),) * 2 if cache_dtype == FP8 else (None, None)
-    plain, q_plain = kv_cache.clone(), q.clone()
-    rotary.rotary_kv_write(q_plain, k, v, positions, cos_sin, plain, slots, *scales)
-    rotary.rotary_kv_write(q, k, v, positions, cos_sin, kv_cache, slots, *scales, v_transposed=True)
-    assert torch.equal(q, q_plain)
-    u8 = torch.uint8 if cache_dtype == FP8 else torch.int32
-    assert torch.equal(kv_cache[0].view(u8), plain[0].view(u8))
-    nb, bs, hkv, d = plain.shape[1:]
-    v_t = kv_cache[1].view(nb, hkv, d, bs)
-    assert torch.equal(v_t.permute(0, 3, 1, 2).contiguous().view(u8), plain[1].view(u8))
-
-
 def test_rotary_kv_write_rejects_mismatched_cache():
     _, q, k, v, positions, cos_sin, kv_cache, slots = make_case(
         3, 4, 2, 16, torch.float32, torch.float32, seed=0

@@ -22,24 +22,18 @@ def _set_backend(llm: LLM, backend) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kv_cache_dtype", "fuse_rotary", "dtype", "v_transposed"),
+    ("kv_cache_dtype", "fuse_rotary", "dtype"),
     [
-        ("auto", "all", "float32", False),
-        ("fp8", "all", "float32", False),
-        ("auto", "none", "float32", False),
-        ("fp8", "all", "float16", False),
-        ("fp8", "all", "float16", True),
-        ("auto", "none", "float32", True),
+        ("auto", "all", "float32"),
+        ("fp8", "all", "float32"),
+        ("auto", "none", "float32"),
+        ("fp8", "all", "float16"),
     ],
 )
-def test_triton_backend_matches_torch_backend(kv_cache_dtype, fuse_rotary, dtype, v_transposed, monkeypatch):
+def test_triton_backend_matches_torch_backend(kv_cache_dtype, fuse_rotary, dtype, monkeypatch):
     # this GQA model's decode steps run rotary inside the attention launch ("all") or before it ("none");
     # a 16-bit model with an FP8 cache runs prefill's QK^T on FP8 q (PREFILL_FP8_QK; the torch backend
-    # rounds q the same way, tests/layers/test_attention_native_fp8_qk.py); v_transposed: both backends
-    # write and read V in the transposed layout (HOPPERLLM_V_CACHE_TRANSPOSED)
-    from hopperllm.kernels import paged_attention
-
-    monkeypatch.setattr(paged_attention, "V_CACHE_TRANSPOSED", v_transposed)
+    # rounds q the same way, tests/layers/test_attention_native_fp8_qk.py)
     monkeypatch.setattr(TritonAttentionBackend, "fuse_decode_rotary", fuse_rotary)
     mixed_steps = []
     mixed = TritonAttentionBackend._mixed
