@@ -135,6 +135,12 @@ for step in $steps; do
       timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -3
       OUT="$OUT" bash "$0" latency
       [ $SECONDS -lt 450 ] && tput 150 1000 --output-json "$OUT/throughput-8b-fp16-2.json" | grep "Output token" ;;
+    v26-graph)  # decode graphs staged from the host (inputs copied straight into the graphs' buffers, the LM head
+      # inside the graph, no sampling tensors for greedy batches): the model tests, Llama-2-7B batch 1 against
+      # HOPPERLLM_GRAPH_STAGING=0 alternating, one Llama-3-8B throughput run
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py tests/layers/test_sampler.py -p no:cacheprovider 2>&1 | tail -2
+      AB="- HOPPERLLM_GRAPH_STAGING=0 - HOPPERLLM_GRAPH_STAGING=0" OUT="$OUT" bash "$0" ab
+      tput 150 1000 --output-json "$OUT/throughput-llama-3-8b-fp8-v26.json" | grep "Output token\|jit" ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -35,16 +35,19 @@ _SAMPLING_EPS = 1e-5  # temperature below this is greedy (SamplingParams.greedy)
 
 @dataclass
 class SamplingMetadata:
-    """Per-step sampling inputs for N rows, already on the device."""
+    """Per-step sampling inputs for N rows, already on the device.
 
-    temperature: torch.Tensor  # float32 [N]; 1.0 on greedy rows (never used there)
-    top_k: torch.Tensor  # int64 [N]; vocab_size where disabled
-    top_p: torch.Tensor  # float32 [N]; 1.0 where disabled
-    min_p: torch.Tensor  # float32 [N]; 0.0 where disabled
-    repetition_penalties: torch.Tensor  # float32 [N]
-    presence_penalties: torch.Tensor  # float32 [N]
-    frequency_penalties: torch.Tensor  # float32 [N]
-    greedy_mask: torch.Tensor  # bool [N]
+    The per-row scalars are None when no row reads them (every row greedy without penalties: the common
+    decode step then sends nothing to the device for sampling)."""
+
+    temperature: torch.Tensor | None  # float32 [N]; 1.0 on greedy rows (never used there)
+    top_k: torch.Tensor | None  # int64 [N]; vocab_size where disabled
+    top_p: torch.Tensor | None  # float32 [N]; 1.0 where disabled
+    min_p: torch.Tensor | None  # float32 [N]; 0.0 where disabled
+    repetition_penalties: torch.Tensor | None  # float32 [N]
+    presence_penalties: torch.Tensor | None  # float32 [N]
+    frequency_penalties: torch.Tensor | None  # float32 [N]
+    greedy_mask: torch.Tensor | None  # bool [N]
     # only when any_penalties: counts over the vocabulary (rows without penalties are left empty)
     prompt_mask: torch.Tensor | None  # bool [N, V]
     output_counts: torch.Tensor | None  # int32 [N, V]
@@ -145,17 +148,21 @@ class SamplingMetadata:
         freq = [p.frequency_penalty for p in params]
         uses_penalties = [p.uses_penalties for p in params]
 
-        # One pinned host tensor and one non-blocking copy for all per-row scalars.
-        floats = to_device(
-            torch.tensor([temperature, top_p, min_p, rep, pres, freq], dtype=torch.float32).reshape(6, n),
-            device,
-            pin,
-        )
-        ints = to_device(
-            torch.tensor([top_k, [int(g) for g in greedy]], dtype=torch.int64).reshape(2, n), device, pin
-        )
-
         any_penalties = any(uses_penalties)
+        floats: torch.Tensor | list[None] = [None] * 6
+        ints: torch.Tensor | list[None] = [None] * 2
+        greedy_mask = None
+        if not all(greedy) or any_penalties:
+            # One pinned host tensor and one non-blocking copy for all per-row scalars.
+            floats = to_device(
+                torch.tensor([temperature, top_p, min_p, rep, pres, freq], dtype=torch.float32).reshape(6, n),
+                device,
+                pin,
+            )
+            ints = to_device(
+                torch.tensor([top_k, [int(g) for g in greedy]], dtype=torch.int64).reshape(2, n), device, pin
+            )
+            greedy_mask = ints[1].bool()
         prompt_mask = output_counts = None
         if any_penalties:
             prompt_counts = _bin_counts(
@@ -254,7 +261,7 @@ class SamplingMetadata:
             presence_penalties=floats[4],
             frequency_penalties=floats[5],
             top_k=ints[0],
-            greedy_mask=ints[1].bool(),
+            greedy_mask=greedy_mask,
             prompt_mask=prompt_mask,
             output_counts=output_counts,
             min_tokens_rows=min_tokens_rows,

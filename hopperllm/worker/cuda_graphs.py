@@ -38,6 +38,33 @@ def capture_sizes(max_num_seqs: int, sizes: tuple[int, ...] | None = None) -> li
     return [s for s in sizes if s <= max(max_num_seqs, 1)] or sizes[:1]
 
 
+# Graphs up to this batch also run the LM head, writing float32 logits into one buffer the sampler reads: the
+# head's launch, its input gather and the float32 conversion leave the step's tail (~10 us of a 3 ms step at
+# batch 1). Larger batches take 5 ms and more a step, where that matters less than the buffer's size (a 128k
+# vocabulary: 0.5 MB a row).
+HEAD_IN_GRAPH_MAX_BS = 64
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class GraphLayout:
+    """Where a decode step's inputs live in the graphs' two static device buffers, so that the model runner
+    copies a step's host arrays straight into them (one copy each, no device-to-device copies):
+    int64 [input_ids | positions | slot_mapping], `stride64` apart, then the step's placeholder fill rows and
+    sources (ModelRunner._stage_graph_step); int32 [seq_lens (`stride32`) | block tables, `max_blocks` ints a
+    row]. Every part starts 16 bytes aligned."""
+
+    def __init__(self, max_bs: int, max_blocks: int):
+        self.max_bs = max_bs
+        self.max_blocks = max_blocks
+        self.stride64 = _round_up(max_bs, 2)
+        self.stride32 = _round_up(max_bs, 4)
+        self.size64 = 5 * self.stride64  # the fills take at most 2 x max_bs
+        self.size32 = self.stride32 + max_bs * max_blocks
+
+
 class DecodeGraphRunner:
     def __init__(self, runner, sizes: list[int]):
         self.runner = runner
@@ -45,16 +72,31 @@ class DecodeGraphRunner:
         self.max_bs = self.sizes[-1]
         dev = runner.device
         mb = runner.max_blocks_per_seq
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((self.max_bs,), -1, dtype=torch.long, device=dev)
-        self.seq_lens = torch.zeros(self.max_bs, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(self.max_bs, mb, dtype=torch.int32, device=dev)
+        self.layout = lay = GraphLayout(self.max_bs, mb)
+        self.static64 = torch.zeros(lay.size64, dtype=torch.long, device=dev)
+        self.static32 = torch.zeros(lay.size32, dtype=torch.int32, device=dev)
+        s = lay.stride64
+        self.input_ids = self.static64[: self.max_bs]
+        self.positions = self.static64[s : s + self.max_bs]
+        self.slot_mapping = self.static64[2 * s : 2 * s + self.max_bs]
+        self.slot_mapping.fill_(-1)
+        self.seq_lens = self.static32[: self.max_bs]
+        self.block_tables = self.static32[lay.stride32 :].view(self.max_bs, mb)
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.num_splits: dict[int, int] = {}
         self.capture_time_s = 0.0
+        # the LM head inside the graph (one GPU: a tensor-parallel head all-gathers its shards, kept eager)
+        self.head_max_bs = HEAD_IN_GRAPH_MAX_BS if runner.tp.world_size == 1 else 0
+        self.logits: torch.Tensor | None = None  # float32 [head batches, vocab]
+
+    def padded_size(self, n: int) -> int:
+        """The batch of the graph that runs n sequences."""
+        return next(s for s in self.sizes if s >= n)
+
+    def has_head(self, bs: int) -> bool:
+        return bs <= self.head_max_bs
 
     def _meta(self, bs: int) -> AttentionMetadata:
         from hopperllm.kernels.paged_attention import choose_num_splits
@@ -89,12 +131,19 @@ class DecodeGraphRunner:
             leave=False,
         ):
             meta = self._meta(bs)
+            head = self.has_head(bs)
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                model(self.input_ids[:bs], self.positions[:bs], kv, meta)
+                out = model(self.input_ids[:bs], self.positions[:bs], kv, meta)
+                if head:
+                    logits = model.compute_logits(out)
+            if head and self.logits is None:  # the largest head batch comes first
+                self.logits = torch.empty(bs, logits.shape[-1], dtype=torch.float32, device=out.device)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 out = model(self.input_ids[:bs], self.positions[:bs], kv, meta)
+                if head:
+                    self.logits[:bs].copy_(model.compute_logits(out))
             if pool is None:
                 pool = g.pool()
             self.graphs[bs] = g
@@ -106,9 +155,18 @@ class DecodeGraphRunner:
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.decode_only and meta.num_seqs <= self.max_bs
 
+    def replay(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the graph for n sequences on the inputs already in the static buffers (the model runner
+        copied them there in `layout`, padding rows included): (hidden [n, H], float32 logits [n, V] where
+        the graph runs the LM head, else None)."""
+        bs = self.padded_size(n)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n], self.logits[:n] if self.has_head(bs) else None
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Copy a step's inputs into the static buffers, replay, return the hidden states [n, H]."""
         n = meta.num_seqs
-        bs = next(s for s in self.sizes if s >= n)
+        bs = self.padded_size(n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
@@ -118,8 +176,7 @@ class DecodeGraphRunner:
         if n < bs:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.replay(n)[0]
 
 
 def capture_decode_graphs(runner, show_progress: bool = True) -> DecodeGraphRunner:

@@ -7,6 +7,7 @@ decode CUDA graphs. Knows nothing of policy: the scheduler decided what runs.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +52,12 @@ class StepLaunch:
     # prompt logprobs: [(seq_id, first position, count, k)] and host tensors (chosen [T], top ids / logprobs [T, k])
     prompt_lp_seqs: list[tuple[str, int, int, int]] | None = None
     prompt_lp_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+# Decode steps that a CUDA graph runs copy their inputs straight into the graphs' buffers and take the LM head's
+# logits from the graph (`_stage_graph_step`, cuda_graphs.HEAD_IN_GRAPH_MAX_BS); HOPPERLLM_GRAPH_STAGING=0 goes
+# back to staging them like any step, then copying them into the graphs' buffers, the head outside the graph.
+GRAPH_STAGING = os.environ.get("HOPPERLLM_GRAPH_STAGING", "1") == "1"
 
 
 def _aligned_offsets(lengths: list[int], multiple: int) -> list[int]:
@@ -128,6 +135,7 @@ class ModelRunner:
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
         self._staging_slot = 0
         self._prompt_lp = None  # _prepare's prompt-logprob rows for launch
+        self._staged = False  # _prepare put a decode step's inputs into the graphs' buffers
 
     # -- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -300,8 +308,23 @@ class ModelRunner:
                 if start <= pos < end:
                     fill_pos.append(cu[-2] + pos - start)
                     fill_src.append(prev_rows[seq.seq_id])
-        max_blocks = max(len(t) for t in tables)
         nseq = len(tables)
+        gr = self.graph_runner
+        # (a one-token prompt chunk that does not end its prompt samples nothing: then the rows and the
+        # samples differ and the step takes the generic path)
+        self._staged = (
+            GRAPH_STAGING
+            and gr is not None
+            and max(q_lens) == 1
+            and nseq <= gr.max_bs
+            and len(sample_seqs) == nseq
+            and not lp_rows
+        )
+        if self._staged:
+            return self._stage_graph_step(
+                gr, input_ids, positions, slots, seq_lens, q_lens, tables, sample_seqs, fill_pos, fill_src
+            )
+        max_blocks = max(len(t) for t in tables)
         table = np.zeros((nseq, max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
             table[i, : len(t)] = t
@@ -337,9 +360,65 @@ class ModelRunner:
         self._sample_trim = sample_trim if any(sample_trim) else None
         return d64[o[0][0] : o[0][1]], d64[o[1][0] : o[1][1]], meta, d64[o[3][0] : o[3][1]], sample_seqs, fill
 
-    def _to_device(self, i64: np.ndarray, i32: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_graph_step(
+        self, gr, input_ids, positions, slots, seq_lens, q_lens, tables, sample_seqs, fill_pos, fill_src
+    ):
+        """_prepare for a decode step that a CUDA graph runs: the host arrays in the graphs' static layout
+        (`GraphLayout`), padding rows up to the graph's batch included, copied straight into the graphs'
+        buffers (two copies; no device-to-device copies, no fills). Every row samples, in order."""
+        lay = gr.layout
+        s, n = lay.stride64, len(tables)
+        bs = gr.padded_size(n)
+        nf = -(-len(fill_pos) // 2) * 2
+        i64 = np.zeros(3 * s + 2 * nf, dtype=np.int64)
+        i64[:n] = input_ids
+        i64[s : s + n] = positions
+        i64[2 * s : 2 * s + n] = slots
+        i64[2 * s + n : 2 * s + bs] = -1  # padding rows write no cache
+        i64[3 * s : 3 * s + len(fill_pos)] = fill_pos
+        i64[3 * s + nf : 3 * s + nf + len(fill_src)] = fill_src
+        i32 = np.zeros(lay.stride32 + n * lay.max_blocks, dtype=np.int32)  # padding rows: seq_len 0
+        i32[:n] = seq_lens
+        table = i32[lay.stride32 :].reshape(n, lay.max_blocks)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        d64, _ = self._to_device(i64, i32, gr.static64, gr.static32)
+        meta = AttentionMetadata(
+            cu_seqlens_q=gr.cu_seqlens_q[: n + 1],
+            seq_lens=gr.seq_lens[:n],
+            slot_mapping=gr.slot_mapping[:n],
+            block_tables=gr.block_tables[:n],
+            max_seqlen_q=1,
+            max_seqlen_k=max(seq_lens),
+            decode_only=True,
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+            num_decodes=n,
+        )
+        fill = (
+            (d64[3 * s : 3 * s + len(fill_pos)], d64[3 * s + nf : 3 * s + nf + len(fill_src)])
+            if fill_pos
+            else None
+        )
+        self._prompt_lp = None
+        self._sample_trim = None
+        return gr.input_ids[:n], gr.positions[:n], meta, None, sample_seqs, fill
+
+    def _to_device(
+        self,
+        i64: np.ndarray,
+        i32: np.ndarray,
+        dst64: torch.Tensor | None = None,
+        dst32: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """i64 and i32 on the device: new tensors, or the leading elements of dst64 / dst32 copied into."""
         if self.device.type != "cuda":
-            return torch.from_numpy(i64), torch.from_numpy(i32)
+            if dst64 is None:
+                return torch.from_numpy(i64), torch.from_numpy(i32)
+            d64, d32 = dst64[: i64.size], dst32[: i32.size]
+            d64.copy_(torch.from_numpy(i64))
+            d32.copy_(torch.from_numpy(i32))
+            return d64, d32
         # Persistent pinned staging buffers (a fresh pinned allocation per step can cost a
         # cudaHostAlloc and stall the host); two slots, so a slot is reused only after its copy is done.
         slot = self._staging_slot = (self._staging_slot + 1) % 2
@@ -356,8 +435,13 @@ class ModelRunner:
         done.synchronize()  # the copy that last used this slot (two steps ago) has finished
         h64[: i64.size].numpy()[:] = i64
         h32[: i32.size].numpy()[:] = i32
-        d64 = h64[: i64.size].to(self.device, non_blocking=True)
-        d32 = h32[: i32.size].to(self.device, non_blocking=True)
+        if dst64 is None:
+            d64 = h64[: i64.size].to(self.device, non_blocking=True)
+            d32 = h32[: i32.size].to(self.device, non_blocking=True)
+        else:
+            d64, d32 = dst64[: i64.size], dst32[: i32.size]
+            d64.copy_(h64[: i64.size], non_blocking=True)
+            d32.copy_(h32[: i32.size], non_blocking=True)
         done.record()
         return d64, d32
 
@@ -424,7 +508,10 @@ class ModelRunner:
         input_ids, positions, meta, sample_idx, sample_seqs, fill = self._prepare(sched, prev_rows)
         if fill is not None:
             input_ids.index_copy_(0, fill[0], prev.token_ids_dev.index_select(0, fill[1]))
-        if self.graph_runner is not None and self.graph_runner.can_run(meta):
+        logits = None  # float32 [samples, V] where the decode graph ran the LM head
+        if self._staged:  # the inputs are in the graphs' buffers already
+            hidden, logits = self.graph_runner.replay(meta.num_seqs)
+        elif self.graph_runner is not None and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -432,7 +519,9 @@ class ModelRunner:
         if self._prompt_lp is not None:
             self._launch_prompt_logprobs(launch, hidden, *self._prompt_lp)
         if sample_seqs:
-            logits = self.model.compute_logits(hidden.index_select(0, sample_idx)).float()
+            if logits is None:
+                rows = hidden if sample_idx is None else hidden.index_select(0, sample_idx)
+                logits = self.model.compute_logits(rows).float()
             in_flight = [
                 bool(prev_rows and s.num_placeholders and s.seq_id in prev_rows) for s in sample_seqs
             ]
