@@ -184,3 +184,114 @@ def capture_decode_graphs(runner, show_progress: bool = True) -> DecodeGraphRunn
     gr = DecodeGraphRunner(runner, sizes)
     gr.capture(show_progress=show_progress)
     return gr
+
+
+# Token counts of the single-sequence prefill graphs (HOPPERLLM_PREFILL_GRAPHS=1): a prompt (or a chunk of one)
+# of n tokens runs in the smallest graph of at least n, the rest of its rows a padding sequence.
+PREFILL_GRAPH_TOKENS = (128, 256, 512, 1024, 2048, 4096)
+
+
+class PrefillGraphRunner:
+    """CUDA graphs for steps that prefill one sequence: its whole prompt, a chunk of it, or the part a
+    prefix-cache hit left; the batch-1 time to first token. Eagerly such a step enqueues ~350 launches
+    (Llama-2-7B), whose Python costs the host 20-42 ms against ~26 ms of GPU work for 2048 tokens on an
+    H200 (perf-notes v26): the host, not the GPU, then sets the time to first token. A graph replays them
+    in one launch.
+
+    A graph of T tokens holds two sequences: the step's (n tokens, its context and block table) and a
+    padding sequence of the other T - n rows (its own context only, slot -1: it writes no cache; its rows'
+    outputs are dropped). The model's kernels treat rows independently but for attention, which never
+    mixes sequences, so the step's rows compute what they compute eagerly. Static buffers:
+    int64 [input_ids | positions | slot_mapping], `stride64` apart, then the placeholder fill rows and
+    sources; int32 [cu_seqlens_q (4) | seq_lens (4) | block tables, 2 rows of `max_blocks`]."""
+
+    def __init__(self, runner, sizes: list[int]):
+        self.runner = runner
+        self.sizes = sorted(sizes)
+        self.max_tokens = self.sizes[-1]
+        dev = runner.device
+        mb = self.max_blocks = runner.max_blocks_per_seq
+        s = self.stride64 = _round_up(self.max_tokens, 2)
+        self.static64 = torch.zeros(3 * s + 4, dtype=torch.long, device=dev)
+        self.static32 = torch.zeros(8 + 2 * mb, dtype=torch.int32, device=dev)
+        self.input_ids = self.static64[: self.max_tokens]
+        self.positions = self.static64[s : s + self.max_tokens]
+        self.slot_mapping = self.static64[2 * s : 2 * s + self.max_tokens]
+        self.cu_seqlens_q = self.static32[:3]
+        self.seq_lens = self.static32[4:6]
+        self.block_tables = self.static32[8:].view(2, mb)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_time_s = 0.0
+
+    def bucket(self, n: int) -> int | None:
+        """The token count of the graph that runs an n-token chunk, or None (more than the largest)."""
+        return next((s for s in self.sizes if s >= n), None)
+
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens_q,
+            seq_lens=self.seq_lens,
+            slot_mapping=self.slot_mapping[:tokens],
+            block_tables=self.block_tables,
+            max_seqlen_q=tokens,
+            max_seqlen_k=self.runner.config.scheduler_config.max_model_len,
+            decode_only=False,
+        )
+
+    def _dummy_inputs(self, tokens: int) -> None:
+        """One sequence of `tokens` tokens without context, writing nothing (slot -1)."""
+        self.input_ids.zero_()
+        self.positions[:tokens].copy_(torch.arange(tokens, device=self.positions.device))  # < max_model_len
+        self.slot_mapping.fill_(-1)
+        self.cu_seqlens_q.copy_(torch.tensor([0, tokens, tokens], dtype=torch.int32))
+        self.seq_lens.copy_(torch.tensor([tokens, 0], dtype=torch.int32))
+        self.block_tables.zero_()
+
+    @torch.inference_mode()
+    def capture(self, show_progress: bool = True) -> None:
+        t0 = time.perf_counter()
+        model, kv = self.runner.model, self.runner.kv_caches
+        pool = None
+        for tokens in tqdm(
+            sorted(self.sizes, reverse=True),
+            desc="Capturing prefill graphs",
+            disable=not show_progress,
+            leave=False,
+        ):
+            meta = self._meta(tokens)
+            self._dummy_inputs(tokens)
+            for _ in range(2):  # warm up: Triton compiles outside the capture
+                model(self.input_ids[:tokens], self.positions[:tokens], kv, meta)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = model(self.input_ids[:tokens], self.positions[:tokens], kv, meta)
+            if pool is None:
+                pool = g.pool()
+            self.graphs[tokens] = g
+            self.outputs[tokens] = out
+        torch.cuda.synchronize()
+        self.capture_time_s = time.perf_counter() - t0
+        logger.info("captured %d prefill graphs in %.1f s", len(self.graphs), self.capture_time_s)
+
+    def replay(self, tokens: int) -> torch.Tensor:
+        """Run the graph of `tokens` tokens on the inputs the model runner staged: hidden [tokens, H]."""
+        self.graphs[tokens].replay()
+        return self.outputs[tokens]
+
+
+def prefill_graph_sizes(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
+    """PREFILL_GRAPH_TOKENS up to what one step can prefill of one sequence: a graph's rows (the padding
+    sequence's positions included) stay within max_model_len."""
+    return [s for s in PREFILL_GRAPH_TOKENS if s <= min(max_num_batched_tokens, max_model_len)]
+
+
+def capture_prefill_graphs(runner, show_progress: bool = True) -> PrefillGraphRunner | None:
+    sc = runner.config.scheduler_config
+    sizes = prefill_graph_sizes(sc.max_num_batched_tokens, sc.max_model_len)
+    if not sizes:
+        return None
+    gr = PrefillGraphRunner(runner, sizes)
+    gr.capture(show_progress=show_progress)
+    return gr

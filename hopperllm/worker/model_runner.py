@@ -58,6 +58,9 @@ class StepLaunch:
 # logits from the graph (`_stage_graph_step`, cuda_graphs.HEAD_IN_GRAPH_MAX_BS); HOPPERLLM_GRAPH_STAGING=0 goes
 # back to staging them like any step, then copying them into the graphs' buffers, the head outside the graph.
 GRAPH_STAGING = os.environ.get("HOPPERLLM_GRAPH_STAGING", "1") == "1"
+# HOPPERLLM_PREFILL_GRAPHS=1: steps that prefill one sequence replay a CUDA graph (cuda_graphs.PrefillGraphRunner)
+# instead of enqueueing ~350 launches from Python. Off until measured on a GPU.
+PREFILL_GRAPHS = os.environ.get("HOPPERLLM_PREFILL_GRAPHS", "0") == "1"
 
 
 def _aligned_offsets(lengths: list[int], multiple: int) -> list[int]:
@@ -131,6 +134,10 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.max_blocks_per_seq = -(-config.scheduler_config.max_model_len // self.block_size)
         self.graph_runner = None  # CUDA graphs for decode, set up by capture_cuda_graphs()
+        self.prefill_graphs = None  # CUDA graphs for one sequence's prefill (PREFILL_GRAPHS)
+        self._prefill_tokens: int | None = (
+            None  # _prepare staged this step for the prefill graph of so many tokens
+        )
         # pinned host staging buffers for _prepare's two copies per step (CUDA only), used in turn
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
         self._staging_slot = 0
@@ -309,6 +316,26 @@ class ModelRunner:
                     fill_pos.append(cu[-2] + pos - start)
                     fill_src.append(prev_rows[seq.seq_id])
         nseq = len(tables)
+        pg = self.prefill_graphs
+        self._prefill_tokens = None
+        if pg is not None and nseq == 1 and q_lens[0] > 1 and len(sample_idx) <= 1 and not lp_rows:
+            tokens = pg.bucket(q_lens[0])
+            if tokens is not None:
+                self._staged = False
+                self._prefill_tokens = tokens
+                return self._stage_prefill_graph(
+                    pg,
+                    tokens,
+                    input_ids,
+                    positions,
+                    slots,
+                    seq_lens,
+                    q_lens,
+                    tables,
+                    sample_seqs,
+                    fill_pos,
+                    fill_src,
+                )
         gr = self.graph_runner
         # (a one-token prompt chunk that does not end its prompt samples nothing: then the rows and the
         # samples differ and the step takes the generic path)
@@ -403,6 +430,60 @@ class ModelRunner:
         self._prompt_lp = None
         self._sample_trim = None
         return gr.input_ids[:n], gr.positions[:n], meta, None, sample_seqs, fill
+
+    def _stage_prefill_graph(
+        self,
+        pg,
+        tokens,
+        input_ids,
+        positions,
+        slots,
+        seq_lens,
+        q_lens,
+        tables,
+        sample_seqs,
+        fill_pos,
+        fill_src,
+    ):
+        """_prepare for a step that prefills one sequence in the prefill graph of `tokens` tokens: its n rows,
+        then a padding sequence of tokens - n rows (positions from 0, slot -1, no context), copied straight
+        into the graph's buffers. The step samples at most its last row."""
+        s, n = pg.stride64, q_lens[0]
+        pad = tokens - n
+        i64 = np.zeros(3 * s + 4, dtype=np.int64)
+        i64[:n] = input_ids
+        i64[s : s + n] = positions
+        i64[s + n : s + tokens] = np.arange(pad)
+        i64[2 * s : 2 * s + n] = slots
+        i64[2 * s + n : 2 * s + tokens] = -1
+        i64[3 * s : 3 * s + len(fill_pos)] = (
+            fill_pos  # a preempted sequence's in-flight last token: one at most
+        )
+        i64[3 * s + 2 : 3 * s + 2 + len(fill_src)] = fill_src
+        i32 = np.zeros(8 + pg.max_blocks, dtype=np.int32)  # the padding sequence's table row stays zeros
+        i32[:3] = (0, n, tokens)
+        i32[4:6] = (seq_lens[0], pad)
+        i32[8 : 8 + len(tables[0])] = tables[0]
+        d64, _ = self._to_device(i64, i32, pg.static64, pg.static32)
+        meta = AttentionMetadata(
+            cu_seqlens_q=pg.cu_seqlens_q[:2],
+            seq_lens=pg.seq_lens[:1],
+            slot_mapping=pg.slot_mapping[:n],
+            block_tables=pg.block_tables[:1],
+            max_seqlen_q=n,
+            max_seqlen_k=seq_lens[0],
+            decode_only=False,
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        fill = (
+            (d64[3 * s : 3 * s + len(fill_pos)], d64[3 * s + 2 : 3 * s + 2 + len(fill_src)])
+            if fill_pos
+            else None
+        )
+        self._prompt_lp = None
+        self._sample_trim = None
+        return pg.input_ids[:n], pg.positions[:n], meta, None, sample_seqs, fill
 
     def _to_device(
         self,
@@ -509,7 +590,10 @@ class ModelRunner:
         if fill is not None:
             input_ids.index_copy_(0, fill[0], prev.token_ids_dev.index_select(0, fill[1]))
         logits = None  # float32 [samples, V] where the decode graph ran the LM head
-        if self._staged:  # the inputs are in the graphs' buffers already
+        if self._prefill_tokens is not None:  # one sequence's rows, staged in a prefill graph's buffers
+            n = len(input_ids)
+            hidden = self.prefill_graphs.replay(self._prefill_tokens)[n - 1 : n]  # its last row samples
+        elif self._staged:  # the inputs are in the graphs' buffers already
             hidden, logits = self.graph_runner.replay(meta.num_seqs)
         elif self.graph_runner is not None and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(input_ids, positions, meta)

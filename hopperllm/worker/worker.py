@@ -232,6 +232,12 @@ class Worker:
         if graphs:
             warm_up(self.tp, self.runner.device)
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
+            from hopperllm.worker.model_runner import PREFILL_GRAPHS
+
+            if PREFILL_GRAPHS and self.tp.world_size == 1:  # (a TP step's all-reduces: not captured here yet)
+                from hopperllm.worker.cuda_graphs import capture_prefill_graphs
+
+                self.runner.prefill_graphs = capture_prefill_graphs(self.runner, show_progress=show_progress)
         self.mirror = SequenceMirror()
         # (step id, StepLaunch) of the latest step, whose sampled tokens feed the next step's placeholders
         self._latest: tuple[int, Any] | None = None
@@ -277,6 +283,7 @@ class Worker:
     def close(self) -> None:
         # the graphs hold captured NCCL work: free them before the communicator
         self.runner.graph_runner = None
+        self.runner.prefill_graphs = None
         destroy_tp_group()
 
 

@@ -86,6 +86,37 @@ def test_fp8_fast_path_matches_cpu_emulation(model_dir):
     assert top1_gpu > top1_cpu - 0.05, (top1_gpu, top1_cpu)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_prefill_graphs_greedy_equals_reference(model_dir, fp8, monkeypatch):
+    """HOPPERLLM_PREFILL_GRAPHS=1: each prefill step of one sequence (whole prompts; chunks of 256 with
+    cached context) replays a CUDA graph of 128-2048 rows, its padding rows writing no cache. Greedy tokens
+    equal the eager engine's (bf16: the reference path's) until a near tie."""
+    from hopperllm.worker import model_runner
+
+    monkeypatch.setattr(model_runner, "PREFILL_GRAPHS", True)
+    kw = dict(dtype="bfloat16", num_kv_blocks=512, show_progress=False)
+    if fp8:
+        kw |= dict(quantization="fp8", kv_cache_dtype="fp8")
+    for budget in (8192, 256):
+        llm = LLM(model=model_dir, max_num_seqs=1, max_num_batched_tokens=budget, **kw)
+        pg = llm.engine.executor.runner.prefill_graphs
+        assert pg is not None and pg.sizes[0] == 128 and pg.sizes[-1] == min(budget, 2048)
+        replays = []
+        pg.replay = lambda t, real=pg.replay, seen=replays: seen.append(t) or real(t)
+        got = _greedy(llm, logprobs=2)
+        assert sorted(set(replays)) == ([128, 512, 1024] if budget == 8192 else [128, 256])
+        del llm
+        torch.cuda.empty_cache()
+        monkeypatch.setattr(model_runner, "PREFILL_GRAPHS", False)
+        eager = _greedy(LLM(model=model_dir, max_num_seqs=1, max_num_batched_tokens=budget, **kw), logprobs=2)
+        monkeypatch.setattr(model_runner, "PREFILL_GRAPHS", True)
+        assert_same_until_near_tie(got, eager, max_gap=0.13)
+    if not fp8:
+        assert_same_until_near_tie(
+            got, _greedy(_reference(model_dir, dtype="bfloat16"), logprobs=2), max_gap=0.13
+        )
+
+
 def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
     """PDL only lets a kernel start early and wait (griddepcontrol.wait) before touching memory: with it on
     and off, the FP8 fast path with CUDA graphs and async scheduling gives identical tokens and logprobs."""

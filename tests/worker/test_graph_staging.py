@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hopperllm import LLM, SamplingParams
-from hopperllm.worker.cuda_graphs import DecodeGraphRunner
+from hopperllm.layers.attention import AttentionMetadata
+from hopperllm.worker.cuda_graphs import DecodeGraphRunner, PrefillGraphRunner, prefill_graph_sizes
 
 
 class EagerGraphRunner(DecodeGraphRunner):
@@ -81,3 +82,72 @@ def test_staged_steps_with_logprobs_and_penalties():
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             assert x.keys() == y.keys()
             assert all(abs(x[k] - y[k]) < 1e-4 for k in x)
+
+
+class EagerPrefillGraphs(PrefillGraphRunner):
+    """PrefillGraphRunner's buffers and layout; `replay` runs the model eagerly on all of the graph's rows."""
+
+    def capture(self, show_progress: bool = True) -> None:
+        self.replays: list[tuple[int, int]] = []  # (the step's rows, the graph's)
+        self.contexts: list[int] = []  # the step's cached tokens before its rows
+
+    def replay(self, tokens: int):
+        cu, lens = self.cu_seqlens_q.tolist(), self.seq_lens.tolist()
+        n = cu[1]
+        assert cu == [0, n, tokens] and lens[1] == tokens - n and n <= lens[0]
+        assert (self.slot_mapping[n:tokens] == -1).all() and (self.block_tables[1] == 0).all()
+        self.replays.append((n, tokens))
+        self.contexts.append(lens[0] - n)
+        meta = AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens_q, seq_lens=self.seq_lens, slot_mapping=self.slot_mapping[:tokens],
+            block_tables=self.block_tables, max_seqlen_q=tokens, max_seqlen_k=max(lens), decode_only=False,
+            query_lens_cpu=[n, tokens - n], seq_lens_cpu=lens,
+        )  # fmt: skip
+        r = self.runner
+        return r.model(self.input_ids[:tokens], self.positions[:tokens], r.kv_caches, meta)
+
+
+def _prefill_llm(async_scheduling: bool, **kw) -> LLM:
+    llm = LLM(model="dummy:tiny", device="cpu", dtype="float32", num_kv_blocks=96, show_progress=False, **kw)
+    llm.engine.async_scheduling = async_scheduling
+    return llm
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_num_seqs=1, enable_prefix_caching=False),  # every prefill alone, whole
+        dict(max_num_seqs=1, max_num_batched_tokens=16, enable_prefix_caching=False),  # chunks with context
+        dict(max_num_seqs=1, enable_prefix_caching=True),  # the repeated prompts' prefix hits
+    ],
+    ids=["whole", "chunked", "prefix-hit"],
+)
+def test_prefill_graph_steps_equal_eager_steps(async_scheduling, kw):
+    g = torch.Generator().manual_seed(1)
+    lens = (3, 17, 40, 16, 33)
+    prompts = [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=g).tolist()} for n in lens]
+    prompts += prompts[1:3]  # again: prefix-cache hits where caching is on
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def run(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    want = run(_prefill_llm(async_scheduling, **kw))
+    llm = _prefill_llm(async_scheduling, **kw)
+    runner = llm.engine.executor.runner
+    pg = EagerPrefillGraphs(runner, [4, 8, 16, 32, 64])
+    pg.capture()
+    runner.prefill_graphs = pg
+    assert run(llm) == want
+    assert pg.replays and any(t > n for n, t in pg.replays)
+    assert any(t == n for n, t in pg.replays)  # the 16-token prompt (chunks) fills its graph exactly
+    # chunks after the first and prefix hits run with cached context
+    assert any(pg.contexts) == ("max_num_batched_tokens" in kw or kw["enable_prefix_caching"])
+
+
+def test_prefill_graph_sizes_stay_within_a_step_and_the_model_length():
+    assert prefill_graph_sizes(8192, 4096) == [128, 256, 512, 1024, 2048, 4096]
+    assert prefill_graph_sizes(2048, 4096) == [128, 256, 512, 1024, 2048]
+    assert prefill_graph_sizes(8192, 1000) == [128, 256, 512]
+    assert prefill_graph_sizes(8192, 100) == []
