@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from hopperllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from hopperllm.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
+from hopperllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams  # noqa: E402
 
 
 def __getattr__(name):  # LLM imports the whole engine: load it on first use
@@ -17,6 +17,7 @@ def __getattr__(name):  # LLM imports the whole engine: load it on first use
 __all__ = [
     "LLM",
     "SamplingParams",
+    "RequestOutputKind",
     "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",

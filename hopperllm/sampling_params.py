@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what a running request's outputs hold."""
+
+    CUMULATIVE = 0  # each step, everything so far (the default)
+    DELTA = 1  # each step, only what it added: new token ids, text and logprobs
+    FINAL_ONLY = 2  # one output, when the request finishes (LLM.generate: no per-step output objects)
 
 
 @dataclass
@@ -83,6 +92,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     # vLLM's truncate_prompt_tokens: keep only the prompt's last k tokens (-1: the last max_model_len - 1)
     truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, default_factory=list)
     bad_words_token_ids: list[list[int]] | None = field(init=False, default=None)
 
@@ -97,6 +107,9 @@ class SamplingParams:
             self.stop_token_ids = []
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.output_kind, bool) or self.output_kind not in set(RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        self.output_kind = RequestOutputKind(self.output_kind)
         self.verify()
 
     def verify(self) -> None:

@@ -16,7 +16,7 @@ from hopperllm.engine.detokenizer import IncrementalDetokenizer
 from hopperllm.engine.scheduler import ScheduledSeq, Scheduler
 from hopperllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from hopperllm.sampling_params import SamplingParams
+from hopperllm.sampling_params import RequestOutputKind, SamplingParams
 from hopperllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class _Request:
     detoks: list[IncrementalDetokenizer | None]
     arrival_time: float
     sent_tokens: list[int] = field(default_factory=list)  # per seq: tokens already reported
+    sent_prompt_logprobs: bool = False  # DELTA outputs carry the prompt's logprobs once
     finished: bool = False
 
 
@@ -346,6 +347,10 @@ class LLMEngine:
                 touched[req.request_id] = req
         outputs = []
         for req in touched.values():
+            if req.params.output_kind == RequestOutputKind.FINAL_ONLY and not all(
+                s.is_finished for s in req.seqs
+            ):
+                continue  # LLM.generate: no output object (and no copy of the tokens so far) each step
             ro = self._make_output(req)
             outputs.append(ro)
             if ro.finished:
@@ -525,23 +530,30 @@ class LLMEngine:
             self.scheduler.finish_seq(seq, status)
 
     def _make_output(self, req: _Request) -> RequestOutput:
+        """The request's output now: everything so far, or with output_kind DELTA what was added since the
+        last one (the prompt's logprobs in the first that has them)."""
+        delta = req.params.output_kind == RequestOutputKind.DELTA
         outs = []
         for i, seq in enumerate(req.seqs):
             detok = req.detoks[i]
             finished = seq.is_finished
             ids = seq.output_token_ids
-            delta_ids = ids[req.sent_tokens[i] :]
+            sent = req.sent_tokens[i]
+            delta_ids = ids[sent:]
             req.sent_tokens[i] = len(ids)
             delta_text = detok.get_next_delta(finished) if detok is not None else ""
             text = detok.output_text if detok is not None else ""
             p = seq.sampling_params
+            logprobs = None
+            if p.logprobs is not None:
+                logprobs = list(seq.output_logprobs[sent:] if delta else seq.output_logprobs)
             outs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=text,
-                    token_ids=list(ids),
+                    text=delta_text if delta else text,
+                    token_ids=delta_ids if delta else list(ids),
                     cumulative_logprob=seq.cumulative_logprob if p.logprobs is not None else None,
-                    logprobs=list(seq.output_logprobs) if p.logprobs is not None else None,
+                    logprobs=logprobs,
                     finish_reason=seq.status.finish_reason,
                     stop_reason=seq.stop_reason,
                     delta_text=delta_text,
@@ -561,6 +573,8 @@ class LLMEngine:
         prompt_lp = s0.prompt_logprobs
         if prompt_lp is not None:
             prompt_lp = list(prompt_lp) if s0.num_computed_tokens >= s0.num_prompt_tokens else None
+            if delta and prompt_lp is not None:
+                prompt_lp, req.sent_prompt_logprobs = (None if req.sent_prompt_logprobs else prompt_lp), True
         return RequestOutput(
             req.request_id,
             req.prompt,

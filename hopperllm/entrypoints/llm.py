@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from hopperllm.engine.arg_utils import EngineArgs
 from hopperllm.engine.beam_search import BeamSearchInstance, BeamSearchOutput, BeamSearchParams
 from hopperllm.engine.llm_engine import LLMEngine, PromptType
 from hopperllm.outputs import RequestOutput
-from hopperllm.sampling_params import SamplingParams
+from hopperllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -103,6 +104,13 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        # only finished outputs are returned: the engine builds none before (vLLM's LLM does the same)
+        final = {}
+        for p in params:
+            if id(p) not in final and isinstance(p, SamplingParams):
+                final[id(p)] = copy.copy(p)
+                final[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+        params = [final.get(id(p), p) for p in params]
         ids = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
