@@ -144,7 +144,7 @@ for step in $steps; do
     v27-prefill-graphs)  # HOPPERLLM_PREFILL_GRAPHS=1 (single-sequence prefill steps replay a CUDA graph; v26 found the
       # batch-1 TTFT host-bound): the GPU test, the prefill's host enqueue vs device time in separate processes
       # with and without, then Llama-2-7B batch 1 alternating
-      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -k "prefill_graphs" -p no:cacheprovider 2>&1 | tail -2
+      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -2  # decode graphs too (capture refactored after v26)
       for e in 1 0 1 0; do HOPPERLLM_PREFILL_GRAPHS=$e timeout 60 python3 benchmarks/ttft_probe.py \
         --output-json "$OUT/ttft-probe-pg$e-$SECONDS.json" 2>&1 | tail -1 | sed "s/^/pg$e /"; done
       AB="HOPPERLLM_PREFILL_GRAPHS=1 - HOPPERLLM_PREFILL_GRAPHS=1 -" OUT="$OUT" bash "$0" ab ;;

@@ -49,6 +49,29 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+@torch.inference_mode()
+def _capture_graphs(sizes, desc: str, show_progress: bool, run) -> tuple[dict, dict, float]:
+    """Capture `run(size, warm=False)` for each size, largest first, in one memory pool, after two
+    `run(size, warm=True)` calls outside the capture (Triton compiles there). Returns the graphs, their
+    outputs and the seconds taken."""
+    t0 = time.perf_counter()
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pool = None
+    for size in tqdm(sorted(sizes, reverse=True), desc=desc, disable=not show_progress, leave=False):
+        for _ in range(2):
+            run(size, True)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outputs[size] = run(size, False)
+        if pool is None:
+            pool = g.pool()
+        graphs[size] = g
+    torch.cuda.synchronize()
+    return graphs, outputs, time.perf_counter() - t0
+
+
 class GraphLayout:
     """Where a decode step's inputs live in the graphs' two static device buffers, so that the model runner
     copies a step's host arrays straight into them (one copy each, no device-to-device copies):
@@ -119,37 +142,22 @@ class DecodeGraphRunner:
             num_splits=self.num_splits[bs],
         )
 
-    @torch.inference_mode()
     def capture(self, show_progress: bool = True) -> None:
-        t0 = time.perf_counter()
         model, kv = self.runner.model, self.runner.kv_caches
-        pool = None
-        for bs in tqdm(
-            sorted(self.sizes, reverse=True),
-            desc="Capturing CUDA graphs",
-            disable=not show_progress,
-            leave=False,
-        ):
-            meta = self._meta(bs)
-            head = self.has_head(bs)
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                out = model(self.input_ids[:bs], self.positions[:bs], kv, meta)
-                if head:
-                    logits = model.compute_logits(out)
-            if head and self.logits is None:  # the largest head batch comes first
-                self.logits = torch.empty(bs, logits.shape[-1], dtype=torch.float32, device=out.device)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = model(self.input_ids[:bs], self.positions[:bs], kv, meta)
-                if head:
-                    self.logits[:bs].copy_(model.compute_logits(out))
-            if pool is None:
-                pool = g.pool()
-            self.graphs[bs] = g
-            self.outputs[bs] = out
-        torch.cuda.synchronize()
-        self.capture_time_s = time.perf_counter() - t0
+
+        def run(bs: int, warm: bool) -> torch.Tensor:
+            out = model(self.input_ids[:bs], self.positions[:bs], kv, self._meta(bs))
+            if self.has_head(bs):
+                logits = model.compute_logits(out)
+                if warm and self.logits is None:  # outside the capture; the largest head batch comes first
+                    self.logits = torch.empty(bs, logits.shape[-1], dtype=torch.float32, device=out.device)
+                elif not warm:
+                    self.logits[:bs].copy_(logits)
+            return out
+
+        self.graphs, self.outputs, self.capture_time_s = _capture_graphs(
+            self.sizes, "Capturing CUDA graphs", show_progress, run
+        )
         logger.info("captured %d decode graphs in %.1f s", len(self.graphs), self.capture_time_s)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
@@ -248,31 +256,17 @@ class PrefillGraphRunner:
         self.seq_lens.copy_(torch.tensor([tokens, 0], dtype=torch.int32))
         self.block_tables.zero_()
 
-    @torch.inference_mode()
     def capture(self, show_progress: bool = True) -> None:
-        t0 = time.perf_counter()
         model, kv = self.runner.model, self.runner.kv_caches
-        pool = None
-        for tokens in tqdm(
-            sorted(self.sizes, reverse=True),
-            desc="Capturing prefill graphs",
-            disable=not show_progress,
-            leave=False,
-        ):
-            meta = self._meta(tokens)
-            self._dummy_inputs(tokens)
-            for _ in range(2):  # warm up: Triton compiles outside the capture
-                model(self.input_ids[:tokens], self.positions[:tokens], kv, meta)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = model(self.input_ids[:tokens], self.positions[:tokens], kv, meta)
-            if pool is None:
-                pool = g.pool()
-            self.graphs[tokens] = g
-            self.outputs[tokens] = out
-        torch.cuda.synchronize()
-        self.capture_time_s = time.perf_counter() - t0
+
+        def run(tokens: int, warm: bool) -> torch.Tensor:
+            if warm:
+                self._dummy_inputs(tokens)
+            return model(self.input_ids[:tokens], self.positions[:tokens], kv, self._meta(tokens))
+
+        self.graphs, self.outputs, self.capture_time_s = _capture_graphs(
+            self.sizes, "Capturing prefill graphs", show_progress, run
+        )
         logger.info("captured %d prefill graphs in %.1f s", len(self.graphs), self.capture_time_s)
 
     def replay(self, tokens: int) -> torch.Tensor:

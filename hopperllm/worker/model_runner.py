@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +62,40 @@ GRAPH_STAGING = os.environ.get("HOPPERLLM_GRAPH_STAGING", "1") == "1"
 # HOPPERLLM_PREFILL_GRAPHS=1: steps that prefill one sequence replay a CUDA graph (cuda_graphs.PrefillGraphRunner)
 # instead of enqueueing ~350 launches from Python. Off until measured on a GPU.
 PREFILL_GRAPHS = os.environ.get("HOPPERLLM_PREFILL_GRAPHS", "0") == "1"
+
+
+class _StepRows(NamedTuple):
+    """A step's host lists, as _prepare builds them, for the graph staging functions."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    q_lens: list[int]
+    tables: list[list[int]]
+    sample_seqs: list[Sequence]
+    fill_pos: list[int]
+    fill_src: list[int]
+
+
+def _staged_int64(
+    rows: _StepRows, stride: int, total: int, pad_positions: bool
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A graph's int64 buffer for the step's rows: [input_ids | positions | slot_mapping], `stride` apart, rows
+    up to `total` padding (slot -1; positions 0, 1, ... with `pad_positions`, else 0), then the placeholder
+    fill rows and sources; returns it and the fill parts' offsets."""
+    n, s = len(rows.input_ids), stride
+    nf = -(-len(rows.fill_pos) // 2) * 2  # 16-byte aligned parts
+    i64 = np.zeros(3 * s + 2 * nf, dtype=np.int64)
+    i64[:n] = rows.input_ids
+    i64[s : s + n] = rows.positions
+    if pad_positions:
+        i64[s + n : s + total] = np.arange(total - n)
+    i64[2 * s : 2 * s + n] = rows.slots
+    i64[2 * s + n : 2 * s + total] = -1  # padding rows write no cache
+    i64[3 * s : 3 * s + len(rows.fill_pos)] = rows.fill_pos
+    i64[3 * s + nf : 3 * s + nf + len(rows.fill_src)] = rows.fill_src
+    return i64, (3 * s, 3 * s + nf)
 
 
 def _aligned_offsets(lengths: list[int], multiple: int) -> list[int]:
@@ -318,24 +353,15 @@ class ModelRunner:
         nseq = len(tables)
         pg = self.prefill_graphs
         self._prefill_tokens = None
+        rows = _StepRows(
+            input_ids, positions, slots, seq_lens, q_lens, tables, sample_seqs, fill_pos, fill_src
+        )
         if pg is not None and nseq == 1 and q_lens[0] > 1 and len(sample_idx) <= 1 and not lp_rows:
             tokens = pg.bucket(q_lens[0])
             if tokens is not None:
                 self._staged = False
                 self._prefill_tokens = tokens
-                return self._stage_prefill_graph(
-                    pg,
-                    tokens,
-                    input_ids,
-                    positions,
-                    slots,
-                    seq_lens,
-                    q_lens,
-                    tables,
-                    sample_seqs,
-                    fill_pos,
-                    fill_src,
-                )
+                return self._stage_prefill_graph(pg, tokens, rows)
         gr = self.graph_runner
         # (a one-token prompt chunk that does not end its prompt samples nothing: then the rows and the
         # samples differ and the step takes the generic path)
@@ -348,9 +374,7 @@ class ModelRunner:
             and not lp_rows
         )
         if self._staged:
-            return self._stage_graph_step(
-                gr, input_ids, positions, slots, seq_lens, q_lens, tables, sample_seqs, fill_pos, fill_src
-            )
+            return self._stage_graph_step(gr, rows)
         max_blocks = max(len(t) for t in tables)
         table = np.zeros((nseq, max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
@@ -387,27 +411,17 @@ class ModelRunner:
         self._sample_trim = sample_trim if any(sample_trim) else None
         return d64[o[0][0] : o[0][1]], d64[o[1][0] : o[1][1]], meta, d64[o[3][0] : o[3][1]], sample_seqs, fill
 
-    def _stage_graph_step(
-        self, gr, input_ids, positions, slots, seq_lens, q_lens, tables, sample_seqs, fill_pos, fill_src
-    ):
+    def _stage_graph_step(self, gr, rows: _StepRows):
         """_prepare for a decode step that a CUDA graph runs: the host arrays in the graphs' static layout
         (`GraphLayout`), padding rows up to the graph's batch included, copied straight into the graphs'
         buffers (two copies; no device-to-device copies, no fills). Every row samples, in order."""
         lay = gr.layout
-        s, n = lay.stride64, len(tables)
-        bs = gr.padded_size(n)
-        nf = -(-len(fill_pos) // 2) * 2
-        i64 = np.zeros(3 * s + 2 * nf, dtype=np.int64)
-        i64[:n] = input_ids
-        i64[s : s + n] = positions
-        i64[2 * s : 2 * s + n] = slots
-        i64[2 * s + n : 2 * s + bs] = -1  # padding rows write no cache
-        i64[3 * s : 3 * s + len(fill_pos)] = fill_pos
-        i64[3 * s + nf : 3 * s + nf + len(fill_src)] = fill_src
+        n = len(rows.tables)
+        i64, fill_at = _staged_int64(rows, lay.stride64, gr.padded_size(n), pad_positions=False)
         i32 = np.zeros(lay.stride32 + n * lay.max_blocks, dtype=np.int32)  # padding rows: seq_len 0
-        i32[:n] = seq_lens
+        i32[:n] = rows.seq_lens
         table = i32[lay.stride32 :].reshape(n, lay.max_blocks)
-        for i, t in enumerate(tables):
+        for i, t in enumerate(rows.tables):
             table[i, : len(t)] = t
         d64, _ = self._to_device(i64, i32, gr.static64, gr.static32)
         meta = AttentionMetadata(
@@ -416,54 +430,25 @@ class ModelRunner:
             slot_mapping=gr.slot_mapping[:n],
             block_tables=gr.block_tables[:n],
             max_seqlen_q=1,
-            max_seqlen_k=max(seq_lens),
+            max_seqlen_k=max(rows.seq_lens),
             decode_only=True,
-            query_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
+            query_lens_cpu=rows.q_lens,
+            seq_lens_cpu=rows.seq_lens,
             num_decodes=n,
         )
-        fill = (
-            (d64[3 * s : 3 * s + len(fill_pos)], d64[3 * s + nf : 3 * s + nf + len(fill_src)])
-            if fill_pos
-            else None
-        )
-        self._prompt_lp = None
-        self._sample_trim = None
-        return gr.input_ids[:n], gr.positions[:n], meta, None, sample_seqs, fill
+        return self._staged_result(gr.input_ids[:n], gr.positions[:n], meta, rows, d64, fill_at)
 
-    def _stage_prefill_graph(
-        self,
-        pg,
-        tokens,
-        input_ids,
-        positions,
-        slots,
-        seq_lens,
-        q_lens,
-        tables,
-        sample_seqs,
-        fill_pos,
-        fill_src,
-    ):
+    def _stage_prefill_graph(self, pg, tokens: int, rows: _StepRows):
         """_prepare for a step that prefills one sequence in the prefill graph of `tokens` tokens: its n rows,
         then a padding sequence of tokens - n rows (positions from 0, slot -1, no context), copied straight
         into the graph's buffers. The step samples at most its last row."""
-        s, n = pg.stride64, q_lens[0]
-        pad = tokens - n
-        i64 = np.zeros(3 * s + 4, dtype=np.int64)
-        i64[:n] = input_ids
-        i64[s : s + n] = positions
-        i64[s + n : s + tokens] = np.arange(pad)
-        i64[2 * s : 2 * s + n] = slots
-        i64[2 * s + n : 2 * s + tokens] = -1
-        i64[3 * s : 3 * s + len(fill_pos)] = (
-            fill_pos  # a preempted sequence's in-flight last token: one at most
-        )
-        i64[3 * s + 2 : 3 * s + 2 + len(fill_src)] = fill_src
+        n = rows.q_lens[0]
+        # (a preempted sequence's in-flight last token is its only placeholder: one fill at most)
+        i64, fill_at = _staged_int64(rows, pg.stride64, tokens, pad_positions=True)
         i32 = np.zeros(8 + pg.max_blocks, dtype=np.int32)  # the padding sequence's table row stays zeros
         i32[:3] = (0, n, tokens)
-        i32[4:6] = (seq_lens[0], pad)
-        i32[8 : 8 + len(tables[0])] = tables[0]
+        i32[4:6] = (rows.seq_lens[0], tokens - n)
+        i32[8 : 8 + len(rows.tables[0])] = rows.tables[0]
         d64, _ = self._to_device(i64, i32, pg.static64, pg.static32)
         meta = AttentionMetadata(
             cu_seqlens_q=pg.cu_seqlens_q[:2],
@@ -471,19 +456,20 @@ class ModelRunner:
             slot_mapping=pg.slot_mapping[:n],
             block_tables=pg.block_tables[:1],
             max_seqlen_q=n,
-            max_seqlen_k=seq_lens[0],
+            max_seqlen_k=rows.seq_lens[0],
             decode_only=False,
-            query_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
+            query_lens_cpu=rows.q_lens,
+            seq_lens_cpu=rows.seq_lens,
         )
-        fill = (
-            (d64[3 * s : 3 * s + len(fill_pos)], d64[3 * s + 2 : 3 * s + 2 + len(fill_src)])
-            if fill_pos
-            else None
-        )
+        return self._staged_result(pg.input_ids[:n], pg.positions[:n], meta, rows, d64, fill_at)
+
+    def _staged_result(self, input_ids, positions, meta, rows: _StepRows, d64, fill_at: tuple[int, int]):
+        """_prepare's return for a step staged in a graph's buffers (no sample index: its rows sample in order)."""
+        nf = len(rows.fill_pos)
+        fill = (d64[fill_at[0] : fill_at[0] + nf], d64[fill_at[1] : fill_at[1] + nf]) if nf else None
         self._prompt_lp = None
         self._sample_trim = None
-        return pg.input_ids[:n], pg.positions[:n], meta, None, sample_seqs, fill
+        return input_ids, positions, meta, None, rows.sample_seqs, fill
 
     def _to_device(
         self,
