@@ -15,6 +15,7 @@ from hopperllm.kernels.fp8 import (
     row_launch,
     silu_mul,
 )
+from hopperllm.kernels.launch import cdiv, next_power_of_2
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
@@ -134,8 +135,8 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
     out = torch.empty((T, inter), dtype=FP8_DTYPE if out_fp8 else x.dtype, device=x.device)
     if not out_fp8:
         if T > 0:
-            block = min(triton.next_power_of_2(inter), 1024)
-            _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
+            block = min(next_power_of_2(inter), 1024)
+            _silu_and_mul_kernel[(T, cdiv(inter, block))](
                 x2,
                 out,
                 inter,
@@ -149,7 +150,7 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
     launch = row_launch(inter)
     if 0 < T <= SPLIT_ROW_MAX_ROWS and not launch["SINGLE_PASS"]:
-        chunks = triton.cdiv(inter, SPLIT_ROW_CHUNK)
+        chunks = cdiv(inter, SPLIT_ROW_CHUNK)
         y = torch.empty((T, inter), dtype=x.dtype, device=x.device)
         amax = torch.empty((T, chunks), dtype=torch.float32, device=x.device)
         _silu_and_mul_amax_kernel[(T, chunks)](
@@ -157,7 +158,7 @@ def silu_and_mul(x: torch.Tensor, out_fp8: bool = False) -> torch.Tensor | tuple
             **pdl_kwargs(out.device, T),
         )  # fmt: skip
         _quant_chunks_kernel[(T, chunks)](
-            y, amax, out, scale, inter, chunks, BLOCK=SPLIT_ROW_CHUNK, BLOCK_C=triton.next_power_of_2(chunks),
+            y, amax, out, scale, inter, chunks, BLOCK=SPLIT_ROW_CHUNK, BLOCK_C=next_power_of_2(chunks),
             num_warps=4, **pdl_kwargs(out.device, T),
         )  # fmt: skip
     elif T > 0:

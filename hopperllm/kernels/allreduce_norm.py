@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels.launch import next_power_of_2
 from hopperllm.kernels.norm import norm_outputs, rms_norm_row_store
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
@@ -238,7 +239,7 @@ def allreduce_rms_norm(
     if lamport and (counters is None or x.dtype.itemsize != 2):
         raise ValueError(f"lamport needs counters and a 16-bit activation dtype, got {x.dtype}")
     out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
-    block = triton.next_power_of_2(H)
+    block = next_power_of_2(H)
     if T > 0:
         _allreduce_rms_norm_kernel[(T,)](
             x, buffer_ptrs, buffer_ptrs if signal_pad_ptrs is None else signal_pad_ptrs,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from hopperllm.kernels import timeline
+from hopperllm.kernels.launch import cdiv, next_power_of_2
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 from hopperllm.kernels.timeline import stamp
 
@@ -200,7 +201,7 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOC
 def row_launch(n: int, max_single: int = 16384) -> dict:
     """Launch parameters for a one-program-per-row kernel over n columns: the whole row in registers when
     it fits (BLOCK = next_power_of_2(n) <= max_single), else 4096-wide chunks in two passes."""
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     if block <= max_single:
         return {"BLOCK": block, "SINGLE_PASS": True, "num_warps": min(max(block // 512, 1), 8)}
     return {"BLOCK": 4096, "SINGLE_PASS": False, "num_warps": 8}
@@ -245,8 +246,8 @@ def static_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     M, K = x2.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     if M > 0:
-        block = min(triton.next_power_of_2(K), 2048)
-        grid = (M, triton.cdiv(K, block))
+        block = min(next_power_of_2(K), 2048)
+        grid = (M, cdiv(K, block))
         _static_quant_kernel[grid](
             x2,
             q,
@@ -671,7 +672,7 @@ def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
     programs; M > 1 on 32-row tiles (64 for tall matrices) split only below one wave. A shape in
     GEMV_TUNED takes its tuned config for every M <= 16 (one token tile, the same weight stream).
     """
-    block_m = max(16, triton.next_power_of_2(min(M, 64)))
+    block_m = max(16, next_power_of_2(min(M, 64)))
     tuned = None
     if M <= min(GEMV_TUNED_MAX_M, 16):
         tuned = (GEMV_STREAM_K != "0" and GEMV_STREAM_K_TUNED.get((N, K))) or GEMV_TUNED.get((N, K))
@@ -687,8 +688,8 @@ def fp8_gemv_config(M: int, N: int, K: int, num_sms: int) -> dict[str, int]:
         block_n, waves, min_chunks_per_slice = 64, 1.5, 4
     else:
         block_n, waves, min_chunks_per_slice = (32 if N <= 16384 else 64), 1.0, 8
-    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-    k_chunks = triton.cdiv(K, block_k)
+    tiles = cdiv(N, block_n) * cdiv(M, block_m)
+    k_chunks = cdiv(K, block_k)
     split_k = 1
     while tiles * split_k < waves * num_sms and k_chunks >= min_chunks_per_slice * 2 * split_k:
         split_k *= 2
@@ -785,10 +786,10 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
     if stream_k:
         return _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, stream_k, gated, quant_x)
     block_k = cfg["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, block_k), split_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)  # no empty K slices
+    k_per_split = cdiv(cdiv(K, block_k), split_k) * block_k
+    split_k = cdiv(K, k_per_split)  # no empty K slices
     out = torch.empty((M, N), dtype=out_dtype, device=device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split_k)
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]), split_k)
     if split_k > 1:
         partials = torch.empty((split_k, M, w_fp8.shape[0]), dtype=torch.float32, device=device)
         counters = tile_counters(device, grid[0] * grid[1])
@@ -808,7 +809,7 @@ def _launch_fp8_gemv(x, x_scale, w_fp8, w_scale, out_dtype, config, gated=False,
         EVEN_K=K % block_k == 0,
         GATED=gated,
         QUANT_X=quant_x,
-        BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
+        BLOCK_AMAX=next_power_of_2(num_amax) if quant_x else 1,
         **cfg,
         **pdl_kwargs(device),
         **({} if ts is None else {"ts_ptr": ts, "TIMESTAMPS": True}),
@@ -821,12 +822,12 @@ def _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, progra
     M, K = x.shape
     N = w_fp8.shape[0] // 2 if gated else w_fp8.shape[0]
     device = x.device
-    tiles_n = triton.cdiv(N, cfg["BLOCK_N"])
-    tiles = tiles_n * triton.cdiv(M, cfg["BLOCK_M"])
-    k_chunks = triton.cdiv(K, cfg["BLOCK_K"])
+    tiles_n = cdiv(N, cfg["BLOCK_N"])
+    tiles = tiles_n * cdiv(M, cfg["BLOCK_M"])
+    k_chunks = cdiv(K, cfg["BLOCK_K"])
     programs = min(programs, tiles * k_chunks)
     # a tile's k_chunks iterations meet at most this many programs (each takes >= total // programs)
-    max_contrib = min(programs, triton.cdiv(k_chunks, tiles * k_chunks // programs) + 1)
+    max_contrib = min(programs, cdiv(k_chunks, tiles * k_chunks // programs) + 1)
     slot_width = cfg["BLOCK_N"] * (2 if gated else 1)
     partials = torch.empty(
         (tiles * max_contrib, cfg["BLOCK_M"], slot_width), dtype=torch.float32, device=device
@@ -850,7 +851,7 @@ def _launch_fp8_gemv_stream_k(x, x_scale, w_fp8, w_scale, out_dtype, cfg, progra
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         GATED=gated,
         QUANT_X=quant_x,
-        BLOCK_AMAX=triton.next_power_of_2(num_amax) if quant_x else 1,
+        BLOCK_AMAX=next_power_of_2(num_amax) if quant_x else 1,
         **cfg,
         **pdl_kwargs(device),
         **({} if ts is None else {"ts_ptr": ts, "TIMESTAMPS": True}),

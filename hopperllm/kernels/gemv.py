@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hopperllm.kernels.launch import cdiv
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
@@ -51,7 +52,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError("gemv needs w with a contiguous last dimension")
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_n, block_k = (16, 512) if x.is_cuda else (8, 32)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
+    _gemv_kernel[(cdiv(N, block_n),)](
         x, w, out, N, K, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
         num_stages=4 if x.is_cuda else 1, **pdl_kwargs(x.device),
     )  # fmt: skip

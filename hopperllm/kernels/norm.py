@@ -18,6 +18,7 @@ from hopperllm.kernels.fp8 import (
     ref_per_token_quant_fp8,
     ref_static_quant_fp8,
 )
+from hopperllm.kernels.launch import next_power_of_2
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 
@@ -142,7 +143,7 @@ def rms_norm(
             )
         res2 = residual.view(-1, H)  # a view, so the in-place update reaches the caller
     out, scale = norm_outputs(T, H, x, out_fp8, static_scale)
-    block = triton.next_power_of_2(H)
+    block = next_power_of_2(H)
     if T > 0:
         _rms_norm_kernel[(T,)](
             x2, res2, weight, out, scale,

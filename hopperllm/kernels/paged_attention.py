@@ -43,6 +43,7 @@ from hopperllm.kernels.fp8 import (
     quantize_fp8,
     tile_counters,
 )
+from hopperllm.kernels.launch import cdiv, next_power_of_2
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 from hopperllm.kernels.timeline import stamp
 
@@ -605,13 +606,13 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     the result as `num_splits` (fixed grid for CUDA graphs).
     """
     programs = max(batch * num_kv_heads, 1)
-    want = triton.cdiv(2 * _num_sms(device), programs)
-    cap = max(triton.cdiv(max_context, _MIN_TOKENS_PER_SPLIT), 1)
+    want = cdiv(2 * _num_sms(device), programs)
+    cap = max(cdiv(max_context, _MIN_TOKENS_PER_SPLIT), 1)
     # A power of two: NUM_SPLITS is a compile-time constant, and the few values this leaves (1..32) are all
     # compiled while the decode graphs are captured -- batch 1 picks the largest -- instead of one ~1 s
     # compile per new decode count in a mixed step while serving.
     if SPLITS_UP:
-        want = triton.next_power_of_2(want)
+        want = next_power_of_2(want)
     n = max(1, min(want, cap, _MAX_SPLITS))
     return 1 << (n.bit_length() - 1)
 
@@ -799,7 +800,7 @@ def paged_decode_attention(
         new_strides = (0, 0, 0, 0, 0)
     cfg = decode_config(num_splits) if q.is_cuda else CPU_DECODE_CONFIG
     use_dot = cfg.get("USE_DOT", True)
-    block_h = triton.next_power_of_2(group)
+    block_h = next_power_of_2(group)
     if use_dot:
         block_h = max(16, block_h)
     block_n = cfg["BLOCK_N"]
@@ -846,9 +847,9 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q),
         DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
         QUANT_OUT=quant_out,
-        QUANT_BLOCK=triton.next_power_of_2(row_len),
+        QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,
-        KV_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
+        KV_LINES=cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
@@ -984,11 +985,11 @@ def _prefill_config(
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages) -- a starting point to tune on H100/H200."""
     if not is_cuda:  # the interpreter: small tiles so tests cross tile and diagonal boundaries
-        return max(16, triton.next_power_of_2(group)), 16, 1, 1
+        return max(16, next_power_of_2(group)), 16, 1, 1
     if PREFILL_CONFIG is not None:  # set by benchmarks/tune_attention.py --prefill
         bm, bn, nw, ns = PREFILL_CONFIG
-        return max(bm, triton.next_power_of_2(group)), bn, nw, ns
-    block_m = max(128, triton.next_power_of_2(group))
+        return max(bm, next_power_of_2(group)), bn, nw, ns
+    block_m = max(128, next_power_of_2(group))
     if head_dim <= 64:
         return block_m, 64, 4, 3
     # Best of 5 configs with the longest tiles first, H100, FP8 cache, 2048-token prompts
@@ -1072,7 +1073,7 @@ def paged_prefill_attention(
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda, fp8_qk)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
-    tiles = triton.cdiv(max_seqlen_q, block_q)
+    tiles = cdiv(max_seqlen_q, block_q)
     heavy_first = PREFILL_HEAVY_FIRST and tiles <= 65535
     grid = (
         (num_kv_heads, batch - first_seq, tiles) if heavy_first else (tiles, batch - first_seq, num_kv_heads)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from hopperllm.kernels.fp8 import FP8_DTYPE, fp8_inv_scale, quantize_fp8, ref_static_quant_fp8
+from hopperllm.kernels.launch import next_power_of_2
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 
 # The cos/sin table is plain torch shared with the CPU path (which must not need triton): it lives with the
@@ -175,8 +176,8 @@ def rotary_kv_write(
     if T == 0:
         return
     half = head_dim // 2
-    block_hq = triton.next_power_of_2(num_q_heads)
-    block_half = triton.next_power_of_2(half)
+    block_hq = next_power_of_2(num_q_heads)
+    block_half = next_power_of_2(half)
     _rotary_kv_write_kernel[(T,)](
         q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
@@ -185,7 +186,7 @@ def rotary_kv_write(
         HALF=half,
         BLOCK_HALF=block_half,
         BLOCK_HQ=block_hq,
-        BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HKV=next_power_of_2(num_kv_heads),
         KV_FP8=kv_fp8,
         num_warps=min(max(block_hq * block_half // 256, 1), 8),
         **pdl_kwargs(q.device, T),
