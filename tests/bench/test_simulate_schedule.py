@@ -34,3 +34,20 @@ def test_the_cap_on_sequences_leaves_decode_only_steps():
     few = sim.simulate(32, 64, 16, 8, 256, num_kv_blocks=1000)["classes"]
     many = sim.simulate(32, 64, 16, 32, 256, num_kv_blocks=1000)["classes"]
     assert few["decode"]["steps"] > many["decode"]["steps"]
+
+
+_spec2 = importlib.util.spec_from_file_location(
+    "host_overhead",
+    os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "host_overhead.py"),
+)
+
+
+def test_host_overhead_runs_every_request_through_the_engine(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    ho = importlib.util.module_from_spec(_spec2)
+    _spec2.loader.exec_module(ho)
+    r = ho.run(12, 40, 5, 8, 64, "final", profile_steps=2)
+    c = r["classes"]
+    assert set(c) == {"decode", "mixed"}
+    assert sum(b["steps"] for b in c["decode"]["by_batch"].values()) == c["decode"]["steps"]
+    assert r["profile_top"]
