@@ -327,10 +327,15 @@ class ModelRunner:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             end = start + n
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
             bt = seq.block_table
-            slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
+            if n == 1:  # a decode (most rows of a large batch): no slices, ranges or comprehensions
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(bt[start // bs] * bs + start % bs)
+            else:
+                input_ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
             cu.append(cu[-1] + n)
             q_lens.append(n)
             seq_lens.append(end)
@@ -537,7 +542,11 @@ class ModelRunner:
         """`trims[i]`: row i samples at a draft's position (speculative decoding) with that many drafts after
         it, which are not in its history (penalties, bad words, min_tokens see each position's own)."""
         params = [s.sampling_params for s in seqs]
-        outputs = [s.output_token_ids for s in seqs]
+        # only penalties, min_tokens and bad words read a row's output history (a copy a row each step)
+        outputs = [
+            s.output_token_ids if (p.min_tokens or p.bad_words_token_ids or p.uses_penalties) else []
+            for s, p in zip(seqs, params, strict=True)
+        ]
         num_out = [s.num_output_tokens for s in seqs]
         if trims is not None:
             outputs = [o[: len(o) - t] for o, t in zip(outputs, trims, strict=True)]
