@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
 from collections import defaultdict
@@ -87,8 +88,14 @@ def run(num_requests, input_len, output_len, max_num_seqs, max_num_batched_token
             prof.disable()
             profiled += 1
         steps["decode" if last.get("decode") else "mixed"].append((last.get("n", 0), dt))
+    import platform
+
+    from hopperllm.bench.common import git_commit, versions
+
     res = {
-        "device": "cpu (host work only: the model is zeros)", "num_requests": num_requests, "input_len": input_len,
+        "benchmark": "host_overhead", "device": f"cpu: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores (host work only: the model is zeros)", "versions": versions(),
+        "git_commit": git_commit(), "num_requests": num_requests, "input_len": input_len,
         "output_len": output_len, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
         "output_kind": output_kind, "async_scheduling": async_scheduling,
         "elapsed_s": time.perf_counter() - t_start, "classes": {},
