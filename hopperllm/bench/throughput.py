@@ -66,7 +66,7 @@ def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, in
 def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from hopperllm.sampling_params import SamplingParams
+    from hopperllm.sampling_params import RequestOutputKind, SamplingParams
 
     common.check_positive("--num-prompts", args.num_prompts)
     common.check_positive("--output-len", args.output_len, allow_none=True)
@@ -85,6 +85,9 @@ def main(args: argparse.Namespace) -> int:
                 ignore_eos=True,
                 max_tokens=n_out,
                 detokenize=not args.disable_detokenize,
+                # only finished requests are counted: as vLLM's benchmark (LLM.generate), the engine builds
+                # no output objects before
+                output_kind=RequestOutputKind.FINAL_ONLY,
             )
 
         # validate everything before the clock starts, so a bad row fails fast and nothing is half-added
