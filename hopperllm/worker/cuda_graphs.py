@@ -110,8 +110,11 @@ class DecodeGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.num_splits: dict[int, int] = {}
         self.capture_time_s = 0.0
-        # the LM head inside the graph (one GPU: a tensor-parallel head all-gathers its shards, kept eager)
-        self.head_max_bs = HEAD_IN_GRAPH_MAX_BS if runner.tp.world_size == 1 else 0
+        # the LM head inside the graph (one GPU: a tensor-parallel head all-gathers its shards, kept eager); only
+        # staged steps read its logits, so HOPPERLLM_GRAPH_STAGING=0 leaves it out of the graphs too
+        from hopperllm.worker.model_runner import GRAPH_STAGING
+
+        self.head_max_bs = HEAD_IN_GRAPH_MAX_BS if runner.tp.world_size == 1 and GRAPH_STAGING else 0
         self.logits: torch.Tensor | None = None  # float32 [head batches, vocab]
 
     def padded_size(self, n: int) -> int:

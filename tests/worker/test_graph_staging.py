@@ -52,12 +52,18 @@ def _generate(llm: LLM, params: SamplingParams) -> list[list[int]]:
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("head_max_bs", [0, 2, 64])
-def test_staged_graph_steps_equal_eager_steps(async_scheduling, head_max_bs):
+@pytest.mark.parametrize("staging", [True, False], ids=["staged", "copied"])
+def test_staged_graph_steps_equal_eager_steps(async_scheduling, head_max_bs, staging, monkeypatch):
+    # (HOPPERLLM_GRAPH_STAGING=0: the step's inputs copied into the graphs' buffers, the LM head outside)
+    from hopperllm.worker import model_runner
+
+    monkeypatch.setattr(model_runner, "GRAPH_STAGING", staging)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     want = _generate(_llm(async_scheduling), params)
     llm = _llm(async_scheduling)
     runner = llm.engine.executor.runner
     gr = EagerGraphRunner(runner, [1, 2, 4, 8])
+    assert gr.head_max_bs == (64 if staging else 0)  # only staged steps read the graph's logits
     gr.capture()
     gr.head_max_bs = head_max_bs
     runner.graph_runner = gr
