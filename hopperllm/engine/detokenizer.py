@@ -13,6 +13,11 @@ from __future__ import annotations
 from hopperllm.sampling_params import SamplingParams
 from hopperllm.tokenizer import Tokenizer
 
+try:  # tokenizers >= 0.21: the same window method in Rust, one call a token (vLLM's fast detokenizer)
+    from tokenizers.decoders import DecodeStream as _DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers: the Python window below
+    _DecodeStream = None
+
 # how many prompt tokens give the first output token its context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
 INITIAL_DETOKENIZATION_OFFSET = 5
 _REPLACEMENT_CHAR = "\ufffd"
@@ -49,6 +54,21 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(tail)
         self._sent_offset = 0  # chars of output_text already returned by get_next_delta
+        # With tokenizers' DecodeStream the window lives in Rust: primed with the prompt's tail (its text
+        # discarded), then one step a token; `_ids` keeps only the ids since the last emitted text (for
+        # `finish`) after the few before them (their context).
+        self._stream = None
+        raw = getattr(tokenizer, "_tok", None)
+        if _DecodeStream is not None and params.detokenize and raw is not None:
+            self._raw = raw
+            self._stream = _DecodeStream(skip_special_tokens=self.skip_special_tokens)
+            text = ""
+            for t in tail:
+                text = self._stream.step(raw, t)
+            if text is None:
+                # the prompt ends inside a character (or in text-less tokens): the stream would emit the
+                # prompt's bytes with the first output; the Python window leaves them to the prompt
+                self._stream = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -105,6 +125,14 @@ class IncrementalDetokenizer:
 
     def _decode_next(self) -> str:
         """Text that the newest id in the window adds, or "" while it ends in an incomplete character."""
+        if self._stream is not None:
+            text = self._stream.step(self._raw, self._ids[-1])
+            if text is None:
+                return ""
+            # emitted: the window starts again at the ids just emitted (their context for `finish`)
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._trim_window()
+            return text
         prefix_text, new_text = self._decode_window()
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
             return ""

@@ -346,3 +346,36 @@ def test_find_stop_string_only_searches_new_text():
     assert find_stop_string("xxabyy", 2, ["aby"], True) == ("aby", 5)
     assert find_stop_string("xxabyy", 1, ["aby"], True) is None  # ends one character before the new one
     assert find_stop_string("xxabyy", 0, ["x"], True) is None
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("split", ["words", "mid-character"])
+def test_rust_stream_and_python_window_agree(
+    smol_tokenizer: Tokenizer, monkeypatch, skip_special_tokens, split
+):
+    # with tokenizers' DecodeStream (the default where it exists) the deltas are the Python window's, token by
+    # token. A prompt that ends inside a character keeps the Python window (the stream would emit the
+    # prompt's bytes with the first output token).
+    import hopperllm.engine.detokenizer as dt
+
+    if dt._DecodeStream is None:
+        pytest.skip("tokenizers has no DecodeStream")
+    rng = random.Random(5)
+    text = "Grüße, 世界! naïve café 🙂 " * 3
+    if split == "words":
+        prompt, output = smol_tokenizer.encode(PROMPT_TEXT), smol_tokenizer.encode(text)
+    else:
+        ids = smol_tokenizer.encode(text)
+        cut = next(i for i in range(1, len(ids)) if smol_tokenizer.decode(ids[:i]).endswith("\ufffd"))
+        prompt, output = ids[:cut], ids[cut:]
+    output += [rng.randrange(49152) for _ in range(40)] + [0, 1, 2]
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    runs = {}
+    for name, fast in (("rust", dt._DecodeStream), ("python", None)):
+        monkeypatch.setattr(dt, "_DecodeStream", fast)
+        detok, deltas, _ = stream(smol_tokenizer, prompt, output, params)
+        assert (detok._stream is not None) == (name == "rust" and split == "words")
+        runs[name] = deltas
+    assert runs["rust"] == runs["python"]
+    if split == "words":
+        assert "".join(runs["rust"]) == smol_tokenizer.decode(output, skip_special_tokens=skip_special_tokens)
