@@ -10,6 +10,57 @@ from hopperllm.sampling_params import SamplingParams
 PLACEHOLDER = -1  # a sampled token still on the GPU (async scheduling); never given to the model as is
 
 
+class BlockTable(list):
+    """A sequence's physical block ids. `version` changes whenever an id already there changes or goes
+    (delete, clear, set, ...); appending and extending leave it: the model runner's numpy copy of the table
+    (ModelRunner's `_BlockTableRows`) then only adds the new ids instead of converting the whole list a step."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.version = 0
+
+    def __delitem__(self, key):
+        n = len(self)
+        super().__delitem__(key)
+        if len(self) != n:
+            self.version += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.version += 1
+
+    def __imul__(self, k):
+        self.version += 1
+        return super().__imul__(k)
+
+    def clear(self):
+        if self:
+            self.version += 1
+        super().clear()
+
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+    def remove(self, value):
+        super().remove(value)
+        self.version += 1
+
+    def insert(self, index, value):
+        super().insert(index, value)
+        self.version += 1
+
+    def sort(self, *args, **kwargs):
+        super().sort(*args, **kwargs)
+        self.version += 1
+
+    def reverse(self):
+        super().reverse()
+        self.version += 1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -62,7 +113,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hits at the latest (re)admission
-        self.block_table: list[int] = []
+        self.block_table: BlockTable = BlockTable()
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
         self.num_preemptions = 0
         # Async scheduling: the step that samples the next token is in flight. Its token is appended as

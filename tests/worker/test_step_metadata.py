@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from hopperllm import LLM
@@ -49,3 +50,57 @@ def test_every_metadata_tensor_starts_16_byte_aligned(monkeypatch):
     ]
     llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert seen and all(off == 0 for step in seen for off in step), seen
+
+
+def test_block_table_rows_equal_the_tables_under_any_edits():
+    """_BlockTableRows keeps numpy copies of block tables, taking only what was appended since the last
+    gather while a table's version holds: after any mix of appends, truncations, clears, plain-list tables and
+    released sequences, a gather equals the tables zero-padded."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from hopperllm.engine.sequence import BlockTable
+    from hopperllm.worker.model_runner import _BlockTableRows
+
+    class Seq:
+        def __init__(self, seq_id):
+            self.seq_id, self.block_table = seq_id, BlockTable()
+
+    op = st.tuples(st.sampled_from(["append", "extend", "truncate", "clear", "set", "plain", "release"]),
+                   st.integers(0, 5), st.integers(0, 9))  # fmt: skip
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.lists(op, max_size=6), max_size=12))
+    def check(steps):
+        rows = _BlockTableRows(width=12, capacity=2)
+        seqs = {}
+        for ops in steps:
+            for kind, which, value in ops:
+                s = seqs.setdefault(which, Seq(f"s{which}"))
+                bt = s.block_table
+                if kind == "append" and len(bt) < 12:
+                    bt.append(value)
+                elif kind == "extend":
+                    bt.extend([value] * min(2, 12 - len(bt)))
+                elif kind == "truncate":
+                    del bt[value % (len(bt) + 1) :]
+                elif kind == "clear":
+                    bt.clear()
+                elif kind == "set" and bt:
+                    bt[value % len(bt)] = value + 100
+                elif kind == "plain":
+                    s.block_table = list(bt)  # as logits_for_tokens gives one
+                elif kind == "release":
+                    rows.release([s.seq_id])
+                    del seqs[which]
+            if seqs:
+                live = list(seqs.values())
+                width = max(1, max(len(s.block_table) for s in live))
+                got = rows.gather(live, width)
+                want = np.zeros((len(live), width), dtype=np.int32)
+                for i, s in enumerate(live):
+                    want[i, : len(s.block_table)] = s.block_table
+                assert (got == want).all()
+                assert (rows.rows[:, width:] == 0).all() or width == 12
+
+    check()
