@@ -14,6 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from hopperllm.kernels.launch import cdiv
 from hopperllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ HEAD_IN_GRAPH_MAX_BS = 64
 
 
 def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+    return cdiv(x, m) * m
 
 
 @torch.inference_mode()

@@ -121,8 +121,7 @@ class _StepRows(NamedTuple):
     slots: list[int]
     seq_lens: list[int]
     q_lens: list[int]
-    tables: list[list[int]]
-    seqs: list[Sequence]  # the scheduled sequences, in row order
+    seqs: list[Sequence]  # the scheduled sequences, in row order (their block tables: _BlockTableRows)
     sample_seqs: list[Sequence]
     fill_pos: list[int]
     fill_src: list[int]
@@ -220,9 +219,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.scheduler_config.max_model_len // self.block_size)
         self.graph_runner = None  # CUDA graphs for decode, set up by capture_cuda_graphs()
         self.prefill_graphs = None  # CUDA graphs for one sequence's prefill (PREFILL_GRAPHS)
-        self._prefill_tokens: int | None = (
-            None  # _prepare staged this step for the prefill graph of so many tokens
-        )
+        # _prepare staged this step for the prefill graph of so many tokens
+        self._prefill_tokens: int | None = None
         # pinned host staging buffers for _prepare's two copies per step (CUDA only), used in turn
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
         self._staging_slot = 0
@@ -366,7 +364,6 @@ class ModelRunner:
         cu = [0]
         seq_lens: list[int] = []
         q_lens: list[int] = []
-        tables: list[list[int]] = []
         sample_idx: list[int] = []
         sample_seqs: list[Sequence] = []
         sample_trim: list[int] = []  # per sample row: the drafts after its position (not its history)
@@ -390,7 +387,6 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             q_lens.append(n)
             seq_lens.append(end)
-            tables.append(bt)
             if end == seq.num_tokens:  # and at each draft's position (speculative decoding)
                 sample_idx += range(cu[-1] - 1 - item.num_drafts, cu[-1])
                 sample_seqs += [seq] * (item.num_drafts + 1)
@@ -406,17 +402,15 @@ class ModelRunner:
                 if start <= pos < end:
                     fill_pos.append(cu[-2] + pos - start)
                     fill_src.append(prev_rows[seq.seq_id])
-        nseq = len(tables)
+        seqs = [item.seq for item in sched.scheduled]
+        nseq = len(seqs)
         pg = self.prefill_graphs
         self._prefill_tokens = None
-        seqs = [item.seq for item in sched.scheduled]
-        rows = _StepRows(
-            input_ids, positions, slots, seq_lens, q_lens, tables, seqs, sample_seqs, fill_pos, fill_src
-        )
+        self._staged = False
+        rows = _StepRows(input_ids, positions, slots, seq_lens, q_lens, seqs, sample_seqs, fill_pos, fill_src)
         if pg is not None and nseq == 1 and q_lens[0] > 1 and len(sample_idx) <= 1 and not lp_rows:
             tokens = pg.bucket(q_lens[0])
             if tokens is not None:
-                self._staged = False
                 self._prefill_tokens = tokens
                 return self._stage_prefill_graph(pg, tokens, rows)
         gr = self.graph_runner
@@ -432,7 +426,7 @@ class ModelRunner:
         )
         if self._staged:
             return self._stage_graph_step(gr, rows)
-        max_blocks = max(len(t) for t in tables)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
         table = self._bt_rows.gather(seqs, max_blocks)
         # Two host buffers (int64, int32), each sent to the device in one copy from pinned memory. Every
         # part starts on a 16-byte boundary: Triton specializes kernels on pointer alignment, and parts at
@@ -471,7 +465,7 @@ class ModelRunner:
         (`GraphLayout`), padding rows up to the graph's batch included, copied straight into the graphs'
         buffers (two copies; no device-to-device copies, no fills). Every row samples, in order."""
         lay = gr.layout
-        n = len(rows.tables)
+        n = len(rows.seqs)
         i64, fill_at = _staged_int64(rows, lay.stride64, gr.padded_size(n), pad_positions=False)
         i32 = np.zeros(lay.stride32 + n * lay.max_blocks, dtype=np.int32)  # padding rows: seq_len 0
         i32[:n] = rows.seq_lens
