@@ -82,9 +82,11 @@ def make_record(
     kv_cache_dtype: str | None = None,
     tensor_parallel_size: int | None = None,
     scheduler: dict[str, int] | None = None,
+    startup: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON record every bench command writes. Engine fields default to the parsed flags;
-    `scheduler` holds the limits the engine resolved (defaults included)."""
+    `scheduler` holds the limits the engine resolved (defaults included), `startup` what the engine's
+    start-up made (KV blocks, CUDA graphs and their capture time)."""
     device, gpu_count = device_info()
     return {
         "benchmark": benchmark,
@@ -110,6 +112,7 @@ def make_record(
         else getattr(args, "kv_cache_dtype", None),
         "args": args_dict(args),
         **({"scheduler": scheduler} if scheduler is not None else {}),
+        **({"startup": startup} if startup is not None else {}),
         "results": results,
     }
 
@@ -127,6 +130,7 @@ def engine_fields(engine) -> dict[str, Any]:
             "max_num_seqs": cfg.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         },
+        "startup": engine.executor.collective_rpc("startup_stats"),
     }
 
 

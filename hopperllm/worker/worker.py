@@ -276,6 +276,17 @@ class Worker:
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
         return self.runner.logits_for_tokens(token_ids).cpu()
 
+    def startup_stats(self) -> dict[str, Any]:
+        """What start-up made: KV blocks, and the CUDA graphs (their sizes, capture seconds)."""
+        out: dict[str, Any] = {"num_kv_blocks": self.num_kv_blocks}
+        for key, gr in (
+            ("decode_graphs", self.runner.graph_runner),
+            ("prefill_graphs", self.runner.prefill_graphs),
+        ):
+            if gr is not None:
+                out[key] = {"sizes": list(gr.sizes), "capture_s": round(gr.capture_time_s, 2)}
+        return out
+
     def call(self, fn, *args, **kwargs):
         """What Executor.collective_rpc runs on each rank: a Worker method by name, or fn(worker, ...)."""
         return getattr(self, fn)(*args, **kwargs) if isinstance(fn, str) else fn(self, *args, **kwargs)

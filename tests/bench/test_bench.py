@@ -88,6 +88,8 @@ def test_latency_json_and_hf_baseline(tmp_path, capsys):
     assert rec["args"]["enable_prefix_caching"] is False  # latency runs never hit the prefix cache
     # the limits the engine ran with, defaults included
     assert rec["scheduler"] == {"max_num_seqs": 512, "max_num_batched_tokens": 8192}
+    # what start-up made: on the CPU a KV cache and no CUDA graphs
+    assert rec["startup"]["num_kv_blocks"] > 0 and "decode_graphs" not in rec["startup"]
     r = rec["results"]
     assert len(r["latencies"]) == 3 and len(r["iterations"]) == 3
     for key in ("e2e_ms", "ttft_ms", "tpot_ms"):

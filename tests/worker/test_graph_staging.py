@@ -153,7 +153,13 @@ def test_prefill_graph_steps_equal_eager_steps(async_scheduling, kw):
 
 
 def test_prefill_graph_sizes_stay_within_a_step_and_the_model_length():
-    assert prefill_graph_sizes(8192, 4096) == [128, 256, 512, 1024, 2048, 4096]
-    assert prefill_graph_sizes(2048, 4096) == [128, 256, 512, 1024, 2048]
-    assert prefill_graph_sizes(8192, 1000) == [128, 256, 512]
+    steps = [128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048]
+    assert prefill_graph_sizes(8192, 4096) == steps + [2560, 3072, 3584, 4096]
+    assert prefill_graph_sizes(2048, 4096) == steps
+    assert prefill_graph_sizes(8192, 1000) == [128, 256, 384, 512, 640, 768, 896]
     assert prefill_graph_sizes(8192, 100) == []
+    # a chunk's padding stays at most 128 rows below 256 tokens, then at most 25%
+    sizes = prefill_graph_sizes(8192, 4096)
+    for n in range(2, 4097):
+        t = next(s for s in sizes if s >= n)
+        assert t - n < 128 or (t - n) / n <= 0.25, (n, t)
