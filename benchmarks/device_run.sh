@@ -148,6 +148,13 @@ for step in $steps; do
       for e in 1 0 1 0; do HOPPERLLM_PREFILL_GRAPHS=$e timeout 60 python3 benchmarks/ttft_probe.py \
         --output-json "$OUT/ttft-probe-pg$e-$SECONDS.json" 2>&1 | tail -1 | sed "s/^/pg$e /"; done
       AB="HOPPERLLM_PREFILL_GRAPHS=1 - HOPPERLLM_PREFILL_GRAPHS=1 -" OUT="$OUT" bash "$0" ab ;;
+    v27-final)  # prefill graphs by default: Llama-3-8B throughput, the model tests, Llama-2-7B batch 1 with HF's static
+      # cache in the same run, then (time left) where the throughput run's steps go and how busy the GPU is
+      tput 150 1000 --output-json "$OUT/throughput-llama-3-8b-fp8-v27.json" | grep "Output token\|jit"
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_model.py -p no:cacheprovider 2>&1 | tail -2
+      OUT="$OUT" bash "$0" latency | grep "E2E\|TTFT\|TPOT\|ratio\|HF"
+      [ $SECONDS -lt 420 ] && timeout $((590 - SECONDS)) python3 benchmarks/profile_throughput.py --num-prompts 1000 \
+        --profile-steps 2 --window-steps 6 --output-json "$OUT/profile-tput-v27.json" 2>&1 | tail -3 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
