@@ -155,6 +155,11 @@ for step in $steps; do
       OUT="$OUT" bash "$0" latency | grep "E2E\|TTFT\|TPOT\|ratio\|HF"
       [ $SECONDS -lt 420 ] && timeout $((590 - SECONDS)) python3 benchmarks/profile_throughput.py --num-prompts 1000 \
         --profile-steps 2 --window-steps 6 --output-json "$OUT/profile-tput-v27.json" 2>&1 | tail -3 ;;
+    v27-host)  # v27's throughput profile had the GPU idle 4% of mixed steps at the step boundaries (the host's ~117 ms
+      # a step): the prefill-graph test with v27's buckets, then cProfile of 5 steady-state mixed steps
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k prefill_graphs -p no:cacheprovider 2>&1 | tail -2
+      timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --profile-steps 0 --cprofile-steps 5 \
+        > "$OUT/cprofile-tput-v27.txt" 2>&1; grep -m3 "function calls\|elapsed" "$OUT/cprofile-tput-v27.txt" ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
