@@ -160,6 +160,14 @@ for step in $steps; do
       timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k prefill_graphs -p no:cacheprovider 2>&1 | tail -2
       timeout 300 python3 benchmarks/profile_throughput.py --num-prompts 300 --profile-steps 0 --cprofile-steps 5 \
         > "$OUT/cprofile-tput-v27.txt" 2>&1; grep -m3 "function calls\|elapsed" "$OUT/cprofile-tput-v27.txt" ;;
+    v27-gaps)  # the GPU's idle time at each throughput step's boundary from CUDA events (no profiler), the host's time
+      # between launches and the collector's pauses; then the same with gc.disable(), then with eager module loading
+      for v in "" "--gc-off" "CUDA_MODULE_LOADING=EAGER"; do
+        [ $SECONDS -lt 330 ] || break
+        f=""; e=""; case $v in --*) f=$v ;; ?*) e=$v ;; esac
+        env $e timeout 150 python3 benchmarks/profile_throughput.py --num-prompts 1000 --profile-steps 0 --step-gaps $f \
+          --output-json "$OUT/step-gaps-v27${v//[^A-Za-z]/-}.json" 2>&1 | grep -m1 output_tok_per_s | sed "s/^/[$v] /"
+      done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -10,6 +10,7 @@ when the host keeps up.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from collections import defaultdict
@@ -37,6 +38,12 @@ def main():
         help="torch-profile this many consecutive steps without synchronizing (the steady state) and report "
         "how much of the window the GPU was busy and its largest idle gaps",
     )  # fmt: skip
+    p.add_argument(
+        "--step-gaps", action="store_true",
+        help="CUDA events around every step's launch (no profiler): the GPU's idle time at each step boundary, "
+        "the host's time between launches, and the garbage collector's pauses",
+    )  # fmt: skip
+    p.add_argument("--gc-off", action="store_true", help="gc.disable() for the timed run")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = LLM(
@@ -77,12 +84,15 @@ def main():
         return w
 
     eng.executor.launch = timed("launch", eng.executor.launch)
+    gaps = StepGaps(eng) if a.step_gaps else None
     eng.executor.collect = timed("collect", eng.executor.collect)
     import torch
 
     mem0 = torch.cuda.memory_stats()
     walls = defaultdict(list)
     stats = defaultdict(lambda: {"steps": 0, "s": 0.0, "decodes": 0, "prefill_tokens": 0})
+    if a.gc_off:
+        gc.disable()
     t_start = t = time.perf_counter()
     prof_kernels: dict = {}
     prof_cpu: dict = {}
@@ -146,6 +156,7 @@ def main():
         walls[k].append((now - t) * 1e3)
         t = now
     total = time.perf_counter() - t_start
+    gc.enable()
     res = {
         "model": a.model, "num_prompts": a.num_prompts, "input_len": a.input_len, "output_len": a.output_len,
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
@@ -177,7 +188,101 @@ def main():
         res["cpu_self_ms_per_profiled_step"] = {k: round(v / profiled, 2) for k, v in top}
     if window is not None:
         res["window"] = window
+    if gaps is not None:
+        res["step_gaps"] = gaps.report()
     emit(res, a.output_json)
+
+
+class StepGaps:
+    """Events on the stream before and after each launch (the executor's `launch`: inputs staged, model,
+    sampling, read-back enqueued). Without a profiler's per-op cost: the GPU's idle time between one step's
+    last work and the next step's first is elapsed(end N, start N+1) (the start event runs when the GPU
+    reaches it, at once if the GPU was idle). Also per step: the host's time from one launch's return to the
+    next launch's call (read-back, outputs, scheduling: the work during which only the queued tail of the
+    step runs), the launch call's own time, and the garbage collector's pauses inside that interval."""
+
+    def __init__(self, eng):
+        import torch
+
+        self.torch = torch
+        self.kinds: list[str] = []
+        self.events: list[tuple] = []
+        self.host: list[tuple[float, float]] = []  # (call, return) perf_counter of each launch
+        self.gc_pauses: list[tuple[float, float, int]] = []
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._gc_cb)
+        orig = eng.executor.launch
+        sched = eng.scheduler
+
+        def launch(sched_out, *args, **kw):
+            t0 = time.perf_counter()
+            s = torch.cuda.Event(enable_timing=True)
+            s.record()
+            r = orig(sched_out, *args, **kw)
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            nd = sum(1 for x in sched_out.scheduled if x.num_new_tokens == 1)
+            npf = sum(x.num_new_tokens for x in sched_out.scheduled if x.num_new_tokens > 1)
+            self.kinds.append("decode" if npf == 0 else ("prefill" if nd == 0 else "mixed"))
+            self.events.append((s, e))
+            self.host.append((t0, time.perf_counter()))
+            return r
+
+        eng.executor.launch = launch
+        del sched
+
+    def _gc_cb(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_pauses.append((self._gc_t0, time.perf_counter(), info.get("generation", -1)))
+
+    def report(self) -> dict:
+        self.torch.cuda.synchronize()
+        gc.callbacks.remove(self._gc_cb)
+        rows = []
+        for i in range(1, len(self.events)):
+            idle = self.events[i - 1][1].elapsed_time(self.events[i][0])  # ms
+            gpu = self.events[i][0].elapsed_time(self.events[i][1])
+            between = (self.host[i][0] - self.host[i - 1][1]) * 1e3
+            call = (self.host[i][1] - self.host[i][0]) * 1e3
+            lo, hi = self.host[i - 1][1], self.host[i][0]
+            gcms = sum((min(e, hi) - max(s, lo)) * 1e3 for s, e, _ in self.gc_pauses if s < hi and e > lo)
+            rows.append((self.kinds[i - 1], self.kinds[i], idle, gpu, between, call, gcms))
+        out: dict = {"gc_pauses": {}}
+        for g in (0, 1, 2):
+            d = [(e - s) * 1e3 for s, e, gen in self.gc_pauses if gen == g]
+            out["gc_pauses"][f"gen{g}"] = {
+                "count": len(d),
+                "total_ms": round(sum(d), 1),
+                "max_ms": round(max(d, default=0), 2),
+            }
+        for kind in ("mixed", "decode"):
+            rs = [r for r in rows if r[1] == kind]  # boundaries before a step of this kind
+            if not rs:
+                continue
+            idle = np.array([r[2] for r in rs])
+            out[f"before_{kind}"] = {
+                "boundaries": len(rs),
+                "gpu_idle_ms_total": round(float(idle.sum()), 1),
+                "gpu_idle_ms_p50_p90_max": [round(float(np.percentile(idle, q)), 2) for q in (50, 90, 100)],
+                "boundaries_idle_over_1ms": int((idle > 1).sum()),
+                "step_gpu_ms_p50": round(float(np.median([r[3] for r in rs])), 2),
+                "host_between_launches_ms_p50_p90_max": [
+                    round(float(np.percentile([r[4] for r in rs], q)), 2) for q in (50, 90, 100)
+                ],
+                "launch_call_ms_p50_p90_max": [
+                    round(float(np.percentile([r[5] for r in rs], q)), 2) for q in (50, 90, 100)
+                ],
+                "gc_ms_in_idle_boundaries": round(sum(r[6] for r in rs if r[2] > 1), 1),
+            }
+        worst = sorted(rows, key=lambda r: -r[2])[:8]
+        out["largest"] = [
+            {"from": r[0], "to": r[1], "gpu_idle_ms": round(r[2], 2), "host_between_ms": round(r[4], 2),
+             "launch_call_ms": round(r[5], 2), "gc_ms": round(r[6], 2)}
+            for r in worst
+        ]  # fmt: skip
+        return out
 
 
 def gpu_idle_window(eng, steps: int) -> dict:
