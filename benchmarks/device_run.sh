@@ -168,6 +168,10 @@ for step in $steps; do
         env $e timeout 150 python3 benchmarks/profile_throughput.py --num-prompts 1000 --profile-steps 0 --step-gaps $f \
           --output-json "$OUT/step-gaps-v27${v//[^A-Za-z]/-}.json" 2>&1 | grep -m1 output_tok_per_s | sed "s/^/[$v] /"
       done ;;
+    v27-window)  # the GPU's busy share over 8 steady-state mixed steps (~500 decodes each), traced without host op
+      # records (v27's profiler window with them: 95.4% busy, but its own host cost may have starved the GPU)
+      timeout 200 python3 benchmarks/profile_throughput.py --num-prompts 1000 --profile-steps 0 --step-gaps \
+        --window-steps 8 --window-at 150 --window-cuda-only --output-json "$OUT/window-cuda-v27.json" 2>&1 | grep -m1 output_tok_per_s ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -44,6 +44,11 @@ def main():
         "the host's time between launches, and the garbage collector's pauses",
     )  # fmt: skip
     p.add_argument("--gc-off", action="store_true", help="gc.disable() for the timed run")
+    p.add_argument("--window-at", type=int, default=20, help="the window starts after this many mixed steps")
+    p.add_argument(
+        "--window-cuda-only", action="store_true",
+        help="trace only the GPU in the window (no host op records, whose cost can itself starve the GPU)",
+    )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     llm = LLM(
@@ -101,8 +106,8 @@ def main():
     window = None
     while eng.has_unfinished_requests():
         last.clear()
-        if a.window_steps and window is None and stats["mixed"]["steps"] >= 20:
-            window = gpu_idle_window(eng, a.window_steps)
+        if a.window_steps and window is None and stats["mixed"]["steps"] >= a.window_at:
+            window = gpu_idle_window(eng, a.window_steps, a.window_cuda_only)
             print(json.dumps(window, indent=1))
             continue
         if profiled < a.profile_steps and stats["mixed"]["steps"] >= 20:
@@ -285,7 +290,7 @@ class StepGaps:
         return out
 
 
-def gpu_idle_window(eng, steps: int) -> dict:
+def gpu_idle_window(eng, steps: int, cuda_only: bool = False) -> dict:
     """Profile `steps` consecutive engine steps as they run (no synchronization inside the window): the
     window's wall time, the union of its GPU kernel / copy intervals, and the largest gaps between them
     with the kernels on either side and the host calls that ran across each gap."""
@@ -293,16 +298,25 @@ def gpu_idle_window(eng, steps: int) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] if cuda_only else [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=acts) as prof:
         for _ in range(steps):
             eng.step()
         torch.cuda.synchronize()
-    events = list(prof.events())
-    gpu = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in events
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
-    )
+    if cuda_only:  # the raw trace (kernels without their host ops), in us
+        events = []
+        gpu = sorted(
+            (e.start_ns() / 1e3, e.end_ns() / 1e3, e.name())
+            for e in prof.profiler.kineto_results.events()
+            if e.device_type() == DeviceType.CUDA and e.end_ns() > e.start_ns()
+        )
+    else:
+        events = list(prof.events())
+        gpu = sorted(
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in events
+            if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+        )
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     if not gpu:
         return {"steps": steps, "error": "no GPU events"}
