@@ -172,6 +172,10 @@ for step in $steps; do
       # records (v27's profiler window with them: 95.4% busy, but its own host cost may have starved the GPU)
       timeout 200 python3 benchmarks/profile_throughput.py --num-prompts 1000 --profile-steps 0 --step-gaps \
         --window-steps 8 --window-at 150 --window-cuda-only --output-json "$OUT/window-cuda-v27.json" 2>&1 | grep -m1 output_tok_per_s ;;
+    v27-b512)  # the decode kernel alone at the steady-state mixed step's decodes (512 x 2112 keys, scattered blocks):
+      # against the 864 us a layer it took inside the throughput run's mixed steps
+      timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" "llama3-8b b256" --splits 1 \
+        --block-n 64 128 256 --num-warps 4 8 --num-stages 2 3 --output-json "$OUT/tune-attn-b512-v27.json" 2>&1 | grep -v "^skip" | tail -3 ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

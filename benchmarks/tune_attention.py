@@ -72,6 +72,8 @@ def main():
         # the throughput run's decodes (~150-250 a step at 2048-2176 keys; perf-notes v25)
         ("llama3-8b b128", 128, 32, 8, 128, 2176),
         ("llama3-8b b256", 256, 32, 8, 128, 2176),
+        # v27's steady-state mixed steps: ~500 decodes of 2049-2176 keys (864 us a layer in the throughput run)
+        ("llama3-8b b512", 512, 32, 8, 128, 2112),
         ("llama2-70b b1", 1, 64, 8, 128, 2176),
         ("llama2-70b tp2 b1", 1, 32, 4, 128, 2176),  # one rank's heads at tensor_parallel_size 2
         ("llama2-70b tp4 b1", 1, 16, 2, 128, 2176),
