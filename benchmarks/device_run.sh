@@ -176,6 +176,15 @@ for step in $steps; do
       # against the 864 us a layer it took inside the throughput run's mixed steps
       timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" "llama3-8b b256" --splits 1 \
         --block-n 64 128 256 --num-warps 4 8 --num-stages 2 3 --output-json "$OUT/tune-attn-b512-v27.json" 2>&1 | grep -v "^skip" | tail -3 ;;
+    v28-decode-fp8qk)  # HOPPERLLM_DECODE_FP8_QK (decode QK^T on FP8 q, K unconverted, for the batch config): its kernel
+      # tests compiled, the kernel alone at 64 / 256 / 512 decodes with and without, then Llama-3-8B throughput
+      # alternating (v27: decode attention 20% of a steady-state mixed step at ~55% of its floor)
+      timeout 120 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "fp8_qk or dot_fp16" -p no:cacheprovider 2>&1 | tail -2
+      timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" --splits 1 \
+        --block-n 64 128 --variants 1,0,3,1,0 1,0,3,1,1 1,0,2,1,1 --output-json "$OUT/tune-attn-fp8qk-v28.json" 2>&1 | grep -v "^skip" | tail -3
+      tput 100 200 | grep "Output token"
+      for v in 1 0 1 0; do HOPPERLLM_DECODE_FP8_QK=$v tput 130 1000 --output-json "$OUT/throughput-8b-decode-fp8qk$v-$SECONDS.json" \
+        | grep "Output token" | sed "s/^/decode_fp8qk=$v /"; [ $SECONDS -lt 420 ] || break; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -50,7 +50,8 @@ def main():
         "--variants",
         nargs="*",
         default=None,
-        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages[,DOT_FP16] (e.g. 1,0,3 0,1,1 1,0,3,1); "
+        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages[,DOT_FP16[,FP8_QK]] (e.g. 1,0,3 0,1,1 1,0,3,1 "
+        "1,0,3,1,1); "
         "replaces --num-stages; CUDA-core variants skip tiles over 256 query-head x key products a thread",
     )
     p.add_argument(
@@ -103,7 +104,7 @@ def main():
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
         variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
         variants = variants or [(1, 0, ns) for ns in a.num_stages]
-        for splits, bn, nw, (use_dot, prefetch, ns, *fp16) in itertools.product(
+        for splits, bn, nw, (use_dot, prefetch, ns, *opt) in itertools.product(
             split_choices, a.block_n, a.num_warps, variants
         ):
             if splits > 1 and ctx // splits < bn and not a.contexts:
@@ -113,8 +114,10 @@ def main():
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
                             "PREFETCH": bool(prefetch),
-                            "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False)})  # fmt: skip
+                            "DOT_FP16": bool(opt[0]) if opt else default.get("DOT_FP16", False),
+                            "FP8_QK": bool(opt[1]) if len(opt) > 1 else default.get("FP8_QK", False)})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
+            fp8_qk = pa.decode_fp8_qk(pa.decode_config(splits))
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(
@@ -139,6 +142,7 @@ def main():
                 "use_dot": bool(use_dot),
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
+                "fp8_qk": fp8_qk,
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

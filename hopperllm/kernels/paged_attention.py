@@ -228,17 +228,23 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb
 
 
 @triton.jit
-def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
+def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, FP8_QK: tl.constexpr):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) [BLOCK_H, ...] with one tile of keys (mask: which exist).
     USE_DOT: the two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype);
     otherwise on CUDA cores in float32 (q's BLOCK_H rows unpadded, q already float32): for one query head
-    a KV head (MHA), where a 16-row tensor-core tile would be 1/16 used."""
+    a KV head (MHA), where a 16-row tensor-core tile would be 1/16 used.
+    FP8_QK (USE_DOT, FP8 cache): q is e4m3, its rows scaled by q_row_scale; QK^T on FP8 operands with K
+    unconverted, only V widened (to float16) for P @ V."""
     if USE_DOT:
-        if FP8_KV:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+        if FP8_QK:
+            v = v.to(tl.float16)
+            s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
+        else:
+            if FP8_KV:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
     else:
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
     s = tl.where(mask[None, :], s, float("-inf"))
@@ -256,10 +262,10 @@ def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.const
 
 @triton.jit
 def _decode_key_loop(
-    acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+    acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, FP8_QK: tl.constexpr,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
@@ -282,8 +288,8 @@ def _decode_key_loop(
                                            PAGE_SIZE, HEAD_DIM)  # fmt: skip
             pos = pos + BLOCK_N
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
-                                                USE_DOT)  # fmt: skip
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
+                                                DOT_PRECISION, USE_DOT, FP8_QK)  # fmt: skip
             k = next_k
             v = next_v
             mask = next_mask
@@ -293,8 +299,8 @@ def _decode_key_loop(
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
                                  stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
-                                                USE_DOT)  # fmt: skip
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
+                                                DOT_PRECISION, USE_DOT, FP8_QK)  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -357,6 +363,7 @@ def _decode_split_kernel(
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q scaled by 2^-k if over 2^15)
+    FP8_QK: tl.constexpr,  # FP8_KV and USE_DOT: q rounded per row to e4m3, QK^T on FP8 operands (P @ V float16)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
@@ -447,7 +454,14 @@ def _decode_split_kernel(
             tl.debug_barrier()  # every thread's store is visible to the loads of the key loop below
     if FP8_KV:
         qk_scale = qk_scale * k_scale
-    if DOT_FP16:
+    q_row_scale = tl.zeros([BLOCK_H], dtype=tl.float32)  # FP8_QK only
+    if FP8_QK:
+        # Each query head's row scaled to e4m3's range, as the prefill kernel's FP8 QK^T does (FlashAttention-3's
+        # FP8 mode): K is used as stored, with no conversion; the scales come back on the scores.
+        q32 = q.to(tl.float32)
+        q_row_scale = fp8_scale_from_amax(tl.max(tl.abs(q32), axis=1))
+        q = quantize_fp8(q32, fp8_inv_scale(q_row_scale)[:, None])
+    elif DOT_FP16:
         # e4m3 -> float16 is one conversion a pair of values where bfloat16 takes a detour through float32;
         # K and V are exact in either, P in [0, 1] is kept more precisely. q moves to float16 exactly, unless
         # its largest value is over 2^15: then q is scaled by a power of two (exact) that the scores undo.
@@ -463,9 +477,9 @@ def _decode_split_kernel(
     if not USE_DOT:
         q = q.to(tl.float32)
     acc, l_i, m_i = _decode_key_loop(
-        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+        acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH, FP8_QK,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -580,6 +594,22 @@ DECODE_DOT_FP16: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPE
 def decode_dot_fp16(cfg: dict) -> bool:
     """Whether a decode config runs its products in float16 (with an FP8 cache and a 16-bit q)."""
     return bool(cfg.get("DOT_FP16", False)) if DECODE_DOT_FP16 is None else DECODE_DOT_FP16
+
+
+# HOPPERLLM_DECODE_FP8_QK=1 rounds q per query head to e4m3 and runs QK^T on FP8 operands in the decode configs
+# of batches (DECODE_CONFIG: fewer than MANY_SPLITS slices), as prefill does by default: K needs no conversion,
+# which v25 found to be what holds the kernel at 59-71% of its read floor; P @ V stays float16. v27's throughput
+# run spends 20% of a steady-state mixed step (~500 decodes) in this kernel at ~55% of the floor. Off until
+# measured; "0" / "1" override each config's FP8_QK key (default False).
+DECODE_FP8_QK: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERLLM_DECODE_FP8_QK", ""))
+
+
+def decode_fp8_qk(cfg: dict) -> bool:
+    """Whether a decode config runs QK^T on FP8 q (with an FP8 cache and a 16-bit q); only the few-split
+    config unless a config sets FP8_QK itself."""
+    if DECODE_FP8_QK is None:
+        return bool(cfg.get("FP8_QK", False))
+    return DECODE_FP8_QK and (cfg is DECODE_CONFIG or bool(cfg.get("FP8_QK", False)))
 
 
 def decode_config(num_splits: int) -> dict[str, int]:
@@ -846,6 +876,7 @@ def paged_decode_attention(
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
+        FP8_QK=decode_fp8_qk(cfg) and fp8 and use_dot and q.dtype != torch.float32,
         QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,

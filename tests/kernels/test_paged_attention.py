@@ -377,6 +377,48 @@ def test_decode_dot_fp16_with_fp8_cache(dtype, num_splits, large_q, monkeypatch)
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_decode_fp8_qk_equals_attention_over_quantized_q(dtype, num_splits, rotary, monkeypatch):
+    # HOPPERLLM_DECODE_FP8_QK=1: q rounded per (token, head) row to e4m3 and QK^T on FP8 operands (K as
+    # stored), P @ V in float16: the reference attention over the dequantized q, to 16-bit rounding; near the
+    # unquantized q. With the rotary / cache write in the same launch, q is rounded after its rotation.
+    q, kv, cu, seq_lens, bt = make_paged_case([1] * 4, DECODE_SEQ_LENS, 8, 2, 32, 8, dtype, seed=23)
+    kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    scale = 32**-0.5
+    cfg = pa.DECODE_CONFIG if DEVICE == "cuda" else pa.CPU_DECODE_CONFIG
+    monkeypatch.setitem(cfg, "FP8_QK", True)
+    assert pa.decode_fp8_qk(cfg)
+    new_kv = None
+    kv_ref, q_ref = kv8.clone(), q.clone()
+    if rotary:  # the last position's k / v arrive with the step, unrotated, as in the model's decode graphs
+        from hopperllm.kernels.rotary import build_cos_sin_cache, rotary_kv_write
+
+        gen = torch.Generator().manual_seed(5)
+        k_new = torch.randn(4, 2, 32, generator=gen).to(dtype).to(DEVICE)
+        v_new = torch.randn(4, 2, 32, generator=gen).to(dtype).to(DEVICE)
+        positions = seq_lens.long() - 1
+        cos_sin = build_cos_sin_cache(32, 64, 10000.0).to(DEVICE)
+        slots = torch.tensor([int(bt[b, (n - 1) // 8]) * 8 + (n - 1) % 8 for b, n in enumerate(DECODE_SEQ_LENS)],
+                             dtype=torch.int64, device=DEVICE)  # fmt: skip
+        new_kv = pa.NewTokenKV(k_new, v_new, positions, cos_sin, slots)
+        rotary_kv_write(q_ref, k_new, v_new, positions, cos_sin, kv_ref, slots, k_scale, v_scale)
+    kv_run = kv8.clone()
+    out = pa.paged_decode_attention(q, kv_run[0], kv_run[1], bt, seq_lens, scale, k_scale, v_scale,
+                                    num_splits=num_splits, out=poisoned_like(q), new_kv=new_kv)  # fmt: skip
+    assert torch.isfinite(out).all()
+    if rotary and DEVICE == "cpu":  # the new rows stored as the writer stores them
+        assert torch.equal(kv_run.view(torch.uint8), kv_ref.view(torch.uint8))
+    q8, q_scale = ref_per_token_quant_fp8(q_ref)  # each (token, head) row, as the kernel quantizes it
+    args = (kv_ref[0], kv_ref[1], cu, seq_lens, bt, scale, k_scale, v_scale)
+    emulated = pa.ref_paged_attention((q8.float() * q_scale).to(dtype), *args)
+    assert rel_err(out, emulated) < TOL[dtype]
+    assert rel_err(out, pa.ref_paged_attention(q_ref, *args)) < 5e-2
+    monkeypatch.setitem(cfg, "FP8_QK", False)
+    assert not pa.decode_fp8_qk(cfg)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_prefill_pv_fp16_equals_attention_over_quantized_q(dtype, monkeypatch):
     # HOPPERLLM_PREFILL_PV_FP16=1: with the FP8 QK^T, P @ V in float16 for a bfloat16 model too (V exact from
