@@ -129,6 +129,24 @@ def fp8_pv_softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
+def _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, ACT_FP16: tl.constexpr):  # fmt: skip
+    """One key tile's scaled scores q K^T [rows, BLOCK_N], and V in the P @ V product's type. FP8_QK (FP8
+    cache, q e4m3 with its rows scaled by q_row_scale): K as stored, V widened to float16 (ACT_FP16) or
+    bfloat16, or left e4m3 for an FP8 P @ V (FP8_PV). Otherwise K and V converted to q's type (FP8 caches)."""
+    if FP8_QK:
+        if not FP8_PV:
+            v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
+        s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
+    else:
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    return s, v
+
+
+@triton.jit
 def _attend_key_range(
     acc,
     l_i,
@@ -182,15 +200,7 @@ def _attend_key_range(
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
             v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
-        if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for a 16-bit P @ V product
-            if not FP8_PV:
-                v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
-            s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
-        else:
-            if FP8_KV:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s, v = _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV, DOT_PRECISION, FP8_QK, FP8_PV, ACT_FP16)
         if CAUSAL_MASK:
             visible = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
             s = tl.where(visible, s, float("-inf"))
@@ -237,14 +247,7 @@ def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8
     FP8_QK (USE_DOT, FP8 cache): q is e4m3, its rows scaled by q_row_scale; QK^T on FP8 operands with K
     unconverted, only V widened (to float16) for P @ V."""
     if USE_DOT:
-        if FP8_QK:
-            v = v.to(tl.float16)
-            s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
-        else:
-            if FP8_KV:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+        s, v = _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV, DOT_PRECISION, FP8_QK, False, True)
     else:
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
     s = tl.where(mask[None, :], s, float("-inf"))
