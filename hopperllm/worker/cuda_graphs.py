@@ -288,10 +288,23 @@ def prefill_graph_sizes(max_num_batched_tokens: int, max_model_len: int) -> list
 
 
 def capture_prefill_graphs(runner, show_progress: bool = True) -> PrefillGraphRunner | None:
+    """The prefill graphs, or None: no size fits a step, or the GPU ran out of memory capturing them (their
+    pool holds the largest graph's activations beside the KV cache, which start-up sized for eager steps
+    only; at a high gpu_memory_utilization that may not fit): then prefill steps run eagerly, with a warning."""
     sc = runner.config.scheduler_config
     sizes = prefill_graph_sizes(sc.max_num_batched_tokens, sc.max_model_len)
     if not sizes:
         return None
     gr = PrefillGraphRunner(runner, sizes)
-    gr.capture(show_progress=show_progress)
+    try:
+        gr.capture(show_progress=show_progress)
+    except torch.cuda.OutOfMemoryError:
+        del gr
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        logger.warning(
+            "not enough GPU memory for the prefill CUDA graphs beside the KV cache: prefill steps run "
+            "eagerly (lower gpu_memory_utilization to keep them, or set HOPPERLLM_PREFILL_GRAPHS=0)"
+        )
+        return None
     return gr

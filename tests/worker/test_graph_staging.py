@@ -163,3 +163,26 @@ def test_prefill_graph_sizes_stay_within_a_step_and_the_model_length():
     for n in range(2, 4097):
         t = next(s for s in sizes if s >= n)
         assert t - n < 128 or (t - n) / n <= 0.25, (n, t)
+
+
+def test_prefill_graphs_out_of_memory_falls_back_to_eager(monkeypatch, caplog):
+    """Capturing the prefill graphs needs their memory pool beside the KV cache; without room for it the
+    engine starts anyway, prefilling eagerly, and says so."""
+    from hopperllm.worker import cuda_graphs
+
+    llm = _prefill_llm(False, max_num_seqs=1)
+    runner = llm.engine.executor.runner
+
+    def oom(self, show_progress=True):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(cuda_graphs.PrefillGraphRunner, "capture", oom)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    with caplog.at_level("WARNING", logger="hopperllm.worker.cuda_graphs"):
+        assert cuda_graphs.capture_prefill_graphs(runner, show_progress=False) is None
+    assert "prefill steps run eagerly" in caplog.text
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    assert (
+        len(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)[0].outputs[0].token_ids)
+        == 3
+    )
