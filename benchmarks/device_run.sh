@@ -175,7 +175,10 @@ for step in $steps; do
     v27-b512)  # the decode kernel alone at the steady-state mixed step's decodes (512 x 2112 keys, scattered blocks):
       # against the 864 us a layer it took inside the throughput run's mixed steps
       timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" "llama3-8b b256" --splits 1 \
-        --block-n 64 128 256 --num-warps 4 8 --num-stages 2 3 --output-json "$OUT/tune-attn-b512-v27.json" 2>&1 | grep -v "^skip" | tail -3 ;;
+        --block-n 64 128 256 --num-warps 4 8 --num-stages 2 3 --output-json "$OUT/tune-attn-b512-v27.json" 2>&1 | grep -v "^skip" | tail -3
+      # the same default config with the tables scattered over a throughput-sized cache (3.9 GB a layer): the footprint's cost
+      timeout 100 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" --splits 1 --block-n 128 --num-stages 3 \
+        --cache-blocks 118730 --output-json "$OUT/tune-attn-b512-bigcache-v27.json" 2>&1 | grep -v "^skip" | tail -1 ;;
     v28-decode-fp8qk)  # HOPPERLLM_DECODE_FP8_QK (decode QK^T on FP8 q, K unconverted, for the batch config): its kernel
       # tests compiled, the kernel alone at 64 / 256 / 512 decodes with and without, then Llama-3-8B throughput
       # alternating (v27: decode attention 20% of a steady-state mixed step at ~55% of its floor)
