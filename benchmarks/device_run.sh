@@ -188,6 +188,9 @@ for step in $steps; do
       tput 100 200 | grep "Output token"
       for v in 1 0 1 0; do HOPPERLLM_DECODE_FP8_QK=$v tput 130 1000 --output-json "$OUT/throughput-8b-decode-fp8qk$v-$SECONDS.json" \
         | grep "Output token" | sed "s/^/decode_fp8qk=$v /"; [ $SECONDS -lt 420 ] || break; done ;;
+    tp-prefill-graphs)  # (2+ GPUs) HOPPERLLM_PREFILL_GRAPHS_TP=1: its GPU test, then the 70B's TP latency with and without
+      timeout 300 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k prefill_graphs -p no:cacheprovider 2>&1 | tail -2
+      AB="- HOPPERLLM_PREFILL_GRAPHS_TP=1" OUT="$OUT" bash "$0" ab-tp ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

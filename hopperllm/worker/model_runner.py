@@ -64,6 +64,11 @@ GRAPH_STAGING = os.environ.get("HOPPERLLM_GRAPH_STAGING", "1") == "1"
 # instead of 20-37 ms, time to first token 25.6 ms instead of 27.0-27.3 (H200, perf-notes v27).
 # HOPPERLLM_PREFILL_GRAPHS=0 turns them off.
 PREFILL_GRAPHS = os.environ.get("HOPPERLLM_PREFILL_GRAPHS", "1") == "1"
+# HOPPERLLM_PREFILL_GRAPHS_TP=1 captures them with tensor parallelism too, NCCL's prefill-sized all-reduces
+# inside (every rank stages the same step into the same graph, so the ranks replay the same collectives).
+# Off until measured on several GPUs: the 70B's 80 layers enqueue ~2.5x the 7B's launches, host time that TTFT
+# pays where it exceeds the GPU's (TP=8's ~1/8 of the prefill's GEMMs a rank).
+PREFILL_GRAPHS_TP = os.environ.get("HOPPERLLM_PREFILL_GRAPHS_TP", "0") == "1"
 
 
 class _BlockTableRows:

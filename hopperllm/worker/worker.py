@@ -232,9 +232,9 @@ class Worker:
         if graphs:
             warm_up(self.tp, self.runner.device)
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
-            from hopperllm.worker.model_runner import PREFILL_GRAPHS
+            from hopperllm.worker.model_runner import PREFILL_GRAPHS, PREFILL_GRAPHS_TP
 
-            if PREFILL_GRAPHS and self.tp.world_size == 1:  # (a TP step's all-reduces: not captured here yet)
+            if PREFILL_GRAPHS and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
                 from hopperllm.worker.cuda_graphs import capture_prefill_graphs
 
                 self.runner.prefill_graphs = capture_prefill_graphs(self.runner, show_progress=show_progress)

@@ -34,6 +34,7 @@ IDS = torch.randint(3, 32000, (200,), generator=torch.Generator().manual_seed(1)
 class Result:
     logits: torch.Tensor  # [len(IDS), V] float32 on the CPU
     outputs: list  # CompletionOutput of each of _prompts(): token_ids, logprobs (top 2)
+    startup: dict  # rank 0's Worker.startup_stats(): KV blocks, graphs
 
     @property
     def tokens(self) -> list[list[int]]:
@@ -71,7 +72,9 @@ def _run_engine(model: str, tp: int, dtype: str = "bfloat16", **kw) -> Result:
             assert llm.engine.async_scheduling and llm.engine.executor.supports_async
         logits = llm.engine.executor.logits_for_tokens(IDS).float().cpu()
         outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
-        return Result(logits, [o.outputs[0] for o in outs])
+        return Result(
+            logits, [o.outputs[0] for o in outs], llm.engine.executor.collective_rpc("startup_stats")
+        )
     finally:
         llm.engine.shutdown()
         del llm
@@ -332,6 +335,21 @@ def test_tp_cuda_graphs_match_eager(model_dir, tp):
     _assert_same_until_near_tie(
         _run_engine(model_dir, tp), _run_engine(model_dir, tp, enforce_eager=True), 0.13
     )
+
+
+@needs_2_gpus
+@tp_sizes
+def test_tp_prefill_graphs_match_eager_prefill(model_dir, tp, monkeypatch):
+    """HOPPERLLM_PREFILL_GRAPHS_TP=1: each rank replays the prefill graph its (identical) step staged, NCCL's
+    all-reduces inside; one sequence a step (whole prompts of 1-300 tokens: graphs of 128-384 rows, and a
+    one-token prompt eagerly). Greedy tokens equal eager prefill's at the same TP size up to near-ties."""
+    monkeypatch.setenv("HOPPERLLM_PREFILL_GRAPHS_TP", "1")  # the spawned ranks inherit it
+    got = _run_engine(model_dir, tp, max_num_seqs=1)
+    assert got.startup["prefill_graphs"]["sizes"][:3] == [128, 256, 384]
+    monkeypatch.setenv("HOPPERLLM_PREFILL_GRAPHS_TP", "0")
+    eager = _run_engine(model_dir, tp, max_num_seqs=1)
+    assert "prefill_graphs" not in eager.startup
+    _assert_same_until_near_tie(got, eager, 0.13)
 
 
 def test_model_too_large_is_a_value_error_naming_the_numbers():
