@@ -191,6 +191,16 @@ for step in $steps; do
     tp-prefill-graphs)  # (2+ GPUs) HOPPERLLM_PREFILL_GRAPHS_TP=1: its GPU test, then the 70B's TP latency with and without
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k prefill_graphs -p no:cacheprovider 2>&1 | tail -2
       AB="- HOPPERLLM_PREFILL_GRAPHS_TP=1" OUT="$OUT" bash "$0" ab-tp ;;
+    v28-mixed-streams)  # HOPPERLLM_MIXED_ATTENTION_STREAMS=1 (a mixed step's prefill attention on a high-priority side
+      # stream beside its decode attention): the bit-equality GPU test, then Llama-3-8B throughput alternating, then a
+      # CUDA-only window of steady-state mixed steps with it (are the two kernels overlapping?)
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k mixed_attention_streams -p no:cacheprovider 2>&1 | tail -2
+      tput 100 200 | grep "Output token"
+      for v in 1 0 1 0; do HOPPERLLM_MIXED_ATTENTION_STREAMS=$v tput 130 1000 --output-json "$OUT/throughput-8b-mixed-streams$v-$SECONDS.json" \
+        | grep "Output token" | sed "s/^/mixed_streams=$v /"; [ $SECONDS -lt 380 ] || break; done
+      [ $SECONDS -lt 450 ] && HOPPERLLM_MIXED_ATTENTION_STREAMS=1 timeout $((590 - SECONDS)) python3 benchmarks/profile_throughput.py \
+        --num-prompts 1000 --profile-steps 0 --window-steps 4 --window-at 150 --window-cuda-only \
+        --output-json "$OUT/window-cuda-mixed-streams-v28.json" 2>&1 | grep -m1 output_tok_per_s ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
