@@ -239,7 +239,7 @@ class TritonAttentionBackend(AttentionBackend):
             q[:nd], kv_cache[0], kv_cache[1], meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
             layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k,
         )  # fmt: skip
-        side = _prefill_side_stream(q.device) if MIXED_ATTENTION_STREAMS and q.is_cuda else None
+        side = _prefill_side_stream(q.device) if _mixed_streams_on(q) else None
         if side is not None:
             # The prefill rows on a high-priority stream beside the decodes: as the memory-bound decode
             # programs retire, compute-bound prefill tiles take their places, and SMs hold both.
@@ -265,6 +265,10 @@ class TritonAttentionBackend(AttentionBackend):
 # mixed step spends 27.7 ms in decode and 15.3 ms in prefill attention, one after the other. Off until measured.
 MIXED_ATTENTION_STREAMS = os.environ.get("HOPPERLLM_MIXED_ATTENTION_STREAMS", "0") == "1"
 _SIDE_STREAMS: dict = {}
+
+
+def _mixed_streams_on(q: torch.Tensor) -> bool:
+    return MIXED_ATTENTION_STREAMS and q.is_cuda
 
 
 def _prefill_side_stream(device: torch.device):

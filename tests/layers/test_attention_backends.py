@@ -73,3 +73,55 @@ def test_triton_backend_matches_torch_backend(kv_cache_dtype, fuse_rotary, dtype
     assert out == ref
     # decodes next to a prefill chunk went through flash-decoding (prompts 5 and 19 decode while 40 prefills)
     assert mixed_steps and min(mixed_steps) >= 1
+
+
+def test_mixed_attention_streams_order_the_prefill_between_two_waits(monkeypatch):
+    """HOPPERLLM_MIXED_ATTENTION_STREAMS's stream handling, with stand-in streams (the interpreter has none):
+    each mixed step launches its decodes on the current stream, then makes the side stream wait for it, runs
+    the prefill rows there, and makes the current stream wait for the side before the output is used;
+    the tokens are the plain backend's."""
+    import contextlib
+
+    from hopperllm.layers import attention
+
+    log = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits {other.name}")
+
+    main, side = FakeStream("main"), FakeStream("side")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"enter {stream.name}")
+        yield
+        log.append(f"leave {stream.name}")
+
+    from hopperllm.kernels import paged_attention as pa
+
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        real = getattr(pa, name)
+        monkeypatch.setattr(pa, name, lambda *a, _r=real, _n=name, **k: log.append(_n) or _r(*a, **k))
+    llm = LLM(model="dummy:tiny", dtype="float32", device="cpu", num_kv_blocks=32, show_progress=False,
+              max_num_batched_tokens=24, enable_prefix_caching=False)  # fmt: skip
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    _set_backend(llm, TritonAttentionBackend())
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert "paged_decode_attention" in log and not any("waits" in e for e in log)
+    log.clear()
+    monkeypatch.setattr(attention, "_mixed_streams_on", lambda q: True)
+    monkeypatch.setattr(attention, "_prefill_side_stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    mixed = ["paged_decode_attention", "side waits main", "enter side", "paged_prefill_attention", "leave side",
+             "main waits side"]  # fmt: skip
+    starts = [i for i, e in enumerate(log) if log[i : i + len(mixed)] == mixed]
+    assert starts, log[:12]
+    assert log.count("side waits main") == log.count("main waits side") == len(starts)
