@@ -201,6 +201,21 @@ for step in $steps; do
       [ $SECONDS -lt 450 ] && HOPPERLLM_MIXED_ATTENTION_STREAMS=1 timeout $((590 - SECONDS)) python3 benchmarks/profile_throughput.py \
         --num-prompts 1000 --profile-steps 0 --window-steps 4 --window-at 150 --window-cuda-only \
         --output-json "$OUT/window-cuda-mixed-streams-v28.json" 2>&1 | grep -m1 output_tok_per_s ;;
+    v28-decode-loop)  # the decode key loop's new knobs (HOPPERLLM_DECODE_PAGE_TILES, _V_ASM, _HEAD_MAJOR; offline SASS for
+      # sm_90 at the 8B's batch config: 1,067 -> 880 -> 600 instructions a thread a tile): their GPU kernel tests, then
+      # the kernel alone at the 7B / 8B batch 1 and 64 / 256 / 512 decodes under each, then throughput with the best
+      timeout 200 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "loop_knobs or fp8_qk" -p no:cacheprovider 2>&1 | tail -2
+      for e in "-" "HOPPERLLM_DECODE_PAGE_TILES=1" "HOPPERLLM_DECODE_V_ASM=1" "HOPPERLLM_DECODE_PAGE_TILES=1,HOPPERLLM_DECODE_V_ASM=1" \
+               "HOPPERLLM_DECODE_HEAD_MAJOR=1"; do
+        env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" \
+          "llama3-8b b1" "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" --block-n 32 128 --num-stages 3 \
+          --output-json "$OUT/tune-attn-loop-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep -v "^skip" | grep "floor" | sed "s/^/[$e] /" | cut -c1-200
+        [ $SECONDS -lt 330 ] || break
+      done
+      tput 100 200 | grep "Output token"
+      for v in 1 0; do HOPPERLLM_DECODE_PAGE_TILES=$v HOPPERLLM_DECODE_V_ASM=$v tput 130 1000 \
+        --output-json "$OUT/throughput-8b-decode-loop$v-$SECONDS.json" | grep "Output token" | sed "s/^/page_tiles+v_asm=$v /"
+        [ $SECONDS -lt 450 ] || break; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

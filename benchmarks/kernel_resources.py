@@ -34,20 +34,24 @@ _POINTERS = {
     "seq_lens_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": "*bf16",
     "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "q8_ptr": "*fp8e4nv",
     "q8_scale_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "positions_ptr": "*i64",
-    "cos_sin_ptr": "*fp32", "slot_ptr": "*i64",
+    "cos_sin_ptr": "*fp32", "slot_ptr": "*i64", "ts_ptr": "*i64",
 }  # fmt: skip
 
 
 def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
                                quant_out: bool, head_dim: int = 128, rotary: bool = False,
-                               num_q_heads: int = 32) -> dict:  # fmt: skip
+                               num_q_heads: int = 32, dot_fp16: bool = True, fp8_qk: bool = False,
+                               page_tiles: bool = False, v_asm: bool = False,
+                               sass_out: str | None = None) -> dict:  # fmt: skip
     fn = pa._decode_split_kernel
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, FP8_KV=True, DOT_PRECISION="tf32", QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary,
-        KV_LINES=1, USE_PDL=True,
+        BLOCK_N=block_n, USE_DOT=True, PREFETCH=False, FP8_KV=True, DOT_PRECISION="tf32", DOT_FP16=dot_fp16,
+        FP8_QK=fp8_qk, QUANT_OUT=quant_out, HEAD_MAJOR=False, PAGE_TILES=page_tiles, V_ASM=v_asm,
+        QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
+        TIMESTAMPS=False,
     )  # fmt: skip
-    return _compile_resources(fn, consts, _POINTERS, num_warps, num_stages)
+    return _compile_resources(fn, consts, _POINTERS, num_warps, num_stages, sass_mma=True, sass_out=sass_out)
 
 
 _PREFILL_POINTERS = {
@@ -168,7 +172,15 @@ def main():
     )
     p.add_argument("--block-m", type=int, default=256)
     p.add_argument(
-        "--fp8-qk", action="store_true", help="prefill: QK^T on FP8 operands (HOPPERLLM_PREFILL_FP8_QK)"
+        "--fp8-qk", action="store_true",
+        help="QK^T on FP8 operands (prefill: HOPPERLLM_PREFILL_FP8_QK, decode: HOPPERLLM_DECODE_FP8_QK)",
+    )  # fmt: skip
+    p.add_argument("--no-dot-fp16", action="store_true", help="decode: bfloat16 products (DOT_FP16 off)")
+    p.add_argument(
+        "--page-tiles", action="store_true", help="decode: tiles of whole pages (HOPPERLLM_DECODE_PAGE_TILES)"
+    )
+    p.add_argument(
+        "--v-asm", action="store_true", help="decode: V to float16 by inline PTX (HOPPERLLM_DECODE_V_ASM)"
     )
     p.add_argument(
         "--pv-fp16", action="store_true", help="prefill: P @ V in float16 (HOPPERLLM_PREFILL_PV_FP16)"
@@ -198,7 +210,8 @@ def main():
         print(f"triton {triton.__version__}, sm_90: prefill attention {vars(a)}: {r}")
         return
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
-                                   rotary=a.rotary, num_q_heads=a.num_q_heads)  # fmt: skip
+                                   rotary=a.rotary, num_q_heads=a.num_q_heads, dot_fp16=not a.no_dot_fp16,
+                                   fp8_qk=a.fp8_qk, page_tiles=a.page_tiles, v_asm=a.v_asm, sass_out=a.sass_out)  # fmt: skip
     print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
 
 

@@ -129,6 +129,17 @@ def fp8_pv_softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
+def _e4m3_to_f16_regs(x):
+    """e4m3 -> float16 in registers, two values an instruction, as opaque inline PTX: the compiler keeps it
+    where it stands, so a tile converted right after its load goes to shared memory as float16 (whose
+    transposed fragments ldmatrix reads) instead of as bytes gathered one at a time (GPU only)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4,
+    )  # fmt: skip
+
+
+@triton.jit
 def _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, ACT_FP16: tl.constexpr):  # fmt: skip
     """One key tile's scaled scores q K^T [rows, BLOCK_N], and V in the P @ V product's type. FP8_QK (FP8
@@ -239,7 +250,8 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb
 
 @triton.jit
 def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, FP8_QK: tl.constexpr):  # fmt: skip
+                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, FP8_QK: tl.constexpr,
+                        MASKED: tl.constexpr = True, V_ASM: tl.constexpr = False):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) [BLOCK_H, ...] with one tile of keys (mask: which exist).
     USE_DOT: the two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype);
     otherwise on CUDA cores in float32 (q's BLOCK_H rows unpadded, q already float32): for one query head
@@ -247,10 +259,13 @@ def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8
     FP8_QK (USE_DOT, FP8 cache): q is e4m3, its rows scaled by q_row_scale; QK^T on FP8 operands with K
     unconverted, only V widened (to float16) for P @ V."""
     if USE_DOT:
+        if V_ASM:  # (FP8 cache, float16 products)
+            v = _e4m3_to_f16_regs(v)
         s, v = _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV, DOT_PRECISION, FP8_QK, False, True)
     else:
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
-    s = tl.where(mask[None, :], s, float("-inf"))
+    if MASKED:
+        s = tl.where(mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key always exists
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -269,41 +284,73 @@ def _decode_key_loop(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, FP8_QK: tl.constexpr,
+    PAGE_TILES: tl.constexpr = False, V_ASM: tl.constexpr = False,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
     after it before those (loop-carried registers): a program keeps a tile in flight while it computes,
-    where loading at the top of each iteration left every tile's memory latency exposed."""
+    where loading at the top of each iteration left every tile's memory latency exposed.
+    PAGE_TILES (BLOCK_N a multiple of PAGE_SIZE, `start` on a page boundary): a tile is BLOCK_N // PAGE_SIZE
+    whole pages: their ids are loaded once each (not once a key), a key row's address is its page's base
+    plus an offset that is the same in every tile, and the full tiles run without masks; only the last,
+    partial tile is masked."""
     offs_n = tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        pos = start + offs_n
-        mask = pos < end
-        block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-        pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
-        block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-    for start_n in range(start, end, BLOCK_N):
-        if PREFETCH:
-            next_mask = pos < end
-            next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
-                                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                           PAGE_SIZE, HEAD_DIM)  # fmt: skip
-            pos = pos + BLOCK_N
-            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
-                                                DOT_PRECISION, USE_DOT, FP8_QK)  # fmt: skip
-            k = next_k
-            v = next_v
-            mask = next_mask
-        else:
-            pos = start_n + offs_n
+    if PAGE_TILES:
+        NUM_PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+        offs_p = tl.arange(0, NUM_PAGES)
+        offs_t = tl.arange(0, PAGE_SIZE)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k_in_page = (offs_t[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :])[None, :, :]
+        v_in_page = (offs_t[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :])[None, :, :]
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # (a trailing slice may be empty)
+        for start_n in range(start, full_end, BLOCK_N):
+            pages = tl.load(block_table_row + start_n // PAGE_SIZE + offs_p).to(tl.int64)
+            k = tl.load(
+                tl.reshape(k_cache_ptr + pages[:, None, None] * stride_kb + k_in_page, [BLOCK_N, HEAD_DIM])
+            )
+            v = tl.load(
+                tl.reshape(v_cache_ptr + pages[:, None, None] * stride_vb + v_in_page, [BLOCK_N, HEAD_DIM])
+            )
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, offs_n, qk_scale, q_row_scale, FP8_KV,
+                                                DOT_PRECISION, USE_DOT, FP8_QK, False, V_ASM)  # fmt: skip
+        if full_end < end:  # the partial last tile, masked
+            pos = full_end + offs_n
             mask = pos < end
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
                                  stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
-                                                DOT_PRECISION, USE_DOT, FP8_QK)  # fmt: skip
+                                                DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
+    else:
+        if PREFETCH:
+            pos = start + offs_n
+            mask = pos < end
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
+                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+            pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+        for start_n in range(start, end, BLOCK_N):
+            if PREFETCH:
+                next_mask = pos < end
+                next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
+                                               stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                               PAGE_SIZE, HEAD_DIM)  # fmt: skip
+                pos = pos + BLOCK_N
+                block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+                acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
+                                                    DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
+                k = next_k
+                v = next_v
+                mask = next_mask
+            else:
+                pos = start_n + offs_n
+                mask = pos < end
+                block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+                k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
+                                     stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+                acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
+                                                    DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -368,6 +415,9 @@ def _decode_split_kernel(
     DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q scaled by 2^-k if over 2^15)
     FP8_QK: tl.constexpr,  # FP8_KV and USE_DOT: q rounded per row to e4m3, QK^T on FP8 operands (P @ V float16)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
+    HEAD_MAJOR: tl.constexpr,  # grid (Hkv, B, NUM_SPLITS) instead of (B, Hkv, NUM_SPLITS)
+    PAGE_TILES: tl.constexpr,  # key tiles of whole pages (_decode_key_loop)
+    V_ASM: tl.constexpr,  # V to float16 by inline PTX right after its load (_e4m3_to_f16_regs; GPU only)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
@@ -383,10 +433,17 @@ def _decode_split_kernel(
     # rotary embedding and cache write of the step's token (rotary_kv_write) happen here too: every
     # program rotates its q heads in registers, and the program whose slice holds the last position
     # stores that position's k and v before it reads its keys.
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEAD_MAJOR:  # a sequence's kv heads are neighbouring programs: they read the same cache rows together
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+        num_seqs = tl.num_programs(1)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
+        num_seqs = tl.num_programs(0)
     split = tl.program_id(2)
-    num_kv_heads = tl.num_programs(1)
     num_q_heads = num_kv_heads * GROUP
     prog = (b * num_kv_heads + kvh) * NUM_SPLITS + split  # this program's row of ts_ptr
     stamp(ts_ptr, prog, 0, TIMESTAMPS)
@@ -482,7 +539,7 @@ def _decode_split_kernel(
     acc, l_i, m_i = _decode_key_loop(
         acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH, FP8_QK,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH, FP8_QK, PAGE_TILES, V_ASM,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -496,8 +553,8 @@ def _decode_split_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
         stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if QUANT_OUT:
-            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                               num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_seqs, num_kv_heads,
+                               stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
     else:
         row = (b * num_q_heads + heads) * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -529,17 +586,17 @@ def _decode_split_kernel(
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
             stamp(ts_ptr, prog, 5, TIMESTAMPS)
             if QUANT_OUT:
-                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_seqs, num_kv_heads,
+                                   stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
 
 
 @triton.jit
-def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob, row_len,
-                       QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr = False):  # fmt: skip
+def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_seqs, num_kv_heads, stride_ob,
+                       row_len, QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr = False):  # fmt: skip
     """Called by the program that completed kv head group (b, kvh): the last of b's kv heads quantizes b's
     whole output row per token, reading back the rounded outputs (bit for bit per_token_quant_fp8)."""
     tl.debug_barrier()  # every thread's output store is done before the release below
-    slot = tl.num_programs(0) * num_kv_heads + b
+    slot = num_seqs * num_kv_heads + b
     arrived = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
     if arrived == num_kv_heads - 1:
         offs = tl.arange(0, QUANT_BLOCK)
@@ -605,6 +662,25 @@ def decode_dot_fp16(cfg: dict) -> bool:
 # run spends 20% of a steady-state mixed step (~500 decodes) in this kernel at ~55% of the floor. Off until
 # measured; "0" / "1" override each config's FP8_QK key (default False).
 DECODE_FP8_QK: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERLLM_DECODE_FP8_QK", ""))
+
+
+# HOPPERLLM_DECODE_HEAD_MAJOR=1 launches the decode kernel over (kv heads, sequences, slices): a sequence's
+# kv heads are neighbouring programs, which run at the same time and read the same cache pages (a block's 16
+# tokens hold every head's rows, 1 KB apart for the 8B), where by default neighbours are other sequences' same
+# head, reading 128 of every 1,024 bytes of many pages. Off until measured (v27: ~55% of the read floor inside
+# the throughput run against 71% in the tuning sweep).
+DECODE_HEAD_MAJOR = os.environ.get("HOPPERLLM_DECODE_HEAD_MAJOR", "0") == "1"
+# HOPPERLLM_DECODE_PAGE_TILES=1: the decode key loop takes tiles of whole cache pages (_decode_key_loop's
+# PAGE_TILES): a page id loaded once a page instead of once a key, the in-page offsets hoisted out of the loop,
+# no masks but on the last tile. The kernel issues ~1,500 instructions a thread a 128-key tile (Triton 3.9's
+# SASS for sm_90: 347 IMAD, 196 LDS, 128 conversions, 113 ISETP, 110 SEL, 64 HMMA), about what the read
+# floor leaves it; fewer of them is the lever. Off until measured.
+DECODE_PAGE_TILES = os.environ.get("HOPPERLLM_DECODE_PAGE_TILES", "0") == "1"
+# HOPPERLLM_DECODE_V_ASM=1 converts each V tile to float16 by inline PTX right after its load (float16 products
+# with an FP8 cache): Triton otherwise keeps the tile in shared memory as e4m3 and, since P @ V wants V's keys
+# paired, reads it back a byte at a time (Triton 3.9's SASS for sm_90: 128 LDS.U8 and ~64 IMAD a thread a
+# 128-key tile, of ~880 instructions). Off until measured.
+DECODE_V_ASM = os.environ.get("HOPPERLLM_DECODE_V_ASM", "0") == "1"
 
 
 def decode_fp8_qk(cfg: dict) -> bool:
@@ -840,7 +916,8 @@ def paged_decode_attention(
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
     ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
                          kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, batch, num_splits) if DECODE_HEAD_MAJOR else (batch, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -880,6 +957,14 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q),
         DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
         FP8_QK=decode_fp8_qk(cfg) and fp8 and use_dot and q.dtype != torch.float32,
+        HEAD_MAJOR=DECODE_HEAD_MAJOR,
+        PAGE_TILES=DECODE_PAGE_TILES and not cfg.get("PREFETCH", False) and block_n % block_size == 0,
+        V_ASM=DECODE_V_ASM
+        and q.is_cuda
+        and fp8
+        and use_dot
+        and q.dtype != torch.float32
+        and (decode_dot_fp16(cfg) or decode_fp8_qk(cfg)),
         QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,

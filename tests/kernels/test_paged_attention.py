@@ -164,6 +164,47 @@ def test_decode_matches_reference(dtype, num_q_heads, num_kv_heads, num_splits, 
     assert rel_err(out, ref) < TOL[dtype]
 
 
+DECODE_LOOP_KNOBS = ["DECODE_PAGE_TILES", "DECODE_HEAD_MAJOR"] + (
+    ["DECODE_V_ASM", "DECODE_PAGE_TILES+DECODE_V_ASM"] if DEVICE == "cuda" else []  # inline PTX: GPU only
+)
+
+
+@pytest.mark.parametrize("knobs", DECODE_LOOP_KNOBS)
+@pytest.mark.parametrize("fp8_kv", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("quant_out", [False, True])
+def test_decode_loop_knobs_equal_the_default_loop(knobs, fp8_kv, num_splits, quant_out, monkeypatch):
+    """HOPPERLLM_DECODE_PAGE_TILES (tiles of whole pages, only the last one masked), _HEAD_MAJOR (the grid's
+    kv heads first) and _V_ASM (V to float16 by inline PTX after its load) change how the kernel reads and
+    orders its work, not what it computes: the default loop's outputs, over contexts that end inside a page,
+    on a page boundary (16, 32: a last tile that is full) and empty trailing slices. In the interpreter
+    bit for bit; compiled, to the last bit of a few rows at most."""
+    dtype = torch.float16
+    seq_lens_ = [1, 17, 40, 33, 16, 32]
+    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), seq_lens_, 8, 2, 32, 8, dtype, seed=31)
+    k_scale = v_scale = None
+    if fp8_kv:
+        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+
+    def run():
+        return pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, k_scale, v_scale,
+                                         num_splits=num_splits, quant_out=quant_out)  # fmt: skip
+
+    want = run()
+    for knob in knobs.split("+"):
+        monkeypatch.setattr(pa, knob, True)
+    got = run()
+    if quant_out:
+        want, got = want[0].float() * want[1], got[0].float() * got[1]
+    assert torch.isfinite(got).all()
+    if DEVICE == "cpu":
+        assert torch.equal(got, want)
+    else:
+        assert rel_err(got, want) < 1e-3
+    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.2, k_scale, v_scale)
+    assert rel_err(got.view_as(ref), ref) < (5e-2 if quant_out else TOL[dtype])
+
+
 def test_decode_large_group_more_splits_than_tiles(decode_variant):
     # 5 splits over contexts of 1..3 tiles: most slices are empty and must weigh zero in the merge.
     seq_lens = [3, 20, 47]
