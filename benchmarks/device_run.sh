@@ -205,13 +205,25 @@ for step in $steps; do
       # sm_90 at the 8B's batch config: 1,067 -> 880 -> 600 instructions a thread a tile): their GPU kernel tests, then
       # the kernel alone at the 7B / 8B batch 1 and 64 / 256 / 512 decodes under each, then throughput with the best
       timeout 200 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "loop_knobs or fp8_qk" -p no:cacheprovider 2>&1 | tail -2
-      for e in "-" "HOPPERLLM_DECODE_PAGE_TILES=1" "HOPPERLLM_DECODE_V_ASM=1" "HOPPERLLM_DECODE_PAGE_TILES=1,HOPPERLLM_DECODE_V_ASM=1" \
-               "HOPPERLLM_DECODE_HEAD_MAJOR=1"; do
-        env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" \
-          "llama3-8b b1" "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" --block-n 32 128 --num-stages 3 \
-          --output-json "$OUT/tune-attn-loop-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep -v "^skip" | grep "floor" | sed "s/^/[$e] /" | cut -c1-200
+      P=HOPPERLLM_DECODE_PAGE_TILES=1; V=HOPPERLLM_DECODE_V_ASM=1; F=HOPPERLLM_DECODE_DOT_FP16=1
+      for e in "-" "$P" "$V" "$P,$V" "HOPPERLLM_DECODE_HEAD_MAJOR=1" "$F" "$F,$P,$V"; do  # (V_ASM needs float16 products)
+        env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py \
+          --shapes "llama2-7b b1" "llama3-8b b1" --splits 16 32 --block-n 32 --num-stages 3 \
+          --output-json "$OUT/tune-attn-loop-b1-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep "floor" | sed "s/^/[$e] /" | cut -c1-220
+        case $e in *DOT_FP16*) continue ;; esac  # (the batch config has float16 products already)
+        env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py \
+          --shapes "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" --splits 1 --block-n 128 --num-stages 3 \
+          --output-json "$OUT/tune-attn-loop-batch-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep "floor" | sed "s/^/[$e] /" | cut -c1-220
         [ $SECONDS -lt 330 ] || break
       done
+      python3 - "$OUT" <<'PY'  # one file for the sweeps (a call brings back at most 8)
+import glob, json, os, sys
+parts = sorted(glob.glob(os.path.join(sys.argv[1], "tune-attn-loop-*-v28.json")))
+merged = {os.path.basename(f): json.load(open(f)) for f in parts}
+json.dump(merged, open(os.path.join(sys.argv[1], "tune-attn-decode-loop-v28.json"), "w"), indent=1)
+for f in parts:
+    os.remove(f)
+PY
       tput 100 200 | grep "Output token"
       for v in 1 0; do HOPPERLLM_DECODE_PAGE_TILES=$v HOPPERLLM_DECODE_V_ASM=$v tput 130 1000 \
         --output-json "$OUT/throughput-8b-decode-loop$v-$SECONDS.json" | grep "Output token" | sed "s/^/page_tiles+v_asm=$v /"
