@@ -279,6 +279,24 @@ def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8
 
 
 @triton.jit
+def _decode_masked_tile(
+    acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start_n, end, qk_scale,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, FP8_QK: tl.constexpr, V_ASM: tl.constexpr,
+):  # fmt: skip
+    """The keys [start_n, min(start_n + BLOCK_N, end)), each row's page id and address its own, the rest
+    masked."""
+    pos = start_n + tl.arange(0, BLOCK_N)
+    mask = pos < end
+    block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+    k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
+                         stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+    return _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
+                               DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
+
+
+@triton.jit
 def _decode_key_loop(
     acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -313,14 +331,12 @@ def _decode_key_loop(
             )
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, offs_n, qk_scale, q_row_scale, FP8_KV,
                                                 DOT_PRECISION, USE_DOT, FP8_QK, False, V_ASM)  # fmt: skip
-        if full_end < end:  # the partial last tile, masked
-            pos = full_end + offs_n
-            mask = pos < end
-            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
-            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                                 stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
-                                                DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
+        if full_end < end:  # the partial last tile
+            acc, l_i, m_i = _decode_masked_tile(
+                acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, end,
+                qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, FP8_QK, V_ASM,
+            )  # fmt: skip
     else:
         if PREFETCH:
             pos = start + offs_n
@@ -344,13 +360,11 @@ def _decode_key_loop(
                 v = next_v
                 mask = next_mask
             else:
-                pos = start_n + offs_n
-                mask = pos < end
-                block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
-                k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                                     stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-                acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
-                                                    DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
+                acc, l_i, m_i = _decode_masked_tile(
+                    acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start_n, end,
+                    qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                    HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, FP8_QK, V_ASM,
+                )  # fmt: skip
     return acc, l_i, m_i
 
 
