@@ -8,6 +8,7 @@ rotates q/k and writes k/v into the cache at `slot_mapping`, then attends over t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -239,23 +240,19 @@ class TritonAttentionBackend(AttentionBackend):
             q[:nd], kv_cache[0], kv_cache[1], meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
             layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k,
         )  # fmt: skip
+        # MIXED_ATTENTION_STREAMS: the prefill rows on a high-priority stream beside the decodes: as the
+        # memory-bound decode programs retire, compute-bound prefill tiles take their places, and SMs hold both.
         side = _prefill_side_stream(q.device) if _mixed_streams_on(q) else None
         if side is not None:
-            # The prefill rows on a high-priority stream beside the decodes: as the memory-bound decode
-            # programs retire, compute-bound prefill tiles take their places, and SMs hold both.
             main = torch.cuda.current_stream(q.device)
             side.wait_stream(main)  # q and the cache rows rotary_kv_write stored, the decodes' launch
-            with torch.cuda.stream(side):
-                paged_prefill_attention(
-                    q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                    meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
-                )  # fmt: skip
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            paged_prefill_attention(
+                q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+                meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
+            )  # fmt: skip
+        if side is not None:
             main.wait_stream(side)  # `out` whole before the o_proj; what the side read stays live until then
-            return out
-        paged_prefill_attention(
-            q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-            meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
-        )  # fmt: skip
         return out
 
 
