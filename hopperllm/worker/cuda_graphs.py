@@ -299,6 +299,10 @@ def capture_prefill_graphs(runner, show_progress: bool = True) -> PrefillGraphRu
     try:
         gr.capture(show_progress=show_progress)
     except torch.cuda.OutOfMemoryError:
+        if runner.tp.world_size > 1:
+            # another rank may be inside a warm-up step's all-reduce that this one will never join: fail
+            # the start-up (the executor reports it) rather than fall back alone and leave that rank waiting
+            raise
         del gr
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
