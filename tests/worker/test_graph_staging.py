@@ -186,3 +186,9 @@ def test_prefill_graphs_out_of_memory_falls_back_to_eager(monkeypatch, caplog):
         len(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)[0].outputs[0].token_ids)
         == 3
     )
+    # with tensor parallelism a rank does not fall back alone (another may wait in a warm-up all-reduce)
+    from hopperllm.distributed.parallel_state import TPGroup
+
+    monkeypatch.setattr(runner, "tp", TPGroup(rank=0, world_size=2))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cuda_graphs.capture_prefill_graphs(runner, show_progress=False)
