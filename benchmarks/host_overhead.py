@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -74,6 +75,16 @@ def run(num_requests, input_len, output_len, max_num_seqs, max_num_batched_token
 
     eng.scheduler.schedule = schedule
     steps = defaultdict(list)
+    pauses: list[tuple[int, float]] = []  # (generation, ms) of each garbage collection during the run
+    gc_t0 = [0.0]
+
+    def gc_cb(phase, info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            pauses.append((info.get("generation", -1), (time.perf_counter() - gc_t0[0]) * 1e3))
+
+    gc.callbacks.append(gc_cb)
     prof = cProfile.Profile() if profile_steps else None
     profiled = 0
     t_start = time.perf_counter()
@@ -88,6 +99,7 @@ def run(num_requests, input_len, output_len, max_num_seqs, max_num_batched_token
             prof.disable()
             profiled += 1
         steps["decode" if last.get("decode") else "mixed"].append((last.get("n", 0), dt))
+    gc.callbacks.remove(gc_cb)
     import platform
 
     from hopperllm.bench.common import git_commit, versions
@@ -113,7 +125,16 @@ def run(num_requests, input_len, output_len, max_num_seqs, max_num_batched_token
                     "steps": int(sel.sum()), "median_ms": float(np.median(ms[sel])),
                     "us_per_seq": float(np.median(ms[sel] / n[sel]) * 1e3),
                 }  # fmt: skip
-        res["classes"][kind] = {"steps": len(rows), "median_ms": float(np.median(ms)), "by_batch": buckets}
+        res["classes"][kind] = {"steps": len(rows), "median_ms": float(np.median(ms)),
+                                "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
+                                "by_batch": buckets}  # fmt: skip
+    # the collector's pauses land inside steps: a full (generation 2) one walks every tracked container the
+    # requests hold (each prompt's token list among them), a stall for every running request at once
+    res["gc_pauses"] = {
+        f"gen{g}": {"count": len(d), "total_ms": round(sum(d), 1), "max_ms": round(max(d, default=0.0), 2)}
+        for g in (0, 1, 2)
+        for d in [[ms for gen, ms in pauses if gen == g]]
+    }
     if prof is not None and profiled:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
