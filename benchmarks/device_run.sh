@@ -208,7 +208,7 @@ for step in $steps; do
       P=HOPPERLLM_DECODE_PAGE_TILES=1; V=HOPPERLLM_DECODE_V_ASM=1; F=HOPPERLLM_DECODE_DOT_FP16=1
       for e in "-" "$P" "$V" "$P,$V" "HOPPERLLM_DECODE_HEAD_MAJOR=1" "$F" "$F,$P,$V"; do  # (V_ASM needs float16 products)
         env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py \
-          --shapes "llama2-7b b1" "llama3-8b b1" --splits 16 32 --block-n 32 --num-stages 3 \
+          --shapes "llama2-7b b1" "llama3-8b b1" "llama2-70b tp2 b1" --splits 16 32 --block-n 32 --num-stages 3 \
           --output-json "$OUT/tune-attn-loop-b1-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep "floor" | sed "s/^/[$e] /" | cut -c1-220
         case $e in *DOT_FP16*) continue ;; esac  # (the batch config has float16 products already)
         env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py \
