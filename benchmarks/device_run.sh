@@ -228,6 +228,14 @@ PY
       for v in 1 0; do HOPPERLLM_DECODE_PAGE_TILES=$v HOPPERLLM_DECODE_V_ASM=$v tput 130 1000 \
         --output-json "$OUT/throughput-8b-decode-loop$v-$SECONDS.json" | grep "Output token" | sed "s/^/page_tiles+v_asm=$v /"
         [ $SECONDS -lt 450 ] || break; done ;;
+    v28-prefill-lazy)  # HOPPERLLM_PREFILL_LAZY_RESCALE (the accumulator rescaled only when a row's max grows by > 2^8):
+      # its kernel tests compiled, the prefill kernel at the tuned shapes both ways, then Llama-3-8B throughput both ways
+      timeout 150 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "lazy_rescale or prefill" -p no:cacheprovider 2>&1 | tail -2
+      for v in 0 1; do HOPPERLLM_PREFILL_LAZY_RESCALE=$v timeout 150 python3 benchmarks/tune_attention.py --no-decode --prefill \
+        --output-json "$OUT/tune-prefill-lazy$v-v28.json" 2>&1 | grep -v "^skip" | tail -3 | sed "s/^/lazy=$v /"; done
+      tput 100 200 | grep "Output token"
+      for v in 1 0; do HOPPERLLM_PREFILL_LAZY_RESCALE=$v tput 130 1000 --output-json "$OUT/throughput-8b-prefill-lazy$v-$SECONDS.json" \
+        | grep "Output token" | sed "s/^/prefill_lazy=$v /"; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)

@@ -63,7 +63,7 @@ _PREFILL_POINTERS = {
 
 def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
                                 fp8_qk: bool = False, head_dim: int = 128, sass_mma: bool = False,
-                                pv_fp16: bool = False, fp8_pv: bool = False,
+                                pv_fp16: bool = False, fp8_pv: bool = False, lazy_rescale: bool = False,
                                 sass_out: str | None = None) -> dict:  # fmt: skip
     """The prefill kernel with an FP8 cache and bf16 queries (the model's prefill launch); with `sass_mma`
     also the tensor-core instructions of the cubin and their counts (which operand types the MMAs take)."""
@@ -71,7 +71,7 @@ def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warp
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n,
         FP8_KV=True, DOT_PRECISION="tf32", HEAVY_FIRST=True, FP8_QK=fp8_qk, ACT_FP16=pv_fp16, FP8_PV=fp8_pv,
-        USE_PDL=False,
+        LAZY_RESCALE=lazy_rescale, USE_PDL=False,
     )  # fmt: skip
     return _compile_resources(fn, consts, _PREFILL_POINTERS, num_warps, num_stages, sass_mma, sass_out)
 
@@ -176,6 +176,7 @@ def main():
         help="QK^T on FP8 operands (prefill: HOPPERLLM_PREFILL_FP8_QK, decode: HOPPERLLM_DECODE_FP8_QK)",
     )  # fmt: skip
     p.add_argument("--no-dot-fp16", action="store_true", help="decode: bfloat16 products (DOT_FP16 off)")
+    p.add_argument("--lazy-rescale", action="store_true", help="prefill: HOPPERLLM_PREFILL_LAZY_RESCALE")
     p.add_argument(
         "--page-tiles", action="store_true", help="decode: tiles of whole pages (HOPPERLLM_DECODE_PAGE_TILES)"
     )
@@ -205,7 +206,7 @@ def main():
         return
     if a.prefill:
         r = prefill_attention_resources(a.group, a.block_m, a.block_n, a.num_warps, a.num_stages, a.fp8_qk,
-                                        sass_mma=True, pv_fp16=a.pv_fp16, fp8_pv=a.fp8_pv,
+                                        sass_mma=True, pv_fp16=a.pv_fp16, fp8_pv=a.fp8_pv, lazy_rescale=a.lazy_rescale,
                                         sass_out=a.sass_out)  # fmt: skip
         print(f"triton {triton.__version__}, sm_90: prefill attention {vars(a)}: {r}")
         return

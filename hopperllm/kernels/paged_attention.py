@@ -51,6 +51,9 @@ _LOG2E = 1.4426950408889634
 # Prefill's FP8 P @ V (PREFILL_FP8_PV): probabilities in [0, 1] times 256 keep values down to 2^-14 normal
 # in e4m3 (smallest normal 2^-6), the largest (256) under its 448
 PV_P_SCALE = tl.constexpr(256.0)
+# The prefill kernel's lazy rescaling (HOPPERLLM_PREFILL_LAZY_RESCALE): the running max moves only when a row's
+# scores exceed it by more than 2^8 (FlashAttention-4's threshold), in the log2 units the kernel works in.
+RESCALE_LOG2 = tl.constexpr(8.0)
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
@@ -187,11 +190,16 @@ def _attend_key_range(
     q_row_scale,  # [BLOCK_M] float32 with FP8_QK (else unused)
     ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
     FP8_PV: tl.constexpr,  # with FP8_QK: P @ V on FP8 tensor cores too (P * PV_P_SCALE rounded to e4m3)
+    LAZY_RESCALE: tl.constexpr = False,  # (not with FP8_PV) see below
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
     Keys are gathered through the block table a BLOCK_N tile at a time (a tile may span cache blocks);
     with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end.
+    LAZY_RESCALE (FlashAttention-4's): the running max moves, and acc and l_i are rescaled, only when some
+    row's tile max exceeds it by more than RESCALE_LOG2 (a uniform branch, skipped on most tiles once the
+    maxima settle); otherwise P is taken against the stale max, at most 2^RESCALE_LOG2, exact in float32
+    sums and in float16 / bfloat16 P. The final acc / l_i is the same softmax.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -215,18 +223,31 @@ def _attend_key_range(
         if CAUSAL_MASK:
             visible = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8_PV:
-            # P in [0, 1] scaled up so that its small values stay normal in e4m3 (>= 2^-6 / 256); the sums
-            # are float32, the scale comes off with V's at the end (TensorRT-LLM's FP8 context attention)
-            pv = tl.dot((p * PV_P_SCALE).to(v.dtype), v)
+        if LAZY_RESCALE:
+            m_tile = tl.max(s, 1)
+            grow = tl.where(m_tile > m_i, m_tile - m_i, 0.0)  # (m_i starts at -inf: the first tile rescales)
+            if tl.max(grow, 0) > RESCALE_LOG2:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if FP8_PV:
+                # P in [0, 1] scaled up so that its small values stay normal in e4m3 (>= 2^-6 / 256); the sums
+                # are float32, the scale comes off with V's at the end (TensorRT-LLM's FP8 context attention)
+                pv = tl.dot((p * PV_P_SCALE).to(v.dtype), v)
+            else:
+                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -1032,6 +1053,7 @@ def _prefill_kernel(
     FP8_QK: tl.constexpr,  # FP8_KV only: quantize q per row to e4m3 and run QK^T on FP8 tensor cores
     ACT_FP16: tl.constexpr,  # FP8_QK only: P @ V in float16 (q is float16, or PREFILL_PV_FP16), else bfloat16
     FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
+    LAZY_RESCALE: tl.constexpr,  # not with FP8_PV (_attend_key_range)
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -1094,11 +1116,13 @@ def _prefill_kernel(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
+        LAZY_RESCALE,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
+        LAZY_RESCALE,
     )  # fmt: skip
 
     if FP8_KV:
@@ -1144,6 +1168,10 @@ PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/a
 # vLLM runs it with an FP8 cache, here with a scale per query row); P @ V stays 16-bit. On one H200 the
 # prefill kernel -15%, Llama-3-8B throughput +1% (perf-notes v22). HOPPERLLM_PREFILL_FP8_QK=0 turns it off.
 PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
+# HOPPERLLM_PREFILL_LAZY_RESCALE=1: rescale the prefill accumulator only when a row's max grows by more than
+# 2^8 (_attend_key_range's LAZY_RESCALE; FlashAttention-4's trick): most tiles skip acc *= alpha, 128 of the key
+# loop's ~720 instructions a thread (offline SASS, 8B tiles). Off until measured.
+PREFILL_LAZY_RESCALE = os.environ.get("HOPPERLLM_PREFILL_LAZY_RESCALE", "0") == "1"
 # With PREFILL_FP8_QK, HOPPERLLM_PREFILL_FP8_PV=1 also runs P @ V on FP8 tensor cores: each tile's
 # probabilities (relative to the row's running max, in [0, 1]) times PV_P_SCALE rounded to e4m3, V unconverted
 # (FlashAttention-3's and TensorRT-LLM's FP8 attention do the same).
@@ -1241,6 +1269,7 @@ def paged_prefill_attention(
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
         FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
+        LAZY_RESCALE=PREFILL_LAZY_RESCALE and not (fp8_qk and prefill_fp8_pv(q.dtype, fp8)),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),

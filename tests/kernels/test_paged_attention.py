@@ -340,6 +340,26 @@ def test_fp8_kv_decode_and_prefill(dtype, monkeypatch):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("fp8_kv", [False, True])
+@pytest.mark.parametrize("score_gain", [1.0, 60.0])
+def test_prefill_lazy_rescale_is_the_same_softmax(fp8_kv, score_gain, monkeypatch):
+    """HOPPERLLM_PREFILL_LAZY_RESCALE: the running max moves only when a row's scores pass it by more than 2^8
+    (with q scaled up 60x the maxima jump across tiles and the rescale runs; at 1x it is mostly skipped): the
+    same attention as the eager rescale, to float rounding, over chunks with context and causal diagonals."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, dtype, seed=41)
+    q = q * score_gain
+    k_scale = v_scale = None
+    if fp8_kv:
+        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
+    args = (q, kv[0], kv[1], cu, seq_lens, bt, max(PREFILL_Q_LENS), 32**-0.5, k_scale, v_scale)
+    want = pa.paged_prefill_attention(*args, out=poisoned_like(q))
+    monkeypatch.setattr(pa, "PREFILL_LAZY_RESCALE", True)
+    got = pa.paged_prefill_attention(*args, out=poisoned_like(q))
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
 def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
     # PREFILL_FP8_QK (the default with an FP8 cache): q quantized per row, QK^T on FP8 operands, P @ V in 16
