@@ -217,7 +217,6 @@ class StepGaps:
         self._gc_t0 = 0.0
         gc.callbacks.append(self._gc_cb)
         orig = eng.executor.launch
-        sched = eng.scheduler
 
         def launch(sched_out, *args, **kw):
             t0 = time.perf_counter()
@@ -234,7 +233,6 @@ class StepGaps:
             return r
 
         eng.executor.launch = launch
-        del sched
 
     def _gc_cb(self, phase, info):
         if phase == "start":

@@ -692,10 +692,10 @@ def decode_dot_fp16(cfg: dict) -> bool:
 
 
 # HOPPERLLM_DECODE_FP8_QK=1 rounds q per query head to e4m3 and runs QK^T on FP8 operands in the decode configs
-# of batches (DECODE_CONFIG: fewer than MANY_SPLITS slices), as prefill does by default: K needs no conversion,
-# which v25 found to be what holds the kernel at 59-71% of its read floor; P @ V stays float16. v27's throughput
-# run spends 20% of a steady-state mixed step (~500 decodes) in this kernel at ~55% of the floor. Off until
-# measured; "0" / "1" override each config's FP8_QK key (default False).
+# of batches (DECODE_CONFIG: fewer than MANY_SPLITS slices), as prefill does by default; P @ V stays float16.
+# Meant to spare K's conversion, but Triton 3.9's SASS for sm_90 shows a 16-row FP8 dot widened to float16
+# HMMA all the same (wgmma needs 64 rows a warpgroup): only the register count drops (205 against 255 with
+# spills). Off until measured; "0" / "1" override each config's FP8_QK key (default False).
 DECODE_FP8_QK: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERLLM_DECODE_FP8_QK", ""))
 
 
@@ -707,9 +707,9 @@ DECODE_FP8_QK: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERL
 DECODE_HEAD_MAJOR = os.environ.get("HOPPERLLM_DECODE_HEAD_MAJOR", "0") == "1"
 # HOPPERLLM_DECODE_PAGE_TILES=1: the decode key loop takes tiles of whole cache pages (_decode_key_loop's
 # PAGE_TILES): a page id loaded once a page instead of once a key, the in-page offsets hoisted out of the loop,
-# no masks but on the last tile. The kernel issues ~1,500 instructions a thread a 128-key tile (Triton 3.9's
-# SASS for sm_90: 347 IMAD, 196 LDS, 128 conversions, 113 ISETP, 110 SEL, 64 HMMA), about what the read
-# floor leaves it; fewer of them is the lever. Off until measured.
+# no masks but on the last tile. The default loop issues 1,067 instructions a thread a 128-key tile (Triton
+# 3.9's SASS for sm_90, the 8B's batch config: 254 IMAD, 184 LDS, 136 conversions, 58 ISETP, 50 SEL, 64 HMMA),
+# about what the read floor leaves it; with PAGE_TILES 880. Off until measured.
 DECODE_PAGE_TILES = os.environ.get("HOPPERLLM_DECODE_PAGE_TILES", "0") == "1"
 # HOPPERLLM_DECODE_V_ASM=1 converts each V tile to float16 by inline PTX right after its load (float16 products
 # with an FP8 cache): Triton otherwise keeps the tile in shared memory as e4m3 and, since P @ V wants V's keys
@@ -951,6 +951,10 @@ def paged_decode_attention(
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
     ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
                          kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
+    # the 16-bit products' variants, with an FP8 cache and a 16-bit q on tensor cores
+    low_precision_ok = fp8 and use_dot and q.dtype != torch.float32
+    dot_fp16 = low_precision_ok and decode_dot_fp16(cfg)
+    fp8_qk = low_precision_ok and decode_fp8_qk(cfg)
     grid = (num_kv_heads, batch, num_splits) if DECODE_HEAD_MAJOR else (batch, num_kv_heads, num_splits)
     _decode_split_kernel[grid](
         q,
@@ -990,16 +994,11 @@ def paged_decode_attention(
         PREFETCH=cfg.get("PREFETCH", False),
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
-        DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
-        FP8_QK=decode_fp8_qk(cfg) and fp8 and use_dot and q.dtype != torch.float32,
+        DOT_FP16=dot_fp16,
+        FP8_QK=fp8_qk,
         HEAD_MAJOR=DECODE_HEAD_MAJOR,
         PAGE_TILES=DECODE_PAGE_TILES and not cfg.get("PREFETCH", False) and block_n % block_size == 0,
-        V_ASM=DECODE_V_ASM
-        and q.is_cuda
-        and fp8
-        and use_dot
-        and q.dtype != torch.float32
-        and (decode_dot_fp16(cfg) or decode_fp8_qk(cfg)),
+        V_ASM=DECODE_V_ASM and q.is_cuda and (dot_fp16 or fp8_qk),  # (V widened to float16 either way)
         QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,
@@ -1231,6 +1230,7 @@ def paged_prefill_attention(
         return out
 
     fp8_qk = prefill_fp8_qk(q.dtype, fp8)
+    fp8_pv = prefill_fp8_pv(q.dtype, fp8)  # (implies fp8_qk)
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda, fp8_qk)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
@@ -1268,8 +1268,8 @@ def paged_prefill_attention(
         HEAVY_FIRST=heavy_first,
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
-        FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
-        LAZY_RESCALE=PREFILL_LAZY_RESCALE and not (fp8_qk and prefill_fp8_pv(q.dtype, fp8)),
+        FP8_PV=fp8_pv,
+        LAZY_RESCALE=PREFILL_LAZY_RESCALE and not fp8_pv,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),
