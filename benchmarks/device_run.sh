@@ -322,6 +322,29 @@ PY
           --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${model##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
+    ab-tput)  # one GPU: the Llama-3-8B 1000-prompt throughput run under each environment in AB ("-" is the default),
+      # after a 200-prompt warm-up; the runs' JSON merged into one file ($OUT/ab-tput-<TAG>.json; a call brings back 8)
+      tput 100 200 | grep "Output token" | sed "s/^/[warm-up] /"
+      i=0
+      for v in ${AB:--}; do
+        i=$((i + 1)); [ $SECONDS -lt ${AB_UNTIL:-480} ] || break
+        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) tput 130 1000 --output-json "$OUT/ab-tput-part-$(printf %02d $i)-${v//[^A-Za-z0-9_=]/_}.json" \
+          | grep "Output token" | sed "s/^/[$v] /"
+      done
+      python3 - "$OUT" "${TAG:-ab}" <<'PY'
+import glob, json, os, sys
+parts = sorted(glob.glob(os.path.join(sys.argv[1], "ab-tput-part-*.json")))
+json.dump({os.path.basename(f): json.load(open(f)) for f in parts}, open(os.path.join(sys.argv[1], f"ab-tput-{sys.argv[2]}.json"), "w"), indent=1)
+for f in parts:
+    os.remove(f)
+PY
+      ;;
+    v28-ab)  # the opt-in knobs still unmeasured end to end (mixed-step attention streams, prefill lazy rescale, the
+      # decode V_ASM that the kernel sweep put 5% ahead at 512 decodes and behind at 64): their tests, then throughput A/B
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k mixed_attention_streams -p no:cacheprovider 2>&1 | tail -2
+      timeout 100 python3 -m pytest -q tests/kernels/test_paged_attention.py -k lazy_rescale -p no:cacheprovider 2>&1 | tail -2
+      TAG=v28 AB="- HOPPERLLM_MIXED_ATTENTION_STREAMS=1 HOPPERLLM_PREFILL_LAZY_RESCALE=1 HOPPERLLM_DECODE_V_ASM=1 -" AB_UNTIL=400 \
+        OUT="$OUT" bash "$0" ab-tput ;;
     ab-tp)  # the TP latency run (batch BATCH, default 1) under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
       for v in ${AB:--}; do  # e.g. AB="- HOPPERLLM_FUSED_MLP=0"
         echo "--- ${v} ---"
