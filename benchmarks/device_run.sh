@@ -328,8 +328,8 @@ PY
       i=0
       for v in ${AB:--}; do
         i=$((i + 1)); [ $SECONDS -lt ${AB_UNTIL:-480} ] || break
-        env $( [ "$v" = "-" ] || echo "${v//,/ }" ) tput 130 1000 --output-json "$OUT/ab-tput-part-$(printf %02d $i)-${v//[^A-Za-z0-9_=]/_}.json" \
-          | grep "Output token" | sed "s/^/[$v] /"
+        ( [ "$v" = "-" ] || export ${v//,/ }; tput 130 1000 --output-json "$OUT/ab-tput-part-$(printf %02d $i)-${v//[^A-Za-z0-9_=]/_}.json" \
+          | grep "Output token" | sed "s/^/[$v] /" )  # (a subshell: env would run the tput binary, not the function)
       done
       python3 - "$OUT" "${TAG:-ab}" <<'PY'
 import glob, json, os, sys
