@@ -20,8 +20,9 @@ steps=${*:-info tests smoke}
 # tput SECONDS NUM_PROMPTS [flags...]: the Llama-3-8B FP8 + FP8 KV 2048/128 throughput run (issue #7's case)
 tput() {
   local secs=$1 n=$2; shift 2
-  timeout "$secs" python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
-    --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts "$n" "$@" 2>&1
+  # HOPPERLLM_SRC=<dir>: run the hopperllm package found there (an older commit's tree, carried) instead of this one
+  ( cd "${HOPPERLLM_SRC:-.}" && timeout "$secs" python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b \
+    --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --num-prompts "$n" "$@" 2>&1 )
 }
 for step in $steps; do
   echo "=== $step ==="
