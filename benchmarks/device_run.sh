@@ -180,63 +180,9 @@ for step in $steps; do
       # the same default config with the tables scattered over a throughput-sized cache (3.9 GB a layer): the footprint's cost
       timeout 100 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" --splits 1 --block-n 128 --num-stages 3 \
         --cache-blocks 118730 --output-json "$OUT/tune-attn-b512-bigcache-v27.json" 2>&1 | grep -v "^skip" | tail -1 ;;
-    v28-decode-fp8qk)  # HOPPERLLM_DECODE_FP8_QK (decode QK^T on FP8 q, K unconverted, for the batch config): its kernel
-      # tests compiled, the kernel alone at 64 / 256 / 512 decodes with and without, then Llama-3-8B throughput
-      # alternating (v27: decode attention 20% of a steady-state mixed step at ~55% of its floor)
-      timeout 120 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "fp8_qk or dot_fp16" -p no:cacheprovider 2>&1 | tail -2
-      timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" --splits 1 \
-        --block-n 64 128 --variants 1,0,3,1,0 1,0,3,1,1 1,0,2,1,1 --output-json "$OUT/tune-attn-fp8qk-v28.json" 2>&1 | grep -v "^skip" | tail -3
-      tput 100 200 | grep "Output token"
-      for v in 1 0 1 0; do HOPPERLLM_DECODE_FP8_QK=$v tput 130 1000 --output-json "$OUT/throughput-8b-decode-fp8qk$v-$SECONDS.json" \
-        | grep "Output token" | sed "s/^/decode_fp8qk=$v /"; [ $SECONDS -lt 420 ] || break; done ;;
     tp-prefill-graphs)  # (2+ GPUs) HOPPERLLM_PREFILL_GRAPHS_TP=1: its GPU test, then the 70B's TP latency with and without
       timeout 300 python3 -m pytest -q tests/gpu/test_gpu_tensor_parallel.py -k prefill_graphs -p no:cacheprovider 2>&1 | tail -2
       AB="- HOPPERLLM_PREFILL_GRAPHS_TP=1" OUT="$OUT" bash "$0" ab-tp ;;
-    v28-mixed-streams)  # HOPPERLLM_MIXED_ATTENTION_STREAMS=1 (a mixed step's prefill attention on a high-priority side
-      # stream beside its decode attention): the bit-equality GPU test, then Llama-3-8B throughput alternating, then a
-      # CUDA-only window of steady-state mixed steps with it (are the two kernels overlapping?)
-      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k mixed_attention_streams -p no:cacheprovider 2>&1 | tail -2
-      tput 100 200 | grep "Output token"
-      for v in 1 0 1 0; do HOPPERLLM_MIXED_ATTENTION_STREAMS=$v tput 130 1000 --output-json "$OUT/throughput-8b-mixed-streams$v-$SECONDS.json" \
-        | grep "Output token" | sed "s/^/mixed_streams=$v /"; [ $SECONDS -lt 380 ] || break; done
-      [ $SECONDS -lt 450 ] && HOPPERLLM_MIXED_ATTENTION_STREAMS=1 timeout $((590 - SECONDS)) python3 benchmarks/profile_throughput.py \
-        --num-prompts 1000 --profile-steps 0 --window-steps 4 --window-at 150 --window-cuda-only \
-        --output-json "$OUT/window-cuda-mixed-streams-v28.json" 2>&1 | grep -m1 output_tok_per_s ;;
-    v28-decode-loop)  # the decode key loop's new knobs (HOPPERLLM_DECODE_PAGE_TILES, _V_ASM, _HEAD_MAJOR; offline SASS for
-      # sm_90 at the 8B's batch config: 1,067 -> 880 -> 600 instructions a thread a tile): their GPU kernel tests, then
-      # the kernel alone at the 7B / 8B batch 1 and 64 / 256 / 512 decodes under each, then throughput with the best
-      timeout 200 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "loop_knobs or fp8_qk" -p no:cacheprovider 2>&1 | tail -2
-      P=HOPPERLLM_DECODE_PAGE_TILES=1; V=HOPPERLLM_DECODE_V_ASM=1; F=HOPPERLLM_DECODE_DOT_FP16=1
-      for e in "-" "$P" "$V" "$P,$V" "HOPPERLLM_DECODE_HEAD_MAJOR=1" "$F" "$F,$P,$V"; do  # (V_ASM needs float16 products)
-        env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py \
-          --shapes "llama2-7b b1" "llama3-8b b1" "llama2-70b tp2 b1" --splits 16 32 --block-n 32 --num-stages 3 \
-          --output-json "$OUT/tune-attn-loop-b1-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep "floor" | sed "s/^/[$e] /" | cut -c1-220
-        case $e in *DOT_FP16*) continue ;; esac  # (the batch config has float16 products already)
-        env $( [ "$e" = "-" ] || echo "${e//,/ }" ) timeout 100 python3 benchmarks/tune_attention.py \
-          --shapes "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" --splits 1 --block-n 128 --num-stages 3 \
-          --output-json "$OUT/tune-attn-loop-batch-${e//[^A-Z_=01]/_}-v28.json" 2>&1 | grep "floor" | sed "s/^/[$e] /" | cut -c1-220
-        [ $SECONDS -lt 330 ] || break
-      done
-      python3 - "$OUT" <<'PY'  # one file for the sweeps (a call brings back at most 8)
-import glob, json, os, sys
-parts = sorted(glob.glob(os.path.join(sys.argv[1], "tune-attn-loop-*-v28.json")))
-merged = {os.path.basename(f): json.load(open(f)) for f in parts}
-json.dump(merged, open(os.path.join(sys.argv[1], "tune-attn-decode-loop-v28.json"), "w"), indent=1)
-for f in parts:
-    os.remove(f)
-PY
-      tput 100 200 | grep "Output token"
-      for v in 1 0; do HOPPERLLM_DECODE_PAGE_TILES=$v HOPPERLLM_DECODE_V_ASM=$v tput 130 1000 \
-        --output-json "$OUT/throughput-8b-decode-loop$v-$SECONDS.json" | grep "Output token" | sed "s/^/page_tiles+v_asm=$v /"
-        [ $SECONDS -lt 450 ] || break; done ;;
-    v28-prefill-lazy)  # HOPPERLLM_PREFILL_LAZY_RESCALE (the accumulator rescaled only when a row's max grows by > 2^8):
-      # its kernel tests compiled, the prefill kernel at the tuned shapes both ways, then Llama-3-8B throughput both ways
-      timeout 150 python3 -m pytest -q tests/kernels/test_paged_attention.py -k "lazy_rescale or prefill" -p no:cacheprovider 2>&1 | tail -2
-      for v in 0 1; do HOPPERLLM_PREFILL_LAZY_RESCALE=$v timeout 150 python3 benchmarks/tune_attention.py --no-decode --prefill \
-        --output-json "$OUT/tune-prefill-lazy$v-v28.json" 2>&1 | grep -v "^skip" | tail -3 | sed "s/^/lazy=$v /"; done
-      tput 100 200 | grep "Output token"
-      for v in 1 0; do HOPPERLLM_PREFILL_LAZY_RESCALE=$v tput 130 1000 --output-json "$OUT/throughput-8b-prefill-lazy$v-$SECONDS.json" \
-        | grep "Output token" | sed "s/^/prefill_lazy=$v /"; done ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
     gpu-final)
@@ -340,12 +286,6 @@ for f in parts:
     os.remove(f)
 PY
       ;;
-    v28-ab)  # the opt-in knobs still unmeasured end to end (mixed-step attention streams, prefill lazy rescale, the
-      # decode V_ASM that the kernel sweep put 5% ahead at 512 decodes and behind at 64): their tests, then throughput A/B
-      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_model.py -k mixed_attention_streams -p no:cacheprovider 2>&1 | tail -2
-      timeout 100 python3 -m pytest -q tests/kernels/test_paged_attention.py -k lazy_rescale -p no:cacheprovider 2>&1 | tail -2
-      TAG=v28 AB="- HOPPERLLM_MIXED_ATTENTION_STREAMS=1 HOPPERLLM_PREFILL_LAZY_RESCALE=1 HOPPERLLM_DECODE_V_ASM=1 -" AB_UNTIL=400 \
-        OUT="$OUT" bash "$0" ab-tput ;;
     ab-tp)  # the TP latency run (batch BATCH, default 1) under each environment in AB (space-separated; "-" is the default), 2 + 3 iterations
       for v in ${AB:--}; do  # e.g. AB="- HOPPERLLM_FUSED_MLP=0"
         echo "--- ${v} ---"

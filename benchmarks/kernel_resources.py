@@ -40,15 +40,12 @@ _POINTERS = {
 
 def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
                                quant_out: bool, head_dim: int = 128, rotary: bool = False,
-                               num_q_heads: int = 32, dot_fp16: bool = True, fp8_qk: bool = False,
-                               page_tiles: bool = False, v_asm: bool = False,
-                               sass_out: str | None = None) -> dict:  # fmt: skip
+                               num_q_heads: int = 32, dot_fp16: bool = True, sass_out: str | None = None) -> dict:  # fmt: skip
     fn = pa._decode_split_kernel
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, USE_DOT=True, PREFETCH=False, FP8_KV=True, DOT_PRECISION="tf32", DOT_FP16=dot_fp16,
-        FP8_QK=fp8_qk, QUANT_OUT=quant_out, HEAD_MAJOR=False, PAGE_TILES=page_tiles, V_ASM=v_asm,
-        QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
+        QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
         TIMESTAMPS=False,
     )  # fmt: skip
     return _compile_resources(fn, consts, _POINTERS, num_warps, num_stages, sass_mma=True, sass_out=sass_out)
@@ -63,7 +60,7 @@ _PREFILL_POINTERS = {
 
 def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
                                 fp8_qk: bool = False, head_dim: int = 128, sass_mma: bool = False,
-                                pv_fp16: bool = False, fp8_pv: bool = False, lazy_rescale: bool = False,
+                                pv_fp16: bool = False, fp8_pv: bool = False,
                                 sass_out: str | None = None) -> dict:  # fmt: skip
     """The prefill kernel with an FP8 cache and bf16 queries (the model's prefill launch); with `sass_mma`
     also the tensor-core instructions of the cubin and their counts (which operand types the MMAs take)."""
@@ -71,7 +68,7 @@ def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warp
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n,
         FP8_KV=True, DOT_PRECISION="tf32", HEAVY_FIRST=True, FP8_QK=fp8_qk, ACT_FP16=pv_fp16, FP8_PV=fp8_pv,
-        LAZY_RESCALE=lazy_rescale, USE_PDL=False,
+        USE_PDL=False,
     )  # fmt: skip
     return _compile_resources(fn, consts, _PREFILL_POINTERS, num_warps, num_stages, sass_mma, sass_out)
 
@@ -173,16 +170,9 @@ def main():
     p.add_argument("--block-m", type=int, default=256)
     p.add_argument(
         "--fp8-qk", action="store_true",
-        help="QK^T on FP8 operands (prefill: HOPPERLLM_PREFILL_FP8_QK, decode: HOPPERLLM_DECODE_FP8_QK)",
+        help="prefill: QK^T on FP8 operands (HOPPERLLM_PREFILL_FP8_QK)",
     )  # fmt: skip
     p.add_argument("--no-dot-fp16", action="store_true", help="decode: bfloat16 products (DOT_FP16 off)")
-    p.add_argument("--lazy-rescale", action="store_true", help="prefill: HOPPERLLM_PREFILL_LAZY_RESCALE")
-    p.add_argument(
-        "--page-tiles", action="store_true", help="decode: tiles of whole pages (HOPPERLLM_DECODE_PAGE_TILES)"
-    )
-    p.add_argument(
-        "--v-asm", action="store_true", help="decode: V to float16 by inline PTX (HOPPERLLM_DECODE_V_ASM)"
-    )
     p.add_argument(
         "--pv-fp16", action="store_true", help="prefill: P @ V in float16 (HOPPERLLM_PREFILL_PV_FP16)"
     )
@@ -206,13 +196,13 @@ def main():
         return
     if a.prefill:
         r = prefill_attention_resources(a.group, a.block_m, a.block_n, a.num_warps, a.num_stages, a.fp8_qk,
-                                        sass_mma=True, pv_fp16=a.pv_fp16, fp8_pv=a.fp8_pv, lazy_rescale=a.lazy_rescale,
+                                        sass_mma=True, pv_fp16=a.pv_fp16, fp8_pv=a.fp8_pv,
                                         sass_out=a.sass_out)  # fmt: skip
         print(f"triton {triton.__version__}, sm_90: prefill attention {vars(a)}: {r}")
         return
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
                                    rotary=a.rotary, num_q_heads=a.num_q_heads, dot_fp16=not a.no_dot_fp16,
-                                   fp8_qk=a.fp8_qk, page_tiles=a.page_tiles, v_asm=a.v_asm, sass_out=a.sass_out)  # fmt: skip
+                                   sass_out=a.sass_out)  # fmt: skip
     print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
 
 

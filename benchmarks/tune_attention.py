@@ -55,8 +55,7 @@ def main():
         "--variants",
         nargs="*",
         default=None,
-        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages[,DOT_FP16[,FP8_QK]] (e.g. 1,0,3 0,1,1 1,0,3,1 "
-        "1,0,3,1,1); "
+        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages[,DOT_FP16] (e.g. 1,0,3 0,1,1 1,0,3,1); "
         "replaces --num-stages; CUDA-core variants skip tiles over 256 query-head x key products a thread",
     )
     p.add_argument(
@@ -119,10 +118,8 @@ def main():
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
                             "PREFETCH": bool(prefetch),
-                            "DOT_FP16": bool(opt[0]) if opt else default.get("DOT_FP16", False),
-                            "FP8_QK": bool(opt[1]) if len(opt) > 1 else default.get("FP8_QK", False)})  # fmt: skip
+                            "DOT_FP16": bool(opt[0]) if opt else default.get("DOT_FP16", False)})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
-            fp8_qk = pa.decode_fp8_qk(pa.decode_config(splits))
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
                 pa.paged_decode_attention(
@@ -147,7 +144,6 @@ def main():
                 "use_dot": bool(use_dot),
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
-                "fp8_qk": fp8_qk,
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

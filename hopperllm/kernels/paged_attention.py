@@ -51,9 +51,6 @@ _LOG2E = 1.4426950408889634
 # Prefill's FP8 P @ V (PREFILL_FP8_PV): probabilities in [0, 1] times 256 keep values down to 2^-14 normal
 # in e4m3 (smallest normal 2^-6), the largest (256) under its 448
 PV_P_SCALE = tl.constexpr(256.0)
-# The prefill kernel's lazy rescaling (HOPPERLLM_PREFILL_LAZY_RESCALE): the running max moves only when a row's
-# scores exceed it by more than 2^8 (FlashAttention-4's threshold), in the log2 units the kernel works in.
-RESCALE_LOG2 = tl.constexpr(8.0)
 
 # Decode: the fewest tokens worth a split of their own (below this, the merge costs more than it saves),
 # and a cap on splits (the workspace and stage 2 grow with it).
@@ -132,17 +129,6 @@ def fp8_pv_softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
-def _e4m3_to_f16_regs(x):
-    """e4m3 -> float16 in registers, two values an instruction, as opaque inline PTX: the compiler keeps it
-    where it stands, so a tile converted right after its load goes to shared memory as float16 (whose
-    transposed fragments ldmatrix reads) instead of as bytes gathered one at a time (GPU only)."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4,
-    )  # fmt: skip
-
-
-@triton.jit
 def _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, ACT_FP16: tl.constexpr):  # fmt: skip
     """One key tile's scaled scores q K^T [rows, BLOCK_N], and V in the P @ V product's type. FP8_QK (FP8
@@ -190,16 +176,11 @@ def _attend_key_range(
     q_row_scale,  # [BLOCK_M] float32 with FP8_QK (else unused)
     ACT_FP16: tl.constexpr,  # with FP8_QK: V and P in float16 (else bfloat16)
     FP8_PV: tl.constexpr,  # with FP8_QK: P @ V on FP8 tensor cores too (P * PV_P_SCALE rounded to e4m3)
-    LAZY_RESCALE: tl.constexpr = False,  # (not with FP8_PV) see below
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [k_start, k_end) of one sequence's paged cache.
 
     Keys are gathered through the block table a BLOCK_N tile at a time (a tile may span cache blocks);
     with CAUSAL_MASK, row r sees key j only if j <= q_pos[r] and j < k_end.
-    LAZY_RESCALE (FlashAttention-4's): the running max moves, and acc and l_i are rescaled, only when some
-    row's tile max exceeds it by more than RESCALE_LOG2 (a uniform branch, skipped on most tiles once the
-    maxima settle); otherwise P is taken against the stale max, at most 2^RESCALE_LOG2, exact in float32
-    sums and in float16 / bfloat16 P. The final acc / l_i is the same softmax.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -223,31 +204,18 @@ def _attend_key_range(
         if CAUSAL_MASK:
             visible = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
             s = tl.where(visible, s, float("-inf"))
-        if LAZY_RESCALE:
-            m_tile = tl.max(s, 1)
-            grow = tl.where(m_tile > m_i, m_tile - m_i, 0.0)  # (m_i starts at -inf: the first tile rescales)
-            if tl.max(grow, 0) > RESCALE_LOG2:
-                m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP8_PV:
+            # P in [0, 1] scaled up so that its small values stay normal in e4m3 (>= 2^-6 / 256); the sums
+            # are float32, the scale comes off with V's at the end (TensorRT-LLM's FP8 context attention)
+            pv = tl.dot((p * PV_P_SCALE).to(v.dtype), v)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if FP8_PV:
-                # P in [0, 1] scaled up so that its small values stay normal in e4m3 (>= 2^-6 / 256); the sums
-                # are float32, the scale comes off with V's at the end (TensorRT-LLM's FP8 context attention)
-                pv = tl.dot((p * PV_P_SCALE).to(v.dtype), v)
-            else:
-                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -270,23 +238,20 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb
 
 
 @triton.jit
-def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, FP8_QK: tl.constexpr,
-                        MASKED: tl.constexpr = True, V_ASM: tl.constexpr = False):  # fmt: skip
+def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) [BLOCK_H, ...] with one tile of keys (mask: which exist).
     USE_DOT: the two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype);
     otherwise on CUDA cores in float32 (q's BLOCK_H rows unpadded, q already float32): for one query head
-    a KV head (MHA), where a 16-row tensor-core tile would be 1/16 used.
-    FP8_QK (USE_DOT, FP8 cache): q is e4m3, its rows scaled by q_row_scale; QK^T on FP8 operands with K
-    unconverted, only V widened (to float16) for P @ V."""
+    a KV head (MHA), where a 16-row tensor-core tile would be 1/16 used."""
     if USE_DOT:
-        if V_ASM:  # (FP8 cache, float16 products)
-            v = _e4m3_to_f16_regs(v)
-        s, v = _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV, DOT_PRECISION, FP8_QK, False, True)
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
     else:
         s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
-    if MASKED:
-        s = tl.where(mask[None, :], s, float("-inf"))
+    s = tl.where(mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key always exists
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -300,92 +265,46 @@ def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8
 
 
 @triton.jit
-def _decode_masked_tile(
-    acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start_n, end, qk_scale,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, FP8_QK: tl.constexpr, V_ASM: tl.constexpr,
-):  # fmt: skip
-    """The keys [start_n, min(start_n + BLOCK_N, end)), each row's page id and address its own, the rest
-    masked."""
-    pos = start_n + tl.arange(0, BLOCK_N)
-    mask = pos < end
-    block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
-    k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
-                         stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-    return _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
-                               DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
-
-
-@triton.jit
 def _decode_key_loop(
-    acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+    acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, FP8_QK: tl.constexpr,
-    PAGE_TILES: tl.constexpr = False, V_ASM: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
     after it before those (loop-carried registers): a program keeps a tile in flight while it computes,
-    where loading at the top of each iteration left every tile's memory latency exposed.
-    PAGE_TILES (BLOCK_N a multiple of PAGE_SIZE, `start` on a page boundary): a tile is BLOCK_N // PAGE_SIZE
-    whole pages: their ids are loaded once each (not once a key), a key row's address is its page's base
-    plus an offset that is the same in every tile, and the full tiles run without masks; only the last,
-    partial tile is masked."""
+    where loading at the top of each iteration left every tile's memory latency exposed."""
     offs_n = tl.arange(0, BLOCK_N)
-    if PAGE_TILES:
-        NUM_PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
-        offs_p = tl.arange(0, NUM_PAGES)
-        offs_t = tl.arange(0, PAGE_SIZE)
-        offs_d = tl.arange(0, HEAD_DIM)
-        k_in_page = (offs_t[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :])[None, :, :]
-        v_in_page = (offs_t[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :])[None, :, :]
-        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # (a trailing slice may be empty)
-        for start_n in range(start, full_end, BLOCK_N):
-            pages = tl.load(block_table_row + start_n // PAGE_SIZE + offs_p).to(tl.int64)
-            k = tl.load(
-                tl.reshape(k_cache_ptr + pages[:, None, None] * stride_kb + k_in_page, [BLOCK_N, HEAD_DIM])
-            )
-            v = tl.load(
-                tl.reshape(v_cache_ptr + pages[:, None, None] * stride_vb + v_in_page, [BLOCK_N, HEAD_DIM])
-            )
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, offs_n, qk_scale, q_row_scale, FP8_KV,
-                                                DOT_PRECISION, USE_DOT, FP8_QK, False, V_ASM)  # fmt: skip
-        if full_end < end:  # the partial last tile
-            acc, l_i, m_i = _decode_masked_tile(
-                acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, end,
-                qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, FP8_QK, V_ASM,
-            )  # fmt: skip
-    else:
+    if PREFETCH:
+        pos = start + offs_n
+        mask = pos < end
+        block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
+                             stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
+        pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
+        block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+    for start_n in range(start, end, BLOCK_N):
         if PREFETCH:
-            pos = start + offs_n
+            next_mask = pos < end
+            next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
+                                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                           PAGE_SIZE, HEAD_DIM)  # fmt: skip
+            pos = pos + BLOCK_N
+            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
+                                                USE_DOT)  # fmt: skip
+            k = next_k
+            v = next_v
+            mask = next_mask
+        else:
+            pos = start_n + offs_n
             mask = pos < end
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
                                  stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-            pos = pos + BLOCK_N  # from here on: the next tile's positions and block ids
-            block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-        for start_n in range(start, end, BLOCK_N):
-            if PREFETCH:
-                next_mask = pos < end
-                next_k, next_v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, next_mask, kvh,
-                                               stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                               PAGE_SIZE, HEAD_DIM)  # fmt: skip
-                pos = pos + BLOCK_N
-                block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-                acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, q_row_scale, FP8_KV,
-                                                    DOT_PRECISION, USE_DOT, FP8_QK, True, V_ASM)  # fmt: skip
-                k = next_k
-                v = next_v
-                mask = next_mask
-            else:
-                acc, l_i, m_i = _decode_masked_tile(
-                    acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start_n, end,
-                    qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                    HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, FP8_QK, V_ASM,
-                )  # fmt: skip
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
+                                                USE_DOT)  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -448,11 +367,7 @@ def _decode_split_kernel(
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q scaled by 2^-k if over 2^15)
-    FP8_QK: tl.constexpr,  # FP8_KV and USE_DOT: q rounded per row to e4m3, QK^T on FP8 operands (P @ V float16)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
-    HEAD_MAJOR: tl.constexpr,  # grid (Hkv, B, NUM_SPLITS) instead of (B, Hkv, NUM_SPLITS)
-    PAGE_TILES: tl.constexpr,  # key tiles of whole pages (_decode_key_loop)
-    V_ASM: tl.constexpr,  # V to float16 by inline PTX right after its load (_e4m3_to_f16_regs; GPU only)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
@@ -468,16 +383,10 @@ def _decode_split_kernel(
     # rotary embedding and cache write of the step's token (rotary_kv_write) happen here too: every
     # program rotates its q heads in registers, and the program whose slice holds the last position
     # stores that position's k and v before it reads its keys.
-    if HEAD_MAJOR:  # a sequence's kv heads are neighbouring programs: they read the same cache rows together
-        kvh = tl.program_id(0)
-        b = tl.program_id(1)
-        num_kv_heads = tl.num_programs(0)
-        num_seqs = tl.num_programs(1)
-    else:
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        num_kv_heads = tl.num_programs(1)
-        num_seqs = tl.num_programs(0)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    num_seqs = tl.num_programs(0)
     split = tl.program_id(2)
     num_q_heads = num_kv_heads * GROUP
     prog = (b * num_kv_heads + kvh) * NUM_SPLITS + split  # this program's row of ts_ptr
@@ -549,14 +458,7 @@ def _decode_split_kernel(
             tl.debug_barrier()  # every thread's store is visible to the loads of the key loop below
     if FP8_KV:
         qk_scale = qk_scale * k_scale
-    q_row_scale = tl.zeros([BLOCK_H], dtype=tl.float32)  # FP8_QK only
-    if FP8_QK:
-        # Each query head's row scaled to e4m3's range, as the prefill kernel's FP8 QK^T does (FlashAttention-3's
-        # FP8 mode): K is used as stored, with no conversion; the scales come back on the scores.
-        q32 = q.to(tl.float32)
-        q_row_scale = fp8_scale_from_amax(tl.max(tl.abs(q32), axis=1))
-        q = quantize_fp8(q32, fp8_inv_scale(q_row_scale)[:, None])
-    elif DOT_FP16:
+    if DOT_FP16:
         # e4m3 -> float16 is one conversion a pair of values where bfloat16 takes a detour through float32;
         # K and V are exact in either, P in [0, 1] is kept more precisely. q moves to float16 exactly, unless
         # its largest value is over 2^15: then q is scaled by a power of two (exact) that the scores undo.
@@ -572,9 +474,9 @@ def _decode_split_kernel(
     if not USE_DOT:
         q = q.to(tl.float32)
     acc, l_i, m_i = _decode_key_loop(
-        acc, l_i, m_i, q, q_row_scale, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH, FP8_QK, PAGE_TILES, V_ASM,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -689,41 +591,6 @@ DECODE_DOT_FP16: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPE
 def decode_dot_fp16(cfg: dict) -> bool:
     """Whether a decode config runs its products in float16 (with an FP8 cache and a 16-bit q)."""
     return bool(cfg.get("DOT_FP16", False)) if DECODE_DOT_FP16 is None else DECODE_DOT_FP16
-
-
-# HOPPERLLM_DECODE_FP8_QK=1 rounds q per query head to e4m3 and runs QK^T on FP8 operands in the decode configs
-# of batches (DECODE_CONFIG: fewer than MANY_SPLITS slices), as prefill does by default; P @ V stays float16.
-# Meant to spare K's conversion, but Triton 3.9's SASS for sm_90 shows a 16-row FP8 dot widened to float16
-# HMMA all the same (wgmma needs 64 rows a warpgroup): only the register count drops (205 against 255 with
-# spills). Off until measured; "0" / "1" override each config's FP8_QK key (default False).
-DECODE_FP8_QK: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERLLM_DECODE_FP8_QK", ""))
-
-
-# HOPPERLLM_DECODE_HEAD_MAJOR=1 launches the decode kernel over (kv heads, sequences, slices): a sequence's
-# kv heads are neighbouring programs, which run at the same time and read the same cache pages (a block's 16
-# tokens hold every head's rows, 1 KB apart for the 8B), where by default neighbours are other sequences' same
-# head, reading 128 of every 1,024 bytes of many pages. Off until measured (v27: ~55% of the read floor inside
-# the throughput run against 71% in the tuning sweep).
-DECODE_HEAD_MAJOR = os.environ.get("HOPPERLLM_DECODE_HEAD_MAJOR", "0") == "1"
-# HOPPERLLM_DECODE_PAGE_TILES=1: the decode key loop takes tiles of whole cache pages (_decode_key_loop's
-# PAGE_TILES): a page id loaded once a page instead of once a key, the in-page offsets hoisted out of the loop,
-# no masks but on the last tile. The default loop issues 1,067 instructions a thread a 128-key tile (Triton
-# 3.9's SASS for sm_90, the 8B's batch config: 254 IMAD, 184 LDS, 136 conversions, 58 ISETP, 50 SEL, 64 HMMA),
-# about what the read floor leaves it; with PAGE_TILES 880. Off until measured.
-DECODE_PAGE_TILES = os.environ.get("HOPPERLLM_DECODE_PAGE_TILES", "0") == "1"
-# HOPPERLLM_DECODE_V_ASM=1 converts each V tile to float16 by inline PTX right after its load (float16 products
-# with an FP8 cache): Triton otherwise keeps the tile in shared memory as e4m3 and, since P @ V wants V's keys
-# paired, reads it back a byte at a time (Triton 3.9's SASS for sm_90: 128 LDS.U8 and ~64 IMAD a thread a
-# 128-key tile, of ~880 instructions). Off until measured.
-DECODE_V_ASM = os.environ.get("HOPPERLLM_DECODE_V_ASM", "0") == "1"
-
-
-def decode_fp8_qk(cfg: dict) -> bool:
-    """Whether a decode config runs QK^T on FP8 q (with an FP8 cache and a 16-bit q); only the few-split
-    config unless a config sets FP8_QK itself."""
-    if DECODE_FP8_QK is None:
-        return bool(cfg.get("FP8_QK", False))
-    return DECODE_FP8_QK and (cfg is DECODE_CONFIG or bool(cfg.get("FP8_QK", False)))
 
 
 def decode_config(num_splits: int) -> dict[str, int]:
@@ -954,8 +821,7 @@ def paged_decode_attention(
     # the 16-bit products' variants, with an FP8 cache and a 16-bit q on tensor cores
     low_precision_ok = fp8 and use_dot and q.dtype != torch.float32
     dot_fp16 = low_precision_ok and decode_dot_fp16(cfg)
-    fp8_qk = low_precision_ok and decode_fp8_qk(cfg)
-    grid = (num_kv_heads, batch, num_splits) if DECODE_HEAD_MAJOR else (batch, num_kv_heads, num_splits)
+    grid = (batch, num_kv_heads, num_splits)
     _decode_split_kernel[grid](
         q,
         k_cache,
@@ -995,10 +861,6 @@ def paged_decode_attention(
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         DOT_FP16=dot_fp16,
-        FP8_QK=fp8_qk,
-        HEAD_MAJOR=DECODE_HEAD_MAJOR,
-        PAGE_TILES=DECODE_PAGE_TILES and not cfg.get("PREFETCH", False) and block_n % block_size == 0,
-        V_ASM=DECODE_V_ASM and q.is_cuda and (dot_fp16 or fp8_qk),  # (V widened to float16 either way)
         QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,
@@ -1052,7 +914,6 @@ def _prefill_kernel(
     FP8_QK: tl.constexpr,  # FP8_KV only: quantize q per row to e4m3 and run QK^T on FP8 tensor cores
     ACT_FP16: tl.constexpr,  # FP8_QK only: P @ V in float16 (q is float16, or PREFILL_PV_FP16), else bfloat16
     FP8_PV: tl.constexpr,  # FP8_QK only: P @ V on FP8 tensor cores (P rounded to e4m3)
-    LAZY_RESCALE: tl.constexpr,  # not with FP8_PV (_attend_key_range)
     USE_PDL: tl.constexpr,
 ):
     pdl_prologue(USE_PDL)
@@ -1115,13 +976,11 @@ def _prefill_kernel(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, 0, full_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
-        LAZY_RESCALE,
     )  # fmt: skip
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_row, kvh, full_end, k_end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, True, FP8_KV, DOT_PRECISION, FP8_QK, q_row_scale, ACT_FP16, FP8_PV,
-        LAZY_RESCALE,
     )  # fmt: skip
 
     if FP8_KV:
@@ -1167,10 +1026,6 @@ PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/a
 # vLLM runs it with an FP8 cache, here with a scale per query row); P @ V stays 16-bit. On one H200 the
 # prefill kernel -15%, Llama-3-8B throughput +1% (perf-notes v22). HOPPERLLM_PREFILL_FP8_QK=0 turns it off.
 PREFILL_FP8_QK = os.environ.get("HOPPERLLM_PREFILL_FP8_QK", "1") == "1"
-# HOPPERLLM_PREFILL_LAZY_RESCALE=1: rescale the prefill accumulator only when a row's max grows by more than
-# 2^8 (_attend_key_range's LAZY_RESCALE; FlashAttention-4's trick): most tiles skip acc *= alpha, 128 of the key
-# loop's ~720 instructions a thread (offline SASS, 8B tiles). Off until measured.
-PREFILL_LAZY_RESCALE = os.environ.get("HOPPERLLM_PREFILL_LAZY_RESCALE", "0") == "1"
 # With PREFILL_FP8_QK, HOPPERLLM_PREFILL_FP8_PV=1 also runs P @ V on FP8 tensor cores: each tile's
 # probabilities (relative to the row's running max, in [0, 1]) times PV_P_SCALE rounded to e4m3, V unconverted
 # (FlashAttention-3's and TensorRT-LLM's FP8 attention do the same).
@@ -1269,7 +1124,6 @@ def paged_prefill_attention(
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
         FP8_PV=fp8_pv,
-        LAZY_RESCALE=PREFILL_LAZY_RESCALE and not fp8_pv,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),

@@ -8,7 +8,6 @@ rotates q/k and writes k/v into the cache at `slot_mapping`, then attends over t
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -240,42 +239,11 @@ class TritonAttentionBackend(AttentionBackend):
             q[:nd], kv_cache[0], kv_cache[1], meta.block_tables[:nd], meta.seq_lens[:nd], layer.scale,
             layer.k_scale, layer.v_scale, out=out[:nd], max_seqlen_k=meta.max_seqlen_k,
         )  # fmt: skip
-        # MIXED_ATTENTION_STREAMS: the prefill rows on a high-priority stream beside the decodes: as the
-        # memory-bound decode programs retire, compute-bound prefill tiles take their places, and SMs hold both.
-        side = _prefill_side_stream(q.device) if _mixed_streams_on(q) else None
-        if side is not None:
-            main = torch.cuda.current_stream(q.device)
-            side.wait_stream(main)  # q and the cache rows rotary_kv_write stored, the decodes' launch
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            paged_prefill_attention(
-                q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
-            )  # fmt: skip
-        if side is not None:
-            main.wait_stream(side)  # `out` whole before the o_proj; what the side read stays live until then
+        paged_prefill_attention(
+            q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+            meta.max_seqlen_q, layer.scale, layer.k_scale, layer.v_scale, out=out, first_seq=nd,
+        )  # fmt: skip
         return out
-
-
-# HOPPERLLM_MIXED_ATTENTION_STREAMS=1: a mixed step's prefill attention runs on a high-priority side stream
-# beside its decode attention (TritonAttentionBackend._mixed), so that the memory-bound decode programs and the
-# compute-bound prefill tiles share the SMs instead of running one kernel after the other. v27's steady-state
-# mixed step spends 27.7 ms in decode and 15.3 ms in prefill attention, one after the other. Off until measured.
-MIXED_ATTENTION_STREAMS = os.environ.get("HOPPERLLM_MIXED_ATTENTION_STREAMS", "0") == "1"
-_SIDE_STREAMS: dict = {}
-
-
-def _mixed_streams_on(q: torch.Tensor) -> bool:
-    return MIXED_ATTENTION_STREAMS and q.is_cuda
-
-
-def _prefill_side_stream(device: torch.device):
-    """The device's high-priority stream for mixed steps' prefill attention (created once)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SIDE_STREAMS:
-        # lower numbers are higher priorities (0: the default streams'); CUDA clamps to its range. A priority is
-        # a hint to the block scheduler: pending blocks of this stream go first, running ones are not preempted
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx, priority=-1)
-    return _SIDE_STREAMS[idx]
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -140,31 +140,6 @@ def test_programmatic_dependent_launch_changes_no_bit(model_dir, monkeypatch):
     assert outs["1"] == outs["0"]
 
 
-def test_mixed_attention_streams_change_no_bit(model_dir, monkeypatch):
-    """HOPPERLLM_MIXED_ATTENTION_STREAMS=1 runs a mixed step's prefill attention on a side stream beside its
-    decode attention: the same kernels on the same inputs, so identical tokens and logprobs, with mixed steps
-    (chunks of 128 tokens beside up to 3 decodes) in both runs."""
-    from hopperllm.layers import attention
-
-    kw = dict(
-        dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8", num_kv_blocks=512, max_num_seqs=4,
-        max_num_batched_tokens=128, show_progress=False,
-    )  # fmt: skip
-    sides = []
-    real = attention._prefill_side_stream
-    monkeypatch.setattr(attention, "_prefill_side_stream", lambda d: sides.append(d) or real(d))
-    outs = {}
-    for flag in (True, False):
-        monkeypatch.setattr(attention, "MIXED_ATTENTION_STREAMS", flag)
-        llm = LLM(model=model_dir, **kw)
-        before = len(sides)
-        outs[flag] = [(o.token_ids, o.logprobs) for o in _greedy(llm, logprobs=2)]
-        assert (len(sides) > before) == flag  # the side stream ran the prefill rows of mixed steps
-        del llm
-        torch.cuda.empty_cache()
-    assert outs[True] == outs[False]
-
-
 def test_no_decode_attention_compiles_while_serving(model_dir):
     """Steps that mix decodes with prefills launch flash-decoding variants the decode graphs do not
     compile; start-up compiles them (ModelRunner.warm_mixed_decode_kernels), so serving compiles none."""

@@ -164,47 +164,6 @@ def test_decode_matches_reference(dtype, num_q_heads, num_kv_heads, num_splits, 
     assert rel_err(out, ref) < TOL[dtype]
 
 
-DECODE_LOOP_KNOBS = ["DECODE_PAGE_TILES", "DECODE_HEAD_MAJOR"] + (
-    ["DECODE_V_ASM", "DECODE_PAGE_TILES+DECODE_V_ASM"] if DEVICE == "cuda" else []  # inline PTX: GPU only
-)
-
-
-@pytest.mark.parametrize("knobs", DECODE_LOOP_KNOBS)
-@pytest.mark.parametrize("fp8_kv", [False, True])
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("quant_out", [False, True])
-def test_decode_loop_knobs_equal_the_default_loop(knobs, fp8_kv, num_splits, quant_out, monkeypatch):
-    """HOPPERLLM_DECODE_PAGE_TILES (tiles of whole pages, only the last one masked), _HEAD_MAJOR (the grid's
-    kv heads first) and _V_ASM (V to float16 by inline PTX after its load) change how the kernel reads and
-    orders its work, not what it computes: the default loop's outputs, over contexts that end inside a page,
-    on a page boundary (16, 32: a last tile that is full) and empty trailing slices. In the interpreter
-    bit for bit; compiled, to the last bit of a few rows at most."""
-    dtype = torch.float16
-    seq_lens_ = [1, 17, 40, 33, 16, 32]
-    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), seq_lens_, 8, 2, 32, 8, dtype, seed=31)
-    k_scale = v_scale = None
-    if fp8_kv:
-        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
-
-    def run():
-        return pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, k_scale, v_scale,
-                                         num_splits=num_splits, quant_out=quant_out)  # fmt: skip
-
-    want = run()
-    for knob in knobs.split("+"):
-        monkeypatch.setattr(pa, knob, True)
-    got = run()
-    if quant_out:
-        want, got = want[0].float() * want[1], got[0].float() * got[1]
-    assert torch.isfinite(got).all()
-    if DEVICE == "cpu":
-        assert torch.equal(got, want)
-    else:
-        assert rel_err(got, want) < 1e-3
-    ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.2, k_scale, v_scale)
-    assert rel_err(got.view_as(ref), ref) < (5e-2 if quant_out else TOL[dtype])
-
-
 def test_decode_large_group_more_splits_than_tiles(decode_variant):
     # 5 splits over contexts of 1..3 tiles: most slices are empty and must weigh zero in the merge.
     seq_lens = [3, 20, 47]
@@ -340,26 +299,6 @@ def test_fp8_kv_decode_and_prefill(dtype, monkeypatch):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("fp8_kv", [False, True])
-@pytest.mark.parametrize("score_gain", [1.0, 60.0])
-def test_prefill_lazy_rescale_is_the_same_softmax(fp8_kv, score_gain, monkeypatch):
-    """HOPPERLLM_PREFILL_LAZY_RESCALE: the running max moves only when a row's scores pass it by more than 2^8
-    (with q scaled up 60x the maxima jump across tiles and the rescale runs; at 1x it is mostly skipped): the
-    same attention as the eager rescale, to float rounding, over chunks with context and causal diagonals."""
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    q, kv, cu, seq_lens, bt = make_paged_case(PREFILL_Q_LENS, PREFILL_SEQ_LENS, 8, 2, 32, 8, dtype, seed=41)
-    q = q * score_gain
-    k_scale = v_scale = None
-    if fp8_kv:
-        kv, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
-    args = (q, kv[0], kv[1], cu, seq_lens, bt, max(PREFILL_Q_LENS), 32**-0.5, k_scale, v_scale)
-    want = pa.paged_prefill_attention(*args, out=poisoned_like(q))
-    monkeypatch.setattr(pa, "PREFILL_LAZY_RESCALE", True)
-    got = pa.paged_prefill_attention(*args, out=poisoned_like(q))
-    assert torch.isfinite(got).all()
-    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-2)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
 def test_prefill_fp8_qk_equals_attention_over_quantized_q(dtype, monkeypatch):
     # PREFILL_FP8_QK (the default with an FP8 cache): q quantized per row, QK^T on FP8 operands, P @ V in 16
@@ -436,48 +375,6 @@ def test_decode_dot_fp16_with_fp8_cache(dtype, num_splits, large_q, monkeypatch)
     ref = pa.ref_paged_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, scale, k_scale, v_scale)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16])
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("rotary", [False, True])
-def test_decode_fp8_qk_equals_attention_over_quantized_q(dtype, num_splits, rotary, monkeypatch):
-    # HOPPERLLM_DECODE_FP8_QK=1: q rounded per (token, head) row to e4m3 and QK^T on FP8 operands (K as
-    # stored), P @ V in float16: the reference attention over the dequantized q, to 16-bit rounding; near the
-    # unquantized q. With the rotary / cache write in the same launch, q is rounded after its rotation.
-    q, kv, cu, seq_lens, bt = make_paged_case([1] * 4, DECODE_SEQ_LENS, 8, 2, 32, 8, dtype, seed=23)
-    kv8, k_scale, v_scale = quantize_fp8(kv, k_amax=4.0, v_amax=3.0)
-    scale = 32**-0.5
-    cfg = pa.DECODE_CONFIG if DEVICE == "cuda" else pa.CPU_DECODE_CONFIG
-    monkeypatch.setitem(cfg, "FP8_QK", True)
-    assert pa.decode_fp8_qk(cfg)
-    new_kv = None
-    kv_ref, q_ref = kv8.clone(), q.clone()
-    if rotary:  # the last position's k / v arrive with the step, unrotated, as in the model's decode graphs
-        from hopperllm.kernels.rotary import build_cos_sin_cache, rotary_kv_write
-
-        gen = torch.Generator().manual_seed(5)
-        k_new = torch.randn(4, 2, 32, generator=gen).to(dtype).to(DEVICE)
-        v_new = torch.randn(4, 2, 32, generator=gen).to(dtype).to(DEVICE)
-        positions = seq_lens.long() - 1
-        cos_sin = build_cos_sin_cache(32, 64, 10000.0).to(DEVICE)
-        slots = torch.tensor([int(bt[b, (n - 1) // 8]) * 8 + (n - 1) % 8 for b, n in enumerate(DECODE_SEQ_LENS)],
-                             dtype=torch.int64, device=DEVICE)  # fmt: skip
-        new_kv = pa.NewTokenKV(k_new, v_new, positions, cos_sin, slots)
-        rotary_kv_write(q_ref, k_new, v_new, positions, cos_sin, kv_ref, slots, k_scale, v_scale)
-    kv_run = kv8.clone()
-    out = pa.paged_decode_attention(q, kv_run[0], kv_run[1], bt, seq_lens, scale, k_scale, v_scale,
-                                    num_splits=num_splits, out=poisoned_like(q), new_kv=new_kv)  # fmt: skip
-    assert torch.isfinite(out).all()
-    if rotary and DEVICE == "cpu":  # the new rows stored as the writer stores them
-        assert torch.equal(kv_run.view(torch.uint8), kv_ref.view(torch.uint8))
-    q8, q_scale = ref_per_token_quant_fp8(q_ref)  # each (token, head) row, as the kernel quantizes it
-    args = (kv_ref[0], kv_ref[1], cu, seq_lens, bt, scale, k_scale, v_scale)
-    emulated = pa.ref_paged_attention((q8.float() * q_scale).to(dtype), *args)
-    assert rel_err(out, emulated) < TOL[dtype]
-    assert rel_err(out, pa.ref_paged_attention(q_ref, *args)) < 5e-2
-    monkeypatch.setitem(cfg, "FP8_QK", False)
-    assert not pa.decode_fp8_qk(cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
