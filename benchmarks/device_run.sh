@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script for the device machine: installs carried wheels, runs the GPU tests and benchmarks,
 # writes logs and JSON under $OUT. Usage (from the repo root): bash benchmarks/device_run.sh [steps...]
-# steps: info tests smoke kernels latency throughput throughput-cold (default: info tests smoke); tensor parallelism:
+# steps: info tests smoke kernels latency throughput throughput-cold sass (default: info tests smoke); tensor parallelism:
 # tp-tests, and with TP=<size> (default 2): latency-70b-tp, latency-70b-tp-nccl, profile-tp, budget-70b-tp,
 # tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes), ab-tp (A/B of environment
 # settings, e.g. AB="- HOPPERLLM_GEMV_PREFETCH=16 HOPPERLLM_FUSED_MLP=0,HOPPERLLM_PDL=1"); ab: the same on one GPU
@@ -185,6 +185,22 @@ for step in $steps; do
       AB="- HOPPERLLM_PREFILL_GRAPHS_TP=1" OUT="$OUT" bash "$0" ab-tp ;;
     tune-prefill)
       timeout 300 python3 benchmarks/tune_attention.py --no-decode --prefill --output-json "$OUT/tune_prefill.json" 2>&1 | grep -v "^skip" | tail -4 ;;
+    sass)  # the device's own SASS (its Triton, not this CPU's) of the kernels the 8B throughput and 7B batch-1 runs
+      # launch: a short run of each with an empty Triton cache, then every cubin it compiled through cuobjdump,
+      # in one tarball ($OUT/sass-<triton version>.tar.gz). v28: offline SASS from Triton 3.9 mispredicted 3.6's
+      tc=$(mktemp -d); export TRITON_CACHE_DIR=$tc
+      timeout 120 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" "llama2-7b b1" --splits 1 16 \
+        --block-n 32 128 --num-stages 3 2>&1 | grep floor | cut -c1-120
+      tput 150 64 | grep "Output token"
+      tv=$(python3 -c "import triton; print(triton.__version__)"); d=$(mktemp -d)/sass-$tv; mkdir -p "$d"
+      cod=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")
+      [ -x "$cod" ] || cod=$(command -v cuobjdump)
+      for c in $(find "$tc" -name "*.cubin"); do
+        n=$(basename "$(dirname "$c")")-$(basename "$c" .cubin)
+        "$cod" -sass "$c" > "$d/$n.sass" 2>/dev/null; "$cod" -res-usage "$c" > "$d/$n.res" 2>/dev/null
+        cp "${c%.cubin}.json" "$d/$n.meta.json" 2>/dev/null
+      done
+      ls "$d" | wc -l; tar -czf "$OUT/sass-$tv.tar.gz" -C "$(dirname "$d")" "$(basename "$d")"; unset TRITON_CACHE_DIR ;;
     gpu-final)
       timeout 500 python3 -m pytest -q tests/gpu -k "not 70b" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     profile)
