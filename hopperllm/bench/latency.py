@@ -21,6 +21,9 @@ prompts are new, so no iteration reuses another's KV cache.
     output_tokens_per_s             batch_size * n * output_len / mean e2e
     baseline (with --baseline hf)   {name, hf_dtype, avg_latency, latencies, e2e_ms, ttft_ms, tpot_ms}
     speedup_vs_hf                   HF mean e2e / ours (above 1: we are faster)
+    gpu_monitor                     the GPUs' SM / memory clocks, power, temperature and throttle reasons
+                                    over the timed part, sampled every 0.5 s (bench/gpu_monitor.py); None
+                                    without NVML
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from hopperllm.bench import common
+from hopperllm.bench import common, gpu_monitor
+from hopperllm.bench.gpu_monitor import GpuMonitor
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -118,10 +122,11 @@ def main(args: argparse.Namespace) -> int:
             range(args.num_iters_warmup), desc="Warmup iterations", disable=not args.num_iters_warmup
         ):
             run_iteration(engine, batch(), params, f"warmup-{i}")
-        iters = [
-            run_iteration(engine, batch(), params, f"iter-{i}")
-            for i in tqdm(range(args.num_iters), desc="Profiling iterations")
-        ]
+        with GpuMonitor() as monitor:  # clocks, power and throttling over the timed iterations
+            iters = [
+                run_iteration(engine, batch(), params, f"iter-{i}")
+                for i in tqdm(range(args.num_iters), desc="Profiling iterations")
+            ]
         fields = common.engine_fields(engine)
         dtype = engine.config.dtype
         device = engine.config.device
@@ -129,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
         engine.shutdown()
     results = summarize_iterations(iters)
     results["output_tokens_per_s"] = args.batch_size * args.n * args.output_len / results["avg_latency"]
+    results["gpu_monitor"] = monitor.summary()
     del engine
     common.free_memory()
     if args.baseline == "hf":
@@ -174,6 +180,8 @@ def _print_summary(args, r: dict, fields: dict) -> None:
         ("Iterations", args.num_iters),
         ("Output tokens/s (mean e2e)", r["output_tokens_per_s"]),
     ]
+    if gpu_monitor.describe(r["gpu_monitor"]):
+        rows.append(("GPU 0 clock, power, throttling", gpu_monitor.describe(r["gpu_monitor"])))
     for key, title in (
         ("e2e_ms", "End-to-end latency"),
         ("ttft_ms", "Time to First Token"),

@@ -14,6 +14,9 @@ batch (greedy, `ignore_eos`). One short request runs first to warm up (compile a
     baseline (with --baseline hf)   {name, hf_dtype, max_batch_size, elapsed_time, requests_per_second,
                                      output_tokens_per_second, tokens_per_second}
     speedup_vs_hf                   our total tokens/s / HF's (above 1: we are faster)
+    gpu_monitor                     the GPUs' SM / memory clocks, power, temperature and throttle reasons
+                                    over the timed part, sampled every 0.5 s (bench/gpu_monitor.py); None
+                                    without NVML
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import time
 
 import numpy as np
 
-from hopperllm.bench import common
+from hopperllm.bench import common, gpu_monitor
+from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.worker.jit_watch import JitWatch
 
 
@@ -108,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
                 n_out += sum(len(c.token_ids) for c in out.outputs)
                 bar.update(1)
 
-        with JitWatch() as jit:
+        with JitWatch() as jit, GpuMonitor() as monitor:
             t0 = time.perf_counter()
             for req in prepared:
                 engine.commit_request(req)
@@ -134,6 +138,8 @@ def main(args: argparse.Namespace) -> int:
         # Triton kernel variants first met inside the timed run (compiled or loaded from the disk cache); with
         # tensor parallelism every rank runs in its own process, out of this one's sight: None
         "jit_compiles_during_run": jit.summary() if fields["tensor_parallel_size"] == 1 else None,
+        # the GPUs' clocks, power and throttle reasons over the timed run (None without NVML)
+        "gpu_monitor": monitor.summary(),
     }
     del engine
     common.free_memory()
@@ -185,6 +191,8 @@ def _print_summary(r: dict, fields: dict) -> None:
         ("Total token throughput (tok/s)", r["tokens_per_second"]),
         ("Triton kernels compiled during the run", (r["jit_compiles_during_run"] or {}).get("count", "n/a")),
     ]
+    if gpu_monitor.describe(r["gpu_monitor"]):
+        rows.append(("GPU 0 clock, power, throttling", gpu_monitor.describe(r["gpu_monitor"])))
     if "baseline" in r:
         b = r["baseline"]
         rows.append(("-- HF transformers baseline (static cache) --", None))
