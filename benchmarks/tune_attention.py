@@ -15,6 +15,7 @@ import triton
 from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
 from bench_kernels import median_ms, num_sets
 
+from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.kernels import paged_attention as pa
 
 
@@ -67,6 +68,9 @@ def main():
     )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
+    monitor = (
+        GpuMonitor().start()
+    )  # the SM clock the kernels ran at (against the throughput run's, in its JSON)
     bw = copy_bandwidth()
     rows = []
     shapes = [  # (name, batch, Hq, Hkv, D, context)
@@ -157,7 +161,8 @@ def main():
         for name in a.prefill_shapes:
             configs = [tuple(int(x) for x in c.split(",")) for c in a.prefill_configs or []]
             rows += tune_prefill(name, *PREFILL_SHAPES[name], configs=configs or None)
-    res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+    monitor.stop()
+    res = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows, "gpu_monitor": monitor.summary()}
     if a.output_json:
         with open(a.output_json, "w") as f:
             json.dump(res, f, indent=1)
