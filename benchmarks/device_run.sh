@@ -285,14 +285,21 @@ for step in $steps; do
           --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${model##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
+    v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
+      # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
+      # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)
+      TAG=v29-budget AB="- --max-num-batched-tokens=16384 - --max-num-batched-tokens=16384" OUT="$OUT" bash "$0" ab-tput ;;
     ab-tput)  # one GPU: the Llama-3-8B 1000-prompt throughput run under each environment in AB ("-" is the default),
       # after a 200-prompt warm-up; the runs' JSON merged into one file ($OUT/ab-tput-<TAG>.json; a call brings back 8)
       tput 100 200 | grep "Output token" | sed "s/^/[warm-up] /"
       i=0
       for v in ${AB:--}; do
         i=$((i + 1)); [ $SECONDS -lt ${AB_UNTIL:-480} ] || break
-        ( [ "$v" = "-" ] || export ${v//,/ }; tput 130 1000 --output-json "$OUT/ab-tput-part-$(printf %02d $i)-${v//[^A-Za-z0-9_=]/_}.json" \
-          | grep "Output token" | sed "s/^/[$v] /" )  # (a subshell: env would run the tput binary, not the function)
+        (
+        flags=()  # a variant starting with "--" is engine flags (commas for spaces), else environment settings
+        case $v in -) ;; --*) flags=(${v//,/ }) ;; *) export ${v//,/ } ;; esac
+        tput 130 1000 "${flags[@]}" --output-json "$OUT/ab-tput-part-$(printf %02d $i)-${v//[^A-Za-z0-9_=]/_}.json" \
+          | grep "Output token\|GPU 0" | sed "s/^/[$v] /" )  # (a subshell: env would run the tput binary, not the function)
       done
       python3 - "$OUT" "${TAG:-ab}" <<'PY'
 import glob, json, os, sys
