@@ -289,6 +289,22 @@ for step in $steps; do
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)
       TAG=v29-budget AB="- --max-num-batched-tokens=16384 - --max-num-batched-tokens=16384" OUT="$OUT" bash "$0" ab-tput ;;
+    v29-prefill-bm64)  # prefill tiles of 64 rows (HOPPERLLM_PREFILL_CONFIG): under Triton 3.6 64 rows / 64 keys / 4 warps
+      # compile to 168 registers, no spills, three programs an SM, where the default 128 rows take 255 with 104
+      # bytes of spills and two (perf-notes v28). Their GPU test, the kernel at the tuned shapes (the default
+      # first and last), then the 8B throughput alternating with the best 64-row config (the 7B's prefill in the sweep)
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "64_row_tiles" -p no:cacheprovider 2>&1 | tail -2
+      timeout 150 python3 benchmarks/tune_attention.py --no-decode --prefill --prefill-configs 128,64,4,2 64,64,4,2 \
+        64,64,4,3 64,128,4,2 64,32,4,2 128,64,4,2 --output-json "$OUT/tune-prefill-bm64-v29.json" 2>&1 | grep "best" | cut -c1-300
+      cfg=$(python3 - "$OUT/tune-prefill-bm64-v29.json" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["shape"] == "prefill llama3-8b 4x2048" and r["BLOCK_M"] == 64]
+best = min(rows, key=lambda r: r["us"])
+print(f"{best['BLOCK_M']},{best['BLOCK_N']},{best['num_warps']},{best['num_stages']}")
+PY
+)
+      echo "best 64-row config for the 8B: $cfg"
+      TAG=v29-prefill-bm64 AB="- HOPPERLLM_PREFILL_CONFIG=$cfg - HOPPERLLM_PREFILL_CONFIG=$cfg" AB_UNTIL=300 OUT="$OUT" bash "$0" ab-tput ;;
     ab-tput)  # one GPU: the Llama-3-8B 1000-prompt throughput run under each environment in AB ("-" is the default),
       # after a 200-prompt warm-up; the runs' JSON merged into one file ($OUT/ab-tput-<TAG>.json; a call brings back 8)
       tput 100 200 | grep "Output token" | sed "s/^/[warm-up] /"

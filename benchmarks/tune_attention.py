@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 
 import torch
 import triton
@@ -214,7 +215,7 @@ def tune_prefill(
         rows.append(row)
         if best is None or row["us"] < best["us"]:
             best = row
-    pa.PREFILL_CONFIG = None
+    pa.PREFILL_CONFIG = pa.prefill_config_from_env(os.environ.get("HOPPERLLM_PREFILL_CONFIG"))
     print(f"prefill {name}: best {best}")
     return rows
 

@@ -1019,7 +1019,28 @@ def _prefill_config(
     return block_m, 64, 4, 2
 
 
-PREFILL_CONFIG: tuple[int, int, int, int] | None = None
+def prefill_config_from_env(text: str | None) -> tuple[int, int, int, int] | None:
+    """HOPPERLLM_PREFILL_CONFIG=BLOCK_M,BLOCK_N,num_warps,num_stages (e.g. 64,64,4,2) replaces _prefill_config's
+    choice on the GPU, for A/B runs of whole benchmarks (v28: 64 rows / 4 warps compile to 168 registers, no
+    spills and three programs an SM under Triton 3.6, where the default's 128 rows take 255 with spills and two)."""
+    if not text:
+        return None
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    ok = len(vals) == 4 and all(v >= 1 for v in vals) and min(vals[:2]) >= 16
+    if not ok or any(v & (v - 1) for v in vals[:3]):
+        raise ValueError(
+            "HOPPERLLM_PREFILL_CONFIG must be BLOCK_M,BLOCK_N,num_warps,num_stages (the first three powers of "
+            f"two, tiles of at least 16), got {text!r}"
+        )
+    return vals  # type: ignore[return-value]
+
+
+PREFILL_CONFIG: tuple[int, int, int, int] | None = prefill_config_from_env(
+    os.environ.get("HOPPERLLM_PREFILL_CONFIG")
+)
 PREFILL_HEAVY_FIRST = True  # launch the longest query tiles first (benchmarks/ab_prefill.py)
 # With an FP8 cache and a bf16 / fp16 model, prefill quantizes q per row to e4m3 and multiplies it with the
 # cached keys on FP8 tensor cores (twice the bf16 rate, no key conversion; FlashAttention-3's FP8 mode, as

@@ -202,6 +202,29 @@ def test_prefill_fp8_qk(model, case, monkeypatch):
     assert rel_err(out, pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)) < 5e-2
 
 
+@pytest.mark.parametrize(
+    "config", [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)], ids=lambda c: "-".join(map(str, c))
+)
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_64_row_tiles(config, kv_dtype, model, case, monkeypatch):
+    # HOPPERLLM_PREFILL_CONFIG's 64-row tiles (v28's candidate: no spills, three programs an SM): a query tile
+    # of 64 / GROUP positions, the diagonal and chunk boundaries at other places than the default's 128 rows
+    monkeypatch.setattr(pa, "PREFILL_CONFIG", config)
+    hq, hkv = MODELS[model]
+    q_lens, seq_lens = PREFILL_CASES[case]
+    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=kv_dtype)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
+    q_ref = q
+    if pa.prefill_fp8_qk(q.dtype, kv_dtype == FP8):  # the default FP8 QK^T: against the rounded q
+        q8, q_scale = ref_per_token_quant_fp8(q)
+        q_ref = (q8.float() * q_scale).to(q.dtype)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, pa.ref_paged_attention(q_ref, k, v, cu, lens, bt, SCALE, ks, vs)) < 2e-2
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("case", list(PREFILL_CASES))
 def test_prefill_fp8_pv(model, case, monkeypatch):

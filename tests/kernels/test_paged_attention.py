@@ -520,3 +520,12 @@ def test_invalid_inputs_raise_value_error():
     kv8, k_scale, _ = quantize_fp8(kv, 4.0, 4.0)
     with pytest.raises(ValueError, match="k_scale"):
         pa.paged_prefill_attention(q, kv8[0], kv8[1], cu, seq_lens, bt, 1, 0.2, k_scale=k_scale)
+
+
+def test_prefill_config_from_env():
+    assert pa.prefill_config_from_env(None) is None and pa.prefill_config_from_env("") is None
+    assert pa.prefill_config_from_env("64,64,4,2") == (64, 64, 4, 2)
+    assert pa.prefill_config_from_env("128,64,4,3") == (128, 64, 4, 3)
+    for bad in ("64,64,4", "64,48,4,2", "8,64,4,2", "64,64,0,2", "a,b,c,d", "64,64,4,2,1"):
+        with pytest.raises(ValueError, match="HOPPERLLM_PREFILL_CONFIG must be"):
+            pa.prefill_config_from_env(bad)
