@@ -188,6 +188,7 @@ for step in $steps; do
     sass)  # the device's own SASS (its Triton, not this CPU's) of the kernels the 8B throughput and 7B batch-1 runs
       # launch: a short run of each with an empty Triton cache, then every cubin it compiled through cuobjdump,
       # in one tarball ($OUT/sass-<triton version>.tar.gz). v28: offline SASS from Triton 3.9 mispredicted 3.6's
+      echo "profilers: $(command -v ncu nsys || true) $(ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -2)"
       tc=$(mktemp -d); export TRITON_CACHE_DIR=$tc
       timeout 120 python3 benchmarks/tune_attention.py --shapes "llama3-8b b512" "llama2-7b b1" --splits 1 16 \
         --block-n 32 128 --num-stages 3 2>&1 | grep floor | cut -c1-120
