@@ -167,6 +167,23 @@ PREFILL_CASES = {
 }
 
 
+def _run_prefill(model: str, case: str, kv_dtype):
+    """One prefill case through the kernel, its output poisoned first: (out, q, the reference's other args)."""
+    hq, hkv = MODELS[model]
+    q_lens, seq_lens = PREFILL_CASES[case]
+    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=kv_dtype)
+    out = torch.full_like(q, float("nan"))
+    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
+    assert torch.isfinite(out).all()
+    return out, q, (k, v, cu, lens, bt, SCALE, ks, vs)
+
+
+def _rounded_q(q: torch.Tensor) -> torch.Tensor:
+    """q rounded per (token, head) row to e4m3 and back, as the FP8 QK^T kernel quantizes it."""
+    q8, q_scale = ref_per_token_quant_fp8(q)
+    return (q8.float() * q_scale).to(q.dtype)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("case", list(PREFILL_CASES))
@@ -174,14 +191,8 @@ def test_prefill(kv_dtype, model, case, monkeypatch):
     monkeypatch.setattr(
         pa, "PREFILL_FP8_QK", False
     )  # QK^T in 16 bits (HOPPERLLM_PREFILL_FP8_QK=0); FP8: below
-    hq, hkv = MODELS[model]
-    q_lens, seq_lens = PREFILL_CASES[case]
-    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=kv_dtype)
-    out = torch.full_like(q, float("nan"))
-    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
-    ref = pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, ref) < 2e-2
+    out, q, args = _run_prefill(model, case, kv_dtype)
+    assert rel_err(out, pa.ref_paged_attention(q, *args)) < 2e-2
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -190,16 +201,9 @@ def test_prefill_fp8_qk(model, case, monkeypatch):
     # PREFILL_FP8_QK (the default with an FP8 cache): q quantized per row, QK^T on FP8 tensor cores. It
     # equals the reference over the dequantized q to bf16 rounding, and stays near the reference over q.
     monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
-    hq, hkv = MODELS[model]
-    q_lens, seq_lens = PREFILL_CASES[case]
-    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=FP8)
-    out = torch.full_like(q, float("nan"))
-    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
-    q8, q_scale = ref_per_token_quant_fp8(q)  # each (token, head) row, as the kernel quantizes it
-    q_fp8 = (q8.float() * q_scale).to(q.dtype)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs)) < 2e-2
-    assert rel_err(out, pa.ref_paged_attention(q, k, v, cu, lens, bt, SCALE, ks, vs)) < 5e-2
+    out, q, args = _run_prefill(model, case, FP8)
+    assert rel_err(out, pa.ref_paged_attention(_rounded_q(q), *args)) < 2e-2
+    assert rel_err(out, pa.ref_paged_attention(q, *args)) < 5e-2
 
 
 @pytest.mark.parametrize(
@@ -212,17 +216,9 @@ def test_prefill_64_row_tiles(config, kv_dtype, model, case, monkeypatch):
     # HOPPERLLM_PREFILL_CONFIG's 64-row tiles (v28's candidate: no spills, three programs an SM): a query tile
     # of 64 / GROUP positions, the diagonal and chunk boundaries at other places than the default's 128 rows
     monkeypatch.setattr(pa, "PREFILL_CONFIG", config)
-    hq, hkv = MODELS[model]
-    q_lens, seq_lens = PREFILL_CASES[case]
-    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=kv_dtype)
-    out = torch.full_like(q, float("nan"))
-    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
-    q_ref = q
-    if pa.prefill_fp8_qk(q.dtype, kv_dtype == FP8):  # the default FP8 QK^T: against the rounded q
-        q8, q_scale = ref_per_token_quant_fp8(q)
-        q_ref = (q8.float() * q_scale).to(q.dtype)
-    assert torch.isfinite(out).all()
-    assert rel_err(out, pa.ref_paged_attention(q_ref, k, v, cu, lens, bt, SCALE, ks, vs)) < 2e-2
+    out, q, args = _run_prefill(model, case, kv_dtype)
+    fp8_qk = pa.prefill_fp8_qk(q.dtype, kv_dtype == FP8)  # the default FP8 QK^T: against the rounded q
+    assert rel_err(out, pa.ref_paged_attention(_rounded_q(q) if fp8_qk else q, *args)) < 2e-2
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -233,20 +229,15 @@ def test_prefill_fp8_pv(model, case, monkeypatch):
     # quantized q, and not the 16-bit P @ V's output (the CPU test checks the rounding's size).
     monkeypatch.setattr(pa, "PREFILL_FP8_QK", True)
     monkeypatch.setattr(pa, "PREFILL_FP8_PV", True)
-    hq, hkv = MODELS[model]
-    q_lens, seq_lens = PREFILL_CASES[case]
-    q, k, v, cu, lens, bt, ks, vs = make_paged_case(q_lens, seq_lens, hq, hkv, kv_dtype=FP8)
-    out = torch.full_like(q, float("nan"))
-    pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs, out=out)
-    q8, q_scale = ref_per_token_quant_fp8(q)
-    q_fp8 = (q8.float() * q_scale).to(q.dtype)
-    emulated = pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs, fp8_pv=True)
-    exact = pa.ref_paged_attention(q_fp8, k, v, cu, lens, bt, SCALE, ks, vs)
-    assert torch.isfinite(out).all()
+    out, q, args = _run_prefill(model, case, FP8)
+    emulated = pa.ref_paged_attention(_rounded_q(q), *args, fp8_pv=True)
+    exact = pa.ref_paged_attention(_rounded_q(q), *args)
     assert rel_err(out, emulated) < 3e-2
     assert rel_err(out, exact) < 3e-2
     monkeypatch.setattr(pa, "PREFILL_FP8_PV", False)
-    assert not torch.equal(out, pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), SCALE, ks, vs))
+    k, v, cu, lens, bt, scale, ks, vs = args
+    q_lens = (cu[1:] - cu[:-1]).tolist()
+    assert not torch.equal(out, pa.paged_attention(q, k, v, cu, lens, bt, max(q_lens), scale, ks, vs))
 
 
 @pytest.mark.parametrize("block_size", [8, 32])
