@@ -115,18 +115,38 @@ class Nvml:
         raise NvmlError("no clocks event reasons")
 
 
-def _cuda_pci_bus_ids() -> list[str | None]:
-    """The PCI bus ids of the GPUs torch sees, in its order (None where torch does not say)."""
+def _gpus_in_use(nvml: Any) -> list[str | None]:
+    """Which GPUs to watch, as PCI bus ids (None: NVML's index at that position). Where this process has
+    initialized CUDA, the GPUs torch sees, in its order; otherwise (the tensor-parallel driver, whose ranks run in
+    their own processes) CUDA_VISIBLE_DEVICES' indices or every GPU, by NVML index, without touching CUDA (a
+    context would take GPU memory the ranks sized their KV caches without)."""
+    import os
+
     import torch
 
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        dom, bus, dev = (getattr(p, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
-        out.append(None if None in (dom, bus, dev) else f"{dom:08X}:{bus:02X}:{dev:02X}.0")
-    return out
+    if torch.cuda.is_initialized():
+        out = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            dom, bus, dev = (getattr(p, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+            out.append(None if None in (dom, bus, dev) else f"{dom:08X}:{bus:02X}:{dev:02X}.0")
+        return out
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = nvml.device_count()
+    if visible is not None and all(x.strip().isdigit() for x in visible.split(",") if x.strip()):
+        indices = [int(x) for x in visible.split(",") if x.strip()]
+        return [None] * len([i for i in indices if i < count])  # (positions map to NVML indices below)
+    return [None] * count
+
+
+def _visible_indices(n: int) -> list[int]:
+    """NVML indices of the first n visible GPUs: CUDA_VISIBLE_DEVICES' integers where it lists them, else 0..n-1."""
+    import os
+
+    visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    if visible and all(x.isdigit() for x in visible) and len(visible) >= n:
+        return [int(x) for x in visible[:n]]
+    return list(range(n))
 
 
 class GpuMonitor:
@@ -141,12 +161,17 @@ class GpuMonitor:
         self._thread: threading.Thread | None = None
         try:
             self._nvml = nvml if nvml is not None else Nvml()
-            ids = bus_ids if bus_ids is not None else _cuda_pci_bus_ids()
-            for i, bus in enumerate(ids):
+            ids = bus_ids if bus_ids is not None else _gpus_in_use(self._nvml)
+            indices = _visible_indices(len(ids))
+            for pos, bus in enumerate(ids):
                 try:
-                    h = self._nvml.handle_by_pci_bus_id(bus) if bus else self._nvml.handle_by_index(i)
+                    h = (
+                        self._nvml.handle_by_pci_bus_id(bus)
+                        if bus
+                        else self._nvml.handle_by_index(indices[pos])
+                    )
                 except NvmlError:
-                    h = self._nvml.handle_by_index(i)
+                    h = self._nvml.handle_by_index(indices[pos])
                 self._gpus.append(self._describe(h))
         except (NvmlError, AttributeError, OSError):
             self._nvml, self._gpus = None, []

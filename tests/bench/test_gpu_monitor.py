@@ -23,6 +23,9 @@ class FakeNvml:
             raise NvmlError("no such bus")
         return {"00000000:18:00.0": 0, "00000000:2A:00.0": 1}[bus]
 
+    def device_count(self):
+        return 2
+
     def handle_by_index(self, i):
         return i
 
@@ -131,3 +134,19 @@ def test_ctypes_wrapper_reads_through_pointers():
     with pytest.raises(NvmlError, match="nvmlDeviceGetPowerUsage returned 3"):
         n.power_mw(None)
     assert n.throttle_reasons(None) == 0x4  # the older name where the newer one is missing
+
+
+def test_without_cuda_in_this_process_nvml_indices(monkeypatch):
+    # the tensor-parallel driver never initializes CUDA (its ranks do, in their own processes): the monitor
+    # picks GPUs by NVML index, CUDA_VISIBLE_DEVICES' where set, and creates no CUDA context
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    mon = GpuMonitor(nvml=FakeNvml())
+    assert [g["pci_bus_id"] for g in mon._gpus] == ["00000000:18:00.0", "00000000:2A:00.0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    mon = GpuMonitor(nvml=FakeNvml())
+    assert [g["pci_bus_id"] for g in mon._gpus] == ["00000000:2A:00.0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not GpuMonitor(nvml=FakeNvml()).active
