@@ -294,9 +294,10 @@ for step in $steps; do
       # compile to 168 registers, no spills, three programs an SM, where the default 128 rows take 255 with 104
       # bytes of spills and two (perf-notes v28). Their GPU test, the kernel at the tuned shapes (the default
       # first and last), then the 8B throughput alternating with the best 64-row config (the 7B's prefill in the sweep)
-      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "64_row_tiles" -p no:cacheprovider 2>&1 | tail -2
-      timeout 150 python3 benchmarks/tune_attention.py --no-decode --prefill --prefill-configs 128,64,4,2 64,64,4,2 \
-        64,64,4,3 64,128,4,2 64,32,4,2 128,64,4,2 --output-json "$OUT/tune-prefill-bm64-v29.json" 2>&1 | grep "best" | cut -c1-300
+      timeout 120 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k "64_row_tiles and 64-64-4-2" -p no:cacheprovider 2>&1 | tail -2
+      timeout 150 python3 benchmarks/tune_attention.py --no-decode --prefill --prefill-shapes "llama3-8b 4x2048" "llama2-7b 1x2048" \
+        --prefill-configs 128,64,4,2 64,64,4,2 64,64,4,3 64,128,4,2 128,64,4,2 --output-json "$OUT/tune-prefill-bm64-v29.json" 2>&1 \
+        | grep "best" | cut -c1-300
       cfg=$(python3 - "$OUT/tune-prefill-bm64-v29.json" <<'PY'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["shape"] == "prefill llama3-8b 4x2048" and r["BLOCK_M"] == 64]
@@ -305,7 +306,7 @@ print(f"{best['BLOCK_M']},{best['BLOCK_N']},{best['num_warps']},{best['num_stage
 PY
 )
       echo "best 64-row config for the 8B: $cfg"
-      TAG=v29-prefill-bm64 AB="- HOPPERLLM_PREFILL_CONFIG=$cfg - HOPPERLLM_PREFILL_CONFIG=$cfg" AB_UNTIL=300 OUT="$OUT" bash "$0" ab-tput ;;
+      TAG=v29-prefill-bm64 AB="- HOPPERLLM_PREFILL_CONFIG=$cfg - HOPPERLLM_PREFILL_CONFIG=$cfg" AB_UNTIL=250 OUT="$OUT" bash "$0" ab-tput ;;
     ab-tput)  # one GPU: the Llama-3-8B 1000-prompt throughput run under each environment in AB ("-" is the default),
       # after a 200-prompt warm-up; the runs' JSON merged into one file ($OUT/ab-tput-<TAG>.json; a call brings back 8)
       tput 100 200 | grep "Output token" | sed "s/^/[warm-up] /"
