@@ -75,7 +75,7 @@ def prefill_attention_resources(group: int, block_m: int, block_n: int, num_warp
 
 _GEMV_POINTERS = {
     "x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": "*bf16",
-    "partial_ptr": "*fp32", "counter_ptr": "*i32", "amax_ptr": "*fp32",
+    "partial_ptr": "*fp32", "counter_ptr": "*i32", "amax_ptr": "*fp32", "ts_ptr": "*i64",
 }  # fmt: skip
 
 
@@ -87,7 +87,7 @@ def gemv_resources(block_n: int, block_k: int, split_k: int, num_warps: int, num
     consts = dict(
         X_SCALE_PER_ROW=True, W_SCALE_PER_CHANNEL=True, EVEN_K=even_k, BLOCK_M=16, BLOCK_N=block_n,
         BLOCK_K=block_k, MAX_IMPRECISE_ACC=32, PREFETCH_LINES=fp8.GEMV_PREFETCH_LINES, GATED=gated,
-        QUANT_X=quant_x, BLOCK_AMAX=16 if quant_x else 1, USE_PDL=True,
+        QUANT_X=quant_x, BLOCK_AMAX=16 if quant_x else 1, USE_PDL=True, TIMESTAMPS=False,
     )  # fmt: skip
     if quant_x:
         consts["X_SCALE_PER_ROW"] = True
