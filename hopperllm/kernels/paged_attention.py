@@ -129,24 +129,6 @@ def fp8_pv_softmax_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
-def _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 FP8_QK: tl.constexpr, FP8_PV: tl.constexpr, ACT_FP16: tl.constexpr):  # fmt: skip
-    """One key tile's scaled scores q K^T [rows, BLOCK_N], and V in the P @ V product's type. FP8_QK (FP8
-    cache, q e4m3 with its rows scaled by q_row_scale): K as stored, V widened to float16 (ACT_FP16) or
-    bfloat16, or left e4m3 for an FP8 P @ V (FP8_PV). Otherwise K and V converted to q's type (FP8 caches)."""
-    if FP8_QK:
-        if not FP8_PV:
-            v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
-        s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
-    else:
-        if FP8_KV:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    return s, v
-
-
-@triton.jit
 def _attend_key_range(
     acc,
     l_i,
@@ -200,7 +182,15 @@ def _attend_key_range(
         else:
             k = tl.load(k_cache_ptr + k_offs + offs_d[None, :])
             v = tl.load(v_cache_ptr + v_offs + offs_d[None, :])
-        s, v = _tile_scores(q, k, v, q_row_scale, qk_scale, FP8_KV, DOT_PRECISION, FP8_QK, FP8_PV, ACT_FP16)
+        if FP8_QK:  # FP8 cache and FP8 q: only V is widened, for a 16-bit P @ V product
+            if not FP8_PV:
+                v = v.to(tl.float16 if ACT_FP16 else tl.bfloat16)
+            s = tl.dot(q, tl.trans(k)) * (q_row_scale[:, None] * qk_scale)
+        else:
+            if FP8_KV:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if CAUSAL_MASK:
             visible = (pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
             s = tl.where(visible, s, float("-inf"))
@@ -385,9 +375,8 @@ def _decode_split_kernel(
     # stores that position's k and v before it reads its keys.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    num_kv_heads = tl.num_programs(1)
-    num_seqs = tl.num_programs(0)
     split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
     num_q_heads = num_kv_heads * GROUP
     prog = (b * num_kv_heads + kvh) * NUM_SPLITS + split  # this program's row of ts_ptr
     stamp(ts_ptr, prog, 0, TIMESTAMPS)
@@ -490,8 +479,8 @@ def _decode_split_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
         stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if QUANT_OUT:
-            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_seqs, num_kv_heads,
-                               stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                               num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
     else:
         row = (b * num_q_heads + heads) * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -523,17 +512,17 @@ def _decode_split_kernel(
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
             stamp(ts_ptr, prog, 5, TIMESTAMPS)
             if QUANT_OUT:
-                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_seqs, num_kv_heads,
-                                   stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
 
 
 @triton.jit
-def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_seqs, num_kv_heads, stride_ob,
-                       row_len, QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr = False):  # fmt: skip
+def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob, row_len,
+                       QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr = False):  # fmt: skip
     """Called by the program that completed kv head group (b, kvh): the last of b's kv heads quantizes b's
     whole output row per token, reading back the rounded outputs (bit for bit per_token_quant_fp8)."""
     tl.debug_barrier()  # every thread's output store is done before the release below
-    slot = num_seqs * num_kv_heads + b
+    slot = tl.num_programs(0) * num_kv_heads + b
     arrived = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
     if arrived == num_kv_heads - 1:
         offs = tl.arange(0, QUANT_BLOCK)
@@ -818,11 +807,7 @@ def paged_decode_attention(
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
     ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
                          kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
-    # the 16-bit products' variants, with an FP8 cache and a 16-bit q on tensor cores
-    low_precision_ok = fp8 and use_dot and q.dtype != torch.float32
-    dot_fp16 = low_precision_ok and decode_dot_fp16(cfg)
-    grid = (batch, num_kv_heads, num_splits)
-    _decode_split_kernel[grid](
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -860,7 +845,7 @@ def paged_decode_attention(
         PREFETCH=cfg.get("PREFETCH", False),
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
-        DOT_FP16=dot_fp16,
+        DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
         QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,
@@ -1106,7 +1091,6 @@ def paged_prefill_attention(
         return out
 
     fp8_qk = prefill_fp8_qk(q.dtype, fp8)
-    fp8_pv = prefill_fp8_pv(q.dtype, fp8)  # (implies fp8_qk)
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, group, q.is_cuda, fp8_qk)
     block_q = block_m // group
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
@@ -1144,7 +1128,7 @@ def paged_prefill_attention(
         HEAVY_FIRST=heavy_first,
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
-        FP8_PV=fp8_pv,
+        FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),
