@@ -169,9 +169,8 @@ def main():
     )
     p.add_argument("--block-m", type=int, default=256)
     p.add_argument(
-        "--fp8-qk", action="store_true",
-        help="prefill: QK^T on FP8 operands (HOPPERLLM_PREFILL_FP8_QK)",
-    )  # fmt: skip
+        "--fp8-qk", action="store_true", help="prefill: QK^T on FP8 operands (HOPPERLLM_PREFILL_FP8_QK)"
+    )
     p.add_argument("--no-dot-fp16", action="store_true", help="decode: bfloat16 products (DOT_FP16 off)")
     p.add_argument(
         "--pv-fp16", action="store_true", help="prefill: P @ V in float16 (HOPPERLLM_PREFILL_PV_FP16)"

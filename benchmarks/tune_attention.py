@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 
 import torch
 import triton
@@ -69,9 +68,8 @@ def main():
     )  # fmt: skip
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
-    monitor = (
-        GpuMonitor().start()
-    )  # the SM clock the kernels ran at (against the throughput run's, in its JSON)
+    # the SM clock the kernels ran at (against the throughput run's, in its JSON)
+    monitor = GpuMonitor().start()
     bw = copy_bandwidth()
     rows = []
     shapes = [  # (name, batch, Hq, Hkv, D, context)
@@ -113,7 +111,7 @@ def main():
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
         variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
         variants = variants or [(1, 0, ns) for ns in a.num_stages]
-        for splits, bn, nw, (use_dot, prefetch, ns, *opt) in itertools.product(
+        for splits, bn, nw, (use_dot, prefetch, ns, *fp16) in itertools.product(
             split_choices, a.block_n, a.num_warps, variants
         ):
             if splits > 1 and ctx // splits < bn and not a.contexts:
@@ -123,7 +121,7 @@ def main():
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
                             "PREFETCH": bool(prefetch),
-                            "DOT_FP16": bool(opt[0]) if opt else default.get("DOT_FP16", False)})  # fmt: skip
+                            "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False)})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
             def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
@@ -152,8 +150,8 @@ def main():
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,
+                "cache_blocks": nb,
             }
-            row["cache_blocks"] = nb
             rows.append(row)
             if best is None or us < best["us"]:
                 best = row
@@ -182,6 +180,7 @@ def tune_prefill(
     name: str, B: int, ctx: int, hq: int, hkv: int, d: int, configs: list[tuple[int, ...]] | None = None
 ) -> list[dict]:
     """Sweep the prefill kernel's tiles (`configs`, default 16) on one prefill step of B prompts of ctx tokens."""
+    saved = pa.PREFILL_CONFIG  # (HOPPERLLM_PREFILL_CONFIG's, restored after the sweep)
     rows = []
     pb = prefill_problem(B, ctx, hq, hkv, d)
     flops = pb.flops
@@ -215,7 +214,7 @@ def tune_prefill(
         rows.append(row)
         if best is None or row["us"] < best["us"]:
             best = row
-    pa.PREFILL_CONFIG = pa.prefill_config_from_env(os.environ.get("HOPPERLLM_PREFILL_CONFIG"))
+    pa.PREFILL_CONFIG = saved
     print(f"prefill {name}: best {best}")
     return rows
 

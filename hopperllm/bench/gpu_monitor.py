@@ -15,6 +15,7 @@ Without a GPU or without libnvidia-ml the monitor does nothing and `summary()` i
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from typing import Any
 
@@ -115,44 +116,41 @@ class Nvml:
         raise NvmlError("no clocks event reasons")
 
 
-def _gpus_in_use(nvml: Any) -> list[str | None]:
-    """Which GPUs to watch, as PCI bus ids (None: NVML's index at that position). Where this process has
-    initialized CUDA, the GPUs torch sees, in its order; otherwise (the tensor-parallel driver, whose ranks run in
-    their own processes) CUDA_VISIBLE_DEVICES' indices or every GPU, by NVML index, without touching CUDA (a
-    context would take GPU memory the ranks sized their KV caches without)."""
-    import os
+def _visible_nvml_indices(count: int) -> list[int]:
+    """The NVML indices of the GPUs CUDA may use: CUDA_VISIBLE_DEVICES' integers where it lists integers (set but
+    empty: none), else all `count` (unset, or UUIDs: the bus ids below pick those out where torch knows them)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(count))
+    items = [x.strip() for x in visible.split(",") if x.strip()]
+    if not all(x.isdigit() for x in items):
+        return list(range(count))
+    return [int(x) for x in items if int(x) < count]
 
+
+def _gpus_in_use(nvml: Any) -> list[tuple[str | None, int]]:
+    """Which GPUs to watch, as (PCI bus id or None, NVML index). Where this process has initialized CUDA, the GPUs
+    torch sees, in its order, by bus id; otherwise (the tensor-parallel driver, whose ranks run in their own
+    processes) the visible ones by NVML index, without touching CUDA (a context would take GPU memory the ranks
+    sized their KV caches without)."""
     import torch
 
-    if torch.cuda.is_initialized():
-        out = []
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            dom, bus, dev = (getattr(p, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
-            out.append(None if None in (dom, bus, dev) else f"{dom:08X}:{bus:02X}:{dev:02X}.0")
-        return out
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    count = nvml.device_count()
-    if visible is not None and all(x.strip().isdigit() for x in visible.split(",") if x.strip()):
-        indices = [int(x) for x in visible.split(",") if x.strip()]
-        return [None] * len([i for i in indices if i < count])  # (positions map to NVML indices below)
-    return [None] * count
-
-
-def _visible_indices(n: int) -> list[int]:
-    """NVML indices of the first n visible GPUs: CUDA_VISIBLE_DEVICES' integers where it lists them, else 0..n-1."""
-    import os
-
-    visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
-    if visible and all(x.isdigit() for x in visible) and len(visible) >= n:
-        return [int(x) for x in visible[:n]]
-    return list(range(n))
+    indices = _visible_nvml_indices(nvml.device_count())
+    if not torch.cuda.is_initialized():
+        return [(None, i) for i in indices]
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        dom, bus, dev = (getattr(p, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+        bus_id = None if None in (dom, bus, dev) else f"{dom:08X}:{bus:02X}:{dev:02X}.0"
+        out.append((bus_id, indices[i] if i < len(indices) else i))
+    return out
 
 
 class GpuMonitor:
     """Samples the GPUs from a daemon thread between `start()` and `stop()` (or as a context manager).
-    `nvml`: an Nvml-like object (tests pass a fake); `bus_ids`: which GPUs, by PCI bus id (default: those
-    torch sees; None entries fall back to NVML's index)."""
+    `nvml`: an Nvml-like object (tests pass a fake); `bus_ids`: which GPUs, by PCI bus id, the i-th falling back
+    to NVML index i where its bus id is None or unknown (default: _gpus_in_use)."""
 
     def __init__(self, interval_s: float = 0.5, nvml: Any = None, bus_ids: list[str | None] | None = None):
         self.interval_s = interval_s
@@ -161,17 +159,12 @@ class GpuMonitor:
         self._thread: threading.Thread | None = None
         try:
             self._nvml = nvml if nvml is not None else Nvml()
-            ids = bus_ids if bus_ids is not None else _gpus_in_use(self._nvml)
-            indices = _visible_indices(len(ids))
-            for pos, bus in enumerate(ids):
+            gpus = _gpus_in_use(self._nvml) if bus_ids is None else [(b, i) for i, b in enumerate(bus_ids)]
+            for bus, index in gpus:
                 try:
-                    h = (
-                        self._nvml.handle_by_pci_bus_id(bus)
-                        if bus
-                        else self._nvml.handle_by_index(indices[pos])
-                    )
+                    h = self._nvml.handle_by_pci_bus_id(bus) if bus else self._nvml.handle_by_index(index)
                 except NvmlError:
-                    h = self._nvml.handle_by_index(indices[pos])
+                    h = self._nvml.handle_by_index(index)
                 self._gpus.append(self._describe(h))
         except (NvmlError, AttributeError, OSError):
             self._nvml, self._gpus = None, []

@@ -35,7 +35,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hopperllm.bench import common, gpu_monitor
-from hopperllm.bench.gpu_monitor import GpuMonitor
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
             range(args.num_iters_warmup), desc="Warmup iterations", disable=not args.num_iters_warmup
         ):
             run_iteration(engine, batch(), params, f"warmup-{i}")
-        with GpuMonitor() as monitor:  # clocks, power and throttling over the timed iterations
+        with gpu_monitor.GpuMonitor() as monitor:  # clocks, power and throttling over the timed iterations
             iters = [
                 run_iteration(engine, batch(), params, f"iter-{i}")
                 for i in tqdm(range(args.num_iters), desc="Profiling iterations")
@@ -180,8 +179,8 @@ def _print_summary(args, r: dict, fields: dict) -> None:
         ("Iterations", args.num_iters),
         ("Output tokens/s (mean e2e)", r["output_tokens_per_s"]),
     ]
-    if gpu_monitor.describe(r["gpu_monitor"]):
-        rows.append(("GPU 0 clock, power, throttling", gpu_monitor.describe(r["gpu_monitor"])))
+    if clocks := gpu_monitor.describe(r["gpu_monitor"]):
+        rows.append(("GPU 0 clock, power, throttling", clocks))
     for key, title in (
         ("e2e_ms", "End-to-end latency"),
         ("ttft_ms", "Time to First Token"),

@@ -27,7 +27,6 @@ import time
 import numpy as np
 
 from hopperllm.bench import common, gpu_monitor
-from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.worker.jit_watch import JitWatch
 
 
@@ -112,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
                 n_out += sum(len(c.token_ids) for c in out.outputs)
                 bar.update(1)
 
-        with JitWatch() as jit, GpuMonitor() as monitor:
+        with JitWatch() as jit, gpu_monitor.GpuMonitor() as monitor:
             t0 = time.perf_counter()
             for req in prepared:
                 engine.commit_request(req)
@@ -191,8 +190,8 @@ def _print_summary(r: dict, fields: dict) -> None:
         ("Total token throughput (tok/s)", r["tokens_per_second"]),
         ("Triton kernels compiled during the run", (r["jit_compiles_during_run"] or {}).get("count", "n/a")),
     ]
-    if gpu_monitor.describe(r["gpu_monitor"]):
-        rows.append(("GPU 0 clock, power, throttling", gpu_monitor.describe(r["gpu_monitor"])))
+    if clocks := gpu_monitor.describe(r["gpu_monitor"]):
+        rows.append(("GPU 0 clock, power, throttling", clocks))
     if "baseline" in r:
         b = r["baseline"]
         rows.append(("-- HF transformers baseline (static cache) --", None))
