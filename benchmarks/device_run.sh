@@ -289,7 +289,9 @@ for step in $steps; do
     v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)
-      TAG=v29-budget AB="- --max-num-batched-tokens=16384 - --max-num-batched-tokens=16384" OUT="$OUT" bash "$0" ab-tput ;;
+      # v29: the 64-row prefill tiles (64:64:4:2, 1.5% faster alone in the sweep) as a fifth run, after the budget's pairs
+      TAG=v29-budget AB="- --max-num-batched-tokens=16384 - --max-num-batched-tokens=16384 HOPPERLLM_PREFILL_CONFIG=64:64:4:2" \
+        OUT="$OUT" bash "$0" ab-tput ;;
     v29-prefill-bm64)  # prefill tiles of 64 rows (HOPPERLLM_PREFILL_CONFIG): under Triton 3.6 64 rows / 64 keys / 4 warps
       # compile to 168 registers, no spills, three programs an SM, where the default 128 rows take 255 with 104
       # bytes of spills and two (perf-notes v28). Their GPU test, the kernel at the tuned shapes (the default
@@ -306,7 +308,7 @@ print(f"{best['BLOCK_M']},{best['BLOCK_N']},{best['num_warps']},{best['num_stage
 PY
 )
       echo "best 64-row config for the 8B: $cfg"
-      TAG=v29-prefill-bm64 AB="- HOPPERLLM_PREFILL_CONFIG=$cfg - HOPPERLLM_PREFILL_CONFIG=$cfg" AB_UNTIL=250 OUT="$OUT" bash "$0" ab-tput ;;
+      TAG=v29-prefill-bm64 AB="- HOPPERLLM_PREFILL_CONFIG=${cfg//,/:} - HOPPERLLM_PREFILL_CONFIG=${cfg//,/:}" AB_UNTIL=250 OUT="$OUT" bash "$0" ab-tput ;;
     ab-tput)  # one GPU: the Llama-3-8B 1000-prompt throughput run under each environment in AB ("-" is the default),
       # after a 200-prompt warm-up; the runs' JSON merged into one file ($OUT/ab-tput-<TAG>.json; a call brings back 8)
       tput 100 200 | grep "Output token" | sed "s/^/[warm-up] /"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -1005,13 +1006,14 @@ def _prefill_config(
 
 
 def prefill_config_from_env(text: str | None) -> tuple[int, int, int, int] | None:
-    """HOPPERLLM_PREFILL_CONFIG=BLOCK_M,BLOCK_N,num_warps,num_stages (e.g. 64,64,4,2) replaces _prefill_config's
+    """HOPPERLLM_PREFILL_CONFIG=BLOCK_M,BLOCK_N,num_warps,num_stages (e.g. 64,64,4,2; colons work too, 64:64:4:2,
+    where the value passes through a comma-split list such as device_run.sh's AB) replaces _prefill_config's
     choice on the GPU, for A/B runs of whole benchmarks (v28: 64 rows / 4 warps compile to 168 registers, no
     spills and three programs an SM under Triton 3.6, where the default's 128 rows take 255 with spills and two)."""
     if not text:
         return None
     try:
-        vals = tuple(int(x) for x in text.split(","))
+        vals = tuple(int(x) for x in re.split(r"[,:]", text))
     except ValueError:
         vals = ()
     ok = len(vals) == 4 and all(v >= 1 for v in vals) and min(vals[:2]) >= 16

@@ -526,6 +526,7 @@ def test_prefill_config_from_env():
     assert pa.prefill_config_from_env(None) is None and pa.prefill_config_from_env("") is None
     assert pa.prefill_config_from_env("64,64,4,2") == (64, 64, 4, 2)
     assert pa.prefill_config_from_env("128,64,4,3") == (128, 64, 4, 3)
-    for bad in ("64,64,4", "64,48,4,2", "8,64,4,2", "64,64,0,2", "a,b,c,d", "64,64,4,2,1"):
+    assert pa.prefill_config_from_env("64:64:4:2") == (64, 64, 4, 2)
+    for bad in ("64,64,4", "64,48,4,2", "8,64,4,2", "64,64,0,2", "a,b,c,d", "64,64,4,2,1", "64;64;4;2"):
         with pytest.raises(ValueError, match="HOPPERLLM_PREFILL_CONFIG must be"):
             pa.prefill_config_from_env(bad)
