@@ -286,6 +286,19 @@ for step in $steps; do
           --num-iters-warmup 2 --num-iters 5 --max-num-seqs 16 --output-json "$OUT/ab-${model##*:}-b${BATCH:-1}-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT"
       done ;;
+    v29-power)  # the throughput run's FP8 GEMMs, decode and prefill attention at a steady-state mixed step's shapes,
+      # each back to back for 6 s: the rate at the top clock against the rate at the 700 W limit, J a call (v29
+      # found the throughput run at 1,545-1,575 MHz, sw_power_cap 92% of its samples)
+      timeout 200 python3 benchmarks/power_floor.py --seconds 6 --output-json "$OUT/power-floor-8b-v29.json" 2>&1 | tail -8 ;;
+    v29-attn-cudacore)  # the decode key loop on CUDA cores (USE_DOT=0: float32 products, q unpadded; in the code
+      # since 91b7467, its session-14 measurements lost) against tensor cores at batch 1: the 7B's MHA heads,
+      # where a 16-row MMA tile is 1/16 used and V goes through byte transposes, then the 8B's and the 70B
+      # TP=2 shard's groups of 4; with the model's quantizing tail
+      for spec in "llama2-7b b1|8 16 32|32 64 128" "llama3-8b b1|16 32|16 32 64" "llama2-70b tp2 b1|16 32|16 32 64"; do
+        IFS='|' read -r sh sp bn <<< "$spec"
+        timeout 150 python3 benchmarks/tune_attention.py --shapes "$sh" --splits $sp --block-n $bn \
+          --variants 1,0,3 0,0,2 0,0,3 --quant-out --output-json "$OUT/tune-attn-cudacore-${sh// /-}-v29.json" 2>&1 \
+          | grep "best" | cut -c1-330; done ;;
     v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)

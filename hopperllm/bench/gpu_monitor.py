@@ -101,6 +101,12 @@ class Nvml:
     def power_mw(self, h) -> int:
         return self._uint("nvmlDeviceGetPowerUsage", h)
 
+    def energy_mj(self, h) -> int:
+        """Energy the GPU used since the driver loaded, in millijoules (Volta and later)."""
+        v = ctypes.c_ulonglong()
+        self._check(self._lib.nvmlDeviceGetTotalEnergyConsumption(h, ctypes.byref(v)), "energy")
+        return v.value
+
     def power_limit_mw(self, h) -> int:
         return self._uint("nvmlDeviceGetEnforcedPowerLimit", h)
 

@@ -126,6 +126,10 @@ class FakeLib:
         out._obj.value = 0x4
         return 0
 
+    def nvmlDeviceGetTotalEnergyConsumption(self, h, out):
+        out._obj.value = 5_000_000_000_123  # millijoules: past 2^32, so the 64-bit type matters
+        return 0
+
 
 def test_ctypes_wrapper_reads_through_pointers():
     n = Nvml(lib=FakeLib())
@@ -134,6 +138,7 @@ def test_ctypes_wrapper_reads_through_pointers():
     with pytest.raises(NvmlError, match="nvmlDeviceGetPowerUsage returned 3"):
         n.power_mw(None)
     assert n.throttle_reasons(None) == 0x4  # the older name where the newer one is missing
+    assert n.energy_mj(None) == 5_000_000_000_123
 
 
 def test_without_cuda_in_this_process_nvml_indices(monkeypatch):
