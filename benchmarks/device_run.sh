@@ -299,6 +299,12 @@ for step in $steps; do
         timeout 150 python3 benchmarks/tune_attention.py --shapes "$sh" --splits $sp --block-n $bn \
           --variants 1,0,3 0,0,2 0,0,3 --quant-out --output-json "$OUT/tune-attn-cudacore-${sh// /-}-v29.json" 2>&1 \
           | grep "best" | cut -c1-330; done ;;
+    v29-7b-stages)  # the 7B's batch-1 decode config (16 slices of 32-key tiles, MHA) runs 3 pipeline stages; the 70B's
+      # TP=2 shard at the same 16 slices ran 12.19 us at 3 and 10.89 at 5 (v21), the 7B's was never swept. The
+      # kernel over stages, then Llama-2-7B batch 1 alternating default / 5 stages (GPU clock in the JSON)
+      timeout 150 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" --splits 16 32 --block-n 32 64 \
+        --num-stages 3 4 5 6 --quant-out --output-json "$OUT/tune-attn-7b-b1-stages-v29.json" 2>&1 | grep "best" | cut -c1-300
+      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_DECODE_NUM_STAGES=5 - HOPPERLLM_DECODE_NUM_STAGES=5" OUT="$OUT" bash "$0" ab ;;
     v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)
