@@ -305,6 +305,11 @@ for step in $steps; do
       timeout 150 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" --splits 16 32 --block-n 32 64 \
         --num-stages 3 4 5 6 --quant-out --output-json "$OUT/tune-attn-7b-b1-stages-v29.json" 2>&1 | grep "best" | cut -c1-300
       MODEL=dummy:llama-2-7b AB="- HOPPERLLM_DECODE_NUM_STAGES=5 - HOPPERLLM_DECODE_NUM_STAGES=5" OUT="$OUT" bash "$0" ab ;;
+    v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
+      # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
+      timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
+      HOPPERLLM_DECODE_DOT_FP16=0 timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode \
+        --output-json "$OUT/power-floor-attn-bf16-v29.json" 2>&1 | tail -2 ;;
     v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)

@@ -74,6 +74,17 @@ def prefill_attention(batch: int, ctx: int):
     return run, {"tflop": p.flops / 1e12}
 
 
+def copy(gb: float):
+    """A device-to-device copy of `gb` GB: the energy of streaming bytes with no work on them (read + write)."""
+    src = torch.empty(int(gb * 1e9), dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+
+    return run, {"gb": 2 * src.numel() / 1e9}
+
+
 def timed_calls(fn, calls: int) -> float:
     """Seconds a call, over `calls` back-to-back calls timed with CUDA events."""
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -141,6 +152,12 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2112, help="decode attention: keys a sequence")
     p.add_argument("--prefill", default="4x2048", help="prefill attention: PROMPTSxTOKENS")
     p.add_argument("--std", type=float, nargs="*", default=[112.0, 1.0], help="FP8 GEMM operands' spread")
+    p.add_argument(
+        "--ops",
+        nargs="*",
+        default=["gemm", "decode", "prefill"],
+        choices=["gemm", "decode", "prefill", "copy"],
+    )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
     try:
@@ -149,9 +166,15 @@ def main() -> None:
     except Exception:  # noqa: BLE001 (no NVML: rates only)
         nvml, handle = None, None
     pb, pt = (int(x) for x in a.prefill.split("x"))
-    ops = [(f"gemm-8b-layer m{a.m} std{s:g}", *gemm_layer(a.m, s)) for s in a.std]
-    ops += [(f"decode-attn-8b b{a.decodes}x{a.context}", *decode_attention(a.decodes, a.context)),
-            (f"prefill-attn-8b {a.prefill}", *prefill_attention(pb, pt))]  # fmt: skip
+    ops = []
+    if "gemm" in a.ops:
+        ops += [(f"gemm-8b-layer m{a.m} std{s:g}", *gemm_layer(a.m, s)) for s in a.std]
+    if "decode" in a.ops:
+        ops.append((f"decode-attn-8b b{a.decodes}x{a.context}", *decode_attention(a.decodes, a.context)))
+    if "prefill" in a.ops:
+        ops.append((f"prefill-attn-8b {a.prefill}", *prefill_attention(pb, pt)))
+    if "copy" in a.ops:  # as many bytes read as the decode attention reads (half of them written back)
+        ops.append(("copy", *copy(a.decodes * a.context * HKV * D * 2 / 1e9)))
     rows = []
     for name, fn, work in ops:
         row = measure(name, fn, work, a.seconds, nvml, handle)
