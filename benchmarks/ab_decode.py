@@ -39,7 +39,7 @@ def _variant(name: str) -> dict[str, str]:
             out["rotary"] = part[3:]
         elif part.startswith("mlp"):  # fused decode MLP: 0 off, 1 where measured (default), 2 everywhere
             out["mlp"] = part[3:]
-        elif part.startswith("att"):  # decode-attention loop: att<USE_DOT><PREFETCH><num_stages>[n<BLOCK_N>]
+        elif part.startswith("att"):  # decode-attention loop: att<PREFETCH><num_stages>[n<BLOCK_N>]
             out["att"] = part[3:]
         elif part.startswith("sp"):  # decode-attention splits of the captured batch
             out["splits"] = part[2:]
@@ -84,9 +84,7 @@ def main():
             cfg.update(default)
             if "att" in v:
                 head, _, bn = v["att"].partition("n")
-                cfg.update(
-                    {"USE_DOT": head[0] == "1", "PREFETCH": head[1] == "1", "num_stages": int(head[2:])}
-                )
+                cfg.update({"PREFETCH": head[0] == "1", "num_stages": int(head[1:])})
                 if bn:
                     cfg["BLOCK_N"] = int(bn)
             if "dot_fp16" in v:

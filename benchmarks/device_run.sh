@@ -40,9 +40,9 @@ for step in $steps; do
         --output-json "$OUT/smoke_7b_fp8.json" 2>&1 | tee "$OUT/smoke.log" | tail -15 ;;
     tune-attn)
       timeout 240 python3 benchmarks/tune_attention.py --output-json "$OUT/tune_attention.json" 2>&1 | grep -v "^skip" | tee "$OUT/tune_attention.log" | tail -8 ;;
-    tune-attn-loop)  # the decode key loop's variants (USE_DOT,PREFETCH,stages) with the quantizing tail: the 7B's and
+    tune-attn-loop)  # the decode key loop's variants (PREFETCH,stages) with the quantizing tail: the 7B's and
       # 8B's batch 1, the 8B at 64 sequences, the 70B's TP=2 heads at 1 and 8 sequences (one GPU)
-      V=${VARIANTS:-1,0,3 1,1,1 0,0,3 0,1,1}
+      V=${VARIANTS:-0,3 1,1}
       for spec in "llama2-7b b1|8 16 32|32 64 128" "llama3-8b b1|16 32|32 64" "llama2-70b tp2 b1|16 32|32 64" \
                   "llama3-8b b64|1 2|32 64 128" "llama2-70b tp2 b8|8 16|32 64"; do IFS='|' read -r sh sp bn <<< "$spec"
         timeout 200 python3 benchmarks/tune_attention.py --shapes "$sh" --splits $sp --block-n $bn --variants $V --quant-out \
@@ -290,15 +290,6 @@ for step in $steps; do
       # each back to back for 6 s: the rate at the top clock against the rate at the 700 W limit, J a call (v29
       # found the throughput run at 1,545-1,575 MHz, sw_power_cap 92% of its samples)
       timeout 200 python3 benchmarks/power_floor.py --seconds 6 --output-json "$OUT/power-floor-8b-v29.json" 2>&1 | tail -8 ;;
-    v29-attn-cudacore)  # the decode key loop on CUDA cores (USE_DOT=0: float32 products, q unpadded; in the code
-      # since 91b7467, its session-14 measurements lost) against tensor cores at batch 1: the 7B's MHA heads,
-      # where a 16-row MMA tile is 1/16 used and V goes through byte transposes, then the 8B's and the 70B
-      # TP=2 shard's groups of 4; with the model's quantizing tail
-      for spec in "llama2-7b b1|8 16 32|32 64 128" "llama3-8b b1|16 32|16 32 64" "llama2-70b tp2 b1|16 32|16 32 64"; do
-        IFS='|' read -r sh sp bn <<< "$spec"
-        timeout 150 python3 benchmarks/tune_attention.py --shapes "$sh" --splits $sp --block-n $bn \
-          --variants 1,0,3 0,0,2 0,0,3 --quant-out --output-json "$OUT/tune-attn-cudacore-${sh// /-}-v29.json" 2>&1 \
-          | grep "best" | cut -c1-330; done ;;
     v29-7b-stages)  # the 7B's batch-1 decode config (16 slices of 32-key tiles, MHA) runs 3 pipeline stages; the 70B's
       # TP=2 shard at the same 16 slices ran 12.19 us at 3 and 10.89 at 5 (v21), the 7B's was never swept. The
       # kernel over stages, then Llama-2-7B batch 1 alternating default / 5 stages (GPU clock in the JSON)

@@ -44,7 +44,7 @@ def decode_attention_resources(group: int, splits: int, block_n: int, num_warps:
     fn = pa._decode_split_kernel
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, USE_DOT=True, PREFETCH=False, FP8_KV=True, DOT_PRECISION="tf32", DOT_FP16=dot_fp16,
+        BLOCK_N=block_n, PREFETCH=False, FP8_KV=True, DOT_PRECISION="tf32", DOT_FP16=dot_fp16,
         QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
         TIMESTAMPS=False,
     )  # fmt: skip

@@ -18,6 +18,7 @@ import time
 import torch
 from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
 
+from hopperllm.bench import common
 from hopperllm.bench.gpu_monitor import GpuMonitor, Nvml
 from hopperllm.kernels import paged_attention as pa
 
@@ -184,7 +185,8 @@ def main() -> None:
         print(f"{name}: burst {row['burst_ms']:.3f} ms, sustained {row['sustained_ms']:.3f} ms "
               f"(x{row['slowdown']:.3f}); {rate}; SM {row['sm_clock_mhz']} MHz, {row['power_w']} W, "
               f"{row['joules_per_call']} J a call, throttle {row['throttle_share']}")  # fmt: skip
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(a), "rows": rows}
+    res = {"device": torch.cuda.get_device_name(), "versions": common.versions(), "git_commit": common.git_commit(),
+           "args": vars(a), "rows": rows}  # fmt: skip
     if a.output_json:
         with open(a.output_json, "w") as f:
             json.dump(res, f, indent=1)

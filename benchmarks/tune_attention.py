@@ -56,8 +56,7 @@ def main():
         "--variants",
         nargs="*",
         default=None,
-        help="decode key loops to sweep as USE_DOT,PREFETCH,num_stages[,DOT_FP16] (e.g. 1,0,3 0,1,1 1,0,3,1); "
-        "replaces --num-stages; CUDA-core variants skip tiles over 256 query-head x key products a thread",
+        help="decode key loops to sweep as PREFETCH,num_stages[,DOT_FP16] (e.g. 0,3 1,1 0,3,1); replaces --num-stages",
     )
     p.add_argument(
         "--prefill-shapes", nargs="*", default=list(PREFILL_SHAPES), help="prefill shape names to sweep"
@@ -110,17 +109,14 @@ def main():
         best = None
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
         variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
-        variants = variants or [(1, 0, ns) for ns in a.num_stages]
-        for splits, bn, nw, (use_dot, prefetch, ns, *fp16) in itertools.product(
+        variants = variants or [(0, ns) for ns in a.num_stages]
+        for splits, bn, nw, (prefetch, ns, *fp16) in itertools.product(
             split_choices, a.block_n, a.num_warps, variants
         ):
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
-            if not use_dot and triton.next_power_of_2(hq // hkv) * bn * d > 256 * 32 * nw:
-                continue  # the CUDA-core product tile would not fit a thread's registers
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
-                cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "USE_DOT": bool(use_dot),
-                            "PREFETCH": bool(prefetch),
+                cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "PREFETCH": bool(prefetch),
                             "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False)})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
@@ -144,7 +140,6 @@ def main():
                 "BLOCK_N": bn,
                 "num_warps": nw,
                 "num_stages": ns,
-                "use_dot": bool(use_dot),
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
                 "us": us,

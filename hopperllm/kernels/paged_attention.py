@@ -230,27 +230,21 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb
 
 @triton.jit
 def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
+                        DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) [BLOCK_H, ...] with one tile of keys (mask: which exist).
-    USE_DOT: the two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype);
-    otherwise on CUDA cores in float32 (q's BLOCK_H rows unpadded, q already float32): for one query head
-    a KV head (MHA), where a 16-row tensor-core tile would be 1/16 used."""
-    if USE_DOT:
-        if FP8_KV:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-    else:
-        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
+    The two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype). Products on
+    CUDA cores in float32 with q unpadded, for MHA's 1/16-used tile, ran slower at every batch-1 layout
+    (perf-notes v29: the 7B's heads 19.2 against 14.1 us) and were removed."""
+    if FP8_KV:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
     s = tl.where(mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key always exists
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_DOT:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    else:
-        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
 
@@ -260,7 +254,7 @@ def _decode_key_loop(
     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
@@ -283,8 +277,8 @@ def _decode_key_loop(
                                            PAGE_SIZE, HEAD_DIM)  # fmt: skip
             pos = pos + BLOCK_N
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
-                                                USE_DOT)  # fmt: skip
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV,
+                                                DOT_PRECISION)  # fmt: skip
             k = next_k
             v = next_v
             mask = next_mask
@@ -294,8 +288,8 @@ def _decode_key_loop(
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
                                  stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV, DOT_PRECISION,
-                                                USE_DOT)  # fmt: skip
+            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV,
+                                                DOT_PRECISION)  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -351,13 +345,12 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,  # tokens per cache block
     NUM_SPLITS: tl.constexpr,
-    BLOCK_H: tl.constexpr,  # GROUP rounded up to a power of two (>= 16 rows with USE_DOT, for tl.dot)
+    BLOCK_H: tl.constexpr,  # GROUP rounded up to a power of two, at least 16 rows (for tl.dot)
     BLOCK_N: tl.constexpr,  # keys per iteration
-    USE_DOT: tl.constexpr,  # the key loop's products on tensor cores (else CUDA cores, float32)
     PREFETCH: tl.constexpr,  # the key loop issues the next tile's loads before this tile's math
     FP8_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_FP16: tl.constexpr,  # FP8_KV and USE_DOT: the products in float16 (q scaled by 2^-k if over 2^15)
+    DOT_FP16: tl.constexpr,  # FP8_KV: the products in float16 (q scaled by 2^-k if over 2^15)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
@@ -461,12 +454,10 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     stamp(ts_ptr, prog, 2, TIMESTAMPS)
-    if not USE_DOT:
-        q = q.to(tl.float32)
     acc, l_i, m_i = _decode_key_loop(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, USE_DOT, PREFETCH,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, PREFETCH,
     )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
@@ -562,7 +553,7 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 # stay at 3 stages (16.9 us against 17.4 with 5).
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
-# Optional keys of a config: USE_DOT (default True: tensor-core products), PREFETCH (default False), DOT_FP16
+# Optional keys of a config: PREFETCH (default False), DOT_FP16
 # (default False; see decode_dot_fp16).
 # The CPU interpreter's (tests: small tiles, so that slices span several).
 CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
@@ -800,10 +791,7 @@ def paged_decode_attention(
         k_new = v_new = positions = cos_sin = slots = seq_lens  # unused by the kernel
         new_strides = (0, 0, 0, 0, 0)
     cfg = decode_config(num_splits) if q.is_cuda else CPU_DECODE_CONFIG
-    use_dot = cfg.get("USE_DOT", True)
-    block_h = next_power_of_2(group)
-    if use_dot:
-        block_h = max(16, block_h)
+    block_h = max(16, next_power_of_2(group))
     block_n = cfg["BLOCK_N"]
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
     ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
@@ -842,11 +830,10 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
-        USE_DOT=use_dot,
         PREFETCH=cfg.get("PREFETCH", False),
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
-        DOT_FP16=decode_dot_fp16(cfg) and fp8 and use_dot and q.dtype != torch.float32,
+        DOT_FP16=decode_dot_fp16(cfg) and fp8 and q.dtype != torch.float32,
         QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,

@@ -134,16 +134,11 @@ def test_prefill_skips_empty_sequences():
 DECODE_SEQ_LENS = [1, 17, 40, 33]
 
 
-@pytest.fixture(
-    params=[(True, False), (True, True), (False, False), (False, True)],
-    ids=["dot", "dot-prefetch", "cuda-cores", "cuda-cores-prefetch"],
-)
+@pytest.fixture(params=[False, True], ids=["plain", "prefetch"])
 def decode_variant(request, monkeypatch):
-    """The decode key loop's variants: products on tensor cores or CUDA cores, next tile prefetched or not."""
-    use_dot, prefetch = request.param
+    """The decode key loop's variants: the next tile prefetched or not."""
     for cfg in (pa.CPU_DECODE_CONFIG, *pa.DECODE_CONFIGS):
-        monkeypatch.setitem(cfg, "USE_DOT", use_dot)
-        monkeypatch.setitem(cfg, "PREFETCH", prefetch)
+        monkeypatch.setitem(cfg, "PREFETCH", request.param)
     return request.param
 
 
