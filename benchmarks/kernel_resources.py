@@ -40,13 +40,12 @@ _POINTERS = {
 
 def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
                                quant_out: bool, head_dim: int = 128, rotary: bool = False,
-                               num_q_heads: int = 32, dot_fp16: bool = True, sass_out: str | None = None,
-                               amax_out: bool = False) -> dict:  # fmt: skip
+                               num_q_heads: int = 32, dot_fp16: bool = True, sass_out: str | None = None) -> dict:  # fmt: skip
     fn = pa._decode_split_kernel
     consts = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, PREFETCH=False, FP8_KV=True, DOT_PRECISION="tf32", DOT_FP16=dot_fp16,
-        QUANT_OUT=quant_out and not amax_out, AMAX_OUT=amax_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
+        QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
         TIMESTAMPS=False,
     )  # fmt: skip
     return _compile_resources(fn, consts, _POINTERS, num_warps, num_stages, sass_mma=True, sass_out=sass_out)
@@ -164,9 +163,6 @@ def main():
     p.add_argument("--quant-out", action="store_true")
     p.add_argument("--rotary", action="store_true")
     p.add_argument(
-        "--amax-out", action="store_true", help="decode: kv heads' maxima instead (HOPPERLLM_DECODE_DEFERRED)"
-    )
-    p.add_argument(
         "--prefill",
         action="store_true",
         help="the prefill kernel instead (--group, --block-m, --block-n, ...)",
@@ -205,7 +201,7 @@ def main():
         return
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
                                    rotary=a.rotary, num_q_heads=a.num_q_heads, dot_fp16=not a.no_dot_fp16,
-                                   sass_out=a.sass_out, amax_out=a.amax_out)  # fmt: skip
+                                   sass_out=a.sass_out)  # fmt: skip
     print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
 
 

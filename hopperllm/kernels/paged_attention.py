@@ -317,7 +317,7 @@ def _decode_split_kernel(
     part_lse_ptr,  # float32 [B, Hq, NUM_SPLITS] (log2 domain)
     counter_ptr,  # int32 [B * Hkv + B], zero between launches: arrivals per (b, kv head), then per b
     q8_ptr,  # QUANT_OUT: e4m3 [B, Hq * D], the output quantized per token
-    q8_scale_ptr,  # QUANT_OUT: float32 [B], its scales; AMAX_OUT: float32 [B, Hkv], max |out| of each kv head's rows
+    q8_scale_ptr,  # QUANT_OUT: float32 [B], its scales
     k_new_ptr,  # ROTARY: the step's k [B, Hkv, D] (unrotated)
     v_new_ptr,  # ROTARY: the step's v [B, Hkv, D]
     positions_ptr,  # ROTARY: int64 [B]
@@ -352,7 +352,6 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_FP16: tl.constexpr,  # FP8_KV: the products in float16 (q scaled by 2^-k if over 2^15)
     QUANT_OUT: tl.constexpr,  # also write the output row as per-token FP8 (the o_proj input)
-    AMAX_OUT: tl.constexpr,  # instead: each kv head's max |out| (the o_proj GEMV quantizes as it loads)
     QUANT_BLOCK: tl.constexpr,  # power of two >= Hq * D
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and store the new token's rotated k and v first
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
@@ -471,8 +470,6 @@ def _decode_split_kernel(
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
         stamp(ts_ptr, prog, 4, TIMESTAMPS)
-        if AMAX_OUT:
-            _store_amax(q8_scale_ptr, b * num_kv_heads + kvh, acc.to(out_ptr.dtype.element_ty), mask_h)
         if QUANT_OUT:
             _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
                                num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
@@ -506,19 +503,9 @@ def _decode_split_kernel(
             tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
             stamp(ts_ptr, prog, 5, TIMESTAMPS)
-            if AMAX_OUT:
-                _store_amax(q8_scale_ptr, tile, o.to(out_ptr.dtype.element_ty), mask_h)
             if QUANT_OUT:
                 _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
                                    num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
-
-
-@triton.jit
-def _store_amax(amax_ptr, idx, o, mask_h):
-    """max |o| over the kv head's valid rows of its (rounded) output: one piece of the row's per-token scale,
-    which fp8_gemv_deferred takes the max of (DeferredQuant), so no program waits for the row's other heads."""
-    a = tl.where(mask_h[:, None], tl.abs(o.to(tl.float32)), 0.0)
-    tl.store(amax_ptr + idx, tl.max(tl.max(a, axis=1), axis=0))
 
 
 @triton.jit
@@ -582,12 +569,6 @@ MOST_SPLITS = 32
 DECODE_DOT_FP16: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPERLLM_DECODE_DOT_FP16", ""))
 
 
-# HOPPERLLM_DECODE_DEFERRED=1: decode attention's quant_out hands the o_proj a DeferredQuant (each kv head's max
-# |out|, quantized by the GEMV as it loads it) instead of quantizing the row itself, at GEMV batch sizes; off
-# until measured. The quantizing tail it removes was 1.28 us of the 7B's 20.2 us a layer in v24's timeline.
-DECODE_DEFERRED = os.environ.get("HOPPERLLM_DECODE_DEFERRED", "0") == "1"
-
-
 def decode_dot_fp16(cfg: dict) -> bool:
     """Whether a decode config runs its products in float16 (with an FP8 cache and a 16-bit q)."""
     return bool(cfg.get("DOT_FP16", False)) if DECODE_DOT_FP16 is None else DECODE_DOT_FP16
@@ -641,14 +622,11 @@ def compile_decode_variants(
     quant_out: bool = False,
     cos_sin_cache: torch.Tensor | None = None,
     use_pdl: bool | None = None,
-    deferred: bool = False,
 ) -> torch.Tensor:
     """Launch flash-decoding once per split count in `splits` on one sequence of one key (block 0, slot 0),
     so that those kernel variants are compiled before serving: with the quantized output or not; with the
     rotary + cache write of the step's token (given `cos_sin_cache`; its slot is -1: nothing is stored);
-    with PDL as a launch of that many rows would have it (`use_pdl`, default: as one row has it); with the
-    per-kv-head maxima instead of the quantized row (`deferred`, as batches up to GEMV_MAX_M launch it when
-    DECODE_DEFERRED is on; default off: the variants start-up compiles are the larger batches').
+    with PDL as a launch of that many rows would have it (`use_pdl`, default: as one row has it).
     Reads the cache, writes only its own output, which it returns (the last launch's output; without
     quant_out each query head gets its KV head's value row of that slot)."""
     device = k_cache.device
@@ -666,7 +644,7 @@ def compile_decode_variants(
     for n in splits:
         res = paged_decode_attention(
             q, k_cache, v_cache, tables, seq_lens, scale, k_scale, v_scale, num_splits=n, out=out,
-            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl, deferred=deferred,
+            quant_out=quant_out, new_kv=new_kv, use_pdl=use_pdl,
         )  # fmt: skip
     return res[0] if quant_out else res
 
@@ -758,7 +736,6 @@ def paged_decode_attention(
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
     use_pdl: bool | None = None,
-    deferred: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -766,10 +743,7 @@ def paged_decode_attention(
     and `max_seqlen_k` (or, without it, the block-table width * block_size), so the call is capturable in
     a CUDA graph either way; pass a fixed `num_splits` to keep the grid identical across replays.
     `quant_out`: return (out_fp8 [B, Hq * D], scale float32 [B, 1]) instead, the output quantized per
-    token as per_token_quant_fp8 would (same bits), in the same launch; or, `deferred` (default: DECODE_DEFERRED
-    and B <= GEMV_MAX_M), a DeferredQuant(out [B, Hq * D], max |out| per kv head [B, Hkv]) that the o_proj
-    GEMV quantizes as it loads it (fp8_gemv_deferred: the same FP8 codes and scales), so that no program of
-    this launch waits for the row's other heads to quantize it.
+    token as per_token_quant_fp8 would (same bits), in the same launch.
     `new_kv`: q is not yet rotated, and the step's k, v are not yet in the cache: the same launch does
     what rotary_kv_write(q, k, v, ...) would before attending (q itself is left unrotated). The new token
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
@@ -792,36 +766,20 @@ def paged_decode_attention(
     elif quant_out and (out.stride(2) != 1 or out.stride(1) != head_dim):
         raise ValueError("quant_out needs an output whose rows are contiguous")
     row_len = num_q_heads * head_dim
-    if deferred is None:
-        from hopperllm.kernels.fp8 import GEMV_MAX_M
-
-        deferred = DECODE_DEFERRED and batch <= GEMV_MAX_M
-    amax_out = quant_out and deferred
-    if amax_out:
-        q8 = out  # unused by the kernel
-        q8_scale = torch.empty((batch, num_kv_heads), dtype=torch.float32, device=q.device)
-    elif quant_out:
+    if quant_out:
         q8 = torch.empty((batch, row_len), dtype=FP8_DTYPE, device=q.device)
         q8_scale = torch.empty((batch, 1), dtype=torch.float32, device=q.device)
     else:
         q8 = q8_scale = out  # unused by the kernel
-
-    def result():
-        if amax_out:
-            from hopperllm.kernels.fp8 import DeferredQuant
-
-            return DeferredQuant(out.as_strided((batch, row_len), (out.stride(0), 1)), q8_scale)
-        return (q8, q8_scale) if quant_out else out
-
     if batch == 0:
-        return result()
+        return (q8, q8_scale) if quant_out else out
 
     if num_splits > 1:
         part_out = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel
-    if num_splits > 1 or (quant_out and not amax_out):
+    if num_splits > 1 or quant_out:
         counters = tile_counters(q.device, batch * num_kv_heads + batch, "decode_attention")
     else:
         counters = out  # unused
@@ -876,8 +834,7 @@ def paged_decode_attention(
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         DOT_FP16=decode_dot_fp16(cfg) and fp8 and q.dtype != torch.float32,
-        QUANT_OUT=quant_out and not amax_out,
-        AMAX_OUT=amax_out,
+        QUANT_OUT=quant_out,
         QUANT_BLOCK=next_power_of_2(row_len),
         ROTARY=new_kv is not None,
         KV_LINES=cdiv(head_dim * k_cache.element_size(), 128) if q.is_cuda else 0,
@@ -886,7 +843,7 @@ def paged_decode_attention(
         TIMESTAMPS=ts is not None,
         **pdl_kwargs(q.device, batch, use_pdl),
     )
-    return result()
+    return (q8, q8_scale) if quant_out else out
 
 
 # --------------------------------------------------------------------------------------------------------

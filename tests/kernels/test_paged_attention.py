@@ -190,40 +190,6 @@ def test_decode_quant_out_equals_separate_quantize(dtype, num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_deferred_quant_out_equals_quant_out(dtype, num_splits, monkeypatch):
-    """deferred quant_out: the launch writes the plain output and each kv head's max |out| (no quantizing
-    tail); the o_proj GEMV quantizing it as it loads it gives what the quantized row gives, bit for bit.
-    By default (DECODE_DEFERRED off) quant_out quantizes the row itself."""
-    from hopperllm.kernels import fp8
-
-    seq_lens_ = DECODE_SEQ_LENS + [0]  # a zero-length (graph padding) row too
-    q, kv, cu, seq_lens, bt = make_paged_case([1] * len(seq_lens_), [max(n, 1) for n in seq_lens_], 8, 2,
-                                              32, 8, dtype, seed=11)  # fmt: skip
-    seq_lens[-1] = 0
-    out = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits)
-    q8, scale = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits,
-                                          quant_out=True)  # fmt: skip
-    dq = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits, quant_out=True,
-                                   deferred=True)  # fmt: skip
-    assert isinstance(dq, fp8.DeferredQuant)
-    B = out.shape[0]
-    assert torch.equal(dq.values, out.reshape(B, -1))
-    per_head = out.float().abs().reshape(B, 2, -1).amax(dim=2)  # 2 kv heads of 4 query heads each
-    assert dq.amax_parts.shape == (B, 2) and torch.equal(dq.amax_parts, per_head)
-    assert not fp8._counters[(q.device, "decode_attention")].any()
-    w = torch.randn(48, out[0].numel(), generator=torch.Generator().manual_seed(3)).to(q.device)
-    w_fp8, w_scale = fp8.ref_per_token_quant_fp8(w)  # per output channel
-    w_scale = w_scale.reshape(-1)
-    assert torch.equal(fp8.fp8_gemv_deferred(dq, w_fp8, w_scale, torch.float32),
-                       fp8.fp8_gemv(q8, scale, w_fp8, w_scale, torch.float32))  # fmt: skip
-    # the module switch decides when `deferred` is not given: at GEMV batch sizes only
-    monkeypatch.setattr(pa, "DECODE_DEFERRED", True)
-    res = pa.paged_decode_attention(q, kv[0], kv[1], bt, seq_lens, 0.2, num_splits=num_splits, quant_out=True)
-    assert isinstance(res, fp8.DeferredQuant) and torch.equal(res.amax_parts, dq.amax_parts)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fp8_kv", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_new_kv_equals_rotary_kv_write_then_decode(dtype, fp8_kv, num_splits, decode_variant):
