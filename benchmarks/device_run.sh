@@ -334,7 +334,7 @@ PY
         flags=()  # a variant starting with "--" is engine flags (commas for spaces), else environment settings
         case $v in -) ;; --*) flags=(${v//,/ }) ;; *) export ${v//,/ } ;; esac
         tput 130 1000 "${flags[@]}" --output-json "$OUT/ab-tput-part-$(printf %02d $i)-${v//[^A-Za-z0-9_=]/_}.json" \
-          | grep "Output token\|GPU 0" | sed "s/^/[$v] /" )  # (a subshell: env would run the tput binary, not the function)
+          | grep "Output token\|GPU 0\|GPU energy" | sed "s/^/[$v] /" )  # (a subshell: env would run the tput binary, not the function)
       done
       python3 - "$OUT" "${TAG:-ab}" <<'PY'
 import glob, json, os, sys

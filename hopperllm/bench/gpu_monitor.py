@@ -7,7 +7,8 @@ thread (NVML through ctypes: libnvidia-ml ships with the driver, no Python packa
 
     {"interval_s", "gpus": [{"name", "pci_bus_id", "samples", "sm_clock_mhz": {"mean", "min", "max"},
       "max_sm_clock_mhz", "mem_clock_mhz": {...}, "power_w": {"mean", "max"}, "power_limit_w",
-      "temperature_c": {"max"}, "throttle_share": {reason: share of samples}}]}
+      "temperature_c": {"max"}, "throttle_share": {reason: share of samples},
+      "energy_j": joules from start() to stop() by NVML's energy counter (None where the GPU has none)}]}
 
 Without a GPU or without libnvidia-ml the monitor does nothing and `summary()` is None.
 """
@@ -216,6 +217,8 @@ class GpuMonitor:
 
     def start(self) -> GpuMonitor:
         if self.active and self._thread is None:
+            for gpu in self._gpus:
+                gpu["energy_mj"] = [self._read("energy_mj", gpu["handle"])]
             self.sample()
             self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
             self._thread.start()
@@ -227,6 +230,8 @@ class GpuMonitor:
             self._thread.join()
             self._thread = None
             self.sample()
+            for gpu in self._gpus:
+                gpu["energy_mj"].append(self._read("energy_mj", gpu["handle"]))
 
     def __enter__(self) -> GpuMonitor:
         return self.start()
@@ -270,7 +275,22 @@ def _summarize(gpu: dict[str, Any]) -> dict[str, Any]:
         "power_limit_w": gpu["power_limit_w"],
         "temperature_c": _stats(col("temp"), ("max",)),
         "throttle_share": share,
+        "energy_j": _energy_j(gpu.get("energy_mj")),
     }
+
+
+def _energy_j(readings: list[int | None] | None) -> float | None:
+    """Joules between the first and last counter readings, None if either is missing."""
+    if not readings or len(readings) < 2 or readings[0] is None or readings[-1] is None:
+        return None
+    return round((readings[-1] - readings[0]) / 1000, 1)
+
+
+def total_energy_j(summary: dict[str, Any] | None) -> float | None:
+    """The energy of every monitored GPU together, None unless each has its figure."""
+    if not summary or not summary["gpus"] or any(g.get("energy_j") is None for g in summary["gpus"]):
+        return None
+    return round(sum(g["energy_j"] for g in summary["gpus"]), 1)
 
 
 def describe(summary: dict[str, Any] | None) -> str | None:

@@ -15,8 +15,11 @@ batch (greedy, `ignore_eos`). One short request runs first to warm up (compile a
                                      output_tokens_per_second, tokens_per_second}
     speedup_vs_hf                   our total tokens/s / HF's (above 1: we are faster)
     gpu_monitor                     the GPUs' SM / memory clocks, power, temperature and throttle reasons
-                                    over the timed part, sampled every 0.5 s (bench/gpu_monitor.py); None
-                                    without NVML
+                                    over the timed part, sampled every 0.5 s, and the energy they used
+                                    (bench/gpu_monitor.py); None without NVML
+    energy_j, output_tokens_per_joule   the GPUs' energy over the timed part (NVML's counter) and the output
+                                    tokens it bought; None without the counter. A throughput run can sit at
+                                    the GPU's power limit (perf-notes v29), where tokens a joule is the bound
 """
 
 from __future__ import annotations
@@ -140,6 +143,9 @@ def main(args: argparse.Namespace) -> int:
         # the GPUs' clocks, power and throttle reasons over the timed run (None without NVML)
         "gpu_monitor": monitor.summary(),
     }
+    energy = gpu_monitor.total_energy_j(results["gpu_monitor"])
+    results["energy_j"] = energy
+    results["output_tokens_per_joule"] = n_out / energy if energy else None
     del engine
     common.free_memory()
     if args.baseline == "hf":
@@ -192,6 +198,10 @@ def _print_summary(r: dict, fields: dict) -> None:
     ]
     if clocks := gpu_monitor.describe(r["gpu_monitor"]):
         rows.append(("GPU 0 clock, power, throttling", clocks))
+    if r.get("energy_j"):
+        rows.append(
+            ("GPU energy (J), output tokens / J", f"{r['energy_j']:.0f}, {r['output_tokens_per_joule']:.2f}")
+        )
     if "baseline" in r:
         b = r["baseline"]
         rows.append(("-- HF transformers baseline (static cache) --", None))

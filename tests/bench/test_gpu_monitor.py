@@ -55,6 +55,12 @@ class FakeNvml:
     def throttle_reasons(self, h):
         return next(self.reasons)
 
+    def energy_mj(self, h):
+        if h == 1:
+            raise NvmlError("not supported")
+        self.energy = getattr(self, "energy", 10_000_000) + 250_500  # 250.5 J a reading
+        return self.energy
+
 
 def test_summary_of_samples():
     mon = GpuMonitor(nvml=FakeNvml(), bus_ids=["00000000:18:00.0", "00000000:2A:00.0"])
@@ -74,6 +80,7 @@ def test_summary_of_samples():
     assert g0["throttle_share"] == {"sw_power_cap": pytest.approx(2 / 3, abs=1e-3)}
     assert g1["power_w"] == {"mean": None, "max": None}  # refused: None, the rest still read
     assert g1["temperature_c"] == {"max": 42.0}
+    assert g0["energy_j"] is None  # sampled without start() / stop(): no energy interval
     line = gpu_monitor.describe(s)
     assert line == "1745/1980 MHz, 650/700 W, sw_power_cap 67%"
 
@@ -86,6 +93,19 @@ def test_thread_samples_until_stopped():
     assert n >= 3  # one at start, some from the thread, one at stop
     time.sleep(0.05)
     assert mon.summary()["gpus"][0]["samples"] == n  # stopped
+    # the energy counter read at start and at stop: two readings 250.5 J apart
+    assert mon.summary()["gpus"][0]["energy_j"] == 250.5
+    assert gpu_monitor.total_energy_j(mon.summary()) == 250.5
+
+
+def test_energy_of_several_gpus():
+    mon = GpuMonitor(interval_s=10, nvml=FakeNvml(), bus_ids=["00000000:18:00.0", "00000000:2A:00.0"])
+    with mon:
+        pass
+    g0, g1 = mon.summary()["gpus"]
+    assert g0["energy_j"] == 250.5 and g1["energy_j"] is None  # GPU 1 has no counter
+    assert gpu_monitor.total_energy_j(mon.summary()) is None  # a total only when every GPU has its figure
+    assert gpu_monitor.total_energy_j(None) is None
 
 
 def test_bus_id_falls_back_to_the_index():
