@@ -20,6 +20,7 @@ from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a s
 
 from hopperllm.bench import common
 from hopperllm.bench.gpu_monitor import GpuMonitor, Nvml
+from hopperllm.kernels import fp8
 from hopperllm.kernels import paged_attention as pa
 
 # Llama-3-8B, one layer: (N, K) of the FP8 projections; heads
@@ -33,16 +34,24 @@ def fp8_operand(rows: int, cols: int, std: float) -> torch.Tensor:
     return (torch.randn(rows, cols, device="cuda") * std).clamp_(-448, 448).to(torch.float8_e4m3fn)
 
 
-def gemm_layer(m: int, std: float):
+def gemm_layer(m: int, std: float, fast_accum: bool):
+    """The layer's four FP8 GEMMs as the model runs them (fp8.scaled_mm: row-wise scales; fast accumulation
+    for K <= FAST_ACCUM_MAX_K, as the 8B's all are) or with float32 promotion (`fast_accum` False: torch's
+    default, which v29's first measurement used)."""
     ops = []
     for n, k in GEMMS.values():
         x, w = fp8_operand(m, k, std), fp8_operand(n, k, std)
-        sx, sw = torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+        sx, sw = torch.rand(m, 1, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
         ops.append((x, w, sx, sw))
 
     def run():
-        for x, w, sx, sw in ops:
-            torch._scaled_mm(x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+        saved = fp8.FP8_FAST_ACCUM
+        fp8.FP8_FAST_ACCUM = fast_accum
+        try:
+            for x, w, sx, sw in ops:
+                fp8.scaled_mm(x, sx, w, sw, torch.bfloat16)
+        finally:
+            fp8.FP8_FAST_ACCUM = saved
 
     flops = sum(2 * m * n * k for n, k in GEMMS.values())
     return run, {"tflop": flops / 1e12}
@@ -152,7 +161,20 @@ def main() -> None:
     p.add_argument("--decodes", type=int, default=512, help="decode attention: sequences (steady state ~500)")
     p.add_argument("--context", type=int, default=2112, help="decode attention: keys a sequence")
     p.add_argument("--prefill", default="4x2048", help="prefill attention: PROMPTSxTOKENS")
-    p.add_argument("--std", type=float, nargs="*", default=[112.0, 1.0], help="FP8 GEMM operands' spread")
+    p.add_argument(
+        "--std",
+        type=float,
+        nargs="*",
+        default=[112.0],
+        help="FP8 GEMM operands' spread (v29: 1 and 112 alike)",
+    )
+    p.add_argument(
+        "--accum",
+        nargs="*",
+        default=["fast", "plain"],
+        choices=["fast", "plain"],
+        help="FP8 GEMM accumulation: fast (the model's) and / or with float32 promotion",
+    )
     p.add_argument(
         "--ops",
         nargs="*",
@@ -169,7 +191,8 @@ def main() -> None:
     pb, pt = (int(x) for x in a.prefill.split("x"))
     ops = []
     if "gemm" in a.ops:
-        ops += [(f"gemm-8b-layer m{a.m} std{s:g}", *gemm_layer(a.m, s)) for s in a.std]
+        ops += [(f"gemm-8b-layer m{a.m} std{s:g} {acc}-accum", *gemm_layer(a.m, s, acc == "fast"))
+                for s in a.std for acc in a.accum]  # fmt: skip
     if "decode" in a.ops:
         ops.append((f"decode-attn-8b b{a.decodes}x{a.context}", *decode_attention(a.decodes, a.context)))
     if "prefill" in a.ops:
