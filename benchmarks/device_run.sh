@@ -296,6 +296,10 @@ for step in $steps; do
       timeout 150 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" --splits 16 32 --block-n 32 64 \
         --num-stages 3 4 5 6 --quant-out --output-json "$OUT/tune-attn-7b-b1-stages-v29.json" 2>&1 | grep "best" | cut -c1-300
       MODEL=dummy:llama-2-7b AB="- HOPPERLLM_DECODE_NUM_STAGES=5 - HOPPERLLM_DECODE_NUM_STAGES=5" OUT="$OUT" bash "$0" ab ;;
+    v30-power-accum)  # v29's GEMM joules were measured without the model's fast accumulation: the layer's GEMMs both
+      # ways (fp8.scaled_mm as the model calls it), then the decode attention again for the energy budget
+      timeout 150 python3 benchmarks/power_floor.py --seconds 6 --ops gemm decode prefill --accum fast plain \
+        --output-json "$OUT/power-floor-8b-accum-v30.json" 2>&1 | tail -5 ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
