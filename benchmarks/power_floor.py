@@ -1,6 +1,6 @@
 """The throughput run's main operations at a steady-state mixed step's shapes, each run back to back for some
 seconds: the rate right after a warm-up (the clock at its maximum) against the rate once the GPU sits at its
-power limit, with the SM clock, the power and the energy a call (NVML's energy counter).
+power limit, with the SM clock, the power and the energy a call (NVML's energy counter, read by GpuMonitor's start / stop).
 
 Why: the Llama-3-8B 1000 x 2048/128 run holds its GPU at the 700 W limit (perf-notes v29: SM clock ~1,560 MHz of
 1,980, `sw_power_cap` 92% of the samples). A floor taken from a short burst of FP8 GEMMs assumes 1,980 MHz; under
@@ -19,7 +19,7 @@ import torch
 from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm.bench import common
-from hopperllm.bench.gpu_monitor import GpuMonitor, Nvml
+from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.kernels import fp8
 from hopperllm.kernels import paged_attention as pa
 
@@ -106,7 +106,7 @@ def timed_calls(fn, calls: int) -> float:
     return s.elapsed_time(e) / 1e3 / calls
 
 
-def measure(name: str, fn, work: dict, seconds: float, nvml: Nvml | None, handle) -> dict:
+def measure(name: str, fn, work: dict, seconds: float) -> dict:
     for _ in range(3):  # compile, allocate
         fn()
     torch.cuda.synchronize()
@@ -116,24 +116,24 @@ def measure(name: str, fn, work: dict, seconds: float, nvml: Nvml | None, handle
     # back to back: chunks of ~50 ms, the last half of the run counted as the sustained state
     chunk = max(1, int(0.05 / burst))
     t_end = time.perf_counter() + seconds
-    times, energy0, calls, t_half = [], None, 0, time.perf_counter() + seconds / 2
+    t_half = time.perf_counter() + seconds / 2
+    times, calls, counting = [], 0, False
     mon = GpuMonitor(interval_s=0.1)
-    while time.perf_counter() < t_end:
-        if energy0 is None and time.perf_counter() >= t_half:
+    while not counting or time.perf_counter() < t_end:  # at least one chunk in the counted half
+        if not counting and time.perf_counter() >= t_half:
             torch.cuda.synchronize()
-            mon.start()
-            energy0 = nvml.energy_mj(handle) if nvml else None
-            t0 = time.perf_counter()
+            mon.start()  # the energy counter is read here and at stop()
+            t0, counting = time.perf_counter(), True
         per_call = timed_calls(fn, chunk)
-        if energy0 is not None:
+        if counting:
             times.append(per_call)
             calls += chunk
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    energy = (nvml.energy_mj(handle) - energy0) / 1e3 if nvml else None
     mon.stop()
     summary = mon.summary()
     gpu = summary["gpus"][0] if summary else {}
+    energy = gpu.get("energy_j")
     sustained = sorted(times)[len(times) // 2]
     row = {
         "op": name,
@@ -183,11 +183,6 @@ def main() -> None:
     )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
-    try:
-        nvml = Nvml()
-        handle = nvml.handle_by_index(torch.cuda.current_device())
-    except Exception:  # noqa: BLE001 (no NVML: rates only)
-        nvml, handle = None, None
     pb, pt = (int(x) for x in a.prefill.split("x"))
     ops = []
     if "gemm" in a.ops:
@@ -201,7 +196,7 @@ def main() -> None:
         ops.append(("copy", *copy(a.decodes * a.context * HKV * D * 2 / 1e9)))
     rows = []
     for name, fn, work in ops:
-        row = measure(name, fn, work, a.seconds, nvml, handle)
+        row = measure(name, fn, work, a.seconds)
         rows.append(row)
         rate = " ".join(f"{k} {row[k]:.0f}" for k in ("burst_tflops", "sustained_tflops") if k in row)
         rate += " ".join(f"{k} {row[k]:.2f}" for k in ("burst_tbps", "sustained_tbps") if k in row)
