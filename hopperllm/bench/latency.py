@@ -22,8 +22,10 @@ prompts are new, so no iteration reuses another's KV cache.
     baseline (with --baseline hf)   {name, hf_dtype, avg_latency, latencies, e2e_ms, ttft_ms, tpot_ms}
     speedup_vs_hf                   HF mean e2e / ours (above 1: we are faster)
     gpu_monitor                     the GPUs' SM / memory clocks, power, temperature and throttle reasons
-                                    over the timed part, sampled every 0.5 s (bench/gpu_monitor.py); None
-                                    without NVML
+                                    over the timed part, sampled every 0.5 s, and the energy they used
+                                    (bench/gpu_monitor.py); None without NVML
+    energy_j, joules_per_request    the GPUs' energy over the timed iterations (NVML's counter) and its
+                                    share a request (batch_size * n sequences an iteration); None without it
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ def main(args: argparse.Namespace) -> int:
     results = summarize_iterations(iters)
     results["output_tokens_per_s"] = args.batch_size * args.n * args.output_len / results["avg_latency"]
     results["gpu_monitor"] = monitor.summary()
+    energy = gpu_monitor.total_energy_j(results["gpu_monitor"])
+    results["energy_j"] = energy
+    results["joules_per_request"] = energy / (args.num_iters * args.batch_size * args.n) if energy else None
     del engine
     common.free_memory()
     if args.baseline == "hf":
@@ -181,6 +186,8 @@ def _print_summary(args, r: dict, fields: dict) -> None:
     ]
     if clocks := gpu_monitor.describe(r["gpu_monitor"]):
         rows.append(("GPU 0 clock, power, throttling", clocks))
+    if r.get("energy_j"):
+        rows.append(("GPU energy (J), J a request", f"{r['energy_j']:.0f}, {r['joules_per_request']:.1f}"))
     for key, title in (
         ("e2e_ms", "End-to-end latency"),
         ("ttft_ms", "Time to First Token"),
