@@ -298,8 +298,16 @@ for step in $steps; do
       MODEL=dummy:llama-2-7b AB="- HOPPERLLM_DECODE_NUM_STAGES=5 - HOPPERLLM_DECODE_NUM_STAGES=5" OUT="$OUT" bash "$0" ab ;;
     v30-power-accum)  # v29's GEMM joules were measured without the model's fast accumulation: the layer's GEMMs both
       # ways (fp8.scaled_mm as the model calls it), then the decode attention again for the energy budget
-      timeout 150 python3 benchmarks/power_floor.py --seconds 6 --ops gemm decode prefill --accum fast plain \
-        --output-json "$OUT/power-floor-8b-accum-v30.json" 2>&1 | tail -5 ;;
+      timeout 150 python3 benchmarks/power_floor.py --seconds 6 --ops gemm decode prefill mixed --accum fast plain \
+        --output-json "$OUT/power-floor-8b-accum-v30.json" 2>&1 | tail -6 ;;
+    v30-mixed-harness)  # power_floor.py's mixed op (a steady-state mixed step's layer: GEMMs, decode and prefill
+      # attention back to back at the power limit) as an A/B harness, checked against a known throughput effect:
+      # bfloat16 decode products (HOPPERLLM_DECODE_DOT_FP16=0) cost v25's throughput 4.4%; prediction: the mixed
+      # layer 3-5% longer with them, alternating
+      for v in - HOPPERLLM_DECODE_DOT_FP16=0 - HOPPERLLM_DECODE_DOT_FP16=0; do
+        env $( [ "$v" = "-" ] || echo "$v" ) timeout 60 python3 benchmarks/power_floor.py --seconds 8 --ops mixed \
+          --output-json "$OUT/power-mixed-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 | tail -1 | sed "s/^/[$v] /"
+      done ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3

@@ -179,7 +179,10 @@ def main() -> None:
         "--ops",
         nargs="*",
         default=["gemm", "decode", "prefill"],
-        choices=["gemm", "decode", "prefill", "copy"],
+        choices=["gemm", "decode", "prefill", "copy", "mixed"],
+        help="mixed: one layer of a steady-state mixed step, the GEMMs (fast accumulation) and both attentions "
+        "back to back: its sustained time a layer is the power-bound step's, a harness for kernel A/B runs "
+        "under the power limit (environment switches apply as in the model)",
     )
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
@@ -192,6 +195,18 @@ def main() -> None:
         ops.append((f"decode-attn-8b b{a.decodes}x{a.context}", *decode_attention(a.decodes, a.context)))
     if "prefill" in a.ops:
         ops.append((f"prefill-attn-8b {a.prefill}", *prefill_attention(pb, pt)))
+    if "mixed" in a.ops:
+        parts = [
+            gemm_layer(a.m, a.std[0], True),
+            decode_attention(a.decodes, a.context),
+            prefill_attention(pb, pt),
+        ]
+
+        def mixed(parts=parts):
+            for fn, _ in parts:
+                fn()
+
+        ops.append((f"mixed-step-layer m{a.m} b{a.decodes}x{a.context} {a.prefill}", mixed, {}))
     if "copy" in a.ops:  # as many bytes read as the decode attention reads (half of them written back)
         ops.append(("copy", *copy(a.decodes * a.context * HKV * D * 2 / 1e9)))
     rows = []
