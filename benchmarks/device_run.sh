@@ -313,6 +313,31 @@ for step in $steps; do
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
       HOPPERLLM_DECODE_DOT_FP16=0 timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode \
         --output-json "$OUT/power-floor-attn-bf16-v29.json" 2>&1 | tail -2 ;;
+    serve)  # (carry .whl: fastapi, starlette, uvicorn, pydantic and their needs for Python 3.12, README's way) the
+      # OpenAI-compatible server under load: Llama-3-8B FP8 + FP8 KV, random 1024/128 prompts streamed at each rate
+      # in RATES (req/s; inf sends all at once), vLLM's benchmark_serving metrics; the server's log beside
+      model=${SERVE_MODEL:-dummy:llama-3-8b}
+      python3 -m hopperllm.entrypoints.cli serve --model "$model" ${SERVE_FLAGS---quantization fp8 --kv-cache-dtype fp8} \
+        --port 8011 > "$OUT/serve-server.log" 2>&1 &
+      spid=$!
+      python3 - <<'PY' || { echo "server did not come up"; tail -20 "$OUT/serve-server.log"; }
+import time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8011/health", timeout=2)
+        break
+    except Exception:
+        time.sleep(1)
+else:
+    raise SystemExit(1)
+PY
+      for rate in ${RATES:-4 8 16 inf}; do
+        timeout 200 python3 -m hopperllm.entrypoints.cli bench serve --port 8011 --num-prompts ${PROMPTS:-300} \
+          --request-rate $rate --random-input-len 1024 --random-output-len 128 --goodput ttft:500 tpot:50 \
+          --disable-tqdm --output-json "$OUT/serve-${model##*:}-rate$rate.json" 2>&1 \
+          | grep -i "throughput\|mean ttft\|p99 ttft\|mean tpot\|p99 tpot\|goodput\|failed" | sed "s/^/[rate $rate] /"
+      done
+      kill -INT $spid; wait $spid ;;
     v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)
