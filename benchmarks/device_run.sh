@@ -338,6 +338,25 @@ PY
           | grep -i "throughput\|mean ttft\|p99 ttft\|mean tpot\|p99 tpot\|goodput\|failed" | sed "s/^/[rate $rate] /"
       done
       kill -INT $spid; wait $spid ;;
+    ncu-attn)  # Nsight Compute on the attention kernels (the machines run Firecracker, where ncu reads the counters;
+      # --clock-control none leaves the clocks alone): warp stall reasons, issue-slot use, occupancy and memory
+      # throughput of the decode kernel at the 7B's and 8B's batch 1, the 8B's 512-decode mixed step and the 70B
+      # TP=2 shard, and of the 8B's prefill; CSV a kernel. What timing left open (perf-notes v29): whether the
+      # 7B's batch-1 key loop waits on memory or on issue, and what holds prefill at ~370 TFLOP/s
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      for t in "--decode|llama2-7b b1" "--decode|llama3-8b b1" "--decode|llama3-8b b512" "--decode|llama2-70b tp2 b1" \
+               "--prefill|llama3-8b 4x2048"; do
+        IFS='|' read -r kind sh <<< "$t"
+        name=ncu-${kind#--}-${sh// /-}
+        kname=$( [ "$kind" = "--decode" ] && echo _decode_split_kernel || echo _prefill_kernel )
+        timeout 120 "$ncu" --clock-control none --kernel-name "regex:$kname" --launch-skip 5 --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          --csv --page details python3 benchmarks/ncu_target.py $kind "$sh" > "$OUT/$name.csv" 2> "$OUT/$name.err"
+        echo "$name: $(wc -l < "$OUT/$name.csv") lines; $(grep -i 'stall\|error' "$OUT/$name.err" | head -2)"
+        grep -i '"Duration"\|Issue Slots Busy\|Achieved Occupancy\|Memory Throughput\|No Eligible' "$OUT/$name.csv" \
+          | awk -F'","' '{print "   ", $(NF-2), $(NF-1), $NF}' | head -8
+      done ;;
     v29-budget)  # the scheduler's token budget: 16384 (vLLM's offline default on >= 70 GiB GPUs) against our 8192;
       # v2x's single runs had 16384 + 512 sequences +1.4%, and the 8B's GEMMs run 1,408 TFLOP/s at M = 16384 against
       # 1,203 at 8192 (bench_scaled_mm_m); the runs' JSON also carry the GPU's clock and throttle reasons (v28)
