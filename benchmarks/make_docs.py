@@ -85,6 +85,11 @@ def _throughput(rec: dict) -> list[str]:
         _f(r.get("output_tokens_per_second"), ".0f"),
         _f(r.get("tokens_per_second"), ".0f"),
         _f(r.get("speedup_vs_hf")),
+        _f(
+            ((((r.get("gpu_monitor") or {}).get("gpus") or [{}])[0]).get("sm_clock_mhz") or {}).get("mean"),
+            ".0f",
+        ),
+        _f(r.get("output_tokens_per_joule")),
     ]
 
 
@@ -150,7 +155,10 @@ ROWS = {
         ],
         _latency,
     ),
-    "throughput": (["requests", "in/out tokens", "req/s", "out tok/s", "total tok/s", "vs HF"], _throughput),
+    "throughput": (
+        ["requests", "in/out tokens", "req/s", "out tok/s", "total tok/s", "vs HF", "SM MHz", "out tok/J"],
+        _throughput,
+    ),
     "budget": (["in/out", "budget s", "batch-1 q/s (p99)", "max q/s within budget (p99)", "at"], _budget),
     "serve": (
         [
