@@ -352,8 +352,9 @@ PY
         timeout 120 "$ncu" --clock-control none --kernel-name "regex:$kname" --launch-skip 5 --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
           --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-          --csv --page details python3 benchmarks/ncu_target.py $kind "$sh" > "$OUT/$name.csv" 2> "$OUT/$name.err"
-        echo "$name: $(wc -l < "$OUT/$name.csv") lines; $(grep -i 'stall\|error' "$OUT/$name.err" | head -2)"
+          --csv --page details python3 benchmarks/ncu_target.py $kind "$sh" > "$OUT/$name.csv" 2> /tmp/ncu.err
+        { echo "== $name"; cat /tmp/ncu.err; } >> "$OUT/ncu-stderr.log"  # one log: a call brings back 8 files
+        echo "$name: $(wc -l < "$OUT/$name.csv") lines; $(grep -i 'error' /tmp/ncu.err | head -2)"
         grep -i '"Duration"\|Issue Slots Busy\|Achieved Occupancy\|Memory Throughput\|No Eligible' "$OUT/$name.csv" \
           | awk -F'","' '{print "   ", $(NF-2), $(NF-1), $NF}' | head -8
       done ;;
