@@ -1,11 +1,12 @@
 """Shared by the profiling and A/B scripts here: an engine for decode profiling with running decodes,
-and a paged prefill-attention problem."""
+and paged decode- and prefill-attention problems."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import torch
+from bench_kernels import num_sets  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm import LLM, SamplingParams
 
@@ -67,4 +68,26 @@ def prefill_problem(B: int, ctx: int, hq: int, hkv: int, d: int, block_size: int
         q=torch.randn(B * ctx, hq, d, device=dev, dtype=torch.bfloat16),
         one=torch.ones(1, device=dev),
         flops=4 * B * (ctx * (ctx + 1) / 2) * hq * d,
+    )
+
+
+def decode_problem(B: int, ctx: int, hq: int, hkv: int, d: int, cache_blocks: int = 0, l2_bytes: int = 0,
+                   block_size: int = 16):  # fmt: skip
+    """B sequences of ctx keys on paged FP8 caches (the tables scattered over a cache of at least
+    `cache_blocks` blocks), one bf16 query each, unit scales, and the K / V bytes a call reads. With `l2_bytes`,
+    enough caches of the same layout (`caches`) that calls taking them in turn read no L2-resident data."""
+    per_seq = -(-ctx // block_size)
+    nb = max(B * per_seq + 8, cache_blocks)
+    n = num_sets(2 * nb * block_size * hkv * d, l2_bytes) if l2_bytes else 1
+    dev = "cuda"
+    caches = [torch.randn(2, nb, block_size, hkv, d, device=dev).to(torch.float8_e4m3fn) for _ in range(n)]
+    return SimpleNamespace(
+        caches=caches,
+        cache=caches[0],
+        tables=torch.randperm(nb - 8, device=dev, dtype=torch.int32)[: B * per_seq].view(B, -1),
+        seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=dev),
+        q=torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16),
+        one=torch.ones(1, device=dev),
+        blocks=nb,
+        kv_bytes=B * ctx * hkv * d * 2,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
+from _setup import decode_problem, prefill_problem  # benchmarks/ is on sys.path when run as a script
 from tune_attention import PREFILL_SHAPES
 
 from hopperllm.kernels import paged_attention as pa
@@ -33,19 +33,13 @@ def main() -> None:
     a = p.parse_args()
     if a.decode:
         B, hq, hkv, d, ctx = DECODE_SHAPES[a.decode]
-        per_seq = -(-ctx // 16)
-        nb = B * per_seq + 8
-        cache = torch.randn(2, nb, 16, hkv, d, device="cuda").to(torch.float8_e4m3fn)
-        tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: B * per_seq].view(B, -1)
-        seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
-        one = torch.ones(1, device="cuda")
-        splits = pa.choose_num_splits(B, hkv, ctx, q.device)
+        dp = decode_problem(B, ctx, hq, hkv, d)
+        splits = pa.choose_num_splits(B, hkv, ctx, dp.q.device)
         print(f"decode {a.decode}: {splits} slices, config {pa.decode_config(splits)}")
 
         def run():
-            pa.paged_decode_attention(q, cache[0], cache[1], tables, seq_lens, 0.088, one, one, num_splits=splits,
-                                      quant_out=True)  # fmt: skip
+            pa.paged_decode_attention(dp.q, dp.cache[0], dp.cache[1], dp.tables, dp.seq_lens, 0.088, dp.one, dp.one,
+                                      num_splits=splits, quant_out=True)  # fmt: skip
     else:
         B, ctx, hq, hkv, d = PREFILL_SHAPES[a.prefill]
         pb = prefill_problem(B, ctx, hq, hkv, d)

@@ -16,7 +16,7 @@ import json
 import time
 
 import torch
-from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
+from _setup import decode_problem, prefill_problem  # benchmarks/ is on sys.path when run as a script
 
 from hopperllm.bench import common
 from hopperllm.bench.gpu_monitor import GpuMonitor
@@ -58,20 +58,14 @@ def gemm_layer(m: int, std: float, fast_accum: bool):
 
 
 def decode_attention(batch: int, ctx: int):
-    bs = 16
-    per_seq = -(-ctx // bs)
-    nb = batch * per_seq + 8
-    cache = torch.randn(2, nb, bs, HKV, D, device="cuda").to(torch.float8_e4m3fn)
-    tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: batch * per_seq].view(batch, -1)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-    one = torch.ones(1, device="cuda")
-    splits = pa.choose_num_splits(batch, HKV, ctx, q.device)
+    dp = decode_problem(batch, ctx, HQ, HKV, D)
+    splits = pa.choose_num_splits(batch, HKV, ctx, dp.q.device)
 
     def run():
-        pa.paged_decode_attention(q, cache[0], cache[1], tables, seq_lens, 0.088, one, one, num_splits=splits)
+        pa.paged_decode_attention(dp.q, dp.cache[0], dp.cache[1], dp.tables, dp.seq_lens, 0.088, dp.one, dp.one,
+                                  num_splits=splits)  # fmt: skip
 
-    return run, {"gb": batch * ctx * HKV * D * 2 / 1e9}
+    return run, {"gb": dp.kv_bytes / 1e9}
 
 
 def prefill_attention(batch: int, ctx: int):

@@ -12,8 +12,8 @@ import json
 
 import torch
 import triton
-from _setup import prefill_problem  # benchmarks/ is on sys.path when run as a script
-from bench_kernels import median_ms, num_sets
+from _setup import decode_problem, prefill_problem  # benchmarks/ is on sys.path when run as a script
+from bench_kernels import median_ms
 
 from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.kernels import paged_attention as pa
@@ -89,23 +89,16 @@ def main():
         # batches 5-8 of the TP=2 budget run replay the graph captured for 8 sequences
         ("llama2-70b tp2 b8", 8, 32, 4, 128, 2176),
     ]
-    bs = 16
     default_configs = [dict(c) for c in pa.DECODE_CONFIGS]
     shapes = [s for s in shapes if a.shapes is None or s[0] in a.shapes]
     if a.contexts:  # the same heads and batch at other context lengths (time against keys per program)
         shapes = [(f"{n} ctx{c}", B, hq, hkv, d, c) for n, B, hq, hkv, d, _ in shapes for c in a.contexts]
     for name, B, hq, hkv, d, ctx in shapes if a.decode else []:
-        nblk_per_seq = -(-ctx // bs)
-        nb = max(B * nblk_per_seq + 8, a.cache_blocks)
         # enough caches that repeated calls do not read L2-resident data (a layer's cache is cold in a step)
-        sets = num_sets(2 * nb * bs * hkv * d, torch.cuda.get_device_properties(0).L2_cache_size)
-        caches = [torch.randn(2, nb, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn) for _ in range(sets)]
-        tables = torch.randperm(nb - 8, device="cuda", dtype=torch.int32)[: B * nblk_per_seq].view(B, -1)
-        seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
-        one = torch.ones(1, device="cuda")
-        kv_bytes = B * ctx * hkv * d * 2
-        floor_us = kv_bytes / bw * 1e6
+        dp = decode_problem(
+            B, ctx, hq, hkv, d, a.cache_blocks, torch.cuda.get_device_properties(0).L2_cache_size
+        )
+        floor_us = dp.kv_bytes / bw * 1e6
         best = None
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
         variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
@@ -120,15 +113,24 @@ def main():
                             "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False)})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
-            def run(c, q=q, tables=tables, seq_lens=seq_lens, one=one, splits=splits):
+            def run(c, dp=dp, splits=splits):
                 pa.paged_decode_attention(
-                    q, c[0], c[1], tables, seq_lens, 0.088, one, one, num_splits=splits, quant_out=a.quant_out
+                    dp.q,
+                    c[0],
+                    c[1],
+                    dp.tables,
+                    dp.seq_lens,
+                    0.088,
+                    dp.one,
+                    dp.one,
+                    num_splits=splits,
+                    quant_out=a.quant_out,
                 )
 
             try:
                 # in a CUDA graph, as decode runs (a batch-1 launch is ~10 us, far below the host's launch
                 # time, which plain do_bench would measure instead)
-                us = median_ms(run, [(c,) for c in caches], rep_ms=50) * 1e3
+                us = median_ms(run, [(c,) for c in dp.caches], rep_ms=50) * 1e3
             except Exception as e:  # noqa: BLE001 (a config the compiler rejects)
                 print("skip", splits, bn, nw, ns, type(e).__name__)
                 continue
@@ -145,7 +147,7 @@ def main():
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,
-                "cache_blocks": nb,
+                "cache_blocks": dp.blocks,
             }
             rows.append(row)
             if best is None or us < best["us"]:

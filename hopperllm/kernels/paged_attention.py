@@ -1117,7 +1117,7 @@ def paged_prefill_attention(
         HEAVY_FIRST=heavy_first,
         FP8_QK=fp8_qk,
         ACT_FP16=q.dtype == torch.float16 or PREFILL_PV_FP16,
-        FP8_PV=fp8_qk and prefill_fp8_pv(q.dtype, fp8),
+        FP8_PV=prefill_fp8_pv(q.dtype, fp8),  # (implies fp8_qk)
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(q.device, num_tokens),
