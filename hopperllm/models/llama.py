@@ -74,6 +74,13 @@ class LlamaMLP(nn.Module):
         )
 
 
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x's rows at idx (FP8 through its bytes: index_select need not support float8 on every device)."""
+    if x.element_size() == 1 and x.is_floating_point():
+        return x.view(torch.uint8).index_select(0, idx).view(x.dtype)
+    return x.index_select(0, idx)
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self,
@@ -96,12 +103,23 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
+    def forward(
+        self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True, keep_rows=None
+    ) -> torch.Tensor | None:
+        """`keep_rows` (int64 indices): o_proj runs on those rows of the attention output only (the
+        model's last layer, where only the sampled rows go on); None when it keeps no row."""
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # decode attention can hand an FP8 o_proj its per-token quantized input from the same kernel
         quant = self.o_proj.takes_fp8_input and self.o_proj.input_scale is None and qkv.is_cuda
-        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant), reduce=reduce)
+        out = self.attn(positions, q, k, v, kv_cache, meta, quant_out=quant)
+        if keep_rows is not None:
+            if keep_rows.numel() == 0:
+                return None
+            out = (
+                tuple(map(_rows, out, (keep_rows,) * 2)) if isinstance(out, tuple) else _rows(out, keep_rows)
+            )
+        return self.o_proj(out, reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -112,10 +130,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype, quantization, tp)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta, fused_ar=None):
+    def forward(self, positions, hidden, residual, kv_cache, meta, fused_ar=None, keep_rows=None):
         """`fused_ar` (a `FusedAllReduceNorm`, tensor-parallel decode): the row-parallel projections return
         partial sums and each norm all-reduces them in its own kernel; so does the caller's next norm with
-        the MLP's output this returns. The first layer's input (the embedding) is already whole."""
+        the MLP's output this returns. The first layer's input (the embedding) is already whole.
+        `keep_rows`: every row's k / v go into the cache, but from the attention output on only these rows
+        go on (o_proj, the norm, the MLP) and are returned, with their residual rows; no row -> (None, None)."""
         # On CUDA the norms emit FP8 (+ scale) straight for FP8 GEMMs; on CPU they return activations.
         q1, s1 = _fuse_quant(self.self_attn.qkv_proj)
         q2, s2 = _fuse_quant(self.mlp.gate_up_proj)
@@ -126,7 +146,13 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(
                 hidden, residual, quant_fp8=q1, static_scale=s1, all_reduce=fused_ar
             )
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, reduce=fused_ar is None)
+        hidden = self.self_attn(
+            positions, hidden, kv_cache, meta, reduce=fused_ar is None, keep_rows=keep_rows
+        )
+        if keep_rows is not None:
+            if hidden is None:
+                return None, None
+            residual = _rows(residual, keep_rows)
         hidden, residual = self.post_attention_layernorm(
             hidden, residual, quant_fp8=q2, static_scale=s2, all_reduce=fused_ar
         )
@@ -146,14 +172,26 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
+    def forward(
+        self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata, keep_rows=None
+    ):
+        """Final hidden states [T, H]; with `keep_rows` (int64 indices, e.g. the rows a step samples) only
+        those rows [len(keep_rows), H]: the last layer still writes every row's k / v to the cache, but
+        its o_proj and MLP run on the kept rows alone (in a prefill step, one row a prompt: the skipped
+        rows' outputs feed nothing)."""
         hidden = self.embed_tokens(input_ids)
         fused = self.tp.fused_norm
         if fused is not None and not fused.supports(hidden):  # prefill-sized steps all-reduce apart
             fused = None
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, fused_ar=fused)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            keep = keep_rows if i == last else None
+            hidden, residual = layer(
+                positions, hidden, residual, kv_cache, meta, fused_ar=fused, keep_rows=keep
+            )
+        if hidden is None:  # no row kept
+            return self.embed_tokens.weight.new_empty((0, self.embed_tokens.weight.shape[1]))
         hidden, _ = self.norm(hidden, residual, all_reduce=fused)
         return hidden
 
@@ -186,8 +224,8 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta, keep_rows=None) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, keep_rows=keep_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -90,8 +90,9 @@ class GraphLayout:
 
 
 class DecodeGraphRunner:
-    def __init__(self, runner, sizes: list[int]):
+    def __init__(self, runner, sizes: list[int], keep_last: bool = True):
         self.runner = runner
+        self.keep_last = keep_last
         self.sizes = sorted(sizes)
         self.max_bs = self.sizes[-1]
         dev = runner.device
@@ -217,10 +218,13 @@ class PrefillGraphRunner:
     outputs are dropped). The model's kernels treat rows independently but for attention, which never
     mixes sequences, so the step's rows compute what they compute eagerly. Static buffers:
     int64 [input_ids | positions | slot_mapping], `stride64` apart, then the placeholder fill rows and
-    sources; int32 [cu_seqlens_q (4) | seq_lens (4) | block tables, 2 rows of `max_blocks`]."""
+    sources; int32 [cu_seqlens_q (3) | keep row (1) | seq_lens (2) | 2 unused | block tables, 2 rows of
+    `max_blocks`]. The keep row (the step's last, n - 1) is the one row the last layer's o_proj and MLP run
+    on (LlamaModel's keep_rows; with `keep_last`): a graph returns hidden [1, H]."""
 
-    def __init__(self, runner, sizes: list[int]):
+    def __init__(self, runner, sizes: list[int], keep_last: bool = True):
         self.runner = runner
+        self.keep_last = keep_last
         self.sizes = sorted(sizes)
         self.max_tokens = self.sizes[-1]
         dev = runner.device
@@ -232,6 +236,7 @@ class PrefillGraphRunner:
         self.positions = self.static64[s : s + self.max_tokens]
         self.slot_mapping = self.static64[2 * s : 2 * s + self.max_tokens]
         self.cu_seqlens_q = self.static32[:3]
+        self.keep_row = self.static32[3:4]
         self.seq_lens = self.static32[4:6]
         self.block_tables = self.static32[8:].view(2, mb)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -259,6 +264,7 @@ class PrefillGraphRunner:
         self.positions[:tokens].copy_(torch.arange(tokens, device=self.positions.device))  # < max_model_len
         self.slot_mapping.fill_(-1)
         self.cu_seqlens_q.copy_(torch.tensor([0, tokens, tokens], dtype=torch.int32))
+        self.keep_row.fill_(tokens - 1)
         self.seq_lens.copy_(torch.tensor([tokens, 0], dtype=torch.int32))
         self.block_tables.zero_()
 
@@ -268,17 +274,22 @@ class PrefillGraphRunner:
         def run(tokens: int, warm: bool) -> torch.Tensor:
             if warm:
                 self._dummy_inputs(tokens)
-            return model(self.input_ids[:tokens], self.positions[:tokens], kv, self._meta(tokens))
+            keep = self.keep_row if self.keep_last else None
+            return model(
+                self.input_ids[:tokens], self.positions[:tokens], kv, self._meta(tokens), keep_rows=keep
+            )
 
         self.graphs, self.outputs, self.capture_time_s = _capture_graphs(
             self.sizes, "Capturing prefill graphs", show_progress, run
         )
         logger.info("captured %d prefill graphs in %.1f s", len(self.graphs), self.capture_time_s)
 
-    def replay(self, tokens: int) -> torch.Tensor:
-        """Run the graph of `tokens` tokens on the inputs the model runner staged: hidden [tokens, H]."""
+    def replay(self, tokens: int, n: int) -> torch.Tensor:
+        """Run the graph of `tokens` tokens on the inputs the model runner staged for an n-token step: the
+        hidden state of its last row [1, H]."""
         self.graphs[tokens].replay()
-        return self.outputs[tokens]
+        out = self.outputs[tokens]
+        return out if self.keep_last else out[n - 1 : n]
 
 
 def prefill_graph_sizes(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
@@ -295,7 +306,9 @@ def capture_prefill_graphs(runner, show_progress: bool = True) -> PrefillGraphRu
     sizes = prefill_graph_sizes(sc.max_num_batched_tokens, sc.max_model_len)
     if not sizes:
         return None
-    gr = PrefillGraphRunner(runner, sizes)
+    from hopperllm.worker.model_runner import KEEP_SAMPLED_ROWS
+
+    gr = PrefillGraphRunner(runner, sizes, keep_last=KEEP_SAMPLED_ROWS)
     try:
         gr.capture(show_progress=show_progress)
     except torch.cuda.OutOfMemoryError:

@@ -69,6 +69,10 @@ PREFILL_GRAPHS = os.environ.get("HOPPERLLM_PREFILL_GRAPHS", "1") == "1"
 # Off until measured on several GPUs: the 70B's 80 layers enqueue ~2.5x the 7B's launches, host time that TTFT
 # pays where it exceeds the GPU's (TP=8's ~1/8 of the prefill's GEMMs a rank).
 PREFILL_GRAPHS_TP = os.environ.get("HOPPERLLM_PREFILL_GRAPHS_TP", "0") == "1"
+# Eager steps with rows that sample nothing (prompt tokens before a prompt's last) run the last layer's
+# o_proj and MLP on the sampled rows only (LlamaModel's keep_rows): ~1/num_layers of a prefill's GEMM FLOPs,
+# which the power-bound throughput run pays in joules. HOPPERLLM_KEEP_SAMPLED_ROWS=0 runs every row (A/B).
+KEEP_SAMPLED_ROWS = os.environ.get("HOPPERLLM_KEEP_SAMPLED_ROWS", "1") == "1"
 
 
 class _BlockTableRows:
@@ -500,7 +504,7 @@ class ModelRunner:
         # (a preempted sequence's in-flight last token is its only placeholder: one fill at most)
         i64, fill_at = _staged_int64(rows, pg.stride64, tokens, pad_positions=True)
         i32 = np.zeros(8 + pg.max_blocks, dtype=np.int32)  # the padding sequence's table row stays zeros
-        i32[:3] = (0, n, tokens)
+        i32[:4] = (0, n, tokens, n - 1)  # cu_seqlens_q, then the row the graph keeps (its last)
         i32[4:6] = (rows.seq_lens[0], tokens - n)
         i32[8 : 8 + pg.max_blocks] = self._bt_rows.gather(rows.seqs, pg.max_blocks)[0]
         d64, _ = self._to_device(i64, i32, pg.static64, pg.static32)
@@ -637,13 +641,21 @@ class ModelRunner:
         logits = None  # float32 [samples, V] where the decode graph ran the LM head
         if self._prefill_tokens is not None:  # one sequence's rows, staged in a prefill graph's buffers
             n = len(input_ids)
-            hidden = self.prefill_graphs.replay(self._prefill_tokens)[n - 1 : n]  # its last row samples
+            hidden = self.prefill_graphs.replay(self._prefill_tokens, n)  # its last row, which samples
         elif self._staged:  # the inputs are in the graphs' buffers already
             hidden, logits = self.graph_runner.replay(meta.num_seqs)
         elif self.graph_runner is not None and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(input_ids, positions, meta)
         else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            # Rows that sample nothing (a prompt's tokens before its last) stop after the last layer's
+            # attention: their k / v are in the cache, and nothing reads their output (prompt logprobs do)
+            keep = None
+            if KEEP_SAMPLED_ROWS and sample_idx is not None and self._prompt_lp is None:
+                if sample_idx.shape[0] < input_ids.shape[0]:
+                    keep = sample_idx
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, keep_rows=keep)
+            if keep is not None:
+                sample_idx = None  # hidden holds the sampled rows, in order
         launch = StepLaunch([s.seq_id for s in sample_seqs])
         if self._prompt_lp is not None:
             self._launch_prompt_logprobs(launch, hidden, *self._prompt_lp)

@@ -62,3 +62,79 @@ def test_greedy_tokens_match_hf_generate(tmp_path):
         use_tqdm=False,
     )
     assert out[0].outputs[0].token_ids == ref
+
+
+def test_kept_rows_equal_the_full_forwards_rows_and_cache():
+    """LlamaModel's keep_rows (the rows a step samples): the last layer's o_proj and MLP run on those rows
+    only; their hidden states equal the full forward's rows, every row's k / v still reach the cache, and
+    keeping no row returns [0, H] after writing the cache."""
+    from hopperllm.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from hopperllm.engine.sequence import Sequence
+
+    llm = LLM(model="dummy:tiny", dtype="float32", device="cpu", num_kv_blocks=64, show_progress=False)
+    runner = llm.engine.executor.runner
+    g = torch.Generator().manual_seed(3)
+    seqs, blocks = [], 0
+    for i, n in enumerate((13, 1, 29)):
+        seq = Sequence(
+            f"s{i}", torch.randint(3, 500, (n,), generator=g).tolist(), SamplingParams(max_tokens=1)
+        )
+        nb = -(-n // runner.block_size)
+        seq.block_table = list(range(blocks, blocks + nb))
+        blocks += nb
+        seqs.append(seq)
+    sched = SchedulerOutput(scheduled=[ScheduledSeq(s, s.num_tokens) for s in seqs], num_batched_tokens=43)
+    ids, pos, meta, sample_idx, _, _ = runner._prepare(sched)
+    assert sample_idx.tolist() == [12, 13, 42]
+    with torch.inference_mode():
+        for c in runner.kv_caches:
+            c.zero_()
+        full = runner.model(ids, pos, runner.kv_caches, meta)
+        cache = [c.clone() for c in runner.kv_caches]
+        for c in runner.kv_caches:
+            c.zero_()
+        kept = runner.model(ids, pos, runner.kv_caches, meta, keep_rows=sample_idx)
+        assert kept.shape == (3, full.shape[1])
+        torch.testing.assert_close(kept, full[sample_idx], rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(cache, runner.kv_caches, strict=True))
+        for c in runner.kv_caches:
+            c.zero_()
+        none = runner.model(ids, pos, runner.kv_caches, meta, keep_rows=sample_idx[:0])
+        assert none.shape == (0, full.shape[1])
+        assert all(torch.equal(a, b) for a, b in zip(cache, runner.kv_caches, strict=True))
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole", "chunked"])
+def test_generate_same_with_and_without_kept_rows(chunk, monkeypatch):
+    """The engine with HOPPERLLM_KEEP_SAMPLED_ROWS (the default) and without: the same tokens and logprobs,
+    with whole prompts, chunks that sample nothing, and prompt logprobs (which keep every row)."""
+    from hopperllm.worker import model_runner
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [
+        {"prompt_token_ids": torch.randint(3, 500, (n,), generator=g).tolist()} for n in (5, 37, 21, 2)
+    ]
+    params = [SamplingParams(max_tokens=4, ignore_eos=True, logprobs=2)] * 3
+    params.append(SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1, prompt_logprobs=1))
+
+    def run(keep: bool):
+        monkeypatch.setattr(model_runner, "KEEP_SAMPLED_ROWS", keep)
+        kw = {} if chunk is None else dict(max_num_batched_tokens=chunk)
+        llm = LLM(
+            model="dummy:tiny", dtype="float32", device="cpu", num_kv_blocks=64, show_progress=False, **kw
+        )
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outs]
+
+    on, off = run(True), run(False)
+    for (t1, lp1, p1), (t2, lp2, p2) in zip(on, off, strict=True):
+        assert t1 == t2
+        for a, b in zip(lp1, lp2, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert abs(_lp(a[k]) - _lp(b[k])) < 1e-4
+        assert (p1 is None) == (p2 is None)
+
+
+def _lp(x) -> float:
+    return x.logprob if hasattr(x, "logprob") else float(x)

@@ -91,16 +91,18 @@ def test_staged_steps_with_logprobs_and_penalties():
 
 
 class EagerPrefillGraphs(PrefillGraphRunner):
-    """PrefillGraphRunner's buffers and layout; `replay` runs the model eagerly on all of the graph's rows."""
+    """PrefillGraphRunner's buffers and layout; `replay` runs the model eagerly on all of the graph's rows,
+    keeping the staged row (the step's last) as the captured graph does."""
 
     def capture(self, show_progress: bool = True) -> None:
         self.replays: list[tuple[int, int]] = []  # (the step's rows, the graph's)
         self.contexts: list[int] = []  # the step's cached tokens before its rows
 
-    def replay(self, tokens: int):
+    def replay(self, tokens: int, n_step: int):
         cu, lens = self.cu_seqlens_q.tolist(), self.seq_lens.tolist()
         n = cu[1]
-        assert cu == [0, n, tokens] and lens[1] == tokens - n and n <= lens[0]
+        assert cu == [0, n, tokens] and lens[1] == tokens - n and n <= lens[0] and n == n_step
+        assert self.keep_row.tolist() == [n - 1]
         assert (self.slot_mapping[n:tokens] == -1).all() and (self.block_tables[1] == 0).all()
         self.replays.append((n, tokens))
         self.contexts.append(lens[0] - n)
@@ -110,7 +112,9 @@ class EagerPrefillGraphs(PrefillGraphRunner):
             query_lens_cpu=[n, tokens - n], seq_lens_cpu=lens,
         )  # fmt: skip
         r = self.runner
-        return r.model(self.input_ids[:tokens], self.positions[:tokens], r.kv_caches, meta)
+        return r.model(
+            self.input_ids[:tokens], self.positions[:tokens], r.kv_caches, meta, keep_rows=self.keep_row
+        )
 
 
 def _prefill_llm(async_scheduling: bool, **kw) -> LLM:
