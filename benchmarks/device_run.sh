@@ -308,6 +308,13 @@ for step in $steps; do
         env $( [ "$v" = "-" ] || echo "$v" ) timeout 60 python3 benchmarks/power_floor.py --seconds 8 --ops mixed \
           --output-json "$OUT/power-mixed-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 | tail -1 | sed "s/^/[$v] /"
       done ;;
+    v30-keep-7b)  # the last layer's o_proj / MLP on the sampled rows only (b914d07): Llama-2-7B batch 1 alternating
+      # with HOPPERLLM_KEEP_SAMPLED_ROWS=0; prediction: TTFT -0.4 to -0.7 ms (1/32 of the prefill's ~88% o_proj + MLP
+      # GEMM share), TPOT unchanged (decode steps sample every row)
+      MODEL=dummy:llama-2-7b AB="- HOPPERLLM_KEEP_SAMPLED_ROWS=0 - HOPPERLLM_KEEP_SAMPLED_ROWS=0" OUT="$OUT" bash "$0" ab ;;
+    v30-keep-tput)  # the same in the power-bound 8B throughput run: the skipped GEMMs are ~1.8% of a mixed step's
+      # joules (1.73 of ~98 J); prediction +1.5 to +2.5% output tok/s
+      TAG=v30-keep-rows AB="- HOPPERLLM_KEEP_SAMPLED_ROWS=0 - HOPPERLLM_KEEP_SAMPLED_ROWS=0" OUT="$OUT" bash "$0" ab-tput ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
