@@ -69,7 +69,7 @@ def load_tokenizer(src: ModelSource, model_config: ModelConfig) -> Tokenizer:
     if src.kind == "dummy":
         from hopperllm.loader.dummy_tokenizer import byte_tokenizer
 
-        return byte_tokenizer()
+        return byte_tokenizer(model_config.vocab_size)
     if src.kind == "gguf":
         from hopperllm.loader.gguf import load_gguf_tokenizer
 

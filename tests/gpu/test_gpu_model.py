@@ -89,7 +89,8 @@ def test_fp8_fast_path_matches_cpu_emulation(model_dir):
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_prefill_graphs_greedy_equals_reference(model_dir, fp8, monkeypatch):
     """HOPPERLLM_PREFILL_GRAPHS=1: each prefill step of one sequence (whole prompts; chunks of 256 with
-    cached context) replays a CUDA graph of 128-2048 rows, its padding rows writing no cache (on by default). Greedy tokens
+    cached context) replays a CUDA graph of 128-2048 rows, its padding rows writing no cache (on by default),
+    its last layer's o_proj and MLP on the step's last row only. Greedy tokens
     equal the eager engine's (bf16: the reference path's) until a near tie."""
     from hopperllm.worker import model_runner
 
@@ -102,7 +103,7 @@ def test_prefill_graphs_greedy_equals_reference(model_dir, fp8, monkeypatch):
         pg = llm.engine.executor.runner.prefill_graphs
         assert pg is not None and pg.sizes[0] == 128 and pg.sizes[-1] == min(budget, 2048)
         replays = []
-        pg.replay = lambda t, real=pg.replay, seen=replays: seen.append(t) or real(t)
+        pg.replay = lambda t, n, real=pg.replay, seen=replays: seen.append(t) or real(t, n)
         got = _greedy(llm, logprobs=2)
         # the prompts (7, 100, 333, 1000 tokens) whole, or in chunks of 256 (the last 77 and 232)
         assert sorted(set(replays)) == ([128, 384, 1024] if budget == 8192 else [128, 256])
