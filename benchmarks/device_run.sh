@@ -338,8 +338,10 @@ for _ in range(300):
 else:
     raise SystemExit(1)
 PY
-      for rate in ${RATES:-4 8 16 inf}; do
-        timeout 200 python3 -m hopperllm.entrypoints.cli bench serve --port 8011 --num-prompts ${PROMPTS:-300} \
+      seed=0
+      for rate in ${RATES:-4 8 16 inf}; do  # a seed a rate: the server's prefix cache keeps the earlier rates' prompts
+        seed=$((seed + 1))
+        timeout 200 python3 -m hopperllm.entrypoints.cli bench serve --port 8011 --num-prompts ${PROMPTS:-300} --seed $seed \
           --request-rate $rate --random-input-len 1024 --random-output-len 128 --goodput ttft:500 tpot:50 \
           --disable-tqdm --output-json "$OUT/serve-${model##*:}-rate$rate.json" 2>&1 \
           | grep -i "throughput\|mean ttft\|p99 ttft\|mean tpot\|p99 tpot\|goodput\|failed" | sed "s/^/[rate $rate] /"
