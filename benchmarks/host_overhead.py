@@ -37,8 +37,8 @@ class _ZeroModel(torch.nn.Module):
         super().__init__()
         self.model, self.vocab = model, vocab
 
-    def forward(self, input_ids, positions, kv_caches, meta):
-        return torch.zeros(input_ids.shape[0], 8)
+    def forward(self, input_ids, positions, kv_caches, meta, keep_rows=None):
+        return torch.zeros(input_ids.shape[0] if keep_rows is None else keep_rows.shape[0], 8)
 
     def compute_logits(self, hidden):
         return torch.zeros(hidden.shape[0], self.vocab)

@@ -26,7 +26,8 @@ Goodput counts the requests that meet every `--goodput` SLO (milliseconds).
         and p{P}_{m}_ms for each P of --metric-percentiles when m is in --percentile-metrics
     input_lens, output_lens, ttfts, itls, e2els (seconds, per request), errors (first 20 messages)
     server_models (the server's /v1/models answer, when it has one)
-The record's dtype/quantization/kv_cache_dtype are null (the server's), its device the client's.
+The record's dtype/quantization/kv_cache_dtype/tensor_parallel_size are the server's model card's (a hopperllm
+server reports them; else null), its device the client's.
 """
 
 from __future__ import annotations
@@ -414,11 +415,19 @@ def main(args: argparse.Namespace) -> int:
     }
     _print_summary(args, metrics)
     rec = common.make_record("serve", args, metrics, model=model)
-    rec.update(
-        dtype=None, quantization=None, kv_cache_dtype=None, tensor_parallel_size=None, base_url=base_url
-    )
+    rec.update(served_as(models, model), base_url=base_url)
     common.write_json(args.output_json, rec)
     return 0
+
+
+SERVED_AS = ("dtype", "quantization", "kv_cache_dtype", "tensor_parallel_size")
+
+
+def served_as(models: dict | None, model: str) -> dict:
+    """The record's dtype / quantization / kv_cache_dtype / tensor_parallel_size: what the server's
+    /v1/models card of `model` says (hopperllm's cards carry them), else null."""
+    card = next((m for m in (models or {}).get("data") or [] if m.get("id") == model), {})
+    return {k: card.get(k) for k in SERVED_AS}
 
 
 def _print_summary(args, r: dict) -> None:

@@ -470,6 +470,7 @@ def test_serve_against_loopback_server(tmp_path, capsys):
     assert sent[1]["model"] == "fake-model" and sent[1]["stream"] and isinstance(sent[1]["prompt"], list)
     rec = load(out)
     assert rec["benchmark"] == "serve" and rec["model"] == "fake-model"
+    assert rec["dtype"] is None and rec["tensor_parallel_size"] is None  # the card says nothing of them
     r = rec["results"]
     assert r["completed"] == 12 and r["failed"] == 0
     assert r["total_input_tokens"] == 96 and r["total_output_tokens"] == 60
@@ -660,7 +661,10 @@ def test_serve_against_hopperllm_server(tmp_path):
                 )
                 == 0
             )
-            r = load(out)["results"]
+            rec = load(out)
+            assert rec["model"] == "dummy:tiny" and rec["tensor_parallel_size"] == 1  # from the model card
+            assert rec["dtype"] == "float32" and rec["quantization"] is None
+            r = rec["results"]
             assert r["completed"] == 6 and r["failed"] == 0
             assert r["total_output_tokens"] == 24  # usage.completion_tokens, ignore_eos honoured
             assert r["mean_ttft_ms"] > 0 and r["p99_e2el_ms"] >= r["mean_ttft_ms"]

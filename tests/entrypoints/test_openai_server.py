@@ -40,6 +40,11 @@ def _reference(llm: LLM, prompt, **params) -> list:
 # -- the small endpoints --------------------------------------------------------------------------
 def test_models_health_version_tokenize(shared_server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    card = httpx.get(f"{shared_server.base_url}/v1/models", headers=shared_server.auth).json()["data"][0]
+    assert (
+        card["max_model_len"] == 64 and card["tensor_parallel_size"] == 1
+    )  # how it is served, for bench serve
+    assert card["dtype"] == "float32" and card["quantization"] is None and card["kv_cache_dtype"] == "auto"
     assert httpx.get(f"{shared_server.base_url}/health").status_code == 200  # no key needed
     assert httpx.get(f"{shared_server.base_url}/version").json()["version"]
     auth = shared_server.auth

@@ -510,6 +510,12 @@ class ModelCard(OpenAIBaseModel):
     owned_by: str = "hopperllm"
     root: str | None = None
     max_model_len: int | None = None
+    # hopperllm's additions (clients ignore unknown fields): how the engine serves the model, which
+    # `hopperllm bench serve` copies into its record
+    dtype: str | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str | None = None
+    tensor_parallel_size: int | None = None
 
 
 class ModelList(OpenAIBaseModel):

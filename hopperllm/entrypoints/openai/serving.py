@@ -262,10 +262,16 @@ class OpenAIServing:
 
     # -- small endpoints --------------------------------------------------------------------------
     def show_models(self) -> ModelList:
-        root = self.engine.config.model
+        cfg = self.engine.config
+        serving = dict(
+            dtype=str(cfg.dtype).removeprefix("torch."),
+            quantization=cfg.quantization,
+            kv_cache_dtype=cfg.cache_config.kv_cache_dtype,
+            tensor_parallel_size=cfg.parallel_config.tensor_parallel_size,
+        )
         return ModelList(
             data=[
-                ModelCard(id=name, root=root, max_model_len=self.max_model_len)
+                ModelCard(id=name, root=cfg.model, max_model_len=self.max_model_len, **serving)
                 for name in self.served_model_names
             ]
         )
