@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -110,6 +111,12 @@ def _budget(rec: dict) -> list[str]:
     ]
 
 
+def _natural(path: str) -> list[tuple[int, int | str]]:
+    """Sort key with numbers in names compared as numbers: ...-rate4-... before ...-rate16-... ."""
+    parts = re.split(r"(\d+)", os.path.basename(path))
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts if p]
+
+
 def _serve(rec: dict) -> list[str]:
     r = rec["results"]
     return [
@@ -199,7 +206,7 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def render(results_dir: str, doc_dir: str) -> str:
     records: dict[str, list[tuple[str, dict]]] = {k: [] for k in KINDS}
     others = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json")), key=_natural):
         name = os.path.basename(path)
         try:
             with open(path) as f:
