@@ -315,6 +315,32 @@ for step in $steps; do
     v30-keep-tput)  # the same in the power-bound 8B throughput run: the skipped GEMMs are ~1.8% of a mixed step's
       # joules (1.73 of ~98 J); prediction +1.5 to +2.5% output tok/s
       TAG=v30-keep-rows AB="- HOPPERLLM_KEEP_SAMPLED_ROWS=0 - HOPPERLLM_KEEP_SAMPLED_ROWS=0" OUT="$OUT" bash "$0" ab-tput ;;
+    v31-maxnreg)  # the batch decode config's register cap (HOPPERLLM_DECODE_MAXNREG; perf-notes v30: Nsight Compute saw
+      # the 8B's 512 decodes at 218 registers, 2 programs an SM, DRAM 45%, latency-bound). Offline (Triton 3.6): the
+      # quantizing variant (decode-only steps) 218 -> 168 with 8 bytes of spills = 3 programs an SM; the mixed
+      # steps' variant 168 -> 128 with none = 4. The GPU test (same bits), the kernel at 64-512 decodes both ways,
+      # then the 8B throughput alternating default / 128 / 168. Prediction: the kernel -10 to -20% where the cap
+      # adds a program an SM; throughput +1 to +3% (decode attention is ~18% of a mixed step's joules)
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k register_cap -p no:cacheprovider 2>&1 | tail -2
+      for qo in "" --quant-out; do
+        timeout 150 python3 benchmarks/tune_attention.py --shapes "llama3-8b b64" "llama3-8b b256" "llama3-8b b512" \
+          --splits 1 --block-n 128 --num-warps 4 --num-stages 3 --maxnreg 0 128 168 $qo \
+          --output-json "$OUT/tune-attention-maxnreg${qo:+-quant}-v31.json" 2>&1 | grep "best" | cut -c1-220
+        python3 - "$OUT/tune-attention-maxnreg${qo:+-quant}-v31.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    print(f"   {r['shape']:16s} quant_out={r['quant_out']!s:5s} maxnreg={r['maxnreg']!s:4s} {r['us']:8.1f} us {r['pct_of_floor']:5.1f}% of floor")
+PY
+      done
+      TAG=v31-maxnreg AB="- HOPPERLLM_DECODE_MAXNREG=128 - HOPPERLLM_DECODE_MAXNREG=168 -" AB_UNTIL=420 OUT="$OUT" bash "$0" ab-tput ;;
+    v31-maxnreg-b256)  # decode-only steps (the quantizing variant) at a serving-sized batch: Llama-3-8B, 256 sequences
+      # of 2048 + 128, TPOT alternating default / HOPPERLLM_DECODE_MAXNREG=168
+      for v in - HOPPERLLM_DECODE_MAXNREG=168 - HOPPERLLM_DECODE_MAXNREG=168; do
+        env $( [ "$v" = "-" ] || echo "$v" ) timeout 200 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-3-8b \
+          --quantization fp8 --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 256 --max-num-seqs 256 \
+          --num-iters-warmup 1 --num-iters 3 --output-json "$OUT/ab-8b-b256-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 \
+          | grep "Mean E2E\|Mean TPOT\|Mean TTFT" | sed "s/^/[$v] /"
+      done ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3

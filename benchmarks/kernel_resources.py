@@ -24,6 +24,9 @@ from triton.compiler import ASTSource
 from hopperllm.kernels import fp8
 from hopperllm.kernels import paged_attention as pa
 
+# Compile options beyond warps and stages (--maxnreg: a register cap, as a launch's maxnreg= sets it)
+OPTIONS: dict = {}
+
 # H100 / H200 SM limits
 REGS_PER_SM = 65536
 SMEM_PER_SM = 228 * 1024
@@ -122,7 +125,9 @@ def _compile_resources(fn, consts, pointers, num_warps, num_stages, sass_mma=Fal
         fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs
     )
     k = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=num_warps, num_stages=num_stages, **OPTIONS),
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
@@ -187,7 +192,10 @@ def main():
     p.add_argument("--gated", action="store_true", help="--gemv: gate/up with SiLU-mul in the epilogue")
     p.add_argument("--quant-x", action="store_true", help="--gemv: quantize a bf16 input while loading it")
     p.add_argument("--sass-out", default=None, help="--gemv, --prefill: write the SASS here")
+    p.add_argument("--maxnreg", type=int, default=None, help="cap the registers a thread (spills beyond)")
     a = p.parse_args()
+    if a.maxnreg:
+        OPTIONS["maxnreg"] = a.maxnreg
     if a.gemv:
         r = gemv_resources(a.block_n, a.block_k, a.split_k, a.num_warps, a.num_stages, a.stream_k, a.gated,
                            a.quant_x, sass_out=a.sass_out)  # fmt: skip

@@ -53,6 +53,10 @@ def main():
     )
     p.add_argument("--num-warps", type=int, nargs="*", default=[4], help="decode warps per program to sweep")
     p.add_argument(
+        "--maxnreg", type=int, nargs="*", default=[0],
+        help="decode register caps a thread to sweep (0: none, the compiler's choice)",
+    )  # fmt: skip
+    p.add_argument(
         "--variants",
         nargs="*",
         default=None,
@@ -103,14 +107,15 @@ def main():
         split_choices = a.splits or ([4, 8, 16, 32, 64] if B * hkv <= 32 else [1, 2])
         variants = [tuple(int(x) for x in v.split(",")) for v in a.variants] if a.variants else None
         variants = variants or [(0, ns) for ns in a.num_stages]
-        for splits, bn, nw, (prefetch, ns, *fp16) in itertools.product(
-            split_choices, a.block_n, a.num_warps, variants
+        for splits, bn, nw, (prefetch, ns, *fp16), maxnreg in itertools.product(
+            split_choices, a.block_n, a.num_warps, variants, a.maxnreg
         ):
             if splits > 1 and ctx // splits < bn and not a.contexts:
                 continue
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "PREFETCH": bool(prefetch),
-                            "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False)})  # fmt: skip
+                            "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False),
+                            "maxnreg": maxnreg or default.get("maxnreg")})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
             def run(c, dp=dp, splits=splits):
@@ -144,6 +149,7 @@ def main():
                 "num_stages": ns,
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
+                "maxnreg": maxnreg or None,
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

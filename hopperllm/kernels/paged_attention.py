@@ -553,8 +553,8 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 # stay at 3 stages (16.9 us against 17.4 with 5).
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
-# Optional keys of a config: PREFETCH (default False), DOT_FP16
-# (default False; see decode_dot_fp16).
+# Optional keys of a config: PREFETCH (default False), DOT_FP16 (default False; see decode_dot_fp16),
+# maxnreg (a cap on the registers a thread, passed to the launch on the GPU; default none).
 # The CPU interpreter's (tests: small tiles, so that slices span several).
 CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
@@ -562,6 +562,14 @@ CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
     for _cfg in DECODE_CONFIGS:
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
+# HOPPERLLM_DECODE_MAXNREG=N caps the batch config's registers a thread (A/B runs). Under Triton 3.6 the batch
+# config compiles to 168 registers (3 programs an SM), and to 218 with the quantizing tail that decode-only
+# steps run, 2 programs an SM, where Nsight Compute found the 8B's 512 decodes latency-bound (DRAM 45%, no
+# eligible warp in 56% of the cycles; perf-notes v30). Offline (kernel_resources.py --maxnreg): 168 takes the
+# quantizing variant to 3 programs with 8 bytes of spills (one local load a key tile), 128 the mixed steps'
+# variant to 4 with none.
+if os.environ.get("HOPPERLLM_DECODE_MAXNREG"):
+    DECODE_CONFIG["maxnreg"] = int(os.environ["HOPPERLLM_DECODE_MAXNREG"])
 MANY_SPLITS = 16
 MOST_SPLITS = 32
 # HOPPERLLM_DECODE_DOT_FP16=0 / 1 turns the decode products' float16 (DOT_FP16 above) off / on for every
@@ -842,6 +850,7 @@ def paged_decode_attention(
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
         **pdl_kwargs(q.device, batch, use_pdl),
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and q.is_cuda else {}),
     )
     return (q8, q8_scale) if quant_out else out
 
