@@ -116,9 +116,10 @@ class LlamaAttention(nn.Module):
         if keep_rows is not None:
             if keep_rows.numel() == 0:
                 return None
-            out = (
-                tuple(map(_rows, out, (keep_rows,) * 2)) if isinstance(out, tuple) else _rows(out, keep_rows)
-            )
+            if isinstance(out, tuple):  # (FP8 rows, their scales)
+                out = tuple(_rows(t, keep_rows) for t in out)
+            else:
+                out = _rows(out, keep_rows)
         return self.o_proj(out, reduce=reduce)
 
 

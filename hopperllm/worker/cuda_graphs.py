@@ -90,9 +90,8 @@ class GraphLayout:
 
 
 class DecodeGraphRunner:
-    def __init__(self, runner, sizes: list[int], keep_last: bool = True):
+    def __init__(self, runner, sizes: list[int]):
         self.runner = runner
-        self.keep_last = keep_last
         self.sizes = sorted(sizes)
         self.max_bs = self.sizes[-1]
         dev = runner.device
