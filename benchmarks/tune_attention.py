@@ -18,6 +18,8 @@ from bench_kernels import median_ms
 from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.kernels import paged_attention as pa
 
+MAXNREG_KEYS = ("maxnreg", "maxnreg_quant", "maxnreg_quant_small")
+
 
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -53,8 +55,9 @@ def main():
     )
     p.add_argument("--num-warps", type=int, nargs="*", default=[4], help="decode warps per program to sweep")
     p.add_argument(
-        "--maxnreg", type=int, nargs="*", default=[0],
-        help="decode register caps a thread to sweep (0: none, the compiler's choice)",
+        "--maxnreg", type=int, nargs="*", default=[-1],
+        help="decode register caps a thread to sweep, every variant at the value (0: none, the compiler's "
+        "choice; -1, the default: each config's own caps, paged_attention.decode_maxnreg)",
     )  # fmt: skip
     p.add_argument(
         "--variants",
@@ -79,6 +82,7 @@ def main():
         ("llama2-7b b1", 1, 32, 32, 128, 2048),
         ("llama3-8b b1", 1, 32, 8, 128, 2048),
         ("llama2-7b b32", 32, 32, 32, 128, 2048),
+        ("llama3-8b b32", 32, 32, 8, 128, 2176),
         ("llama3-8b b64", 64, 32, 8, 128, 2176),
         # the throughput run's decodes (~150-250 a step at 2048-2176 keys; perf-notes v25)
         ("llama3-8b b128", 128, 32, 8, 128, 2176),
@@ -115,7 +119,7 @@ def main():
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "PREFETCH": bool(prefetch),
                             "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False),
-                            "maxnreg": maxnreg or default.get("maxnreg")})  # fmt: skip
+                            **{k: default.get(k) if maxnreg < 0 else maxnreg or None for k in MAXNREG_KEYS}})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
             def run(c, dp=dp, splits=splits):
@@ -149,7 +153,7 @@ def main():
                 "num_stages": ns,
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
-                "maxnreg": maxnreg or None,
+                "maxnreg": pa.decode_maxnreg(pa.decode_config(splits), a.quant_out, B),
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

@@ -554,7 +554,8 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
 # Optional keys of a config: PREFETCH (default False), DOT_FP16 (default False; see decode_dot_fp16),
-# maxnreg (a cap on the registers a thread, passed to the launch on the GPU; default none).
+# maxnreg, maxnreg_quant, maxnreg_quant_small (caps on the registers a thread, passed to the launch on the
+# GPU; see decode_maxnreg; default none).
 # The CPU interpreter's (tests: small tiles, so that slices span several).
 CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
@@ -562,14 +563,34 @@ CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
     for _cfg in DECODE_CONFIGS:
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
-# HOPPERLLM_DECODE_MAXNREG=N caps the batch config's registers a thread (A/B runs). Under Triton 3.6 the batch
-# config compiles to 168 registers (3 programs an SM), and to 218 with the quantizing tail that decode-only
-# steps run, 2 programs an SM, where Nsight Compute found the 8B's 512 decodes latency-bound (DRAM 45%, no
-# eligible warp in 56% of the cycles; perf-notes v30). Offline (kernel_resources.py --maxnreg): 168 takes the
-# quantizing variant to 3 programs with 8 bytes of spills (one local load a key tile), 128 the mixed steps'
-# variant to 4 with none.
-if os.environ.get("HOPPERLLM_DECODE_MAXNREG"):
-    DECODE_CONFIG["maxnreg"] = int(os.environ["HOPPERLLM_DECODE_MAXNREG"])
+# Register caps of the batch config (launch maxnreg=, GPU only): `maxnreg` for the plain output (mixed steps),
+# `maxnreg_quant` for the quantizing tail (decode-only steps), `maxnreg_quant_small` for it below
+# MAXNREG_QUANT_SMALL sequences. Under Triton 3.6 the variants compile to 168 and 218 registers (3 and 2
+# programs an SM), where Nsight Compute found the 8B's 512 decodes latency-bound (DRAM 45%, no eligible warp in
+# 56% of the cycles; perf-notes v30). 128 takes the plain variant to 4 programs with no spill, 168 the
+# quantizing one to 3 with 8 bytes spilled (kernel_resources.py --maxnreg). Measured on an H200 (Llama-3-8B
+# heads, 2176 keys, in CUDA graphs; tune-attention-maxnreg*-v31.json): plain 64 / 256 / 512 sequences
+# 112 / 373 / 753 us -> 95 / 382 / 713 at 128; quantizing 138 / 523 / 1009 -> 123 / 471 / 905 at 128 and
+# 149 / 451 / 854 at 168; the 8B at 256 sequences TPOT 17.0 -> 15.4 ms with 168 (ab-8b-b256-*-v31.json).
+DECODE_CONFIG.update(maxnreg=128, maxnreg_quant=168, maxnreg_quant_small=128)
+MAXNREG_QUANT_SMALL = 128
+
+
+def decode_maxnreg_from_env(value: str | None) -> dict[str, int | None]:
+    """HOPPERLLM_DECODE_MAXNREG (A/B runs) as batch-config keys: 0 no cap; N every variant at N; A,B the plain
+    variant at A, the quantizing one at B (any batch). Unset or empty: no change ({})."""
+    if not value:
+        return {}
+    parts = value.split(",")
+    if len(parts) > 2 or not all(p.strip().isdigit() and (int(p) == 0 or 24 <= int(p) <= 255) for p in parts):
+        raise ValueError(
+            f"HOPPERLLM_DECODE_MAXNREG must be 0, N or A,B with caps in 24..255 (0 for none), got {value!r}"
+        )
+    caps = [int(p) or None for p in parts]
+    return {"maxnreg": caps[0], "maxnreg_quant": caps[-1], "maxnreg_quant_small": caps[-1]}
+
+
+DECODE_CONFIG.update(decode_maxnreg_from_env(os.environ.get("HOPPERLLM_DECODE_MAXNREG")))
 MANY_SPLITS = 16
 MOST_SPLITS = 32
 # HOPPERLLM_DECODE_DOT_FP16=0 / 1 turns the decode products' float16 (DOT_FP16 above) off / on for every
@@ -580,6 +601,13 @@ DECODE_DOT_FP16: bool | None = {"0": False, "1": True}.get(os.environ.get("HOPPE
 def decode_dot_fp16(cfg: dict) -> bool:
     """Whether a decode config runs its products in float16 (with an FP8 cache and a 16-bit q)."""
     return bool(cfg.get("DOT_FP16", False)) if DECODE_DOT_FP16 is None else DECODE_DOT_FP16
+
+
+def decode_maxnreg(cfg: dict, quant_out: bool, batch: int) -> int | None:
+    """A decode config's register cap for the variant launched (None: the compiler's own allocation)."""
+    if not quant_out:
+        return cfg.get("maxnreg")
+    return cfg.get("maxnreg_quant_small" if batch < MAXNREG_QUANT_SMALL else "maxnreg_quant")
 
 
 def decode_config(num_splits: int) -> dict[str, int]:
@@ -850,7 +878,7 @@ def paged_decode_attention(
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
         **pdl_kwargs(q.device, batch, use_pdl),
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and q.is_cuda else {}),
+        **({"maxnreg": maxnreg} if (maxnreg := decode_maxnreg(cfg, quant_out, batch)) and q.is_cuda else {}),
     )
     return (q8, q8_scale) if quant_out else out
 

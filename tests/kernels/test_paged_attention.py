@@ -525,3 +525,31 @@ def test_prefill_config_from_env():
     for bad in ("64,64,4", "64,48,4,2", "8,64,4,2", "64,64,0,2", "a,b,c,d", "64,64,4,2,1", "64;64;4;2"):
         with pytest.raises(ValueError, match="HOPPERLLM_PREFILL_CONFIG must be"):
             pa.prefill_config_from_env(bad)
+
+
+def test_decode_maxnreg_per_variant_and_batch():
+    cfg = {"maxnreg": 128, "maxnreg_quant": 168, "maxnreg_quant_small": 120}
+    assert pa.decode_maxnreg(cfg, False, 512) == 128 and pa.decode_maxnreg(cfg, False, 1) == 128
+    assert pa.decode_maxnreg(cfg, True, pa.MAXNREG_QUANT_SMALL) == 168
+    assert pa.decode_maxnreg(cfg, True, pa.MAXNREG_QUANT_SMALL - 1) == 120
+    assert pa.decode_maxnreg({}, True, 512) is None  # the split configs: the compiler's own allocation
+
+
+def test_decode_maxnreg_from_env():
+    assert pa.decode_maxnreg_from_env(None) == {} and pa.decode_maxnreg_from_env("") == {}
+    assert pa.decode_maxnreg_from_env("0") == dict.fromkeys(
+        ("maxnreg", "maxnreg_quant", "maxnreg_quant_small")
+    )
+    assert pa.decode_maxnreg_from_env("168") == {
+        "maxnreg": 168,
+        "maxnreg_quant": 168,
+        "maxnreg_quant_small": 168,
+    }
+    assert pa.decode_maxnreg_from_env("128,0") == {
+        "maxnreg": 128,
+        "maxnreg_quant": None,
+        "maxnreg_quant_small": None,
+    }
+    for bad in ("a", "128,168,200", "16", "300", "-1", "128;168"):
+        with pytest.raises(ValueError, match="HOPPERLLM_DECODE_MAXNREG must be"):
+            pa.decode_maxnreg_from_env(bad)
