@@ -569,9 +569,9 @@ if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
 # programs an SM), where Nsight Compute found the 8B's 512 decodes latency-bound (DRAM 45%, no eligible warp in
 # 56% of the cycles; perf-notes v30). 128 takes the plain variant to 4 programs with no spill, 168 the
 # quantizing one to 3 with 8 bytes spilled (kernel_resources.py --maxnreg). Measured on an H200 (Llama-3-8B
-# heads, 2176 keys, in CUDA graphs; tune-attention-maxnreg*-v31.json): plain 64 / 256 / 512 sequences
+# heads, 2176 keys, in CUDA graphs; tune-attention-maxnreg*-h200-v31.json): plain 64 / 256 / 512 sequences
 # 112 / 373 / 753 us -> 95 / 382 / 713 at 128; quantizing 138 / 523 / 1009 -> 123 / 471 / 905 at 128 and
-# 149 / 451 / 854 at 168; the 8B at 256 sequences TPOT 17.0 -> 15.4 ms with 168 (ab-8b-b256-*-v31.json).
+# 149 / 451 / 854 at 168; the 8B at 256 sequences TPOT 17.0 -> 15.4 ms with 168 (ab-8b-b256-maxnreg-h200-v31.json).
 DECODE_CONFIG.update(maxnreg=128, maxnreg_quant=168, maxnreg_quant_small=128)
 MAXNREG_QUANT_SMALL = 128
 
