@@ -341,7 +341,7 @@ PY
           --num-iters-warmup 1 --num-iters 3 --output-json "$OUT/ab-8b-b256-${v//[^A-Za-z0-9_]/_}-$(date +%s).json" 2>&1 \
           | grep "Mean E2E\|Mean TPOT\|Mean TTFT" | sed "s/^/[$v] /"
       done ;;
-    v31-maxnreg-default)  # the register caps as defaults (maxnreg 128; quantizing 168, 128 below 128 sequences): the GPU
+    v31-maxnreg-default)  # the register caps as defaults (a09d70b: maxnreg 128; quantizing 168, 128 below 128 sequences): the GPU
       # attention and model tests, the quantizing variant at 32 / 64 / 128 sequences under 0 / 128 / 168 (where the
       # small-batch cap should hand over), then the 8B throughput alternating default / HOPPERLLM_DECODE_MAXNREG=0.
       # Prediction: +0.5 to +1% (v31-maxnreg: 3,472-3,476 tok/s with one cap for both variants, 3,448-3,452 without)
@@ -355,6 +355,19 @@ for r in json.load(open(sys.argv[1]))["rows"]:
     print(f"   {r['shape']:16s} quant_out={r['quant_out']!s:5s} maxnreg={r['maxnreg']!s:4s} {r['us']:8.1f} us {r['pct_of_floor']:5.1f}% of floor")
 PY
       TAG=v31-maxnreg-default AB="- HOPPERLLM_DECODE_MAXNREG=0 - HOPPERLLM_DECODE_MAXNREG=0" AB_UNTIL=520 OUT="$OUT" bash "$0" ab-tput ;;
+    v31-maxnreg-grid)  # the quantizing variant's cap by programs an SM (none up to 2, 128 up to 4, 168 beyond): the GPU
+      # test, then the kernel at 8B 32 / 64 / 128 decodes (two slices at 32, as the engine picks) and the 7B's MHA
+      # at 32 with the defaults against none; the rows name the cap each launch took
+      timeout 100 python3 -m pytest -q tests/gpu/test_gpu_attention.py -k register_cap -p no:cacheprovider 2>&1 | tail -1
+      timeout 120 python3 benchmarks/tune_attention.py --shapes "llama3-8b b32" "llama3-8b b64" "llama3-8b b128" "llama2-7b b32" \
+        --block-n 128 --num-warps 4 --num-stages 3 --maxnreg -1 0 --quant-out \
+        --output-json "$OUT/tune-attention-maxnreg-grid-quant-v31.json" 2>&1 | grep -c best
+      python3 - "$OUT/tune-attention-maxnreg-grid-quant-v31.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    print(f"   {r['shape']:16s} splits={r['splits']} maxnreg={r['maxnreg']!s:4s} {r['us']:8.1f} us {r['pct_of_floor']:5.1f}% of floor")
+PY
+      ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3

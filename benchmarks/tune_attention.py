@@ -18,8 +18,6 @@ from bench_kernels import median_ms
 from hopperllm.bench.gpu_monitor import GpuMonitor
 from hopperllm.kernels import paged_attention as pa
 
-MAXNREG_KEYS = ("maxnreg", "maxnreg_quant", "maxnreg_quant_small")
-
 
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -119,7 +117,8 @@ def main():
             for cfg, default in zip(pa.DECODE_CONFIGS, default_configs, strict=True):
                 cfg.update({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "PREFETCH": bool(prefetch),
                             "DOT_FP16": bool(fp16[0]) if fp16 else default.get("DOT_FP16", False),
-                            **{k: default.get(k) if maxnreg < 0 else maxnreg or None for k in MAXNREG_KEYS}})  # fmt: skip
+                            **(pa.decode_maxnreg_from_env(str(maxnreg)) if maxnreg >= 0 else
+                               {k: default.get(k) for k in ("maxnreg", "maxnreg_quant")})})  # fmt: skip
             dot_fp16 = pa.decode_dot_fp16(pa.decode_config(splits))
 
             def run(c, dp=dp, splits=splits):
@@ -153,7 +152,12 @@ def main():
                 "num_stages": ns,
                 "prefetch": bool(prefetch),
                 "dot_fp16": dot_fp16,
-                "maxnreg": pa.decode_maxnreg(pa.decode_config(splits), a.quant_out, B),
+                "maxnreg": pa.decode_maxnreg(
+                    pa.decode_config(splits),
+                    a.quant_out,
+                    B * hkv * splits,
+                    torch.cuda.get_device_properties(0).multi_processor_count,
+                ),
                 "us": us,
                 "floor_us": floor_us,
                 "pct_of_floor": 100 * floor_us / us,

@@ -554,8 +554,8 @@ DECODE_CONFIG_MANY_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG_MOST_SPLITS = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 5}
 DECODE_CONFIGS = (DECODE_CONFIG, DECODE_CONFIG_MANY_SPLITS, DECODE_CONFIG_MOST_SPLITS)
 # Optional keys of a config: PREFETCH (default False), DOT_FP16 (default False; see decode_dot_fp16),
-# maxnreg, maxnreg_quant, maxnreg_quant_small (caps on the registers a thread, passed to the launch on the
-# GPU; see decode_maxnreg; default none).
+# maxnreg, maxnreg_quant (caps on the registers a thread, passed to the launch on the GPU; see
+# decode_maxnreg; default none).
 # The CPU interpreter's (tests: small tiles, so that slices span several).
 CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 # HOPPERLLM_DECODE_NUM_STAGES sets every config's pipeline stages (A/B runs): with Triton 3.9, 3 and 4 stages
@@ -563,22 +563,25 @@ CPU_DECODE_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
 if os.environ.get("HOPPERLLM_DECODE_NUM_STAGES"):
     for _cfg in DECODE_CONFIGS:
         _cfg["num_stages"] = int(os.environ["HOPPERLLM_DECODE_NUM_STAGES"])
-# Register caps of the batch config (launch maxnreg=, GPU only): `maxnreg` for the plain output (mixed steps),
-# `maxnreg_quant` for the quantizing tail (decode-only steps), `maxnreg_quant_small` for it below
-# MAXNREG_QUANT_SMALL sequences. Under Triton 3.6 the variants compile to 168 and 218 registers (3 and 2
-# programs an SM), where Nsight Compute found the 8B's 512 decodes latency-bound (DRAM 45%, no eligible warp in
-# 56% of the cycles; perf-notes v30). 128 takes the plain variant to 4 programs with no spill, 168 the
-# quantizing one to 3 with 8 bytes spilled (kernel_resources.py --maxnreg). Measured on an H200 (Llama-3-8B
-# heads, 2176 keys, in CUDA graphs; tune-attention-maxnreg*-h200-v31.json): plain 64 / 256 / 512 sequences
-# 112 / 373 / 753 us -> 95 / 382 / 713 at 128; quantizing 138 / 523 / 1009 -> 123 / 471 / 905 at 128 and
-# 149 / 451 / 854 at 168; the 8B at 256 sequences TPOT 17.0 -> 15.4 ms with 168 (ab-8b-b256-maxnreg-h200-v31.json).
-DECODE_CONFIG.update(maxnreg=128, maxnreg_quant=168, maxnreg_quant_small=128)
-MAXNREG_QUANT_SMALL = 128
+# Register caps of the batch config (launch maxnreg=, GPU only): `maxnreg` for the plain output (mixed steps);
+# `maxnreg_quant` for the quantizing tail (decode-only steps), by the launch's programs an SM: pairs (bound,
+# cap), the first whose bound (programs an SM; None: any) the grid does not exceed. Under Triton 3.6 the
+# variants compile to 168 and 218 registers (3 and 2 programs an SM), where Nsight Compute found the 8B's 512
+# decodes latency-bound (DRAM 45%, no eligible warp in 56% of the cycles; perf-notes v30). 128 takes the plain
+# variant to 4 programs an SM with no spill, the quantizing one to 4 with spills, 168 the quantizing one to 3
+# with 8 bytes spilled (kernel_resources.py --maxnreg). Measured on an H200, 132 SMs (Llama-3-8B heads, 2176
+# keys, one slice, in CUDA graphs; tune-attention-maxnreg*-h200-v31.json): plain 64 / 256 / 512 sequences
+# 112 / 373 / 753 us -> 95 / 382 / 713 at 128; quantizing 32 / 64 / 128 / 256 / 512 sequences (256-4096
+# programs) 71 / 138 / 266 / 523 / 1009 us uncapped, 90 / 123 / 240 / 471 / 905 at 128, 83 / 149 / 233 / 451 /
+# 854 at 168: a cap costs where the uncapped kernel already holds every program at once (<= 2 an SM), 128 wins
+# where it then does (<= 4), 168 beyond. The 8B at 256 sequences: TPOT 17.0 -> 15.4 ms with 168
+# (ab-8b-b256-maxnreg-h200-v31.json); the throughput run +0.9% (ab-throughput-8b-maxnreg-default-h200-v31.json).
+DECODE_CONFIG.update(maxnreg=128, maxnreg_quant=((2, None), (4, 128), (None, 168)))
 
 
-def decode_maxnreg_from_env(value: str | None) -> dict[str, int | None]:
+def decode_maxnreg_from_env(value: str | None) -> dict:
     """HOPPERLLM_DECODE_MAXNREG (A/B runs) as batch-config keys: 0 no cap; N every variant at N; A,B the plain
-    variant at A, the quantizing one at B (any batch). Unset or empty: no change ({})."""
+    variant at A, the quantizing one at B (any grid). Unset or empty: no change ({})."""
     if not value:
         return {}
     parts = value.split(",")
@@ -587,7 +590,7 @@ def decode_maxnreg_from_env(value: str | None) -> dict[str, int | None]:
             f"HOPPERLLM_DECODE_MAXNREG must be 0, N or A,B with caps in 24..255 (0 for none), got {value!r}"
         )
     caps = [int(p) or None for p in parts]
-    return {"maxnreg": caps[0], "maxnreg_quant": caps[-1], "maxnreg_quant_small": caps[-1]}
+    return {"maxnreg": caps[0], "maxnreg_quant": ((None, caps[-1]),)}
 
 
 DECODE_CONFIG.update(decode_maxnreg_from_env(os.environ.get("HOPPERLLM_DECODE_MAXNREG")))
@@ -603,11 +606,15 @@ def decode_dot_fp16(cfg: dict) -> bool:
     return bool(cfg.get("DOT_FP16", False)) if DECODE_DOT_FP16 is None else DECODE_DOT_FP16
 
 
-def decode_maxnreg(cfg: dict, quant_out: bool, batch: int) -> int | None:
-    """A decode config's register cap for the variant launched (None: the compiler's own allocation)."""
+def decode_maxnreg(cfg: dict, quant_out: bool, programs: int, num_sms: int) -> int | None:
+    """A decode config's register cap for the variant launched on a grid of `programs` (None: the compiler's
+    own allocation)."""
     if not quant_out:
         return cfg.get("maxnreg")
-    return cfg.get("maxnreg_quant_small" if batch < MAXNREG_QUANT_SMALL else "maxnreg_quant")
+    for bound, cap in cfg.get("maxnreg_quant", ()):
+        if bound is None or programs <= bound * num_sms:
+            return cap
+    return None
 
 
 def decode_config(num_splits: int) -> dict[str, int]:
@@ -832,6 +839,8 @@ def paged_decode_attention(
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
     ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
                          kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
+    programs = batch * num_kv_heads * num_splits
+    cap = decode_maxnreg(cfg, quant_out, programs, _num_sms(q.device)) if q.is_cuda else None
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -878,7 +887,7 @@ def paged_decode_attention(
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
         **pdl_kwargs(q.device, batch, use_pdl),
-        **({"maxnreg": maxnreg} if (maxnreg := decode_maxnreg(cfg, quant_out, batch)) and q.is_cuda else {}),
+        **({"maxnreg": cap} if cap else {}),
     )
     return (q8, q8_scale) if quant_out else out
 

@@ -153,18 +153,17 @@ def test_decode_quant_out_equals_separate_quantize(model, hq, hkv, batch, max_le
 @pytest.mark.parametrize("maxnreg", [128, 168])
 @pytest.mark.parametrize("batch", [64, 256])
 def test_decode_register_cap_changes_no_bit(maxnreg, batch, monkeypatch):
-    """The batch config's register caps (maxnreg, maxnreg_quant, maxnreg_quant_small: more programs an SM, a
-    few spilled registers) give the same bits as the compiler's own allocation, with and without the
-    quantizing tail."""
+    """The batch config's register caps (maxnreg, maxnreg_quant: more programs an SM, a few spilled registers)
+    give the same bits as the compiler's own allocation, with and without the quantizing tail."""
     seq_lens = ragged(batch, 2176, seed=batch + 2)
     q, k, v, _, lens, bt, ks, vs = make_paged_case([1] * batch, seq_lens, 32, 8, kv_dtype=FP8)
     splits = pa.choose_num_splits(batch, 8, 2176, q.device)
     assert pa.decode_config(splits) is pa.DECODE_CONFIG
 
     def run(cap):
-        for key in ("maxnreg", "maxnreg_quant", "maxnreg_quant_small"):
-            monkeypatch.setitem(pa.DECODE_CONFIG, key, cap)
-        assert pa.decode_maxnreg(pa.DECODE_CONFIG, True, batch) == cap
+        monkeypatch.setitem(pa.DECODE_CONFIG, "maxnreg", cap)
+        monkeypatch.setitem(pa.DECODE_CONFIG, "maxnreg_quant", ((None, cap),))
+        assert pa.decode_maxnreg(pa.DECODE_CONFIG, True, batch * 8 * splits, 132) == cap
         out = pa.paged_decode_attention(q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits)
         q8, scale = pa.paged_decode_attention(
             q, k, v, bt, lens, SCALE, ks, vs, num_splits=splits, quant_out=True

@@ -527,29 +527,29 @@ def test_prefill_config_from_env():
             pa.prefill_config_from_env(bad)
 
 
-def test_decode_maxnreg_per_variant_and_batch():
-    cfg = {"maxnreg": 128, "maxnreg_quant": 168, "maxnreg_quant_small": 120}
-    assert pa.decode_maxnreg(cfg, False, 512) == 128 and pa.decode_maxnreg(cfg, False, 1) == 128
-    assert pa.decode_maxnreg(cfg, True, pa.MAXNREG_QUANT_SMALL) == 168
-    assert pa.decode_maxnreg(cfg, True, pa.MAXNREG_QUANT_SMALL - 1) == 120
-    assert pa.decode_maxnreg({}, True, 512) is None  # the split configs: the compiler's own allocation
+def test_decode_maxnreg_per_variant_and_grid():
+    cfg = {"maxnreg": 128, "maxnreg_quant": ((2, None), (4, 120), (None, 168))}
+    assert pa.decode_maxnreg(cfg, False, 4096, 132) == 128 and pa.decode_maxnreg(cfg, False, 1, 132) == 128
+    # the quantizing variant by programs an SM: <= 2 uncapped, <= 4 the small cap, beyond the large one
+    assert pa.decode_maxnreg(cfg, True, 264, 132) is None
+    assert pa.decode_maxnreg(cfg, True, 265, 132) == 120 and pa.decode_maxnreg(cfg, True, 528, 132) == 120
+    assert pa.decode_maxnreg(cfg, True, 529, 132) == 168
+    assert pa.decode_maxnreg({}, True, 4096, 132) is None  # the split configs: the compiler's own allocation
+    assert pa.decode_maxnreg({"maxnreg_quant": ((2, 128),)}, True, 4096, 132) is None  # past every bound
+    # the defaults as measured on 132 SMs: the 8B's 32 (two slices) / 64 / 128+ decodes
+    if not os.environ.get("HOPPERLLM_DECODE_MAXNREG"):
+        assert [pa.decode_maxnreg(pa.DECODE_CONFIG, True, n, 132) for n in (256, 512, 1024)] == [
+            None,
+            128,
+            168,
+        ]
 
 
 def test_decode_maxnreg_from_env():
     assert pa.decode_maxnreg_from_env(None) == {} and pa.decode_maxnreg_from_env("") == {}
-    assert pa.decode_maxnreg_from_env("0") == dict.fromkeys(
-        ("maxnreg", "maxnreg_quant", "maxnreg_quant_small")
-    )
-    assert pa.decode_maxnreg_from_env("168") == {
-        "maxnreg": 168,
-        "maxnreg_quant": 168,
-        "maxnreg_quant_small": 168,
-    }
-    assert pa.decode_maxnreg_from_env("128,0") == {
-        "maxnreg": 128,
-        "maxnreg_quant": None,
-        "maxnreg_quant_small": None,
-    }
+    assert pa.decode_maxnreg_from_env("0") == {"maxnreg": None, "maxnreg_quant": ((None, None),)}
+    assert pa.decode_maxnreg_from_env("168") == {"maxnreg": 168, "maxnreg_quant": ((None, 168),)}
+    assert pa.decode_maxnreg_from_env("128,0") == {"maxnreg": 128, "maxnreg_quant": ((None, None),)}
     for bad in ("a", "128,168,200", "16", "300", "-1", "128;168"):
         with pytest.raises(ValueError, match="HOPPERLLM_DECODE_MAXNREG must be"):
             pa.decode_maxnreg_from_env(bad)
