@@ -368,7 +368,7 @@ for r in json.load(open(sys.argv[1]))["rows"]:
     print(f"   {r['shape']:16s} splits={r['splits']} maxnreg={r['maxnreg']!s:4s} {r['us']:8.1f} us {r['pct_of_floor']:5.1f}% of floor")
 PY
       ;;
-    v32-b1-maxnreg)  # batch 1's decode attention under register caps (offline, Triton 3.6: the split configs compile to
+    v31-b1-maxnreg)  # batch 1's decode attention under register caps (offline, Triton 3.6: the split configs compile to
       # 125-128 registers, 4 programs an SM; 80 gives 6 with no spill, 64 gives 8 with 64-72 bytes spilled). The 7B's
       # 16 slices are 512 programs (one wave at 4 an SM); 32 slices (1,024) ran 17.6 us against 14.3 (v29) as two
       # waves, one wave at 8 an SM. The 8B's and the 70B TP=2 shard's 128 / 64 programs: more slices, more warps.
@@ -376,8 +376,8 @@ PY
       # shapes -10 to -20% at 32-64 slices capped
       timeout 200 python3 benchmarks/tune_attention.py --shapes "llama2-7b b1" "llama3-8b b1" "llama2-70b tp2 b1" \
         --splits 16 32 64 --block-n 32 --num-warps 4 --num-stages 3 --maxnreg 0 64 80 --quant-out \
-        --output-json "$OUT/tune-attention-b1-maxnreg-quant-v32.json" 2>&1 | grep -c best
-      python3 - "$OUT/tune-attention-b1-maxnreg-quant-v32.json" <<'PY'
+        --output-json "$OUT/tune-attention-b1-maxnreg-quant-v31.json" 2>&1 | grep -c best
+      python3 - "$OUT/tune-attention-b1-maxnreg-quant-v31.json" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1]))["rows"]:
     print(f"   {r['shape']:18s} splits={r['splits']:2d} maxnreg={r['maxnreg']!s:4s} {r['us']:7.1f} us {r['pct_of_floor']:5.1f}% of floor")
