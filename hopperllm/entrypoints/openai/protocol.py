@@ -555,3 +555,22 @@ def sse_event(payload: BaseModel | dict[str, Any] | str) -> str:
     elif isinstance(payload, dict):
         payload = json.dumps(payload)
     return f"data: {payload}\n\n"
+
+
+class TextChunkTemplate:
+    """The SSE line of a streamed chunk in its most common form (one choice carrying only new text), made
+    without building and serializing the pydantic models for every token: `make(text)` is rendered once with
+    a placeholder text, and each chunk splices its own text's JSON into that rendering. The rest of the
+    line is pydantic's to the byte; the text is json's (ASCII-escaped: the same string once parsed)."""
+
+    _MARK = "@@hopperllm-chunk-text@@"
+
+    def __init__(self, make):
+        rendered = make(self._MARK).model_dump_json()
+        mark = json.dumps(self._MARK)
+        if rendered.count(mark) != 1:
+            raise ValueError("the chunk's rendering does not hold its text exactly once")
+        self._head, self._tail = rendered.split(mark)
+
+    def render(self, text: str) -> str:
+        return f"data: {self._head}{json.dumps(text)}{self._tail}\n\n"

@@ -51,6 +51,7 @@ from hopperllm.entrypoints.openai.protocol import (
     PromptLogprobs,
     PromptTokenUsageInfo,
     SamplingRequest,
+    TextChunkTemplate,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -376,6 +377,7 @@ class OpenAIServing:
         finished = [False] * num_choices
         text_offsets = [0] * num_choices
         include_usage, continuous_usage = _usage_options(req)
+        templates: dict[int, TextChunkTemplate] = {}
         outputs = self._outputs(reqs)
         try:
             async for i, out in outputs:
@@ -400,6 +402,24 @@ class OpenAIServing:
                         lp = _join_logprobs(lp, new_lp)
                     if not text and lp is None and c.finish_reason is None:
                         continue  # the new tokens do not decode to text yet
+                    if (
+                        lp is None
+                        and c.finish_reason is None
+                        and len(out.outputs) == 1
+                        and not continuous_usage
+                    ):
+                        # the common chunk (one choice, only new text) from its template: no pydantic models
+                        if idx not in templates:
+                            templates[idx] = TextChunkTemplate(
+                                lambda t, idx=idx: CompletionResponse(
+                                    id=request_id,
+                                    created=created,
+                                    model=model,
+                                    choices=[CompletionResponseChoice(index=idx, text=t)],
+                                )
+                            )
+                        yield templates[idx].render(text)
+                        continue
                     choices.append(
                         CompletionResponseChoice(
                             index=idx,

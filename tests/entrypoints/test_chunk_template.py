@@ -1,0 +1,51 @@
+"""TextChunkTemplate: a streamed completion chunk spliced from its template parses to the same JSON as the
+pydantic-built chunk it stands for, whatever the text (quotes, escapes, control characters, non-ASCII)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hopperllm.entrypoints.openai.protocol import (
+    CompletionResponse,
+    CompletionResponseChoice,
+    TextChunkTemplate,
+    sse_event,
+)
+
+
+def _make(idx: int, model: str):
+    return lambda t: CompletionResponse(
+        id="cmpl-1", created=1700000000, model=model, choices=[CompletionResponseChoice(index=idx, text=t)]
+    )
+
+
+def _parse(line: str) -> dict:
+    assert line.startswith("data: ") and line.endswith("\n\n")
+    return json.loads(line[len("data: ") : -2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(), idx=st.integers(0, 7), model=st.sampled_from(["m", 'we"ird\\name', "модель"]))
+def test_template_chunk_equals_pydantic_chunk(text, idx, model):
+    make = _make(idx, model)
+    got = TextChunkTemplate(make).render(text)
+    assert _parse(got) == _parse(sse_event(make(text)))
+    got.encode()
+
+
+def test_the_spliced_text_is_ascii_escaped():
+    """Even a lone surrogate (a str UTF-8 cannot encode) goes out: the text is json's ASCII escape."""
+    got = TextChunkTemplate(_make(0, "m")).render("caf\u00e9 \ud800")
+    got.encode("ascii")
+    assert _parse(got)["choices"][0]["text"] == "caf\u00e9 \ud800"
+
+
+def test_a_template_whose_text_is_not_in_it_once_is_refused():
+    with pytest.raises(ValueError, match="exactly once"):
+        TextChunkTemplate(
+            lambda t: CompletionResponse(id=t, model=t, choices=[CompletionResponseChoice(index=0, text=t)])
+        )
