@@ -383,6 +383,14 @@ for r in json.load(open(sys.argv[1]))["rows"]:
     print(f"   {r['shape']:18s} splits={r['splits']:2d} maxnreg={r['maxnreg']!s:4s} {r['us']:7.1f} us {r['pct_of_floor']:5.1f}% of floor")
 PY
       ;;
+    v32-serve-overlap)  # (carry .whl) the server's engine loop with HOPPERLLM_SERVE_OVERLAP=1 (the next step starts before a
+      # step's outputs reach the streams) against the default, alternating, all 200 requests at once.
+      # On the CPU with a zero model both are GIL-bound Python and it gained nothing; here the step waits on the GPU
+      # with the GIL released. Prediction: rate inf TPOT 22.6 -> 15-18 ms, 41.6 -> 48-55 req/s
+      i=0
+      for v in 0 1 0 1; do
+        i=$((i + 1)); HOPPERLLM_SERVE_OVERLAP=$v SERVE_TAG=overlap$v-run$i RATES=inf PROMPTS=200 OUT="$OUT" bash "$0" serve
+      done ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
@@ -411,7 +419,7 @@ PY
         seed=$((seed + 1))
         timeout 200 python3 -m hopperllm.entrypoints.cli bench serve --port 8011 --num-prompts ${PROMPTS:-300} --seed $seed \
           --request-rate $rate --random-input-len 1024 --random-output-len 128 --goodput ttft:500 tpot:50 \
-          --disable-tqdm --output-json "$OUT/serve-${model##*:}-rate$rate.json" 2>&1 \
+          --disable-tqdm --output-json "$OUT/serve-${model##*:}${SERVE_TAG:+-$SERVE_TAG}-rate$rate.json" 2>&1 \
           | grep -i "throughput\|mean ttft\|p99 ttft\|mean tpot\|p99 tpot\|goodput\|failed" | sed "s/^/[rate $rate] /"
       done
       kill -INT $spid; wait $spid ;;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,13 @@ logger = logging.getLogger(__name__)
 
 _ABORTED = object()  # ends a stream that was aborted from the server side
 STEP_DRAIN_TIMEOUT_S = 60.0  # how long a cancelled engine loop waits for the step in its worker thread
+# HOPPERLLM_SERVE_OVERLAP=1 starts the engine's next step before a step's outputs reach their streams, so that
+# the HTTP handlers (each stream's chunk, its JSON, the socket write) run while the engine steps instead of
+# between steps. On the CPU with a zero model (benchmarks/serve_overhead.py, ~190 streams of 1024/128) both
+# are Python under one GIL and it gained nothing (TPOT 13-26 ms against 18.7-19.9 serial: more variance, the
+# step thread and the handlers trading the GIL); on a GPU the step waits on the device with the GIL released,
+# where the handlers could run: off until an A/B run on the GPU says otherwise (perf-notes v31).
+SERVE_OVERLAP = os.environ.get("HOPPERLLM_SERVE_OVERLAP", "0") == "1"
 
 
 class EngineDeadError(RuntimeError):
@@ -67,8 +75,10 @@ class AsyncLLMEngine:
         max_waiting_requests: int | None = None,
         log_stats: bool = True,
         log_stats_interval_s: float = 10.0,
+        overlap: bool | None = None,
     ):
         self.engine = engine
+        self.overlap = SERVE_OVERLAP if overlap is None else overlap
         self.stats_logger = StatsLogger(engine, log_stats_interval_s) if log_stats else None
         self.max_waiting_requests = max_waiting_requests
         self._streams: dict[str, asyncio.Queue] = {}
@@ -222,13 +232,10 @@ class AsyncLLMEngine:
                 self.step_count += 1
                 if self.stats_logger is not None:
                     self.stats_logger.maybe_log()
-                # The next step starts before these outputs reach their streams, so that the handlers (each
-                # stream's chunk: its JSON, the socket write) run while the engine steps instead of between
-                # steps: at ~190 streams that was ~60 us an output, 11 ms a step of the engine idle on the
-                # host alone (benchmarks/serve_overhead.py). The outputs are snapshots the step does not touch.
-                self._apply_pending()
-                if self.engine.has_unfinished_requests():
-                    step = self._start_step()
+                if self.overlap:  # (SERVE_OVERLAP) the outputs are snapshots the next step does not touch
+                    self._apply_pending()
+                    if self.engine.has_unfinished_requests():
+                        step = self._start_step()
                 for out in outputs:
                     q = self._streams.get(out.request_id)
                     if q is not None:

@@ -1,6 +1,6 @@
-"""AsyncLLMEngine's loop over a scripted engine: every stream gets its outputs in order; the next engine step
-starts before a step's outputs reach the streams (the handlers run while the engine steps); a failing step
-reaches every stream; shutdown does not tear the engine down under a running step."""
+"""AsyncLLMEngine's loop over a scripted engine: every stream gets its outputs in order; with `overlap` the
+next engine step starts before a step's outputs reach the streams (the handlers run while the engine steps);
+a failing step reaches every stream; shutdown does not tear the engine down under a running step."""
 
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ async def _collect(engine: AsyncLLMEngine, rid: str, n: int, on_output=None) -> 
     return got
 
 
-def test_streams_get_every_output_in_order():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streams_get_every_output_in_order(overlap):
     async def main():
-        eng = AsyncLLMEngine(ScriptedEngine(), log_stats=False)
+        eng = AsyncLLMEngine(ScriptedEngine(), log_stats=False, overlap=overlap)
         got = await asyncio.gather(*(_collect(eng, f"r{i}", 3 + i) for i in range(4)))
         await eng.shutdown(drain_timeout_s=1)
         return got
@@ -86,9 +87,10 @@ def test_streams_get_every_output_in_order():
     assert got == [[f"t{j}" for j in range(1, 4 + i)] for i in range(4)]
 
 
-def test_next_step_starts_before_outputs_reach_the_streams():
-    """A consumer that blocks the event loop on receiving step k's output still sees step k + 1 begin: the
-    loop submitted it before handing the outputs over (before, it started only once the handlers had run)."""
+def test_overlap_starts_the_next_step_before_outputs_reach_the_streams():
+    """With `overlap` (HOPPERLLM_SERVE_OVERLAP=1), a consumer that blocks the event loop on receiving step
+    k's output still sees step k + 1 begin: the loop submitted it before handing the outputs over (without,
+    it starts once the handlers have run)."""
     started = {k: threading.Event() for k in range(1, 8)}
     scripted = ScriptedEngine(step_hook=lambda k: started[k].set())
 
@@ -100,7 +102,7 @@ def test_next_step_starts_before_outputs_reach_the_streams():
             )
 
     async def main():
-        eng = AsyncLLMEngine(scripted, log_stats=False)
+        eng = AsyncLLMEngine(scripted, log_stats=False, overlap=True)
         got = await _collect(eng, "r", 5, on_output)
         await eng.shutdown(drain_timeout_s=1)
         return got
@@ -108,12 +110,13 @@ def test_next_step_starts_before_outputs_reach_the_streams():
     assert asyncio.run(main()) == ["t1", "t2", "t3", "t4", "t5"]
 
 
-def test_a_failing_step_reaches_every_stream():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_step_reaches_every_stream(overlap):
     scripted = ScriptedEngine()
     scripted.fail_at = 3
 
     async def main():
-        eng = AsyncLLMEngine(scripted, log_stats=False)
+        eng = AsyncLLMEngine(scripted, log_stats=False, overlap=overlap)
         res = await asyncio.gather(*(_collect(eng, f"r{i}", 10) for i in range(3)), return_exceptions=True)
         assert not eng.is_running
         return res
@@ -122,7 +125,8 @@ def test_a_failing_step_reaches_every_stream():
     assert all(isinstance(r, EngineDeadError) and "the model failed" in str(r) for r in res)
 
 
-def test_shutdown_waits_for_the_running_step():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_shutdown_waits_for_the_running_step(overlap):
     release = threading.Event()
 
     def hook(k):
@@ -132,7 +136,7 @@ def test_shutdown_waits_for_the_running_step():
     scripted = ScriptedEngine(step_hook=hook)
 
     async def main():
-        eng = AsyncLLMEngine(scripted, log_stats=False)
+        eng = AsyncLLMEngine(scripted, log_stats=False, overlap=overlap)
         task = asyncio.ensure_future(_collect(eng, "r", 100))
         while scripted.steps_started < 2:
             await asyncio.sleep(0.01)
