@@ -1,5 +1,5 @@
-"""TextChunkTemplate: a streamed completion chunk spliced from its template parses to the same JSON as the
-pydantic-built chunk it stands for, whatever the text (quotes, escapes, control characters, non-ASCII)."""
+"""TextChunkTemplate: a streamed completion or chat chunk spliced from its template parses to the same JSON as
+the pydantic-built chunk it stands for, whatever the text (quotes, escapes, control characters, non-ASCII)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hopperllm.entrypoints.openai.protocol import (
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
     CompletionResponse,
     CompletionResponseChoice,
+    DeltaMessage,
     TextChunkTemplate,
     sse_event,
 )
@@ -49,3 +52,19 @@ def test_a_template_whose_text_is_not_in_it_once_is_refused():
         TextChunkTemplate(
             lambda t: CompletionResponse(id=t, model=t, choices=[CompletionResponseChoice(index=0, text=t)])
         )
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(), idx=st.integers(0, 7))
+def test_chat_template_chunk_equals_pydantic_chunk(text, idx):
+    def make(t):
+        return ChatCompletionStreamResponse(
+            id="chatcmpl-1",
+            created=1700000000,
+            model="m",
+            choices=[ChatCompletionStreamChoice(index=idx, delta=DeltaMessage(content=t))],
+        )
+
+    got = TextChunkTemplate(make).render(text)
+    want = _parse(sse_event(make(text)))
+    assert _parse(got) == want and want["choices"][0]["delta"] == {"content": text}

@@ -177,6 +177,17 @@ async def _first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput |
     return await anext(stream, None)
 
 
+def _content_only(delta: DeltaMessage | None) -> bool:
+    """A chat delta that carries text content and nothing else (no role, reasoning or tool calls)."""
+    return (
+        delta is not None
+        and delta.content is not None
+        and delta.role is None
+        and delta.reasoning_content is None
+        and delta.tool_calls is None
+    )
+
+
 async def _merge(
     streams: list[tuple[int, AsyncIterator[RequestOutput]]],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -611,6 +622,7 @@ class OpenAIServing:
         created = now_s()
         finished = [False] * req.n
         include_usage, continuous_usage = _usage_options(req)
+        templates: dict[int, TextChunkTemplate] = {}
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse_event(
@@ -643,6 +655,27 @@ class OpenAIServing:
                         )
                     delta, finish_reason = streams[c.index].step(c)
                     if delta is None and lp is None and c.finish_reason is None:
+                        continue
+                    if (
+                        _content_only(delta)
+                        and lp is None
+                        and finish_reason is None
+                        and c.stop_reason is None
+                        and len(out.outputs) == 1
+                        and not continuous_usage
+                    ):  # the common chunk (one choice, new content) from its template: no pydantic models
+                        if c.index not in templates:
+                            templates[c.index] = TextChunkTemplate(
+                                lambda t, i=c.index: ChatCompletionStreamResponse(
+                                    id=request_id,
+                                    created=created,
+                                    model=model,
+                                    choices=[
+                                        ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=t))
+                                    ],
+                                )
+                            )
+                        yield templates[c.index].render(delta.content)
                         continue
                     choices.append(
                         ChatCompletionStreamChoice(
