@@ -57,10 +57,16 @@ def serve(port: int, stats_json: str, max_num_seqs: int, num_kv_blocks: int, pro
     steps: list[tuple[float, float, int]] = []  # (start, end, outputs) of each step, perf_counter seconds
     step = engine.engine.step
 
+    step_prof = cProfile.Profile() if profile else None
+
     def timed_step():
+        if step_prof is not None:
+            step_prof.enable()  # the engine's worker thread
         t = time.perf_counter()
         out = step()
         steps.append((t, time.perf_counter(), len(out)))
+        if step_prof is not None:
+            step_prof.disable()
         return out
 
     engine.engine.step = timed_step
@@ -79,6 +85,8 @@ def serve(port: int, stats_json: str, max_num_seqs: int, num_kv_blocks: int, pro
             prof.disable()
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            buf.write("engine steps (worker thread):\n")
+            pstats.Stats(step_prof, stream=buf).sort_stats("tottime").print_stats(25)
             top = buf.getvalue().splitlines()
         with open(stats_json, "w") as f:
             json.dump({"steps": steps, "profile_top": top}, f)

@@ -560,16 +560,31 @@ class LLMEngine:
                     delta_token_ids=delta_ids,
                 )
             )
-        finished = all(s.is_finished for s in req.seqs)
         s0 = req.seqs[0]
-        metrics = RequestMetrics(
-            arrival_time=req.arrival_time,
-            first_scheduled_time=s0.first_scheduled_time,
-            first_token_time=min((s.first_token_time for s in req.seqs if s.first_token_time), default=None),
-            last_token_time=max((s.last_token_time for s in req.seqs if s.last_token_time), default=None),
-            finished_time=max((s.finished_time or 0 for s in req.seqs), default=None) if finished else None,
-            num_cached_tokens=s0.num_cached_tokens,
-        )
+        if len(req.seqs) == 1:  # (the common case, without the generators below)
+            finished = s0.is_finished
+            metrics = RequestMetrics(
+                arrival_time=req.arrival_time,
+                first_scheduled_time=s0.first_scheduled_time,
+                first_token_time=s0.first_token_time or None,
+                last_token_time=s0.last_token_time or None,
+                finished_time=(s0.finished_time or 0) if finished else None,
+                num_cached_tokens=s0.num_cached_tokens,
+            )
+        else:
+            finished = all(s.is_finished for s in req.seqs)
+            metrics = RequestMetrics(
+                arrival_time=req.arrival_time,
+                first_scheduled_time=s0.first_scheduled_time,
+                first_token_time=min(
+                    (s.first_token_time for s in req.seqs if s.first_token_time), default=None
+                ),
+                last_token_time=max((s.last_token_time for s in req.seqs if s.last_token_time), default=None),
+                finished_time=max((s.finished_time or 0 for s in req.seqs), default=None)
+                if finished
+                else None,
+                num_cached_tokens=s0.num_cached_tokens,
+            )
         prompt_lp = s0.prompt_logprobs
         if prompt_lp is not None:
             prompt_lp = list(prompt_lp) if s0.num_computed_tokens >= s0.num_prompt_tokens else None
