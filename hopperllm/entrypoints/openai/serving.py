@@ -416,6 +416,7 @@ class OpenAIServing:
                     if (
                         lp is None
                         and c.finish_reason is None
+                        and c.stop_reason is None
                         and len(out.outputs) == 1
                         and not continuous_usage
                     ):
