@@ -398,7 +398,7 @@ PY
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
       HOPPERLLM_DECODE_DOT_FP16=0 timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode \
         --output-json "$OUT/power-floor-attn-bf16-v29.json" 2>&1 | tail -2 ;;
-    serve)  # (carry .whl: fastapi, starlette, uvicorn, pydantic and their needs for Python 3.12, README's way) the
+    serve)  # (carry .whl: fastapi, starlette, uvicorn, uvloop, httptools, pydantic and their needs for Python 3.12) the
       # OpenAI-compatible server under load: Llama-3-8B FP8 + FP8 KV, random 1024/128 prompts streamed at each rate
       # in RATES (req/s; inf sends all at once), vLLM's benchmark_serving metrics; the server's log beside
       model=${SERVE_MODEL:-dummy:llama-3-8b}

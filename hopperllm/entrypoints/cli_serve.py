@@ -149,6 +149,15 @@ def _check_args(args) -> None:
         args.chat_template = load_chat_template(args.chat_template)
 
 
+def server_stack() -> tuple[str, str]:
+    """The event loop and HTTP implementation uvicorn's "auto" picks: uvloop and httptools where installed (a
+    dependency, as in vLLM: serving's host work ~25% less than on asyncio and h11), else the pure-Python ones."""
+    import importlib.util
+
+    have = lambda m: importlib.util.find_spec(m) is not None  # noqa: E731
+    return ("uvloop" if have("uvloop") else "asyncio"), ("httptools" if have("httptools") else "h11")
+
+
 def cmd_serve(args) -> int:
     _check_args(args)
     if not logging.getLogger().handlers:
@@ -195,10 +204,11 @@ def cmd_serve(args) -> int:
         )
         host, port = sock.getsockname()[:2]
         logger.info(
-            "serving %s on http://%s:%d (OpenAI API under /v1)",
+            "serving %s on http://%s:%d (OpenAI API under /v1; event loop %s, HTTP %s)",
             settings.served_model_names[0],
             f"[{host}]" if ":" in host else host,
             port,
+            *server_stack(),
         )
         server.run(sockets=[sock])
     finally:
