@@ -563,28 +563,21 @@ class LLMEngine:
         s0 = req.seqs[0]
         if len(req.seqs) == 1:  # (the common case, without the generators below)
             finished = s0.is_finished
-            metrics = RequestMetrics(
-                arrival_time=req.arrival_time,
-                first_scheduled_time=s0.first_scheduled_time,
-                first_token_time=s0.first_token_time or None,
-                last_token_time=s0.last_token_time or None,
-                finished_time=(s0.finished_time or 0) if finished else None,
-                num_cached_tokens=s0.num_cached_tokens,
-            )
+            first, last = s0.first_token_time or None, s0.last_token_time or None
+            end = (s0.finished_time or 0) if finished else None
         else:
             finished = all(s.is_finished for s in req.seqs)
-            metrics = RequestMetrics(
-                arrival_time=req.arrival_time,
-                first_scheduled_time=s0.first_scheduled_time,
-                first_token_time=min(
-                    (s.first_token_time for s in req.seqs if s.first_token_time), default=None
-                ),
-                last_token_time=max((s.last_token_time for s in req.seqs if s.last_token_time), default=None),
-                finished_time=max((s.finished_time or 0 for s in req.seqs), default=None)
-                if finished
-                else None,
-                num_cached_tokens=s0.num_cached_tokens,
-            )
+            first = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+            last = max((s.last_token_time for s in req.seqs if s.last_token_time), default=None)
+            end = max((s.finished_time or 0 for s in req.seqs), default=None) if finished else None
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=s0.first_scheduled_time,
+            first_token_time=first,
+            last_token_time=last,
+            finished_time=end,
+            num_cached_tokens=s0.num_cached_tokens,
+        )
         prompt_lp = s0.prompt_logprobs
         if prompt_lp is not None:
             prompt_lp = list(prompt_lp) if s0.num_computed_tokens >= s0.num_prompt_tokens else None
