@@ -22,13 +22,13 @@ logger = logging.getLogger(__name__)
 
 _ABORTED = object()  # ends a stream that was aborted from the server side
 STEP_DRAIN_TIMEOUT_S = 60.0  # how long a cancelled engine loop waits for the step in its worker thread
-# HOPPERLLM_SERVE_OVERLAP=1 starts the engine's next step before a step's outputs reach their streams, so that
-# the HTTP handlers (each stream's chunk, its JSON, the socket write) run while the engine steps instead of
-# between steps. On the CPU with a zero model (benchmarks/serve_overhead.py, ~190 streams of 1024/128) both
-# are Python under one GIL and it gained nothing (TPOT 13-26 ms against 18.7-19.9 serial: more variance, the
-# step thread and the handlers trading the GIL); on a GPU the step waits on the device with the GIL released,
-# where the handlers could run: off until an A/B run on the GPU says otherwise (perf-notes v31).
-SERVE_OVERLAP = os.environ.get("HOPPERLLM_SERVE_OVERLAP", "0") == "1"
+# The engine's next step starts before a step's outputs reach their streams (HOPPERLLM_SERVE_OVERLAP=0 turns
+# it off), so that the HTTP handlers (each stream's chunk, its JSON, the socket write) run while the step
+# waits on the device with the GIL released instead of between steps. On the CPU with a zero model
+# (benchmarks/serve_overhead.py) both sides are Python under one GIL and it gained nothing; on one H200
+# (Llama-3-8B FP8, 200 x 1024/128 all at once, alternating 0 1 1 0) 39.6 / 39.4 -> 43.3 / 42.4 req/s and TPOT
+# 24.5 / 24.4 -> 21.6 / 22.6 ms; at 8 req/s no change (perf-notes v32).
+SERVE_OVERLAP = os.environ.get("HOPPERLLM_SERVE_OVERLAP", "1") != "0"
 
 
 class EngineDeadError(RuntimeError):
@@ -232,7 +232,7 @@ class AsyncLLMEngine:
                 self.step_count += 1
                 if self.stats_logger is not None:
                     self.stats_logger.maybe_log()
-                if self.overlap:  # (SERVE_OVERLAP) the outputs are snapshots the next step does not touch
+                if self.overlap:  # (SERVE_OVERLAP, the default) the outputs are snapshots the next step does not touch
                     self._apply_pending()
                     if self.engine.has_unfinished_requests():
                         step = self._start_step()
