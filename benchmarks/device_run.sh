@@ -393,6 +393,19 @@ PY
         i=$((i + 1)); HOPPERLLM_SERVE_OVERLAP=$v SERVE_TAG=overlap$v-run$i RATES="8 inf" PROMPTS=200 OUT="$OUT" bash "$0" serve
       done
       rm -f "$OUT/serve-server.log" ;;
+    v32-engine-process)  # (carry .whl) the server with the engine core in a process of its own
+      # (HOPPERLLM_ENABLE_MULTIPROCESSING=1, core_proc.py) against one process (the loop's overlap on in both),
+      # alternating, at 8 req/s and all 200 requests at once. On the 2-core CPU with a zero model: TPOT 17.5 ->
+      # 12.6 ms at ~190 streams. Prediction here: rate inf TPOT 21.6-22.6 -> 15-17 ms, req/s 42-43 -> 50-55;
+      # 8 req/s unchanged within noise. The server's startup line (event loop, HTTP, where the core runs) is
+      # printed from its log.
+      i=0
+      for v in 0 1 1 0; do
+        i=$((i + 1)); HOPPERLLM_ENABLE_MULTIPROCESSING=$v SERVE_TAG=mp$v-run$i RATES="8 inf" PROMPTS=200 OUT="$OUT" bash "$0" serve
+        grep -m1 "serving .* on http" "$OUT/serve-server.log" | sed "s/^/[mp $v] /"
+        grep -m3 "Traceback\|ERROR" "$OUT/serve-server.log" | sed "s/^/[mp $v] /"
+      done
+      rm -f "$OUT/serve-server.log" ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3

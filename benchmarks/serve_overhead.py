@@ -29,10 +29,73 @@ import numpy as np
 BUCKETS = ((1, 16), (16, 64), (64, 128), (128, 256), (256, 1 << 30))
 
 
-def serve(port: int, stats_json: str, max_num_seqs: int, num_kv_blocks: int, profile: bool = False) -> None:
+def _word_model(runner, tokenizer):
+    """Zeros for the model, but the greedy token is a word's (a stream with no text fails the client's check)."""
+    from host_overhead import _ZeroModel  # benchmarks/ is on sys.path when run as a script
+
+    word = tokenizer.encode("a", add_special_tokens=False)[-1]
+
+    class _WordModel(_ZeroModel):
+        def compute_logits(self, hidden):
+            logits = super().compute_logits(hidden)
+            logits[:, word] = 1.0
+            return logits
+
+    return _WordModel(runner.model, runner.vocab_size)
+
+
+def _time_steps(engine, steps: list, profile: bool):
+    """Wrap engine.step to record (start, end, outputs); a cProfile of the steps when `profile`."""
+    step = engine.step
+    step_prof = cProfile.Profile() if profile else None
+
+    def timed_step():
+        if step_prof is not None:
+            step_prof.enable()  # the thread that steps the engine
+        t = time.perf_counter()
+        out = step()
+        steps.append((t, time.perf_counter(), len(out)))
+        if step_prof is not None:
+            step_prof.disable()
+        return out
+
+    engine.step = timed_step
+    return step_prof
+
+
+def core_hook(engine) -> None:
+    """--engine-process: run in the engine core's process (core_proc.py's hook) to install the zero model
+    and time the steps there; the steps (and the steps' profile) are written when the engine shuts down."""
+    runner = engine.executor.runner
+    runner.model = _word_model(runner, engine.tokenizer)
+    steps: list = []
+    step_prof = _time_steps(engine, steps, os.environ.get("SERVE_OVERHEAD_PROFILE") == "1")
+    shutdown = engine.shutdown
+
+    def write_and_shutdown():
+        top = []
+        if step_prof is not None:
+            buf = io.StringIO()
+            buf.write("engine steps (the engine core's process):\n")
+            pstats.Stats(step_prof, stream=buf).sort_stats("tottime").print_stats(25)
+            top = buf.getvalue().splitlines()
+        with open(os.environ["SERVE_OVERHEAD_STATS"], "w") as f:
+            json.dump({"steps": steps, "profile_top": top}, f)
+        shutdown()
+
+    engine.shutdown = write_and_shutdown
+
+
+def serve(
+    port: int,
+    stats_json: str,
+    max_num_seqs: int,
+    num_kv_blocks: int,
+    profile: bool = False,
+    engine_process: bool = False,
+) -> None:
     """The server process: `hopperllm serve`'s engine and app with a zero model, its step times kept."""
     import torch
-    from host_overhead import _ZeroModel  # benchmarks/ is on sys.path when run as a script
 
     from hopperllm.engine.arg_utils import EngineArgs
     from hopperllm.engine.async_engine import AsyncLLMEngine
@@ -41,35 +104,19 @@ def serve(port: int, stats_json: str, max_num_seqs: int, num_kv_blocks: int, pro
     torch.manual_seed(0)
     args = EngineArgs(model="dummy:tiny", device="cpu", dtype="float32", max_num_seqs=max_num_seqs,
                       num_kv_blocks=num_kv_blocks)  # fmt: skip
-    engine = AsyncLLMEngine.from_engine_args(args, show_progress=False, log_stats=False)
-    runner = engine.engine.executor.runner
-    word = engine.tokenizer.encode("a", add_special_tokens=False)[-1]
-
-    class _WordModel(_ZeroModel):
-        """Zeros, but the greedy token is a word's (a stream with no text fails the client's check)."""
-
-        def compute_logits(self, hidden):
-            logits = super().compute_logits(hidden)
-            logits[:, word] = 1.0
-            return logits
-
-    runner.model = _WordModel(runner.model, runner.vocab_size)
     steps: list[tuple[float, float, int]] = []  # (start, end, outputs) of each step, perf_counter seconds
-    step = engine.engine.step
+    step_prof = None
+    if engine_process:  # the core writes its steps to stats_json at shutdown
+        from hopperllm.engine.core_client import MPAsyncLLMEngine
 
-    step_prof = cProfile.Profile() if profile else None
-
-    def timed_step():
-        if step_prof is not None:
-            step_prof.enable()  # the engine's worker thread
-        t = time.perf_counter()
-        out = step()
-        steps.append((t, time.perf_counter(), len(out)))
-        if step_prof is not None:
-            step_prof.disable()
-        return out
-
-    engine.engine.step = timed_step
+        os.environ["SERVE_OVERHEAD_STATS"] = stats_json
+        os.environ["SERVE_OVERHEAD_PROFILE"] = "1" if profile else "0"
+        engine = MPAsyncLLMEngine.from_engine_args(args, log_stats=False, hook="serve_overhead:core_hook")
+    else:
+        engine = AsyncLLMEngine.from_engine_args(args, show_progress=False, log_stats=False)
+        runner = engine.engine.executor.runner
+        runner.model = _word_model(runner, engine.tokenizer)
+        step_prof = _time_steps(engine.engine, steps, profile)
     sock = bind_socket("127.0.0.1", port)
     app = build_app(engine, ServerSettings(served_model_names=["dummy:tiny"]))
     server = make_server(app, log_level="warning", access_log=False)
@@ -85,9 +132,14 @@ def serve(port: int, stats_json: str, max_num_seqs: int, num_kv_blocks: int, pro
             prof.disable()
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-            buf.write("engine steps (worker thread):\n")
-            pstats.Stats(step_prof, stream=buf).sort_stats("tottime").print_stats(25)
+            if step_prof is not None:
+                buf.write("engine steps (worker thread):\n")
+                pstats.Stats(step_prof, stream=buf).sort_stats("tottime").print_stats(25)
             top = buf.getvalue().splitlines()
+        if engine_process:  # the core's record, written as it stopped, with the loop's profile added
+            with open(stats_json) as f:
+                rec = json.load(f)
+            steps, top = rec["steps"], top + rec["profile_top"]
         with open(stats_json, "w") as f:
             json.dump({"steps": steps, "profile_top": top}, f)
 
@@ -127,12 +179,17 @@ def main() -> int:
     p.add_argument(
         "--pin", action="store_true", help="server on CPU 0, client on CPU 1 (less noise on a small machine)"
     )
+    p.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="the engine core in a process of its own (HOPPERLLM_ENABLE_MULTIPROCESSING=1's server)",
+    )
     p.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stats-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.server:
-        serve(a.port, a.stats_json, a.max_num_seqs, a.num_kv_blocks, a.profile)
+        serve(a.port, a.stats_json, a.max_num_seqs, a.num_kv_blocks, a.profile, a.engine_process)
         return 0
 
     blocks = -(-a.num_prompts * (a.input_len + a.output_len) // 16) + 16
@@ -140,7 +197,8 @@ def main() -> int:
         stats = os.path.join(tmp, "steps.json")
         client_json = os.path.join(tmp, "client.json")
         cmd = [sys.executable, __file__, "--server", "--port", str(a.port), "--stats-json", stats,
-               "--max-num-seqs", str(a.max_num_seqs), "--num-kv-blocks", str(blocks)] + ["--profile"] * a.profile  # fmt: skip
+               "--max-num-seqs", str(a.max_num_seqs), "--num-kv-blocks", str(blocks)] + ["--profile"] * a.profile \
+              + ["--engine-process"] * a.engine_process  # fmt: skip
         pin = (lambda cpu: ["taskset", "-c", str(cpu)]) if a.pin else (lambda cpu: [])
         srv = subprocess.Popen(pin(0) + cmd)
         try:

@@ -232,7 +232,8 @@ class AsyncLLMEngine:
                 self.step_count += 1
                 if self.stats_logger is not None:
                     self.stats_logger.maybe_log()
-                if self.overlap:  # (SERVE_OVERLAP, the default) the outputs are snapshots the next step does not touch
+                # (SERVE_OVERLAP, the default) the outputs are snapshots the next step does not touch
+                if self.overlap:
                     self._apply_pending()
                     if self.engine.has_unfinished_requests():
                         step = self._start_step()

@@ -158,6 +158,15 @@ def server_stack() -> tuple[str, str]:
     return ("uvloop" if have("uvloop") else "asyncio"), ("httptools" if have("httptools") else "h11")
 
 
+def engine_process() -> bool:
+    """HOPPERLLM_ENABLE_MULTIPROCESSING=1 runs the engine core in a process of its own (core_proc.py; vLLM's
+    VLLM_ENABLE_V1_MULTIPROCESSING); 0, the default for now, in the server's process (AsyncLLMEngine)."""
+    value = os.environ.get("HOPPERLLM_ENABLE_MULTIPROCESSING", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"HOPPERLLM_ENABLE_MULTIPROCESSING={value!r}: use 0 or 1")
+    return value == "1"
+
+
 def cmd_serve(args) -> int:
     _check_args(args)
     if not logging.getLogger().handlers:
@@ -177,7 +186,10 @@ def cmd_serve(args) -> int:
     try:
         torch.manual_seed(args.seed)
         engine_args = EngineArgs.from_cli_args(args)
-        engine = AsyncLLMEngine.from_engine_args(
+        engine_cls = AsyncLLMEngine
+        if engine_process():
+            from hopperllm.engine.core_client import MPAsyncLLMEngine as engine_cls
+        engine = engine_cls.from_engine_args(
             engine_args,
             max_waiting_requests=args.max_waiting_requests,
             show_progress=sys.stderr.isatty(),
@@ -204,11 +216,12 @@ def cmd_serve(args) -> int:
         )
         host, port = sock.getsockname()[:2]
         logger.info(
-            "serving %s on http://%s:%d (OpenAI API under /v1; event loop %s, HTTP %s)",
+            "serving %s on http://%s:%d (OpenAI API under /v1; event loop %s, HTTP %s; engine core %s)",
             settings.served_model_names[0],
             f"[{host}]" if ":" in host else host,
             port,
             *server_stack(),
+            "in a process of its own" if engine_cls is not AsyncLLMEngine else "in the server's process",
         )
         server.run(sockets=[sock])
     finally:
