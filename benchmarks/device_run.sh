@@ -406,6 +406,13 @@ PY
         grep -m3 "Traceback\|ERROR" "$OUT/serve-server.log" | sed "s/^/[mp $v] /"
       done
       rm -f "$OUT/serve-server.log" ;;
+    v32-serve-floor)  # (carry .whl) serving's own floor: the offline throughput run over the same 200 random
+      # 1024/128 prompts (the engine alone, no HTTP), then the server (engine core in its own process, the
+      # default) at 4, 8, 16 req/s and all at once: how much of rate inf's time is the server's
+      tput 200 200 --input-len 1024 --output-json "$OUT/throughput-llama-3-8b-fp8-200x1024.json" \
+        | grep "Throughput\|Output token\|Elapsed\|requests/s" | tail -4
+      SERVE_TAG=v32 PROMPTS=200 OUT="$OUT" bash "$0" serve
+      grep -m1 "serving .* on http" "$OUT/serve-server.log"; grep -m3 "Traceback\|ERROR" "$OUT/serve-server.log" ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3

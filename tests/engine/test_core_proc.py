@@ -1,0 +1,173 @@
+"""The engine core in a process of its own (core_proc.py, core_client.py).
+
+The wire format against the engine's own outputs: every step's RequestOutputs, encoded in the core, pickled
+and decoded in the front end, equal the originals (cumulative and delta outputs, n > 1, logprobs, prompt
+logprobs, stop strings, no detokenizing); a request's prompt crosses once. Then MPAsyncLLMEngine over a
+spawned core on the tiny model: the same greedy tokens as LLM in this process, bad input raised at the first
+item (the server's HTTP 400), aborts reaching the core, calls, a dead core failing every stream, a start-up
+error raised as in one process, and the process gone after shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+
+import pytest
+
+from hopperllm import LLM, RequestOutputKind, SamplingParams
+from hopperllm.engine.arg_utils import EngineArgs
+from hopperllm.engine.async_engine import EngineDeadError
+from hopperllm.engine.core_client import MPAsyncLLMEngine
+from hopperllm.engine.core_proc import OutputDecoder, OutputEncoder
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [1, 2, 3], [300, 301, 302, 303, 304, 305, 306]]
+ARGS = dict(model="dummy:tiny", device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(**ARGS, show_progress=False)
+
+
+PARAMS = {
+    "greedy": SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
+    "n2-logprobs": SamplingParams(max_tokens=7, temperature=1.0, seed=3, n=2, logprobs=2, ignore_eos=True),
+    "prompt-logprobs": SamplingParams(max_tokens=5, temperature=0.0, prompt_logprobs=2, ignore_eos=True),
+    "delta": SamplingParams(
+        max_tokens=8,
+        temperature=1.0,
+        seed=1,
+        logprobs=1,
+        prompt_logprobs=1,
+        output_kind=RequestOutputKind.DELTA,
+    ),
+    "stop-string": SamplingParams(
+        max_tokens=20, temperature=1.0, seed=7, stop=["<t4", "\x03"], ignore_eos=True
+    ),
+    "stop-kept": SamplingParams(
+        max_tokens=20, temperature=1.0, seed=7, stop=["<t4"], include_stop_str_in_output=True, ignore_eos=True
+    ),
+    "no-detokenize": SamplingParams(max_tokens=6, temperature=1.0, seed=2, detokenize=False, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_outputs_cross_the_wire_unchanged(llm, name):
+    engine = llm.engine
+    enc, dec = OutputEncoder(), OutputDecoder()
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt}, PARAMS[name].clone())
+    heads = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        wire = pickle.loads(pickle.dumps(enc.encode(outs)))
+        for item in wire:
+            if item[1] is not None:
+                heads[item[0]] = heads.get(item[0], 0) + 1
+        assert [dec.decode(item) for item in wire] == outs
+        steps += 1
+    assert steps > 3
+    assert heads == {f"{name}-{i}": 1 for i in range(len(PROMPTS))}  # the prompt crosses once
+    assert not enc._sent and not dec._state  # finished requests leave nothing behind
+
+
+def test_an_aborted_request_is_forgotten_on_both_sides(llm):
+    engine = llm.engine
+    enc, dec = OutputEncoder(), OutputDecoder()
+    engine.add_request("gone", {"prompt_token_ids": PROMPTS[0]}, PARAMS["greedy"].clone())
+    for item in enc.encode(engine.step()):
+        dec.decode(item)
+    engine.abort_request("gone")
+    enc.forget("gone")
+    dec.forget("gone")
+    assert not enc._sent and not dec._state
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+# -- the engine in its own process -----------------------------------------------------------------------
+def _run(coro):
+    return asyncio.run(coro)
+
+
+async def _collect(eng, prompt, params, rid):
+    outs = []
+    async for out in eng.generate({"prompt_token_ids": prompt}, params, rid):
+        outs.append(out)
+    return outs
+
+
+def test_engine_process_end_to_end(llm):
+    greedy = PARAMS["greedy"]
+    want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+
+    async def main():
+        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS), log_stats=False)
+        try:
+            assert eng.config.scheduler_config.max_model_len == 64
+            assert eng.tokenizer.encode("hi") == llm.engine.tokenizer.encode("hi")
+            # greedy tokens as in this process, and the outputs stream step by step
+            runs = await asyncio.gather(
+                *(_collect(eng, p, greedy.clone(), f"r{i}") for i, p in enumerate(PROMPTS))
+            )
+            assert [r[-1].outputs[0].token_ids for r in runs] == want
+            assert all(len(r) > 1 and r[-1].finished and not any(o.finished for o in r[:-1]) for r in runs)
+            assert runs[0][-1].prompt_token_ids == PROMPTS[0]
+            assert runs[0][-1].metrics.ttft_s > 0
+            # bad input: raised at the first item, the engine goes on
+            with pytest.raises(ValueError, match="out of range"):
+                await _collect(eng, [10**6], greedy.clone(), "bad")
+            with pytest.raises(ValueError, match="max_tokens"):
+                await _collect(eng, PROMPTS[1], SamplingParams(max_tokens=0), "bad2")
+            # a consumer that leaves aborts its request in the core
+            long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+            gen = eng.generate({"prompt_token_ids": PROMPTS[1]}, long, "leaver")
+            await gen.__anext__()
+            await gen.aclose()
+            for _ in range(200):
+                if eng.engine.get_stats().num_running == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert eng.engine.get_stats().num_running == 0
+            assert eng.num_pending() == 0
+            assert await eng.call("reset_prefix_cache") is True
+            stats = eng.engine.get_stats()
+            assert stats.num_generation_tokens >= sum(len(t) for t in want)
+        finally:
+            await eng.shutdown(drain_timeout_s=5)
+        assert eng.proc.exitcode == 0
+        assert not eng.is_running
+
+    _run(main())
+
+
+def test_a_dead_engine_core_fails_every_stream():
+    async def main():
+        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS), log_stats=False)
+        try:
+            params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+            gens = [
+                eng.generate({"prompt_token_ids": p}, params.clone(), f"k{i}") for i, p in enumerate(PROMPTS)
+            ]
+            for g in gens:
+                await g.__anext__()
+            os.kill(eng.proc.pid, signal.SIGKILL)
+            for g in gens:
+                with pytest.raises(EngineDeadError):
+                    async for _ in g:
+                        pass
+            assert not eng.is_running
+            with pytest.raises(EngineDeadError):
+                await _collect(eng, PROMPTS[0], params.clone(), "after")
+        finally:
+            await eng.shutdown(drain_timeout_s=1)
+
+    _run(main())
+
+
+def test_a_start_up_error_is_raised_as_in_one_process():
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        MPAsyncLLMEngine.from_engine_args(EngineArgs(**{**ARGS, "max_model_len": 1 << 20}), log_stats=False)
