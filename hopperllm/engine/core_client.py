@@ -140,7 +140,6 @@ class MPAsyncLLMEngine:
     ) -> MPAsyncLLMEngine:
         """Spawn the core, wait for it to load the model; a ValueError there (a bad flag, a model that does
         not fit) is raised here as it would be in one process."""
-        del show_progress  # the core's progress bars would interleave with the server's log
         ctx = mp.get_context("spawn")
         # one pipe each way: the event loop may make its reading end non-blocking (uvloop does), and the
         # front end's writes must stay blocking
@@ -150,7 +149,7 @@ class MPAsyncLLMEngine:
         proc = ctx.Process(
             target=run_engine_core,
             name="hopperllm-engine-core",
-            args=(child_in, child_out, args, log_stats, level, hook),
+            args=(child_in, child_out, args, log_stats, level, hook, show_progress),
             daemon=False,  # it spawns tensor-parallel workers of its own
         )
         proc.start()
@@ -292,7 +291,8 @@ class MPAsyncLLMEngine:
             q.put_nowait(_ABORTED)
 
     async def call(self, name: str, *args, timeout_s: float = CALL_TIMEOUT_S):
-        """Call an LLMEngine method in the core between steps (e.g. reset_prefix_cache); its value."""
+        """Call an LLMEngine method in the core between steps (a dotted name reaches further:
+        "reset_prefix_cache", "executor.worker_pids"), or read an attribute; its value."""
         self.start()
         call_id = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
@@ -333,9 +333,13 @@ class MPAsyncLLMEngine:
                 end = start + head + n
                 if end > len(buf):
                     break
-                msg = pickle.loads(view[start + head : end])
+                try:
+                    self._dispatch(pickle.loads(view[start + head : end]))
+                except Exception as e:  # a message this side cannot take: fail loudly, not hang the streams
+                    logger.exception("the engine core's message could not be read")
+                    self._fail(EngineDeadError(f"the engine core's output could not be read: {e}"))
+                    return
                 start = end
-                self._dispatch(msg)
         del buf[:start]
 
     def _dispatch(self, msg) -> None:

@@ -238,7 +238,10 @@ class EngineCore:
         elif kind == CALL:
             _, call_id, name, args = msg
             try:
-                value = getattr(self.engine, name)(*args)
+                fn = self.engine
+                for part in name.split("."):  # e.g. "reset_prefix_cache", "executor.worker_pids"
+                    fn = getattr(fn, part)
+                value = fn(*args) if callable(fn) else fn  # (an attribute's value)
                 self.outputs.put((REPLY, call_id, True, value))
             except Exception as e:
                 self.outputs.put((REPLY, call_id, False, f"{type(e).__name__}: {e}"))
@@ -295,6 +298,7 @@ def run_engine_core(
     log_stats: bool,
     log_level: int | None,
     hook: str | None = None,
+    show_progress: bool = False,
 ) -> None:
     """The core process's entry (spawned): build the engine, report READY with what the front end needs
     (the config, the tokenizer, sampling defaults, EOS ids, the KV blocks), then loop until SHUTDOWN or the
@@ -314,7 +318,7 @@ def run_engine_core(
         from hopperllm.engine.llm_engine import LLMEngine
 
         torch.manual_seed(engine_args.seed)
-        engine = LLMEngine.from_engine_args(engine_args, show_progress=False)
+        engine = LLMEngine.from_engine_args(engine_args, show_progress=show_progress)
         if hook is not None:
             import importlib
 

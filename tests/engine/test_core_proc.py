@@ -13,6 +13,7 @@ import asyncio
 import os
 import pickle
 import signal
+import time
 
 import pytest
 
@@ -22,7 +23,7 @@ from hopperllm.engine.async_engine import EngineDeadError
 from hopperllm.engine.core_client import MPAsyncLLMEngine
 from hopperllm.engine.core_proc import OutputDecoder, OutputEncoder
 
-PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [1, 2, 3], [300, 301, 302, 303, 304, 305, 306]]
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [1, 2, 3], [200, 201, 202, 203, 204, 205, 206]]
 ARGS = dict(model="dummy:tiny", device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
 
 
@@ -171,3 +172,41 @@ def test_a_dead_engine_core_fails_every_stream():
 def test_a_start_up_error_is_raised_as_in_one_process():
     with pytest.raises(ValueError, match="max_position_embeddings"):
         MPAsyncLLMEngine.from_engine_args(EngineArgs(**{**ARGS, "max_model_len": 1 << 20}), log_stats=False)
+
+
+def test_engine_process_with_tensor_parallel_workers(tmp_path):
+    """The core spawns the tensor-parallel ranks of its own (it is not a daemon); their tokens are TP=1's
+    (an HF checkpoint: dummy weights are drawn per rank), and stopping the core stops them."""
+    from tests.helpers import make_hf_llama_dir
+
+    model = make_hf_llama_dir(str(tmp_path / "model"), seed=5)
+    args = dict(model=model, device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
+    greedy = PARAMS["greedy"]
+    ref = LLM(**args, show_progress=False)
+    want = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    ref.engine.shutdown()
+
+    async def main():
+        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**args, tensor_parallel_size=2), log_stats=False)
+        try:
+            assert eng.config.parallel_config.tensor_parallel_size == 2
+            runs = await asyncio.gather(
+                *(_collect(eng, p, greedy.clone(), f"tp{i}") for i, p in enumerate(PROMPTS))
+            )
+            ranks = await eng.call("executor.worker_pids")
+        finally:
+            await eng.shutdown(drain_timeout_s=5)
+        return [r[-1].outputs[0].token_ids for r in runs], ranks
+
+    got, ranks = _run(main())
+    assert got == want
+    assert len(ranks) == 2
+    for pid in ranks:  # gone (or a zombie of the core's, reaped with it)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"tensor-parallel rank {pid} outlived the engine core")
