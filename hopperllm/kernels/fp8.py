@@ -12,7 +12,6 @@ Conventions (shared by every kernel that produces FP8):
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 from hopperllm.kernels import timeline
-from hopperllm.kernels.launch import cdiv, next_power_of_2
+from hopperllm.kernels.launch import cdiv, next_power_of_2, num_sms
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 from hopperllm.kernels.timeline import stamp
 
@@ -600,11 +599,6 @@ def tile_counters(device: torch.device, num_tiles: int, user: str = "fp8_gemv") 
     return counters
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Batch-1 configs measured best per weight shape (N, K) on an H100 (benchmarks/tune_gemv.py,
 # benchmarks/results/tune-gemv-h100.json: 21 configs per matrix, cold weights, in CUDA graphs); shapes
 # not listed use the rule in fp8_gemv_config. Llama-2-7B / Llama-2-70B decode matrices at TP=1. They serve
@@ -745,7 +739,7 @@ def _check_x_fp8(x_fp8: torch.Tensor, x_scale: torch.Tensor, K: int) -> None:
 
 def _gemv_num_sms(device: torch.device) -> int:
     """The SM count fp8_gemv_config plans for (an H100's 132 off the GPU, where the interpreter runs)."""
-    return _num_sms(device.index or 0) if device.type == "cuda" else 132
+    return num_sms(device, default=132)
 
 
 # Shared memory a GEMV program may take for its pipeline stages (an H100 / H200 SM has 227 KB).

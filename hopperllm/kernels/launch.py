@@ -7,6 +7,8 @@ batch-1 time to first token was host-bound on the H200: perf-notes v26), so the 
 
 from __future__ import annotations
 
+import functools
+
 
 def cdiv(x: int, y: int) -> int:
     """ceil(x / y) for positive y."""
@@ -16,3 +18,22 @@ def cdiv(x: int, y: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (0 for n <= 0, as Triton has it)."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device, default: int) -> int:
+    """A CUDA device's streaming multiprocessors (cached a device: the property query is slow on the host),
+    or `default` for any other device (the interpreter's CPU: the plans' stand-in)."""
+    if device.type != "cuda":
+        return default
+    if device.index is None:
+        import torch
+
+        return _sm_count(torch.cuda.current_device())
+    return _sm_count(device.index)

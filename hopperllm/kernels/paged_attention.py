@@ -26,7 +26,6 @@ Scales are read on the device: no host sync, CUDA-graph safe.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from hopperllm.kernels.fp8 import (
     quantize_fp8,
     tile_counters,
 )
-from hopperllm.kernels.launch import cdiv, next_power_of_2
+from hopperllm.kernels.launch import cdiv, next_power_of_2, num_sms
 from hopperllm.kernels.pdl import pdl_kwargs, pdl_prologue
 from hopperllm.kernels.timeline import stamp
 
@@ -527,11 +526,8 @@ def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_hea
         stamp(ts_ptr, prog, 6, TIMESTAMPS)
 
 
-@functools.cache
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return num_sms(device, default=1)
 
 
 # Launch parameters of the decode kernel on the GPU (benchmarks/tune_attention.py sweeps them): 128-key
