@@ -16,6 +16,7 @@ from hopperllm.entrypoints.openai.protocol import (
     CompletionResponseChoice,
     DeltaMessage,
     TextChunkTemplate,
+    TextChunkTemplates,
     sse_event,
 )
 
@@ -68,3 +69,19 @@ def test_chat_template_chunk_equals_pydantic_chunk(text, idx):
     got = TextChunkTemplate(make).render(text)
     want = _parse(sse_event(make(text)))
     assert _parse(got) == want and want["choices"][0]["delta"] == {"content": text}
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks=st.lists(st.tuples(st.integers(0, 3), st.text(max_size=8)), max_size=12))
+def test_templates_keep_one_template_a_choice_index(chunks):
+    """TextChunkTemplates makes each index's template on its first chunk; every chunk is its own index's."""
+    made: list[int] = []
+
+    def make(i, t):
+        made.append(i)
+        return _make(i, "m")(t)
+
+    templates = TextChunkTemplates(make)
+    for idx, text in chunks:
+        assert _parse(templates.render(idx, text)) == _parse(sse_event(_make(idx, "m")(text)))
+    assert sorted(made) == sorted({i for i, _ in chunks})  # one rendering an index

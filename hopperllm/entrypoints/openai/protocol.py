@@ -574,3 +574,18 @@ class TextChunkTemplate:
 
     def render(self, text: str) -> str:
         return f"data: {self._head}{json.dumps(text)}{self._tail}\n\n"
+
+
+class TextChunkTemplates:
+    """A stream's TextChunkTemplate for each choice index, made from `make(index, text)` on the index's first
+    chunk."""
+
+    def __init__(self, make):
+        self._make = make
+        self._by_index: dict[int, TextChunkTemplate] = {}
+
+    def render(self, index: int, text: str) -> str:
+        template = self._by_index.get(index)
+        if template is None:
+            template = self._by_index[index] = TextChunkTemplate(lambda t: self._make(index, t))
+        return template.render(text)

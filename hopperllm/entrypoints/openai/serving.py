@@ -51,7 +51,7 @@ from hopperllm.entrypoints.openai.protocol import (
     PromptLogprobs,
     PromptTokenUsageInfo,
     SamplingRequest,
-    TextChunkTemplate,
+    TextChunkTemplates,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -388,7 +388,14 @@ class OpenAIServing:
         finished = [False] * num_choices
         text_offsets = [0] * num_choices
         include_usage, continuous_usage = _usage_options(req)
-        templates: dict[int, TextChunkTemplate] = {}
+        templates = TextChunkTemplates(  # the common chunk's line, a choice index
+            lambda i, t: CompletionResponse(
+                id=request_id,
+                created=created,
+                model=model,
+                choices=[CompletionResponseChoice(index=i, text=t)],
+            )
+        )
         outputs = self._outputs(reqs)
         try:
             async for i, out in outputs:
@@ -421,16 +428,7 @@ class OpenAIServing:
                         and not continuous_usage
                     ):
                         # the common chunk (one choice, only new text) from its template: no pydantic models
-                        if idx not in templates:
-                            templates[idx] = TextChunkTemplate(
-                                lambda t, idx=idx: CompletionResponse(
-                                    id=request_id,
-                                    created=created,
-                                    model=model,
-                                    choices=[CompletionResponseChoice(index=idx, text=t)],
-                                )
-                            )
-                        yield templates[idx].render(text)
+                        yield templates.render(idx, text)
                         continue
                     choices.append(
                         CompletionResponseChoice(
@@ -623,7 +621,14 @@ class OpenAIServing:
         created = now_s()
         finished = [False] * req.n
         include_usage, continuous_usage = _usage_options(req)
-        templates: dict[int, TextChunkTemplate] = {}
+        templates = TextChunkTemplates(  # the common chunk's line, a choice index
+            lambda i, t: ChatCompletionStreamResponse(
+                id=request_id,
+                created=created,
+                model=model,
+                choices=[ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=t))],
+            )
+        )
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse_event(
@@ -665,18 +670,7 @@ class OpenAIServing:
                         and len(out.outputs) == 1
                         and not continuous_usage
                     ):  # the common chunk (one choice, new content) from its template: no pydantic models
-                        if c.index not in templates:
-                            templates[c.index] = TextChunkTemplate(
-                                lambda t, i=c.index: ChatCompletionStreamResponse(
-                                    id=request_id,
-                                    created=created,
-                                    model=model,
-                                    choices=[
-                                        ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=t))
-                                    ],
-                                )
-                            )
-                        yield templates[c.index].render(delta.content)
+                        yield templates.render(c.index, delta.content)
                         continue
                     choices.append(
                         ChatCompletionStreamChoice(
