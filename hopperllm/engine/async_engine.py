@@ -68,7 +68,47 @@ class StatsLogger:
         return line
 
 
-class AsyncLLMEngine:
+class EngineFront:
+    """What AsyncLLMEngine (the engine in this process) and core_client.MPAsyncLLMEngine (in a process of its
+    own) share: the engine's tokenizer, config and sampling defaults through `self.engine`, and the checks a
+    new request passes before it is queued. Subclasses keep `_dead`, `_stopping`, `_streams`,
+    `max_waiting_requests` and `num_pending()`."""
+
+    engine: object
+    max_waiting_requests: int | None
+    _dead: BaseException | None
+    _stopping: bool
+    _streams: dict
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def default_sampling(self) -> dict:
+        """SamplingParams defaults from the model's generation config (LLMEngine.default_sampling)."""
+        return self.engine.default_sampling
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    def num_pending(self) -> int:
+        raise NotImplementedError
+
+    def _check_new_request(self, request_id: str) -> None:
+        """Raise what the server maps to HTTP 500 / 503 / 429 / 400 for a request it cannot take now."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine failed: {self._dead}")
+        if self._stopping:
+            raise QueueFullError("the server is shutting down")
+        if self.max_waiting_requests is not None and self.num_pending() >= self.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
+
+class AsyncLLMEngine(EngineFront):
     def __init__(
         self,
         engine: LLMEngine,
@@ -97,19 +137,6 @@ class AsyncLLMEngine:
         return cls(
             LLMEngine.from_engine_args(args, show_progress=show_progress), max_waiting_requests, log_stats
         )
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def default_sampling(self) -> dict:
-        """SamplingParams defaults from the model's generation config (LLMEngine.default_sampling)."""
-        return self.engine.default_sampling
-
-    @property
-    def config(self):
-        return self.engine.config
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,14 +174,7 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs (cumulative text plus delta fields) until the request finishes.
         If the consumer stops iterating (client disconnect), the request is aborted."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine failed: {self._dead}")
-        if self._stopping:
-            raise QueueFullError("the server is shutting down")
-        if self.max_waiting_requests is not None and self.num_pending() >= self.max_waiting_requests:
-            raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_new_request(request_id)
         if params.structured_outputs is not None:
             # compiling a grammar (and, the first time, llguidance's view of the vocabulary) can take a
             # while: off the event loop, which keeps serving the other requests meanwhile

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 
-from hopperllm.engine.async_engine import _ABORTED, EngineDeadError
+from hopperllm.engine.async_engine import _ABORTED, EngineDeadError, EngineFront
 from hopperllm.engine.core_proc import (
     ABORT,
     ADD,
@@ -106,7 +106,7 @@ class EngineCoreClient:
         return self.stats
 
 
-class MPAsyncLLMEngine:
+class MPAsyncLLMEngine(EngineFront):
     """AsyncLLMEngine's interface (generate, abort, start, shutdown, is_running, num_pending, tokenizer,
     config, default_sampling, engine) with the LLMEngine in a spawned process."""
 
@@ -181,18 +181,6 @@ class MPAsyncLLMEngine:
         logger.info("engine core in process %d", msg[1]["pid"])
         return cls(proc, conn, reader, msg[1], max_waiting_requests)
 
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def default_sampling(self) -> dict:
-        return self.engine.default_sampling
-
-    @property
-    def config(self):
-        return self.engine.config
-
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         if self._loop is None and not self._stopped:
@@ -222,7 +210,7 @@ class MPAsyncLLMEngine:
                 self._loop.remove_reader(self.reader.fileno())
             except (OSError, ValueError):
                 pass
-        self._stopped = True
+        self._stopped = self._stopping = True
 
     # -- requests ---------------------------------------------------------------------------
     def num_pending(self) -> int:
@@ -241,14 +229,7 @@ class MPAsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs until the request finishes; the core's error for it (bad input) is raised at
         the first item. If the consumer stops iterating (client disconnect), the request is aborted."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine failed: {self._dead}")
-        if self._stopping or self._stopped:
-            raise QueueFullError("the server is shutting down")
-        if self.max_waiting_requests is not None and self.num_pending() >= self.max_waiting_requests:
-            raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_new_request(request_id)
         self.start()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
