@@ -413,6 +413,11 @@ PY
         | grep "Throughput\|Output token\|Elapsed\|requests/s" | tail -4
       SERVE_TAG=v32 PROMPTS=200 OUT="$OUT" bash "$0" serve
       grep -m1 "serving .* on http" "$OUT/serve-server.log"; grep -m3 "Traceback\|ERROR" "$OUT/serve-server.log" ;;
+    v32-check)  # the GPU tests of attention and the model (the kernels' SM count now from launch.num_sms), then
+      # the 7B batch-1 smoke latency (its decode splits are planned from that count)
+      timeout 270 python3 -m pytest -q -x tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_model.py -p no:cacheprovider \
+        2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+      OUT="$OUT" bash "$0" smoke ;;
     v29-power-attn)  # decode attention's energy a byte against a copy's (v29-power: 0.53 J for 2.2 GB of K / V at 693 W,
       # 17% of a steady-state mixed step's energy): float16 products (default) and bfloat16 (more conversions)
       timeout 100 python3 benchmarks/power_floor.py --seconds 5 --ops decode copy --output-json "$OUT/power-floor-attn-v29.json" 2>&1 | tail -3
