@@ -74,8 +74,16 @@ class OutputEncoder:
                     t_keep = len(ptext) if ptext and text.startswith(ptext) else 0
                     k = len(pids)
                     i_keep = k if k and len(ids) >= k and ids[k - 1] == pids[k - 1] and ids[:k] == pids else 0
+                    # logprob entries are the engine's own dicts, shared by a request's successive outputs
                     k = len(plps) if plps else 0
-                    l_keep = k if k and lps is not None and len(lps) >= k and lps[k - 1] is plps[k - 1] else 0
+                    kept = (
+                        k
+                        and lps is not None
+                        and len(lps) >= k
+                        and lps[0] is plps[0]
+                        and lps[k - 1] is plps[k - 1]
+                    )
+                    l_keep = k if kept else 0
                 sent[c.index] = (text, ids, lps)
                 comps.append(
                     (
@@ -96,7 +104,11 @@ class OutputEncoder:
             plp = o.prompt_logprobs
             if plp is not None:
                 last = state[1]
-                if last is not None and len(last) == len(plp) and (not plp or plp[-1] is last[-1]):
+                if (
+                    last is not None
+                    and len(last) == len(plp)
+                    and (not plp or (plp[-1] is last[-1] and plp[0] is last[0]))
+                ):
                     plp = _SAME
                 else:
                     state[1] = plp

@@ -16,12 +16,15 @@ import signal
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hopperllm import LLM, RequestOutputKind, SamplingParams
 from hopperllm.engine.arg_utils import EngineArgs
 from hopperllm.engine.async_engine import EngineDeadError
 from hopperllm.engine.core_client import MPAsyncLLMEngine
 from hopperllm.engine.core_proc import OutputDecoder, OutputEncoder
+from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [1, 2, 3], [200, 201, 202, 203, 204, 205, 206]]
 ARGS = dict(model="dummy:tiny", device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
@@ -73,6 +76,71 @@ def test_outputs_cross_the_wire_unchanged(llm, name):
     assert steps > 3
     assert heads == {f"{name}-{i}": 1 for i in range(len(PROMPTS))}  # the prompt crosses once
     assert not enc._sent and not dec._state  # finished requests leave nothing behind
+
+
+# a step of one completion: how its text, token ids and logprobs change (grow as the engine's do, or not)
+_STEP = st.tuples(
+    st.sampled_from(["grow", "replace", "shrink"]),
+    st.text(max_size=4),
+    st.lists(st.integers(0, 9), max_size=3),
+    st.sampled_from(["grow", "fresh", "copied", "none"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    histories=st.lists(st.lists(_STEP, min_size=1, max_size=6), min_size=1, max_size=3),
+    prompt_lp=st.sampled_from(["none", "shared", "fresh"]),
+)
+def test_any_output_history_crosses_the_wire_unchanged(histories, prompt_lp):
+    """Whatever a request's outputs do from one to the next (texts that grow, shrink or change, token ids
+    replaced, logprob lists of shared, fresh or copied-equal dicts, prompt logprobs again or anew), the front
+    end rebuilds them equal; the prefix kept is never taken from a value that is not the earlier one's."""
+    enc, dec = OutputEncoder(), OutputDecoder()
+    state = {}  # index -> (text, ids, logprobs)
+    plp = [None, {1: -0.5}, {2: -0.25}]
+    for step in range(max(len(h) for h in histories)):
+        comps = []
+        for index, history in enumerate(histories):
+            text, ids, lps = state.get(index, ("", [], []))
+            how, t, new_ids, lp_how = history[min(step, len(history) - 1)]
+            if how == "grow":
+                text, ids = text + t, ids + new_ids
+            elif how == "replace":
+                text, ids = t, list(new_ids)
+            else:
+                text, ids = text[: len(text) // 2], ids[: len(ids) // 2]
+            entries = [{i: -float(i)} for i in new_ids]
+            if lp_how == "grow":
+                lps = (lps or []) + entries
+            elif lp_how == "fresh":
+                lps = entries
+            elif lp_how == "copied":  # equal content, other objects: must not be taken as the same entries
+                lps = [dict(e) for e in (lps or [])] + entries
+            else:
+                lps = None
+            state[index] = (text, ids, lps)
+            comps.append(
+                CompletionOutput(
+                    index,
+                    text,
+                    list(ids),
+                    -1.0 * step,
+                    None if lps is None else list(lps),
+                    delta_text=t,
+                    delta_token_ids=list(new_ids),
+                )  # fmt: skip
+            )
+        last = step == max(len(h) for h in histories) - 1
+        if prompt_lp == "fresh":
+            plp = [None] + [dict(e) for e in plp[1:]]
+        out = RequestOutput(
+            "req", "prompt", [1, 2, 3], comps, last, RequestMetrics(0.5, 0.6, 0.7, 0.8 + step, None, 2),
+            prompt_logprobs=None if prompt_lp == "none" else list(plp),
+        )  # fmt: skip
+        wire = pickle.loads(pickle.dumps(enc.encode([out])))
+        assert dec.decode(wire[0]) == out
+    assert not enc._sent and not dec._state
 
 
 def test_an_aborted_request_is_forgotten_on_both_sides(llm):
