@@ -31,6 +31,14 @@ STEP_DRAIN_TIMEOUT_S = 60.0  # how long a cancelled engine loop waits for the st
 SERVE_OVERLAP = os.environ.get("HOPPERLLM_SERVE_OVERLAP", "1") != "0"
 
 
+def call_engine(engine, name: str, args: tuple = ()):
+    """`engine.<name>(*args)` for a dotted name (or the attribute's value where it is not callable)."""
+    fn = engine
+    for part in name.split("."):
+        fn = getattr(fn, part)
+    return fn(*args) if callable(fn) else fn
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop failed; no request can complete."""
 
@@ -124,6 +132,7 @@ class AsyncLLMEngine(EngineFront):
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_adds: list = []
         self._pending_aborts: list[str] = []
+        self._pending_calls: list[tuple[str, tuple, asyncio.Future]] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._dead: BaseException | None = None
@@ -216,11 +225,30 @@ class AsyncLLMEngine(EngineFront):
         if q is not None:
             q.put_nowait(_ABORTED)
 
+    async def call(self, name: str, *args, timeout_s: float = 60.0):
+        """Call an LLMEngine method between steps (a dotted name reaches further: "reset_prefix_cache",
+        "executor.worker_pids"), or read an attribute; its value. A failure is a RuntimeError naming it."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine failed: {self._dead}")
+        self.start()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending_calls.append((name, args, fut))
+        self._wakeup.set()
+        return await asyncio.wait_for(fut, timeout_s)
+
     # -- the loop ---------------------------------------------------------------------------
     def _start_step(self) -> asyncio.Future:
         return asyncio.ensure_future(asyncio.to_thread(self.engine.step))
 
     def _apply_pending(self) -> None:
+        calls, self._pending_calls = self._pending_calls, []
+        for name, args, fut in calls:  # between steps, as the core process runs them
+            if fut.done():
+                continue
+            try:
+                fut.set_result(call_engine(self.engine, name, args))
+            except Exception as e:
+                fut.set_exception(RuntimeError(f"{type(e).__name__}: {e}"))
         adds, self._pending_adds = self._pending_adds, []
         aborts, self._pending_aborts = set(self._pending_aborts), []
         for req in adds:
@@ -243,7 +271,7 @@ class AsyncLLMEngine(EngineFront):
                     self._apply_pending()
                     if not self.engine.has_unfinished_requests():
                         self._wakeup.clear()
-                        if not self._pending_adds and not self._pending_aborts:
+                        if not self._pending_adds and not self._pending_aborts and not self._pending_calls:
                             await self._wakeup.wait()
                         continue
                     step = self._start_step()
@@ -271,3 +299,6 @@ class AsyncLLMEngine(EngineFront):
             self._dead = e
             for q in self._streams.values():
                 q.put_nowait(e)
+            for _, _, fut in self._pending_calls:
+                if not fut.done():
+                    fut.set_exception(EngineDeadError(f"the engine failed: {e}"))

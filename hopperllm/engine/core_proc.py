@@ -25,6 +25,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+from hopperllm.engine.async_engine import StatsLogger, call_engine
 from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,6 @@ class EngineCore:
         log_stats: bool = True,
         log_stats_interval_s: float = 10.0,
     ):
-        from hopperllm.engine.async_engine import StatsLogger
 
         self.engine = engine
         self.conn_in = conn_in
@@ -250,10 +250,7 @@ class EngineCore:
         elif kind == CALL:
             _, call_id, name, args = msg
             try:
-                fn = self.engine
-                for part in name.split("."):  # e.g. "reset_prefix_cache", "executor.worker_pids"
-                    fn = getattr(fn, part)
-                value = fn(*args) if callable(fn) else fn  # (an attribute's value)
+                value = call_engine(self.engine, name, args)
                 self.outputs.put((REPLY, call_id, True, value))
             except Exception as e:
                 self.outputs.put((REPLY, call_id, False, f"{type(e).__name__}: {e}"))

@@ -203,6 +203,9 @@ def test_engine_process_end_to_end(llm):
             assert eng.engine.get_stats().num_running == 0
             assert eng.num_pending() == 0
             assert await eng.call("reset_prefix_cache") is True
+            assert await eng.call("num_kv_blocks") == 64  # an attribute's value
+            with pytest.raises(RuntimeError, match="AttributeError"):
+                await eng.call("no_such_method")
             stats = eng.engine.get_stats()
             assert stats.num_generation_tokens >= sum(len(t) for t in want)
         finally:

@@ -234,3 +234,39 @@ def test_prompt_tokens_details_report_prefix_cache_hits():
             "usage"
         ]
         assert "prompt_tokens_details" not in usage
+
+
+def test_ping_and_the_dev_mode_prefix_cache_reset(monkeypatch):
+    """/ping answers as /health (GET and POST, no key needed); HOPPERLLM_SERVER_DEV_MODE=1 adds POST
+    /reset_prefix_cache (vLLM's dev route): the same prompt again then hits no cached block; 409 while a
+    request runs; without dev mode there is no such route."""
+    prompt = "The same long prompt, sent twice, fills three cache blocks of sixteen tokens at least."
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+    with ThreadServer() as srv:
+        assert httpx.get(f"{srv.base_url}/ping").status_code == 200
+        assert httpx.post(f"{srv.base_url}/ping").status_code == 200
+        assert httpx.post(f"{srv.base_url}/reset_prefix_cache").status_code == 404
+    monkeypatch.setenv("HOPPERLLM_SERVER_DEV_MODE", "1")
+    kw = dict(engine_kwargs=dict(max_model_len=2048), enable_prompt_tokens_details=True)
+    with ThreadServer(**kw) as srv:
+        url = f"{srv.base_url}/v1/completions"
+        cached = lambda: httpx.post(url, json=body, timeout=60).json()["usage"]["prompt_tokens_details"][  # noqa: E731
+            "cached_tokens"
+        ]
+        assert cached() == 0 and cached() >= 16
+        r = httpx.post(f"{srv.base_url}/reset_prefix_cache", timeout=30)
+        assert r.status_code == 200 and r.json() == {"reset": True}
+        assert cached() == 0
+
+        async def while_running() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
+                async with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as stream:
+                    lines = stream.aiter_lines()
+                    await _first_event(lines)
+                    return await client.post("/reset_prefix_cache")
+
+        r = asyncio.run(while_running())
+        assert r.status_code == 409 and r.json()["error"]["type"] == "ConflictError", r.text
+    monkeypatch.setenv("HOPPERLLM_SERVER_DEV_MODE", "yes")
+    with pytest.raises(ValueError, match="use 0 or 1"):
+        ThreadServer().__enter__()

@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -51,9 +52,11 @@ logger = logging.getLogger(__name__)
 from hopperllm.entrypoints.cli_serve import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
 
 # open without an API key: probes, scrapers and the API's own description
-UNAUTHENTICATED_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"})
+UNAUTHENTICATED_PATHS = frozenset(
+    {"/health", "/ping", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
+)
 # answered while draining (the rest get 503): /health itself reports 503 then
-OPEN_WHILE_DRAINING = frozenset({"/health", "/metrics", "/version"})
+OPEN_WHILE_DRAINING = frozenset({"/health", "/ping", "/metrics", "/version"})
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,14 @@ class ServerState:
 ERROR_RESPONSES: dict[int | str, dict] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
 }
+
+
+def server_dev_mode() -> bool:
+    """HOPPERLLM_SERVER_DEV_MODE=1 adds the routes vLLM keeps for development (POST /reset_prefix_cache)."""
+    value = os.environ.get("HOPPERLLM_SERVER_DEV_MODE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"HOPPERLLM_SERVER_DEV_MODE={value!r}: use 0 or 1")
+    return value == "1"
 
 
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
@@ -163,6 +174,22 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         if not engine.is_running:
             raise APIError(503, "the engine is not running")
         return Response(status_code=200)
+
+    @app.get("/ping", responses={503: {"model": ErrorResponse}})
+    @app.post("/ping", responses={503: {"model": ErrorResponse}})
+    async def ping() -> Response:
+        """vLLM's (SageMaker's) liveness route: /health's answer."""
+        return await health()
+
+    if server_dev_mode():
+
+        @app.post("/reset_prefix_cache", responses={409: {"model": ErrorResponse}})
+        async def reset_prefix_cache() -> Response:
+            """(HOPPERLLM_SERVER_DEV_MODE=1, as vLLM's VLLM_SERVER_DEV_MODE) drop the prefix cache's blocks
+            between benchmark runs; 409 while a request runs."""
+            if not await engine.call("reset_prefix_cache"):
+                raise APIError(409, "the prefix cache can be reset only while no request runs")
+            return JSONResponse({"reset": True})
 
     @app.get("/metrics")
     async def show_metrics() -> Response:
