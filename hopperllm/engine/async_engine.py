@@ -84,6 +84,7 @@ class EngineFront:
 
     engine: object
     max_waiting_requests: int | None
+    _expedite: bool = False  # shutdown stops waiting for the requests in flight (a second Ctrl+C)
     _dead: BaseException | None
     _stopping: bool
     _streams: dict
@@ -103,6 +104,10 @@ class EngineFront:
 
     def num_pending(self) -> int:
         raise NotImplementedError
+
+    def abort_all_soon(self) -> None:
+        """A shutdown under way (or the next) aborts the requests in flight instead of waiting for them."""
+        self._expedite = True
 
     def _check_new_request(self, request_id: str) -> None:
         """Raise what the server maps to HTTP 500 / 503 / 429 / 400 for a request it cannot take now."""
@@ -160,8 +165,9 @@ class AsyncLLMEngine(EngineFront):
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting; let in-flight requests finish for up to drain_timeout_s, then abort them."""
         self._stopping = True
-        deadline = asyncio.get_running_loop().time() + drain_timeout_s
-        while self._streams and asyncio.get_running_loop().time() < deadline and self.is_running:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        while self._streams and loop.time() < deadline and self.is_running and not self._expedite:
             await asyncio.sleep(0.05)
         for rid in list(self._streams):
             await self.abort(rid)

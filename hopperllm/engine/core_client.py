@@ -197,7 +197,7 @@ class MPAsyncLLMEngine(EngineFront):
         self._stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout_s
-        while self._streams and loop.time() < deadline and self.is_running:
+        while self._streams and loop.time() < deadline and self.is_running and not self._expedite:
             await asyncio.sleep(0.05)
         for rid in list(self._streams):
             await self.abort(rid)

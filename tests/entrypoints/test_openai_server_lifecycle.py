@@ -126,6 +126,36 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
         server.stop()
 
 
+def test_a_second_sigint_aborts_the_requests_in_flight_and_exits_0(tmp_path):
+    """Ctrl+C drains; Ctrl+C again aborts what is in flight (its stream ends with an error event) and the
+    server still stops cleanly: exit 0, no traceback, the engine core's process gone."""
+    server = start_server_process(["--model", "dummy:tiny", "--device", "cpu"], str(tmp_path / "server.log"))
+    try:
+        url = f"{server.base_url}/v1/completions"
+        body = {**LONG, "max_tokens": 1000, "stream": True}
+        with httpx.Client(timeout=60) as c, c.stream("POST", url, json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            server.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while "draining requests in flight" not in server.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            server.proc.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert len(rest) < 900  # ended long before its 1,000 tokens
+        assert (
+            "shutting down"
+            in json.loads(rest[-2 if rest[-1] == "data: [DONE]" else -1].removeprefix("data: "))["error"][
+                "message"
+            ]
+        )
+        assert server.proc.wait(timeout=30) == 0
+        log = server.log()
+        assert "aborting the requests in flight" in log and "Traceback" not in log, log[-4000:]
+    finally:
+        server.stop()
+
+
 def test_serve_cli_errors_exit_2(capsys):
     from hopperllm.entrypoints.cli import main
 

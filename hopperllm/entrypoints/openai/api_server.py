@@ -362,13 +362,15 @@ async def _send_error(send: Send, status: int, message: str, headers: dict[str, 
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server that drains on SIGTERM/SIGINT instead of closing at once: new requests get 503
     while the requests in flight finish (up to the shutdown timeout), then it stops. It does not
-    re-raise the signal afterwards, so the process exits with code 0. A second Ctrl+C forces exit."""
+    re-raise the signal afterwards, so the process exits with code 0. A second Ctrl+C aborts the requests in
+    flight at once (their streams end with an error event) and stops as cleanly; a third forces exit."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
         self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self._expedited = False
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -388,6 +390,11 @@ class GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is not None or self._loop is None:
+            if sig == signal.SIGINT and self._loop is not None and not self._expedited:
+                self._expedited = True
+                logger.info("received SIGINT again: aborting the requests in flight")
+                self._loop.call_soon_threadsafe(self._app.state.engine.abort_all_soon)
+                return
             if sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
