@@ -50,14 +50,17 @@ _I32, _U64 = struct.Struct("!i"), struct.Struct("!Q")
 
 
 def _request_error(name: str, message: str) -> Exception:
-    """A request's error from the core, as the type the server maps (400 / 429)."""
+    """A request's error from the core (core_proc.error_kind), as the type the server maps: 400, 429, or for
+    anything else (a bug) a RuntimeError naming it, 500."""
     if name == "QueueFullError":
         return QueueFullError(message)
     if name == "StructuredOutputError":
         from hopperllm.engine.structured_output import StructuredOutputError
 
         return StructuredOutputError(message)
-    return ValueError(message)
+    if name == "ValueError":
+        return ValueError(message)
+    return RuntimeError(f"{name}: {message}")
 
 
 def _stop_process(proc, conn, reader, timeout_s: float) -> None:

@@ -26,6 +26,8 @@ import traceback
 from multiprocessing.connection import Connection
 
 from hopperllm.engine.async_engine import StatsLogger, call_engine
+from hopperllm.engine.llm_engine import QueueFullError
+from hopperllm.engine.structured_output import StructuredOutputError
 from hopperllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,15 @@ READY, OUTPUTS, ERROR, REPLY, STATS, DEAD = "ready", "outputs", "error", "reply"
 # the errors a request's add may raise in the core, rebuilt by name in the front end (anything else: ValueError)
 REQUEST_ERRORS = ("ValueError", "StructuredOutputError", "QueueFullError")
 _SAME = "same"  # a request's prompt logprobs as last sent
+
+
+def error_kind(e: BaseException) -> str:
+    """The name the front end rebuilds a request's error from: one of REQUEST_ERRORS for the caller's errors
+    (subclasses too: a JSON or Unicode error is a ValueError), else the type's own name (a bug: HTTP 500)."""
+    for cls in (StructuredOutputError, QueueFullError, ValueError):
+        if isinstance(e, cls):
+            return cls.__name__
+    return type(e).__name__
 
 
 def _dumps(msg) -> bytes:
@@ -212,7 +223,7 @@ class EngineCore:
                 try:
                     req = self.engine.prepare_request(rid, prompt, params, arrival)
                 except Exception as e:  # the caller's error: its stream gets it, nothing else stops
-                    self.outputs.put((ERROR, rid, type(e).__name__, str(e)))
+                    self.outputs.put((ERROR, rid, error_kind(e), str(e)))
                     continue
                 self.inputs.put((ADD, req))
             else:
@@ -241,7 +252,7 @@ class EngineCore:
             try:
                 self.engine.commit_request(req)
             except Exception as e:
-                self.outputs.put((ERROR, req.request_id, type(e).__name__, str(e)))
+                self.outputs.put((ERROR, req.request_id, error_kind(e), str(e)))
         elif kind == ABORT:
             ids = msg[1]
             self.engine.abort_request(ids)

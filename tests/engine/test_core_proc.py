@@ -281,3 +281,27 @@ def test_engine_process_with_tensor_parallel_workers(tmp_path):
             time.sleep(0.05)
         else:
             raise AssertionError(f"tensor-parallel rank {pid} outlived the engine core")
+
+
+def test_a_request_error_keeps_its_kind_across_the_wire():
+    """What the server answers 400 / 429 for stays such (subclasses too); anything else is a bug: 500."""
+    import json
+
+    from hopperllm.engine.core_client import _request_error
+    from hopperllm.engine.core_proc import error_kind
+    from hopperllm.engine.llm_engine import QueueFullError
+    from hopperllm.engine.structured_output import StructuredOutputError
+
+    try:
+        json.loads("{")
+    except ValueError as e:
+        decode_error = e
+    for error, kind in [
+        (ValueError("bad"), ValueError),
+        (decode_error, ValueError),
+        (StructuredOutputError("grammar"), StructuredOutputError),
+        (QueueFullError("full"), QueueFullError),
+        (KeyError("bug"), RuntimeError),
+    ]:
+        rebuilt = _request_error(error_kind(error), str(error))
+        assert type(rebuilt) is kind and str(error) in str(rebuilt)
