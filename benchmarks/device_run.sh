@@ -3,7 +3,7 @@
 # writes logs and JSON under $OUT. Usage (from the repo root): bash benchmarks/device_run.sh [steps...]
 # steps: info tests smoke kernels latency throughput throughput-cold sass (default: info tests smoke); tensor parallelism:
 # tp-tests, and with TP=<size> (default 2): latency-70b-tp, latency-70b-tp-nccl, profile-tp, budget-70b-tp,
-# tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes), ab-tp (A/B of environment
+# serve-70b-tp, tune-gemv-tp (one GPU is enough for that one: it tunes one rank's shard shapes), ab-tp (A/B of environment
 # settings, e.g. AB="- HOPPERLLM_GEMV_PREFETCH=16 HOPPERLLM_FUSED_MLP=0,HOPPERLLM_PDL=1"); ab: the same on one GPU
 # (MODEL=dummy:llama-2-7b by default)
 set -uo pipefail
@@ -535,6 +535,12 @@ PY
         --batch-sizes ${BATCHES:-$( [ "${TP:-2}" -ge 4 ] && echo 1,2,4,6,8,12,16,20,24 || echo 1,2,3,4,5,6,8 )} \
         --num-prompts ${PROMPTS:-$( [ "${TP:-2}" -ge 4 ] && echo 48 || echo 24 )} --max-num-seqs 32 --output-json "$OUT/budget-llama-2-70b-fp8-tp${TP:-2}.json" 2>&1 \
         | grep -v "Capturing\|it/s\]\|req/s" | tee "$OUT/budget70tp.log" | tail -30 ;;
+    serve-70b-tp)  # (carry .whl) the OpenAI server over Llama-2-70B FP8 + FP8 KV at TP=${TP:-2}: the engine core in its
+      # own process spawns the ranks; 2048/128 prompts would match the budget run, the serve step's 1024/128 keeps
+      # it comparable with the 8B's serving rows. Rates 1 2 4 and all 100 at once
+      SERVE_MODEL=dummy:llama-2-70b SERVE_FLAGS="--quantization fp8 --kv-cache-dtype fp8 --tensor-parallel-size ${TP:-2}" \
+        SERVE_TAG=tp${TP:-2} RATES="${RATES:-1 2 4 inf}" PROMPTS=${PROMPTS:-100} OUT="$OUT" bash "$0" serve
+      grep -m1 "serving .* on http" "$OUT/serve-server.log"; grep -m3 "Traceback\|ERROR" "$OUT/serve-server.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
