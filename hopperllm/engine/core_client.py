@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import select
 import struct
 import time
 import weakref
@@ -64,12 +65,27 @@ def _request_error(name: str, message: str) -> Exception:
 
 
 def _stop_process(proc, conn, reader, timeout_s: float) -> None:
-    """Finalizer: ask the core to stop, then make sure it has."""
+    """Finalizer: ask the core to stop, then make sure it has. What the core still sends meanwhile is read
+    and dropped: a core whose output thread sits on a full pipe would not finish."""
     try:
         conn.send_bytes(_dumps((SHUTDOWN,)))
     except (OSError, ValueError):
         pass
-    proc.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        fd = reader.fileno()
+    except (OSError, ValueError):
+        fd = None
+    while fd is not None and proc.is_alive() and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                if not os.read(fd, READ_CHUNK):
+                    break  # the core closed its end
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                break
+    proc.join(max(0.0, deadline - time.monotonic()))
     if proc.is_alive():
         proc.terminate()
         proc.join(5)

@@ -216,6 +216,30 @@ def test_engine_process_end_to_end(llm):
     _run(main())
 
 
+def test_shutdown_under_load_is_prompt():
+    """Streams running with a busy core: shutdown without a drain aborts them and the core is gone in
+    seconds (its last outputs, sent while it stops, are read and dropped, not left on a full pipe)."""
+
+    async def main():
+        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS), log_stats=False)
+        params = SamplingParams(max_tokens=60, temperature=1.0, logprobs=5, ignore_eos=True)
+        gens = [eng.generate({"prompt_token_ids": [3 + i, 4, 5]}, params.clone(), f"s{i}") for i in range(16)]
+        for g in gens:
+            await g.__anext__()
+        t0 = time.monotonic()
+        await eng.shutdown(drain_timeout_s=0)
+        elapsed = time.monotonic() - t0
+        for g in gens:  # each ends (aborted at shutdown) instead of waiting forever
+            async for _ in g:
+                pass
+        return elapsed, eng.proc.exitcode
+
+    elapsed, code = _run(main())
+    assert (
+        code == 0 and elapsed < 20
+    )  # a hang check (a stuck output thread costs 30 s, then a kill), not a speed one
+
+
 def test_a_dead_engine_core_fails_every_stream():
     async def main():
         eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS), log_stats=False)
