@@ -238,7 +238,16 @@ class EngineCore:
             if msg is None:
                 return
             try:
-                self.conn_out.send_bytes(_dumps(msg))
+                data = _dumps(msg)
+            except Exception as e:  # a call's value that does not pickle: its caller gets the error
+                if msg[0] != REPLY:
+                    logger.exception("the engine core's %s message does not pickle", msg[0])
+                    msg = (DEAD, f"the engine core's output does not pickle: {e}", traceback.format_exc())
+                else:
+                    msg = (REPLY, msg[1], False, f"the value does not pickle: {type(e).__name__}: {e}")
+                data = _dumps(msg)
+            try:
+                self.conn_out.send_bytes(data)
             except (OSError, ValueError):  # the front end is gone: the input thread sees it too
                 self._send_failed = True
                 return

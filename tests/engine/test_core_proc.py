@@ -169,12 +169,21 @@ async def _collect(eng, prompt, params, rid):
     return outs
 
 
+def give_the_engine_a_lock(engine) -> None:
+    """(the core's hook) an attribute whose value does not pickle."""
+    import threading
+
+    engine.a_lock = threading.Lock()
+
+
 def test_engine_process_end_to_end(llm):
     greedy = PARAMS["greedy"]
     want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
 
     async def main():
-        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**ARGS), log_stats=False)
+        eng = MPAsyncLLMEngine.from_engine_args(
+            EngineArgs(**ARGS), log_stats=False, hook="tests.engine.test_core_proc:give_the_engine_a_lock"
+        )
         try:
             assert eng.config.scheduler_config.max_model_len == 64
             assert eng.tokenizer.encode("hi") == llm.engine.tokenizer.encode("hi")
@@ -204,6 +213,9 @@ def test_engine_process_end_to_end(llm):
             assert eng.num_pending() == 0
             assert await eng.call("reset_prefix_cache") is True
             assert await eng.call("num_kv_blocks") == 64  # an attribute's value
+            with pytest.raises(RuntimeError, match="does not pickle"):
+                await eng.call("a_lock")  # (the hook's) the engine goes on
+            assert await eng.call("num_kv_blocks") == 64
             with pytest.raises(RuntimeError, match="AttributeError"):
                 await eng.call("no_such_method")
             stats = eng.engine.get_stats()
