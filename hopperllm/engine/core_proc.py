@@ -199,7 +199,6 @@ class EngineCore:
         log_stats: bool = True,
         log_stats_interval_s: float = 10.0,
     ):
-
         self.engine = engine
         self.conn_in = conn_in
         self.conn_out = conn_out
@@ -207,7 +206,6 @@ class EngineCore:
         self.stats_logger = StatsLogger(engine, log_stats_interval_s) if log_stats else None
         self.inputs: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: queue.SimpleQueue = queue.SimpleQueue()
-        self._send_failed = False
 
     # -- threads ---------------------------------------------------------------------------------------
     def _read_inputs(self) -> None:
@@ -249,7 +247,6 @@ class EngineCore:
             try:
                 self.conn_out.send_bytes(data)
             except (OSError, ValueError):  # the front end is gone: the input thread sees it too
-                self._send_failed = True
                 return
 
     # -- the loop --------------------------------------------------------------------------------------
