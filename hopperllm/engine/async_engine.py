@@ -105,6 +105,24 @@ class EngineFront:
     def num_pending(self) -> int:
         raise NotImplementedError
 
+    @property
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    async def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def _drain(self, drain_timeout_s: float) -> None:
+        """Stop accepting; let in-flight requests finish for up to drain_timeout_s (or until abort_all_soon),
+        then abort the rest."""
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        while self._streams and loop.time() < deadline and self.is_running and not self._expedite:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            await self.abort(rid)
+
     def abort_all_soon(self) -> None:
         """A shutdown under way (or the next) aborts the requests in flight instead of waiting for them."""
         self._expedite = True
@@ -164,13 +182,7 @@ class AsyncLLMEngine(EngineFront):
 
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting; let in-flight requests finish for up to drain_timeout_s, then abort them."""
-        self._stopping = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout_s
-        while self._streams and loop.time() < deadline and self.is_running and not self._expedite:
-            await asyncio.sleep(0.05)
-        for rid in list(self._streams):
-            await self.abort(rid)
+        await self._drain(drain_timeout_s)
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:

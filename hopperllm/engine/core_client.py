@@ -213,13 +213,7 @@ class MPAsyncLLMEngine(EngineFront):
     async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting; let in-flight requests finish for up to drain_timeout_s, then abort them and stop
         the core."""
-        self._stopping = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout_s
-        while self._streams and loop.time() < deadline and self.is_running and not self._expedite:
-            await asyncio.sleep(0.05)
-        for rid in list(self._streams):
-            await self.abort(rid)
+        await self._drain(drain_timeout_s)
         self._close()
         await asyncio.to_thread(self._finalizer)
 
