@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 _ABORTED = object()  # ends a stream that was aborted from the server side
-STEP_DRAIN_TIMEOUT_S = 60.0  # how long a cancelled engine loop waits for the step in its worker thread
+STEP_DRAIN_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 60.0  # how long `call()` waits for the engine to run it between steps  # how long a cancelled engine loop waits for the step in its worker thread
 # The engine's next step starts before a step's outputs reach their streams (HOPPERLLM_SERVE_OVERLAP=0 turns
 # it off), so that the HTTP handlers (each stream's chunk, its JSON, the socket write) run while the step
 # waits on the device with the GIL released instead of between steps. On the CPU with a zero model
@@ -78,9 +79,9 @@ class StatsLogger:
 
 class EngineFront:
     """What AsyncLLMEngine (the engine in this process) and core_client.MPAsyncLLMEngine (in a process of its
-    own) share: the engine's tokenizer, config and sampling defaults through `self.engine`, and the checks a
-    new request passes before it is queued. Subclasses keep `_dead`, `_stopping`, `_streams`,
-    `max_waiting_requests` and `num_pending()`."""
+    own) share: the engine's tokenizer, config and sampling defaults through `self.engine`, the checks a new
+    request passes before it is queued, and shutdown's drain. Subclasses keep `_dead`, `_stopping`, `_streams`
+    and `max_waiting_requests`, and give `num_pending()`, `is_running` and `abort()`."""
 
     engine: object
     max_waiting_requests: int | None
@@ -243,7 +244,7 @@ class AsyncLLMEngine(EngineFront):
         if q is not None:
             q.put_nowait(_ABORTED)
 
-    async def call(self, name: str, *args, timeout_s: float = 60.0):
+    async def call(self, name: str, *args, timeout_s: float = CALL_TIMEOUT_S):
         """Call an LLMEngine method between steps (a dotted name reaches further: "reset_prefix_cache",
         "executor.worker_pids"), or read an attribute; its value. A failure is a RuntimeError naming it."""
         if self._dead is not None:

@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 
-from hopperllm.engine.async_engine import _ABORTED, EngineDeadError, EngineFront
+from hopperllm.engine.async_engine import _ABORTED, CALL_TIMEOUT_S, EngineDeadError, EngineFront
 from hopperllm.engine.core_proc import (
     ABORT,
     ADD,
@@ -37,7 +37,7 @@ from hopperllm.engine.core_proc import (
     _dumps,
     run_engine_core,
 )
-from hopperllm.engine.llm_engine import EngineStats, PromptType, QueueFullError
+from hopperllm.engine.llm_engine import EngineStats, PromptType, QueueFullError, truncate_prompt
 from hopperllm.outputs import RequestOutput
 from hopperllm.sampling_params import SamplingParams
 
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = float(os.environ.get("HOPPERLLM_ENGINE_START_TIMEOUT", "1800"))
 STOP_TIMEOUT_S = 30.0
-CALL_TIMEOUT_S = 60.0
 READ_CHUNK = 1 << 20
 _I32, _U64 = struct.Struct("!i"), struct.Struct("!Q")
 
@@ -116,10 +115,7 @@ class EngineCoreClient:
         return self.config.scheduler_config.max_model_len
 
     def truncate_prompt(self, token_ids: list[int], k: int | None) -> list[int]:
-        if not k:
-            return token_ids
-        k = self.max_model_len - 1 if k == -1 else k
-        return token_ids[-k:] if len(token_ids) > k else token_ids
+        return truncate_prompt(token_ids, k, self.max_model_len)
 
     def get_stats(self) -> EngineStats:
         return self.stats
@@ -191,8 +187,11 @@ class MPAsyncLLMEngine(EngineFront):
         if msg[0] == ERROR:
             _, _, name, message, tb = msg
             _stop_process(proc, conn, reader, STOP_TIMEOUT_S)
-            if name == "ValueError":
-                raise ValueError(message)
+            error = _request_error(
+                name, message
+            )  # a ValueError (a flag, a model that does not fit): CLI exit 2
+            if isinstance(error, ValueError):
+                raise error
             raise RuntimeError(f"the engine core failed to start: {name}: {message}\n{tb}")
         if msg[0] != READY:
             _stop_process(proc, conn, reader, STOP_TIMEOUT_S)

@@ -352,7 +352,7 @@ def run_engine_core(
             getattr(importlib.import_module(mod), fn)(engine)
     except BaseException as e:
         try:
-            conn_out.send_bytes(_dumps((ERROR, None, type(e).__name__, str(e), traceback.format_exc())))
+            conn_out.send_bytes(_dumps((ERROR, None, error_kind(e), str(e), traceback.format_exc())))
         except (OSError, ValueError):
             pass
         return

@@ -126,12 +126,7 @@ class LLMEngine:
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
     def truncate_prompt(self, token_ids: list[int], k: int | None) -> list[int]:
-        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as leave one to generate;
-        None or 0: all of them, 0 being SamplingParams' error to report)."""
-        if not k:
-            return token_ids
-        k = self.max_model_len - 1 if k == -1 else k
-        return token_ids[-k:] if len(token_ids) > k else token_ids
+        return truncate_prompt(token_ids, k, self.max_model_len)
 
     def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word's token ids as it starts the text and, where that tokenizes as a word of its own,
@@ -627,6 +622,15 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.executor.shutdown()
         gc.unfreeze()  # the next gc.collect() may free cycles among the engine's objects again
+
+
+def truncate_prompt(token_ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: as many as leave one to generate within
+    max_model_len; None or 0: all of them, 0 being SamplingParams' error to report)."""
+    if not k:
+        return token_ids
+    k = max_model_len - 1 if k == -1 else k
+    return token_ids[-k:] if len(token_ids) > k else token_ids
 
 
 class QueueFullError(RuntimeError):
