@@ -450,6 +450,38 @@ PY
           | grep -i "throughput\|mean ttft\|p99 ttft\|mean tpot\|p99 tpot\|goodput\|failed" | sed "s/^/[rate $rate] /"
       done
       kill -INT $spid; wait $spid ;;
+    tests-rest)  # the GPU tests other than attention and model (v32's GPU check ran those two before its budget ran out)
+      timeout 330 python3 -m pytest -q tests/gpu -p no:cacheprovider \
+        --ignore tests/gpu/test_gpu_attention.py --ignore tests/gpu/test_gpu_model.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    ncu-stalls)  # where the attention kernels' warps wait: per stall reason (cycles a warp waits per issued
+      # instruction, Nsight Compute's WarpStateStats breakdown) and per SASS instruction (source counters' samples),
+      # for the 7B's batch-1 MHA decode launch (3.6x its read floor, v24-v31), the 8B's batch 1 and the 8B's prefill
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      for t in "--decode|llama2-7b b1" "--decode|llama3-8b b1" "--prefill|llama3-8b 4x2048"; do
+        IFS='|' read -r kind sh <<< "$t"
+        name=ncu-stalls-${kind#--}-${sh// /-}
+        kname=$( [ "$kind" = "--decode" ] && echo _decode_split_kernel || echo _prefill_kernel )
+        timeout 150 "$ncu" --clock-control none --kernel-name "regex:$kname" --launch-skip 5 --launch-count 1 \
+          --section WarpStateStats --section SourceCounters --section SpeedOfLight --section Occupancy \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --import-source no \
+          -o /tmp/$name python3 benchmarks/ncu_target.py $kind "$sh" > /tmp/ncu.out 2> /tmp/ncu.err
+        { echo "== $name"; tail -5 /tmp/ncu.out; cat /tmp/ncu.err; } >> "$OUT/ncu-stderr.log"
+        "$ncu" -i /tmp/$name.ncu-rep --page raw --csv > "$OUT/$name-raw.csv" 2>> "$OUT/ncu-stderr.log"
+        "$ncu" -i /tmp/$name.ncu-rep --page source --print-source sass --csv > "$OUT/$name-sass.csv" 2>> "$OUT/ncu-stderr.log"
+        echo "$name: raw $(wc -c < "$OUT/$name-raw.csv") bytes, sass $(wc -l < "$OUT/$name-sass.csv") lines"
+        python3 - "$OUT/$name-raw.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+if len(rows) >= 3:
+    head, vals = rows[0], rows[-1]
+    pairs = [(h.split("issue_stalled_")[1].split("_per_issue")[0], v) for h, v in zip(head, vals) if "issue_stalled_" in h]
+    pairs = sorted(((k, float(v.replace(",", ""))) for k, v in pairs if v.replace(",", "").replace(".", "").isdigit()), key=lambda kv: -kv[1])
+    print("   ", " ".join(f"{k}={v:.2f}" for k, v in pairs[:8]))
+    for key in ("gpu__time_duration.sum", "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread"):
+        if key in head:
+            print("   ", key, vals[head.index(key)])
+PY
+      done ;;
     ncu-attn)  # Nsight Compute on the attention kernels (the machines run Firecracker, where ncu reads the counters;
       # --clock-control none leaves the clocks alone): warp stall reasons, issue-slot use, occupancy and memory
       # throughput of the decode kernel at the 7B's and 8B's batch 1, the 8B's 512-decode mixed step and the 70B
