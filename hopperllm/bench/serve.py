@@ -7,7 +7,10 @@
 
 An asyncio/aiohttp client, as vLLM's benchmark_serving: prompts are random token ids (or random words
 with `--prompt-format text`; always text for /v1/chat/completions) of `--random-input-len`, or the rows of
-a JSONL `--dataset-path` ("prompt" or "prompt_token_ids", optional "output_len"). Requests are sent at
+a JSONL `--dataset-path` ("prompt" or "prompt_token_ids", optional "output_len"), or with
+`--dataset-name sharegpt` ShareGPT's conversations as vLLM samples them (bench/datasets.py; token counts
+from `--tokenizer`, else from the server's /tokenize, which vLLM's and hopperllm's servers answer; the
+first turn is sent as text, the second turn's length, or `--sharegpt-output-len`, is max_tokens). Requests are sent at
 `--request-rate` req/s with gamma-distributed gaps (`--burstiness` 1 = Poisson; `inf` sends all at
 once), at most `--max-concurrency` in flight, streamed (`stream: true`, server-sent events) with
 `ignore_eos` (unless `--no-ignore-eos`) and greedy sampling. One test request runs first: if it
@@ -37,11 +40,12 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hopperllm.bench import common
+from hopperllm.bench import common, datasets
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_TITLES = {
@@ -84,11 +88,24 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
     p.add_argument(
         "--dataset-name",
-        choices=["random", "jsonl"],
+        choices=["random", "jsonl", "sharegpt"],
         default=None,
-        help="random prompts, or the JSONL of --dataset-path (the default when it is given)",
+        help="random prompts, the JSONL of --dataset-path (the default when it is given) or ShareGPT's JSON",
     )
-    p.add_argument("--dataset-path", default=None, help="JSONL: 'prompt' or 'prompt_token_ids', 'output_len'")
+    p.add_argument(
+        "--dataset-path",
+        default=None,
+        help="JSONL ('prompt' or 'prompt_token_ids', 'output_len'), or ShareGPT_V3_unfiltered_cleaned_split.json",
+    )
+    p.add_argument(
+        "--sharegpt-output-len", type=int, default=None, help="ShareGPT: this output length for every request"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="ShareGPT: count tokens with this model's tokenizer (HF directory, .gguf, dummy:<preset>) "
+        "instead of the server's /tokenize",
+    )
     p.add_argument("--random-input-len", "--input-len", dest="random_input_len", type=int, default=1024)
     p.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=128)
     p.add_argument(
@@ -143,11 +160,32 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
     return slos
 
 
-def sample_requests(args, rng: np.random.Generator, chat: bool) -> list[RequestInput]:
+def dataset_name(args) -> str:
+    """--dataset-name, checked against --dataset-path and the flags of the other kinds."""
     name = args.dataset_name or ("jsonl" if args.dataset_path else "random")
+    if name != "random" and not args.dataset_path:
+        raise ValueError(f"--dataset-name {name} needs --dataset-path")
+    if name == "random" and args.dataset_path:
+        raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
+    if name != "sharegpt" and (args.sharegpt_output_len is not None or args.tokenizer is not None):
+        raise ValueError("--sharegpt-output-len and --tokenizer are for --dataset-name sharegpt")
+    return name
+
+
+def sample_requests(
+    args,
+    rng: np.random.Generator,
+    chat: bool,
+    count_tokens: Callable[[Sequence[str]], Iterable[int]] | None = None,
+) -> list[RequestInput]:
+    """The benchmark's requests. ShareGPT needs `count_tokens` (texts -> their token counts)."""
+    name = dataset_name(args)
+    if name == "sharegpt":
+        pairs = datasets.load_sharegpt(args.dataset_path, args.seed)
+        assert count_tokens is not None
+        rows = datasets.sample_sharegpt(pairs, args.num_prompts, count_tokens, args.sharegpt_output_len)
+        return [RequestInput(r.prompt, r.prompt_len, r.output_len) for r in rows]
     if name == "jsonl":
-        if not args.dataset_path:
-            raise ValueError("--dataset-name jsonl needs --dataset-path")
         reqs = []
         for row in common.take(common.read_dataset(args.dataset_path), args.num_prompts):
             out_len = int(row.get("output_len", args.random_output_len))
@@ -315,6 +353,29 @@ def calculate_metrics(
 
 
 # -- the run ----------------------------------------------------------------------------------
+async def _server_token_counts(base_url: str, model: str | None, texts: Sequence[str]) -> list[int]:
+    """Token counts of `texts` from the server's /tokenize (vLLM's: {"prompt"} -> {"count"}), all at once."""
+    import aiohttp
+
+    url = base_url + "/tokenize"
+
+    async def one(session, text: str) -> int:
+        body = {"prompt": text, **({"model": model} if model else {})}
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+            return int((await resp.json(content_type=None))["count"])
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            return list(await asyncio.gather(*(one(session, t) for t in texts)))
+    except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"counting ShareGPT's tokens through {url} failed ({e or type(e).__name__}): give --tokenizer, or a "
+            "server with /tokenize (vLLM's and hopperllm's have it)"
+        ) from None
+
+
 async def _get_json(session, url: str):
     import aiohttp
 
@@ -400,7 +461,17 @@ def main(args: argparse.Namespace) -> int:
     chat = "chat" in args.endpoint
     base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
 
-    reqs = sample_requests(args, np.random.default_rng(args.seed), chat)
+    common.check_positive("--sharegpt-output-len", args.sharegpt_output_len, allow_none=True)
+    count_tokens = None
+    if dataset_name(args) == "sharegpt":
+        if args.tokenizer:
+            count_tokens = datasets.local_token_counter(args.tokenizer)
+        else:
+
+            def count_tokens(texts: Sequence[str]) -> list[int]:
+                return asyncio.run(_server_token_counts(base_url, args.model, texts))
+
+    reqs = sample_requests(args, np.random.default_rng(args.seed), chat, count_tokens)
     print(
         f"Traffic request rate: {args.request_rate}, burstiness {args.burstiness}, "
         f"max concurrency {args.max_concurrency}, {len(reqs)} requests to {base_url}{args.endpoint}"

@@ -3,9 +3,11 @@
     hopperllm bench throughput --model dummy:llama-3-8b --quantization fp8 \
         --input-len 1024 --output-len 256 --num-prompts 1000 --output-json benchmarks/results/throughput.json
 
-Prompts are `--num-prompts` random token-id prompts of `--input-len` (each with `--output-len`), or the
+Prompts are `--num-prompts` random token-id prompts of `--input-len` (each with `--output-len`), the
 rows of `--dataset` (JSONL: "prompt" text or "prompt_token_ids", optional "output_len"; `--output-len`
-when a row has none). All go to the engine at once, as `LLM.generate` does, and run as one continuous
+when a row has none), or with `--dataset-name sharegpt` ShareGPT's conversations as vLLM samples them
+(bench/datasets.py: the first turn is the prompt, the second turn's length the output's, or `--output-len`
+for every request, as vLLM's `bench throughput` takes it). All go to the engine at once, as `LLM.generate` does, and run as one continuous
 batch (greedy, `ignore_eos`). One short request runs first to warm up (compile and allocate), untimed.
 
 `results` in the JSON:
@@ -29,7 +31,7 @@ import time
 
 import numpy as np
 
-from hopperllm.bench import common, gpu_monitor
+from hopperllm.bench import common, datasets, gpu_monitor
 from hopperllm.worker.jit_watch import JitWatch
 
 
@@ -39,7 +41,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=None, help="random prompts: tokens each (default 1024)")
     p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
     p.add_argument("--num-prompts", type=int, default=1000, help="requests to run")
-    p.add_argument("--dataset", "--dataset-path", dest="dataset", default=None, help="JSONL prompts")
+    p.add_argument(
+        "--dataset", "--dataset-path", dest="dataset", default=None, help="JSONL prompts, or ShareGPT's JSON"
+    )
+    p.add_argument(
+        "--dataset-name",
+        choices=["random", "jsonl", "sharegpt"],
+        default=None,
+        help="random prompts, the JSONL of --dataset (the default when it is given) or ShareGPT's JSON",
+    )
     p.add_argument("--n", type=int, default=1, help="sequences per request (SamplingParams.n)")
     p.add_argument("--disable-detokenize", action="store_true", help="skip detokenizing the outputs")
     p.add_argument("--baseline", choices=["hf"], default=None, help="also time HF transformers' generate")
@@ -51,9 +61,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, int]]:
     """[(prompt, output_len)] from --dataset, or random token ids."""
     out_default = args.output_len or 128
-    if args.dataset:
-        if args.input_len is not None:
-            raise ValueError("--input-len is for random prompts: drop it or --dataset")
+    name = dataset_name(args)
+    if name == "sharegpt":
+        pairs = datasets.load_sharegpt(args.dataset, args.seed)
+        tok = engine.tokenizer
+        rows = datasets.sample_sharegpt(
+            pairs, args.num_prompts, lambda texts: [len(tok.encode(t)) for t in texts], args.output_len
+        )
+        return [({"prompt": r.prompt, "prompt_token_ids": tok.encode(r.prompt)}, r.output_len) for r in rows]
+    if name == "jsonl":
         rows = common.take(common.read_dataset(args.dataset), args.num_prompts)
         reqs = []
         for row in rows:
@@ -69,6 +85,18 @@ def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, in
     return [({"prompt_token_ids": p}, out_default) for p in ids]
 
 
+def dataset_name(args) -> str:
+    """--dataset-name, checked against --dataset and the flags of the other kinds."""
+    name = args.dataset_name or ("jsonl" if args.dataset else "random")
+    if name != "random" and not args.dataset:
+        raise ValueError(f"--dataset-name {name} needs --dataset-path")
+    if name == "random" and args.dataset:
+        raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
+    if name != "random" and args.input_len is not None:
+        raise ValueError("--input-len is for random prompts: drop it or --dataset")
+    return name
+
+
 def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -77,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     common.check_positive("--num-prompts", args.num_prompts)
     common.check_positive("--output-len", args.output_len, allow_none=True)
     common.check_positive("--n", args.n)
-    if not args.dataset:
+    if dataset_name(args) == "random":
         common.check_fits(args, args.input_len or 1024, args.output_len or 128)
     engine = common.build_engine(args)
     try:

@@ -371,9 +371,10 @@ class FakeOpenAIServer:
     """An aiohttp app in a thread: /v1/models and streaming /v1/completions + /v1/chat/completions that
     emit max_tokens fake tokens. Prompts containing 'fail' get HTTP 400."""
 
-    def __init__(self, token_delay_s: float = 0.001):
+    def __init__(self, token_delay_s: float = 0.001, tokenize: bool = True):
         self.port = _free_port()
         self.delay = token_delay_s
+        self.tokenize = tokenize  # serve /tokenize: a BOS and one token a word
         self.requests: list[dict] = []
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -419,8 +420,15 @@ class FakeOpenAIServer:
             await resp.write(b"data: [DONE]\n\n")
             return resp
 
+        async def tokenize(request):
+            body = await request.json()
+            ids = [1] + [7] * len(body["prompt"].split())
+            return web.json_response({"count": len(ids), "max_model_len": 4096, "tokens": ids})
+
         app = web.Application()
         app.router.add_get("/v1/models", models)
+        if self.tokenize:
+            app.router.add_post("/tokenize", tokenize)
         app.router.add_post("/v1/completions", completions)
         app.router.add_post("/v1/chat/completions", completions)
         runner = web.AppRunner(app)
@@ -516,6 +524,79 @@ def test_serve_chat_dataset_and_failures(tmp_path):
     r = load(out)["results"]
     assert r["completed"] == 2 and r["failed"] == 2 and "HTTP 400" in r["errors"][0]
     assert r["total_output_tokens"] == 6 and r["request_goodput"] == 0
+
+
+def _sharegpt_file(tmp_path):
+    """Five usable conversations (word counts: prompt, answer) and three that vLLM's pruning drops."""
+    convs = [
+        ("one two three four five", "a b c d e f"),  # 6 / 7 tokens with the fake server's BOS
+        ("tiny", "an answer that is long enough"),  # prompt 2 tokens: dropped
+        ("a prompt of six words here", "ok"),  # answer 2 tokens: dropped unless --sharegpt-output-len
+        ("w " * 1100, "fine answer here now"),  # prompt over 1024: dropped
+        ("seven words make up this prompt", "x y z w"),
+        ("one more prompt that fits", "and its answer"),
+    ]
+    data = [{"id": str(i), "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
+            for i, (p, a) in enumerate(convs)]  # fmt: skip
+    data.append({"id": "single", "conversations": [{"from": "human", "value": "no answer"}]})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_serve_sharegpt_counts_tokens_on_the_server(tmp_path):
+    from hopperllm.bench import datasets
+
+    path = _sharegpt_file(tmp_path)
+    out = tmp_path / "serve.json"
+    args = ["serve", "--model", "fake-model", "--dataset-name", "sharegpt", "--dataset-path", str(path),
+            "--num-prompts", "5", "--disable-tqdm", "--output-json", str(out)]  # fmt: skip
+    with FakeOpenAIServer() as srv:
+        assert run_cli([args[0], "--port", str(srv.port), *args[1:]]) == 0
+        sent = srv.requests[1:]  # after the test request
+    # the same order and lengths as the sampler with the server's counting rule (a BOS, a token a word)
+    words = datasets.sample_sharegpt(
+        datasets.load_sharegpt(str(path), 0), 5, lambda ts: [1 + len(t.split()) for t in ts]
+    )
+    assert [b["prompt"] for b in sent] == [w.prompt for w in words]
+    assert [b["max_tokens"] for b in sent] == [w.output_len for w in words]
+    assert all(isinstance(b["prompt"], str) for b in sent)
+    r = load(out)["results"]
+    assert r["completed"] == 5 and r["total_input_tokens"] == sum(
+        len(w.prompt.split()) for w in words
+    )  # usage's
+
+    # a fixed output length keeps the short answer's conversation; a local tokenizer needs no /tokenize
+    with FakeOpenAIServer(tokenize=False) as srv:
+        assert run_cli([args[0], "--port", str(srv.port), *args[1:], "--sharegpt-output-len", "3",
+                        "--tokenizer", "dummy:tiny"]) == 0  # fmt: skip
+        sent = srv.requests[1:]
+    assert {b["max_tokens"] for b in sent} == {3}
+    assert "a prompt of six words here" in {b["prompt"] for b in sent}
+
+
+def test_serve_sharegpt_user_errors(tmp_path, capsys):
+    path = _sharegpt_file(tmp_path)
+    with FakeOpenAIServer(tokenize=False) as srv:
+        base = [
+            "serve",
+            "--port",
+            str(srv.port),
+            "--model",
+            "fake-model",
+            "--num-prompts",
+            "2",
+            "--disable-tqdm",
+        ]
+        assert run_cli([*base, "--dataset-name", "sharegpt", "--dataset-path", str(path)]) == 2
+        assert "/tokenize" in capsys.readouterr().err and srv.requests == []
+        assert run_cli([*base, "--dataset-name", "sharegpt"]) == 2
+        assert "needs --dataset-path" in capsys.readouterr().err
+        assert run_cli([*base, "--dataset-name", "sharegpt", "--dataset-path", str(tmp_path / "none.json"),
+                        "--tokenizer", "dummy:tiny"]) == 2  # fmt: skip
+        assert "no such file" in capsys.readouterr().err
+        assert run_cli([*base, "--sharegpt-output-len", "4"]) == 2
+        assert "for --dataset-name sharegpt" in capsys.readouterr().err
 
 
 def test_serve_unreachable_is_a_user_error(capsys):
