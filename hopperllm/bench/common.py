@@ -295,16 +295,17 @@ def build_engine(args: argparse.Namespace, **overrides):
     return LLMEngine.from_engine_args(engine_args, show_progress=sys.stderr.isatty())
 
 
-def check_fits(args: argparse.Namespace, input_len: int, output_len: int) -> None:
+def check_fits(args: argparse.Namespace, input_len: int, output_len: int, prefix_len: int = 0) -> None:
     """Fail before loading the model when input_len + output_len exceeds max_model_len (outputs would
     stop short and TPOT and throughput would be wrong). Reads the model's config, not its weights."""
     from hopperllm.engine.arg_utils import EngineArgs
 
     cfg, _ = EngineArgs.from_cli_args(args).create_engine_config()
     limit = cfg.scheduler_config.max_model_len
-    if input_len + output_len > limit:
+    if prefix_len + input_len + output_len > limit:
+        prefix = f"--prefix-len {prefix_len} + " if prefix_len else ""
         raise ValueError(
-            f"--input-len {input_len} + --output-len {output_len} exceeds max_model_len {limit}: "
+            f"{prefix}--input-len {input_len} + --output-len {output_len} exceeds max_model_len {limit}: "
             "shorten them or raise --max-model-len"
         )
 

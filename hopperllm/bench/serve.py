@@ -6,7 +6,8 @@
         --output-json benchmarks/results/serve.json
 
 An asyncio/aiohttp client, as vLLM's benchmark_serving: prompts are random token ids (or random words
-with `--prompt-format text`; always text for /v1/chat/completions) of `--random-input-len`, or the rows of
+with `--prompt-format text`; always text for /v1/chat/completions) of `--random-input-len` (after
+`--random-prefix-len` random ones every prompt shares: a prefix-caching workload), or the rows of
 a JSONL `--dataset-path` ("prompt" or "prompt_token_ids", optional "output_len"), or with
 `--dataset-name sharegpt` ShareGPT's conversations as vLLM samples them (bench/datasets.py; token counts
 from `--tokenizer`, else from the server's /tokenize, which vLLM's and hopperllm's servers answer; the
@@ -109,6 +110,12 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-input-len", "--input-len", dest="random_input_len", type=int, default=1024)
     p.add_argument("--random-output-len", "--output-len", dest="random_output_len", type=int, default=128)
     p.add_argument(
+        "--random-prefix-len",
+        type=int,
+        default=0,
+        help="random prompts: this many random tokens (or words) shared by every prompt before its own",
+    )
+    p.add_argument(
         "--random-range-ratio",
         type=float,
         default=0.0,
@@ -169,6 +176,10 @@ def dataset_name(args) -> str:
         raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
     if name != "sharegpt" and (args.sharegpt_output_len is not None or args.tokenizer is not None):
         raise ValueError("--sharegpt-output-len and --tokenizer are for --dataset-name sharegpt")
+    if name != "random" and args.random_prefix_len:
+        raise ValueError("--random-prefix-len is for random prompts")
+    if args.random_prefix_len < 0:
+        raise ValueError("--random-prefix-len must not be negative")
     return name
 
 
@@ -205,15 +216,21 @@ def sample_requests(
         lo, hi = max(1, int(n * (1 - r))), max(1, int(n * (1 + r)))
         return rng.integers(lo, hi + 1, size=args.num_prompts)
 
+    text = chat or args.prompt_format == "text"
+
+    def random_prompt(n: int) -> list:
+        if text:
+            return [_WORDS[j] for j in rng.integers(0, len(_WORDS), size=n)]
+        return rng.integers(10, 256, size=n).tolist()  # ids every vocabulary has
+
+    prefix = random_prompt(args.random_prefix_len) if args.random_prefix_len else []
     in_lens, out_lens = lengths(args.random_input_len), lengths(args.random_output_len)
     reqs = []
     for i in range(args.num_prompts):
         n = int(in_lens[i])
-        if chat or args.prompt_format == "text":
-            prompt: str | list[int] = " ".join(_WORDS[j] for j in rng.integers(0, len(_WORDS), size=n))
-        else:
-            prompt = rng.integers(10, 256, size=n).tolist()  # ids every vocabulary has
-        reqs.append(RequestInput(prompt, n, int(out_lens[i])))
+        words = prefix + random_prompt(n)
+        prompt: str | list[int] = " ".join(words) if text else words
+        reqs.append(RequestInput(prompt, args.random_prefix_len + n, int(out_lens[i])))
     return reqs
 
 

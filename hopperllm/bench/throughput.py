@@ -3,7 +3,8 @@
     hopperllm bench throughput --model dummy:llama-3-8b --quantization fp8 \
         --input-len 1024 --output-len 256 --num-prompts 1000 --output-json benchmarks/results/throughput.json
 
-Prompts are `--num-prompts` random token-id prompts of `--input-len` (each with `--output-len`), the
+Prompts are `--num-prompts` random token-id prompts of `--input-len` (each with `--output-len`; after
+`--prefix-len` random tokens all of them share, as vLLM's random dataset builds them), the
 rows of `--dataset` (JSONL: "prompt" text or "prompt_token_ids", optional "output_len"; `--output-len`
 when a row has none), or with `--dataset-name sharegpt` ShareGPT's conversations as vLLM samples them
 (bench/datasets.py: the first turn is the prompt, the second turn's length the output's, or `--output-len`
@@ -40,6 +41,13 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--input-len", type=int, default=None, help="random prompts: tokens each (default 1024)")
     p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
+    p.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        help="random prompts: this many random tokens shared by every prompt before its --input-len own "
+        "(a prefix-caching workload, vLLM's flag)",
+    )
     p.add_argument("--num-prompts", type=int, default=1000, help="requests to run")
     p.add_argument(
         "--dataset", "--dataset-path", dest="dataset", default=None, help="JSONL prompts, or ShareGPT's JSON"
@@ -81,8 +89,10 @@ def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, in
         return reqs
     input_len = args.input_len or 1024
     common.check_positive("--input-len", input_len)
-    ids = common.random_token_ids(rng, args.num_prompts, input_len, common.prompt_vocab_size(engine))
-    return [({"prompt_token_ids": p}, out_default) for p in ids]
+    vocab = common.prompt_vocab_size(engine)
+    prefix = common.random_token_ids(rng, 1, args.prefix_len, vocab)[0] if args.prefix_len else []
+    ids = common.random_token_ids(rng, args.num_prompts, input_len, vocab)
+    return [({"prompt_token_ids": prefix + p}, out_default) for p in ids]
 
 
 def dataset_name(args) -> str:
@@ -92,8 +102,8 @@ def dataset_name(args) -> str:
         raise ValueError(f"--dataset-name {name} needs --dataset-path")
     if name == "random" and args.dataset:
         raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
-    if name != "random" and args.input_len is not None:
-        raise ValueError("--input-len is for random prompts: drop it or --dataset")
+    if name != "random" and (args.input_len is not None or args.prefix_len):
+        raise ValueError("--input-len and --prefix-len are for random prompts: drop them or --dataset")
     return name
 
 
@@ -105,8 +115,10 @@ def main(args: argparse.Namespace) -> int:
     common.check_positive("--num-prompts", args.num_prompts)
     common.check_positive("--output-len", args.output_len, allow_none=True)
     common.check_positive("--n", args.n)
+    if args.prefix_len < 0:
+        raise ValueError("--prefix-len must not be negative")
     if dataset_name(args) == "random":
-        common.check_fits(args, args.input_len or 1024, args.output_len or 128)
+        common.check_fits(args, args.input_len or 1024, args.output_len or 128, args.prefix_len)
     engine = common.build_engine(args)
     try:
         rng = np.random.default_rng(args.seed)

@@ -575,6 +575,28 @@ def test_serve_sharegpt_counts_tokens_on_the_server(tmp_path):
     assert "a prompt of six words here" in {b["prompt"] for b in sent}
 
 
+def test_serve_random_prefix_is_shared(tmp_path):
+    import numpy as np
+
+    ns = argparse.Namespace(
+        dataset_name=None, dataset_path=None, sharegpt_output_len=None, tokenizer=None, random_prefix_len=6,
+        random_range_ratio=0.5, random_input_len=10, random_output_len=4, num_prompts=8, prompt_format="token_ids",
+    )  # fmt: skip
+    for chat in (False, True):
+        reqs = serve.sample_requests(ns, np.random.default_rng(0), chat)
+        toks = [r.prompt.split() if chat else r.prompt for r in reqs]
+        assert len({tuple(t[:6]) for t in toks}) == 1 and len({tuple(t[6:]) for t in toks}) == 8
+        assert all(
+            r.prompt_len == len(t) and 11 <= r.prompt_len <= 21 for r, t in zip(reqs, toks, strict=True)
+        )
+    ns.random_prefix_len = 0  # none: the same prompts a seed drew before the flag (lengths, then each prompt)
+    rng = np.random.default_rng(3)
+    ins = rng.integers(5, 16, size=8)
+    rng.integers(2, 7, size=8)
+    before = [rng.integers(10, 256, size=int(n)).tolist() for n in ins]
+    assert [r.prompt for r in serve.sample_requests(ns, np.random.default_rng(3), False)] == before
+
+
 def test_serve_sharegpt_user_errors(tmp_path, capsys):
     path = _sharegpt_file(tmp_path)
     with FakeOpenAIServer(tokenize=False) as srv:

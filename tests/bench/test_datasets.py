@@ -154,10 +154,43 @@ def test_throughput_dataset_flag_errors(tmp_path, capsys):
     assert main([*base, "--dataset-name", "sharegpt"]) == 2
     assert "needs --dataset-path" in capsys.readouterr().err
     assert main([*base, "--dataset-name", "sharegpt", "--dataset-path", path, "--input-len", "8"]) == 2
-    assert "--input-len is for random prompts" in capsys.readouterr().err
+    assert "--input-len and --prefix-len are for random prompts" in capsys.readouterr().err
     assert main([*base, "--dataset-name", "random", "--dataset-path", path]) == 2
     assert "not random" in capsys.readouterr().err
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text('{"prompt": "hello"}\n{"prompt": "again"}\n')
     assert main([*base, "--dataset-name", "sharegpt", "--dataset-path", str(jsonl)]) == 2
     assert "--dataset-name jsonl" in capsys.readouterr().err
+
+
+def test_throughput_prefix_len_shares_a_prefix(tmp_path):
+    out = tmp_path / "tp.json"
+    argv = ["bench", "throughput", "--model", "dummy:tiny", "--num-prompts", "4", "--input-len", "8",
+            "--output-len", "2", "--prefix-len", "32", "--output-json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(out.read_text())["results"]
+    assert r["total_input_tokens"] == 4 * 40 and r["total_output_tokens"] == 8
+
+
+def test_throughput_prefix_requests():
+    import argparse
+
+    import numpy as np
+
+    from hopperllm.bench import throughput
+
+    class Engine:  # what make_requests reads of an engine
+        class config:  # noqa: N801
+            class model_config:  # noqa: N801
+                vocab_size = 1000
+
+        class tokenizer:  # noqa: N801
+            vocab_size = 1000
+
+    args = argparse.Namespace(
+        dataset=None, dataset_name=None, input_len=8, output_len=3, prefix_len=16, num_prompts=5, seed=0
+    )
+    reqs = throughput.make_requests(args, Engine, np.random.default_rng(0))
+    ids = [p["prompt_token_ids"] for p, _ in reqs]
+    assert all(len(x) == 24 for x in ids) and len({tuple(x[:16]) for x in ids}) == 1
+    assert len({tuple(x[16:]) for x in ids}) == 5 and {n for _, n in reqs} == {3}
