@@ -482,6 +482,16 @@ if len(rows) >= 3:
             print("   ", key, vals[head.index(key)])
 PY
       done ;;
+    prefix-cache)  # what the prefix cache buys (vLLM's random dataset with a shared prefix): Llama-3-8B FP8 + FP8 KV, 400
+      # prompts of one 1536-token prefix + 512 own tokens, 128 out, with the cache, without, with again
+      i=0
+      for pc in enable no-enable enable; do
+        i=$((i + 1))
+        timeout 150 python3 -m hopperllm.entrypoints.cli bench throughput --model dummy:llama-3-8b --quantization fp8 \
+          --kv-cache-dtype fp8 --prefix-len 1536 --input-len 512 --output-len 128 --num-prompts 400 --$pc-prefix-caching \
+          --output-json "$OUT/throughput-llama-3-8b-fp8-prefix1536-$i-$pc.json" 2>&1 \
+          | grep "Request throughput\|Output token\|Prefix cache\|Duration" | sed "s/^/[$pc] /"
+      done ;;
     ncu-attn)  # Nsight Compute on the attention kernels (the machines run Firecracker, where ncu reads the counters;
       # --clock-control none leaves the clocks alone): warp stall reasons, issue-slot use, occupancy and memory
       # throughput of the decode kernel at the 7B's and 8B's batch 1, the 8B's 512-decode mixed step and the 70B

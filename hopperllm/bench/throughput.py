@@ -20,6 +20,7 @@ batch (greedy, `ignore_eos`). One short request runs first to warm up (compile a
     gpu_monitor                     the GPUs' SM / memory clocks, power, temperature and throttle reasons
                                     over the timed part, sampled every 0.5 s, and the energy they used
                                     (bench/gpu_monitor.py); None without NVML
+    prefix_cache_hit_rate           the prompt tokens the prefix cache served, of those admitted in the timed run
     energy_j, output_tokens_per_joule   the GPUs' energy over the timed part (NVML's counter) and the output
                                     tokens it bought; None without the counter. A throughput run can sit at
                                     the GPU's power limit (perf-notes v29), where tokens a joule is the bound
@@ -154,6 +155,8 @@ def main(args: argparse.Namespace) -> int:
                 n_out += sum(len(c.token_ids) for c in out.outputs)
                 bar.update(1)
 
+        bm = engine.scheduler.block_manager
+        queries0, hits0 = bm.prefix_cache_queries, bm.prefix_cache_hits
         with JitWatch() as jit, gpu_monitor.GpuMonitor() as monitor:
             t0 = time.perf_counter()
             for req in prepared:
@@ -161,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
             common.run_to_completion(engine, seen)
             elapsed = time.perf_counter() - t0
         bar.close()
+        queries, hits = bm.prefix_cache_queries - queries0, bm.prefix_cache_hits - hits0
         fields = common.engine_fields(engine)
         dtype, device = engine.config.dtype, engine.config.device
         prompt_ids = [r.prompt_token_ids for r in prepared]
@@ -177,6 +181,8 @@ def main(args: argparse.Namespace) -> int:
         "total_output_tokens": n_out,
         "input_tokens_per_second": n_in / elapsed,
         "output_tokens_per_second": n_out / elapsed,
+        # prompt tokens the prefix cache served over those looked up when the run's requests were admitted
+        "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         # Triton kernel variants first met inside the timed run (compiled or loaded from the disk cache); with
         # tensor parallelism every rank runs in its own process, out of this one's sight: None
         "jit_compiles_during_run": jit.summary() if fields["tensor_parallel_size"] == 1 else None,
@@ -234,6 +240,7 @@ def _print_summary(r: dict, fields: dict) -> None:
         ("Input token throughput (tok/s)", r["input_tokens_per_second"]),
         ("Output token throughput (tok/s)", r["output_tokens_per_second"]),
         ("Total token throughput (tok/s)", r["tokens_per_second"]),
+        ("Prefix cache hit rate (%)", 100 * r["prefix_cache_hit_rate"]),
         ("Triton kernels compiled during the run", (r["jit_compiles_during_run"] or {}).get("count", "n/a")),
     ]
     if clocks := gpu_monitor.describe(r["gpu_monitor"]):

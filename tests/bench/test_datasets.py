@@ -170,6 +170,15 @@ def test_throughput_prefix_len_shares_a_prefix(tmp_path):
     assert main(argv) == 0
     r = json.loads(out.read_text())["results"]
     assert r["total_input_tokens"] == 4 * 40 and r["total_output_tokens"] == 8
+    # all four admitted in one step: only the warm-up request's first 16-token block was cached before them
+    assert r["prefix_cache_hit_rate"] == pytest.approx(4 * 16 / 160)
+    # one at a time: the first prompt computes the prefix's two blocks, the next three find them cached
+    assert main([*argv, "--max-num-seqs", "1"]) == 0
+    assert json.loads(out.read_text())["results"]["prefix_cache_hit_rate"] == pytest.approx(
+        (16 + 3 * 32) / 160
+    )
+    assert main([*argv, "--no-enable-prefix-caching"]) == 0
+    assert json.loads(out.read_text())["results"]["prefix_cache_hit_rate"] == 0.0
 
 
 def test_throughput_prefix_requests():
