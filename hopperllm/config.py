@@ -190,8 +190,13 @@ class SchedulerConfig:
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # None: unbounded queue
+    # "fcfs": waiting requests in arrival order; "priority": by each request's priority (lower first), then
+    # arrival, and a full cache preempts the running request that comes last in that order (vLLM's policies)
+    policy: str = "fcfs"
 
     def __post_init__(self):
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be fcfs or priority, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < 1:

@@ -42,6 +42,7 @@ class EngineArgs:
     generation_config: str = "auto"
     speculative_config: str | dict | None = None
     max_logprobs: int = 20
+    scheduling_policy: str = "fcfs"
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,6 +67,13 @@ class EngineArgs:
         g.add_argument("--block-size", type=int, default=d.block_size)
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        g.add_argument(
+            "--scheduling-policy",
+            default=d.scheduling_policy,
+            choices=["fcfs", "priority"],
+            help="fcfs: requests in arrival order; priority: by each request's priority (lower first), then "
+            "arrival, preempting the last in that order when the KV cache is full (as vLLM)",
+        )
         g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size in blocks")
         g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -147,6 +155,7 @@ class EngineArgs:
                 max_model_len=max_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 max_waiting_requests=self.max_waiting_requests,
+                policy=self.scheduling_policy,
             ),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             dtype=dtype,

@@ -198,7 +198,7 @@ class AsyncLLMEngine(EngineFront):
         return len(self._pending_adds) + self.engine.scheduler.num_waiting
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str
+        self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs (cumulative text plus delta fields) until the request finishes.
         If the consumer stops iterating (client disconnect), the request is aborted."""
@@ -206,11 +206,15 @@ class AsyncLLMEngine(EngineFront):
         if params.structured_outputs is not None:
             # compiling a grammar (and, the first time, llguidance's view of the vocabulary) can take a
             # while: off the event loop, which keeps serving the other requests meanwhile
-            req = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, params)
+            req = await asyncio.to_thread(
+                self.engine.prepare_request, request_id, prompt, params, None, priority
+            )
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
         else:
-            req = self.engine.prepare_request(request_id, prompt, params)  # ValueError on bad input
+            req = self.engine.prepare_request(
+                request_id, prompt, params, None, priority
+            )  # ValueError on bad input
         self.start()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue

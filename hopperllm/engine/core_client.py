@@ -237,7 +237,7 @@ class MPAsyncLLMEngine(EngineFront):
             raise self._dead from None
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str
+        self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutputs until the request finishes; the core's error for it (bad input) is raised at
         the first item. If the consumer stops iterating (client disconnect), the request is aborted."""
@@ -248,7 +248,7 @@ class MPAsyncLLMEngine(EngineFront):
         self._unstarted.add(request_id)
         finished = False
         try:
-            self._send((ADD, request_id, prompt, params, time.monotonic()))
+            self._send((ADD, request_id, prompt, params, time.monotonic(), priority))
             while True:
                 item = await q.get()
                 if item is _ABORTED:

@@ -217,9 +217,9 @@ class EngineCore:
                 self.inputs.put((SHUTDOWN,))
                 return
             if msg[0] == ADD:
-                _, rid, prompt, params, arrival = msg
+                _, rid, prompt, params, arrival, priority = msg
                 try:
-                    req = self.engine.prepare_request(rid, prompt, params, arrival)
+                    req = self.engine.prepare_request(rid, prompt, params, arrival, priority)
                 except Exception as e:  # the caller's error: its stream gets it, nothing else stops
                     self.outputs.put((ERROR, rid, error_kind(e), str(e)))
                     continue

@@ -187,10 +187,13 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> _Request:
-        """Tokenize and validate (raising ValueError for bad input) without touching the scheduler."""
+        """Tokenize and validate (raising ValueError for bad input) without touching the scheduler.
+        `priority` orders requests under the "priority" scheduling policy (lower first; vLLM's)."""
         params = params or SamplingParams()
         params.verify()
+        self.check_priority(priority)
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
         prompt_text, token_ids = self.tokenize_prompt(prompt)
@@ -202,7 +205,11 @@ class LLMEngine:
         seqs, detoks = [], []
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            seqs.append(Sequence(seq_id, token_ids, params, arrival, request_id=request_id, index=i))
+            seqs.append(
+                Sequence(
+                    seq_id, token_ids, params, arrival, request_id=request_id, index=i, priority=priority
+                )
+            )
             detoks.append(
                 IncrementalDetokenizer(self.tokenizer, token_ids, params) if params.detokenize else None
             )
@@ -210,6 +217,14 @@ class LLMEngine:
             for seq in seqs:  # a constraint that does not compile is the caller's error (ValueError)
                 seq.grammar = self.structured_output_manager.matcher(params.structured_outputs)
         return _Request(request_id, prompt_text, token_ids, params, seqs, detoks, arrival, [0] * params.n)
+
+    def check_priority(self, priority: int) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.config.scheduler_config.policy != "priority":
+            raise ValueError(
+                f"got priority {priority} but priority scheduling is not enabled (--scheduling-policy priority)"
+            )
 
     def commit_request(self, req: _Request) -> None:
         if req.request_id in self.requests:
@@ -226,11 +241,12 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         limit = self.config.scheduler_config.max_waiting_requests
         if limit is not None and self.scheduler.num_waiting >= limit:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)")
-        req = self.prepare_request(request_id, prompt, params, arrival_time)
+        req = self.prepare_request(request_id, prompt, params, arrival_time, priority)
         self.commit_request(req)
         return req.request_id
 

@@ -4,13 +4,20 @@ Each step gives every running sequence (oldest first) `min(uncomputed tokens, bu
 -- a decode is 1, a prompt is split into chunks -- then admits waiting sequences first come, first
 served. When the KV cache runs out, the newest running sequence is preempted: its blocks are freed and
 it is recomputed later (its prefix may still hit the cache). Pure Python: no tensors.
+
+With the "priority" policy (vLLM's `--scheduling-policy priority`), waiting sequences are admitted by
+(priority, arrival time), lower first, preempted ones included, and a full cache preempts the running
+sequence that comes last in that order, even one the step has already scheduled (its tokens go back
+to the budget).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +54,63 @@ class SchedulerOutput:
         return [s.seq for s in self.scheduled if s.sample]
 
 
+class WaitingQueue:
+    """Sequences waiting to be admitted. fcfs: arrival order, a preempted sequence back at the front;
+    priority: sorted by (priority, arrival time, order added), a preempted one back in its place."""
+
+    def __init__(self, policy: str = "fcfs"):
+        self.by_priority = policy == "priority"
+        self._fifo: deque[Sequence] = deque()
+        self._sorted: list[tuple[tuple[int, float, int], Sequence]] = []
+        self._order: dict[str, int] = {}  # priority: each sequence's tie-break, kept across preemptions
+        self._counter = itertools.count()
+
+    def _key(self, seq: Sequence) -> tuple[int, float, int]:
+        order = self._order.setdefault(seq.seq_id, next(self._counter))
+        return (seq.priority, seq.arrival_time, order)
+
+    def append(self, seq: Sequence) -> None:
+        if self.by_priority:
+            bisect.insort(self._sorted, (self._key(seq), seq), key=lambda e: e[0])
+        else:
+            self._fifo.append(seq)
+
+    def prepend(self, seq: Sequence) -> None:
+        """A preempted sequence."""
+        if self.by_priority:
+            self.append(seq)
+        else:
+            self._fifo.appendleft(seq)
+
+    def peek(self) -> Sequence:
+        return self._sorted[0][1] if self.by_priority else self._fifo[0]
+
+    def popleft(self) -> Sequence:
+        if self.by_priority:
+            return self._sorted.pop(0)[1]
+        return self._fifo.popleft()
+
+    def remove(self, seq: Sequence) -> None:
+        if not self.by_priority:
+            self._fifo.remove(seq)
+            return
+        key = self._key(seq)
+        i = bisect.bisect_left(self._sorted, key, key=lambda e: e[0])
+        if i == len(self._sorted) or self._sorted[i][1] is not seq:
+            raise ValueError(f"sequence {seq.seq_id!r} is not waiting")
+        del self._sorted[i]
+
+    def forget(self, seq: Sequence) -> None:
+        """The sequence has finished: drop its tie-break."""
+        self._order.pop(seq.seq_id, None)
+
+    def __len__(self) -> int:
+        return len(self._sorted) if self.by_priority else len(self._fifo)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return (e[1] for e in self._sorted) if self.by_priority else iter(self._fifo)
+
+
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int):
         self.config = scheduler_config
@@ -56,7 +120,8 @@ class Scheduler:
         self.block_manager = BlockManager(
             num_kv_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
-        self.waiting: deque[Sequence] = deque()
+        self.by_priority = scheduler_config.policy == "priority"
+        self.waiting = WaitingQueue(scheduler_config.policy)
         self.running: list[Sequence] = []  # oldest admission first
         self.num_preemptions = 0
         self._unfinished: dict[str, Sequence] = {}
@@ -88,6 +153,7 @@ class Scheduler:
         seq.status = status
         self.block_manager.free(seq)
         self._unfinished.pop(seq.seq_id, None)
+        self.waiting.forget(seq)
 
     def has_unfinished_seqs(self) -> bool:
         return bool(self._unfinished)
@@ -106,7 +172,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
-        # 1. Running sequences, oldest first; preempt the newest when the cache is full.
+        # 1. Running sequences, oldest first; preempt the newest (fcfs) or the last by priority when the cache
+        # is full.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -123,7 +190,14 @@ class Scheduler:
                     # Alone, it has every block it could ever get: it needs more than the cache holds.
                     self._finish_unfittable(out, seq)
                     break
-                victim = self.running[-1]
+                victim = self._preemption_victim()
+                j = self.running.index(victim)
+                if j < i:  # scheduled earlier in this step: take its tokens back
+                    k = next(k for k, s in enumerate(out.scheduled) if s.seq is victim)
+                    budget += out.scheduled[k].num_new_tokens
+                    out.num_batched_tokens -= out.scheduled[k].num_new_tokens
+                    del out.scheduled[k]
+                    i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -135,7 +209,7 @@ class Scheduler:
 
         # 2. Waiting sequences, first come first served, unless this step had to preempt.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             if bm.num_blocks_for(seq.num_tokens) > bm.num_total_blocks:
                 self._finish_unfittable(out, seq)
                 continue
@@ -170,6 +244,11 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, num_new, sample))
         out.num_batched_tokens += num_new
 
+    def _preemption_victim(self) -> Sequence:
+        if self.by_priority:  # the last in (priority, arrival) order; the newest admitted among equals
+            return max(reversed(self.running), key=lambda s: (s.priority, s.arrival_time))
+        return self.running[-1]
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
@@ -177,7 +256,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.prepend(seq)
 
     def _finish_unfittable(self, out: SchedulerOutput, seq: Sequence) -> None:
         self.finish_seq(seq, SequenceStatus.FINISHED_LENGTH)

@@ -103,8 +103,10 @@ class Sequence:
         arrival_time: float | None = None,
         request_id: str | None = None,
         index: int = 0,
+        priority: int = 0,
     ):
         self.seq_id = seq_id
+        self.priority = priority  # the scheduler's "priority" policy: lower values first
         self.request_id = request_id if request_id is not None else seq_id
         self.index = index  # which of the request's n completions
         self.prompt_token_ids = list(prompt_token_ids)

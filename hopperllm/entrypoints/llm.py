@@ -39,6 +39,7 @@ class LLM:
         generation_config: str = "auto",
         speculative_config: dict | str | None = None,
         max_logprobs: int = 20,
+        scheduling_policy: str = "fcfs",
     ):
         import torch
 
@@ -64,6 +65,7 @@ class LLM:
             generation_config=generation_config,
             speculative_config=speculative_config,
             max_logprobs=max_logprobs,
+            scheduling_policy=scheduling_policy,
         )
         self.engine = LLMEngine.from_engine_args(args, show_progress=show_progress)
         self._next_id = 0
@@ -92,8 +94,10 @@ class LLM:
         prompts: PromptType | list[PromptType],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt as one continuous batch; outputs come back in prompt order."""
+        """Run every prompt as one continuous batch; outputs come back in prompt order. `priority` (one a
+        prompt, lower first) needs the engine's scheduling_policy="priority", as vLLM's."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -104,6 +108,9 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(priorities)} priorities")
         # only finished outputs are returned: the engine builds none before (vLLM's LLM does the same)
         final = {}
         for p in params:
@@ -113,10 +120,10 @@ class LLM:
         params = [final.get(id(p), p) for p in params]
         ids = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
+            for prompt, p, prio in zip(prompts, params, priorities, strict=True):
                 rid = f"llm-{self._next_id}"
                 self._next_id += 1
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, priority=prio)
                 ids.append(rid)
         except Exception:
             self.engine.abort_request(ids)  # nothing half-added stays behind

@@ -341,3 +341,32 @@ def test_a_request_error_keeps_its_kind_across_the_wire():
     ]:
         rebuilt = _request_error(error_kind(error), str(error))
         assert type(rebuilt) is kind and str(error) in str(rebuilt)
+
+
+def test_priority_crosses_to_the_engine_core():
+    """The process engine under --scheduling-policy priority: one sequence at a time; the first request runs,
+    then of the two that waited the higher priority (lower value) finishes first, though it came later."""
+
+    async def main():
+        eng = MPAsyncLLMEngine.from_engine_args(
+            EngineArgs(**ARGS, max_num_seqs=1, scheduling_policy="priority"), log_stats=False
+        )
+        done = []
+        try:
+            params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+            async def run(rid, prio):
+                async for out in eng.generate(
+                    {"prompt_token_ids": [3, 4, 5]}, params.clone(), rid, priority=prio
+                ):
+                    if out.finished:
+                        done.append(rid)
+
+            first = asyncio.ensure_future(run("first", 0))
+            await asyncio.sleep(0.2)  # the core has admitted it; the next two wait behind it
+            await asyncio.gather(first, run("low", 7), run("high", -7))
+        finally:
+            await eng.shutdown()
+        return done
+
+    assert _run(main()) == ["first", "high", "low"]

@@ -429,3 +429,36 @@ def test_bad_words_run_async_and_equal_sync(model_dir):
         b = llm.engine.bad_words_token_ids([w])[0]
         for toks in outs[True, w]:
             assert not any(toks[i : i + len(b)] == b for i in range(len(toks)))
+
+
+def test_priority_scheduling_orders_requests(model_dir):
+    """--scheduling-policy priority: of the waiting requests the lowest priority value runs first (then
+    arrival); the tokens are those fcfs gives. Under fcfs a priority is refused, as vLLM does."""
+    prompts = _prompts(4)
+    fcfs = _llm(model_dir, max_num_seqs=1)
+    want = _run(fcfs, prompts)
+    with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+        fcfs.generate({"prompt_token_ids": prompts[0]}, GREEDY, use_tqdm=False, priority=[1])
+    _assert_all_blocks_free(fcfs)
+
+    llm = _llm(model_dir, max_num_seqs=1, scheduling_policy="priority")
+    eng: LLMEngine = llm.engine
+    for i, (p, prio) in enumerate(zip(prompts, [3, 0, 3, -1], strict=True)):
+        eng.add_request(f"r{i}", {"prompt_token_ids": p}, GREEDY, priority=prio)
+    finished, tokens = [], {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finished.append(out.request_id)
+                tokens[out.request_id] = out.outputs[0].token_ids
+    assert finished == ["r3", "r1", "r0", "r2"]  # -1, 0, then the two 3s by arrival
+    assert [tokens[f"r{i}"] for i in range(4)] == want
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False, priority=[2, 1, 0, 5]
+    )
+    assert [o.outputs[0].token_ids for o in outs] == want  # outputs in prompt order, whatever ran first
+    with pytest.raises(ValueError, match="4 prompts but 2 priorities"):
+        llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False, priority=[0, 1])
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        eng.add_request("bad", {"prompt_token_ids": prompts[0]}, GREEDY, priority=1.5)
+    _assert_all_blocks_free(llm)

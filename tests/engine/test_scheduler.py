@@ -25,19 +25,25 @@ def make_scheduler(
     max_model_len: int = 64,
     enable_chunked_prefill: bool = True,
     enable_prefix_caching: bool = True,
+    policy: str = "fcfs",
 ) -> Scheduler:
     sc = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         enable_chunked_prefill=enable_chunked_prefill,
+        policy=policy,
     )
     cc = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     return Scheduler(sc, cc, num_blocks)
 
 
-def make_seq(seq_id: str, tokens: list[int], max_tokens: int = 4) -> Sequence:
-    return Sequence(seq_id, tokens, SamplingParams(max_tokens=max_tokens))
+def make_seq(seq_id: str, tokens: list[int], max_tokens: int = 4, priority: int = 0) -> Sequence:
+    return Sequence(seq_id, tokens, SamplingParams(max_tokens=max_tokens), priority=priority)
+
+
+def order_key(seq: Sequence) -> tuple[int, float]:
+    return (seq.priority, seq.arrival_time)
 
 
 class FakeEngine:
@@ -77,8 +83,9 @@ class FakeEngine:
     ) -> SchedulerOutput:
         sched = self.scheduler
         had_work = sched.has_unfinished_seqs()
+        running_before = list(sched.running)
         out = sched.schedule()
-        check_output(sched, out)
+        check_output(sched, out, running_before)
         if had_work:
             assert out.scheduled or out.finished, "a step with unfinished sequences made no progress"
         self.run_model(out)
@@ -102,7 +109,9 @@ class FakeEngine:
         raise AssertionError(f"still unfinished after {max_steps} steps: {self.scheduler.get_stats()}")
 
 
-def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
+def check_output(
+    sched: Scheduler, out: SchedulerOutput, running_before: list[Sequence] | None = None
+) -> None:
     bs = sched.block_manager.block_size
     assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled)
     assert out.num_batched_tokens <= sched.max_num_batched_tokens
@@ -117,6 +126,16 @@ def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
         assert s.sample == (seq.num_computed_tokens + s.num_new_tokens == seq.num_tokens)
     for seq in out.preempted:
         assert seq.status == SequenceStatus.WAITING and seq in sched.waiting and not seq.block_table
+    if out.preempted:
+        assert not [s for s in sched.running if s not in (running_before or sched.running)]  # none admitted
+        if sched.by_priority:  # the victims came last by (priority, arrival) among the running ones
+            assert all(order_key(r) <= order_key(v) for r in sched.running for v in out.preempted)
+        elif running_before is not None:  # fcfs: the newest admitted went first
+            kept = [s for s in running_before if s in sched.running]
+            assert kept == running_before[: len(kept)]
+    if sched.by_priority:
+        keys = [order_key(s) for s in sched.waiting]
+        assert keys == sorted(keys)
     for seq in out.finished:
         assert seq.status == SequenceStatus.FINISHED_LENGTH and not seq.block_table
         assert seq not in sched.running and seq not in sched.waiting
@@ -194,7 +213,7 @@ def test_preemption_with_few_blocks_and_later_completion():
     out = engine.step()  # every seq now needs a third block: the newest is preempted
     assert [s.seq_id for s in out.preempted] == ["s2"]
     assert seqs[2].num_preemptions == 1 and seqs[2].num_computed_tokens == 0
-    assert sched.waiting[0] is seqs[2]
+    assert sched.waiting.peek() is seqs[2]
     assert sched.num_preemptions >= 1
     engine.run_to_completion()
     for seq in seqs:
@@ -302,6 +321,64 @@ def test_abort_while_the_step_runs():
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_total_blocks
 
 
+def test_priority_policy_admits_by_priority_then_arrival():
+    sched = make_scheduler(max_num_seqs=1, policy="priority")
+    engine = FakeEngine(sched, 64)
+    seqs = [make_seq(name, [i + 1] * 3, max_tokens=1, priority=p) for i, (name, p) in enumerate(
+        [("low", 5), ("high-a", 0), ("mid", 2), ("high-b", 0), ("urgent", -1)])]  # fmt: skip
+    for seq in seqs:
+        sched.add_seq(seq)
+    order = []
+    while sched.has_unfinished_seqs():
+        out = engine.step()
+        order += [s.seq.seq_id for s in out.scheduled if s.seq.seq_id not in order]
+    assert order == ["urgent", "high-a", "high-b", "mid", "low"]
+
+    fcfs = make_scheduler(max_num_seqs=1)
+    engine = FakeEngine(fcfs, 64)
+    for i, name in enumerate(["x", "y", "z"]):
+        fcfs.add_seq(make_seq(name, [i + 1] * 3, max_tokens=1))
+    order = []
+    while fcfs.has_unfinished_seqs():
+        order += [s.seq.seq_id for s in engine.step().scheduled if s.seq.seq_id not in order]
+    assert order == ["x", "y", "z"]
+
+
+def test_priority_preemption_takes_the_last_by_priority_even_if_scheduled_this_step():
+    # 6 blocks of 4 tokens. The lowest-priority sequence runs first (admitted alone), then two others fill
+    # the cache. Its next token fits its last block, so the step schedules it first; the next one needs a
+    # block, and the victim is the low-priority one: its scheduled token goes back to the budget.
+    sched = make_scheduler(num_blocks=6, block_size=4, policy="priority")
+    engine = FakeEngine(sched, 64)
+    low = make_seq("low", list(range(6)), max_tokens=8, priority=3)
+    sched.add_seq(low)
+    engine.step()  # 6 prompt tokens in 2 blocks, a 7th sampled
+    a = make_seq("a", list(range(10, 18)), max_tokens=8, priority=0)
+    b = make_seq("b", list(range(20, 28)), max_tokens=8, priority=1)
+    sched.add_seq(a)
+    sched.add_seq(b)
+    engine.step()  # low's 7th token fits; a and b take 2 blocks each: all 6 used
+    assert sched.block_manager.num_free_blocks == 0 and sched.running == [low, a, b]
+    out = engine.step()
+    assert out.preempted == [low] and low.status == SequenceStatus.WAITING
+    assert [s.seq for s in out.scheduled] == [a, b] and out.num_batched_tokens == 2
+    engine.run_to_completion()
+    assert low.num_preemptions >= 1 and a.num_preemptions == 0  # the highest priority is never the victim
+
+
+def test_preempted_sequence_waits_in_priority_order():
+    sched = make_scheduler(policy="priority")
+    seqs = [make_seq(f"s{p}", [1, 2], priority=p) for p in (4, 1, 3)]
+    for seq in seqs:
+        sched.add_seq(seq)
+    assert [s.seq_id for s in sched.waiting] == ["s1", "s3", "s4"]
+    sched.schedule()
+    sched._preempt(seqs[1])  # back in its place by priority, not at the front of the queue
+    assert [s.seq_id for s in sched.waiting] == ["s1"]
+    sched.waiting.remove(seqs[1])
+    assert len(sched.waiting) == 0
+
+
 def test_duplicate_seq_id_is_rejected():
     sched = make_scheduler()
     sched.add_seq(make_seq("a", [1]))
@@ -341,8 +418,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         chunked=st.booleans(),
         budget=st.integers(1, 40),
         prefix_caching=st.booleans(),
+        priority_policy=st.booleans(),
     )
-    def setup(self, cache_tokens, block_size, max_num_seqs, chunked, budget, prefix_caching):
+    def setup(self, cache_tokens, block_size, max_num_seqs, chunked, budget, prefix_caching, priority_policy):
         num_blocks = max(2, cache_tokens // block_size)  # from "too small for one request" to plenty
         if not chunked:
             budget += MAX_MODEL_LEN
@@ -354,6 +432,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_model_len=MAX_MODEL_LEN,
             enable_chunked_prefill=chunked,
             enable_prefix_caching=prefix_caching,
+            policy="priority" if priority_policy else "fcfs",
         )
         self.engine = FakeEngine(self.sched, MAX_MODEL_LEN)
 
@@ -362,19 +441,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         cut=st.one_of(st.just(12), st.integers(0, 12)),
         suffix=st.lists(st.integers(0, 3), max_size=12),
         max_tokens=st.integers(1, 24),
+        priority=st.integers(-2, 2),
     )
-    def add_request(self, prefix, cut, suffix, max_tokens):
-        self._add((prefix[:cut] + suffix)[: MAX_MODEL_LEN - 1] or [0], max_tokens)
+    def add_request(self, prefix, cut, suffix, max_tokens, priority):
+        self._add((prefix[:cut] + suffix)[: MAX_MODEL_LEN - 1] or [0], max_tokens, priority)
 
     @precondition(lambda self: self.prompts)
-    @rule(data=st.data(), suffix=st.lists(st.integers(0, 3), max_size=4), max_tokens=st.integers(1, 24))
-    def repeat_request(self, data, suffix, max_tokens):
+    @rule(
+        data=st.data(),
+        suffix=st.lists(st.integers(0, 3), max_size=4),
+        max_tokens=st.integers(1, 24),
+        priority=st.integers(-2, 2),
+    )
+    def repeat_request(self, data, suffix, max_tokens, priority):
         """An earlier prompt again (its blocks may be cached, used or evicted), maybe extended."""
         prompt = data.draw(st.sampled_from(self.prompts)) + suffix
-        self._add(prompt[: MAX_MODEL_LEN - 1], max_tokens)
+        self._add(prompt[: MAX_MODEL_LEN - 1], max_tokens, priority)
 
-    def _add(self, prompt: list[int], max_tokens: int) -> None:
-        self.sched.add_seq(make_seq(f"r{len(self.prompts)}", prompt, max_tokens))
+    def _add(self, prompt: list[int], max_tokens: int, priority: int) -> None:
+        priority = priority if self.sched.by_priority else 0
+        self.sched.add_seq(make_seq(f"r{len(self.prompts)}", prompt, max_tokens, priority))
         self.prompts.append(prompt)
 
     @rule(data=st.data())

@@ -539,6 +539,8 @@ BAD_COMPLETIONS = [
     ({"prompt": "abc", "use_beam_search": True, "n": 11}, "n"),
     ({"prompt": "abc", "use_beam_search": True, "guided_regex": "a+"}, "guided_regex"),
     ({"prompt": "abc", "suffix": "xyz"}, "suffix"),
+    ({"prompt": "abc", "priority": 1}, "priority"),  # the shared server schedules fcfs
+    ({"prompt": "abc", "priority": 1.5}, "priority"),
     ({"prompt": "abc", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ({"prompt": "abc", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"prompt": "abc", "bad_words": [""]}, "bad_words"),
@@ -576,6 +578,7 @@ def test_bad_completion_is_400(shared_server, body, param):
         ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": CHAT, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
         ({"messages": CHAT, "max_completion_tokens": 1000}, "max_tokens"),
+        ({"messages": CHAT, "priority": -1}, "priority"),
         ({"messages": [{"role": "user", "content": "x" * 100}]}, "messages"),
     ],
 )

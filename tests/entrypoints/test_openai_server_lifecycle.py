@@ -102,10 +102,18 @@ def test_drain_aborts_requests_that_outlive_the_shutdown_timeout():
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
-    server = start_server_process(["--model", "dummy:tiny", "--device", "cpu"], str(tmp_path / "server.log"))
+    # (the server also runs the priority policy: its request's priority reaches the engine core)
+    args = ["--model", "dummy:tiny", "--device", "cpu", "--scheduling-policy", "priority"]
+    server = start_server_process(args, str(tmp_path / "server.log"))
     try:
         url = f"{server.base_url}/v1/completions"
-        body = {**LONG, "max_tokens": 800, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            **LONG,
+            "max_tokens": 800,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "priority": -2,
+        }
         with httpx.Client(timeout=60) as c, c.stream("POST", url, json=body) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line).startswith("data: {")

@@ -125,6 +125,7 @@ class SamplingRequest(OpenAIBaseModel):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     return_tokens_as_token_ids: bool | None = None  # vLLM: logprobs name tokens "token_id:N"
+    priority: StrictInt = 0  # vLLM: the order under --scheduling-policy priority (lower first)
     use_beam_search: bool = False  # vLLM: n beams, the n best returned (no streaming)
     length_penalty: float = 1.0  # beam search: scores are cum_logprob / length ** length_penalty
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields

@@ -253,6 +253,7 @@ class OpenAIServing:
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.vocab_size = engine.config.model_config.vocab_size
         self.max_logprobs = engine.config.max_logprobs
+        self.priority_policy = engine.config.scheduler_config.policy == "priority"
         self._token_strs: dict[int, str] = {}
         if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"unknown tool call parser {tool_call_parser!r}: one of {sorted(TOOL_PARSERS)}")
@@ -835,6 +836,13 @@ class OpenAIServing:
         """Check the prompt against max_model_len and build its SamplingParams. With no max_tokens the
         request may use all the room left in max_model_len (vLLM's rule). truncate_prompt_tokens keeps the
         prompt's last k tokens first (-1: as many as leave one to generate)."""
+        if req.priority != 0 and not self.priority_policy:
+            raise APIError(
+                400,
+                f"got priority {req.priority} but priority scheduling is not enabled (start the server with "
+                "--scheduling-policy priority)",
+                param="priority",
+            )
         kept = self.engine.engine.truncate_prompt(token_ids, req.truncate_prompt_tokens)
         if len(kept) < len(token_ids):
             token_ids, prompt_text = kept, None  # the text no longer matches the ids
@@ -887,7 +895,7 @@ class OpenAIServing:
         """The engine request of one prompt `_prepare` checked."""
         prompt_text, token_ids, params = prepared
         prompt = {"prompt": prompt_text, "prompt_token_ids": token_ids}
-        stream = self.engine.generate(prompt, params, request_id)
+        stream = self.engine.generate(prompt, params, request_id, priority=req.priority)
         tracker = self.metrics.tracker() if self.metrics is not None else None
         return _EngineRequest(
             request_id, prompt_text, token_ids, params, stream, tracker, req.constraint_field()
@@ -928,7 +936,9 @@ class OpenAIServing:
 
         async def extend(rid: str, tokens: list[int]) -> RequestOutput:
             last = None
-            async for out in self.engine.generate({"prompt_token_ids": tokens}, step, rid):
+            async for out in self.engine.generate(
+                {"prompt_token_ids": tokens}, step, rid, priority=req.priority
+            ):
                 last = out
             return last
 
