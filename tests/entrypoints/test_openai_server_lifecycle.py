@@ -246,12 +246,35 @@ def test_metrics_names_and_request_log(caplog):
         "vllm:request_success_total",
         "hopperllm:kv_cache_free_blocks",
         "hopperllm:kv_cache_total_blocks",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:request_queue_time_seconds_bucket",
+        "vllm:request_prefill_time_seconds_sum",
+        "vllm:request_decode_time_seconds_count",
+        "vllm:request_inference_time_seconds_count",
+        "vllm:request_prompt_tokens_bucket",
+        "vllm:request_generation_tokens_sum",
+        "vllm:request_params_max_tokens_sum",
+        "vllm:request_params_n_count",
     ]:
         assert name in names, name
     assert metric(m, "vllm:request_success_total", finished_reason="length") == 1
     assert metric(m, "vllm:generation_tokens_total") == 3
     assert metric(m, "vllm:prompt_tokens_total") == 11
     assert metric(m, "vllm:time_per_output_token_seconds_count") == 2
+    assert metric(m, "vllm:inter_token_latency_seconds_count") == 2
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert metric(m, f"vllm:request_{phase}_time_seconds_count") == 1
+        assert metric(m, f"vllm:request_{phase}_time_seconds_sum") >= 0
+    assert metric(m, "vllm:request_prefill_time_seconds_sum") + metric(
+        m, "vllm:request_decode_time_seconds_sum"
+    ) == pytest.approx(metric(m, "vllm:request_inference_time_seconds_sum"))
+    assert metric(m, "vllm:request_prompt_tokens_sum") == 11
+    assert metric(m, "vllm:request_prompt_tokens_bucket", le="10.0") == 0  # 11 tokens: in the 20 bucket
+    assert metric(m, "vllm:request_prompt_tokens_bucket", le="20.0") == 1
+    assert metric(m, "vllm:request_generation_tokens_sum") == 3
+    assert (
+        metric(m, "vllm:request_params_max_tokens_sum") == 3 and metric(m, "vllm:request_params_n_sum") == 1
+    )
     logged = [rec.getMessage() for rec in caplog.records if "Received request" in rec.getMessage()]
     assert len(logged) == 1 and "'abcde'" in logged[0] and "[1, 100, 101, 102, 103]" in logged[0]
 

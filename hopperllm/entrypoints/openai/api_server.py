@@ -112,7 +112,9 @@ def server_dev_mode() -> bool:
 
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     state = ServerState()
-    metrics = ServerMetrics(engine, settings.served_model_names[0])
+    metrics = ServerMetrics(
+        engine, settings.served_model_names[0], engine.config.scheduler_config.max_model_len
+    )
     serving = OpenAIServing(
         engine,
         settings.served_model_names,

@@ -896,7 +896,11 @@ class OpenAIServing:
         prompt_text, token_ids, params = prepared
         prompt = {"prompt": prompt_text, "prompt_token_ids": token_ids}
         stream = self.engine.generate(prompt, params, request_id, priority=req.priority)
-        tracker = self.metrics.tracker() if self.metrics is not None else None
+        tracker = (
+            self.metrics.tracker(len(token_ids), params.max_tokens, params.n)
+            if self.metrics is not None
+            else None
+        )
         return _EngineRequest(
             request_id, prompt_text, token_ids, params, stream, tracker, req.constraint_field()
         )
