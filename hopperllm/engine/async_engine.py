@@ -207,13 +207,13 @@ class AsyncLLMEngine(EngineFront):
             # compiling a grammar (and, the first time, llguidance's view of the vocabulary) can take a
             # while: off the event loop, which keeps serving the other requests meanwhile
             req = await asyncio.to_thread(
-                self.engine.prepare_request, request_id, prompt, params, None, priority
+                self.engine.prepare_request, request_id, prompt, params, priority=priority
             )
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
         else:
             req = self.engine.prepare_request(
-                request_id, prompt, params, None, priority
+                request_id, prompt, params, priority=priority
             )  # ValueError on bad input
         self.start()
         queue: asyncio.Queue = asyncio.Queue()

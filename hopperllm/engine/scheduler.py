@@ -192,11 +192,12 @@ class Scheduler:
                     break
                 victim = self._preemption_victim()
                 j = self.running.index(victim)
-                if j < i:  # scheduled earlier in this step: take its tokens back
-                    k = next(k for k, s in enumerate(out.scheduled) if s.seq is victim)
-                    budget += out.scheduled[k].num_new_tokens
-                    out.num_batched_tokens -= out.scheduled[k].num_new_tokens
-                    del out.scheduled[k]
+                if j < i:  # passed earlier in this step: take back the tokens it was given, if any
+                    k = next((k for k, s in enumerate(out.scheduled) if s.seq is victim), None)
+                    if k is not None:
+                        budget += out.scheduled[k].num_new_tokens
+                        out.num_batched_tokens -= out.scheduled[k].num_new_tokens
+                        del out.scheduled[k]
                     i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)

@@ -25,7 +25,7 @@ class ScriptedEngine:
         self.events: list[str] = []
         self.fail_at: int | None = None
 
-    def prepare_request(self, request_id, prompt, params):
+    def prepare_request(self, request_id, prompt, params, arrival_time=None, priority=0):
         return SimpleNamespace(request_id=request_id, want=params.max_tokens)
 
     def commit_request(self, req):

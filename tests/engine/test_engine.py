@@ -70,6 +70,68 @@ def test_preemption_keeps_outputs(model_dir, alone, async_scheduling):
 
 
 @both_modes
+def test_priority_preemption_keeps_outputs(model_dir, alone, async_scheduling):
+    """The priority policy preempts by priority, also sequences the step had already scheduled: the
+    greedy tokens stay those each prompt gets alone."""
+    llm = _llm(
+        model_dir,
+        async_scheduling,
+        num_kv_blocks=12,
+        enable_prefix_caching=False,
+        scheduling_policy="priority",
+    )
+    prompts = _prompts()
+    priorities = [(7 * i) % 5 - 2 for i in range(len(prompts))]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False, priority=priorities
+    )
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert llm.engine.get_stats().num_preemptions > 0
+    _assert_all_blocks_free(llm)
+
+
+@both_modes
+def test_late_high_priority_requests_preempt_running_ones(model_dir, alone, async_scheduling, monkeypatch):
+    """Low-priority requests run first; high-priority ones added later make the cache preempt the
+    low-priority ones ahead of them in the running list (scheduled earlier in the same step). Tokens stay."""
+    from hopperllm.engine.scheduler import Scheduler
+
+    picked = []
+    choose = Scheduler._preemption_victim
+
+    def recording(self):
+        victim = choose(self)
+        picked.append((self.running.index(victim), len(self.running)))
+        return victim
+
+    monkeypatch.setattr(Scheduler, "_preemption_victim", recording)
+    llm = _llm(
+        model_dir,
+        async_scheduling,
+        num_kv_blocks=16,
+        enable_prefix_caching=False,
+        scheduling_policy="priority",
+    )
+    eng: LLMEngine = llm.engine
+    prompts = _prompts()
+    low, high = range(8, 12), range(8)  # 33-64 tokens, then 1-31
+    for i in low:
+        eng.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, GREEDY, priority=5)
+    for _ in range(3):
+        eng.step()
+    for i in high:
+        eng.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, GREEDY, priority=0)
+    tokens = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                tokens[out.request_id] = out.outputs[0].token_ids
+    assert {i: tokens[f"r{i}"] for i in [*low, *high]} == {i: alone[i] for i in [*low, *high]}
+    assert any(j < n - 1 for j, n in picked), picked  # a victim ahead of others in the running list
+    _assert_all_blocks_free(llm)
+
+
+@both_modes
 def test_chunked_prefill_keeps_outputs(model_dir, alone, async_scheduling):
     llm = _llm(model_dir, async_scheduling, max_num_batched_tokens=7, max_num_seqs=4)
     assert _run(llm, _prompts()) == alone
