@@ -114,3 +114,13 @@ def local_token_counter(model: str) -> Callable[[Sequence[str]], list[int]]:
     src = resolve_model(model)
     tok = load_tokenizer(src, ModelConfig.from_hf_dict(src.hf_config))
     return lambda texts: [len(tok.encode(t)) for t in texts]
+
+
+def resolve_name(name: str | None, path: str | None) -> str:
+    """--dataset-name as given, or jsonl with a --dataset-path and random without; the two must agree."""
+    name = name or ("jsonl" if path else "random")
+    if name != "random" and not path:
+        raise ValueError(f"--dataset-name {name} needs --dataset-path")
+    if name == "random" and path:
+        raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
+    return name

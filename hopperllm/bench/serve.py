@@ -169,11 +169,7 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
 
 def dataset_name(args) -> str:
     """--dataset-name, checked against --dataset-path and the flags of the other kinds."""
-    name = args.dataset_name or ("jsonl" if args.dataset_path else "random")
-    if name != "random" and not args.dataset_path:
-        raise ValueError(f"--dataset-name {name} needs --dataset-path")
-    if name == "random" and args.dataset_path:
-        raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
+    name = datasets.resolve_name(args.dataset_name, args.dataset_path)
     if name != "sharegpt" and (args.sharegpt_output_len is not None or args.tokenizer is not None):
         raise ValueError("--sharegpt-output-len and --tokenizer are for --dataset-name sharegpt")
     if name != "random" and args.random_prefix_len:

@@ -98,11 +98,7 @@ def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, in
 
 def dataset_name(args) -> str:
     """--dataset-name, checked against --dataset and the flags of the other kinds."""
-    name = args.dataset_name or ("jsonl" if args.dataset else "random")
-    if name != "random" and not args.dataset:
-        raise ValueError(f"--dataset-name {name} needs --dataset-path")
-    if name == "random" and args.dataset:
-        raise ValueError("--dataset-path is for --dataset-name jsonl or sharegpt, not random")
+    name = datasets.resolve_name(args.dataset_name, args.dataset)
     if name != "random" and (args.input_len is not None or args.prefix_len):
         raise ValueError("--input-len and --prefix-len are for random prompts: drop them or --dataset")
     return name
