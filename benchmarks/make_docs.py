@@ -91,6 +91,7 @@ def _throughput(rec: dict) -> list[str]:
             ".0f",
         ),
         _f(r.get("output_tokens_per_joule")),
+        _f(100 * r["prefix_cache_hit_rate"], ".1f") if r.get("prefix_cache_hit_rate") is not None else "-",
     ]
 
 
@@ -163,7 +164,7 @@ ROWS = {
         _latency,
     ),
     "throughput": (
-        ["requests", "in/out tokens", "req/s", "out tok/s", "total tok/s", "vs HF", "SM MHz", "out tok/J"],
+        ["requests", "in/out tokens", "req/s", "out tok/s", "total tok/s", "vs HF", "SM MHz", "out tok/J", "prefix hit %"],
         _throughput,
     ),
     "budget": (["in/out", "budget s", "batch-1 q/s (p99)", "max q/s within budget (p99)", "at"], _budget),
