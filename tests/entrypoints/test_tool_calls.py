@@ -341,3 +341,25 @@ def test_reasoning_content_in_the_server():
                         reasoning += ch["delta"].get("reasoning_content", "")
                         content += ch["delta"].get("content", "")
         assert (reasoning, content) == ("Let me think.", "It is 4.")
+        # /v1/responses: a reasoning item, then the message; streamed, each item's own events
+        rbody = {
+            "input": MSGS,
+            "max_output_tokens": 40,
+            "temperature": 0,
+            "structured_outputs": {"regex": regex},
+        }
+        res = httpx.post(f"{srv.base_url}/v1/responses", json=rbody, timeout=60).json()
+        assert [i["type"] for i in res["output"]] == ["reasoning", "message"]
+        assert res["output"][0]["content"][0]["text"] == "Let me think."
+        assert res["output"][1]["content"][0]["text"] == "It is 4."
+        events = []
+        with httpx.stream(
+            "POST", f"{srv.base_url}/v1/responses", json={**rbody, "stream": True}, timeout=60
+        ) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        think = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+        answer = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert (think, answer) == ("Let me think.", "It is 4.")
+        added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+        assert added == ["reasoning", "message"] and events[-1]["type"] == "response.completed"
+        assert [i["type"] for i in events[-1]["response"]["output"]] == ["reasoning", "message"]

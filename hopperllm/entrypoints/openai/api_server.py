@@ -40,6 +40,7 @@ from hopperllm.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    ResponsesRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     VersionResponse,
@@ -152,6 +153,10 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
         return await serving.create_chat_completion(body, raw)
+
+    @app.post("/v1/responses", responses=ERROR_RESPONSES)
+    async def create_response(body: ResponsesRequest, raw: Request) -> Response:
+        return await serving.create_response(body, raw)
 
     @app.get("/v1/models")
     async def show_models() -> Response:

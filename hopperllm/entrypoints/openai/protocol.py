@@ -327,6 +327,58 @@ class ChatCompletionRequest(SamplingRequest):
         return StructuredOutputsParams(json=required_tools_schema(self.tools))
 
 
+class ResponsesInputItem(OpenAIBaseModel):
+    """An input message of /v1/responses: content as text or input_text / output_text parts. Other item
+    types (function calls and their outputs, reasoning) are refused with a 400 naming `input`."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "message"
+    role: str | None = None
+    content: str | list[ChatContentPart] | None = None
+
+
+class ResponsesTextFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(OpenAIBaseModel):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(OpenAIBaseModel):
+    """OpenAI's Responses API request (/v1/responses), the text part of it, as vLLM serves it: `input` as a
+    string or messages, `instructions` as a system message first, `text.format` for structured output.
+    Nothing is stored (`store` is accepted and answered false, as vLLM does by default)."""
+
+    model: str | None = None
+    input: str | list[ResponsesInputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    text: ResponsesText | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    # vLLM's extra sampling parameters
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    priority: StrictInt = 0
+    structured_outputs: StructuredOutputsRequest | None = None  # as on the chat endpoint
+
+
 class TokenizeCompletionRequest(OpenAIBaseModel):
     model: str | None = None
     prompt: str

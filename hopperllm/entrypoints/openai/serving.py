@@ -22,6 +22,7 @@ from hopperllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from hopperllm.engine.beam_search import BeamSearchInstance, BeamSearchParams
 from hopperllm.engine.llm_engine import QueueFullError
 from hopperllm.engine.structured_output import StructuredOutputError
+from hopperllm.entrypoints.openai import responses as rsp
 from hopperllm.entrypoints.openai.metrics import RequestTracker, ServerMetrics
 from hopperllm.entrypoints.openai.protocol import (
     ChatChoiceLogProbs,
@@ -50,6 +51,7 @@ from hopperllm.entrypoints.openai.protocol import (
     PromptLogprob,
     PromptLogprobs,
     PromptTokenUsageInfo,
+    ResponsesRequest,
     SamplingRequest,
     TextChunkTemplates,
     TokenizeChatRequest,
@@ -699,6 +701,155 @@ class OpenAIServing:
             await outputs.aclose()
             await _close([r])
             self._aborted([r])  # counts a stream cut short by the client
+
+    # -- /v1/responses ---------------------------------------------------------------------------
+    async def create_response(self, req: ResponsesRequest, raw: Request) -> Response:
+        """OpenAI's Responses API over the chat path (entrypoints/openai/responses.py)."""
+        self._check_model(req.model)
+        try:
+            chat = rsp.to_chat_request(req)
+        except rsp.ResponsesInputError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        try:
+            ids = self._encode_chat(chat.messages, True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from None
+        response_id = rsp.new_id("resp")
+        model = req.model or self.model_name
+        prepared = self._prepare(response_id, None, ids, chat, chat.max_completion_tokens, None, "input")
+        r = self._engine_request(response_id, chat, prepared)
+        watcher = await self._start(raw, [r])
+        created = now_s()
+        if req.stream:
+            return _sse_response(self._response_events(req, chat, r, watcher, response_id, model, created))
+        aborted = await self._run_to_end([r], watcher)
+        if aborted is not None:
+            return aborted
+        c = r.final.outputs[0]
+        message, _ = self._chat_message(chat, c)
+        output = []
+        if message.reasoning_content:
+            output.append(rsp.reasoning_item(rsp.new_id("rs"), message.reasoning_content))
+        output.append(rsp.message_item(rsp.new_id("msg"), message.content or "", "completed"))
+        body = rsp.response_object(
+            req, response_id, model, created, status="completed", output=output,
+            temperature=r.params.temperature, top_p=r.params.top_p,
+            usage_info=rsp.usage(self._usage([r])), finish_reason=c.finish_reason,
+        )  # fmt: skip
+        return JSONResponse(body)
+
+    async def _response_events(
+        self,
+        req: ResponsesRequest,
+        chat: ChatCompletionRequest,
+        r: _EngineRequest,
+        watcher: _DisconnectWatcher,
+        response_id: str,
+        model: str,
+        created: int,
+    ) -> AsyncIterator[str]:
+        """The Responses API's streamed events: a reasoning item (with --reasoning-parser) while the
+        thinking streams, then the message item, each opened, filled by deltas and closed in OpenAI's order."""
+        event = rsp.EventWriter()
+
+        def response(status: str, output: list, usage=None, finish_reason=None) -> dict:
+            return rsp.response_object(
+                req, response_id, model, created, status=status, output=output,
+                temperature=r.params.temperature, top_p=r.params.top_p, usage_info=usage,
+                finish_reason=finish_reason,
+            )  # fmt: skip
+
+        done_items: list[dict] = []
+        open_kind = None  # "reasoning" or "message": the item receiving deltas
+        item_id, text = "", ""
+
+        def open_item(kind: str) -> list[str]:
+            nonlocal open_kind, item_id, text
+            open_kind, text = kind, ""
+            item_id = rsp.new_id("rs" if kind == "reasoning" else "msg")
+            idx = len(done_items)
+            if kind == "reasoning":
+                item = {"id": item_id, "type": "reasoning", "summary": [], "content": []}
+                return [event("response.output_item.added", output_index=idx, item=item)]
+            return [
+                event("response.output_item.added", output_index=idx, item=rsp.message_item(item_id, "", "in_progress")),
+                event("response.content_part.added", item_id=item_id, output_index=idx, content_index=0,
+                      part=rsp.text_part("")),
+            ]  # fmt: skip
+
+        def close_item() -> list[str]:
+            nonlocal open_kind
+            idx = len(done_items)
+            if open_kind == "reasoning":
+                item = rsp.reasoning_item(item_id, text)
+                events = [event("response.reasoning_text.done", item_id=item_id, output_index=idx, content_index=0,
+                                text=text)]  # fmt: skip
+            else:
+                item = rsp.message_item(item_id, text, "completed")
+                events = [
+                    event("response.output_text.done", item_id=item_id, output_index=idx, content_index=0,
+                          text=text, logprobs=[]),
+                    event("response.content_part.done", item_id=item_id, output_index=idx, content_index=0,
+                          part=rsp.text_part(text)),
+                ]  # fmt: skip
+            events.append(event("response.output_item.done", output_index=idx, item=item))
+            done_items.append(item)
+            open_kind = None
+            return events
+
+        outputs = self._outputs([r])
+        stream = _ChatChoiceStream(None, chat, None, self.reasoning_cls)
+        finish_reason = None
+        try:
+            yield event("response.created", response=response("in_progress", []))
+            yield event("response.in_progress", response=response("in_progress", []))
+            async for _, out in outputs:
+                c = out.outputs[0]
+                delta, finish = stream.step(c)
+                finish_reason = finish or finish_reason
+                for kind, piece in (
+                    ("reasoning", delta.reasoning_content if delta else None),
+                    ("message", delta.content if delta else None),
+                ):
+                    if not piece:
+                        continue
+                    if open_kind != kind:
+                        if open_kind is not None:
+                            for e in close_item():
+                                yield e
+                        for e in open_item(kind):
+                            yield e
+                    text += piece
+                    name = (
+                        "response.reasoning_text.delta"
+                        if kind == "reasoning"
+                        else "response.output_text.delta"
+                    )
+                    extra = {} if kind == "reasoning" else {"logprobs": []}
+                    yield event(name, item_id=item_id, output_index=len(done_items), content_index=0,
+                                delta=piece, **extra)  # fmt: skip
+            if self._aborted([r]):
+                if not watcher.disconnected:
+                    yield event("error", message=ABORTED_AT_SHUTDOWN, code="503", param=None)
+                return
+            if open_kind != "message":  # the answer's item exists even when it is empty
+                if open_kind is not None:
+                    for e in close_item():
+                        yield e
+                for e in open_item("message"):
+                    yield e
+            for e in close_item():
+                yield e
+            final = response("completed", done_items, rsp.usage(self._usage([r])), finish_reason)
+            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+            yield event(kind, response=final)
+        except EngineDeadError as e:
+            yield event("error", message=str(e), code="500", param=None)
+        finally:
+            watcher.stop()
+            await outputs.aclose()
+            await _close([r])
+            self._aborted([r])
 
     def _check_tools(self, req: ChatCompletionRequest) -> None:
         """vLLM's rules for tools and tool_choice (400s naming tool_choice)."""
