@@ -20,19 +20,6 @@ PROMPTS = ["The quick brown fox", "abc", "Once upon a time"]
 CHAT = [{"role": "system", "content": "Hi"}, {"role": "user", "content": "2+2?"}]  # 42 tokens
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    """The offline reference: the same model, weight seed and max_model_len as the shared server."""
-    return LLM(model=MODEL, device="cpu", max_model_len=64, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def client(shared_server) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{shared_server.base_url}/v1", api_key=shared_server.api_key, max_retries=0
-    )
-
-
 def _reference(llm: LLM, prompt, **params) -> list:
     return llm.generate(prompt, SamplingParams(**params), use_tqdm=False)[0].outputs
 

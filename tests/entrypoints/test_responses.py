@@ -6,24 +6,11 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from hopperllm import LLM, SamplingParams
 
 MODEL = "dummy:tiny"
-
-
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(model=MODEL, device="cpu", max_model_len=64, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def client(shared_server) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{shared_server.base_url}/v1", api_key=shared_server.api_key, max_retries=0
-    )
 
 
 def _chat(llm: LLM, messages, **params):
