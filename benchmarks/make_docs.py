@@ -164,7 +164,17 @@ ROWS = {
         _latency,
     ),
     "throughput": (
-        ["requests", "in/out tokens", "req/s", "out tok/s", "total tok/s", "vs HF", "SM MHz", "out tok/J", "prefix hit %"],
+        [
+            "requests",
+            "in/out tokens",
+            "req/s",
+            "out tok/s",
+            "total tok/s",
+            "vs HF",
+            "SM MHz",
+            "out tok/J",
+            "prefix hit %",
+        ],
         _throughput,
     ),
     "budget": (["in/out", "budget s", "batch-1 q/s (p99)", "max q/s within budget (p99)", "at"], _budget),
