@@ -353,18 +353,21 @@ def test_priority_crosses_to_the_engine_core():
         )
         done = []
         try:
-            params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
-            async def run(rid, prio):
-                async for out in eng.generate(
-                    {"prompt_token_ids": [3, 4, 5]}, params.clone(), rid, priority=prio
-                ):
+            async def run(gen, rid):
+                async for out in gen:
                     if out.finished:
                         done.append(rid)
 
-            first = asyncio.ensure_future(run("first", 0))
-            await asyncio.sleep(0.2)  # the core has admitted it; the next two wait behind it
-            await asyncio.gather(first, run("low", 7), run("high", -7))
+            def start(rid, prio, n):
+                params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+                return eng.generate({"prompt_token_ids": [3, 4, 5]}, params, rid, priority=prio)
+
+            first = start("first", 0, 60)
+            await first.__anext__()  # admitted and running, with ~60 steps to go: the next two wait behind it
+            await asyncio.gather(
+                run(first, "first"), run(start("low", 7, 4), "low"), run(start("high", -7, 4), "high")
+            )
         finally:
             await eng.shutdown()
         return done
