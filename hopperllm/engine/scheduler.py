@@ -14,7 +14,6 @@ to the budget).
 from __future__ import annotations
 
 import bisect
-import itertools
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -56,22 +55,20 @@ class SchedulerOutput:
 
 class WaitingQueue:
     """Sequences waiting to be admitted. fcfs: arrival order, a preempted sequence back at the front;
-    priority: sorted by (priority, arrival time, order added), a preempted one back in its place."""
+    priority: sorted by (priority, arrival time), a preempted one back in its place, equals in the order added."""
 
     def __init__(self, policy: str = "fcfs"):
         self.by_priority = policy == "priority"
         self._fifo: deque[Sequence] = deque()
-        self._sorted: list[tuple[tuple[int, float, int], Sequence]] = []
-        self._order: dict[str, int] = {}  # priority: each sequence's tie-break, kept across preemptions
-        self._counter = itertools.count()
+        self._sorted: list[Sequence] = []
 
-    def _key(self, seq: Sequence) -> tuple[int, float, int]:
-        order = self._order.setdefault(seq.seq_id, next(self._counter))
-        return (seq.priority, seq.arrival_time, order)
+    @staticmethod
+    def _key(seq: Sequence) -> tuple[int, float]:
+        return (seq.priority, seq.arrival_time)
 
     def append(self, seq: Sequence) -> None:
         if self.by_priority:
-            bisect.insort(self._sorted, (self._key(seq), seq), key=lambda e: e[0])
+            bisect.insort_right(self._sorted, seq, key=self._key)
         else:
             self._fifo.append(seq)
 
@@ -83,32 +80,28 @@ class WaitingQueue:
             self._fifo.appendleft(seq)
 
     def peek(self) -> Sequence:
-        return self._sorted[0][1] if self.by_priority else self._fifo[0]
+        return self._sorted[0] if self.by_priority else self._fifo[0]
 
     def popleft(self) -> Sequence:
-        if self.by_priority:
-            return self._sorted.pop(0)[1]
-        return self._fifo.popleft()
+        return self._sorted.pop(0) if self.by_priority else self._fifo.popleft()
 
     def remove(self, seq: Sequence) -> None:
         if not self.by_priority:
             self._fifo.remove(seq)
             return
         key = self._key(seq)
-        i = bisect.bisect_left(self._sorted, key, key=lambda e: e[0])
-        if i == len(self._sorted) or self._sorted[i][1] is not seq:
+        lo = bisect.bisect_left(self._sorted, key, key=self._key)
+        hi = bisect.bisect_right(self._sorted, key, key=self._key)
+        i = next((i for i in range(lo, hi) if self._sorted[i] is seq), None)
+        if i is None:
             raise ValueError(f"sequence {seq.seq_id!r} is not waiting")
         del self._sorted[i]
-
-    def forget(self, seq: Sequence) -> None:
-        """The sequence has finished: drop its tie-break."""
-        self._order.pop(seq.seq_id, None)
 
     def __len__(self) -> int:
         return len(self._sorted) if self.by_priority else len(self._fifo)
 
     def __iter__(self) -> Iterator[Sequence]:
-        return (e[1] for e in self._sorted) if self.by_priority else iter(self._fifo)
+        return iter(self._sorted) if self.by_priority else iter(self._fifo)
 
 
 class Scheduler:
@@ -153,7 +146,6 @@ class Scheduler:
         seq.status = status
         self.block_manager.free(seq)
         self._unfinished.pop(seq.seq_id, None)
-        self.waiting.forget(seq)
 
     def has_unfinished_seqs(self) -> bool:
         return bool(self._unfinished)
