@@ -193,7 +193,7 @@ class LLMEngine:
         `priority` orders requests under the "priority" scheduling policy (lower first; vLLM's)."""
         params = params or SamplingParams()
         params.verify()
-        self.check_priority(priority)
+        check_priority(priority, self.config.scheduler_config.policy)
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
         prompt_text, token_ids = self.tokenize_prompt(prompt)
@@ -217,14 +217,6 @@ class LLMEngine:
             for seq in seqs:  # a constraint that does not compile is the caller's error (ValueError)
                 seq.grammar = self.structured_output_manager.matcher(params.structured_outputs)
         return _Request(request_id, prompt_text, token_ids, params, seqs, detoks, arrival, [0] * params.n)
-
-    def check_priority(self, priority: int) -> None:
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        if priority != 0 and self.config.scheduler_config.policy != "priority":
-            raise ValueError(
-                f"got priority {priority} but priority scheduling is not enabled (--scheduling-policy priority)"
-            )
 
     def commit_request(self, req: _Request) -> None:
         if req.request_id in self.requests:
@@ -647,6 +639,17 @@ def truncate_prompt(token_ids: list[int], k: int | None, max_model_len: int) -> 
         return token_ids
     k = max_model_len - 1 if k == -1 else k
     return token_ids[-k:] if len(token_ids) > k else token_ids
+
+
+def check_priority(priority: int, policy: str) -> None:
+    """A request's priority under the scheduling policy: any integer with "priority", only 0 with "fcfs" (as
+    vLLM refuses it); ValueError otherwise."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(
+            f"got priority {priority} but priority scheduling is not enabled (--scheduling-policy priority)"
+        )
 
 
 class QueueFullError(RuntimeError):

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hopperllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from hopperllm.engine.beam_search import BeamSearchInstance, BeamSearchParams
-from hopperllm.engine.llm_engine import QueueFullError
+from hopperllm.engine.llm_engine import QueueFullError, check_priority
 from hopperllm.engine.structured_output import StructuredOutputError
 from hopperllm.entrypoints.openai import responses as rsp
 from hopperllm.entrypoints.openai.metrics import RequestTracker, ServerMetrics
@@ -255,7 +255,7 @@ class OpenAIServing:
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.vocab_size = engine.config.model_config.vocab_size
         self.max_logprobs = engine.config.max_logprobs
-        self.priority_policy = engine.config.scheduler_config.policy == "priority"
+        self.scheduling_policy = engine.config.scheduler_config.policy
         self._token_strs: dict[int, str] = {}
         if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"unknown tool call parser {tool_call_parser!r}: one of {sorted(TOOL_PARSERS)}")
@@ -987,13 +987,10 @@ class OpenAIServing:
         """Check the prompt against max_model_len and build its SamplingParams. With no max_tokens the
         request may use all the room left in max_model_len (vLLM's rule). truncate_prompt_tokens keeps the
         prompt's last k tokens first (-1: as many as leave one to generate)."""
-        if req.priority != 0 and not self.priority_policy:
-            raise APIError(
-                400,
-                f"got priority {req.priority} but priority scheduling is not enabled (start the server with "
-                "--scheduling-policy priority)",
-                param="priority",
-            )
+        try:
+            check_priority(req.priority, self.scheduling_policy)
+        except ValueError as e:
+            raise APIError(400, str(e), param="priority") from None
         kept = self.engine.engine.truncate_prompt(token_ids, req.truncate_prompt_tokens)
         if len(kept) < len(token_ids):
             token_ids, prompt_text = kept, None  # the text no longer matches the ids
