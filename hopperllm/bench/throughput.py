@@ -73,11 +73,16 @@ def make_requests(args, engine, rng: np.random.Generator) -> list[tuple[dict, in
     name = dataset_name(args)
     if name == "sharegpt":
         pairs = datasets.load_sharegpt(args.dataset, args.seed)
-        tok = engine.tokenizer
-        rows = datasets.sample_sharegpt(
-            pairs, args.num_prompts, lambda texts: [len(tok.encode(t)) for t in texts], args.output_len
-        )
-        return [({"prompt": r.prompt, "prompt_token_ids": tok.encode(r.prompt)}, r.output_len) for r in rows]
+        encoded: dict[str, list[int]] = {}  # each text tokenized once: counted, then a kept prompt's ids
+
+        def count(texts):
+            for t in texts:
+                if t not in encoded:
+                    encoded[t] = engine.tokenizer.encode(t)
+            return [len(encoded[t]) for t in texts]
+
+        rows = datasets.sample_sharegpt(pairs, args.num_prompts, count, args.output_len)
+        return [({"prompt": r.prompt, "prompt_token_ids": encoded[r.prompt]}, r.output_len) for r in rows]
     if name == "jsonl":
         rows = common.take(common.read_dataset(args.dataset), args.num_prompts)
         reqs = []
