@@ -104,7 +104,9 @@ class EngineArgs:
             "--speculative-config",
             default=None,
             help='speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 3, '
-            '"prompt_lookup_max": 4, "prompt_lookup_min": 1} (drafts from earlier n-grams of the sequence)',
+            '"prompt_lookup_max": 4, "prompt_lookup_min": 1} (drafts from earlier n-grams of the sequence), or '
+            '{"model": "DRAFT", "num_speculative_tokens": 5} (drafts from a smaller model of the same vocabulary; '
+            'optional "quantization": "fp8")',
         )
         return p
 
@@ -167,4 +169,8 @@ class EngineArgs:
             speculative_config=SpeculativeConfig.parse(self.speculative_config),
             max_logprobs=self.max_logprobs,
         )
+        if cfg.speculative_config is not None and cfg.speculative_config.uses_draft_model:
+            from hopperllm.engine.speculative import draft_engine_config
+
+            draft_engine_config(cfg)  # a draft that cannot serve this target fails here, before any loading
         return cfg, src

@@ -300,6 +300,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if drafted:
             self._fit_drafts(sched, drafted)
+            if self.speculative.uses_draft_model:
+                self._run_draft_model(sched)
         launch = None
         sampled: list[tuple[Sequence, int]] = []
         if sched.scheduled:
@@ -362,8 +364,10 @@ class LLMEngine:
 
     # -- speculative decoding ------------------------------------------------------------------
     def _propose_drafts(self) -> list[Sequence]:
-        """Append n-gram drafts to the running sequences that can take them (hopperllm.engine.speculative);
-        returns those sequences. Only while the cache has room to spare: drafts never cost a preemption."""
+        """Append drafts to the running sequences that can take them (hopperllm.engine.speculative): n-gram
+        drafts, or for a draft model the places of its drafts (it writes them once the scheduler has given
+        their positions slots: _run_draft_model); returns those sequences. Only while the cache has room to
+        spare: drafts never cost a preemption."""
         from hopperllm.engine.speculative import propose_ngram
 
         cfg = self.speculative
@@ -383,7 +387,10 @@ class LLMEngine:
             k = min(cfg.num_speculative_tokens, room)
             if k < 1:
                 continue
-            drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            if cfg.uses_draft_model:
+                drafts = [0] * k
+            else:
+                drafts = propose_ngram(seq.token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
             if drafts:
                 seq.token_ids.extend(drafts)
                 seq.num_drafts = len(drafts)
@@ -403,6 +410,23 @@ class LLMEngine:
             if item is not None:
                 item.num_drafts = keep
                 item.sample = True  # the chunk now ends the sequence
+
+    def _run_draft_model(self, sched) -> None:
+        """The draft model's tokens into the places _propose_drafts made (those the step kept): it feeds each
+        sequence's last token and then its drafts but the last, so its cache then holds every token but the
+        last draft."""
+        from hopperllm.engine.scheduler import ScheduledSeq, SchedulerOutput
+        from hopperllm.engine.speculative import DraftView
+
+        items = [item for item in sched.scheduled if item.num_drafts]
+        if not items:
+            return
+        views = [ScheduledSeq(DraftView(item.seq), 0, True, item.num_drafts) for item in items]
+        drafts = self.executor.propose_drafts(SchedulerOutput(views))
+        for item, d in zip(items, drafts, strict=True):
+            seq = item.seq
+            seq.token_ids[len(seq.token_ids) - item.num_drafts :] = d
+            seq.draft_computed = seq.num_tokens - 1
 
     def _finish_speculative_step(self, sched, launch, touched: dict[str, _Request]) -> None:
         """Read a step with drafts back: each drafted sequence keeps its drafts up to the first that differs
@@ -428,6 +452,7 @@ class LLMEngine:
                 while a < d and rows[a] == drafts[a]:
                     a += 1
                 del seq.token_ids[len(seq.token_ids) - (d - a) :]  # the rejected drafts: their KV is garbage
+                seq.draft_computed = min(seq.draft_computed, seq.num_tokens)  # in the draft's cache too
                 item.num_new_tokens -= d - a
                 seq.num_drafts = a  # still in token_ids, computed: hashed below, then processed
                 self.num_draft_tokens += d

@@ -143,6 +143,9 @@ class Sequence:
         self.token_bitmask = None
         # speculative decoding: draft tokens at the end of token_ids, not yet verified (driver only)
         self.num_drafts = 0
+        # speculative decoding with a draft model: the tokens whose K / V the draft's cache holds (driver only;
+        # 0 again when a preemption frees the blocks)
+        self.draft_computed = 0
 
     # -- sizes ------------------------------------------------------------------------------
     @property

@@ -1,14 +1,19 @@
-"""Speculative decoding with n-gram (prompt lookup) drafts, as vLLM's `--speculative-config
-'{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": N, "prompt_lookup_min": M}'`.
+"""Speculative decoding, as vLLM's `--speculative-config` JSON:
+- n-gram (prompt lookup) drafts: `{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": N,
+  "prompt_lookup_min": M}`. Before a step, a decoding sequence whose last n tokens (n from N down to M)
+  occurred earlier in its prompt or output proposes the K tokens that followed that occurrence.
+- a draft model: `{"model": "<HF dir | .gguf | dummy:preset>", "num_speculative_tokens": K}` (method
+  "draft_model", implied by "model"; optional "quantization": "fp8"). A smaller model of the same vocabulary
+  runs beside the target in every worker (sharded the same way), with its own KV cache over the target's block
+  tables: each step it catches up on the sequence's tokens it has not seen and then proposes K tokens greedily,
+  one decode step each (hopperllm.worker.worker.Worker.propose_drafts).
 
-Before a step, a decoding sequence whose last n tokens (n from N down to M) occurred earlier in its prompt or
-output proposes the K tokens that followed that occurrence. The step computes the sequence's new token and its
-drafts together and samples at each of their positions; draft i is accepted while it equals the token sampled
-at its position, and the first token sampled after the accepted drafts is the step's own. For a draft that is
-one token for sure, accepting exactly when the sample equals it is speculative sampling's rule (accept with
-probability p(draft); otherwise a sample of p without the draft), so outputs follow the same distribution as
-without drafts (greedy outputs are the same tokens). The engine steps synchronously while drafting (the drafts
-need the last token on the host).
+The step computes the sequence's new token and its drafts together and samples at each of their positions;
+draft i is accepted while it equals the token sampled at its position, and the first token sampled after the
+accepted drafts is the step's own. For a draft that is one token for sure, accepting exactly when the sample
+equals it is speculative sampling's rule (accept with probability p(draft); otherwise a sample of p without
+the draft), so outputs follow the same distribution as without drafts (greedy outputs are the same tokens).
+The engine steps synchronously while drafting (the drafts need the last token on the host).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+METHODS = ("ngram", "draft_model")
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
@@ -25,10 +32,21 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model (method draft_model)
+    quantization: str | None = None  # the draft's weights: None (as its checkpoint) or "fp8"
+    draft_tensor_parallel_size: int | None = None  # must be the target's (the draft is sharded the same way)
 
     def __post_init__(self):
-        if self.method not in ("ngram", "[ngram]"):
-            raise ValueError(f"speculative method {self.method!r} is not supported: use ngram")
+        method = "ngram" if self.method == "[ngram]" else self.method
+        object.__setattr__(self, "method", method)
+        if method not in METHODS:
+            raise ValueError(
+                f"speculative method {self.method!r} is not supported: use ngram, or draft_model with a model"
+            )
+        if method == "draft_model" and not self.model:
+            raise ValueError('speculative method draft_model needs "model": the draft model to run')
+        if method == "ngram" and self.model:
+            raise ValueError('speculative "model" goes with method draft_model (or no method), not ngram')
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(
                 f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}"
@@ -38,6 +56,12 @@ class SpeculativeConfig:
                 "speculative prompt_lookup_min / prompt_lookup_max need 1 <= min <= max, got "
                 f"{self.prompt_lookup_min} / {self.prompt_lookup_max}"
             )
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"speculative quantization {self.quantization!r}: use fp8 or leave it out")
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method == "draft_model"
 
     @classmethod
     def parse(cls, value: str | dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
@@ -51,10 +75,15 @@ class SpeculativeConfig:
                 raise ValueError(f"--speculative-config is not JSON: {e}") from None
         if not isinstance(value, dict):
             raise ValueError("the speculative config must be a JSON object")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {
+            "method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
+            "quantization", "draft_tensor_parallel_size",
+        }  # fmt: skip
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown speculative config keys {unknown}: known ones are {sorted(known)}")
+        if "method" not in value:
+            value = {**value, "method": "draft_model" if value.get("model") else "ngram"}
         if "prompt_lookup_max" in value and "prompt_lookup_min" not in value:
             value = {**value, "prompt_lookup_min": min(1, value["prompt_lookup_max"])}
         return cls(**value)
@@ -77,3 +106,68 @@ def propose_ngram(token_ids: list[int], k: int, n_max: int, n_min: int) -> list[
                 return token_ids[start : start + k]
             end = at + len(suffix) - 1
     return []
+
+
+def draft_engine_config(config):
+    """(EngineConfig, ModelSource) of the draft model of `config` (an EngineConfig whose speculative config
+    names one): the target's cache, scheduler, parallel and device settings with the draft's model and weights.
+    Raises ValueError where the pair cannot work together (vocabularies, tensor-parallel split)."""
+    from hopperllm.config import ModelConfig
+    from hopperllm.loader.model_loader import resolve_model
+
+    spec = config.speculative_config
+    src = resolve_model(spec.model)
+    mc = ModelConfig.from_hf_dict(src.hf_config)
+    target = config.model_config
+    if mc.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"the draft model {spec.model!r} has a vocabulary of {mc.vocab_size} tokens, the target "
+            f"{target.vocab_size}: speculative decoding needs the same tokenizer"
+        )
+    tp = config.parallel_config.tensor_parallel_size
+    if spec.draft_tensor_parallel_size not in (None, tp):
+        raise ValueError(
+            f"draft_tensor_parallel_size {spec.draft_tensor_parallel_size} differs from tensor_parallel_size "
+            f"{tp}: the draft model is sharded as the target"
+        )
+    if mc.num_attention_heads % tp or mc.num_key_value_heads % tp:
+        raise ValueError(
+            f"the draft model's {mc.num_attention_heads} attention / {mc.num_key_value_heads} KV heads do not "
+            f"split over tensor_parallel_size {tp}"
+        )
+    draft = config.replace(
+        model=spec.model, model_config=mc, quantization=spec.quantization, speculative_config=None
+    )
+    return draft, src
+
+
+class DraftView:
+    """A drafting sequence as the draft model sees it, for a StepEncoder: the target's tokens (with the drafts'
+    places at the end) and block table, the draft cache's progress as num_computed_tokens, greedy sampling."""
+
+    __slots__ = ("seq",)
+    num_placeholders = 0
+    token_bitmask = None
+
+    def __init__(self, seq):
+        self.seq = seq
+
+    @property
+    def sampling_params(self):
+        return GREEDY
+
+    def __getattr__(self, name):  # seq_id, request_id, index, prompt_token_ids, token_ids, block_table, ...
+        return getattr(self.seq, name)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.seq.draft_computed
+
+
+def _greedy():
+    from hopperllm.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=1)
+
+
+GREEDY = _greedy()

@@ -26,6 +26,10 @@ class Executor:
     def release(self, seq_ids) -> None:
         """Forget per-sequence state (RNGs) of finished sequences."""
 
+    def propose_drafts(self, sched: SchedulerOutput) -> list[list[int]]:
+        """Speculative decoding with a draft model: each scheduled DraftView's drafts (Worker.propose_drafts)."""
+        raise NotImplementedError
+
     def logits_for_tokens(self, token_ids: list[int]):
         """Full-sequence logits [T, V] (float32) for one prompt, through the paged path (tests, eval)."""
         raise NotImplementedError
@@ -41,12 +45,13 @@ class Executor:
 
 class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, src: ModelSource, show_progress: bool = True):
-        from hopperllm.worker.worker import Worker
+        from hopperllm.worker.worker import StepEncoder, Worker
 
         # a world of one: the same start-up as each tensor-parallel rank (fit check, runner, KV cache, graphs)
         self.worker = worker = Worker(config, src, show_progress=show_progress)
         self.runner: ModelRunner = worker.runner
         self.num_kv_blocks = worker.num_kv_blocks
+        self._draft_encoder = StepEncoder()  # the draft model's view of the drafting sequences
 
     supports_async = True
 
@@ -60,7 +65,12 @@ class UniprocExecutor(Executor):
         return self.runner.collect(launch)
 
     def release(self, seq_ids) -> None:
-        self.runner.release(seq_ids)
+        self._draft_encoder.forget(seq_ids)
+        self.worker.release(seq_ids)
+        self.worker.release_drafts(seq_ids)
+
+    def propose_drafts(self, sched: SchedulerOutput) -> list[list[int]]:
+        return self.worker.propose_drafts(self._draft_encoder.encode(sched))
 
     def logits_for_tokens(self, token_ids: list[int]):
         return self.runner.logits_for_tokens(token_ids)

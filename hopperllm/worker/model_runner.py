@@ -243,20 +243,23 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         return kv_block_bytes(self.config, self.tp.world_size)
 
-    def determine_num_kv_blocks(self) -> int:
+    def determine_num_kv_blocks(self, extra_bytes_per_block: int = 0) -> int:
+        """`extra_bytes_per_block`: what else each block costs (a draft model's cache over the same blocks)."""
         cc = self.config.cache_config
         if cc.num_kv_blocks is not None:
             return cc.num_kv_blocks
+        per_block = self.bytes_per_block() + extra_bytes_per_block
         if self.device.type != "cuda":
             # CPU: room for 16k tokens, at most 2 GiB
             want = -(-16384 // self.block_size)
-            return max(1, min(want, (2 << 30) // self.bytes_per_block()))
-        return self._profile_num_kv_blocks()
+            return max(1, min(want, (2 << 30) // per_block))
+        return self._profile_num_kv_blocks(per_block)
 
     @torch.inference_mode()
-    def _profile_num_kv_blocks(self) -> int:
+    def _profile_num_kv_blocks(self, per_block: int) -> int:
         """Run the largest step the scheduler may send with a scratch cache, then give the KV cache
-        whatever gpu_memory_utilization leaves beside the weights and that step's peak."""
+        whatever gpu_memory_utilization leaves beside the weights (a draft model's included: loaded before
+        this runs) and that step's peak."""
         sc = self.config.scheduler_config
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -280,7 +283,7 @@ class ModelRunner:
         # memory other processes hold is outside our budget too
         others = total - free - torch.cuda.memory_reserved()
         budget = total * self.config.cache_config.gpu_memory_utilization - (peak - scratch) - max(others, 0)
-        n = int(budget // self.bytes_per_block())
+        n = int(budget // per_block)
         if n < self.max_blocks_per_seq // 4 or n < 1:
             raise ValueError(
                 f"the model does not leave room for a KV cache: weights and activations take "

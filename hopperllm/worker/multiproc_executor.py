@@ -59,6 +59,10 @@ class MultiprocExecutor(Executor):
         _check_shardable(config, world)
         self._failure: str | None = None
         self._encoder = StepEncoder()
+        self._draft_encoder = StepEncoder()  # the draft model's view of the drafting sequences
+        spec = config.speculative_config
+        # ids to release from the ranks' draft mirrors, sent with the next propose_drafts (None: no draft model)
+        self._drafts_released: list[str] | None = [] if spec is not None and spec.uses_draft_model else None
         self._released: list[str] = []
         self._next_step = 0
         self._deferred: int | None = None  # the latest step sent without report_now, not flushed yet
@@ -134,6 +138,14 @@ class MultiprocExecutor(Executor):
         seq_ids = list(seq_ids)
         self._encoder.forget(seq_ids)
         self._released.extend(seq_ids)
+        if self._drafts_released is not None:
+            self._draft_encoder.forget(seq_ids)
+            self._drafts_released.extend(seq_ids)
+
+    def propose_drafts(self, sched: SchedulerOutput) -> list[list[int]]:
+        # every rank runs its shard of the draft model; rank 0's drafts (the same on every rank)
+        released, self._drafts_released = self._drafts_released, []
+        return self.collective_rpc("propose_drafts", self._draft_encoder.encode(sched), released)
 
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
         """Rank 0's full-sequence logits [T, V] (float32, on the CPU) for one prompt (tests, eval)."""

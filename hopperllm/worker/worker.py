@@ -221,17 +221,34 @@ class Worker:
         if device is not None:
             check_weights_fit(config, src, world_size, device)
         self.runner = ModelRunner(config, src, tp=self.tp, show_progress=show_progress)
-        blocks = self.runner.determine_num_kv_blocks()
+        # speculative decoding's draft model: sharded as the target, its own KV cache over the target's
+        # block tables (the same block ids), its own mirror of the drafting sequences
+        self.draft: ModelRunner | None = None
+        self.draft_mirror = SequenceMirror()
+        spec = config.speculative_config
+        if spec is not None and spec.uses_draft_model:
+            from hopperllm.engine.speculative import draft_engine_config
+
+            draft_config, draft_src = draft_engine_config(config)
+            self.draft = ModelRunner(draft_config, draft_src, tp=self.tp, show_progress=show_progress)
+        extra = self.draft.bytes_per_block() if self.draft is not None else 0
+        blocks = self.runner.determine_num_kv_blocks(extra_bytes_per_block=extra)
         self.num_kv_blocks = all_reduce_min(self.tp, blocks, self.runner.device)
         self.runner.init_kv_cache(self.num_kv_blocks)
+        if self.draft is not None:
+            self.draft.init_kv_cache(self.num_kv_blocks)
         from hopperllm.worker.cuda_graphs import capture_decode_graphs, capture_sizes
 
         graphs = self.runner.device.type == "cuda" and not config.enforce_eager
         sizes = capture_sizes(config.scheduler_config.max_num_seqs, config.cuda_graph_sizes)
         self.runner.warm_decode_kernels(max(sizes) if graphs else None)
+        if self.draft is not None:
+            self.draft.warm_decode_kernels(max(sizes) if graphs else None)
         if graphs:
             warm_up(self.tp, self.runner.device)
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
+            if self.draft is not None:
+                self.draft.graph_runner = capture_decode_graphs(self.draft, show_progress=show_progress)
             from hopperllm.worker.model_runner import PREFILL_GRAPHS, PREFILL_GRAPHS_TP
 
             if PREFILL_GRAPHS and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
@@ -273,6 +290,56 @@ class Worker:
             self.mirror.release(seq_ids)
             self.runner.release(seq_ids)
 
+    def release_drafts(self, seq_ids) -> None:
+        """The draft model's per-sequence state (sent with propose_drafts, in order with its deltas: a released
+        id may come back as a new sequence)."""
+        if seq_ids and self.draft is not None:
+            self.draft_mirror.release(seq_ids)
+            self.draft.release(seq_ids)
+
+    @torch.inference_mode()
+    def propose_drafts(self, deltas: list[SeqDelta], released=()) -> list[list[int]]:
+        """Speculative decoding with a draft model: `deltas` (a StepEncoder's, over DraftView sequences) name
+        each drafting sequence's tokens, with room for its num_drafts drafts at the end (their values are
+        not read), its block table (slots for the drafts' positions included) and, as num_computed_tokens,
+        the tokens whose K / V the draft's cache holds. The draft catches up on the tokens before the last
+        (prompt chunks within max_num_batched_tokens a launch), then runs one decode step a draft from the
+        last token, greedily. Returns each sequence's drafts, in order."""
+        runner = self.draft
+        if runner is None:
+            raise RuntimeError("propose_drafts needs a draft model (speculative method draft_model)")
+        self.release_drafts(released)
+        items = self.draft_mirror.decode(deltas).scheduled
+        for it in items:  # the drafts' places: the draft model writes them
+            del it.seq.token_ids[len(it.seq.token_ids) - it.num_drafts :]
+        budget = runner.config.scheduler_config.max_num_batched_tokens
+        while True:
+            chunk, room = [], budget
+            for it in items:
+                n = min(it.seq.num_tokens - 1 - it.seq.num_computed_tokens, room)
+                if n > 0:
+                    chunk.append(ScheduledSeq(it.seq, n, False))
+                    room -= n
+                if room == 0:
+                    break
+            if not chunk:
+                break
+            runner.launch(SchedulerOutput(chunk, budget - room))  # samples nothing: not read back
+            for c in chunk:
+                c.seq.num_computed_tokens += c.num_new_tokens
+        drafts: list[list[int]] = [[] for _ in items]
+        active = [i for i, it in enumerate(items) if it.num_drafts > 0]
+        while active:
+            step = [ScheduledSeq(items[i].seq, 1, True) for i in active]
+            out = runner.execute_model(SchedulerOutput(step, len(step)))
+            for i, token in zip(active, out.token_ids, strict=True):
+                seq = items[i].seq
+                drafts[i].append(token)
+                seq.num_computed_tokens += 1
+                seq.token_ids.append(token)
+            active = [i for i in active if len(drafts[i]) < items[i].num_drafts]
+        return drafts
+
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
         return self.runner.logits_for_tokens(token_ids).cpu()
 
@@ -282,6 +349,7 @@ class Worker:
         for key, gr in (
             ("decode_graphs", self.runner.graph_runner),
             ("prefill_graphs", self.runner.prefill_graphs),
+            ("draft_decode_graphs", self.draft.graph_runner if self.draft is not None else None),
         ):
             if gr is not None:
                 out[key] = {"sizes": list(gr.sizes), "capture_s": round(gr.capture_time_s, 2)}
@@ -295,6 +363,8 @@ class Worker:
         # the graphs hold captured NCCL work: free them before the communicator
         self.runner.graph_runner = None
         self.runner.prefill_graphs = None
+        if self.draft is not None:
+            self.draft.graph_runner = None
         destroy_tp_group()
 
 

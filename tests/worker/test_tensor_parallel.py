@@ -130,6 +130,30 @@ def test_speculative_tp2_matches_tp1(model_dir):
         tp2.engine.shutdown()
 
 
+def test_draft_model_tp2_matches_tp1(model_dir, tmp_path):
+    """A draft model at TP=2: every rank runs its shard of the draft beside the target's; requests finish and
+    new ones reuse their ids between two rounds of drafts (the ranks' draft mirrors release them in order)."""
+    from tests.engine.test_speculative_draft import first_layer_draft
+
+    draft = first_layer_draft(model_dir, str(tmp_path / "draft"))
+    spec = {"model": draft, "num_speculative_tokens": 3}
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    ref = _tokens(_llm(model_dir, 1), _prompts(6), params)
+    tp2 = _llm(model_dir, 2, speculative_config=spec, max_num_batched_tokens=32)
+    try:
+        assert _tokens(tp2, _prompts(6), params) == ref
+        e = tp2.engine
+        assert 0 < e.num_accepted_tokens < e.num_draft_tokens
+        for _ in range(2):  # the same request id twice: finished, released, drafted for again
+            e.add_request("again", {"prompt_token_ids": _prompts(6)[5]}, params)
+            out = None
+            while e.has_unfinished_requests():
+                out = e.step() or out
+            assert out[0].outputs[0].token_ids == ref[5]
+    finally:
+        tp2.engine.shutdown()
+
+
 def test_fp8_on_load_tp2_matches_tp1_to_fp8_precision(model_dir):
     """Each rank quantizes its own slice: a row-parallel layer's per-channel weight scales come from half
     a row and its per-token activation scales from half the features, so TP=2 is another FP8 rounding of

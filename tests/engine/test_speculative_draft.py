@@ -1,0 +1,218 @@
+"""Speculative decoding with a draft model (vLLM's --speculative-config '{"model": ..., "num_speculative_tokens":
+K}'): greedy outputs are the tokens the engine gives without drafts, whatever the draft (the target itself: every
+draft accepted; the target's first layer alone: some; an unrelated model: almost none) and whatever the batching,
+chunking, preemption, prefix hits and stops; sampled outputs follow the same distribution; a draft that cannot
+serve the target is a clear error before anything loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from hopperllm import LLM, SamplingParams
+from hopperllm.engine.speculative import DraftView, SpeculativeConfig
+from tests.helpers import make_hf_llama_dir
+
+GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+
+
+def first_layer_draft(target: str, path: str) -> str:
+    """The target cut to its first decoder layer (embeddings, final norm and LM head shared): a draft that
+    agrees with the target on some tokens, as a real draft model does."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(target, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = 1
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    weights = load_file(os.path.join(target, "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".layers." not in k or ".layers.0." in k},
+              os.path.join(path, "model.safetensors"))  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(target, name)) as src, open(os.path.join(path, name), "w") as dst:
+            dst.write(src.read())
+    return path
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    target = make_hf_llama_dir(str(tmp_path_factory.mktemp("draft_target")), seed=4)
+    return {
+        "self": target,
+        "first-layer": first_layer_draft(target, str(tmp_path_factory.mktemp("draft_l0"))),
+        "unrelated": make_hf_llama_dir(str(tmp_path_factory.mktemp("draft_other")), seed=9),
+    }
+
+
+def _llm(target: str, draft: str | None, k: int = 4, **kw) -> LLM:
+    kw.setdefault("num_kv_blocks", 128)
+    spec = {"model": draft, "num_speculative_tokens": k} if draft else None
+    return LLM(
+        model=target, dtype="float32", device="cpu", show_progress=False, speculative_config=spec, **kw
+    )
+
+
+def _prompts() -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        {"prompt_token_ids": torch.randint(3, 290, (n,), generator=g).tolist()} for n in (5, 17, 40, 3, 60)
+    ]
+
+
+def _tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_config():
+    c = SpeculativeConfig.parse('{"model": "dummy:tiny", "num_speculative_tokens": 5}')
+    assert c.method == "draft_model" and c.uses_draft_model and c.num_speculative_tokens == 5
+    assert not SpeculativeConfig.parse('{"num_speculative_tokens": 2}').uses_draft_model  # ngram
+    assert SpeculativeConfig.parse(
+        {"method": "draft_model", "model": "m", "quantization": "fp8"}
+    ).quantization
+    for bad in (
+        '{"method": "draft_model"}',  # no model
+        '{"method": "ngram", "model": "dummy:tiny"}',
+        '{"model": "dummy:tiny", "quantization": "int4"}',
+        '{"model": "dummy:tiny", "num_speculative_tokens": 17}',
+    ):
+        with pytest.raises(ValueError):
+            SpeculativeConfig.parse(bad)
+
+
+def test_drafts_that_cannot_serve_the_target_are_clear_errors(dirs):
+    with pytest.raises(ValueError, match="vocabulary of 512 tokens, the target 300"):
+        _llm(dirs["self"], "dummy:tiny")
+    with pytest.raises(ValueError, match="draft_tensor_parallel_size 2 differs"):
+        LLM(model=dirs["self"], device="cpu", show_progress=False,
+            speculative_config={"model": dirs["self"], "draft_tensor_parallel_size": 2})  # fmt: skip
+    with pytest.raises(ValueError, match="does not exist"):
+        _llm(dirs["self"], "/no/such/draft")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"max_num_batched_tokens": 24},  # prefills chunked (the draft catches up in chunks)
+        {"num_kv_blocks": 14},  # preemption: the draft's cache starts again with the sequence's new blocks
+        {"enable_prefix_caching": False},
+    ],
+    ids=["plain", "chunked", "preempting", "no-prefix-cache"],
+)
+@pytest.mark.parametrize("draft", ["self", "first-layer", "unrelated"])
+def test_greedy_outputs_equal_decoding_without_drafts(dirs, draft, kw):
+    prompts = _prompts()
+    ref = _tokens(_llm(dirs["self"], None, **kw), prompts)
+    spec = _llm(dirs["self"], dirs[draft], **kw)
+    assert _tokens(spec, prompts) == ref
+    e = spec.engine
+    assert e.num_draft_tokens > 0
+    if draft == "self":  # the target drafting for itself: every draft is the target's own greedy token
+        assert e.num_accepted_tokens == e.num_draft_tokens
+    elif draft == "first-layer":
+        assert 0 < e.num_accepted_tokens < e.num_draft_tokens
+    bm = e.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks and not e.has_unfinished_requests()
+    assert _tokens(spec, prompts) == ref  # again: prefix hits, the draft recomputing its own cache
+
+
+def test_drafting_saves_steps(dirs):
+    """The target drafting for itself, K = 4: each step emits five tokens, so 30 tokens take 6 decode steps
+    (plus the prefill's), not 30."""
+    llm = _llm(dirs["self"], dirs["self"], k=4)
+    steps = 0
+    llm.engine.add_request("r", _prompts()[1], GREEDY)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+        steps += 1
+    assert steps == 1 + 6
+
+
+def test_draft_view_reads_the_draft_cache_progress(dirs):
+    from hopperllm.engine.sequence import Sequence
+
+    seq = Sequence("s", [5, 6, 7], SamplingParams(temperature=0.9, max_tokens=4))
+    seq.draft_computed = 2
+    v = DraftView(seq)
+    assert v.num_computed_tokens == 2 and v.token_ids is seq.token_ids and v.seq_id == "s"
+    assert v.sampling_params.temperature == 0.0 and v.num_placeholders == 0 and v.token_bitmask is None
+
+
+def test_sampled_outputs_follow_the_same_distribution(dirs):
+    """Drafts are the draft model's greedy tokens, accepted exactly when the target's sample equals them:
+    the output distribution is the target's. 500 seeded requests each way, 3 tokens, top-k 3: total
+    variation < 0.1."""
+    prompt = _prompts()[1]
+    counts = []
+    for draft in (None, dirs["first-layer"]):
+        llm = _llm(dirs["self"], draft, k=2, max_num_seqs=128, num_kv_blocks=1024)
+        params = [
+            SamplingParams(max_tokens=3, temperature=0.7, top_k=3, seed=s, ignore_eos=True)
+            for s in range(500)
+        ]
+        outs = llm.generate([prompt] * 500, params, use_tqdm=False)
+        counts.append(Counter(tuple(o.outputs[0].token_ids) for o in outs))
+        if draft:
+            assert llm.engine.num_accepted_tokens > 50
+    keys = set(counts[0]) | set(counts[1])
+    tv = 0.5 * sum(abs(counts[0][k] - counts[1][k]) for k in keys) / 500
+    assert tv < 0.1, (tv, counts)
+
+
+def test_stops_inside_accepted_drafts_and_logprobs(dirs):
+    """A stop token or max_tokens inside a run of accepted drafts ends the output there, as without drafts;
+    logprobs of accepted drafts are their positions' own."""
+    base, spec = _llm(dirs["self"], None), _llm(dirs["self"], dirs["self"], k=5)
+    prompts = _prompts()
+    ref = base.generate(prompts, SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True, logprobs=2),
+                        use_tqdm=False)  # fmt: skip
+    got = spec.generate(prompts, SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True, logprobs=2),
+                        use_tqdm=False)  # fmt: skip
+    for a, b in zip(ref, got, strict=True):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids and len(cb.token_ids) == 13
+        for x, y in zip(ca.logprobs, cb.logprobs, strict=True):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+    stop = ref[2].outputs[0].token_ids[7]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[stop])
+    a, b = base.generate(prompts, params, use_tqdm=False), spec.generate(prompts, params, use_tqdm=False)
+    assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in a] == [
+        (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in b
+    ]
+
+
+@pytest.fixture(scope="module")
+def pair(dirs):
+    return _llm(dirs["self"], None, max_num_batched_tokens=48, num_kv_blocks=40), _llm(
+        dirs["self"], dirs["first-layer"], k=3, max_num_batched_tokens=48, num_kv_blocks=40
+    )
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lens=st.lists(st.integers(1, 70), min_size=1, max_size=5),
+    max_tokens=st.integers(1, 24),
+    seed=st.integers(0, 1000),
+)
+def test_property_greedy_equal(pair, lens, max_tokens, seed):
+    """Any batch of prompts and lengths, a small cache (preemptions) and token budget (chunks): the draft model
+    never changes greedy tokens or finish reasons, and every block comes back."""
+    base, spec = pair
+    g = torch.Generator().manual_seed(seed)
+    prompts = [{"prompt_token_ids": torch.randint(3, 290, (n,), generator=g).tolist()} for n in lens]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ref = base.generate(prompts, params, use_tqdm=False)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got] == [
+        (o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in ref
+    ]
+    bm = spec.engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
