@@ -33,6 +33,16 @@ for step in $steps; do
       echo "commit $HOPPERLLM_GIT_COMMIT" | tee -a "$OUT/info.txt" ;;
     tests)
       timeout 420 python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    spec-draft)  # speculative decoding with a draft model: its GPU tests, then Llama-2-7B FP8 + FP8 KV batch 1 2048/128
+      # without drafts and with dummy llama-68m / llama-160m drafts (random weights accept ~no draft: each round's cost)
+      timeout 240 python3 -m pytest -q tests/gpu/test_gpu_speculative.py -p no:cacheprovider 2>&1 | tee "$OUT/spec_tests.log" | tail -5
+      # (the FP8 7B drafting for itself: the same weights, every draft accepted: K target decode steps + one verify a round)
+      for run in "none 0" "llama-68m 2" "llama-68m 4" "llama-160m 4" "llama-2-7b 4 fp8"; do read -r draft k q <<< "$run"
+        spec=(); [ "$draft" != none ] && spec=(--speculative-config "{\"model\": \"dummy:$draft\", \"num_speculative_tokens\": $k${q:+, \"quantization\": \"$q\"}}")
+        echo "--- draft $draft k=$k"
+        timeout 200 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
+          --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters 5 "${spec[@]}" \
+          --output-json "$OUT/latency-spec-$draft-k$k.json" 2>&1 | grep -E "Mean|accepted|Error|error" ; done ;;
     tests-all)
       timeout 540 python3 -m pytest -q tests/gpu tests/kernels tests/layers -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     smoke)

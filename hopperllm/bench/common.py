@@ -83,6 +83,7 @@ def make_record(
     tensor_parallel_size: int | None = None,
     scheduler: dict[str, int] | None = None,
     startup: dict[str, Any] | None = None,
+    speculative: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON record every bench command writes. Engine fields default to the parsed flags;
     `scheduler` holds the limits the engine resolved (defaults included), `startup` what the engine's
@@ -113,6 +114,7 @@ def make_record(
         "args": args_dict(args),
         **({"scheduler": scheduler} if scheduler is not None else {}),
         **({"startup": startup} if startup is not None else {}),
+        **({"speculative": speculative} if speculative is not None else {}),
         "results": results,
     }
 
@@ -131,6 +133,23 @@ def engine_fields(engine) -> dict[str, Any]:
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         },
         "startup": engine.executor.collective_rpc("startup_stats"),
+        "speculative": speculative_fields(engine),
+    }
+
+
+def speculative_fields(engine) -> dict[str, Any] | None:
+    """Speculative decoding's config and its drafts so far (warm-up included), or None without it."""
+    spec = engine.config.speculative_config
+    if spec is None:
+        return None
+    drafted, accepted = engine.num_draft_tokens, engine.num_accepted_tokens
+    return {
+        "method": spec.method,
+        "model": spec.model,
+        "num_speculative_tokens": spec.num_speculative_tokens,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
     }
 
 

@@ -184,6 +184,15 @@ def _print_summary(args, r: dict, fields: dict) -> None:
         ("Iterations", args.num_iters),
         ("Output tokens/s (mean e2e)", r["output_tokens_per_s"]),
     ]
+    if spec := fields.get("speculative"):
+        rate = spec["acceptance_rate"]
+        rows.append(
+            (
+                "Speculative drafts accepted",
+                f"{spec['accepted_tokens']} of {spec['draft_tokens']}"
+                + (f" ({100 * rate:.1f}%)" if rate is not None else ""),
+            )
+        )
     if clocks := gpu_monitor.describe(r["gpu_monitor"]):
         rows.append(("GPU 0 clock, power, throttling", clocks))
     if r.get("energy_j"):

@@ -74,6 +74,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=32,
         num_key_value_heads=8,
     ),
+    # draft models for speculative decoding (the shapes of JackFram/llama-68m and llama-160m, Llama-2's
+    # vocabulary; of meta-llama/Llama-3.2-1B, Llama-3's)
+    "llama-68m": dict(
+        _LLAMA2,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=2048,
+    ),
+    "llama-160m": dict(
+        _LLAMA2,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=2048,
+    ),
+    "llama-3.2-1b": dict(
+        _LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
     "llama-3-70b": dict(
         _LLAMA3,
         hidden_size=8192,

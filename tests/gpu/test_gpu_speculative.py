@@ -45,3 +45,50 @@ def test_speculative_tokens_are_greedy_choices(quantization):
             row = logits[n - 1 + j]
             gap = float(row.max() - row[t])
             assert gap <= 0.02 * float(row.abs().max()) + 1e-3, (j, t, gap)
+
+
+# -- a draft model ------------------------------------------------------------------------------------------
+# the target's own weights (same preset and seed)
+DRAFT = {"model": "dummy:tiny", "num_speculative_tokens": 4}
+
+
+def test_draft_model_float32_greedy_equals_plain_decoding():
+    """The draft model on the GPU: its decode steps replay its own CUDA graphs, its catch-up runs the prefill
+    kernels over the target's block tables; drafting for itself, every draft is accepted."""
+    kw = dict(model="dummy:tiny", dtype="float32", max_model_len=256, num_kv_blocks=256, show_progress=False)
+    prompts = PROMPTS + ["a longer prompt " * 12]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params, use_tqdm=False)]
+    spec = LLM(**kw, speculative_config=DRAFT)
+    assert spec.engine.executor.collective_rpc("startup_stats").get("draft_decode_graphs")
+    out = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert out == ref
+    e = spec.engine
+    assert e.num_draft_tokens > 0 and e.num_accepted_tokens == e.num_draft_tokens
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_draft_model_tokens_are_the_targets_greedy_choices(quantization):
+    """An FP8 (or bf16) target with a bf16 draft and an FP8 KV cache: every token is the argmax of the target's
+    full-sequence logits up to a rounding-sized gap."""
+    kw = dict(
+        model="dummy:tiny",
+        quantization=quantization,
+        kv_cache_dtype="fp8",
+        max_model_len=256,
+        num_kv_blocks=256,
+        show_progress=False,
+    )
+    spec = LLM(**kw, speculative_config=DRAFT)
+    outs = spec.generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True), use_tqdm=False
+    )
+    assert spec.engine.num_accepted_tokens > 0
+    for o in outs:
+        ids = o.prompt_token_ids + o.outputs[0].token_ids
+        logits = spec.engine.executor.logits_for_tokens(ids).float()
+        n = len(o.prompt_token_ids)
+        for j, t in enumerate(o.outputs[0].token_ids):
+            row = logits[n - 1 + j]
+            gap = float(row.max() - row[t])
+            assert gap <= 0.02 * float(row.abs().max()) + 1e-3, (j, t, gap)
