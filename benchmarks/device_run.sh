@@ -43,6 +43,9 @@ for step in $steps; do
         timeout 200 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
           --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters 5 "${spec[@]}" \
           --output-json "$OUT/latency-spec-$draft-k$k.json" 2>&1 | grep -E "Mean|accepted|Error|error" ; done ;;
+    profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
+      for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
+        --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;
     tests-all)
       timeout 540 python3 -m pytest -q tests/gpu tests/kernels tests/layers -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     smoke)
