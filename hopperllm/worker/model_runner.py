@@ -230,8 +230,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.scheduler_config.max_model_len // self.block_size)
         self.graph_runner = None  # CUDA graphs for decode, set up by capture_cuda_graphs()
         self.prefill_graphs = None  # CUDA graphs for one sequence's prefill (PREFILL_GRAPHS)
-        # _prepare staged this step for the prefill graph of so many tokens
+        # CUDA graphs for one sequence's few-token steps that sample every row (speculative decoding)
+        self.verify_graphs = None
+        # _prepare staged this step for the prefill / verify graph of so many tokens
         self._prefill_tokens: int | None = None
+        self._verify_tokens: int | None = None
         # pinned host staging buffers for _prepare's two copies per step (CUDA only), used in turn
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
         self._staging_slot = 0
@@ -420,6 +423,7 @@ class ModelRunner:
         nseq = len(seqs)
         pg = self.prefill_graphs
         self._prefill_tokens = None
+        self._verify_tokens = None
         self._staged = False
         rows = _StepRows(input_ids, positions, slots, seq_lens, q_lens, seqs, sample_seqs, fill_pos, fill_src)
         if pg is not None and nseq == 1 and q_lens[0] > 1 and len(sample_idx) <= 1 and not lp_rows:
@@ -427,6 +431,15 @@ class ModelRunner:
             if tokens is not None:
                 self._prefill_tokens = tokens
                 return self._stage_prefill_graph(pg, tokens, rows)
+        vg = self.verify_graphs
+        if vg is not None and nseq == 1 and 1 < q_lens[0] <= vg.max_tokens and sample_idx and not lp_rows:
+            # one sequence's token + drafts (or a draft model's catch-up token + its last): its sampled rows
+            # are its last ones
+            tokens = vg.bucket(q_lens[0])
+            self._verify_tokens = tokens
+            staged = self._stage_prefill_graph(vg, tokens, rows)
+            self._sample_trim = sample_trim if any(sample_trim) else None
+            return staged
         gr = self.graph_runner
         # (a one-token prompt chunk that does not end its prompt samples nothing: then the rows and the
         # samples differ and the step takes the generic path)
@@ -645,6 +658,8 @@ class ModelRunner:
         if self._prefill_tokens is not None:  # one sequence's rows, staged in a prefill graph's buffers
             n = len(input_ids)
             hidden = self.prefill_graphs.replay(self._prefill_tokens, n)  # its last row, which samples
+        elif self._verify_tokens is not None:  # the same for a few rows that all sample
+            hidden = self.verify_graphs.replay_rows(self._verify_tokens, len(input_ids), len(sample_seqs))
         elif self._staged:  # the inputs are in the graphs' buffers already
             hidden, logits = self.graph_runner.replay(meta.num_seqs)
         elif self.graph_runner is not None and self.graph_runner.can_run(meta):

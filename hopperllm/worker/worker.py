@@ -255,6 +255,15 @@ class Worker:
                 from hopperllm.worker.cuda_graphs import capture_prefill_graphs
 
                 self.runner.prefill_graphs = capture_prefill_graphs(self.runner, show_progress=show_progress)
+            if spec is not None and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
+                from hopperllm.worker.cuda_graphs import capture_verify_graphs
+
+                # a batch-1 step of the last token and k drafts (k + 1 tokens; fewer replay the same graph
+                # with padding); the draft's catch-up token with the last one
+                sizes = sorted({2, spec.num_speculative_tokens + 1})
+                self.runner.verify_graphs = capture_verify_graphs(self.runner, sizes, show_progress)
+                if self.draft is not None:
+                    self.draft.verify_graphs = capture_verify_graphs(self.draft, [2], show_progress)
         self.mirror = SequenceMirror()
         # (step id, StepLaunch) of the latest step, whose sampled tokens feed the next step's placeholders
         self._latest: tuple[int, Any] | None = None
@@ -312,11 +321,14 @@ class Worker:
         items = self.draft_mirror.decode(deltas).scheduled
         for it in items:  # the drafts' places: the draft model writes them
             del it.seq.token_ids[len(it.seq.token_ids) - it.num_drafts :]
+        items = [it for it in items if it.num_drafts > 0]
         budget = runner.config.scheduler_config.max_num_batched_tokens
-        while True:
+        # catch up while what the draft has not seen exceeds a step's token budget: chunks that stop short of
+        # each sequence's last token (they sample nothing and are not read back)
+        while sum(it.seq.num_uncomputed_tokens for it in items) > budget:
             chunk, room = [], budget
             for it in items:
-                n = min(it.seq.num_tokens - 1 - it.seq.num_computed_tokens, room)
+                n = min(it.seq.num_uncomputed_tokens - 1, room)
                 if n > 0:
                     chunk.append(ScheduledSeq(it.seq, n, False))
                     room -= n
@@ -324,18 +336,20 @@ class Worker:
                     break
             if not chunk:
                 break
-            runner.launch(SchedulerOutput(chunk, budget - room))  # samples nothing: not read back
+            runner.launch(SchedulerOutput(chunk, budget - room))
             for c in chunk:
                 c.seq.num_computed_tokens += c.num_new_tokens
+        # then one step a draft: the first feeds the rest (the last token, after a round whose drafts were all
+        # accepted the last draft too), each later one the draft before it
         drafts: list[list[int]] = [[] for _ in items]
-        active = [i for i, it in enumerate(items) if it.num_drafts > 0]
+        active = list(range(len(items)))
         while active:
-            step = [ScheduledSeq(items[i].seq, 1, True) for i in active]
-            out = runner.execute_model(SchedulerOutput(step, len(step)))
+            step = [ScheduledSeq(items[i].seq, items[i].seq.num_uncomputed_tokens, True) for i in active]
+            out = runner.execute_model(SchedulerOutput(step, sum(x.num_new_tokens for x in step)))
             for i, token in zip(active, out.token_ids, strict=True):
                 seq = items[i].seq
                 drafts[i].append(token)
-                seq.num_computed_tokens += 1
+                seq.num_computed_tokens = seq.num_tokens
                 seq.token_ids.append(token)
             active = [i for i in active if len(drafts[i]) < items[i].num_drafts]
         return drafts
@@ -363,8 +377,10 @@ class Worker:
         # the graphs hold captured NCCL work: free them before the communicator
         self.runner.graph_runner = None
         self.runner.prefill_graphs = None
+        self.runner.verify_graphs = None
         if self.draft is not None:
             self.draft.graph_runner = None
+            self.draft.verify_graphs = None
         destroy_tp_group()
 
 
