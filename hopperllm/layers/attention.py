@@ -37,6 +37,10 @@ class AttentionMetadata:
     # Leading sequences with one query each (decodes, which the scheduler puts first): a mixed step
     # sends them to the flash-decoding kernel and only the rest to the prefill kernel.
     num_decodes: int = 0
+    # One sequence's few query rows (a speculative verify step, in its CUDA graph): each row's causal context
+    # length [T]; attention then runs every row through flash-decoding over the first sequence's block table
+    # (the prefill kernel would walk the whole context with one tile of a few rows per KV head)
+    row_seq_lens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -206,6 +210,14 @@ class TritonAttentionBackend(AttentionBackend):
                 layer.k_scale,
                 layer.v_scale,
             )
+        if meta.row_seq_lens is not None:
+            from hopperllm.kernels.paged_attention import paged_decode_attention
+
+            tables = meta.block_tables[:1].expand(q.shape[0], -1)  # every row reads the one sequence's blocks
+            return paged_decode_attention(
+                q, kv_cache[0], kv_cache[1], tables, meta.row_seq_lens, layer.scale, layer.k_scale,
+                layer.v_scale, max_seqlen_k=meta.max_seqlen_k,
+            )  # fmt: skip
         if not meta.decode_only and meta.num_decodes:
             return self._mixed(layer, q, kv_cache, meta)
         return paged_attention(

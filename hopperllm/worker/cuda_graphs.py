@@ -305,6 +305,15 @@ class VerifyGraphRunner(PrefillGraphRunner):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(runner, sizes, keep_last=False)
 
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        """The step's n rows attend as n decode rows of causal lengths seq_len - n + 1 .. seq_len (computed on
+        the device inside the graph from the staged cu_seqlens_q / seq_lens); the padding rows to one key."""
+        meta = super()._meta(tokens)
+        rows = torch.arange(tokens, dtype=torch.int32, device=self.seq_lens.device)
+        n, context = self.cu_seqlens_q[1], self.seq_lens[0]
+        meta.row_seq_lens = torch.where(rows < n, context - n + 1 + rows, torch.ones_like(rows))
+        return meta
+
     def replay_rows(self, tokens: int, n: int, rows: int) -> torch.Tensor:
         """Run the graph of `tokens` tokens on an n-token step staged in its buffers: the hidden states of the
         step's last `rows` rows (its sampled ones)."""
