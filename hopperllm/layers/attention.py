@@ -37,9 +37,10 @@ class AttentionMetadata:
     # Leading sequences with one query each (decodes, which the scheduler puts first): a mixed step
     # sends them to the flash-decoding kernel and only the rest to the prefill kernel.
     num_decodes: int = 0
-    # One sequence's few query rows (a speculative verify step, in its CUDA graph): each row's causal context
-    # length [T]; attention then runs every row through flash-decoding over the first sequence's block table
-    # (the prefill kernel would walk the whole context with one tile of a few rows per KV head)
+    # Steps of a few rows a sequence (speculative verify steps, in their CUDA graphs: RowGraphRunner), every
+    # row laid out as a one-query sequence: its causal context length [T] (= seq_lens) and its sequence's
+    # block table (block_tables' row). Set, attention runs every row through flash-decoding after the cache
+    # write (the prefill kernel would walk the whole context with one tile of a few rows per KV head).
     row_seq_lens: torch.Tensor | None = None
 
     @property
@@ -213,9 +214,8 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.row_seq_lens is not None:
             from hopperllm.kernels.paged_attention import paged_decode_attention
 
-            tables = meta.block_tables[:1].expand(q.shape[0], -1)  # every row reads the one sequence's blocks
             return paged_decode_attention(
-                q, kv_cache[0], kv_cache[1], tables, meta.row_seq_lens, layer.scale, layer.k_scale,
+                q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq_lens, layer.scale, layer.k_scale,
                 layer.v_scale, max_seqlen_k=meta.max_seqlen_k,
             )  # fmt: skip
         if not meta.decode_only and meta.num_decodes:

@@ -293,41 +293,115 @@ class PrefillGraphRunner:
         return out if self.keep_last else out[n - 1 : n]
 
 
-class VerifyGraphRunner(PrefillGraphRunner):
-    """CUDA graphs for speculative decoding's steps of one sequence: its last token and its drafts (the
-    target's verify step), or a draft model's catch-up token with its last (the draft's first step after
-    every draft was accepted). Eagerly such a step is the host's ~350 launches for a few rows (Llama-2-7B FP8:
-    27 ms a step on an H200 against a 3.4 ms decode graph); these are PrefillGraphRunner's graphs at those few
-    token counts, returning every row (each one samples)."""
+class RowGraphRunner:
+    """CUDA graphs for steps whose sequences each compute a few rows: speculative decoding's verify steps (each
+    sequence's last token and its drafts) and a draft model's first step of a round (its catch-up token with
+    the last). Eagerly such a step is the host's ~350 launches for a few rows (Llama-2-7B FP8: 27 ms a step
+    on an H200 against a 3.4 ms decode graph).
+
+    Every row is a decode row of its own: its token, position and cache slot, its causal context length and
+    its sequence's block table. The model writes every row's K / V first (rotary + cache write), then
+    attention runs each row through flash-decoding (AttentionMetadata.row_seq_lens), so a sequence's rows
+    see each other's keys; other kernels treat rows independently. A graph of T rows runs any step of at
+    most T rows and at most `max_q` rows a sequence; padding rows write no cache (slot -1) and attend to one
+    key. Static buffers: int64 [input_ids | positions | slot_mapping | sampled rows | placeholder fill rows |
+    their sources], `stride64` apart; int32 [row context lengths (`stride32`) | block tables, a row each].
+
+    `eager=True` (tests on the CPU): no graphs, `replay` runs the model on the staged buffers."""
 
     desc = "Capturing verify graphs"
 
-    def __init__(self, runner, sizes: list[int]):
-        super().__init__(runner, sizes, keep_last=False)
+    def __init__(self, runner, sizes: list[int], max_q: int, eager: bool = False):
+        self.runner = runner
+        self.sizes = sorted(sizes)
+        self.max_tokens = self.sizes[-1]
+        self.max_q = max_q
+        self.eager = eager
+        dev = runner.device
+        mb = self.max_blocks = runner.max_blocks_per_seq
+        s = self.stride64 = _round_up(self.max_tokens, 2)
+        self.static64 = torch.zeros(6 * s, dtype=torch.long, device=dev)
+        self.input_ids = self.static64[: self.max_tokens]
+        self.positions = self.static64[s : s + self.max_tokens]
+        self.slot_mapping = self.static64[2 * s : 2 * s + self.max_tokens]
+        self.sample_rows = self.static64[3 * s : 4 * s]
+        s32 = self.stride32 = _round_up(self.max_tokens, 4)
+        self.static32 = torch.zeros(s32 + self.max_tokens * mb, dtype=torch.int32, device=dev)
+        self.row_seq_lens = self.static32[: self.max_tokens]
+        self.block_tables = self.static32[s32:].view(self.max_tokens, mb)
+        # (read by the torch backend only, on the CPU: each row a one-query sequence)
+        self.cu_seqlens_q = torch.arange(self.max_tokens + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_time_s = 0.0
+
+    def bucket(self, n: int) -> int | None:
+        """The row count of the graph that runs an n-row step, or None (more than the largest)."""
+        return next((s for s in self.sizes if s >= n), None)
 
     def _meta(self, tokens: int) -> AttentionMetadata:
-        """The step's n rows attend as n decode rows of causal lengths seq_len - n + 1 .. seq_len (computed on
-        the device inside the graph from the staged cu_seqlens_q / seq_lens); the padding rows to one key."""
-        meta = super()._meta(tokens)
-        rows = torch.arange(tokens, dtype=torch.int32, device=self.seq_lens.device)
-        n, context = self.cu_seqlens_q[1], self.seq_lens[0]
-        meta.row_seq_lens = torch.where(rows < n, context - n + 1 + rows, torch.ones_like(rows))
-        return meta
+        return AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens_q[: tokens + 1],
+            seq_lens=self.row_seq_lens[:tokens],
+            slot_mapping=self.slot_mapping[:tokens],
+            block_tables=self.block_tables[:tokens],
+            max_seqlen_q=1,
+            max_seqlen_k=self.runner.config.scheduler_config.max_model_len,
+            decode_only=False,
+            row_seq_lens=self.row_seq_lens[:tokens],
+        )
 
-    def replay_rows(self, tokens: int, n: int, rows: int) -> torch.Tensor:
-        """Run the graph of `tokens` tokens on an n-token step staged in its buffers: the hidden states of the
-        step's last `rows` rows (its sampled ones)."""
-        self.graphs[tokens].replay()
-        return self.outputs[tokens][n - rows : n]
+    def _run(self, tokens: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.input_ids[:tokens], self.positions[:tokens], r.kv_caches, self._meta(tokens))
+
+    def capture(self, show_progress: bool = True) -> None:
+        def run(tokens: int, warm: bool) -> torch.Tensor:
+            if warm:  # rows of no context that write nothing
+                self.static64.zero_()
+                self.slot_mapping.fill_(-1)
+                self.row_seq_lens.fill_(1)
+                self.block_tables.zero_()
+            return self._run(tokens)
+
+        self.graphs, self.outputs, self.capture_time_s = _capture_graphs(
+            self.sizes, self.desc, show_progress, run
+        )
+        logger.info("%s: %d in %.1f s", self.desc, len(self.graphs), self.capture_time_s)
+
+    def replay(self, tokens: int, n: int, num_samples: int) -> torch.Tensor:
+        """Run the graph of `tokens` rows on an n-row step staged in its buffers: the hidden states of its
+        sampled rows (all n in order, or the staged `sample_rows`)."""
+        if self.eager:
+            out = self._run(tokens)
+        else:
+            self.graphs[tokens].replay()
+            out = self.outputs[tokens]
+        if num_samples == n:
+            return out[:n]
+        return out.index_select(0, self.sample_rows[:num_samples])
 
 
-def capture_verify_graphs(runner, sizes: list[int], show_progress: bool = True) -> VerifyGraphRunner | None:
-    """The verify graphs of `sizes` tokens (those within max_model_len), or None (none fit, or out of memory:
-    such steps then run eagerly, with a warning)."""
-    sizes = [s for s in sizes if s <= runner.config.scheduler_config.max_model_len]
+# row counts of the verify graphs (up to max_num_seqs x (num_speculative_tokens + 1), at most the last)
+ROW_GRAPH_TOKENS = (*range(2, 9), 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+
+
+def row_graph_sizes(max_q: int, max_num_seqs: int, max_model_len: int) -> list[int]:
+    cap = min(max_num_seqs * max_q, ROW_GRAPH_TOKENS[-1])
+    sizes = [s for s in ROW_GRAPH_TOKENS if s <= cap]
+    if not sizes or sizes[-1] < cap:
+        sizes.append(cap)
+    return [s for s in sizes if s >= 2 and max_q <= max_model_len]
+
+
+def capture_row_graphs(runner, max_q: int, show_progress: bool = True) -> RowGraphRunner | None:
+    """The verify graphs of a runner whose steps take up to `max_q` rows a sequence, or None (none fit, or out
+    of memory: such steps then run eagerly, with a warning)."""
+    sc = runner.config.scheduler_config
+    sizes = row_graph_sizes(max_q, sc.max_num_seqs, sc.max_model_len)
     if not sizes:
         return None
-    gr = VerifyGraphRunner(runner, sizes)
+    gr = RowGraphRunner(runner, sizes, max_q)
     try:
         gr.capture(show_progress=show_progress)
     except torch.cuda.OutOfMemoryError:

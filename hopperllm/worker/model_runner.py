@@ -230,11 +230,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.scheduler_config.max_model_len // self.block_size)
         self.graph_runner = None  # CUDA graphs for decode, set up by capture_cuda_graphs()
         self.prefill_graphs = None  # CUDA graphs for one sequence's prefill (PREFILL_GRAPHS)
-        # CUDA graphs for one sequence's few-token steps that sample every row (speculative decoding)
-        self.verify_graphs = None
-        # _prepare staged this step for the prefill / verify graph of so many tokens
+        # CUDA graphs for steps of a few rows a sequence (speculative decoding: cuda_graphs.RowGraphRunner)
+        self.row_graphs = None
+        # _prepare staged this step for the prefill / row graph of so many tokens
         self._prefill_tokens: int | None = None
-        self._verify_tokens: int | None = None
+        self._row_tokens: int | None = None
         # pinned host staging buffers for _prepare's two copies per step (CUDA only), used in turn
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event] | None] = [None, None]
         self._staging_slot = 0
@@ -423,7 +423,7 @@ class ModelRunner:
         nseq = len(seqs)
         pg = self.prefill_graphs
         self._prefill_tokens = None
-        self._verify_tokens = None
+        self._row_tokens = None
         self._staged = False
         rows = _StepRows(input_ids, positions, slots, seq_lens, q_lens, seqs, sample_seqs, fill_pos, fill_src)
         if pg is not None and nseq == 1 and q_lens[0] > 1 and len(sample_idx) <= 1 and not lp_rows:
@@ -431,15 +431,15 @@ class ModelRunner:
             if tokens is not None:
                 self._prefill_tokens = tokens
                 return self._stage_prefill_graph(pg, tokens, rows)
-        vg = self.verify_graphs
-        if vg is not None and nseq == 1 and 1 < q_lens[0] <= vg.max_tokens and sample_idx and not lp_rows:
-            # one sequence's token + drafts (or a draft model's catch-up token + its last): its sampled rows
-            # are its last ones
-            tokens = vg.bucket(q_lens[0])
-            self._verify_tokens = tokens
-            staged = self._stage_prefill_graph(vg, tokens, rows)
-            self._sample_trim = sample_trim if any(sample_trim) else None
-            return staged
+        rg = self.row_graphs
+        if rg is not None and sample_idx and not lp_rows and 1 < max(q_lens) <= rg.max_q:
+            # each sequence's token and drafts (or a draft model's catch-up token and its last)
+            tokens = rg.bucket(len(input_ids))
+            if tokens is not None:
+                self._row_tokens = tokens
+                staged = self._stage_row_graph(rg, tokens, rows, sample_idx)
+                self._sample_trim = sample_trim if any(sample_trim) else None
+                return staged
         gr = self.graph_runner
         # (a one-token prompt chunk that does not end its prompt samples nothing: then the rows and the
         # samples differ and the step takes the generic path)
@@ -511,6 +511,41 @@ class ModelRunner:
             num_decodes=n,
         )
         return self._staged_result(gr.input_ids[:n], gr.positions[:n], meta, rows, d64, fill_at)
+
+    def _stage_row_graph(self, rg, tokens: int, rows: _StepRows, sample_idx: list[int]):
+        """_prepare for a step a row graph (`RowGraphRunner`) of `tokens` rows runs: every row's token, position,
+        slot, causal context length and its sequence's block table, padding rows up to `tokens` (slot -1,
+        one key), the sampled rows and placeholder fills, copied straight into the graph's buffers."""
+        n, s = len(rows.input_ids), rg.stride64
+        nf = len(rows.fill_pos)
+        i64 = np.zeros(4 * s + 2 * nf, dtype=np.int64)
+        i64[:n] = rows.input_ids
+        i64[s : s + n] = rows.positions
+        i64[2 * s : 2 * s + n] = rows.slots
+        i64[2 * s + n : 2 * s + tokens] = -1
+        i64[3 * s : 3 * s + len(sample_idx)] = sample_idx
+        i64[4 * s : 4 * s + nf] = rows.fill_pos
+        i64[4 * s + nf :] = rows.fill_src
+        mb = rg.max_blocks
+        i32 = np.ones(rg.stride32 + n * mb, dtype=np.int32)  # padding rows: one key
+        i32[:n] = np.asarray(rows.positions) + 1
+        i32[rg.stride32 :].reshape(n, mb)[:] = np.repeat(
+            self._bt_rows.gather(rows.seqs, mb), rows.q_lens, axis=0
+        )
+        d64, _ = self._to_device(i64, i32, rg.static64, rg.static32)
+        meta = AttentionMetadata(
+            cu_seqlens_q=rg.cu_seqlens_q[: n + 1],
+            seq_lens=rg.row_seq_lens[:n],
+            slot_mapping=rg.slot_mapping[:n],
+            block_tables=rg.block_tables[:n],
+            max_seqlen_q=1,
+            max_seqlen_k=max(rows.seq_lens),
+            decode_only=False,
+            row_seq_lens=rg.row_seq_lens[:n],
+        )
+        fill = (d64[4 * s : 4 * s + nf], d64[4 * s + nf : 4 * s + 2 * nf]) if nf else None
+        self._prompt_lp = None
+        return rg.input_ids[:n], rg.positions[:n], meta, None, rows.sample_seqs, fill
 
     def _stage_prefill_graph(self, pg, tokens: int, rows: _StepRows):
         """_prepare for a step that prefills one sequence in the prefill graph of `tokens` tokens: its n rows,
@@ -658,8 +693,8 @@ class ModelRunner:
         if self._prefill_tokens is not None:  # one sequence's rows, staged in a prefill graph's buffers
             n = len(input_ids)
             hidden = self.prefill_graphs.replay(self._prefill_tokens, n)  # its last row, which samples
-        elif self._verify_tokens is not None:  # the same for a few rows that all sample
-            hidden = self.verify_graphs.replay_rows(self._verify_tokens, len(input_ids), len(sample_seqs))
+        elif self._row_tokens is not None:  # a few rows a sequence: their sampled rows' hidden states
+            hidden = self.row_graphs.replay(self._row_tokens, len(input_ids), len(sample_seqs))
         elif self._staged:  # the inputs are in the graphs' buffers already
             hidden, logits = self.graph_runner.replay(meta.num_seqs)
         elif self.graph_runner is not None and self.graph_runner.can_run(meta):

@@ -256,14 +256,14 @@ class Worker:
 
                 self.runner.prefill_graphs = capture_prefill_graphs(self.runner, show_progress=show_progress)
             if spec is not None and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
-                from hopperllm.worker.cuda_graphs import capture_verify_graphs
+                from hopperllm.worker.cuda_graphs import capture_row_graphs
 
-                # a batch-1 step of the last token and k drafts (k + 1 tokens; fewer replay the same graph
-                # with padding); the draft's catch-up token with the last one
-                sizes = sorted({2, spec.num_speculative_tokens + 1})
-                self.runner.verify_graphs = capture_verify_graphs(self.runner, sizes, show_progress)
+                # verify steps: each sequence's last token and up to k drafts; the draft's first step of a
+                # round: its catch-up token with the last
+                k = spec.num_speculative_tokens
+                self.runner.row_graphs = capture_row_graphs(self.runner, k + 1, show_progress)
                 if self.draft is not None:
-                    self.draft.verify_graphs = capture_verify_graphs(self.draft, [2], show_progress)
+                    self.draft.row_graphs = capture_row_graphs(self.draft, 2, show_progress)
         self.mirror = SequenceMirror()
         # (step id, StepLaunch) of the latest step, whose sampled tokens feed the next step's placeholders
         self._latest: tuple[int, Any] | None = None
@@ -377,10 +377,10 @@ class Worker:
         # the graphs hold captured NCCL work: free them before the communicator
         self.runner.graph_runner = None
         self.runner.prefill_graphs = None
-        self.runner.verify_graphs = None
+        self.runner.row_graphs = None
         if self.draft is not None:
             self.draft.graph_runner = None
-            self.draft.verify_graphs = None
+            self.draft.row_graphs = None
         destroy_tp_group()
 
 

@@ -216,3 +216,35 @@ def test_property_greedy_equal(pair, lens, max_tokens, seed):
     ]
     bm = spec.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 24}], ids=["plain", "chunked"])
+def test_row_graph_layout_gives_the_eager_tokens(dirs, kw):
+    """The verify graphs' layout (cuda_graphs.RowGraphRunner; run eagerly here, on the CPU): every row of a
+    step of a few rows a sequence is a one-query sequence of its own causal length over its sequence's blocks.
+    The target's verify steps and the draft's first steps of a round, several sequences at once, padding
+    rows, prompt chunks in the same steps (sampling a subset of the rows): the tokens of decoding without
+    drafts."""
+    from hopperllm.worker.cuda_graphs import RowGraphRunner, row_graph_sizes
+
+    prompts = _prompts()
+    ref = _tokens(_llm(dirs["self"], None, **kw), prompts)
+    spec = _llm(dirs["self"], dirs["first-layer"], k=3, **kw)
+    worker = spec.engine.executor.worker
+    calls = []
+    for runner, max_q in ((worker.runner, 4), (worker.draft, 2)):
+        sc = runner.config.scheduler_config
+        rg = RowGraphRunner(
+            runner, row_graph_sizes(max_q, sc.max_num_seqs, sc.max_model_len), max_q, eager=True
+        )
+        replay = rg.replay
+        rg.replay = lambda *a, _replay=replay, _q=max_q: calls.append((_q, *a)) or _replay(*a)
+        runner.row_graphs = rg
+    assert _tokens(spec, prompts) == ref
+    assert 0 < spec.engine.num_accepted_tokens < spec.engine.num_draft_tokens
+    target = [c for c in calls if c[0] == 4]
+    assert any(c[2] > 4 for c in target)  # several sequences' rows in one step
+    assert any(c[1] > c[2] for c in target)  # padding rows
+    assert any(c[0] == 2 for c in calls)  # the draft's catch-up steps
+    if kw:
+        assert any(c[3] < c[2] for c in calls)  # a step sampling some of its rows

@@ -421,14 +421,15 @@ def test_mixed_step_split_between_decode_and_prefill_kernels():
 @pytest.mark.parametrize("num_q_heads", [4, 8])
 def test_one_sequences_rows_through_flash_decoding(num_q_heads):
     """A speculative verify step's rows (one sequence, n queries) as n decode rows of causal lengths
-    seq_len - n + 1 .. seq_len over the sequence's block table expanded to every row (stride 0): the prefill
-    reference for each row."""
+    seq_len - n + 1 .. seq_len over the sequence's block table, a copy a row or one row expanded (stride 0):
+    the prefill reference for each row."""
     n, context = 5, 37
     q, kv, cu, seq_lens, bt = make_paged_case([n], [context], num_q_heads, 2, 32, 8, torch.float32, seed=4)
     ref = pa.ref_paged_attention(q, kv[0], kv[1], cu, seq_lens, bt, 0.3)
     row_lens = torch.arange(context - n + 1, context + 1, dtype=torch.int32, device=DEVICE)
-    out = pa.paged_decode_attention(q, kv[0], kv[1], bt[:1].expand(n, -1), row_lens, 0.3, num_splits=2)
-    assert rel_err(out, ref) < 1e-4
+    for tables in (bt[:1].expand(n, -1), bt[:1].repeat(n, 1)):
+        out = pa.paged_decode_attention(q, kv[0], kv[1], tables, row_lens, 0.3, num_splits=2)
+        assert rel_err(out, ref) < 1e-4
 
 
 def _warm_up_cache(fp8_kv: bool, seed: int, num_kv_heads: int = 2, head_dim: int = 32):
