@@ -23,7 +23,7 @@ from hopperllm.config import EngineConfig
 from hopperllm.distributed.process_group import all_reduce_min, destroy_tp_group, init_tp_group, warm_up
 from hopperllm.engine.llm_engine import freeze_gc_heap
 from hopperllm.engine.scheduler import ScheduledSeq, SchedulerOutput
-from hopperllm.engine.sequence import Sequence
+from hopperllm.engine.sequence import PLACEHOLDER, Sequence
 from hopperllm.loader.model_loader import ModelSource
 from hopperllm.worker.model_runner import ModelRunner, ModelRunnerOutput, kv_block_bytes
 
@@ -340,18 +340,28 @@ class Worker:
             for c in chunk:
                 c.seq.num_computed_tokens += c.num_new_tokens
         # then one step a draft: the first feeds the rest (the last token, after a round whose drafts were all
-        # accepted the last draft too), each later one the draft before it
-        drafts: list[list[int]] = [[] for _ in items]
+        # accepted the last draft too), each later one the draft before it, taken from the previous step's
+        # device tensor (a PLACEHOLDER on the host, as under async scheduling): the steps are enqueued without
+        # waiting and read back together
+        launches = []
+        prev = None
         active = list(range(len(items)))
-        while active:
+        for j in range(max((it.num_drafts for it in items), default=0)):
+            active = [i for i in active if items[i].num_drafts > j]
             step = [ScheduledSeq(items[i].seq, items[i].seq.num_uncomputed_tokens, True) for i in active]
-            out = runner.execute_model(SchedulerOutput(step, sum(x.num_new_tokens for x in step)))
-            for i, token in zip(active, out.token_ids, strict=True):
+            prev = runner.launch(SchedulerOutput(step, sum(x.num_new_tokens for x in step)), (), prev)
+            launches.append((active, prev))
+            for i in active:
                 seq = items[i].seq
-                drafts[i].append(token)
                 seq.num_computed_tokens = seq.num_tokens
-                seq.token_ids.append(token)
-            active = [i for i in active if len(drafts[i]) < items[i].num_drafts]
+                seq.token_ids.append(PLACEHOLDER)
+                seq.num_placeholders = 1
+        drafts: list[list[int]] = [[] for _ in items]
+        for active, launch in launches:
+            for i, token in zip(active, runner.collect(launch).token_ids, strict=True):
+                drafts[i].append(token)
+        for it in items:  # the mirror is rewritten from the next round's deltas; no placeholder stays
+            it.seq.num_placeholders = 0
         return drafts
 
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
