@@ -74,7 +74,18 @@ def _latency(rec: dict) -> list[str]:
         _ms(r.get("tpot_ms"), "mean"),
         _f(r.get("output_tokens_per_s"), ".0f"),
         _f(r.get("speedup_vs_hf")),
+        _speculative(rec),
     ]
+
+
+def _speculative(rec: dict) -> str:
+    """`DRAFT K=k, acc%` (or `ngram ...`) for records of speculative runs, else -."""
+    spec = rec.get("speculative")
+    if not spec:
+        return "-"
+    who = spec.get("model") or spec.get("method")
+    rate = spec.get("acceptance_rate")
+    return f"`{who}` K={spec.get('num_speculative_tokens')}, {_f(None if rate is None else 100 * rate, '.0f')}% acc."
 
 
 def _throughput(rec: dict) -> list[str]:
@@ -160,6 +171,7 @@ ROWS = {
             "mean TPOT ms",
             "out tok/s",
             "vs HF",
+            "speculative",
         ],
         _latency,
     ),
