@@ -281,7 +281,15 @@ class LLMEngine:
             self.async_scheduling
             and self.executor.supports_async
             and self._num_sync_requests == 0
-            and self.speculative is None  # drafts come from the last token, on the host
+            and not self._drafting()  # drafts come from the last token, on the host
+        )
+
+    def _drafting(self) -> bool:
+        """Whether this step proposes drafts: speculation configured, and fewer sequences running than its
+        disable_by_batch_size."""
+        spec = self.speculative
+        return spec is not None and (
+            spec.disable_by_batch_size is None or len(self.scheduler.running) < spec.disable_by_batch_size
         )
 
     def step(self) -> list[RequestOutput]:
@@ -296,7 +304,7 @@ class LLMEngine:
         use_async = self._async_ok()
         if not use_async and self._pending is not None:
             self._finish_pending(touched)
-        drafted = self._propose_drafts() if self.speculative is not None else []
+        drafted = self._propose_drafts() if not use_async and self._drafting() else []
         sched = self.scheduler.schedule()
         if drafted:
             self._fit_drafts(sched, drafted)

@@ -19,6 +19,7 @@ The engine steps synchronously while drafting (the drafts need the last token on
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,9 @@ class SpeculativeConfig:
     model: str | None = None  # the draft model (method draft_model)
     quantization: str | None = None  # the draft's weights: None (as its checkpoint) or "fp8"
     draft_tensor_parallel_size: int | None = None  # must be the target's (the draft is sharded the same way)
+    # no drafts while at least this many sequences run (vLLM's key): big batches are compute-bound, where a
+    # verify step's extra rows cost more than the drafts save; the engine then schedules asynchronously
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self):
         method = "ngram" if self.method == "[ngram]" else self.method
@@ -56,6 +60,10 @@ class SpeculativeConfig:
                 "speculative prompt_lookup_min / prompt_lookup_max need 1 <= min <= max, got "
                 f"{self.prompt_lookup_min} / {self.prompt_lookup_max}"
             )
+        if self.disable_by_batch_size is not None and (
+            not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1
+        ):
+            raise ValueError(f"disable_by_batch_size must be at least 1, got {self.disable_by_batch_size!r}")
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"speculative quantization {self.quantization!r}: use fp8 or leave it out")
 
@@ -77,7 +85,7 @@ class SpeculativeConfig:
             raise ValueError("the speculative config must be a JSON object")
         known = {
             "method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
-            "quantization", "draft_tensor_parallel_size",
+            "quantization", "draft_tensor_parallel_size", "disable_by_batch_size",
         }  # fmt: skip
         unknown = sorted(set(value) - known)
         if unknown:
@@ -134,6 +142,15 @@ def draft_engine_config(config):
         raise ValueError(
             f"the draft model's {mc.num_attention_heads} attention / {mc.num_key_value_heads} KV heads do not "
             f"split over tensor_parallel_size {tp}"
+        )
+    max_len = config.scheduler_config.max_model_len
+    if max_len > mc.max_position_embeddings and not mc.rope_scaling:
+        logging.getLogger(__name__).warning(
+            "the draft model %s was trained on %d positions, max_model_len is %d: past them its drafts are "
+            "rarely accepted (outputs stay the target's)",
+            spec.model,
+            mc.max_position_embeddings,
+            max_len,
         )
     draft = config.replace(
         model=spec.model, model_config=mc, quantization=spec.quantization, speculative_config=None

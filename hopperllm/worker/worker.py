@@ -373,7 +373,9 @@ class Worker:
         for key, gr in (
             ("decode_graphs", self.runner.graph_runner),
             ("prefill_graphs", self.runner.prefill_graphs),
+            ("verify_graphs", self.runner.row_graphs),
             ("draft_decode_graphs", self.draft.graph_runner if self.draft is not None else None),
+            ("draft_verify_graphs", self.draft.row_graphs if self.draft is not None else None),
         ):
             if gr is not None:
                 out[key] = {"sizes": list(gr.sizes), "capture_s": round(gr.capture_time_s, 2)}

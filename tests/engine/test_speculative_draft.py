@@ -248,3 +248,32 @@ def test_row_graph_layout_gives_the_eager_tokens(dirs, kw):
     assert any(c[0] == 2 for c in calls)  # the draft's catch-up steps
     if kw:
         assert any(c[3] < c[2] for c in calls)  # a step sampling some of its rows
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_disable_by_batch_size(dirs, async_scheduling):
+    """vLLM's disable_by_batch_size: no drafts while that many sequences run (the engine may then schedule
+    asynchronously), drafts again once fewer do (the draft catching up on the tokens it missed); greedy
+    tokens stay those of decoding without drafts."""
+    prompts = _prompts()  # five requests, finishing at different lengths
+    lengths = [8, 12, 30, 16, 24]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    ref = _tokens(_llm(dirs["self"], None), prompts, params)
+    for limit, drafts in ((1, False), (3, True)):
+        llm = LLM(model=dirs["self"], dtype="float32", device="cpu", show_progress=False, num_kv_blocks=128,
+                  speculative_config={"model": dirs["self"], "num_speculative_tokens": 3,
+                                      "disable_by_batch_size": limit})  # fmt: skip
+        llm.engine.async_scheduling = async_scheduling
+        running_when_drafting = []
+        propose = llm.engine._propose_drafts
+
+        def spy(_propose=propose, _llm=llm, _seen=running_when_drafting):
+            _seen.append(len(_llm.engine.scheduler.running))
+            return _propose()
+
+        llm.engine._propose_drafts = spy
+        assert _tokens(llm, prompts, params) == ref
+        assert (llm.engine.num_draft_tokens > 0) == drafts
+        assert all(n < limit for n in running_when_drafting)
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        SpeculativeConfig.parse({"model": "m", "disable_by_batch_size": 0})
