@@ -51,6 +51,8 @@ class EngineStats:
     num_total_blocks: int = 0
     num_draft_tokens: int = 0  # speculative decoding: drafts computed, cumulative
     num_accepted_tokens: int = 0  # ... and accepted
+    num_drafts: int = 0  # ... sequences' draft runs verified (a step with drafts for 3 sequences: 3)
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()  # ... accepted drafts by their position in the run
 
 
 def freeze_gc_heap() -> None:
@@ -84,10 +86,13 @@ class LLMEngine:
         self._pending = None  # (StepLaunch, [(seq, position of its placeholder)]) of the in-flight step
         self._num_sync_requests = 0  # requests whose steps need every earlier token on the host
         self._structured = None  # StructuredOutputManager, made by the first constrained request
-        # speculative decoding (n-gram drafts): its config, and the drafts proposed / accepted so far
+        # speculative decoding: its config, and the drafts proposed / accepted so far
         self.speculative = config.speculative_config
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        self.num_drafts = 0
+        spec = config.speculative_config
+        self.accepted_per_pos = [0] * (spec.num_speculative_tokens if spec is not None else 0)
         # --generation-config: SamplingParams defaults from the model's generation_config.json (vLLM's rule)
         self.default_sampling: dict = {}
         freeze_gc_heap()  # last: the model, its CUDA graphs and the caches exist now
@@ -465,6 +470,9 @@ class LLMEngine:
                 seq.num_drafts = a  # still in token_ids, computed: hashed below, then processed
                 self.num_draft_tokens += d
                 self.num_accepted_tokens += a
+                self.num_drafts += 1
+                for i in range(a):
+                    self.accepted_per_pos[i] += 1
                 emitted.append((item, drafts[:a] + [rows[a]], lps[: a + 1]))
             else:
                 emitted.append((item, rows[:1], lps[:1]))
@@ -652,6 +660,8 @@ class LLMEngine:
             num_total_blocks=bm.num_total_blocks,
             num_draft_tokens=self.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens,
+            num_drafts=self.num_drafts,
+            num_accepted_tokens_per_pos=tuple(self.accepted_per_pos),
         )
 
     def reset_prefix_cache(self) -> bool:

@@ -277,3 +277,31 @@ def test_disable_by_batch_size(dirs, async_scheduling):
         assert all(n < limit for n in running_when_drafting)
     with pytest.raises(ValueError, match="disable_by_batch_size"):
         SpeculativeConfig.parse({"model": "m", "disable_by_batch_size": 0})
+
+
+def test_draft_counters_and_metrics(dirs):
+    """The engine counts draft runs and accepted drafts by position (vLLM's spec_decode metrics, /metrics
+    exposes them): position i is accepted only where every earlier one was."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from hopperllm.entrypoints.openai.metrics import _EngineStatsCollector
+
+    llm = _llm(dirs["self"], dirs["first-layer"], k=3)
+    _tokens(llm, _prompts())
+    s = llm.engine.get_stats()
+    per_pos = s.num_accepted_tokens_per_pos
+    assert len(per_pos) == 3 and sum(per_pos) == s.num_accepted_tokens > 0
+    assert list(per_pos) == sorted(per_pos, reverse=True) and s.num_drafts >= per_pos[0]
+    assert s.num_draft_tokens <= 3 * s.num_drafts
+    registry = CollectorRegistry()
+    fake = SimpleNamespace(engine=llm.engine, num_pending=lambda: 0)
+    registry.register(_EngineStatsCollector(fake, "m"))
+    text = generate_latest(registry).decode()
+    assert f'vllm:spec_decode_num_drafts_total{{model_name="m"}} {float(s.num_drafts)}' in text
+    for i, n in enumerate(per_pos):
+        assert (
+            f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{i}"}} {float(n)}'
+            in text
+        )

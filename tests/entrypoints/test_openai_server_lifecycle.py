@@ -243,6 +243,7 @@ def test_metrics_names_and_request_log(caplog):
         "vllm:generation_tokens_total",
         "vllm:spec_decode_num_draft_tokens_total",
         "vllm:spec_decode_num_accepted_tokens_total",
+        "vllm:spec_decode_num_drafts_total",
         "vllm:request_success_total",
         "hopperllm:kv_cache_free_blocks",
         "hopperllm:kv_cache_total_blocks",

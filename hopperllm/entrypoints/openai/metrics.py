@@ -85,6 +85,15 @@ class _EngineStatsCollector(Collector):
             "Speculative draft tokens accepted.",
             s.num_accepted_tokens,
         )
+        yield counter("vllm:spec_decode_num_drafts", "Speculative draft runs verified.", s.num_drafts)
+        per_pos = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Speculative draft tokens accepted, by their position in the run.",
+            labels=["model_name", "position"],
+        )
+        for i, n in enumerate(s.num_accepted_tokens_per_pos):
+            per_pos.add_metric([*self._labels, str(i)], n)
+        yield per_pos
         yield gauge("hopperllm:kv_cache_free_blocks", "Free KV-cache blocks.", s.num_free_blocks)
         yield gauge("hopperllm:kv_cache_total_blocks", "KV-cache blocks in all.", s.num_total_blocks)
 
