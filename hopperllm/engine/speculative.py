@@ -124,7 +124,10 @@ def draft_engine_config(config):
     from hopperllm.loader.model_loader import resolve_model
 
     spec = config.speculative_config
-    src = resolve_model(spec.model)
+    try:
+        src = resolve_model(spec.model)
+    except ValueError as e:
+        raise ValueError(f"the speculative draft model: {e}") from None
     mc = ModelConfig.from_hf_dict(src.hf_config)
     target = config.model_config
     if mc.vocab_size != target.vocab_size:

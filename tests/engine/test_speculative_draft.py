@@ -93,7 +93,9 @@ def test_drafts_that_cannot_serve_the_target_are_clear_errors(dirs):
     with pytest.raises(ValueError, match="draft_tensor_parallel_size 2 differs"):
         LLM(model=dirs["self"], device="cpu", show_progress=False,
             speculative_config={"model": dirs["self"], "draft_tensor_parallel_size": 2})  # fmt: skip
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(
+        ValueError, match="the speculative draft model: model path '/no/such/draft' does not exist"
+    ):
         _llm(dirs["self"], "/no/such/draft")
 
 
