@@ -373,3 +373,32 @@ def test_priority_crosses_to_the_engine_core():
         return done
 
     assert _run(main()) == ["first", "high", "low"]
+
+
+def test_draft_model_speculation_in_the_engine_process(tmp_path):
+    """A draft model runs beside the target in the engine core's process (the server's engine): streamed
+    greedy tokens are those of decoding without drafts, and the drafts were accepted."""
+    from tests.helpers import make_hf_llama_dir
+
+    model = make_hf_llama_dir(str(tmp_path / "model"), seed=5)
+    args = dict(model=model, device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
+    greedy = PARAMS["greedy"]
+    ref = LLM(**args, show_progress=False)
+    want = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    ref.engine.shutdown()
+    spec = {"model": model, "num_speculative_tokens": 3}
+
+    async def main():
+        eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**args, speculative_config=spec), log_stats=False)
+        try:
+            runs = await asyncio.gather(
+                *(_collect(eng, p, greedy.clone(), f"s{i}") for i, p in enumerate(PROMPTS))
+            )
+            stats = eng.engine.get_stats()
+        finally:
+            await eng.shutdown(drain_timeout_s=5)
+        return [r[-1].outputs[0].token_ids for r in runs], stats
+
+    got, stats = _run(main())
+    assert got == want
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0  # the target drafting for itself
