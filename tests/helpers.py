@@ -74,3 +74,22 @@ def assert_same_until_near_tie(outputs, ref_outputs, max_gap: float) -> None:
                 top = sorted(b.logprobs[i].values(), reverse=True)
                 assert top[0] - top[1] < max_gap, (i, x, y, top[:2], max_gap)
                 break
+
+
+def sampled_output_counts(llm, prompt, n: int):
+    """How often each 3-token output comes out of `n` seeded requests (temperature 0.7, top-k 3) of
+    `prompt` (speculative decoding's distribution tests)."""
+    from collections import Counter
+
+    from hopperllm import SamplingParams
+
+    params = [
+        SamplingParams(max_tokens=3, temperature=0.7, top_k=3, seed=s, ignore_eos=True) for s in range(n)
+    ]
+    outs = llm.generate([prompt] * n, params, use_tqdm=False)
+    return Counter(tuple(o.outputs[0].token_ids) for o in outs)
+
+
+def total_variation(a, b, n: int) -> float:
+    """Total variation distance of two Counters of n samples each."""
+    return 0.5 * sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / n

@@ -205,7 +205,17 @@ def capture_decode_graphs(runner, show_progress: bool = True) -> DecodeGraphRunn
 PREFILL_GRAPH_TOKENS = (*range(128, 1024, 128), *range(1024, 2048, 256), *range(2048, 4097, 512))
 
 
-class PrefillGraphRunner:
+class _SizedGraphs:
+    """Graphs captured at `sizes` rows (ascending); a step replays the smallest that holds it."""
+
+    sizes: list[int]
+
+    def bucket(self, n: int) -> int | None:
+        """The row count of the graph that runs an n-row step, or None (more than the largest)."""
+        return next((s for s in self.sizes if s >= n), None)
+
+
+class PrefillGraphRunner(_SizedGraphs):
     """CUDA graphs for steps that prefill one sequence: its whole prompt, a chunk of it, or the part a
     prefix-cache hit left; the batch-1 time to first token. Eagerly such a step enqueues ~350 launches
     (Llama-2-7B), whose Python costs the host 20-42 ms against ~26 ms of GPU work for 2048 tokens on an
@@ -243,10 +253,6 @@ class PrefillGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_time_s = 0.0
-
-    def bucket(self, n: int) -> int | None:
-        """The token count of the graph that runs an n-token chunk, or None (more than the largest)."""
-        return next((s for s in self.sizes if s >= n), None)
 
     def _meta(self, tokens: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -293,7 +299,7 @@ class PrefillGraphRunner:
         return out if self.keep_last else out[n - 1 : n]
 
 
-class RowGraphRunner:
+class RowGraphRunner(_SizedGraphs):
     """CUDA graphs for steps whose sequences each compute a few rows: speculative decoding's verify steps (each
     sequence's last token and its drafts) and a draft model's first step of a round (its catch-up token with
     the last). Eagerly such a step is the host's ~350 launches for a few rows (Llama-2-7B FP8: 27 ms a step
@@ -334,10 +340,6 @@ class RowGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_time_s = 0.0
-
-    def bucket(self, n: int) -> int | None:
-        """The row count of the graph that runs an n-row step, or None (more than the largest)."""
-        return next((s for s in self.sizes if s >= n), None)
 
     def _meta(self, tokens: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -401,18 +403,7 @@ def capture_row_graphs(runner, max_q: int, show_progress: bool = True) -> RowGra
     sizes = row_graph_sizes(max_q, sc.max_num_seqs, sc.max_model_len)
     if not sizes:
         return None
-    gr = RowGraphRunner(runner, sizes, max_q)
-    try:
-        gr.capture(show_progress=show_progress)
-    except torch.cuda.OutOfMemoryError:
-        if runner.tp.world_size > 1:
-            raise
-        del gr
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        logger.warning("not enough GPU memory for the verify CUDA graphs: speculative steps run eagerly")
-        return None
-    return gr
+    return _capture_or_none(RowGraphRunner(runner, sizes, max_q), show_progress, "verify", "speculative")
 
 
 def prefill_graph_sizes(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
@@ -431,7 +422,16 @@ def capture_prefill_graphs(runner, show_progress: bool = True) -> PrefillGraphRu
         return None
     from hopperllm.worker.model_runner import KEEP_SAMPLED_ROWS
 
-    gr = PrefillGraphRunner(runner, sizes, keep_last=KEEP_SAMPLED_ROWS)
+    return _capture_or_none(
+        PrefillGraphRunner(runner, sizes, keep_last=KEEP_SAMPLED_ROWS), show_progress, "prefill", "prefill"
+    )
+
+
+def _capture_or_none(gr, show_progress: bool, name: str, steps: str):
+    """`gr` captured, or None when the GPU ran out of memory capturing it (its pool holds the largest graph's
+    activations beside the KV cache, which start-up sized for eager steps only; at a high
+    gpu_memory_utilization that may not fit): those steps then run eagerly, with a warning."""
+    runner = gr.runner
     try:
         gr.capture(show_progress=show_progress)
     except torch.cuda.OutOfMemoryError:
@@ -443,8 +443,10 @@ def capture_prefill_graphs(runner, show_progress: bool = True) -> PrefillGraphRu
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         logger.warning(
-            "not enough GPU memory for the prefill CUDA graphs beside the KV cache: prefill steps run "
-            "eagerly (lower gpu_memory_utilization to keep them, or set HOPPERLLM_PREFILL_GRAPHS=0)"
+            "not enough GPU memory for the %s CUDA graphs beside the KV cache: %s steps run eagerly (lower "
+            "gpu_memory_utilization to keep them)",
+            name,
+            steps,
         )
         return None
     return gr

@@ -281,17 +281,25 @@ def test_a_start_up_error_is_raised_as_in_one_process():
         MPAsyncLLMEngine.from_engine_args(EngineArgs(**{**ARGS, "max_model_len": 1 << 20}), log_stats=False)
 
 
-def test_engine_process_with_tensor_parallel_workers(tmp_path):
-    """The core spawns the tensor-parallel ranks of its own (it is not a daemon); their tokens are TP=1's
-    (an HF checkpoint: dummy weights are drawn per rank), and stopping the core stops them."""
+def _hf_model_and_greedy_tokens(tmp_path) -> tuple[dict, list[list[int]]]:
+    """An HF checkpoint's engine arguments (dummy weights are drawn per rank) and its greedy tokens for
+    PROMPTS, in this process."""
     from tests.helpers import make_hf_llama_dir
 
     model = make_hf_llama_dir(str(tmp_path / "model"), seed=5)
     args = dict(model=model, device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
-    greedy = PARAMS["greedy"]
     ref = LLM(**args, show_progress=False)
-    want = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in ref.generate(prompts, PARAMS["greedy"])]
     ref.engine.shutdown()
+    return args, want
+
+
+def test_engine_process_with_tensor_parallel_workers(tmp_path):
+    """The core spawns the tensor-parallel ranks of its own (it is not a daemon); their tokens are TP=1's
+    (an HF checkpoint: dummy weights are drawn per rank), and stopping the core stops them."""
+    args, want = _hf_model_and_greedy_tokens(tmp_path)
+    greedy = PARAMS["greedy"]
 
     async def main():
         eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**args, tensor_parallel_size=2), log_stats=False)
@@ -378,15 +386,9 @@ def test_priority_crosses_to_the_engine_core():
 def test_draft_model_speculation_in_the_engine_process(tmp_path):
     """A draft model runs beside the target in the engine core's process (the server's engine): streamed
     greedy tokens are those of decoding without drafts, and the drafts were accepted."""
-    from tests.helpers import make_hf_llama_dir
-
-    model = make_hf_llama_dir(str(tmp_path / "model"), seed=5)
-    args = dict(model=model, device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=64)
+    args, want = _hf_model_and_greedy_tokens(tmp_path)
     greedy = PARAMS["greedy"]
-    ref = LLM(**args, show_progress=False)
-    want = [o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
-    ref.engine.shutdown()
-    spec = {"model": model, "num_speculative_tokens": 3}
+    spec = {"model": args["model"], "num_speculative_tokens": 3}
 
     async def main():
         eng = MPAsyncLLMEngine.from_engine_args(EngineArgs(**args, speculative_config=spec), log_stats=False)

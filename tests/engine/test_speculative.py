@@ -4,8 +4,6 @@ outputs follow the same distribution; requests that cannot take drafts decode as
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +11,7 @@ from hypothesis import strategies as st
 
 from hopperllm import LLM, SamplingParams
 from hopperllm.engine.speculative import SpeculativeConfig, propose_ngram
-from tests.helpers import make_hf_llama_dir
+from tests.helpers import make_hf_llama_dir, sampled_output_counts, total_variation
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -185,16 +183,10 @@ def test_sampled_outputs_follow_the_same_distribution(model_dir):
     counts = []
     for spec in (False, True):
         llm = _llm(model_dir, spec, max_num_seqs=128, num_kv_blocks=2048)  # room for drafts
-        params = [
-            SamplingParams(max_tokens=3, temperature=0.7, top_k=3, seed=s, ignore_eos=True)
-            for s in range(600)
-        ]
-        outs = llm.generate([prompt] * 600, params, use_tqdm=False)
-        counts.append(Counter(tuple(o.outputs[0].token_ids) for o in outs))
+        counts.append(sampled_output_counts(llm, prompt, 600))
         if spec:
             assert llm.engine.num_accepted_tokens > 100
-    keys = set(counts[0]) | set(counts[1])
-    tv = 0.5 * sum(abs(counts[0][k] - counts[1][k]) for k in keys) / 600
+    tv = total_variation(*counts, 600)
     assert tv < 0.1, (tv, counts)
 
 

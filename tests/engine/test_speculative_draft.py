@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from hopperllm import LLM, SamplingParams
 from hopperllm.engine.speculative import DraftView, SpeculativeConfig
-from tests.helpers import make_hf_llama_dir
+from tests.helpers import make_hf_llama_dir, sampled_output_counts, total_variation
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 
@@ -156,16 +155,10 @@ def test_sampled_outputs_follow_the_same_distribution(dirs):
     counts = []
     for draft in (None, dirs["first-layer"]):
         llm = _llm(dirs["self"], draft, k=2, max_num_seqs=128, num_kv_blocks=1024)
-        params = [
-            SamplingParams(max_tokens=3, temperature=0.7, top_k=3, seed=s, ignore_eos=True)
-            for s in range(500)
-        ]
-        outs = llm.generate([prompt] * 500, params, use_tqdm=False)
-        counts.append(Counter(tuple(o.outputs[0].token_ids) for o in outs))
+        counts.append(sampled_output_counts(llm, prompt, 500))
         if draft:
             assert llm.engine.num_accepted_tokens > 50
-    keys = set(counts[0]) | set(counts[1])
-    tv = 0.5 * sum(abs(counts[0][k] - counts[1][k]) for k in keys) / 500
+    tv = total_variation(*counts, 500)
     assert tv < 0.1, (tv, counts)
 
 
