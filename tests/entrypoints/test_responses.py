@@ -101,8 +101,9 @@ def test_text_format_json_object(client):
     ("body", "status", "param"),
     [
         ({"input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
-        ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, 400, "tools"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, 400, "input"),
+        # tool_choice "auto" (the default with tools) needs --enable-auto-tool-choice, as on the chat endpoint
+        ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, 400, "tool_choice"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, 400, "input"),
         ({"input": [{"role": "robot", "content": "x"}]}, 400, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input"),
         ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text"),

@@ -303,6 +303,131 @@ def test_auto_needs_the_server_flags(shared_server):
     assert "--enable-auto-tool-choice" in r.json()["error"]["message"]
 
 
+# -- /v1/responses with function tools --------------------------------------------------------------
+def _flat(tool: dict) -> dict:
+    """A chat tool in the Responses API's flat form."""
+    return {"type": "function", **tool["function"]}
+
+
+def _response_stream(server, body: dict) -> tuple[list[dict], dict]:
+    """The streamed events' data (in order) and the final response."""
+    events = []
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/responses", json={**body, "stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events, events[-1]["response"]
+
+
+def _calls_from_events(events: list[dict]) -> list[tuple[str, str]]:
+    """(name, arguments) of each function_call item, from its deltas; checks each item's event order."""
+    calls, open_ids = [], {}
+    for e in events:
+        if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call":
+            open_ids[e["item"]["id"]] = [e["item"]["name"], ""]
+        elif e["type"] == "response.function_call_arguments.delta":
+            open_ids[e["item_id"]][1] += e["delta"]
+        elif e["type"] == "response.function_call_arguments.done":
+            assert open_ids[e["item_id"]][1] == e["arguments"]
+        elif e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call":
+            name, args = open_ids.pop(e["item"]["id"])
+            assert (e["item"]["name"], e["item"]["arguments"], e["item"]["status"]) == (
+                name,
+                args,
+                "completed",
+            )
+            calls.append((name, args))
+    assert not open_ids
+    return calls
+
+
+def test_responses_named_function_call(server, client):
+    """A named function: one function_call item whose arguments are the chat endpoint's for the same
+    sampling; streamed, its arguments as deltas that add up."""
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MSGS, tools=[WEATHER], max_tokens=60, temperature=1.0, seed=4,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    ).choices[0].message.tool_calls[0]  # fmt: skip
+    body = {
+        "input": "hi", "tools": [_flat(WEATHER)], "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 60, "temperature": 1.0, "seed": 4,
+    }  # fmt: skip
+    res = client.responses.create(model=MODEL, **{k: v for k, v in body.items() if k != "seed"},
+                                  extra_body={"seed": 4})  # fmt: skip
+    assert [o.type for o in res.output] == ["function_call"]
+    call = res.output[0]
+    assert (call.name, call.arguments, call.status) == ("get_weather", chat.function.arguments, "completed")
+    assert call.call_id and call.id.startswith("fc_")
+    assert res.tools[0].name == "get_weather" and res.tool_choice.name == "get_weather"
+    events, final = _response_stream(server, body)
+    assert _calls_from_events(events) == [("get_weather", chat.function.arguments)]
+    assert [o["type"] for o in final["output"]] == ["function_call"]
+    assert sum(e["type"] == "response.function_call_arguments.delta" for e in events) > 1  # as they come
+
+
+def test_responses_auto_calls_through_the_parser(server, client):
+    """ "auto" through the server's parser: the text before the call as a message item, then the call."""
+    regex = re.escape(f"Let me see. {HERMES_CALL}")
+    body = {"input": "hi", "tools": [_flat(WEATHER)], "max_output_tokens": 100, "temperature": 0,
+            "structured_outputs": {"regex": regex}}  # fmt: skip
+    res = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=60).json()
+    assert [o["type"] for o in res["output"]] == ["message", "function_call"]
+    assert res["output"][0]["content"][0]["text"] == "Let me see. "
+    fc = res["output"][1]
+    assert (fc["name"], json.loads(fc["arguments"])) == ("get_weather", {"city": "Oslo", "days": 2})
+    events, final = _response_stream(server, body)
+    assert _calls_from_events(events) == [(fc["name"], fc["arguments"])]
+    assert [o["type"] for o in final["output"]] == ["message", "function_call"]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Let me see. "
+
+
+def test_responses_function_call_turns_reach_the_prompt(server, client):
+    """An earlier call and its output, sent back as input items, are the chat endpoint's assistant tool call
+    and tool message: the same prompt (tokens) and the same greedy answer."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}}  # fmt: skip
+    messages = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]  # fmt: skip
+    chat = httpx.post(f"{server.base_url}/v1/chat/completions", json={
+        "messages": messages, "tools": [WEATHER], "tool_choice": "none", "max_tokens": 8, "temperature": 0,
+    }, timeout=60).json()  # fmt: skip
+    res = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": '{"city": "Oslo", "days": 2}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        ],  # fmt: skip
+        tools=[_flat(WEATHER)], tool_choice="none", max_output_tokens=8, temperature=0,
+    )  # fmt: skip
+    assert res.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    assert res.output_text == chat["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [_flat(WEATHER)], "tool_choice": {"type": "web_search"}}, "tool_choice"),
+        ({"tools": [_flat(WEATHER)], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input"),  # no call_id
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input"),  # no output
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ],
+)
+def test_bad_responses_tool_requests_are_400(server, body, param):
+    r = httpx.post(f"{server.base_url}/v1/responses", json={"input": "hi", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
 # -- --reasoning-parser deepseek_r1 -----------------------------------------------------------------
 def test_reasoning_parser_split_and_stream():
     from hopperllm.entrypoints.openai.reasoning import DeepSeekR1ReasoningParser

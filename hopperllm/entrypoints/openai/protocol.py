@@ -328,8 +328,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class ResponsesInputItem(OpenAIBaseModel):
-    """An input message of /v1/responses: content as text or input_text / output_text parts. Other item
-    types (function calls and their outputs, reasoning) are refused with a 400 naming `input`."""
+    """An input item of /v1/responses: a message (content as text or input_text / output_text parts), or
+    (extra fields) a function_call (call_id, name, arguments) or function_call_output (call_id, output). Other
+    item types (reasoning, ...) are refused with a 400 naming `input`."""
 
     model_config = ConfigDict(extra="allow")
     type: str = "message"

@@ -1,13 +1,18 @@
-"""OpenAI's Responses API (/v1/responses) over the chat path, as vLLM serves its text part.
+"""OpenAI's Responses API (/v1/responses) over the chat path, as vLLM serves it.
 
-A request becomes a chat request: `instructions` a system message first, `input` (a string, or messages whose
-content is text or input_text / output_text parts; the developer role is the system's) the conversation,
-`max_output_tokens` the token limit, `text.format` (or vLLM's `structured_outputs`) the structured-output constraint. The answer is one
-`message` output item (with --reasoning-parser, a `reasoning` item before it); streamed, the Responses
-events in OpenAI's order (created, in_progress, output_item.added, content_part.added, output_text.delta ...,
-output_text.done, content_part.done, output_item.done, then completed, or incomplete when max_output_tokens
-cut the answer). Responses are not stored: `store` is answered false and `previous_response_id` is refused,
-as vLLM does without its store; function tools are served on /v1/chat/completions and refused here.
+A request becomes a chat request: `instructions` a system message first, `input` (a string, or items: messages
+whose content is text or input_text / output_text parts, the developer role the system's; `function_call`
+items, the model's earlier calls, as assistant tool calls; `function_call_output` items as tool messages) the
+conversation, `max_output_tokens` the token limit, `text.format` (or vLLM's `structured_outputs`) the
+structured-output constraint, function `tools` and `tool_choice` the chat endpoint's (the same rules: "auto"
+needs --enable-auto-tool-choice and a --tool-call-parser; "required" and a named function constrain the output).
+The answer is a `message` output item (with --reasoning-parser, a `reasoning` item before it) and a
+`function_call` item per tool call; streamed, the Responses events in OpenAI's order (created, in_progress,
+output_item.added, content_part.added, output_text.delta ..., output_text.done, content_part.done,
+output_item.done; for a call output_item.added, function_call_arguments.delta ..., .done, output_item.done;
+then completed, or incomplete when max_output_tokens cut the answer). Responses are not stored: `store` is
+answered false and `previous_response_id` is refused, as vLLM does without its store; tools other than
+functions (web search, file search, ...) are refused.
 """
 
 from __future__ import annotations
@@ -44,10 +49,6 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
             "previous_response_id",
             "previous_response_id",
         )
-    if req.tools:
-        raise ResponsesInputError(
-            "tools are not served on /v1/responses: use /v1/chat/completions for function calling", "tools"
-        )
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
@@ -55,9 +56,22 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         messages.append({"role": "user", "content": req.input})
     else:
         for i, item in enumerate(req.input):
-            messages.append(_message(item, i))
+            if item.type == "function_call":
+                call = _function_call(item, i)
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                    last["tool_calls"].append(call)  # parallel calls: one assistant turn
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif item.type == "function_call_output":
+                messages.append(_function_output(item, i))
+            else:
+                messages.append(_message(item, i))
     body: dict[str, Any] = {
         "messages": messages,
+        "tools": _chat_tools(req.tools),
+        "tool_choice": _chat_tool_choice(req.tool_choice),
+        "parallel_tool_calls": req.parallel_tool_calls,
         "max_completion_tokens": req.max_output_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
@@ -89,10 +103,87 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         raise ResponsesInputError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", "input") from None
 
 
+def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses function tools ({type, name, description, parameters, strict}) as chat tools."""
+    if not tools:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise ResponsesInputError(
+                f"tools[{i}]: tools of type {tool.get('type')!r} are not served: only function tools", "tools"
+            )
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise ResponsesInputError(f"tools[{i}]: a function tool needs a name", "tools")
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    """Responses' tool_choice ("auto", "none", "required", {"type": "function", "name": ...}) as chat's."""
+    if choice is None or isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise ResponsesInputError(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}', "tool_choice"
+    )
+
+
+def _item_field(item, name: str, i: int) -> str:
+    value = getattr(item, name, None)
+    if value is None and item.model_extra:
+        value = item.model_extra.get(name)
+    if not isinstance(value, str):
+        raise ResponsesInputError(f"input[{i}]: a {item.type} item needs a string {name!r}", "input")
+    return value
+
+
+def _function_call(item, i: int) -> dict[str, Any]:
+    """An earlier function_call output item as a chat tool call."""
+    return {
+        "id": _item_field(item, "call_id", i),
+        "type": "function",
+        "function": {"name": _item_field(item, "name", i), "arguments": _item_field(item, "arguments", i)},
+    }
+
+
+def _function_output(item, i: int) -> dict[str, Any]:
+    """A function_call_output item as the chat tool message answering its call."""
+    return {
+        "role": "tool",
+        "tool_call_id": _item_field(item, "call_id", i),
+        "content": _item_field(item, "output", i),
+    }
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def response_tools(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's tools as a response echoes them."""
+    return [
+        {"type": "function", "name": t["name"], "description": t.get("description"),
+         "parameters": t.get("parameters"), "strict": t.get("strict")}
+        for t in req.tools or ()
+    ]  # fmt: skip
+
+
 def _message(item, i: int) -> dict[str, Any]:
     if item.type != "message":
         raise ResponsesInputError(
-            f"input[{i}]: items of type {item.type!r} are not served here: send messages", "input"
+            f"input[{i}]: items of type {item.type!r} are not served here: send messages, function_call and "
+            "function_call_output items",
+            "input",
         )
     role = ROLES.get(item.role or "")
     if role is None:
@@ -180,15 +271,15 @@ def response_object(
         "metadata": req.metadata or {},
         "model": model,
         "output": output,
-        "parallel_tool_calls": False,
+        "parallel_tool_calls": req.parallel_tool_calls is not False and bool(req.tools),
         "previous_response_id": None,
         "reasoning": None,
         "store": False,
         "temperature": temperature,
         "top_p": top_p,
         "text": {"format": text_format},
-        "tool_choice": "none",
-        "tools": [],
+        "tool_choice": req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none"),
+        "tools": response_tools(req),
         "truncation": "disabled",
         "usage": usage_info,
         "user": req.user,

@@ -710,8 +710,10 @@ class OpenAIServing:
             chat = rsp.to_chat_request(req)
         except rsp.ResponsesInputError as e:
             raise APIError(400, str(e), param=e.param) from None
+        self._check_tools(chat)
+        template_kwargs = {"tools": tools_for_template(chat.tools)} if chat.tools else {}
         try:
-            ids = self._encode_chat(chat.messages, True)
+            ids = self._encode_chat(chat.messages, True, **template_kwargs)
         except ValueError as e:
             raise APIError(400, str(e), param="input") from None
         response_id = rsp.new_id("resp")
@@ -730,7 +732,13 @@ class OpenAIServing:
         output = []
         if message.reasoning_content:
             output.append(rsp.reasoning_item(rsp.new_id("rs"), message.reasoning_content))
-        output.append(rsp.message_item(rsp.new_id("msg"), message.content or "", "completed"))
+        if message.content or not message.tool_calls:
+            output.append(rsp.message_item(rsp.new_id("msg"), message.content or "", "completed"))
+        for call in message.tool_calls or ():
+            fn = call.function
+            output.append(
+                rsp.function_call_item(rsp.new_id("fc"), call.id, fn.name, fn.arguments, "completed")
+            )
         body = rsp.response_object(
             req, response_id, model, created, status="completed", output=output,
             temperature=r.params.temperature, top_p=r.params.top_p,
@@ -749,7 +757,9 @@ class OpenAIServing:
         created: int,
     ) -> AsyncIterator[str]:
         """The Responses API's streamed events: a reasoning item (with --reasoning-parser) while the
-        thinking streams, then the message item, each opened, filled by deltas and closed in OpenAI's order."""
+        thinking streams, then the message item, then a function_call item per tool call (a named tool's
+        arguments as they come; "required" and "auto" calls whole at the end, as the chat stream sends them),
+        each opened, filled by deltas and closed in OpenAI's order."""
         event = rsp.EventWriter()
 
         def response(status: str, output: list, usage=None, finish_reason=None) -> dict:
@@ -760,16 +770,21 @@ class OpenAIServing:
             )  # fmt: skip
 
         done_items: list[dict] = []
-        open_kind = None  # "reasoning" or "message": the item receiving deltas
+        open_kind = None  # "reasoning", "message" or "function_call": the item receiving deltas
         item_id, text = "", ""
+        call_id, call_name = "", ""
 
-        def open_item(kind: str) -> list[str]:
-            nonlocal open_kind, item_id, text
+        def open_item(kind: str, call=None) -> list[str]:
+            nonlocal open_kind, item_id, text, call_id, call_name
             open_kind, text = kind, ""
-            item_id = rsp.new_id("rs" if kind == "reasoning" else "msg")
+            item_id = rsp.new_id({"reasoning": "rs", "message": "msg", "function_call": "fc"}[kind])
             idx = len(done_items)
             if kind == "reasoning":
                 item = {"id": item_id, "type": "reasoning", "summary": [], "content": []}
+                return [event("response.output_item.added", output_index=idx, item=item)]
+            if kind == "function_call":
+                call_id, call_name = call.id, call.function.name
+                item = rsp.function_call_item(item_id, call_id, call_name, "", "in_progress")
                 return [event("response.output_item.added", output_index=idx, item=item)]
             return [
                 event("response.output_item.added", output_index=idx, item=rsp.message_item(item_id, "", "in_progress")),
@@ -784,6 +799,10 @@ class OpenAIServing:
                 item = rsp.reasoning_item(item_id, text)
                 events = [event("response.reasoning_text.done", item_id=item_id, output_index=idx, content_index=0,
                                 text=text)]  # fmt: skip
+            elif open_kind == "function_call":
+                item = rsp.function_call_item(item_id, call_id, call_name, text, "completed")
+                events = [event("response.function_call_arguments.done", item_id=item_id, output_index=idx,
+                                arguments=text)]  # fmt: skip
             else:
                 item = rsp.message_item(item_id, text, "completed")
                 events = [
@@ -797,9 +816,13 @@ class OpenAIServing:
             open_kind = None
             return events
 
+        def switch_to(kind: str, call=None) -> list[str]:
+            return (close_item() if open_kind is not None else []) + open_item(kind, call)
+
         outputs = self._outputs([r])
-        stream = _ChatChoiceStream(None, chat, None, self.reasoning_cls)
+        stream = _ChatChoiceStream(self._tool_mode(chat), chat, self.tool_parser_cls, self.reasoning_cls)
         finish_reason = None
+        called = False  # a function_call item was sent: no empty message item after it
         try:
             yield event("response.created", response=response("in_progress", []))
             yield event("response.in_progress", response=response("in_progress", []))
@@ -814,10 +837,7 @@ class OpenAIServing:
                     if not piece:
                         continue
                     if open_kind != kind:
-                        if open_kind is not None:
-                            for e in close_item():
-                                yield e
-                        for e in open_item(kind):
+                        for e in switch_to(kind):
                             yield e
                     text += piece
                     name = (
@@ -828,18 +848,26 @@ class OpenAIServing:
                     extra = {} if kind == "reasoning" else {"logprobs": []}
                     yield event(name, item_id=item_id, output_index=len(done_items), content_index=0,
                                 delta=piece, **extra)  # fmt: skip
+                for call in (delta.tool_calls or ()) if delta else ():
+                    if call.id is not None:  # a new call (a named tool's later deltas carry arguments only)
+                        called = True
+                        for e in switch_to("function_call", call):
+                            yield e
+                    args = call.function.arguments if call.function is not None else None
+                    if args:
+                        text += args
+                        yield event("response.function_call_arguments.delta", item_id=item_id,
+                                    output_index=len(done_items), delta=args)  # fmt: skip
             if self._aborted([r]):
                 if not watcher.disconnected:
                     yield event("error", message=ABORTED_AT_SHUTDOWN, code="503", param=None)
                 return
-            if open_kind != "message":  # the answer's item exists even when it is empty
-                if open_kind is not None:
-                    for e in close_item():
-                        yield e
-                for e in open_item("message"):
+            if not called and open_kind != "message":  # the answer's item exists even when it is empty
+                for e in switch_to("message"):
                     yield e
-            for e in close_item():
-                yield e
+            if open_kind is not None:
+                for e in close_item():
+                    yield e
             final = response("completed", done_items, rsp.usage(self._usage([r])), finish_reason)
             kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
             yield event(kind, response=final)
