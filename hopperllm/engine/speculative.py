@@ -3,8 +3,9 @@
   "prompt_lookup_min": M}`. Before a step, a decoding sequence whose last n tokens (n from N down to M)
   occurred earlier in its prompt or output proposes the K tokens that followed that occurrence.
 - a draft model: `{"model": "<HF dir | .gguf | dummy:preset>", "num_speculative_tokens": K}` (method
-  "draft_model", implied by "model"; optional "quantization": "fp8"). A smaller model of the same vocabulary
-  runs beside the target in every worker (sharded the same way), with its own KV cache over the target's block
+  "draft_model", implied by "model"; optional "quantization": "fp8", "draft_tensor_parallel_size": 1). A
+  smaller model of the same vocabulary runs beside the target in every worker (sharded the same way; with
+  draft_tensor_parallel_size 1, whole in the first worker), with its own KV cache over the target's block
   tables: each step it catches up on the sequence's tokens it has not seen and then proposes K tokens greedily,
   one decode step each (hopperllm.worker.worker.Worker.propose_drafts).
 
@@ -35,7 +36,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     model: str | None = None  # the draft model (method draft_model)
     quantization: str | None = None  # the draft's weights: None (as its checkpoint) or "fp8"
-    draft_tensor_parallel_size: int | None = None  # must be the target's (the draft is sharded the same way)
+    # None or the target's: the draft is sharded as the target, on every rank; 1: the whole draft on the first
+    # rank only (a small draft over many GPUs would spend its steps in all-reduces)
+    draft_tensor_parallel_size: int | None = None
     # no drafts while at least this many sequences run (vLLM's key): big batches are compute-bound, where a
     # verify step's extra rows cost more than the drafts save; the engine then schedules asynchronously
     disable_by_batch_size: int | None = None
@@ -120,7 +123,7 @@ def draft_engine_config(config):
     """(EngineConfig, ModelSource) of the draft model of `config` (an EngineConfig whose speculative config
     names one): the target's cache, scheduler, parallel and device settings with the draft's model and weights.
     Raises ValueError where the pair cannot work together (vocabularies, tensor-parallel split)."""
-    from hopperllm.config import ModelConfig
+    from hopperllm.config import ModelConfig, ParallelConfig
     from hopperllm.loader.model_loader import resolve_model
 
     spec = config.speculative_config
@@ -136,11 +139,13 @@ def draft_engine_config(config):
             f"{target.vocab_size}: speculative decoding needs the same tokenizer"
         )
     tp = config.parallel_config.tensor_parallel_size
-    if spec.draft_tensor_parallel_size not in (None, tp):
+    if spec.draft_tensor_parallel_size not in (None, 1, tp):
         raise ValueError(
-            f"draft_tensor_parallel_size {spec.draft_tensor_parallel_size} differs from tensor_parallel_size "
-            f"{tp}: the draft model is sharded as the target"
+            f"draft_tensor_parallel_size {spec.draft_tensor_parallel_size}: use 1 (the draft on the first GPU) "
+            f"or the target's tensor_parallel_size {tp}"
         )
+    if spec.draft_tensor_parallel_size == 1:
+        tp = 1
     if mc.num_attention_heads % tp or mc.num_key_value_heads % tp:
         raise ValueError(
             f"the draft model's {mc.num_attention_heads} attention / {mc.num_key_value_heads} KV heads do not "
@@ -156,8 +161,9 @@ def draft_engine_config(config):
             max_len,
         )
     draft = config.replace(
-        model=spec.model, model_config=mc, quantization=spec.quantization, speculative_config=None
-    )
+        model=spec.model, model_config=mc, quantization=spec.quantization, speculative_config=None,
+        parallel_config=ParallelConfig(tensor_parallel_size=tp),
+    )  # fmt: skip
     return draft, src
 
 

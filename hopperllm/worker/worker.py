@@ -227,10 +227,16 @@ class Worker:
         self.draft_mirror = SequenceMirror()
         spec = config.speculative_config
         if spec is not None and spec.uses_draft_model:
+            from hopperllm.distributed.parallel_state import SINGLE
             from hopperllm.engine.speculative import draft_engine_config
 
             draft_config, draft_src = draft_engine_config(config)
-            self.draft = ModelRunner(draft_config, draft_src, tp=self.tp, show_progress=show_progress)
+            # sharded as the target, or (draft_tensor_parallel_size 1) whole on the first rank only: the other
+            # ranks then answer propose_drafts with nothing (the driver reads the first rank's drafts)
+            if draft_config.parallel_config.tensor_parallel_size == world_size:
+                self.draft = ModelRunner(draft_config, draft_src, tp=self.tp, show_progress=show_progress)
+            elif rank == 0:
+                self.draft = ModelRunner(draft_config, draft_src, tp=SINGLE, show_progress=show_progress)
         extra = self.draft.bytes_per_block() if self.draft is not None else 0
         blocks = self.runner.determine_num_kv_blocks(extra_bytes_per_block=extra)
         self.num_kv_blocks = all_reduce_min(self.tp, blocks, self.runner.device)
@@ -249,6 +255,12 @@ class Worker:
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
             if self.draft is not None:
                 self.draft.graph_runner = capture_decode_graphs(self.draft, show_progress=show_progress)
+            if self.draft is not None and self.draft.tp.world_size == 1 < self.tp.world_size:
+                from hopperllm.worker.cuda_graphs import capture_row_graphs
+
+                self.draft.row_graphs = capture_row_graphs(
+                    self.draft, 2, show_progress
+                )  # no collectives in them
             from hopperllm.worker.model_runner import PREFILL_GRAPHS, PREFILL_GRAPHS_TP
 
             if PREFILL_GRAPHS and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
@@ -262,7 +274,7 @@ class Worker:
                 # round: its catch-up token with the last
                 k = spec.num_speculative_tokens
                 self.runner.row_graphs = capture_row_graphs(self.runner, k + 1, show_progress)
-                if self.draft is not None:
+                if self.draft is not None and self.draft.row_graphs is None:
                     self.draft.row_graphs = capture_row_graphs(self.draft, 2, show_progress)
         self.mirror = SequenceMirror()
         # (step id, StepLaunch) of the latest step, whose sampled tokens feed the next step's placeholders
@@ -315,8 +327,8 @@ class Worker:
         (prompt chunks within max_num_batched_tokens a launch), then runs one decode step a draft from the
         last token, greedily. Returns each sequence's drafts, in order."""
         runner = self.draft
-        if runner is None:
-            raise RuntimeError("propose_drafts needs a draft model (speculative method draft_model)")
+        if runner is None:  # a rank beside a draft that runs on the first rank only (or no draft model)
+            return []
         self.release_drafts(released)
         items = self.draft_mirror.decode(deltas).scheduled
         for it in items:  # the drafts' places: the draft model writes them

@@ -89,7 +89,7 @@ def test_config():
 def test_drafts_that_cannot_serve_the_target_are_clear_errors(dirs):
     with pytest.raises(ValueError, match="vocabulary of 512 tokens, the target 300"):
         _llm(dirs["self"], "dummy:tiny")
-    with pytest.raises(ValueError, match="draft_tensor_parallel_size 2 differs"):
+    with pytest.raises(ValueError, match="draft_tensor_parallel_size 2: use 1"):
         LLM(model=dirs["self"], device="cpu", show_progress=False,
             speculative_config={"model": dirs["self"], "draft_tensor_parallel_size": 2})  # fmt: skip
     with pytest.raises(

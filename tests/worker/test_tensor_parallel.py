@@ -130,13 +130,19 @@ def test_speculative_tp2_matches_tp1(model_dir):
         tp2.engine.shutdown()
 
 
-def test_draft_model_tp2_matches_tp1(model_dir, tmp_path):
-    """A draft model at TP=2: every rank runs its shard of the draft beside the target's; requests finish and
-    new ones reuse their ids between two rounds of drafts (the ranks' draft mirrors release them in order)."""
+def _has_draft(worker) -> bool:
+    return worker.draft is not None
+
+
+@pytest.mark.parametrize("draft_tp", [None, 1], ids=["sharded", "first-rank"])
+def test_draft_model_tp2_matches_tp1(model_dir, tmp_path, draft_tp):
+    """A draft model at TP=2: every rank runs its shard of the draft beside the target's, or (draft
+    tensor_parallel_size 1) the first rank runs all of it; requests finish and new ones reuse their ids between
+    two rounds of drafts (the ranks' draft mirrors release them in order)."""
     from tests.engine.test_speculative_draft import first_layer_draft
 
     draft = first_layer_draft(model_dir, str(tmp_path / "draft"))
-    spec = {"model": draft, "num_speculative_tokens": 3}
+    spec = {"model": draft, "num_speculative_tokens": 3, "draft_tensor_parallel_size": draft_tp}
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     ref = _tokens(_llm(model_dir, 1), _prompts(6), params)
     tp2 = _llm(model_dir, 2, speculative_config=spec, max_num_batched_tokens=32)
@@ -144,6 +150,8 @@ def test_draft_model_tp2_matches_tp1(model_dir, tmp_path):
         assert _tokens(tp2, _prompts(6), params) == ref
         e = tp2.engine
         assert 0 < e.num_accepted_tokens < e.num_draft_tokens
+        has_draft = tp2.engine.executor.collective_rpc(_has_draft, reply_all=True)
+        assert has_draft == ([True, True] if draft_tp is None else [True, False])
         for _ in range(2):  # the same request id twice: finished, released, drafted for again
             e.add_request("again", {"prompt_token_ids": _prompts(6)[5]}, params)
             out = None
