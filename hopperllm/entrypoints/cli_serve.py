@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -95,6 +96,19 @@ def add_parser(sub) -> None:
         help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache served",
     )
     g.add_argument(
+        "--enable-responses-store",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "0") == "1",
+        help="keep /v1/responses answers in memory for previous_response_id and GET / DELETE "
+        "/v1/responses/{id} (default: $VLLM_ENABLE_RESPONSES_API_STORE, as vLLM; off)",
+    )
+    g.add_argument(
+        "--max-stored-responses",
+        type=int,
+        default=10000,
+        help="with --enable-responses-store: how many responses to keep, the least recently used dropped first",
+    )
+    g.add_argument(
         "--return-tokens-as-token-ids",
         action="store_true",
         help='logprobs name their tokens "token_id:N" (a request can ask with return_tokens_as_token_ids)',
@@ -143,6 +157,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-log-len must be non-negative, got {args.max_log_len}")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.max_stored_responses < 1:
+        raise ValueError(f"--max-stored-responses must be at least 1, got {args.max_stored_responses}")
     if args.chat_template is not None:
         from hopperllm.tokenizer import load_chat_template
 
@@ -211,6 +227,7 @@ def cmd_serve(args) -> int:
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             reasoning_parser=args.reasoning_parser,
+            max_stored_responses=args.max_stored_responses if args.enable_responses_store else 0,
         )
         app = build_app(engine, settings)
         server = make_server(

@@ -172,6 +172,10 @@ def test_serve_cli_errors_exit_2(capsys):
         (["--model", "dummy:tiny", "--port", "70000"], "--port"),
         (["--model", "dummy:tiny", "--max-waiting-requests", "0"], "--max-waiting-requests"),
         (["dummy:tiny", "--model", "dummy:llama-2-7b"], "two models"),
+        (
+            ["--model", "dummy:tiny", "--enable-responses-store", "--max-stored-responses", "0"],
+            "--max-stored-responses",
+        ),
         (["--model", "dummy:tiny", "--chat-template", "/no/such/template.jinja"], "--chat-template"),
         (["--model", "dummy:tiny", "--chat-template", "{% for m in messages %}"], "does not parse"),
     ]:

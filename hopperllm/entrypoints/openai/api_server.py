@@ -46,6 +46,7 @@ from hopperllm.entrypoints.openai.protocol import (
     VersionResponse,
     error_payload,
 )
+from hopperllm.entrypoints.openai.responses import ResponseStore
 from hopperllm.entrypoints.openai.serving import RETRY_AFTER_S, APIError, OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class ServerSettings:
     enable_prompt_tokens_details: bool = False
     return_tokens_as_token_ids: bool = False
     reasoning_parser: str | None = None
+    # --enable-responses-store: how many /v1/responses answers to keep (0: none, as vLLM by default)
+    max_stored_responses: int = 0
 
 
 @dataclass
@@ -128,6 +131,9 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
         return_tokens_as_token_ids=settings.return_tokens_as_token_ids,
         reasoning_parser=settings.reasoning_parser,
+        responses_store=(
+            ResponseStore(settings.max_stored_responses) if settings.max_stored_responses > 0 else None
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -157,6 +163,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/responses", responses=ERROR_RESPONSES)
     async def create_response(body: ResponsesRequest, raw: Request) -> Response:
         return await serving.create_response(body, raw)
+
+    @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def retrieve_response(response_id: str) -> Response:
+        return JSONResponse(serving.stored_response(response_id))
+
+    @app.delete("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def delete_response(response_id: str) -> Response:
+        return JSONResponse(serving.stored_response(response_id, delete=True))
 
     @app.get("/v1/models")
     async def show_models() -> Response:

@@ -351,9 +351,10 @@ class ResponsesText(OpenAIBaseModel):
 
 
 class ResponsesRequest(OpenAIBaseModel):
-    """OpenAI's Responses API request (/v1/responses), the text part of it, as vLLM serves it: `input` as a
-    string or messages, `instructions` as a system message first, `text.format` for structured output.
-    Nothing is stored (`store` is accepted and answered false, as vLLM does by default)."""
+    """OpenAI's Responses API request (/v1/responses), as vLLM serves it: `input` as a string or items
+    (messages, function calls and their outputs), `instructions` as a system message first, `text.format` for
+    structured output, function `tools`. Stored only with --enable-responses-store (`store: false` opts a
+    request out)."""
 
     model: str | None = None
     input: str | list[ResponsesInputItem]

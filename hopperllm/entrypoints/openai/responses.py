@@ -10,15 +10,17 @@ The answer is a `message` output item (with --reasoning-parser, a `reasoning` it
 `function_call` item per tool call; streamed, the Responses events in OpenAI's order (created, in_progress,
 output_item.added, content_part.added, output_text.delta ..., output_text.done, content_part.done,
 output_item.done; for a call output_item.added, function_call_arguments.delta ..., .done, output_item.done;
-then completed, or incomplete when max_output_tokens cut the answer). Responses are not stored: `store` is
-answered false and `previous_response_id` is refused, as vLLM does without its store; tools other than
-functions (web search, file search, ...) are refused.
+then completed, or incomplete when max_output_tokens cut the answer). With --enable-responses-store (vLLM's
+VLLM_ENABLE_RESPONSES_API_STORE) answers are kept (ResponseStore) for `previous_response_id` and GET / DELETE
+/v1/responses/{id}; without it `store` is answered false and `previous_response_id` is refused, as vLLM does.
+Tools other than functions (web search, file search, ...) are refused.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,17 +43,71 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that computes the response (ResponsesInputError for what it cannot carry)."""
-    if req.previous_response_id is not None:
+class ResponseStore:
+    """Responses kept for `previous_response_id` and GET / DELETE /v1/responses/{id} (--enable-responses-store,
+    as vLLM's VLLM_ENABLE_RESPONSES_API_STORE): each response's body and its conversation (the chat messages
+    of every turn so far, instructions left out, ending with the response's own answer), in memory, the
+    least recently used dropped beyond `max_size`."""
+
+    def __init__(self, max_size: int):
+        if max_size < 1:
+            raise ValueError(f"the response store needs room for at least one response, got {max_size}")
+        self.max_size = max_size
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        item = self._items.get(response_id)
+        if item is not None:
+            self._items.move_to_end(response_id)
+        return item
+
+    def put(self, body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        self._items[body["id"]] = (body, conversation)
+        self._items.move_to_end(body["id"])
+        while len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+
+    def delete(self, response_id: str) -> bool:
+        return self._items.pop(response_id, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def conversation_after(
+    req: ResponsesRequest, chat: ChatCompletionRequest, output: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A finished response's conversation: its chat messages but the instructions (the first message, when
+    given: a new turn brings its own), then its answer as an assistant message (text and tool calls;
+    reasoning left out)."""
+    messages = [m.model_dump(exclude_none=True) for m in chat.messages[1 if req.instructions else 0 :]]
+    text = "".join(p["text"] for o in output if o["type"] == "message" for p in o["content"])
+    calls = [
+        {"id": o["call_id"], "type": "function", "function": {"name": o["name"], "arguments": o["arguments"]}}
+        for o in output
+        if o["type"] == "function_call"
+    ]
+    answer: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        answer["tool_calls"] = calls
+    return [*messages, answer]
+
+
+def to_chat_request(
+    req: ResponsesRequest, history: list[dict[str, Any]] | None = None
+) -> ChatCompletionRequest:
+    """The chat request that computes the response (ResponsesInputError for what it cannot carry);
+    `history`: the conversation of the response `previous_response_id` names (None: no store)."""
+    if req.previous_response_id is not None and history is None:
         raise ResponsesInputError(
-            "this server stores no responses: send the whole conversation in `input` instead of "
-            "previous_response_id",
+            "this server stores no responses (start it with --enable-responses-store): send the whole "
+            "conversation in `input` instead of previous_response_id",
             "previous_response_id",
         )
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
+    messages += history or []
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
     else:
@@ -252,6 +308,7 @@ def response_object(
     top_p: float,
     usage_info: dict[str, Any] | None = None,
     finish_reason: str | None = None,
+    store: bool = False,
 ) -> dict[str, Any]:
     fmt = req.text.format if req.text is not None and req.text.format is not None else None
     text_format: dict[str, Any] = {"type": fmt.type if fmt is not None else "text"}
@@ -272,9 +329,9 @@ def response_object(
         "model": model,
         "output": output,
         "parallel_tool_calls": req.parallel_tool_calls is not False and bool(req.tools),
-        "previous_response_id": None,
+        "previous_response_id": req.previous_response_id,
         "reasoning": None,
-        "store": False,
+        "store": store,
         "temperature": temperature,
         "top_p": top_p,
         "text": {"format": text_format},

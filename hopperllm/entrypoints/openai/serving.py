@@ -241,6 +241,7 @@ class OpenAIServing:
         enable_prompt_tokens_details: bool = False,
         return_tokens_as_token_ids: bool = False,
         reasoning_parser: str | None = None,
+        responses_store: rsp.ResponseStore | None = None,
     ):
         if not served_model_names:
             raise ValueError("give at least one served model name")
@@ -270,6 +271,7 @@ class OpenAIServing:
             )
         self.reasoning_cls = REASONING_PARSERS[reasoning_parser] if reasoning_parser is not None else None
         self.tool_parser_cls = TOOL_PARSERS[tool_call_parser] if tool_call_parser is not None else None
+        self.responses_store = responses_store  # --enable-responses-store
 
     @property
     def model_name(self) -> str:
@@ -706,8 +708,18 @@ class OpenAIServing:
     async def create_response(self, req: ResponsesRequest, raw: Request) -> Response:
         """OpenAI's Responses API over the chat path (entrypoints/openai/responses.py)."""
         self._check_model(req.model)
+        store = self.responses_store
+        history = None
+        if req.previous_response_id is not None and store is not None:
+            previous = store.get(req.previous_response_id)
+            if previous is None:
+                raise APIError(
+                    404, f"Previous response with id '{req.previous_response_id}' not found.",
+                    param="previous_response_id",
+                )  # fmt: skip
+            history = previous[1]
         try:
-            chat = rsp.to_chat_request(req)
+            chat = rsp.to_chat_request(req, history)
         except rsp.ResponsesInputError as e:
             raise APIError(400, str(e), param=e.param) from None
         self._check_tools(chat)
@@ -742,9 +754,29 @@ class OpenAIServing:
         body = rsp.response_object(
             req, response_id, model, created, status="completed", output=output,
             temperature=r.params.temperature, top_p=r.params.top_p,
-            usage_info=rsp.usage(self._usage([r])), finish_reason=c.finish_reason,
+            usage_info=rsp.usage(self._usage([r])), finish_reason=c.finish_reason, store=self._stores(req),
         )  # fmt: skip
+        self._store_response(req, chat, body)
         return JSONResponse(body)
+
+    def _stores(self, req: ResponsesRequest) -> bool:
+        return self.responses_store is not None and req.store is not False
+
+    def _store_response(self, req: ResponsesRequest, chat: ChatCompletionRequest, body: dict) -> None:
+        if self._stores(req):
+            self.responses_store.put(body, rsp.conversation_after(req, chat, body["output"]))
+
+    def stored_response(self, response_id: str, delete: bool = False) -> dict:
+        """GET (or DELETE) /v1/responses/{id}: the stored response (or OpenAI's deletion object); 404 without."""
+        store = self.responses_store
+        item = store.get(response_id) if store is not None else None
+        if item is None:
+            why = "" if store is not None else " (this server stores no responses: --enable-responses-store)"
+            raise APIError(404, f"Response with id '{response_id}' not found{why}.", param="response_id")
+        if delete:
+            store.delete(response_id)
+            return {"id": response_id, "object": "response", "deleted": True}
+        return item[0]
 
     async def _response_events(
         self,
@@ -766,7 +798,7 @@ class OpenAIServing:
             return rsp.response_object(
                 req, response_id, model, created, status=status, output=output,
                 temperature=r.params.temperature, top_p=r.params.top_p, usage_info=usage,
-                finish_reason=finish_reason,
+                finish_reason=finish_reason, store=self._stores(req),
             )  # fmt: skip
 
         done_items: list[dict] = []
@@ -869,6 +901,7 @@ class OpenAIServing:
                 for e in close_item():
                     yield e
             final = response("completed", done_items, rsp.usage(self._usage([r])), finish_reason)
+            self._store_response(req, chat, final)
             kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
             yield event(kind, response=final)
         except EngineDeadError as e:
