@@ -300,3 +300,22 @@ def test_draft_counters_and_metrics(dirs):
             f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{i}"}} {float(n)}'
             in text
         )
+
+
+def test_finished_and_aborted_requests_leave_no_draft_state(dirs):
+    """The draft's per-sequence state (the driver's encoder, the worker's mirror and block-table rows) goes
+    with each request, finished or aborted mid-round."""
+    llm = _llm(dirs["self"], dirs["first-layer"], k=3)
+    e = llm.engine
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(_prompts()):
+        e.add_request(f"r{i}", p, params)
+    for _ in range(6):
+        e.step()
+    worker = e.executor.worker
+    assert worker.draft_mirror.seqs and e.num_draft_tokens > 0
+    e.abort_request(["r1", "r3"])
+    while e.has_unfinished_requests():
+        e.step()
+    assert not e.executor._draft_encoder._sent
+    assert not worker.draft_mirror.seqs and not worker.draft._bt_rows.entry
