@@ -319,3 +319,87 @@ def test_finished_and_aborted_requests_leave_no_draft_state(dirs):
         e.step()
     assert not e.executor._draft_encoder._sent
     assert not worker.draft_mirror.seqs and not worker.draft._bt_rows.entry
+
+
+# -- a state machine: requests come, go and are aborted while the draft model drafts --------------------------
+_REF_CACHE: dict[tuple, list[int]] = {}
+
+
+@pytest.fixture(scope="module")
+def machine_llms(dirs):
+    kw = dict(max_num_batched_tokens=40, num_kv_blocks=24)  # chunks and preemptions
+    return _llm(dirs["self"], None, **kw), _llm(dirs["self"], dirs["first-layer"], k=3, **kw)
+
+
+def test_state_machine(machine_llms):
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+    base, spec = machine_llms
+
+    def reference(prompt: list[int], max_tokens: int) -> list[int]:
+        key = (tuple(prompt), max_tokens)
+        if key not in _REF_CACHE:
+            p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            _REF_CACHE[key] = (
+                base.generate({"prompt_token_ids": prompt}, p, use_tqdm=False)[0].outputs[0].token_ids
+            )
+        return _REF_CACHE[key]
+
+    class DraftingEngine(RuleBasedStateMachine):
+        """Invariants after every step: the blocks agree with the live sequences, no draft cache claims more
+        than a sequence's tokens; finished requests carry the tokens decoding without drafts gives; once all
+        are gone, every block is free and no draft state is left."""
+
+        def __init__(self):
+            super().__init__()
+            self.e = spec.engine
+            self.live: dict[str, tuple[list[int], int]] = {}
+            self.n = 0
+
+        @rule(length=st.integers(1, 50), max_tokens=st.integers(1, 20), seed=st.integers(0, 10**6))
+        def add(self, length, max_tokens, seed):
+            g = torch.Generator().manual_seed(seed)
+            prompt = torch.randint(3, 290, (length,), generator=g).tolist()
+            rid = f"m{self.n}"
+            self.n += 1
+            self.e.add_request(
+                rid,
+                {"prompt_token_ids": prompt},
+                SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+            )
+            self.live[rid] = (prompt, max_tokens)
+
+        @rule(pick=st.integers(0, 10**6))
+        def abort(self, pick):
+            if self.live:
+                rid = sorted(self.live)[pick % len(self.live)]
+                self.e.abort_request(rid)
+                del self.live[rid]
+
+        @rule(steps=st.integers(1, 4))
+        def step(self, steps):
+            for _ in range(steps):
+                for out in self.e.step():
+                    if out.finished and out.request_id in self.live:
+                        prompt, max_tokens = self.live.pop(out.request_id)
+                        assert out.outputs[0].token_ids == reference(prompt, max_tokens)
+
+        @invariant()
+        def consistent(self):
+            sched = self.e.scheduler
+            live = list(sched.running) + list(sched.waiting)
+            sched.block_manager.check_invariants(live)
+            for seq in sched.running:
+                assert seq.draft_computed <= seq.num_tokens
+
+        def teardown(self):
+            while self.e.has_unfinished_requests():
+                self.step(1)
+            bm = self.e.scheduler.block_manager
+            assert bm.num_free_blocks == bm.num_total_blocks
+            assert not self.e.executor._draft_encoder._sent and not self.e.executor.worker.draft_mirror.seqs
+
+    DraftingEngine.TestCase.settings = settings(
+        max_examples=15, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)
+    )
+    run_state_machine_as_test(DraftingEngine, settings=DraftingEngine.TestCase.settings)
