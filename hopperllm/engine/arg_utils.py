@@ -170,7 +170,14 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
         )
         if cfg.speculative_config is not None and cfg.speculative_config.uses_draft_model:
-            from hopperllm.engine.speculative import draft_engine_config
+            from hopperllm.engine.speculative import draft_engine_config, draft_max_model_len
 
-            draft_engine_config(cfg)  # a draft that cannot serve this target fails here, before any loading
+            # a draft that cannot serve this target fails here, before any loading
+            draft, _ = draft_engine_config(cfg)
+            spec = cfg.speculative_config
+            cfg = cfg.replace(
+                speculative_config=dataclasses.replace(
+                    spec, max_model_len=draft_max_model_len(spec, draft.model_config)
+                )
+            )
         return cfg, src

@@ -397,6 +397,8 @@ class LLMEngine:
                 continue
             max_tokens = p.max_tokens if p.max_tokens is not None else self.max_model_len
             room = min(self.max_model_len - seq.num_tokens - 1, max_tokens - seq.num_output_tokens - 1)
+            if cfg.max_model_len is not None:  # the draft's positions stay below it
+                room = min(room, cfg.max_model_len - seq.num_tokens)
             k = min(cfg.num_speculative_tokens, room)
             if k < 1:
                 continue

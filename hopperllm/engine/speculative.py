@@ -42,6 +42,9 @@ class SpeculativeConfig:
     # no drafts while at least this many sequences run (vLLM's key): big batches are compute-bound, where a
     # verify step's extra rows cost more than the drafts save; the engine then schedules asynchronously
     disable_by_batch_size: int | None = None
+    # no drafts for a sequence past this many tokens (vLLM's key); for a draft model at most the positions it
+    # was trained on (create_engine_config sets it: past them its drafts are noise)
+    max_model_len: int | None = None
 
     def __post_init__(self):
         method = "ngram" if self.method == "[ngram]" else self.method
@@ -67,6 +70,10 @@ class SpeculativeConfig:
             not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1
         ):
             raise ValueError(f"disable_by_batch_size must be at least 1, got {self.disable_by_batch_size!r}")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
+            raise ValueError(f"speculative max_model_len must be at least 2, got {self.max_model_len!r}")
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"speculative quantization {self.quantization!r}: use fp8 or leave it out")
 
@@ -88,7 +95,7 @@ class SpeculativeConfig:
             raise ValueError("the speculative config must be a JSON object")
         known = {
             "method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
-            "quantization", "draft_tensor_parallel_size", "disable_by_batch_size",
+            "quantization", "draft_tensor_parallel_size", "disable_by_batch_size", "max_model_len",
         }  # fmt: skip
         unknown = sorted(set(value) - known)
         if unknown:
@@ -152,14 +159,15 @@ def draft_engine_config(config):
             f"split over tensor_parallel_size {tp}"
         )
     max_len = config.scheduler_config.max_model_len
-    if max_len > mc.max_position_embeddings and not mc.rope_scaling:
-        logging.getLogger(__name__).warning(
-            "the draft model %s was trained on %d positions, max_model_len is %d: past them its drafts are "
-            "rarely accepted (outputs stay the target's)",
-            spec.model,
-            mc.max_position_embeddings,
-            max_len,
-        )
+    if (
+        max_len > mc.max_position_embeddings
+        and not mc.rope_scaling
+        and (spec.max_model_len is None or spec.max_model_len > mc.max_position_embeddings)
+    ):
+        logging.getLogger(__name__).info(
+            "the draft model %s was trained on %d positions (max_model_len %d): no drafts past them",
+            spec.model, mc.max_position_embeddings, max_len,
+        )  # fmt: skip
     draft = config.replace(
         model=spec.model, model_config=mc, quantization=spec.quantization, speculative_config=None,
         parallel_config=ParallelConfig(tensor_parallel_size=tp),
@@ -197,3 +205,12 @@ def _greedy():
 
 
 GREEDY = _greedy()
+
+
+def draft_max_model_len(spec: SpeculativeConfig, draft_model_config) -> int | None:
+    """How long a sequence may grow and still take drafts: the config's max_model_len, and for a draft model
+    without rope scaling at most the positions it was trained on."""
+    limits = [spec.max_model_len] if spec.max_model_len is not None else []
+    if draft_model_config is not None and not draft_model_config.rope_scaling:
+        limits.append(draft_model_config.max_position_embeddings)
+    return min(limits) if limits else None

@@ -81,6 +81,7 @@ def test_config():
         '{"method": "ngram", "model": "dummy:tiny"}',
         '{"model": "dummy:tiny", "quantization": "int4"}',
         '{"model": "dummy:tiny", "num_speculative_tokens": 17}',
+        '{"model": "dummy:tiny", "max_model_len": 1}',
     ):
         with pytest.raises(ValueError):
             SpeculativeConfig.parse(bad)
@@ -403,3 +404,36 @@ def test_state_machine(machine_llms):
         max_examples=15, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)
     )
     run_state_machine_as_test(DraftingEngine, settings=DraftingEngine.TestCase.settings)
+
+
+def test_no_drafts_past_the_drafts_positions(dirs, tmp_path):
+    """A draft trained on fewer positions than max_model_len (or the config's max_model_len, vLLM's key)
+    drafts only while a sequence is shorter: its drafts past them would be noise. Tokens stay the target's."""
+    short = first_layer_draft(dirs["self"], str(tmp_path / "short"))
+    cfg_path = tmp_path / "short" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["max_position_embeddings"] = 40
+    cfg_path.write_text(json.dumps(cfg))
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(3)
+    long_prompt = {"prompt_token_ids": torch.randint(3, 290, (45,), generator=g).tolist()}
+    short_prompt = {"prompt_token_ids": torch.randint(3, 290, (5,), generator=g).tolist()}
+    for spec_kw, limit in (({"model": short}, 40), ({"model": dirs["first-layer"], "max_model_len": 30}, 30)):
+        llm = LLM(model=dirs["self"], dtype="float32", device="cpu", show_progress=False, num_kv_blocks=128,
+                  speculative_config={**spec_kw, "num_speculative_tokens": 3})  # fmt: skip
+        assert llm.engine.config.speculative_config.max_model_len == limit
+        assert _tokens(llm, [long_prompt], params) == _tokens(_llm(dirs["self"], None), [long_prompt], params)
+        assert llm.engine.num_draft_tokens == 0
+        lengths = []
+        propose = llm.engine._propose_drafts
+
+        def spy(_propose=propose, _seen=lengths):
+            drafted = _propose()
+            _seen += [s.num_tokens for s in drafted]  # with the drafts' places
+            return drafted
+
+        llm.engine._propose_drafts = spy
+        assert _tokens(llm, [short_prompt], params) == _tokens(
+            _llm(dirs["self"], None), [short_prompt], params
+        )
+        assert lengths and max(lengths) <= limit
