@@ -43,15 +43,17 @@ for step in $steps; do
         timeout 200 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
           --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters 5 "${spec[@]}" \
           --output-json "$OUT/latency-spec-$draft-k$k.json" 2>&1 | grep -E "Mean|accepted|Error|error" ; done ;;
-    spec-final)  # speculative decoding's GPU tests, then Llama-2-7B FP8 2048/128 at batch 1 and 4 without drafts and with a
-      # dummy llama-68m draft, K = 4 (random weights accept ~no draft: a round's cost)
+    spec-final)  # speculative decoding's GPU tests, then FP8 batch 1 and 4 without drafts and with a draft, K = 4 (random
+      # weights accept ~no draft: a round's cost): Llama-2-7B with llama-68m at 1920/128 (the draft drafts only within
+      # the 2048 positions it was trained on), Llama-3-8B with Llama-3.2-1B at 2048/128
       timeout 120 python3 -m pytest -q tests/gpu/test_gpu_speculative.py -p no:cacheprovider 2>&1 | tail -3
-      for run in "1 none" "1 llama-68m" "4 none" "4 llama-68m"; do read -r b draft <<< "$run"
+      for run in "llama-2-7b 1920 1 none" "llama-2-7b 1920 1 llama-68m" "llama-2-7b 1920 4 none" "llama-2-7b 1920 4 llama-68m" \
+                 "llama-3-8b 2048 1 none" "llama-3-8b 2048 1 llama-3.2-1b"; do read -r target inlen b draft <<< "$run"
         spec=(); [ "$draft" != none ] && spec=(--speculative-config "{\"model\": \"dummy:$draft\", \"num_speculative_tokens\": 4}")
-        echo "--- batch $b draft $draft"
-        timeout 120 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
-          --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size $b --num-iters 3 --num-iters-warmup 1 \
-          "${spec[@]}" --output-json "$OUT/latency-spec-b$b-$draft.json" 2>&1 | grep -E "Mean|accepted|Error|error" ; done ;;
+        echo "--- $target batch $b draft $draft"
+        timeout 120 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:$target --quantization fp8 \
+          --kv-cache-dtype fp8 --input-len $inlen --output-len 128 --batch-size $b --num-iters 5 --num-iters-warmup 1 \
+          "${spec[@]}" --output-json "$OUT/latency-spec-$target-b$b-$draft.json" 2>&1 | grep -E "Mean|accepted|Error|error" ; done ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;
