@@ -142,7 +142,7 @@ def speculative_fields(engine) -> dict[str, Any] | None:
     spec = engine.config.speculative_config
     if spec is None:
         return None
-    drafted, accepted = engine.num_draft_tokens, engine.num_accepted_tokens
+    drafted, accepted, runs = engine.num_draft_tokens, engine.num_accepted_tokens, engine.num_drafts
     return {
         "method": spec.method,
         "model": spec.model,
@@ -150,6 +150,9 @@ def speculative_fields(engine) -> dict[str, Any] | None:
         "draft_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else None,
+        # vLLM's mean acceptance length: tokens a drafting sequence gained a step (its accepted drafts + its own)
+        "mean_acceptance_length": 1 + accepted / runs if runs else None,
+        "accepted_per_position": list(engine.accepted_per_pos),
     }
 
 

@@ -193,6 +193,8 @@ def _print_summary(args, r: dict, fields: dict) -> None:
                 + (f" ({100 * rate:.1f}%)" if rate is not None else ""),
             )
         )
+        if spec["mean_acceptance_length"] is not None:
+            rows.append(("Mean acceptance length", spec["mean_acceptance_length"]))
     if clocks := gpu_monitor.describe(r["gpu_monitor"]):
         rows.append(("GPU 0 clock, power, throttling", clocks))
     if r.get("energy_j"):

@@ -779,3 +779,17 @@ def test_serve_against_hopperllm_server(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_latency_with_a_draft_model_reports_its_drafts(tmp_path, capsys):
+    """bench latency with --speculative-config: the record names the draft and counts its drafts; the target
+    drafting for itself (dummy:tiny, the same weights) has every draft accepted, K + 1 tokens a step."""
+    out = tmp_path / "spec.json"
+    spec = '{"model": "dummy:tiny", "num_speculative_tokens": 3}'
+    argv = ["latency", *TINY, "--input-len", "16", "--output-len", "13", "--num-iters", "1"]
+    assert run_cli([*argv, "--speculative-config", spec, "--output-json", str(out)]) == 0
+    assert "Mean acceptance length" in capsys.readouterr().out
+    s = load(out)["speculative"]
+    assert (s["method"], s["model"], s["num_speculative_tokens"]) == ("draft_model", "dummy:tiny", 3)
+    assert s["draft_tokens"] > 0 and s["acceptance_rate"] == 1.0
+    assert s["mean_acceptance_length"] == 4.0 and len(set(s["accepted_per_position"])) == 1
