@@ -91,7 +91,7 @@ class LLMEngine:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_drafts = 0
-        spec = config.speculative_config
+        spec = self.speculative
         self.accepted_per_pos = [0] * (spec.num_speculative_tokens if spec is not None else 0)
         # --generation-config: SamplingParams defaults from the model's generation_config.json (vLLM's rule)
         self.default_sampling: dict = {}

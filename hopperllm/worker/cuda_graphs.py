@@ -388,21 +388,18 @@ class RowGraphRunner(_SizedGraphs):
 ROW_GRAPH_TOKENS = (*range(2, 9), 10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 
-def row_graph_sizes(max_q: int, max_num_seqs: int, max_model_len: int) -> list[int]:
+def row_graph_sizes(max_q: int, max_num_seqs: int) -> list[int]:
+    """ROW_GRAPH_TOKENS up to the most rows a step of max_num_seqs sequences of max_q (>= 2) rows can have,
+    that count itself included."""
     cap = min(max_num_seqs * max_q, ROW_GRAPH_TOKENS[-1])
     sizes = [s for s in ROW_GRAPH_TOKENS if s <= cap]
-    if not sizes or sizes[-1] < cap:
-        sizes.append(cap)
-    return [s for s in sizes if s >= 2 and max_q <= max_model_len]
+    return sizes if sizes[-1] == cap else [*sizes, cap]
 
 
 def capture_row_graphs(runner, max_q: int, show_progress: bool = True) -> RowGraphRunner | None:
-    """The verify graphs of a runner whose steps take up to `max_q` rows a sequence, or None (none fit, or out
-    of memory: such steps then run eagerly, with a warning)."""
-    sc = runner.config.scheduler_config
-    sizes = row_graph_sizes(max_q, sc.max_num_seqs, sc.max_model_len)
-    if not sizes:
-        return None
+    """The verify graphs of a runner whose steps take up to `max_q` rows a sequence, or None (out of memory:
+    such steps then run eagerly, with a warning)."""
+    sizes = row_graph_sizes(max_q, runner.config.scheduler_config.max_num_seqs)
     return _capture_or_none(RowGraphRunner(runner, sizes, max_q), show_progress, "verify", "speculative")
 
 

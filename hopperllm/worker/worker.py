@@ -255,26 +255,22 @@ class Worker:
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
             if self.draft is not None:
                 self.draft.graph_runner = capture_decode_graphs(self.draft, show_progress=show_progress)
-            if self.draft is not None and self.draft.tp.world_size == 1 < self.tp.world_size:
-                from hopperllm.worker.cuda_graphs import capture_row_graphs
-
-                self.draft.row_graphs = capture_row_graphs(
-                    self.draft, 2, show_progress
-                )  # no collectives in them
             from hopperllm.worker.model_runner import PREFILL_GRAPHS, PREFILL_GRAPHS_TP
 
             if PREFILL_GRAPHS and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
                 from hopperllm.worker.cuda_graphs import capture_prefill_graphs
 
                 self.runner.prefill_graphs = capture_prefill_graphs(self.runner, show_progress=show_progress)
-            if spec is not None and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
+            if spec is not None:
                 from hopperllm.worker.cuda_graphs import capture_row_graphs
 
                 # verify steps: each sequence's last token and up to k drafts; the draft's first step of a
-                # round: its catch-up token with the last
-                k = spec.num_speculative_tokens
-                self.runner.row_graphs = capture_row_graphs(self.runner, k + 1, show_progress)
-                if self.draft is not None and self.draft.row_graphs is None:
+                # round: its catch-up token with the last. Under tensor parallelism as the prefill graphs
+                # (a draft whole on one rank has no collectives in its graphs)
+                if self.tp.world_size == 1 or PREFILL_GRAPHS_TP:
+                    k = spec.num_speculative_tokens
+                    self.runner.row_graphs = capture_row_graphs(self.runner, k + 1, show_progress)
+                if self.draft is not None and (self.draft.tp.world_size == 1 or PREFILL_GRAPHS_TP):
                     self.draft.row_graphs = capture_row_graphs(self.draft, 2, show_progress)
         self.mirror = SequenceMirror()
         # (step id, StepLaunch) of the latest step, whose sampled tokens feed the next step's placeholders
@@ -331,9 +327,8 @@ class Worker:
             return []
         self.release_drafts(released)
         items = self.draft_mirror.decode(deltas).scheduled
-        for it in items:  # the drafts' places: the draft model writes them
+        for it in items:  # the drafts' places (at least one a sequence): the draft model writes them
             del it.seq.token_ids[len(it.seq.token_ids) - it.num_drafts :]
-        items = [it for it in items if it.num_drafts > 0]
         budget = runner.config.scheduler_config.max_num_batched_tokens
         # catch up while what the draft has not seen exceeds a step's token budget: chunks that stop short of
         # each sequence's last token (they sample nothing and are not read back)

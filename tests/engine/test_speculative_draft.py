@@ -230,9 +230,7 @@ def test_row_graph_layout_gives_the_eager_tokens(dirs, kw):
     calls = []
     for runner, max_q in ((worker.runner, 4), (worker.draft, 2)):
         sc = runner.config.scheduler_config
-        rg = RowGraphRunner(
-            runner, row_graph_sizes(max_q, sc.max_num_seqs, sc.max_model_len), max_q, eager=True
-        )
+        rg = RowGraphRunner(runner, row_graph_sizes(max_q, sc.max_num_seqs), max_q, eager=True)
         replay = rg.replay
         rg.replay = lambda *a, _replay=replay, _q=max_q: calls.append((_q, *a)) or _replay(*a)
         runner.row_graphs = rg

@@ -560,16 +560,7 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         self._check_logprobs(req.top_logprobs, "top_logprobs")
         self._check_logprobs(req.prompt_logprobs, "prompt_logprobs")
-        self._check_tools(req)
-        template_kwargs = dict(req.chat_template_kwargs or {})
-        if req.continue_final_message:
-            template_kwargs["continue_final_message"] = True
-        if req.tools:
-            template_kwargs["tools"] = tools_for_template(req.tools)
-        try:
-            ids = self._encode_chat(req.messages, req.add_generation_prompt, **template_kwargs)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        ids = self._chat_prompt(req, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         request_id = random_id("chatcmpl")
@@ -722,12 +713,7 @@ class OpenAIServing:
             chat = rsp.to_chat_request(req, history)
         except rsp.ResponsesInputError as e:
             raise APIError(400, str(e), param=e.param) from None
-        self._check_tools(chat)
-        template_kwargs = {"tools": tools_for_template(chat.tools)} if chat.tools else {}
-        try:
-            ids = self._encode_chat(chat.messages, True, **template_kwargs)
-        except ValueError as e:
-            raise APIError(400, str(e), param="input") from None
+        ids = self._chat_prompt(chat, "input")
         response_id = rsp.new_id("resp")
         model = req.model or self.model_name
         prepared = self._prepare(response_id, None, ids, chat, chat.max_completion_tokens, None, "input")
@@ -911,6 +897,20 @@ class OpenAIServing:
             await outputs.aclose()
             await _close([r])
             self._aborted([r])
+
+    def _chat_prompt(self, req: ChatCompletionRequest, param: str) -> list[int]:
+        """A chat request's prompt ids through the chat template (its tools, vLLM's template kwargs), after
+        the tool rules; a 400 naming `param` for what the template refuses."""
+        self._check_tools(req)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if req.continue_final_message:
+            template_kwargs["continue_final_message"] = True
+        if req.tools:
+            template_kwargs["tools"] = tools_for_template(req.tools)
+        try:
+            return self._encode_chat(req.messages, req.add_generation_prompt, **template_kwargs)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
 
     def _check_tools(self, req: ChatCompletionRequest) -> None:
         """vLLM's rules for tools and tool_choice (400s naming tool_choice)."""
