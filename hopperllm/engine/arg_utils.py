@@ -172,12 +172,14 @@ class EngineArgs:
         if cfg.speculative_config is not None and cfg.speculative_config.uses_draft_model:
             from hopperllm.engine.speculative import draft_engine_config, draft_max_model_len
 
-            # a draft that cannot serve this target fails here, before any loading
-            draft, _ = draft_engine_config(cfg)
+            # a draft that cannot serve this target fails here, before any loading; the workers take its
+            # ModelSource from the target's (a GGUF draft's file is opened once)
+            draft, draft_src = draft_engine_config(cfg)
             spec = cfg.speculative_config
             cfg = cfg.replace(
                 speculative_config=dataclasses.replace(
                     spec, max_model_len=draft_max_model_len(spec, draft.model_config)
                 )
             )
+            src = dataclasses.replace(src, draft=draft_src)
         return cfg, src

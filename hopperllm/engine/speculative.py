@@ -126,18 +126,20 @@ def propose_ngram(token_ids: list[int], k: int, n_max: int, n_min: int) -> list[
     return []
 
 
-def draft_engine_config(config):
+def draft_engine_config(config, src=None):
     """(EngineConfig, ModelSource) of the draft model of `config` (an EngineConfig whose speculative config
-    names one): the target's cache, scheduler, parallel and device settings with the draft's model and weights.
-    Raises ValueError where the pair cannot work together (vocabularies, tensor-parallel split)."""
+    names one): the target's cache, scheduler, parallel and device settings with the draft's model and weights
+    (`src`, the draft's ModelSource where it is resolved already). Raises ValueError where the pair cannot work
+    together (vocabularies, tensor-parallel split)."""
     from hopperllm.config import ModelConfig, ParallelConfig
     from hopperllm.loader.model_loader import resolve_model
 
     spec = config.speculative_config
-    try:
-        src = resolve_model(spec.model)
-    except ValueError as e:
-        raise ValueError(f"the speculative draft model: {e}") from None
+    if src is None:
+        try:
+            src = resolve_model(spec.model)
+        except ValueError as e:
+            raise ValueError(f"the speculative draft model: {e}") from None
     mc = ModelConfig.from_hf_dict(src.hf_config)
     target = config.model_config
     if mc.vocab_size != target.vocab_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -25,6 +26,12 @@ class ModelSource:
     path: str  # directory, file, or preset name
     hf_config: dict[str, Any]
     reader: Any = None  # an open gguf.GGUFReader (opening one takes seconds: do it once)
+    draft: ModelSource | None = None  # speculative decoding's draft model, resolved with the target
+
+    def without_readers(self) -> ModelSource:
+        """A copy that pickles (to spawned ranks): no open GGUF reader, the draft's neither; ranks reopen."""
+        draft = self.draft.without_readers() if self.draft is not None else None
+        return dataclasses.replace(self, reader=None, draft=draft)
 
     @property
     def checkpoint_quantization(self) -> str | None:

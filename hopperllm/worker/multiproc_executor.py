@@ -71,7 +71,7 @@ class MultiprocExecutor(Executor):
 
         ctx = mp.get_context("spawn")
         self._store = create_rendezvous_store(self.start_timeout_s)
-        src = dataclasses.replace(src, reader=None)  # an open GGUF reader does not pickle: ranks reopen
+        src = src.without_readers()  # an open GGUF reader does not pickle: ranks reopen
         self._procs: list[mp.process.BaseProcess] = []
         self._tasks: list[Any] = []
         self._results: list[Connection] = []

@@ -138,6 +138,24 @@ def test_drafting_saves_steps(dirs):
     assert steps == 1 + 6
 
 
+def test_the_draft_model_is_resolved_once(dirs, monkeypatch):
+    """The engine's config check and the worker share the draft's ModelSource (a GGUF draft's file is opened
+    once), and it travels to spawned ranks without open readers."""
+    from hopperllm.loader import model_loader
+
+    calls = []
+    resolve = model_loader.resolve_model
+    monkeypatch.setattr(model_loader, "resolve_model", lambda m: calls.append(m) or resolve(m))
+    llm = _llm(dirs["self"], dirs["first-layer"], k=2)
+    assert calls.count(dirs["first-layer"]) == 1 and calls.count(dirs["self"]) == 1
+    assert _tokens(llm, _prompts()[:2]) == _tokens(_llm(dirs["self"], None), _prompts()[:2])
+    src = model_loader.ModelSource("gguf", "t.gguf", {}, reader=object(), draft=model_loader.ModelSource(
+        "gguf", "d.gguf", {}, reader=object()))  # fmt: skip
+    bare = src.without_readers()
+    assert bare.reader is None and bare.draft.reader is None and bare.draft.path == "d.gguf"
+    assert src.reader is not None and src.draft.reader is not None
+
+
 def test_draft_view_reads_the_draft_cache_progress(dirs):
     from hopperllm.engine.sequence import Sequence
 
