@@ -216,7 +216,7 @@ class TritonAttentionBackend(AttentionBackend):
 
             return paged_decode_attention(
                 q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq_lens, layer.scale, layer.k_scale,
-                layer.v_scale, max_seqlen_k=meta.max_seqlen_k,
+                layer.v_scale, max_seqlen_k=meta.max_seqlen_k, quant_out=quant_out,
             )  # fmt: skip
         if not meta.decode_only and meta.num_decodes:
             return self._mixed(layer, q, kv_cache, meta)

@@ -23,7 +23,7 @@ from hopperllm.config import EngineConfig
 from hopperllm.distributed.process_group import all_reduce_min, destroy_tp_group, init_tp_group, warm_up
 from hopperllm.engine.llm_engine import freeze_gc_heap
 from hopperllm.engine.scheduler import ScheduledSeq, SchedulerOutput
-from hopperllm.engine.sequence import PLACEHOLDER, Sequence
+from hopperllm.engine.sequence import Sequence
 from hopperllm.loader.model_loader import ModelSource
 from hopperllm.worker.model_runner import ModelRunner, ModelRunnerOutput, kv_block_bytes
 
@@ -230,7 +230,7 @@ class Worker:
             from hopperllm.distributed.parallel_state import SINGLE
             from hopperllm.engine.speculative import draft_engine_config
 
-            draft_config, draft_src = draft_engine_config(config)
+            draft_config, draft_src = draft_engine_config(config, src.draft)
             # sharded as the target, or (draft_tensor_parallel_size 1) whole on the first rank only: the other
             # ranks then answer propose_drafts with nothing (the driver reads the first rank's drafts)
             if draft_config.parallel_config.tensor_parallel_size == world_size:
@@ -327,6 +327,8 @@ class Worker:
             return []
         self.release_drafts(released)
         items = self.draft_mirror.decode(deltas).scheduled
+        if not items:
+            return []
         for it in items:  # the drafts' places (at least one a sequence): the draft model writes them
             del it.seq.token_ids[len(it.seq.token_ids) - it.num_drafts :]
         budget = runner.config.scheduler_config.max_num_batched_tokens
@@ -346,29 +348,23 @@ class Worker:
             runner.launch(SchedulerOutput(chunk, budget - room))
             for c in chunk:
                 c.seq.num_computed_tokens += c.num_new_tokens
-        # then one step a draft: the first feeds the rest (the last token, after a round whose drafts were all
-        # accepted the last draft too), each later one the draft before it, taken from the previous step's
-        # device tensor (a PLACEHOLDER on the host, as under async scheduling): the steps are enqueued without
-        # waiting and read back together
-        launches = []
-        prev = None
-        active = list(range(len(items)))
-        for j in range(max((it.num_drafts for it in items), default=0)):
-            active = [i for i in active if items[i].num_drafts > j]
-            step = [ScheduledSeq(items[i].seq, items[i].seq.num_uncomputed_tokens, True) for i in active]
-            prev = runner.launch(SchedulerOutput(step, sum(x.num_new_tokens for x in step)), (), prev)
-            launches.append((active, prev))
-            for i in active:
-                seq = items[i].seq
-                seq.num_computed_tokens = seq.num_tokens
-                seq.token_ids.append(PLACEHOLDER)
-                seq.num_placeholders = 1
-        drafts: list[list[int]] = [[] for _ in items]
-        for active, launch in launches:
-            for i, token in zip(active, runner.collect(launch).token_ids, strict=True):
-                drafts[i].append(token)
-        for it in items:  # the mirror is rewritten from the next round's deltas; no placeholder stays
-            it.seq.num_placeholders = 0
+        # then one step a draft: the first from the last token (after a round whose drafts were all accepted,
+        # the last draft too) in a step of its own; the rest, each fed the draft before it on the device, in
+        # one chain (launch_draft_chain); enqueued without waiting, read back together
+        counts = [it.num_drafts for it in items]
+        step = [ScheduledSeq(it.seq, it.seq.num_uncomputed_tokens, True) for it in items]
+        first = runner.launch(SchedulerOutput(step, sum(x.num_new_tokens for x in step)))
+        for it in items:
+            it.seq.num_computed_tokens = it.seq.num_tokens
+        chain = (
+            runner.launch_draft_chain([it.seq for it in items], counts, first) if max(counts) > 1 else None
+        )
+        drafts = [[t] for t in runner.collect(first).token_ids]
+        if chain is not None:
+            for j, row in enumerate(runner.collect(chain).token_ids, start=1):
+                for i, token in enumerate(row):
+                    if counts[i] > j:
+                        drafts[i].append(token)
         return drafts
 
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
