@@ -54,6 +54,37 @@ for step in $steps; do
         timeout 120 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:$target --quantization fp8 \
           --kv-cache-dtype fp8 --input-len $inlen --output-len 128 --batch-size $b --num-iters 5 --num-iters-warmup 1 \
           "${spec[@]}" --output-json "$OUT/latency-spec-$target-b$b-$draft.json" 2>&1 | grep -E "Mean|accepted|Error|error" ; done ;;
+    spec-chain)  # v35: the draft's steps after a round's first in one chain, verify rows quantizing in the attention
+      # launch: the speculative GPU tests, Llama-2-7B FP8 batch 1 / 4 at 1920/128 without drafts, with llama-68m K = 4,
+      # and batch 4 with disable_by_batch_size 4 (no drafts: the plain figure expected); then a profile of the rounds
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_speculative.py -p no:cacheprovider 2>&1 | tail -3
+      mkdir -p "$OUT/lat"
+      for run in "1 none" "1 llama-68m" "4 none" "4 llama-68m" "4 llama-68m 4"; do read -r b draft dis <<< "$run"
+        spec=(); [ "$draft" != none ] && spec=(--speculative-config \
+          "{\"model\": \"dummy:$draft\", \"num_speculative_tokens\": 4${dis:+, \"disable_by_batch_size\": $dis}}")
+        echo "--- 7B batch $b draft $draft${dis:+ disable_by_batch_size $dis}"
+        timeout 75 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
+          --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size $b --num-iters 5 --num-iters-warmup 1 \
+          "${spec[@]}" --output-json "$OUT/lat/latency-7b-b$b-$draft${dis:+-dis$dis}.json" 2>&1 | grep -E "Mean|accepted|Error|error"
+      done
+      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+        "$OUT/lat" "$OUT/latency-spec-chain.json" && rm -r "$OUT/lat"
+      timeout 100 python3 benchmarks/profile_speculative.py --draft dummy:llama-68m --context 1700 \
+        --output-json "$OUT/profile-spec-chain.json" 2>&1 | grep -v "^USDT" | head -30 ;;
+    spec-gaps)  # v35: where the GPU idles in a round (Llama-2-7B FP8 batch 1, llama-68m K = 4, and no drafts), by host
+      # phase; Llama-3-8B FP8 batch 1 2048/128 without drafts and with a Llama-3.2-1B draft, K = 4
+      for d in dummy:llama-68m none; do timeout 120 python3 benchmarks/profile_speculative.py --draft $d --context 1700 \
+        --profile-steps 8 --output-json "$OUT/profile-gaps-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -32; done
+      mkdir -p "$OUT/lat"
+      for draft in none llama-3.2-1b; do spec=(); [ "$draft" != none ] && spec=(--speculative-config \
+          "{\"model\": \"dummy:$draft\", \"num_speculative_tokens\": 4}")
+        echo "--- 8B batch 1 draft $draft"
+        timeout 100 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-3-8b --quantization fp8 \
+          --kv-cache-dtype fp8 --input-len 2048 --output-len 128 --batch-size 1 --num-iters 5 --num-iters-warmup 1 \
+          "${spec[@]}" --output-json "$OUT/lat/latency-8b-b1-$draft.json" 2>&1 | grep -E "Mean|accepted|Error|error"
+      done
+      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+        "$OUT/lat" "$OUT/latency-spec-8b.json" && rm -r "$OUT/lat" ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;

@@ -80,6 +80,8 @@ def main():
         d.execute_model = timed("draft.execute_model", runner_exec)
         d_launch = d.launch
         d.launch = timed("draft.launch", d_launch)
+        d_chain = d.launch_draft_chain
+        d.launch_draft_chain = timed("draft.launch_draft_chain", d_chain)
     step_times = []
     out_before = eng.num_accepted_tokens
     for _ in range(a.steps):
@@ -97,11 +99,25 @@ def main():
         "phases_calls_per_step": {n: len(v) / a.steps for n, v in phases.items()},
         "accepted_during": eng.num_accepted_tokens - out_before,
     }
+    # the profiled steps run unsynchronized, each host phase a labeled range: where the GPU idles, which phase
+    # the host was in (the innermost labeled range at each idle microsecond)
+    labeled_fns = [(ex, n, n) for n in orig] + [(eng, "step", "step")]
+    if runner_exec is not None:
+        d.launch, d.launch_draft_chain, d.execute_model = d_launch, d_chain, runner_exec
+        labeled_fns += [(d, "launch", "draft.launch"), (d, "launch_draft_chain", "draft.launch_draft_chain"),
+                        (d, "collect", "draft.collect")]  # fmt: skip
+    saved = [(obj, n, getattr(obj, n)) for obj, n, _ in labeled_fns]
+    for obj, n, label in labeled_fns:
+        setattr(obj, n, _labeled(label, getattr(obj, n)))
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(a.profile_steps):
             eng.step()
         cuda and torch.cuda.synchronize()
+    for obj, n, f in saved:
+        setattr(obj, n, f)
+    if cuda:
+        res["gpu_timeline"] = gpu_idle_by_phase(prof, a.profile_steps)
     ka = prof.key_averages()
     tables = {
         "top_device": ka.table(
@@ -116,6 +132,57 @@ def main():
         with open(a.output_json.removesuffix(".json") + "-tables.txt", "w") as f:
             for name, table in tables.items():
                 f.write(f"--- {name} ({a.profile_steps} steps)\n{table}\n")
+
+
+def _labeled(label, fn):
+    def w(*args, **kw):
+        with torch.profiler.record_function("@" + label):
+            return fn(*args, **kw)
+
+    return w
+
+
+def gpu_idle_by_phase(prof, steps: int) -> dict:
+    """From a profile of `steps` engine steps: the GPU's busy time (the union of its kernels and copies) and
+    idle time a step between the first and last of them, and the idle time split by the host phase (labeled
+    range, innermost) that was running meanwhile ("other": none)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    dev = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    ranges = sorted(
+        (e.time_range.start, e.time_range.end, e.name[1:])
+        for e in events
+        if e.device_type == DeviceType.CPU and e.name.startswith("@")
+    )
+    if not dev:
+        return {}
+    busy, gaps = 0.0, []
+    cur_s, cur_e = dev[0]
+    for s, e in dev[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((cur_e, s))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = dev[-1][1] - dev[0][0]
+    by_phase: dict[str, float] = defaultdict(float)
+    for a, b in gaps:  # 1 us resolution
+        for t in np.arange(a, b, 1.0):
+            inner = [r for r in ranges if r[0] <= t < r[1]]
+            label = max(inner, key=lambda r: r[0])[2] if inner else "other"
+            by_phase[label] += min(1.0, b - t)
+    return {
+        "span_ms_per_step": span / 1e3 / steps,
+        "busy_ms_per_step": busy / 1e3 / steps,
+        "idle_ms_per_step": (span - busy) / 1e3 / steps,
+        "idle_ms_per_step_by_host_phase": {
+            k: v / 1e3 / steps for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])
+        },
+        "gaps_over_20us_per_step": sum(1 for a, b in gaps if b - a > 20) / steps,
+    }
 
 
 if __name__ == "__main__":
