@@ -241,6 +241,7 @@ class ModelRunner:
         self._prompt_lp = None  # _prepare's prompt-logprob rows for launch
         self._bt_rows = _BlockTableRows(self.max_blocks_per_seq)
         self._staged = False  # _prepare put a decode step's inputs into the graphs' buffers
+        self.draft_chain = None  # a draft model's: its rounds' decode steps (cuda_graphs.DraftChain)
 
     # -- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -739,74 +740,42 @@ class ModelRunner:
         return launch
 
     @torch.inference_mode()
-    def launch_draft_chain(self, seqs: list[Sequence], counts: list[int], first: StepLaunch) -> StepLaunch:
-        """A draft model's greedy decode steps after the first of a round (speculative decoding), enqueued
-        as one unit: step j (1 <= j < max(counts)) feeds each row the token step j - 1 chose (step 0's from
-        `first`, whose sampled rows are `seqs` in order) at position seqs[i].num_computed_tokens + j - 1 and
-        takes the argmax of its logits. Rows whose `counts[i]` drafts are done (j >= counts[i]) repeat their
-        last position without writing the cache. The host stages every step's positions, slots and lengths
-        in one copy; each step then costs two small device copies, a decode graph's replay (or the eager
-        model past the graphs' batch) and an argmax, where `launch` a step costs ~0.3 ms of host time.
-        Returns a launch whose tokens read back as [steps][len(seqs)]."""
-        n, steps, bsz = len(seqs), max(counts) - 1, self.block_size
-        gr = self.graph_runner if GRAPH_STAGING else None
-        if gr is not None and n > gr.max_bs:
-            gr = None
-        rows = gr.padded_size(n) if gr is not None else n  # padding rows: slot -1, no context
-        width = gr.layout.max_blocks if gr is not None else max(len(s.block_table) for s in seqs)
-        pos_slot = np.zeros((steps, 2, rows), dtype=np.int64)
+    def launch_draft_chain(
+        self, seqs: list[Sequence], counts: list[int], first: StepLaunch | None = None
+    ) -> StepLaunch:
+        """A draft model's greedy decode steps of a speculative round (speculative decoding), enqueued as one
+        unit (`draft_chain`, a DraftChain: one CUDA graph at batches it captured). Row i proposes counts[i]
+        drafts from its sequence's last token, at position p = len(token_ids) - 1, whose K / V the draft's
+        cache lacks: step j feeds it the token step j - 1 chose, at position p + j. Without `first`, step 0
+        runs here on the last tokens; with it (that step launched already: the rows' catch-up took more than
+        one token), the chain starts at step 1 from its sampled tokens. Rows whose drafts are done repeat their
+        last position without writing the cache. Returns a launch whose tokens read back as [step][row], the
+        steps from the first run here."""
+        ch = self.draft_chain
+        n, k, j0, bsz = len(seqs), ch.num_steps, 0 if first is None else 1, self.block_size
+        rows = ch.padded(n)
+        s = ch.stride
+        i64 = np.zeros(s + 2 * k * s, dtype=np.int64)
+        pos_slot = i64[s:].reshape(k, 2, s)
         pos_slot[:, 1] = -1
-        lens = np.zeros((steps, rows), dtype=np.int32)
-        for i, (seq, c) in enumerate(zip(seqs, counts, strict=True)):
-            bt, start = seq.block_table, seq.num_computed_tokens
-            for j in range(1, steps + 1):
-                p = start + min(j, c - 1) - 1  # done rows: their last position again, nothing written
-                pos_slot[j - 1, 0, i] = p
-                if j < c:
-                    pos_slot[j - 1, 1, i] = bt[p // bsz] * bsz + p % bsz
-                lens[j - 1, i] = p + 1
-        o32 = _aligned_offsets([lens.size, n * width, n + 1], 4)
-        i32 = np.zeros(o32[-1], dtype=np.int32)
-        i32[: lens.size] = lens.ravel()
-        i32[o32[1] : o32[1] + n * width] = self._bt_rows.gather(seqs, width).ravel()
-        i32[o32[2] : o32[2] + n + 1] = np.arange(n + 1)
-        d64, d32 = self._to_device(pos_slot.ravel(), i32)
-        d_pos_slot = d64.view(steps, 2, rows)
-        d_lens = d32[: lens.size].view(steps, rows)
-        d_table = d32[o32[1] : o32[1] + n * width].view(n, width)
-        tokens = torch.empty(steps, rows, dtype=torch.int64, device=self.device)
-        src = first.token_ids_dev
-        if gr is not None:
-            s = gr.layout.stride64
-            gr.block_tables[:n].copy_(d_table)
-            gr_pos_slot = gr.static64[s : 3 * s].view(2, s)[:, :rows]
-        for j in range(steps):
-            if gr is not None:
-                gr.input_ids[: src.shape[0]].copy_(src)
-                gr_pos_slot.copy_(d_pos_slot[j])
-                gr.seq_lens[:rows].copy_(d_lens[j])
-                gr.graphs[rows].replay()
-                logits = (
-                    gr.logits[:rows] if gr.has_head(rows) else self.model.compute_logits(gr.outputs[rows])
-                )
-            else:
-                meta = AttentionMetadata(
-                    cu_seqlens_q=d32[o32[2] : o32[2] + n + 1],
-                    seq_lens=d_lens[j],
-                    slot_mapping=d_pos_slot[j, 1],
-                    block_tables=d_table,
-                    max_seqlen_q=1,
-                    max_seqlen_k=int(lens[j].max()),
-                    decode_only=True,
-                    query_lens_cpu=[1] * n,
-                    seq_lens_cpu=lens[j].tolist(),
-                    num_decodes=n,
-                )
-                hidden = self.model(src, d_pos_slot[j, 0], self.kv_caches, meta)
-                logits = self.model.compute_logits(hidden)
-            torch.argmax(logits.float(), dim=-1, out=tokens[j])  # the sampler's greedy rule
-            src = tokens[j, :n]
-        launch = StepLaunch([s.seq_id for s in seqs], tokens, self._to_host(tokens[:, :n]))
+        table = self._bt_rows.gather(seqs, ch.max_blocks)
+        base = np.fromiter((len(seq.token_ids) - 1 for seq in seqs), dtype=np.int64, count=n)
+        c = np.asarray(counts, dtype=np.int64)[:, None]
+        j = np.arange(k)[None, :]
+        pos = base[:, None] + np.minimum(j, c - 1)  # [n, k]
+        slot = table[np.arange(n)[:, None], pos // bsz].astype(np.int64) * bsz + pos % bsz
+        pos_slot[:, 0, :n] = pos.T
+        pos_slot[:, 1, :n] = np.where(j < c, slot, -1).T
+        if first is None:
+            i64[:n] = [seq.token_ids[-1] for seq in seqs]
+        i32 = np.zeros(k * s + n * ch.max_blocks, dtype=np.int32)
+        i32[: k * s].reshape(k, s)[:, :n] = (pos + 1).T
+        i32[k * s :] = table.ravel()
+        self._to_device(i64, i32, ch.static64, ch.static32)
+        if first is not None:
+            ch.tokens[0, :n].copy_(first.token_ids_dev)
+        ch.replay(rows, j0)
+        launch = StepLaunch([seq.seq_id for seq in seqs], None, self._to_host(ch.tokens[j0:, :n]))
         if self.device.type == "cuda":
             launch.event = torch.cuda.Event()
             launch.event.record()

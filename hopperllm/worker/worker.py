@@ -253,8 +253,6 @@ class Worker:
         if graphs:
             warm_up(self.tp, self.runner.device)
             self.runner.graph_runner = capture_decode_graphs(self.runner, show_progress=show_progress)
-            if self.draft is not None:
-                self.draft.graph_runner = capture_decode_graphs(self.draft, show_progress=show_progress)
             from hopperllm.worker.model_runner import PREFILL_GRAPHS, PREFILL_GRAPHS_TP
 
             if PREFILL_GRAPHS and (self.tp.world_size == 1 or PREFILL_GRAPHS_TP):
@@ -272,6 +270,14 @@ class Worker:
                     self.runner.row_graphs = capture_row_graphs(self.runner, k + 1, show_progress)
                 if self.draft is not None and (self.draft.tp.world_size == 1 or PREFILL_GRAPHS_TP):
                     self.draft.row_graphs = capture_row_graphs(self.draft, 2, show_progress)
+        if self.draft is not None:
+            from hopperllm.worker.cuda_graphs import make_draft_chain
+
+            # the draft's decode steps of a round, chained (in CUDA graphs on one GPU; a sharded draft's LM head
+            # all-gathers its shards, which the decode graphs keep eager too)
+            one_gpu = self.draft.tp.world_size == 1
+            k = spec.num_speculative_tokens
+            self.draft.draft_chain = make_draft_chain(self.draft, k, graphs and one_gpu, show_progress)
         self.mirror = SequenceMirror()
         # (step id, StepLaunch) of the latest step, whose sampled tokens feed the next step's placeholders
         self._latest: tuple[int, Any] | None = None
@@ -348,23 +354,22 @@ class Worker:
             runner.launch(SchedulerOutput(chunk, budget - room))
             for c in chunk:
                 c.seq.num_computed_tokens += c.num_new_tokens
-        # then one step a draft: the first from the last token (after a round whose drafts were all accepted,
-        # the last draft too) in a step of its own; the rest, each fed the draft before it on the device, in
-        # one chain (launch_draft_chain); enqueued without waiting, read back together
+        # then one greedy decode step a draft, chained on the device (launch_draft_chain, one graph): from each
+        # sequence's last token when that is all the draft has not seen (a round that rejected a draft); else
+        # (all accepted: the last draft and the target's token) that first step in a step of its own
         counts = [it.num_drafts for it in items]
-        step = [ScheduledSeq(it.seq, it.seq.num_uncomputed_tokens, True) for it in items]
+        seqs = [it.seq for it in items]
+        if all(seq.num_uncomputed_tokens == 1 for seq in seqs):
+            steps = runner.collect(runner.launch_draft_chain(seqs, counts)).token_ids
+            return [[steps[j][i] for j in range(c)] for i, c in enumerate(counts)]
+        step = [ScheduledSeq(seq, seq.num_uncomputed_tokens, True) for seq in seqs]
         first = runner.launch(SchedulerOutput(step, sum(x.num_new_tokens for x in step)))
-        for it in items:
-            it.seq.num_computed_tokens = it.seq.num_tokens
-        chain = (
-            runner.launch_draft_chain([it.seq for it in items], counts, first) if max(counts) > 1 else None
-        )
+        chain = runner.launch_draft_chain(seqs, counts, first) if max(counts) > 1 else None
         drafts = [[t] for t in runner.collect(first).token_ids]
         if chain is not None:
-            for j, row in enumerate(runner.collect(chain).token_ids, start=1):
-                for i, token in enumerate(row):
-                    if counts[i] > j:
-                        drafts[i].append(token)
+            steps = runner.collect(chain).token_ids
+            for i, c in enumerate(counts):
+                drafts[i] += [steps[j - 1][i] for j in range(1, c)]
         return drafts
 
     def logits_for_tokens(self, token_ids: list[int]) -> torch.Tensor:
@@ -377,10 +382,10 @@ class Worker:
             ("decode_graphs", self.runner.graph_runner),
             ("prefill_graphs", self.runner.prefill_graphs),
             ("verify_graphs", self.runner.row_graphs),
-            ("draft_decode_graphs", self.draft.graph_runner if self.draft is not None else None),
             ("draft_verify_graphs", self.draft.row_graphs if self.draft is not None else None),
+            ("draft_chain_graphs", self.draft.draft_chain if self.draft is not None else None),
         ):
-            if gr is not None:
+            if gr is not None and gr.sizes:
                 out[key] = {"sizes": list(gr.sizes), "capture_s": round(gr.capture_time_s, 2)}
         return out
 
@@ -394,8 +399,8 @@ class Worker:
         self.runner.prefill_graphs = None
         self.runner.row_graphs = None
         if self.draft is not None:
-            self.draft.graph_runner = None
             self.draft.row_graphs = None
+            self.draft.draft_chain = None
         destroy_tp_group()
 
 

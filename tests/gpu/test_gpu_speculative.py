@@ -57,14 +57,15 @@ def test_speculative_tokens_are_greedy_choices(quantization, spec):
 
 
 def test_draft_model_float32_greedy_equals_plain_decoding():
-    """The draft model on the GPU: its decode steps replay its own CUDA graphs, its catch-up runs the prefill
-    kernels over the target's block tables; drafting for itself, every draft is accepted."""
+    """The draft model on the GPU: its decode steps of a round replay its own CUDA graph (DraftChain), its
+    catch-up runs the prefill kernels over the target's block tables; drafting for itself, every draft is
+    accepted."""
     kw = dict(model="dummy:tiny", dtype="float32", max_model_len=256, num_kv_blocks=256, show_progress=False)
     prompts = PROMPTS + ["a longer prompt " * 12]
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params, use_tqdm=False)]
     spec = LLM(**kw, speculative_config=DRAFT)
-    assert spec.engine.executor.collective_rpc("startup_stats").get("draft_decode_graphs")
+    assert spec.engine.executor.collective_rpc("startup_stats").get("draft_chain_graphs")
     out = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
     assert out == ref
     e = spec.engine
@@ -93,3 +94,38 @@ def test_verify_graphs_equal_plain_decoding(spec):
     assert [o.outputs[0].token_ids for o in fast.generate(PROMPTS, params, use_tqdm=False)] == ref
     assert calls and any(c[1] > spec["num_speculative_tokens"] + 1 for c in calls)  # several sequences
     assert fast.engine.num_accepted_tokens > 0
+
+
+def test_draft_chain_graphs_equal_the_eager_chain():
+    """The draft's decode steps of a round replay one CUDA graph (DraftChain): from step 0 after a round that
+    rejected a draft, from step 1 after one that accepted all (its first step then a row-graph step). An FP8
+    draft of the float32 target accepts some drafts, so rounds take both; every chain's drafts equal the same
+    steps run eagerly, and the tokens equal decoding without drafts."""
+    kw = dict(model="dummy:tiny", dtype="float32", max_model_len=256, num_kv_blocks=256, show_progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(PROMPTS, params, use_tqdm=False)]
+    spec = LLM(**kw, speculative_config={**DRAFT, "quantization": "fp8"})
+    draft = spec.engine.executor.worker.draft
+    chain = draft.draft_chain
+    assert chain.graphs and (1, 0) in chain.graphs and (1, 1) in chain.graphs
+    launch = draft.launch_draft_chain
+    starts = []
+
+    def checked(seqs, counts, first=None):
+        graphs = chain.graphs
+        chain.graphs = {}  # the same steps eagerly
+        try:
+            eager = draft.collect(launch(seqs, counts, first)).token_ids
+        finally:
+            chain.graphs = graphs
+        out = launch(seqs, counts, first)
+        assert draft.collect(out).token_ids == eager
+        starts.append(first is None)
+        return out
+
+    draft.launch_draft_chain = checked
+    out = [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params, use_tqdm=False)]
+    assert out == ref
+    e = spec.engine
+    assert 0 < e.num_accepted_tokens < e.num_draft_tokens
+    assert any(starts) and not all(starts)
