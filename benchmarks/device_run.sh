@@ -85,6 +85,21 @@ for step in $steps; do
       done
       python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
         "$OUT/lat" "$OUT/latency-spec-8b.json" && rm -r "$OUT/lat" ;;
+    spec-chain-graph)  # v35: the draft's whole proposal in one CUDA graph: the speculative GPU tests, Llama-2-7B FP8 at
+      # 1920/128 batch 1 / 4 with llama-68m K = 4 (random weights: a round's cost), the round's GPU idle by host phase
+      timeout 150 python3 -m pytest -q tests/gpu/test_gpu_speculative.py -p no:cacheprovider 2>&1 | tail -3
+      mkdir -p "$OUT/lat"
+      for run in "1 llama-68m" "4 llama-68m" "1 llama-160m"; do read -r b draft <<< "$run"
+        echo "--- 7B batch $b draft $draft"
+        timeout 75 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b --quantization fp8 \
+          --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size $b --num-iters 5 --num-iters-warmup 1 \
+          --speculative-config "{\"model\": \"dummy:$draft\", \"num_speculative_tokens\": 4}" \
+          --output-json "$OUT/lat/latency-7b-b$b-$draft.json" 2>&1 | grep -E "Mean|accepted|Error|error"
+      done
+      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+        "$OUT/lat" "$OUT/latency-spec-chain-graph.json" && rm -r "$OUT/lat"
+      timeout 120 python3 benchmarks/profile_speculative.py --draft dummy:llama-68m --context 1700 --profile-steps 8 \
+        --output-json "$OUT/profile-gaps-chain-graph.json" 2>&1 | grep -v "^USDT" | head -34 ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;
