@@ -440,7 +440,8 @@ class DraftChain:
             )
             src = self.first[:rows] if j == 0 else self.tokens[j - 1, :rows]
             hidden = r.model(src, self.pos_slot[j, 0, :rows], r.kv_caches, meta)
-            torch.argmax(r.model.compute_logits(hidden).float(), dim=-1, out=self.tokens[j, :rows])
+            # (the sampler's greedy rule takes the argmax of float32 logits: the same index)
+            torch.argmax(r.model.compute_logits(hidden), dim=-1, out=self.tokens[j, :rows])
 
     def capture(self, show_progress: bool = True) -> None:
         keys = [(bs, j0) for bs in self.sizes for j0 in range(min(2, self.num_steps))]
