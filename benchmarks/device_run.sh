@@ -100,14 +100,15 @@ for step in $steps; do
         "$OUT/lat" "$OUT/latency-spec-chain-graph.json" && rm -r "$OUT/lat"
       timeout 120 python3 benchmarks/profile_speculative.py --draft dummy:llama-68m --context 1700 --profile-steps 8 \
         --output-json "$OUT/profile-gaps-chain-graph.json" 2>&1 | grep -v "^USDT" | head -34 ;;
-    spec-v35)  # v35's last figures: the speculative GPU tests, Llama-2-7B FP8 1920/128 batch 1 with llama-68m K = 2, and
+    spec-v35)  # v35's last figures: the speculative GPU tests, Llama-2-7B FP8 1920/128 batch 1 with llama-68m K = 4 / 2, and
       # Llama-3-8B FP8 2048/128 batch 1 with a Llama-3.2-1B draft K = 4 in bf16 and in FP8 (random weights: a round's cost)
       timeout 150 python3 -m pytest -q tests/gpu/test_gpu_speculative.py -p no:cacheprovider 2>&1 | tail -25
       mkdir -p "$OUT/lat"
-      for run in "llama-2-7b 1920 llama-68m 2" "llama-3-8b 2048 llama-3.2-1b 4" "llama-3-8b 2048 llama-3.2-1b 4 fp8"; do
+      for run in "llama-2-7b 1920 llama-68m 4" "llama-2-7b 1920 llama-68m 2" "llama-3-8b 2048 llama-3.2-1b 4" \
+                 "llama-3-8b 2048 llama-3.2-1b 4 fp8"; do
         read -r target inlen draft k q <<< "$run"
         echo "--- $target batch 1 draft $draft k=$k ${q:-bf16}"
-        timeout 100 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:$target --quantization fp8 \
+        timeout 150 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:$target --quantization fp8 \
           --kv-cache-dtype fp8 --input-len $inlen --output-len 128 --batch-size 1 --num-iters 5 --num-iters-warmup 1 \
           --speculative-config "{\"model\": \"dummy:$draft\", \"num_speculative_tokens\": $k${q:+, \"quantization\": \"$q\"}}" \
           --output-json "$OUT/lat/latency-$target-b1-$draft-k$k-${q:-bf16}.json" 2>&1 | grep -E "Mean|accepted|Error|error"
