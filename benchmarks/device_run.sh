@@ -115,6 +115,17 @@ for step in $steps; do
       done
       python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
         "$OUT/lat" "$OUT/latency-spec-v35.json" && rm -r "$OUT/lat" ;;
+    ab-spec-chain)  # v35 A/B in one call: Llama-2-7B FP8 1920/128 batch 1 with llama-68m K = 4, the session's start (4b03773's
+      # hopperllm/, carried in .old: a launch a draft step) against this tree (the round's drafts in one graph), alternating
+      mkdir -p "$OUT/ab"
+      for i in 1 2; do for v in old new; do src=.; [ $v = old ] && src=.old
+        echo "--- $v run $i"
+        ( cd $src && PYTHONPATH=$PWD:$PYTHONPATH timeout 120 python3 -m hopperllm.entrypoints.cli bench latency \
+          --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size 1 \
+          --num-iters 5 --num-iters-warmup 1 --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
+          --output-json "$OUT/ab/latency-7b-b1-llama-68m-$v-run$i.json" 2>&1 | grep -E "TPOT|E2E|Error|error" ); done; done
+      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+        "$OUT/ab" "$OUT/ab-spec-chain.json" && rm -r "$OUT/ab" ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;
