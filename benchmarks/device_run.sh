@@ -118,9 +118,10 @@ for step in $steps; do
     ab-spec-chain)  # v35 A/B in one call: Llama-2-7B FP8 1920/128 batch 1 with llama-68m K = 4, the session's start (4b03773's
       # hopperllm/, carried in .old: a launch a draft step) against this tree (the round's drafts in one graph), alternating
       mkdir -p "$OUT/ab"
-      for i in 1 2; do for v in old new; do src=.; [ $v = old ] && src=.old
+      for i in 1 2; do for v in old new; do src=.; c=$HOPPERLLM_GIT_COMMIT
+        [ $v = old ] && src=.old && c=4b037736f7aa6cec8ef15e984b908c0a5cc8ea01
         echo "--- $v run $i"
-        ( cd $src && PYTHONPATH=$PWD:$PYTHONPATH timeout 120 python3 -m hopperllm.entrypoints.cli bench latency \
+        ( cd $src && PYTHONPATH=$PWD:$PYTHONPATH HOPPERLLM_GIT_COMMIT=$c timeout 120 python3 -m hopperllm.entrypoints.cli bench latency \
           --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size 1 \
           --num-iters 5 --num-iters-warmup 1 --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
           --output-json "$OUT/ab/latency-7b-b1-llama-68m-$v-run$i.json" 2>&1 | grep -E "TPOT|E2E|Error|error" ); done; done
