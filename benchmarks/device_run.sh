@@ -118,7 +118,7 @@ for step in $steps; do
     ab-spec-chain)  # v35 A/B in one call: Llama-2-7B FP8 1920/128 batch 1 with llama-68m K = 4, the session's start (4b03773's
       # hopperllm/, carried in .old: a launch a draft step) against this tree (the round's drafts in one graph), alternating
       mkdir -p "$OUT/ab"
-      for i in 1 2; do for v in old new; do src=.; c=$HOPPERLLM_GIT_COMMIT
+      for i in $(seq ${PAIRS:-2}); do for v in old new; do src=.; c=$HOPPERLLM_GIT_COMMIT
         [ $v = old ] && src=.old && c=4b037736f7aa6cec8ef15e984b908c0a5cc8ea01
         echo "--- $v run $i"
         ( cd $src && PYTHONPATH=$PWD:$PYTHONPATH HOPPERLLM_GIT_COMMIT=$c timeout 120 python3 -m hopperllm.entrypoints.cli bench latency \
@@ -126,7 +126,7 @@ for step in $steps; do
           --num-iters 5 --num-iters-warmup 1 --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
           --output-json "$OUT/ab/latency-7b-b1-llama-68m-$v-run$i.json" 2>&1 | grep -E "TPOT|E2E|Error|error" ); done; done
       python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
-        "$OUT/ab" "$OUT/ab-spec-chain.json" && rm -r "$OUT/ab" ;;
+        "$OUT/ab" "$OUT/ab-spec-chain${TAG:-}.json" && rm -r "$OUT/ab" ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;
