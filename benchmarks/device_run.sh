@@ -127,6 +127,19 @@ for step in $steps; do
           --output-json "$OUT/ab/latency-7b-b1-llama-68m-$v-run$i.json" 2>&1 | grep -E "TPOT|E2E|Error|error" ); done; done
       python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
         "$OUT/ab" "$OUT/ab-spec-chain${TAG:-}.json" && rm -r "$OUT/ab" ;;
+    verify-groups)  # HOPPERLLM_VERIFY_ROW_GROUPS (v35, prepared): the kernel's and the model's GPU tests, then Llama-2-7B FP8
+      # 1920/128 with llama-68m K = 4 at batch 1 and 4, off / on alternating (random weights: a round's cost)
+      timeout 200 python3 -m pytest -q tests/kernels/test_paged_attention.py -k row_groups tests/gpu/test_gpu_speculative.py \
+        -p no:cacheprovider 2>&1 | tail -15
+      mkdir -p "$OUT/ab"
+      for i in $(seq ${PAIRS:-2}); do for b in 1 4; do for g in 0 1; do echo "--- batch $b groups $g run $i"
+        HOPPERLLM_VERIFY_ROW_GROUPS=$g timeout 120 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b \
+          --quantization fp8 --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size $b --num-iters 5 \
+          --num-iters-warmup 1 --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
+          --output-json "$OUT/ab/latency-7b-b$b-llama-68m-groups$g-run$i.json" 2>&1 | grep -E "Mean TPOT|Error|error"
+      done; done; done
+      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+        "$OUT/ab" "$OUT/ab-verify-groups.json" && rm -r "$OUT/ab" ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;

@@ -37,7 +37,7 @@ _POINTERS = {
     "seq_lens_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "out_ptr": "*bf16",
     "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32", "q8_ptr": "*fp8e4nv",
     "q8_scale_ptr": "*fp32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "positions_ptr": "*i64",
-    "cos_sin_ptr": "*fp32", "slot_ptr": "*i64", "ts_ptr": "*i64",
+    "cos_sin_ptr": "*fp32", "slot_ptr": "*i64", "ts_ptr": "*i64", "row_groups_ptr": "*i32",
 }  # fmt: skip
 
 

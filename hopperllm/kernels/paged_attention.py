@@ -249,16 +249,38 @@ def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.const
 
 
 @triton.jit
+def _decode_tile_update_rows(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """_decode_tile_update with a [BLOCK_H, BLOCK_N] mask: rows of several queries, each with its own causal
+    limit, so a row may see none of a tile's keys (its running max stays -inf; exp2 then uses 0 instead)."""
+    if FP8_KV:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _decode_key_loop(
     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr, ROWS: tl.constexpr, row_len,
 ):  # fmt: skip
     """The decode program's keys [start, end) of one sequence and KV head, a BLOCK_N tile at a time.
     PREFETCH: the next tile's K / V loads are issued before this tile's math, and the block ids of the tile
     after it before those (loop-carried registers): a program keeps a tile in flight while it computes,
-    where loading at the top of each iteration left every tile's memory latency exposed."""
+    where loading at the top of each iteration left every tile's memory latency exposed.
+    ROWS > 1 (no PREFETCH): the tile's rows belong to several queries of the sequence, row r seeing the keys
+    before row_len[r] only."""
     offs_n = tl.arange(0, BLOCK_N)
     if PREFETCH:
         pos = start + offs_n
@@ -287,8 +309,13 @@ def _decode_key_loop(
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
             k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb, stride_kt,
                                  stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
-            acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV,
-                                                DOT_PRECISION)  # fmt: skip
+            if ROWS > 1:
+                rows_mask = mask[None, :] & (pos[None, :] < row_len[:, None])
+                acc, l_i, m_i = _decode_tile_update_rows(acc, l_i, m_i, q, k, v, rows_mask, qk_scale, FP8_KV,
+                                                         DOT_PRECISION)  # fmt: skip
+            else:
+                acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV,
+                                                    DOT_PRECISION)  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -323,6 +350,7 @@ def _decode_split_kernel(
     cos_sin_ptr,  # ROTARY: float32 [max_position, D] = cat(cos, sin)
     slot_ptr,  # ROTARY: int64 [B] cache slot of the new token (< 0: a padding row, nothing to store)
     ts_ptr,  # TIMESTAMPS: int64 [B * Hkv * NUM_SPLITS, 8] per-program phase times (kernels/timeline.py)
+    row_groups_ptr,  # ROWS > 1: int32 [G + 1], group g's rows are g[i] .. g[i + 1] - 1 (one sequence's queries)
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -356,6 +384,7 @@ def _decode_split_kernel(
     KV_LINES: tl.constexpr,  # > 0 (GPU): 128-byte lines per cached K / V row, prefetched before the wait
     USE_PDL: tl.constexpr,
     TIMESTAMPS: tl.constexpr = False,  # write phase times to ts_ptr (GPU only; off in serving)
+    ROWS: tl.constexpr = 1,  # > 1: a program's sequence is a group of up to ROWS consecutive rows (queries)
 ):
     # One program: sequence b, kv head kvh, context slice `split`, for all GROUP query heads of kvh.
     # Floor: each K/V byte of the context is read once per kv head (not once per query head), so the
@@ -366,6 +395,10 @@ def _decode_split_kernel(
     # rotary embedding and cache write of the step's token (rotary_kv_write) happen here too: every
     # program rotates its q heads in registers, and the program whose slice holds the last position
     # stores that position's k and v before it reads its keys.
+    # ROWS > 1 (speculative verify steps in the row layout: each row a query with its own causal length
+    # `seq_lens[row]` and its sequence's block table): program b takes group b's rows, all at once, as the
+    # tile's BLOCK_H rows (row r * GROUP + g: query r, head g), so the group reads its keys once, not once a
+    # row; no ROTARY (the rows' k / v are in the cache already).
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -374,7 +407,14 @@ def _decode_split_kernel(
     prog = (b * num_kv_heads + kvh) * NUM_SPLITS + split  # this program's row of ts_ptr
     stamp(ts_ptr, prog, 0, TIMESTAMPS)
 
-    seq_len = tl.load(seq_lens_ptr + b)
+    if ROWS > 1:
+        row_start = tl.load(row_groups_ptr + b)
+        n_rows = tl.load(row_groups_ptr + b + 1) - row_start
+        if n_rows == 0:  # groups past the step's (a graph's grid has one a row)
+            return
+        seq_len = tl.load(seq_lens_ptr + row_start + n_rows - 1)  # the group's last row sees the most keys
+    else:
+        seq_len = tl.load(seq_lens_ptr + b)
     # Slices are whole cache pages (the key loop masks the tail of a slice's last tile): at 2k context
     # and 16 splits every split gets work, where whole BLOCK_N = 128 tiles left 7 of 16 empty. Trailing
     # slices of a very short context are empty.
@@ -384,14 +424,23 @@ def _decode_split_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask_h = offs_h < GROUP
-    heads = kvh * GROUP + offs_h
+    if ROWS > 1:
+        mask_h = offs_h // GROUP < n_rows
+        heads = kvh * GROUP + offs_h % GROUP
+        rows = row_start + offs_h // GROUP  # the token row of each tile row
+        row_len = tl.load(seq_lens_ptr + rows, mask=mask_h, other=0)
+    else:
+        mask_h = offs_h < GROUP
+        heads = kvh * GROUP + offs_h
 
     # Before the PDL wait: what the step's earlier kernels never write, so that only q, the new k / v and
     # the keys are loaded after it. The lengths, block table, positions and slots are copied in before the
     # step's first kernel, the cos / sin cache and the KV scales are constants; and the keys of this
     # slice go into L2 (a hint, coherent with the new token's row the previous kernel may be writing).
-    block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    if ROWS > 1:
+        block_table_row = block_tables_ptr + row_start.to(tl.int64) * stride_bt
+    else:
+        block_table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     if KV_LINES > 0:
         pos = start + tl.arange(0, 2 * BLOCK_N)  # the first two key tiles of the slice
         pmask = pos < end
@@ -415,7 +464,10 @@ def _decode_split_kernel(
         slot = tl.load(slot_ptr + b)
     pdl_prologue(USE_PDL)
     stamp(ts_ptr, prog, 1, TIMESTAMPS)
-    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    if ROWS > 1:
+        q_ptrs = q_ptr + rows[:, None] * stride_qb + heads[:, None] * stride_qh
+    else:
+        q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=mask_h[:, None], other=0.0)
     if ROTARY:
         q_partner = tl.load(q_ptrs + partner[None, :], mask=mask_h[:, None], other=0.0)
@@ -453,11 +505,18 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     stamp(ts_ptr, prog, 2, TIMESTAMPS)
-    acc, l_i, m_i = _decode_key_loop(
-        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, PREFETCH,
-    )  # fmt: skip
+    if ROWS > 1:
+        acc, l_i, m_i = _decode_key_loop(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, False, ROWS, row_len,
+        )  # fmt: skip
+    else:
+        acc, l_i, m_i = _decode_key_loop(
+            acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table_row, kvh, start, end, qk_scale,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            HEAD_DIM, PAGE_SIZE, BLOCK_N, FP8_KV, DOT_PRECISION, PREFETCH, 1, m_i,  # (m_i: unused)
+        )  # fmt: skip
     stamp(ts_ptr, prog, 3, TIMESTAMPS)
 
     if FP8_KV:
@@ -465,15 +524,24 @@ def _decode_split_kernel(
     # An empty slice (or seq_len == 0) has l_i == 0: write zeros and lse = -inf, which stage 2 weighs 0.
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if ROWS > 1:
+        out_offs = rows[:, None] * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        row_heads = rows * num_q_heads + heads
+    else:
+        out_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        row_heads = b * num_q_heads + heads
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
         stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if QUANT_OUT:
-            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                               num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+            if ROWS > 1:
+                _quant_rows_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, row_start, n_rows,
+                                    num_kv_heads, stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK, ROWS)  # fmt: skip
+            else:
+                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
     else:
-        row = (b * num_q_heads + heads) * NUM_SPLITS + split
+        row = row_heads * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(part_lse_ptr + row, lse, mask=mask_h)
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_h[:, None])
@@ -483,7 +551,7 @@ def _decode_split_kernel(
         stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if arrived == NUM_SPLITS - 1:
             # Merge by log-sum-exp (as ref: an empty slice has lse -inf and weight 0; all empty -> zeros).
-            rows0 = (b * num_q_heads + heads) * NUM_SPLITS
+            rows0 = row_heads * NUM_SPLITS
             m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
             for s_ in tl.static_range(NUM_SPLITS):
                 m = tl.maximum(m, tl.load(part_lse_ptr + rows0 + s_, mask=mask_h, other=float("-inf"),
@@ -503,8 +571,13 @@ def _decode_split_kernel(
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
             stamp(ts_ptr, prog, 5, TIMESTAMPS)
             if QUANT_OUT:
-                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+                if ROWS > 1:
+                    _quant_rows_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, row_start, n_rows,
+                                        num_kv_heads, stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK,
+                                        ROWS)  # fmt: skip
+                else:
+                    _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                                       num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
 
 
 @triton.jit
@@ -524,6 +597,29 @@ def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_hea
         tl.store(q8_ptr + b.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=mask)
         tl.atomic_xchg(counter_ptr + slot, 0, sem="relaxed")
         stamp(ts_ptr, prog, 6, TIMESTAMPS)
+
+
+@triton.jit
+def _quant_rows_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, row_start, n_rows, num_kv_heads,
+                        stride_ob, row_len, QUANT_BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """_quant_row_if_last for a group of rows (ROWS > 1): the last of group b's kv heads to finish quantizes
+    each of its n_rows output rows per token."""
+    tl.debug_barrier()  # every thread's output store is done before the release below
+    slot = tl.num_programs(0) * num_kv_heads + b
+    arrived = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
+    if arrived == num_kv_heads - 1:
+        offs = tl.arange(0, QUANT_BLOCK)
+        mask = offs < row_len
+        for r in tl.static_range(ROWS):
+            if r < n_rows:
+                t = row_start + r
+                x = tl.load(out_ptr + t * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                x = x.to(tl.float32)
+                scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
+                tl.store(q8_scale_ptr + t, scale)
+                tl.store(q8_ptr + t.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)),
+                         mask=mask)  # fmt: skip
+        tl.atomic_xchg(counter_ptr + slot, 0, sem="relaxed")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -775,6 +871,8 @@ def paged_decode_attention(
     quant_out: bool = False,
     new_kv: NewTokenKV | None = None,
     use_pdl: bool | None = None,
+    row_groups: torch.Tensor | None = None,
+    max_rows: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence: q [B, Hq, D] -> [B, Hq, D].
 
@@ -788,16 +886,27 @@ def paged_decode_attention(
     must sit at position seq_len - 1 of its sequence, at its slot in `slot_mapping`.
     `use_pdl`: launch with PDL or not (default: as pdl_kwargs decides for B rows; start-up warm-ups compile
     the variant a larger batch would launch).
+    `row_groups` (int32 [G + 1], with `max_rows` > 1): the B rows are G groups of consecutive rows, group g
+    rows row_groups[g] .. row_groups[g + 1] - 1 (at most max_rows; none for groups past the step's), each row a
+    query of its group's sequence with its own causal length `seq_lens[row]` (the last row's the longest) and
+    the sequence's block table in `block_tables[row]` (the group's first is read): speculative verify steps
+    in the row layout. One program a group, kv head and slice attends for all of the group's rows, reading
+    its keys once (not once a row); the output is what one call a row gives. No `new_kv`.
     """
     fp8 = _check_cache(q, k_cache, v_cache, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
+    grouped = row_groups is not None and max_rows > 1
+    if grouped and new_kv is not None:
+        raise ValueError("row groups take queries whose k / v are in the cache already (no new_kv)")
+    programs0 = row_groups.numel() - 1 if grouped else batch  # the grid's first dimension
     if new_kv is not None:
         _check_new_kv(new_kv, batch, num_kv_heads, head_dim, q.dtype)
     if num_splits is None:
         max_context = max_seqlen_k if max_seqlen_k is not None else block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(batch, num_kv_heads, max_context, q.device)
+        seqs = cdiv(batch, max_rows) if grouped else batch
+        num_splits = choose_num_splits(seqs, num_kv_heads, max_context, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if out is None:
@@ -819,7 +928,7 @@ def paged_decode_attention(
     else:
         part_out = part_lse = out  # unused by the kernel
     if num_splits > 1 or quant_out:
-        counters = tile_counters(q.device, batch * num_kv_heads + batch, "decode_attention")
+        counters = tile_counters(q.device, programs0 * num_kv_heads + programs0, "decode_attention")
     else:
         counters = out  # unused
     dummy_scale = seq_lens  # pointer never dereferenced without FP8_KV
@@ -830,14 +939,14 @@ def paged_decode_attention(
         k_new = v_new = positions = cos_sin = slots = seq_lens  # unused by the kernel
         new_strides = (0, 0, 0, 0, 0)
     cfg = decode_config(num_splits) if q.is_cuda else CPU_DECODE_CONFIG
-    block_h = max(16, next_power_of_2(group))
+    block_h = max(16, next_power_of_2(group * (max_rows if grouped else 1)))
     block_n = cfg["BLOCK_N"]
     # phases (kernels/timeline.py): start, PDL wait passed, q ready, key loop done, slice arrived, merged, quantized
-    ts = timeline.buffer("decode_attention", batch * num_kv_heads * num_splits, q.device, batch=batch,
+    ts = timeline.buffer("decode_attention", programs0 * num_kv_heads * num_splits, q.device, batch=programs0,
                          kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
-    programs = batch * num_kv_heads * num_splits
+    programs = programs0 * num_kv_heads * num_splits
     cap = decode_maxnreg(cfg, quant_out, programs, _num_sms(q.device)) if q.is_cuda else None
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(programs0, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -857,6 +966,7 @@ def paged_decode_attention(
         cos_sin,
         slots,
         seq_lens if ts is None else ts,
+        row_groups if grouped else seq_lens,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -871,7 +981,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
-        PREFETCH=cfg.get("PREFETCH", False),
+        PREFETCH=cfg.get("PREFETCH", False) and not grouped,
         FP8_KV=fp8,
         DOT_PRECISION=_dot_precision(q),
         DOT_FP16=decode_dot_fp16(cfg) and fp8 and q.dtype != torch.float32,
@@ -882,7 +992,8 @@ def paged_decode_attention(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         TIMESTAMPS=ts is not None,
-        **pdl_kwargs(q.device, batch, use_pdl),
+        ROWS=max_rows if grouped else 1,
+        **pdl_kwargs(q.device, programs0, use_pdl),
         **({"maxnreg": cap} if cap else {}),
     )
     return (q8, q8_scale) if quant_out else out

@@ -42,6 +42,10 @@ class AttentionMetadata:
     # block table (block_tables' row). Set, attention runs every row through flash-decoding after the cache
     # write (the prefill kernel would walk the whole context with one tile of a few rows per KV head).
     row_seq_lens: torch.Tensor | None = None
+    # with row_seq_lens: the rows as groups of consecutive rows, a sequence's (int32 [G + 1] boundaries, at most
+    # row_group_max rows a group): flash-decoding then reads a group's keys once for all its rows
+    row_groups: torch.Tensor | None = None
+    row_group_max: int = 1
 
     @property
     def num_seqs(self) -> int:
@@ -216,7 +220,8 @@ class TritonAttentionBackend(AttentionBackend):
 
             return paged_decode_attention(
                 q, kv_cache[0], kv_cache[1], meta.block_tables, meta.row_seq_lens, layer.scale, layer.k_scale,
-                layer.v_scale, max_seqlen_k=meta.max_seqlen_k, quant_out=quant_out,
+                layer.v_scale, max_seqlen_k=meta.max_seqlen_k, quant_out=quant_out, row_groups=meta.row_groups,
+                max_rows=meta.row_group_max,
             )  # fmt: skip
         if not meta.decode_only and meta.num_decodes:
             return self._mixed(layer, q, kv_cache, meta)

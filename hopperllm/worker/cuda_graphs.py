@@ -9,6 +9,7 @@ Padding rows use slot -1 (no cache write) and seq_len 0 (attention writes zeros)
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -311,7 +312,10 @@ class RowGraphRunner(_SizedGraphs):
     see each other's keys; other kernels treat rows independently. A graph of T rows runs any step of at
     most T rows and at most `max_q` rows a sequence; padding rows write no cache (slot -1) and attend to one
     key. Static buffers: int64 [input_ids | positions | slot_mapping | sampled rows | placeholder fill rows |
-    their sources], `stride64` apart; int32 [row context lengths (`stride32`) | block tables, a row each].
+    their sources], `stride64` apart; int32 [row context lengths (`stride32`) | row groups (`stride32g`: a
+    sequence's rows, then a group a padding row, then empty groups; T + 1 boundaries) | block tables, a row
+    each]. With HOPPERLLM_VERIFY_ROW_GROUPS=1 attention reads a group's keys once for all its rows (one
+    program a group, kv head and slice) instead of once a row.
 
     `eager=True` (tests on the CPU): no graphs, `replay` runs the model on the staged buffers."""
 
@@ -332,9 +336,12 @@ class RowGraphRunner(_SizedGraphs):
         self.slot_mapping = self.static64[2 * s : 2 * s + self.max_tokens]
         self.sample_rows = self.static64[3 * s : 4 * s]
         s32 = self.stride32 = _round_up(self.max_tokens, 4)
-        self.static32 = torch.zeros(s32 + self.max_tokens * mb, dtype=torch.int32, device=dev)
+        g32 = self.stride32g = _round_up(self.max_tokens + 1, 4)
+        self.static32 = torch.zeros(s32 + g32 + self.max_tokens * mb, dtype=torch.int32, device=dev)
         self.row_seq_lens = self.static32[: self.max_tokens]
-        self.block_tables = self.static32[s32:].view(self.max_tokens, mb)
+        self.row_groups = self.static32[s32 : s32 + self.max_tokens + 1]
+        self.block_tables = self.static32[s32 + g32 :].view(self.max_tokens, mb)
+        self.grouped = os.environ.get("HOPPERLLM_VERIFY_ROW_GROUPS", "0") == "1"
         # (read by the torch backend only, on the CPU: each row a one-query sequence)
         self.cu_seqlens_q = torch.arange(self.max_tokens + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -351,6 +358,8 @@ class RowGraphRunner(_SizedGraphs):
             max_seqlen_k=self.runner.config.scheduler_config.max_model_len,
             decode_only=False,
             row_seq_lens=self.row_seq_lens[:tokens],
+            row_groups=self.row_groups[: tokens + 1] if self.grouped else None,
+            row_group_max=self.max_q,
         )
 
     def _run(self, tokens: int) -> torch.Tensor:
@@ -359,10 +368,11 @@ class RowGraphRunner(_SizedGraphs):
 
     def capture(self, show_progress: bool = True) -> None:
         def run(tokens: int, warm: bool) -> torch.Tensor:
-            if warm:  # rows of no context that write nothing
+            if warm:  # rows of no context that write nothing, a group each
                 self.static64.zero_()
                 self.slot_mapping.fill_(-1)
                 self.row_seq_lens.fill_(1)
+                self.row_groups.copy_(torch.arange(self.max_tokens + 1, device=self.row_groups.device))
                 self.block_tables.zero_()
             return self._run(tokens)
 

@@ -527,10 +527,17 @@ class ModelRunner:
         i64[3 * s : 3 * s + len(sample_idx)] = sample_idx
         i64[4 * s : 4 * s + nf] = rows.fill_pos
         i64[4 * s + nf :] = rows.fill_src
-        mb = rg.max_blocks
-        i32 = np.ones(rg.stride32 + n * mb, dtype=np.int32)  # padding rows: one key
+        mb, s32, g32 = rg.max_blocks, rg.stride32, rg.stride32g
+        i32 = np.ones(s32 + g32 + n * mb, dtype=np.int32)  # padding rows: one key
         i32[:n] = np.asarray(rows.positions) + 1
-        i32[rg.stride32 :].reshape(n, mb)[:] = np.repeat(
+        # row groups: a sequence's rows, then a padding row each, then empty groups up to one a row
+        groups = i32[s32 : s32 + tokens + 1]
+        groups[0] = 0
+        groups[1 : len(rows.q_lens) + 1] = np.cumsum(rows.q_lens)
+        pad = len(rows.q_lens) + 1
+        groups[pad : pad + tokens - n] = np.arange(n + 1, tokens + 1)
+        groups[pad + tokens - n :] = tokens
+        i32[s32 + g32 :].reshape(n, mb)[:] = np.repeat(
             self._bt_rows.gather(rows.seqs, mb), rows.q_lens, axis=0
         )
         d64, _ = self._to_device(i64, i32, rg.static64, rg.static32)
@@ -543,6 +550,8 @@ class ModelRunner:
             max_seqlen_k=max(rows.seq_lens),
             decode_only=False,
             row_seq_lens=rg.row_seq_lens[:n],
+            row_groups=rg.row_groups[: len(rows.q_lens) + 1] if rg.grouped else None,
+            row_group_max=rg.max_q,
         )
         fill = (d64[4 * s : 4 * s + nf], d64[4 * s + nf : 4 * s + 2 * nf]) if nf else None
         self._prompt_lp = None

@@ -246,11 +246,31 @@ def test_row_graph_layout_gives_the_eager_tokens(dirs, kw):
     spec = _llm(dirs["self"], dirs["first-layer"], k=3, **kw)
     worker = spec.engine.executor.worker
     calls = []
+
+    def check_groups(rg, tokens):
+        """The staged row groups (what HOPPERLLM_VERIFY_ROW_GROUPS=1 attends by): boundaries 0 .. tokens, each
+        group at most max_q rows of one sequence's consecutive positions (the same block table), then empty."""
+        g = rg.row_groups[: tokens + 1].tolist()
+        lens, tables = rg.row_seq_lens[:tokens].tolist(), rg.block_tables[:tokens]
+        assert g[0] == 0 and g[-1] == tokens and all(b <= c for b, c in zip(g, g[1:], strict=False))
+        for a, b in zip(g, g[1:], strict=False):
+            if a == b:
+                continue
+            assert b - a <= rg.max_q
+            assert lens[a:b] == list(range(lens[a], lens[a] + b - a))
+            assert all(torch.equal(tables[r], tables[a]) for r in range(a, b))
+
     for runner, max_q in ((worker.runner, 4), (worker.draft, 2)):
         sc = runner.config.scheduler_config
         rg = RowGraphRunner(runner, row_graph_sizes(max_q, sc.max_num_seqs), max_q, eager=True)
         replay = rg.replay
-        rg.replay = lambda *a, _replay=replay, _q=max_q: calls.append((_q, *a)) or _replay(*a)
+
+        def recorded(*a, _replay=replay, _q=max_q, _rg=rg):
+            check_groups(_rg, a[0])
+            calls.append((_q, *a))
+            return _replay(*a)
+
+        rg.replay = recorded
         runner.row_graphs = rg
     assert _tokens(spec, prompts) == ref
     assert 0 < spec.engine.num_accepted_tokens < spec.engine.num_draft_tokens

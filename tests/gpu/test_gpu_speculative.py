@@ -129,3 +129,29 @@ def test_draft_chain_graphs_equal_the_eager_chain():
     sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
     spec.generate(PROMPTS, sampled, use_tqdm=False)
     assert any(starts)
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_verify_row_groups(monkeypatch, quantization):
+    """HOPPERLLM_VERIFY_ROW_GROUPS=1: the verify graphs' attention reads each sequence's keys once for all its
+    rows (one program a sequence, kv head and slice). Float32: the tokens of decoding without drafts; FP8:
+    every token the argmax of the full-sequence logits up to a rounding-sized gap."""
+    monkeypatch.setenv("HOPPERLLM_VERIFY_ROW_GROUPS", "1")
+    kw = dict(model="dummy:tiny", max_model_len=256, num_kv_blocks=256, show_progress=False)
+    kw.update(dtype="float32") if quantization is None else kw.update(quantization=quantization)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    spec = LLM(**kw, speculative_config=DRAFT)
+    assert spec.engine.executor.worker.runner.row_graphs.grouped
+    outs = spec.generate(PROMPTS, params, use_tqdm=False)
+    assert spec.engine.num_accepted_tokens > 0
+    if quantization is None:
+        ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(PROMPTS, params, use_tqdm=False)]
+        assert [o.outputs[0].token_ids for o in outs] == ref
+        return
+    for o in outs:
+        ids = o.prompt_token_ids + o.outputs[0].token_ids
+        logits = spec.engine.executor.logits_for_tokens(ids).float()
+        n = len(o.prompt_token_ids)
+        for j, t in enumerate(o.outputs[0].token_ids):
+            row = logits[n - 1 + j]
+            assert float(row.max() - row[t]) <= 0.02 * float(row.abs().max()) + 1e-3, (j, t)

@@ -432,6 +432,71 @@ def test_one_sequences_rows_through_flash_decoding(num_q_heads):
         assert rel_err(out, ref) < 1e-4
 
 
+def _row_layout(
+    rows_per_seq: list[int], contexts: list[int], padding: int, num_q_heads: int, dtype, seed: int
+):
+    """A verify step in the row layout: sequence i's rows_per_seq[i] queries as rows of causal lengths
+    contexts[i] - n + 1 .. contexts[i] over its block table, then `padding` rows of one key (a graph's
+    padding); the row groups (a group a sequence, one a padding row, then empty groups up to one a row)."""
+    q, kv, cu, seq_lens, bt = make_paged_case(rows_per_seq, contexts, num_q_heads, 2, 32, 8, dtype, seed=seed)
+    n_real = sum(rows_per_seq)
+    lens, tables = [], []
+    for i, (n, c) in enumerate(zip(rows_per_seq, contexts, strict=True)):
+        lens += range(c - n + 1, c + 1)
+        tables += [bt[i]] * n
+    lens += [1] * padding
+    tables += [bt[0]] * padding
+    q = torch.cat(
+        [q, torch.randn(padding, *q.shape[1:], generator=torch.Generator().manual_seed(seed)).to(q)]
+    )
+    groups = [0, *torch.tensor(rows_per_seq).cumsum(0).tolist()]
+    groups += range(n_real + 1, n_real + padding + 1)
+    total = n_real + padding
+    groups += [total] * (total + 1 - len(groups))
+    as_int = dict(dtype=torch.int32, device=DEVICE)
+    return q, kv, torch.tensor(lens, **as_int), torch.stack(tables), torch.tensor(groups, **as_int)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_q_heads", [2, 8])
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+@pytest.mark.parametrize("fp8_kv", [False, True])
+def test_row_groups_equal_one_call_a_row(dtype, num_q_heads, num_splits, fp8_kv):
+    """A verify step's rows grouped by sequence (up to 5 rows a group: one program a group, kv head and slice
+    over all its rows) give what a call a row gives, for sequences of 5, 2 and 1 rows, padding rows and the
+    empty groups past them; with quant_out, bit for bit the per-token quantization of that output, and the
+    arrival counters re-armed."""
+    from hopperllm.kernels import fp8
+
+    q, kv, lens, tables, groups = _row_layout([5, 2, 1], [37, 9, 20], 3, num_q_heads, dtype, seed=11)
+    k_scale = v_scale = None
+    if fp8_kv:
+        kv, k_scale, v_scale = quantize_fp8(kv.float().nan_to_num(), 3.0, 3.0)
+    args = (q, kv[0], kv[1], tables, lens, 0.3, k_scale, v_scale)
+    one_a_row = pa.paged_decode_attention(*args, num_splits=num_splits)
+    grouped = pa.paged_decode_attention(
+        *args, num_splits=num_splits, out=poisoned_like(q), row_groups=groups, max_rows=5
+    )
+    assert torch.isfinite(grouped).all(), "some rows were not written"
+    assert rel_err(grouped, one_a_row) < TOL[dtype]
+    q8, scale = pa.paged_decode_attention(
+        *args, num_splits=num_splits, quant_out=True, row_groups=groups, max_rows=5
+    )
+    ref_q8, ref_scale = fp8.ref_per_token_quant_fp8(grouped.reshape(grouped.shape[0], -1))
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q8.view(torch.uint8), ref_q8.view(torch.uint8))
+    assert not fp8._counters[(q.device, "decode_attention")].any()
+
+
+def test_row_groups_reject_new_kv():
+    q, kv, lens, tables, groups = _row_layout([2], [9], 0, 2, torch.float32, seed=1)
+    new_kv = pa.NewTokenKV(q[:, :2], q[:, :2], lens.long(), torch.zeros(64, 32), lens.long())
+    with pytest.raises(ValueError, match="row groups"):
+        pa.paged_decode_attention(
+            q, kv[0], kv[1], tables, lens, 0.3, row_groups=groups, max_rows=2, new_kv=new_kv
+        )
+
+
 def _warm_up_cache(fp8_kv: bool, seed: int, num_kv_heads: int = 2, head_dim: int = 32):
     """A 3-block cache (block size 8) as start-up's compile launches read it, and its scales."""
     gen = torch.Generator().manual_seed(seed)
