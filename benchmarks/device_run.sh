@@ -140,6 +140,14 @@ for step in $steps; do
       done; done; done
       python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
         "$OUT/ab" "$OUT/ab-verify-groups.json" && rm -r "$OUT/ab" ;;
+    verify-groups-quick)  # the row groups' GPU tests and one batch-1 pair, each record written as it finishes
+      timeout 100 python3 -m pytest -q tests/kernels/test_paged_attention.py tests/gpu/test_gpu_speculative.py -k row_groups \
+        -p no:cacheprovider 2>&1 | tail -8
+      for g in 0 1; do echo "--- batch 1 groups $g"
+        HOPPERLLM_VERIFY_ROW_GROUPS=$g timeout 90 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b \
+          --quantization fp8 --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size 1 --num-iters 5 \
+          --num-iters-warmup 1 --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
+          --output-json "$OUT/latency-7b-b1-llama-68m-groups$g.json" 2>&1 | grep -E "Mean TPOT|Error|error"; done ;;
     profile-spec)  # a round of draft-model speculation on Llama-2-7B FP8 batch 1: host phases and the top kernels / ops
       for d in none dummy:llama-68m; do timeout 200 python3 benchmarks/profile_speculative.py --draft $d \
         --output-json "$OUT/profile-spec-${d#dummy:}.json" 2>&1 | grep -v "^USDT" | head -${LINES_SPEC:-75}; done ;;
