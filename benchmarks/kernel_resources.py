@@ -43,10 +43,13 @@ _POINTERS = {
 
 def decode_attention_resources(group: int, splits: int, block_n: int, num_warps: int, num_stages: int,
                                quant_out: bool, head_dim: int = 128, rotary: bool = False,
-                               num_q_heads: int = 32, dot_fp16: bool = True, sass_out: str | None = None) -> dict:  # fmt: skip
+                               num_q_heads: int = 32, dot_fp16: bool = True, sass_out: str | None = None,
+                               rows: int = 1) -> dict:  # fmt: skip
+    """`rows` > 1: the row-group variant (speculative verify steps, HOPPERLLM_VERIFY_ROW_GROUPS)."""
     fn = pa._decode_split_kernel
     consts = dict(
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=16, NUM_SPLITS=splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group * rows)), ROWS=rows,
         BLOCK_N=block_n, PREFETCH=False, FP8_KV=True, DOT_PRECISION="tf32", DOT_FP16=dot_fp16,
         QUANT_OUT=quant_out, QUANT_BLOCK=triton.next_power_of_2(num_q_heads * head_dim), ROTARY=rotary, KV_LINES=1, USE_PDL=True,
         TIMESTAMPS=False,
@@ -168,6 +171,9 @@ def main():
     p.add_argument("--quant-out", action="store_true")
     p.add_argument("--rotary", action="store_true")
     p.add_argument(
+        "--rows", type=int, default=1, help="decode: rows a group (the verify steps' row-group variant)"
+    )
+    p.add_argument(
         "--prefill",
         action="store_true",
         help="the prefill kernel instead (--group, --block-m, --block-n, ...)",
@@ -209,7 +215,7 @@ def main():
         return
     r = decode_attention_resources(a.group, a.splits, a.block_n, a.num_warps, a.num_stages, a.quant_out,
                                    rotary=a.rotary, num_q_heads=a.num_q_heads, dot_fp16=not a.no_dot_fp16,
-                                   sass_out=a.sass_out)  # fmt: skip
+                                   sass_out=a.sass_out, rows=a.rows)  # fmt: skip
     print(f"triton {triton.__version__}, sm_90: decode attention {vars(a)}: {r}")
 
 

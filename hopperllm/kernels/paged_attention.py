@@ -229,37 +229,25 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_ids, pos, mask, kvh, stride_kb
 
 @triton.jit
 def _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):  # fmt: skip
+                        DOT_PRECISION: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) [BLOCK_H, ...] with one tile of keys (mask: which exist).
     The two products on tensor cores (q padded to >= 16 rows, K / V converted to q's dtype). Products on
     CUDA cores in float32 with q unpadded, for MHA's 1/16-used tile, ran slower at every batch-1 layout
-    (perf-notes v29: the 7B's heads 19.2 against 14.1 us) and were removed."""
+    (perf-notes v29: the 7B's heads 19.2 against 14.1 us) and were removed.
+    ROWS > 1: `mask` is [BLOCK_H, BLOCK_N], the rows being queries with causal limits of their own, so a row may
+    see none of a tile's keys (its running max stays -inf; exp2 then takes 0 for it)."""
     if FP8_KV:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-    s = tl.where(mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key always exists
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    acc = acc * alpha[:, None] + pv
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _decode_tile_update_rows(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """_decode_tile_update with a [BLOCK_H, BLOCK_N] mask: rows of several queries, each with its own causal
-    limit, so a row may see none of a tile's keys (its running max stays -inf; exp2 then uses 0 instead)."""
-    if FP8_KV:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-    s = tl.where(mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if ROWS > 1:
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        s = tl.where(mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key always exists
+        m_use = m_new
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -299,7 +287,7 @@ def _decode_key_loop(
             pos = pos + BLOCK_N
             block_ids = tl.load(block_table_row + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
             acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV,
-                                                DOT_PRECISION)  # fmt: skip
+                                                DOT_PRECISION, 1)  # fmt: skip
             k = next_k
             v = next_v
             mask = next_mask
@@ -311,11 +299,11 @@ def _decode_key_loop(
                                  stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE, HEAD_DIM)  # fmt: skip
             if ROWS > 1:
                 rows_mask = mask[None, :] & (pos[None, :] < row_len[:, None])
-                acc, l_i, m_i = _decode_tile_update_rows(acc, l_i, m_i, q, k, v, rows_mask, qk_scale, FP8_KV,
-                                                         DOT_PRECISION)  # fmt: skip
+                acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, rows_mask, qk_scale, FP8_KV,
+                                                    DOT_PRECISION, ROWS)  # fmt: skip
             else:
                 acc, l_i, m_i = _decode_tile_update(acc, l_i, m_i, q, k, v, mask, qk_scale, FP8_KV,
-                                                    DOT_PRECISION)  # fmt: skip
+                                                    DOT_PRECISION, 1)  # fmt: skip
     return acc, l_i, m_i
 
 

@@ -43,9 +43,14 @@ def test_speculative_tokens_are_greedy_choices(quantization, spec):
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True), use_tqdm=False
     )
     assert spec.engine.num_accepted_tokens > 0
+    _assert_greedy_choices(spec, outs)
+
+
+def _assert_greedy_choices(llm, outs):
+    """Every output token is the argmax of the full-sequence logits, up to a rounding-sized gap."""
     for o in outs:
         ids = o.prompt_token_ids + o.outputs[0].token_ids
-        logits = spec.engine.executor.logits_for_tokens(ids).float()
+        logits = llm.engine.executor.logits_for_tokens(ids).float()
         n = len(o.prompt_token_ids)
         for j, t in enumerate(o.outputs[0].token_ids):
             row = logits[n - 1 + j]
@@ -147,11 +152,5 @@ def test_verify_row_groups(monkeypatch, quantization):
     if quantization is None:
         ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(PROMPTS, params, use_tqdm=False)]
         assert [o.outputs[0].token_ids for o in outs] == ref
-        return
-    for o in outs:
-        ids = o.prompt_token_ids + o.outputs[0].token_ids
-        logits = spec.engine.executor.logits_for_tokens(ids).float()
-        n = len(o.prompt_token_ids)
-        for j, t in enumerate(o.outputs[0].token_ids):
-            row = logits[n - 1 + j]
-            assert float(row.max() - row[t]) <= 0.02 * float(row.abs().max()) + 1e-3, (j, t)
+    else:
+        _assert_greedy_choices(spec, outs)
