@@ -128,18 +128,23 @@ for step in $steps; do
       python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
         "$OUT/ab" "$OUT/ab-spec-chain${TAG:-}.json" && rm -r "$OUT/ab" ;;
     verify-groups)  # HOPPERLLM_VERIFY_ROW_GROUPS (v35, prepared): the kernel's and the model's GPU tests, then Llama-2-7B FP8
-      # 1920/128 with llama-68m K = 4 at batch 1 and 4, off / on alternating (random weights: a round's cost)
-      timeout 200 python3 -m pytest -q tests/kernels/test_paged_attention.py -k row_groups tests/gpu/test_gpu_speculative.py \
-        -p no:cacheprovider 2>&1 | tail -15
-      mkdir -p "$OUT/ab"
-      for i in $(seq ${PAIRS:-2}); do for b in 1 4; do for g in 0 1; do echo "--- batch $b groups $g run $i"
-        HOPPERLLM_VERIFY_ROW_GROUPS=$g timeout 120 python3 -m hopperllm.entrypoints.cli bench latency --model dummy:llama-2-7b \
-          --quantization fp8 --kv-cache-dtype fp8 --input-len 1920 --output-len 128 --batch-size $b --num-iters 5 \
-          --num-iters-warmup 1 --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
-          --output-json "$OUT/ab/latency-7b-b$b-llama-68m-groups$g-run$i.json" 2>&1 | grep -E "Mean TPOT|Error|error"
+      # 1920/128 with llama-68m K = 4 at batch 1 and 4: off / on / on with a 128-register cap, alternating (random
+      # weights: a round's cost). The log and the merged records are rewritten as it goes (a timeout keeps them).
+      log="$OUT/verify-groups.log"
+      timeout 200 python3 -m pytest -q tests/gpu/test_gpu_speculative.py tests/kernels/test_paged_attention.py::test_row_groups_equal_one_call_a_row \
+        tests/kernels/test_paged_attention.py::test_row_groups_reject_new_kv -p no:cacheprovider 2>&1 | tail -15 | tee -a "$log"
+      rm -rf /tmp/ab; mkdir -p /tmp/ab
+      for i in $(seq ${PAIRS:-2}); do for b in 1 4; do for arm in "0 0" "1 0" "1 128"; do read -r g cap <<< "$arm"
+        echo "--- batch $b groups $g maxnreg $cap run $i" | tee -a "$log"
+        HOPPERLLM_VERIFY_ROW_GROUPS=$g HOPPERLLM_VERIFY_ROW_GROUPS_MAXNREG=$cap timeout 120 python3 -m hopperllm.entrypoints.cli \
+          bench latency --model dummy:llama-2-7b --quantization fp8 --kv-cache-dtype fp8 --input-len 1920 --output-len 128 \
+          --batch-size $b --num-iters 5 --num-iters-warmup 1 \
+          --speculative-config '{"model": "dummy:llama-68m", "num_speculative_tokens": 4}' \
+          --output-json "/tmp/ab/latency-7b-b$b-llama-68m-groups$g-cap$cap-run$i.json" 2>&1 | grep -E "Mean TPOT|Error|error" | tee -a "$log"
+        python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+          /tmp/ab "$OUT/ab-verify-groups.json"
       done; done; done
-      python3 -c "import glob, json, sys; json.dump({f.split('/')[-1]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}, open(sys.argv[2], 'w'), indent=1)" \
-        "$OUT/ab" "$OUT/ab-verify-groups.json" && rm -r "$OUT/ab" ;;
+      ;;
     verify-groups-quick)  # the row groups' GPU tests and one batch-1 pair, each record written as it finishes
       timeout 100 python3 -m pytest -q tests/kernels/test_paged_attention.py tests/gpu/test_gpu_speculative.py -k row_groups \
         -p no:cacheprovider 2>&1 | tail -8

@@ -674,6 +674,9 @@ def decode_maxnreg_from_env(value: str | None) -> dict:
 
 
 DECODE_CONFIG.update(decode_maxnreg_from_env(os.environ.get("HOPPERLLM_DECODE_MAXNREG")))
+# HOPPERLLM_VERIFY_ROW_GROUPS_MAXNREG=N caps the registers of the row-group launches (A/B runs: the 7B's 16
+# slices of 5 rows compile to 129 registers, 3 programs an SM, where 128 would hold 4; perf-notes v35)
+ROW_GROUPS_MAXNREG = int(os.environ.get("HOPPERLLM_VERIFY_ROW_GROUPS_MAXNREG", "0")) or None
 MANY_SPLITS = 16
 MOST_SPLITS = 32
 # HOPPERLLM_DECODE_DOT_FP16=0 / 1 turns the decode products' float16 (DOT_FP16 above) off / on for every
@@ -934,6 +937,8 @@ def paged_decode_attention(
                          kv_heads=num_kv_heads, splits=num_splits)  # fmt: skip
     programs = programs0 * num_kv_heads * num_splits
     cap = decode_maxnreg(cfg, quant_out, programs, _num_sms(q.device)) if q.is_cuda else None
+    if grouped and ROW_GROUPS_MAXNREG and q.is_cuda:
+        cap = ROW_GROUPS_MAXNREG
     _decode_split_kernel[(programs0, num_kv_heads, num_splits)](
         q,
         k_cache,
