@@ -51,3 +51,35 @@ def test_host_overhead_runs_every_request_through_the_engine(monkeypatch):
     assert set(c) == {"decode", "mixed"}
     assert sum(b["steps"] for b in c["decode"]["by_batch"].values()) == c["decode"]["steps"]
     assert r["profile_top"]
+
+
+def test_gpu_idle_by_phase_splits_the_gaps_by_the_innermost_host_range(monkeypatch):
+    """benchmarks/profile_speculative.py: the GPU's busy time is the union of its (overlapping) kernels; its
+    idle time between them goes to the innermost labeled host range running meanwhile, "other" outside any."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "profile_speculative",
+        os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "profile_speculative.py"),
+    )
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+
+    def ev(device, start, end, name="kernel"):
+        return NS(device_type=device, time_range=NS(start=start, end=end), name=name)
+
+    gpu, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [
+        ev(gpu, 0, 100), ev(gpu, 50, 150), ev(gpu, 200, 300), ev(gpu, 340, 400), ev(gpu, 420, 500),
+        ev(cpu, 0, 410, "@step"), ev(cpu, 140, 190, "@launch"), ev(cpu, 10, 20, "aten::mm"),
+    ]  # fmt: skip
+    r = ps.gpu_idle_by_phase(NS(events=lambda: events), 2)
+    assert r["span_ms_per_step"] == pytest.approx(0.25) and r["busy_ms_per_step"] == pytest.approx(0.195)
+    # gaps 150-200 (launch 150-190, step 190-200), 300-340 (step), 400-420 (step 400-410, other 410-420)
+    assert r["idle_ms_per_step_by_host_phase"] == pytest.approx(
+        {"step": 0.03, "launch": 0.02, "other": 0.005}
+    )
+    assert r["gaps_over_20us_per_step"] == 1.0
