@@ -403,6 +403,8 @@ def _decode_split_kernel(
         seq_len = tl.load(seq_lens_ptr + row_start + n_rows - 1)  # the group's last row sees the most keys
     else:
         seq_len = tl.load(seq_lens_ptr + b)
+        row_start = b  # (the one row: read by nothing but the ROWS > 1 paths)
+        n_rows = 1
     # Slices are whole cache pages (the key loop masks the tail of a slice's last tile): at 2k context
     # and 16 splits every split gets work, where whole BLOCK_N = 128 tiles left 7 of 16 empty. Trailing
     # slices of a very short context are empty.
@@ -522,12 +524,9 @@ def _decode_split_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
         stamp(ts_ptr, prog, 4, TIMESTAMPS)
         if QUANT_OUT:
-            if ROWS > 1:
-                _quant_rows_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, row_start, n_rows,
-                                    num_kv_heads, stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK, ROWS)  # fmt: skip
-            else:
-                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+            _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                               num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS, ROWS, row_start,
+                               n_rows)  # fmt: skip
     else:
         row = row_heads * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -559,55 +558,42 @@ def _decode_split_kernel(
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
             stamp(ts_ptr, prog, 5, TIMESTAMPS)
             if QUANT_OUT:
-                if ROWS > 1:
-                    _quant_rows_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, row_start, n_rows,
-                                        num_kv_heads, stride_ob, num_q_heads * HEAD_DIM, QUANT_BLOCK,
-                                        ROWS)  # fmt: skip
-                else:
-                    _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
-                                       num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS)  # fmt: skip
+                _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob,
+                                   num_q_heads * HEAD_DIM, QUANT_BLOCK, ts_ptr, prog, TIMESTAMPS, ROWS, row_start,
+                                   n_rows)  # fmt: skip
 
 
 @triton.jit
 def _quant_row_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, num_kv_heads, stride_ob, row_len,
-                       QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr = False):  # fmt: skip
+                       QUANT_BLOCK: tl.constexpr, ts_ptr, prog, TIMESTAMPS: tl.constexpr, ROWS: tl.constexpr,
+                       row_start, n_rows):  # fmt: skip
     """Called by the program that completed kv head group (b, kvh): the last of b's kv heads quantizes b's
-    whole output row per token, reading back the rounded outputs (bit for bit per_token_quant_fp8)."""
+    whole output row per token, reading back the rounded outputs (bit for bit per_token_quant_fp8). ROWS > 1:
+    b is a group of rows, and its n_rows rows from row_start are each quantized so."""
     tl.debug_barrier()  # every thread's output store is done before the release below
     slot = tl.num_programs(0) * num_kv_heads + b
     arrived = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
     if arrived == num_kv_heads - 1:
         offs = tl.arange(0, QUANT_BLOCK)
         mask = offs < row_len
-        x = tl.load(out_ptr + b * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
-        tl.store(q8_scale_ptr + b, scale)
-        tl.store(q8_ptr + b.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=mask)
+        if ROWS > 1:
+            for r in tl.static_range(ROWS):
+                if r < n_rows:
+                    _quant_out_row(
+                        out_ptr, q8_ptr, q8_scale_ptr, row_start + r, stride_ob, row_len, offs, mask
+                    )
+        else:
+            _quant_out_row(out_ptr, q8_ptr, q8_scale_ptr, b, stride_ob, row_len, offs, mask)
         tl.atomic_xchg(counter_ptr + slot, 0, sem="relaxed")
         stamp(ts_ptr, prog, 6, TIMESTAMPS)
 
 
 @triton.jit
-def _quant_rows_if_last(out_ptr, q8_ptr, q8_scale_ptr, counter_ptr, b, row_start, n_rows, num_kv_heads,
-                        stride_ob, row_len, QUANT_BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-    """_quant_row_if_last for a group of rows (ROWS > 1): the last of group b's kv heads to finish quantizes
-    each of its n_rows output rows per token."""
-    tl.debug_barrier()  # every thread's output store is done before the release below
-    slot = tl.num_programs(0) * num_kv_heads + b
-    arrived = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel")
-    if arrived == num_kv_heads - 1:
-        offs = tl.arange(0, QUANT_BLOCK)
-        mask = offs < row_len
-        for r in tl.static_range(ROWS):
-            if r < n_rows:
-                t = row_start + r
-                x = tl.load(out_ptr + t * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                x = x.to(tl.float32)
-                scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
-                tl.store(q8_scale_ptr + t, scale)
-                tl.store(q8_ptr + t.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)),
-                         mask=mask)  # fmt: skip
-        tl.atomic_xchg(counter_ptr + slot, 0, sem="relaxed")
+def _quant_out_row(out_ptr, q8_ptr, q8_scale_ptr, t, stride_ob, row_len, offs, mask):
+    x = tl.load(out_ptr + t * stride_ob + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=0))
+    tl.store(q8_scale_ptr + t, scale)
+    tl.store(q8_ptr + t.to(tl.int64) * row_len + offs, quantize_fp8(x, fp8_inv_scale(scale)), mask=mask)
 
 
 def _num_sms(device: torch.device) -> int:
